@@ -1,0 +1,93 @@
+"""Model families: the facts about SD 1.x, SD 2.x and SDXL that methods and the loop need, in one place.
+
+Each family is one small `Family` record (text encoders and their widths, the embedding file's tensor
+names, modelspec names, default resolution). Methods and the training loop ask the family; they never
+branch on a family name. `detect()` reads the family from a loaded model's own configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from conjure.errors import ConjureError
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family: pipeline attribute names and the real model's width."""
+
+    encoder: str  # pipeline attribute, e.g. "text_encoder_2"
+    tokenizer: str  # pipeline attribute, e.g. "tokenizer_2"
+    width: int  # hidden size of the real family's encoder (tiny test models are narrower)
+    embedding_key: str  # tensor name of this encoder's rows in an embedding file (FORMATS.md)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # "sd1", "sd2", "sdxl"
+    title: str
+    text_encoders: tuple[TextEncoderSlot, ...]
+    default_resolution: int
+    ss_base_model_version: str  # kohya metadata value
+    modelspec_prefix: str  # modelspec.architecture prefix; "/lora" or "/textual-inversion" is appended
+    pipeline_class: str  # diffusers pipeline class name
+
+    def modelspec_architecture(self, kind: str) -> str:
+        return f"{self.modelspec_prefix}/{kind}"
+
+
+SD1 = Family(
+    name="sd1",
+    title="Stable Diffusion 1.x",
+    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 768, "emb_params"),),
+    default_resolution=512,
+    ss_base_model_version="sd_v1",
+    modelspec_prefix="stable-diffusion-v1",
+    pipeline_class="StableDiffusionPipeline",
+)
+SD2 = Family(
+    name="sd2",
+    title="Stable Diffusion 2.x",
+    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1024, "emb_params"),),
+    default_resolution=768,
+    ss_base_model_version="sd_v2",
+    modelspec_prefix="stable-diffusion-v2",
+    pipeline_class="StableDiffusionPipeline",
+)
+SDXL = Family(
+    name="sdxl",
+    title="Stable Diffusion XL",
+    text_encoders=(
+        TextEncoderSlot("text_encoder", "tokenizer", 768, "clip_l"),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", 1280, "clip_g"),
+    ),
+    default_resolution=1024,
+    ss_base_model_version="sdxl_base_v1-0",
+    modelspec_prefix="stable-diffusion-xl-v1-base",
+    pipeline_class="StableDiffusionXLPipeline",
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
+
+
+def get(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConjureError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})") from None
+
+
+def detect(unet_config: Any, has_text_encoder_2: bool) -> Family:
+    """Tell the family from the UNet's config (a diffusers FrozenDict or a plain dict).
+
+    SDXL conditions on size/crop through `addition_embed_type="text_time"` and has a second text encoder;
+    SD 2.x uses linear projections in its transformers (and 1024-wide cross-attention); SD 1.x neither.
+    Width alone is not enough: tiny test models share one width across families.
+    """
+    cfg = dict(unet_config)
+    if cfg.get("addition_embed_type") == "text_time" or has_text_encoder_2:
+        return SDXL
+    if cfg.get("use_linear_projection") or cfg.get("cross_attention_dim") == 1024:
+        return SD2
+    return SD1

@@ -1,0 +1,5 @@
+import sys
+
+from conjure.cli import main
+
+sys.exit(main())

@@ -1,0 +1,198 @@
+"""The `conjure` command. Heavy libraries (torch, diffusers) are imported only by the commands that need
+them, so `conjure --help` and config commands start instantly.
+
+Errors the user can fix end as one line on stderr and exit code 2; `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from pathlib import Path
+
+from conjure.errors import ConjureError
+
+EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _quiet_libraries() -> None:
+    # transformers/diffusers log import-time notices (e.g. about torchvision) that are noise for users.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from conjure.config import load_config
+    from conjure.train.loop import train
+
+    if args.config is None:
+        if not args.resume:
+            raise ConjureError("give a config file, or --resume RUN_DIR to continue a run")
+        args.config = str(Path(args.resume) / "config.yaml")
+    config = load_config(args.config, args.set)
+    result = train(config, resume=args.resume)
+    last = result.checkpoints[-1] if result.checkpoints else None
+    if result.status == "interrupted":
+        print(f"stopped at step {result.step}; checkpoint: {last}", file=sys.stderr)
+        print(f"continue with: conjure train --resume {result.run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"done: {result.step} steps in {result.run_dir}")
+    if last:
+        print(f"  last checkpoint: {last}")
+    if result.validations:
+        print(f"  validation grids: {result.run_dir / 'validation'}")
+    print(f"  pick a step, then: conjure export {result.run_dir} --step N --to DIR")
+    return 0
+
+
+def cmd_config_new(args: argparse.Namespace) -> int:
+    from conjure.config import starter_yaml
+
+    text = starter_yaml(args.type)
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConjureError(f"{out} exists; use --force to overwrite")
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from conjure.config import config_schema
+
+    print(config_schema(args.type))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from conjure.config import dump_config, load_config
+
+    config = load_config(args.config, args.set)
+    if args.show:
+        sys.stdout.write(dump_config(config))
+    else:
+        print(f"{args.config}: valid {config.type} config")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from conjure.export.runs import export_step
+
+    for path in export_step(Path(args.run_dir), args.step, Path(args.to), name=args.name, force=args.force):
+        print(f"exported {path}")
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from conjure.models.tiny import write_tiny_model
+
+    out = write_tiny_model(args.family, Path(args.dir), real_widths=args.real_widths, seed=args.seed)
+    print(f"wrote tiny {args.family} model to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from conjure.demo import run_demo
+
+    return run_demo(method=args.method, family=args.family, model=args.model, out=Path(args.out), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from conjure import __version__
+
+    parser = argparse.ArgumentParser(prog="conjure", description="Teach Stable Diffusion models new things.")
+    parser.add_argument("--version", action="version", version=f"conjure {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config field, e.g. --set optimizer.learning_rate=1e-3 (repeatable)",
+        )
+
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("config", nargs="?", help="config YAML (optional with --resume: the run's own config)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (a run or checkpoint folder, or 'latest')")
+    overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    cfg = sub.add_parser("config", help="write, check and describe configs")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p = cfg_sub.add_parser("new", help="write a commented starter config")
+    p.add_argument("type", help="config type, e.g. sd_textual_inversion")
+    p.add_argument("-o", "--out", help="file to write (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_config_new)
+    p = cfg_sub.add_parser("schema", help="print the JSON schema of a config type")
+    p.add_argument("type")
+    p.set_defaults(func=cmd_config_schema)
+    p = cfg_sub.add_parser("check", help="validate a config file")
+    p.add_argument("config")
+    p.add_argument("--show", action="store_true", help="print the config with every default filled in")
+    overrides(p)
+    p.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser("export", help="copy a checkpoint's files out of a run (pick the best step)")
+    p.add_argument("run_dir")
+    p.add_argument("--step", required=True, help="step number, or 'latest'")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder to copy to (e.g. your app's embeddings folder)")
+    p.add_argument("--name", help="file name stem to use instead of the trained token's name")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tiny-model", help="write a small random-weight model (for tests and trying things out)")
+    p.add_argument("family", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("dir")
+    p.add_argument("--real-widths", action="store_true", help="real text-encoder and cross-attention widths")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("demo", help="train a small example end to end on the CPU")
+    p.add_argument("--method", default="ti", help="training method (available: ti)")
+    p.add_argument("--family", default="sd1", help="model family of the tiny model (sd1, sd2)")
+    p.add_argument("--model", help="use this model instead of building a tiny one")
+    p.add_argument("--out", default="conjure-demo", help="output folder (default: ./conjure-demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except ConjureError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        if args.debug:
+            raise
+        if exc.errno == errno.ENOSPC:
+            print(f"error: disk full while writing {exc.filename or ''}; the last complete checkpoint is kept", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # noqa: BLE001 - a bug, but the user still gets one line and a way to report it
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""YAML <-> typed config, CLI overrides, readable validation errors, starter files and JSON schema."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from conjure.config.textual_inversion import SdTextualInversionConfig
+from conjure.errors import ConjureError
+
+CONFIG_TYPES: dict[str, type[BaseModel]] = {
+    "sd_textual_inversion": SdTextualInversionConfig,
+}
+
+
+class ConfigError(ConjureError):
+    """A config that cannot be used; the message lists every problem, one per line."""
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def config_class(type_name: Any) -> type[BaseModel]:
+    if not isinstance(type_name, str) or type_name not in CONFIG_TYPES:
+        known = ", ".join(CONFIG_TYPES)
+        if type_name is None:
+            raise ConfigError(f"type: missing; set it to one of: {known}")
+        hint = _suggest(str(type_name), list(CONFIG_TYPES))
+        raise ConfigError(f"type: unknown config type {type_name!r}{hint}; known: {known}")
+    return CONFIG_TYPES[type_name]
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"config file is empty: {path}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to the raw mapping, before validation."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set data.resolution=512")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _field_names_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the section that `loc` points into (for 'did you mean')."""
+    model: Any = cls
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_error(cls: type[BaseModel], err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _field_names_at(cls, loc[:-1])
+        return f"{dotted}: unknown key{_suggest(str(loc[-1]), valid)}"
+    if err["type"] == "missing":
+        return f"{dotted}: required, but missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"].endswith("_type") or err["type"].endswith("_parsing") or err["type"] == "literal_error":
+        msg += f" (got {err.get('input')!r})"
+    return f"{dotted}: {msg}"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> BaseModel:
+    """Validate a raw mapping into its typed config; every problem is reported, one line each."""
+    cls = config_class(data.get("type"))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(cls, e) for e in exc.errors()]
+        raise ConfigError(f"{source} is not valid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseModel:
+    data = apply_overrides(read_yaml(Path(path)), overrides or [])
+    return parse_config(data, source=str(path))
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML of the full config (every field, defaults included) that parses back to an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def config_schema(type_name: str) -> str:
+    return json.dumps(config_class(type_name).model_json_schema(), indent=2)
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
+
+
+def _starter_lines(model: type[BaseModel], indent: str) -> list[str]:
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if field.description:
+            lines.append(f"{indent}# {field.description}")
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation.__doc__:
+                lines.append(f"{indent}# {annotation.__doc__.strip().splitlines()[0]}")
+            lines.append(f"{indent}{name}:")
+            lines.extend(_starter_lines(annotation, indent + "  "))
+            lines.append("")
+            continue
+        if field.is_required():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            value = extra.get("example", "")
+            lines.append(f"{indent}{name}: {_yaml_scalar(value)}  # required")
+        else:
+            lines.append(f"{indent}{name}: {_yaml_scalar(field.get_default(call_default_factory=True))}")
+    return lines
+
+
+def starter_yaml(type_name: str) -> str:
+    """A commented config with every field at its default and examples for the required ones."""
+    cls = config_class(type_name)
+    head = [f"# conjure config: {cls.__doc__.strip().splitlines()[0]}", "# Edit the values marked 'required'.", ""]
+    return "\n".join(head + _starter_lines(cls, "")) + "\n"

@@ -1,0 +1,139 @@
+"""Config sections shared by every training method: basic, data, validation, optimizer, advanced.
+
+Every default, help text and JSON-schema entry of conjure's settings lives here or in a method's own
+section model; the CLI, YAML files, the starter config and the UI forms all read them from these models.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors (a typo must never be ignored silently)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BasicConfig(Section):
+    """Base model, where the run goes, how long it trains, and when it saves and validates."""
+
+    base_model: str = Field(
+        description="Hub id (e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5'), a diffusers model folder, "
+        "or a single-file .safetensors checkpoint.",
+        json_schema_extra={"example": "path/to/model"},
+    )
+    base_model_config: str | None = Field(
+        None,
+        description="Only for a single-file checkpoint: a diffusers model folder or hub id whose configs "
+        "describe it (needed offline, where diffusers cannot fetch them).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base_model.")
+    variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16'.")
+    family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
+        "auto", description="Model family; 'auto' reads it from the model's own configs."
+    )
+    output_dir: str = Field("runs", description="Folder that holds run folders.")
+    run_name: str | None = Field(
+        None,
+        description="Name of this run's folder inside output_dir; default: the method and a timestamp. "
+        "An existing non-empty run folder is never overwritten: a numbered suffix is added.",
+    )
+    seed: int = Field(42, description="Seed for data order, augmentation, noise and timesteps.")
+    max_train_steps: int | None = Field(
+        1000, ge=1, description="Optimizer steps to train. Set to null to use max_train_epochs instead."
+    )
+    max_train_epochs: int | None = Field(
+        None, ge=1, description="Epochs to train (a pass over the data set); only when max_train_steps is null."
+    )
+    save_every_n_steps: int = Field(100, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    validate_every_n_steps: int | None = Field(
+        100, ge=1, description="Make validation images every N steps (and at the end); null: only at the end."
+    )
+    keep_last_n_checkpoints: int | None = Field(
+        None, ge=1, description="Delete older checkpoints beyond the newest N; null keeps them all."
+    )
+    resume: str | None = Field(
+        None,
+        description="Continue a stopped run: 'latest' (the newest checkpoint of this config's run folder), "
+        "a run folder, or a checkpoint folder.",
+    )
+
+    @model_validator(mode="after")
+    def _one_length(self) -> BasicConfig:
+        if (self.max_train_steps is None) == (self.max_train_epochs is None):
+            raise ValueError(
+                "set exactly one of basic.max_train_steps and basic.max_train_epochs (the other to null)"
+            )
+        return self
+
+
+class DataConfig(Section):
+    """Where the images and captions come from and how they are prepared."""
+
+    source: str = Field(
+        description="A folder of images (with optional same-name .txt captions) or a .jsonl file of "
+        '{"image": ..., "text": ...} lines (paths relative to the file).',
+        json_schema_extra={"example": "path/to/images"},
+    )
+    caption_prefix: str = Field("", description="Text put before every caption, e.g. a trigger word.")
+    shuffle_caption_delimiter: str | None = Field(
+        None, description="Shuffle caption parts split by this delimiter (e.g. ','); null: no shuffling."
+    )
+    keep_tokens: int = Field(0, ge=0, description="With shuffling: keep the first N caption parts in place.")
+    keep_in_memory: bool = Field(True, description="Keep decoded images in memory after the first epoch.")
+    resolution: int | None = Field(
+        None, ge=64, multiple_of=64, description="Training resolution in pixels; null: the family's default."
+    )
+    center_crop: bool = Field(True, description="Crop the centre (true) or a random square (false).")
+    random_flip: bool = Field(False, description="Flip images horizontally at random (half of the time).")
+    batch_size: int = Field(4, ge=1, description="Images per step on each device.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Background processes that load images.")
+
+
+class ValidationConfig(Section):
+    """Images made during training so you can pick the best step."""
+
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts to render at each validation; empty: defaults that use the placeholder/trigger.",
+    )
+    negative_prompt: str = Field("", description="Negative prompt for every validation image.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1],
+        min_length=1,
+        description="One image per seed for each prompt; fixed, so a prompt/seed is comparable across steps.",
+    )
+    num_inference_steps: int = Field(25, ge=1, description="Denoising steps per validation image.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    at_start: bool = Field(True, description="Also render before training (step 0), as the baseline.")
+
+
+class OptimizerConfig(Section):
+    """AdamW and the learning-rate schedule."""
+
+    learning_rate: float = Field(4e-3, gt=0, description="Peak learning rate.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to learning_rate.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+
+
+class AdvancedConfig(Section):
+    """Memory against speed, and numerical safety."""
+
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto",
+        description="'auto': bf16 on GPUs that support it, else fp16 on GPU, and full precision on CPU. "
+        "Frozen weights are stored in this precision; trained parameters stay float32.",
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches summed per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null: no clipping.")
+    cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")

@@ -1,0 +1,30 @@
+"""Safetensors header metadata that apps read: the modelspec keys (Stability's model-spec 1.0.0) and
+conjure's own `conjure.*` keys. All values are strings, as the safetensors header requires."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from conjure import __version__
+from conjure.families import Family
+
+
+def modelspec(family: Family, kind: str, *, title: str, resolution: int) -> dict[str, str]:
+    """`kind` is the architecture suffix: 'textual-inversion' or 'lora'."""
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_architecture(kind),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if family.name == "sdxl"
+        else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+
+
+def conjure_keys(**facts: object) -> dict[str, str]:
+    """`conjure.<name>` keys; None values are left out."""
+    out = {"conjure.version": __version__}
+    out.update({f"conjure.{k}": str(v) for k, v in facts.items() if v is not None})
+    return out

@@ -1,0 +1,86 @@
+"""Checkpoint folders: `checkpoints/step-NNNNNN/` holds the files apps load and `training_state.pt`
+(everything needed to resume exactly). A folder is written under a temporary name and renamed when
+complete, so a crash or a full disk never leaves a half checkpoint that resume would pick up."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conjure.errors import ConjureError
+
+STATE_FILE = "training_state.pt"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def write_checkpoint(
+    run_dir: Path, step: int, state: dict[str, Any], write_files: Callable[[Path], list[Path]]
+) -> Path:
+    """Write app files (via `write_files(folder)`) and the resume state, then publish the folder."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_files(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConjureError(f"could not write checkpoint {final}: {exc.strerror or exc}") from None
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int | None) -> list[Path]:
+    if keep_last is None:
+        return []
+    removed = []
+    for _, folder in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ConjureError(f"cannot read training state in {checkpoint}: {exc}") from None
+
+
+def resolve_checkpoint(target: Path) -> Path:
+    """A run folder -> its newest checkpoint; a checkpoint folder -> itself."""
+    target = Path(target)
+    if (target / STATE_FILE).is_file():
+        return target
+    found = list_checkpoints(target)
+    if not found:
+        raise ConjureError(f"nothing to resume in {target}: no complete checkpoint under {target / 'checkpoints'}")
+    return found[-1][1]

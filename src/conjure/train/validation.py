@@ -1,0 +1,90 @@
+"""Validation images: every prompt at fixed seeds, so one prompt/seed is comparable across steps.
+
+Writes `validation/step-NNNNNN/<prompt>-<seed>.png` and `grid.png` (rows: prompts, columns: seeds).
+The pipeline is built from the training components (with the new tokens), using a multistep DPM-Solver
+configured from the model's own scheduler (prediction type, betas) so few steps give clean images.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def build_pipeline(family_pipeline_class: str, components: dict[str, Any]) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, family_pipeline_class)
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(components["scheduler"].config)
+    kwargs = dict(components, scheduler=scheduler)
+    expected = set(cls._get_signature_keys(cls)[0])
+    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+        if optional in expected:
+            kwargs.setdefault(optional, None)
+    if "requires_safety_checker" in expected:
+        kwargs["requires_safety_checker"] = False
+    pipe = cls(**{k: v for k, v in kwargs.items() if k in expected or k == "requires_safety_checker"})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def grid(images: list[list[Image.Image]]) -> Image.Image:
+    rows, cols = len(images), len(images[0])
+    w, h = images[0][0].size
+    out = Image.new("RGB", (cols * w, rows * h), "white")
+    for r, row in enumerate(images):
+        for c, image in enumerate(row):
+            out.paste(image, (c * w, r * h))
+    return out
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def render(
+    pipe: Any,
+    out_dir: Path,
+    *,
+    prompts: list[str],
+    seeds: list[int],
+    negative_prompt: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+) -> tuple[list[Path], Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, paths = [], []
+    for p, prompt in enumerate(prompts):
+        row = []
+        for seed in seeds:
+            image = pipe(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            ).images[0]
+            path = out_dir / f"{p:02d}-seed{seed}.png"
+            _save_png(image, path)
+            row.append(image)
+            paths.append(path)
+        rows.append(row)
+    grid_path = out_dir / "grid.png"
+    _save_png(grid(rows), grid_path)
+    return paths, grid_path
+
+
+def as_array(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
