@@ -10,3 +10,66 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> folder of a tiny random model, built once per test session."""
+    from conjure.models.tiny import write_tiny_model
+
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = write_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Six small images (no captions) in a fresh folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        pixels = rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)
+        pixels[20:50, 20:50] = (240, 200, 20)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def ti_config(tiny_models, image_folder, tmp_path):
+    """A small valid sd_textual_inversion config (raw mapping) on the tiny SD1 model."""
+
+    def make(family: str = "sd1", **sections) -> dict:
+        data = {
+            "type": "sd_textual_inversion",
+            "basic": {
+                "base_model": str(tiny_models(family)),
+                "output_dir": str(tmp_path / "runs"),
+                "run_name": "run",
+                "max_train_steps": 6,
+                "save_every_n_steps": 3,
+                "validate_every_n_steps": 3,
+                "seed": 3,
+            },
+            "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2},
+            "textual_inversion": {"placeholder_token": "<zq-thing>", "initializer": "dog"},
+            "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0},
+            "optimizer": {"learning_rate": 0.05},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        return data
+
+    return make

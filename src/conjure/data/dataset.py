@@ -1,0 +1,101 @@
+"""The training data set: examples -> (pixel tensor, caption) items that are the same on every replay.
+
+Owns the per-item random numbers and the epoch order. Every random choice for an item (crop offset,
+flip, caption template and shuffle) comes from generators seeded by the string "(seed)-(epoch)-(index)-..."
+(Python seeds a `random.Random` from a string through SHA-512, unlike `hash()`, which changes per process),
+so an item depends on nothing but its key: not on the loader worker that builds it, the order items are
+asked for, or whether the run was resumed.
+"""
+
+import random
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from conjure.data.captions import CaptionTransform
+from conjure.data.images import load_image, prepare_image, resize_shorter_side
+from conjure.data.sources import Example
+
+
+class TrainDataset(Dataset):
+    """Items keyed by (epoch, index), each `{"pixel_values": [3, R, R] tensor, "caption": str, "index": int}`.
+
+    `keep_in_memory` keeps each decoded image, already resized to a shorter side of `resolution`, so later
+    epochs skip decoding; items are identical either way. The cache lives in the process that fills it: with
+    a DataLoader it only survives epochs with `num_workers=0` or `persistent_workers=True`, and each worker
+    holds its own copy. An image that stopped being readable after the scan raises `ImageError`.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        *,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        keep_in_memory: bool,
+        caption_transform: CaptionTransform,
+        seed: int,
+    ) -> None:
+        self.examples = list(examples)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.keep_in_memory = keep_in_memory
+        self.caption_transform = caption_transform
+        self.seed = seed
+        self._cache: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        example = self.examples[index]
+        pixel_values = prepare_image(
+            self._image(index),
+            self.resolution,
+            center_crop=self.center_crop,
+            random_flip=self.random_flip,
+            rng=item_rng(self.seed, epoch, index, "image"),
+        )
+        caption = self.caption_transform(example.caption, item_rng(self.seed, epoch, index, "caption"))
+        return {"pixel_values": pixel_values, "caption": caption, "index": index}
+
+    def _image(self, index: int) -> Image.Image:
+        """The decoded image of example `index`, resized to the shorter side when it is to be cached."""
+        if index in self._cache:
+            return self._cache[index]
+        image = load_image(self.examples[index].image)
+        if self.keep_in_memory:
+            # prepare_image skips its resize for an image already at the resolution, so cached and
+            # uncached items go through exactly the same resampling.
+            image = resize_shorter_side(image, self.resolution)
+            self._cache[index] = image
+        return image
+
+
+def item_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
+    """The generator for one item's `stream` ("image" or "caption"). Separate streams keep the captions of
+    a run unchanged when only an image option (crop, flip) changes, and the other way round."""
+    return random.Random(f"{seed}-{epoch}-{index}-{stream}")
+
+
+def collate(batch: list[dict]) -> dict:
+    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, R, R], `caption` and
+    `index` as lists."""
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+        "caption": [item["caption"] for item in batch],
+        "index": [item["index"] for item in batch],
+    }
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order examples are visited in `epoch`: a permutation of range(n) that depends only on
+    (seed, epoch), drawn by `random.Random(f"{seed}-epoch-{epoch}").shuffle`, so a resumed run visits the
+    rest of an epoch in the same order as the run it continues."""
+    order = list(range(n))
+    random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+    return order

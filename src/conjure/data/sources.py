@@ -1,0 +1,170 @@
+"""Finding the training examples a user points conjure at.
+
+Owns the two source formats (a folder of images with optional same-stem `.txt` captions, and a `.jsonl`
+file of {"image": ..., "text": ...} lines), the order examples come in, and the up-front check that every
+image decodes, so that a broken file is reported once at the start instead of failing a run midway.
+Sources are only ever read: nothing is written into the user's data folder.
+"""
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from conjure.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
+from conjure.errors import ConjureError
+
+PROGRESS_MIN_IMAGES = 50
+"""Checking more images than this shows a progress bar; fewer finish too fast to need one."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image and its caption; `caption` is None when there is none (no caption file or
+    field, or only whitespace in it)."""
+
+    image: Path
+    caption: str | None
+
+
+@dataclass
+class ScanResult:
+    """The usable examples of a source, in a stable order, and the (path, reason) of each image left out."""
+
+    examples: list[Example]
+    skipped: list[tuple[Path, str]]
+
+
+def scan_source(path: Path, *, check_images: bool = True) -> ScanResult:
+    """List the examples in `path`, a folder of images or a `.jsonl` file.
+
+    With `check_images`, every image is decoded once; those that fail are moved to `skipped` with the
+    reason, for the caller to warn about. Raises `ConjureError` when the source is missing, has no images,
+    or has none left that can be read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        examples = _folder_examples(path)
+        if not examples:
+            suffixes = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise ConjureError(f"no images in {path} (looked for {suffixes}, in subfolders too)")
+    elif path.is_file() and path.suffix.lower() == ".jsonl":
+        examples = _jsonl_examples(path)
+        if not examples:
+            raise ConjureError(f"no images in {path} (the file lists none)")
+    elif path.exists():
+        raise ConjureError(f"{path}: a data source must be a folder of images or a .jsonl file")
+    else:
+        raise ConjureError(f"data source not found: {path}")
+    result = _check(examples) if check_images else _check_exist(examples)
+    if not result.examples:
+        first_path, first_reason = result.skipped[0]
+        raise ConjureError(
+            f"no usable images in {path}: all {len(result.skipped)} were unreadable "
+            f"(first: {first_path}: {first_reason})"
+        )
+    return result
+
+
+def _folder_examples(root: Path) -> list[Example]:
+    """Images under `root` at any depth, sorted by their path relative to it, each with its caption file."""
+    images = sorted(_image_files(root), key=lambda image: image.relative_to(root).as_posix())
+    return [Example(image, _read_caption_file(image.with_suffix(".txt"))) for image in images]
+
+
+def _image_files(root: Path) -> Iterator[Path]:
+    """Image files under `root`, skipping hidden files and folders (.git, .cache, macOS ._ files)."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in files:
+            file = Path(folder, name)
+            if not name.startswith(".") and is_image_file(file):
+                yield file
+
+
+def _read_caption_file(path: Path) -> str | None:
+    """The stripped text of a caption file, or None when there is no such file or it is blank."""
+    if not path.is_file():
+        return None
+    try:
+        # utf-8-sig: Windows Notepad starts UTF-8 files with a byte-order mark, which would otherwise
+        # become an invisible first character of the caption.
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConjureError(f"{path}: caption file is not UTF-8 (bad byte at offset {error.start})") from None
+    return _caption(text)
+
+
+def _caption(text: str | None) -> str | None:
+    """None for a missing or blank caption, else the caption stripped."""
+    if text is None or not text.strip():
+        return None
+    return text.strip()
+
+
+def _jsonl_examples(path: Path) -> list[Example]:
+    """The examples a `.jsonl` file lists, in file order; image paths are relative to the file's folder."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise ConjureError(f"{path}: not UTF-8 (bad byte at offset {error.start})") from None
+    return [_jsonl_example(path, number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _jsonl_example(path: Path, number: int, line: str) -> Example:
+    """The example on line `number` of the `.jsonl` file `path`."""
+    where = f"{path} line {number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ConjureError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise ConjureError(f'{where}: expected an object like {{"image": "a.png", "text": "..."}}')
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise ConjureError(f'{where}: needs an "image" field with the image\'s path')
+    text = record.get("text")
+    if text is not None and not isinstance(text, str):
+        raise ConjureError(f'{where}: "text" must be a string, got {type(text).__name__}')
+    return Example(path.parent / image, _caption(text))
+
+
+def _check(examples: list[Example]) -> ScanResult:
+    """Decode every image once, moving the ones that are missing or fail to decode to `skipped`."""
+    result = ScanResult(examples=[], skipped=[])
+    # disable=None hides the bar when stderr is not a terminal (logs, the UI's subprocess).
+    disable = None if len(examples) > PROGRESS_MIN_IMAGES else True
+    for example in tqdm(examples, desc="Checking images", unit="image", file=sys.stderr, disable=disable):
+        reason = _problem(example.image)
+        if reason is None:
+            result.examples.append(example)
+        else:
+            result.skipped.append((example.image, reason))
+    return result
+
+
+def _problem(image: Path) -> str | None:
+    """Why `image` cannot be trained on, or None when it decodes."""
+    if not image.is_file():
+        return "file not found"
+    try:
+        load_image(image)
+    except ImageError as error:
+        # load_image's messages are "<path>: <reason>"; the caller shows the path itself.
+        return str(error).removeprefix(f"{image}: ")
+    return None
+
+
+def _check_exist(examples: list[Example]) -> ScanResult:
+    """Without decoding, still leave out files that do not exist (a `.jsonl` can name any path)."""
+    result = ScanResult(examples=[], skipped=[])
+    for example in examples:
+        if example.image.is_file():
+            result.examples.append(example)
+        else:
+            result.skipped.append((example.image, "file not found"))
+    return result

@@ -1,0 +1,137 @@
+"""Config: starter files, validation messages that name the field, overrides, YAML round trips."""
+
+import json
+
+import pytest
+import yaml
+
+from conjure.config import (
+    CONFIG_TYPES,
+    ConfigError,
+    apply_overrides,
+    config_schema,
+    dump_config,
+    load_config,
+    parse_config,
+    starter_yaml,
+)
+
+
+def minimal(**sections):
+    data = {
+        "type": "sd_textual_inversion",
+        "basic": {"base_model": "m"},
+        "data": {"source": "d"},
+        "textual_inversion": {"placeholder_token": "<t>", "initializer": "cat"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return data
+
+
+def error_of(data) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("type_name", list(CONFIG_TYPES))
+def test_starter_yaml_parses_and_round_trips(type_name):
+    config = parse_config(yaml.safe_load(starter_yaml(type_name)))
+    again = parse_config(yaml.safe_load(dump_config(config)))
+    assert again == config
+
+
+@pytest.mark.parametrize("type_name", list(CONFIG_TYPES))
+def test_schema_is_json_with_descriptions(type_name):
+    schema = json.loads(config_schema(type_name))
+    basic = schema["$defs"]["BasicConfig"]["properties"]
+    assert "Hub id" in basic["base_model"]["description"]
+
+
+def test_unknown_key_is_named_with_suggestion():
+    msg = error_of(minimal(data={"resolutoin": 512}))
+    assert "data.resolutoin: unknown key (did you mean 'resolution'?)" in msg
+
+
+def test_unknown_section_is_named_with_suggestion():
+    data = minimal()
+    data["optimiser"] = {}
+    assert "optimiser: unknown key (did you mean 'optimizer'?)" in error_of(data)
+
+
+def test_wrong_type_names_field_and_value():
+    msg = error_of(minimal(data={"batch_size": "four"}))
+    assert "data.batch_size" in msg and "'four'" in msg
+
+
+def test_every_problem_is_reported():
+    msg = error_of(minimal(data={"batch_size": 0, "resolution": 100}))
+    assert "data.batch_size" in msg and "data.resolution" in msg
+
+
+def test_missing_required_field():
+    data = minimal()
+    del data["textual_inversion"]["initializer"]
+    assert "textual_inversion.initializer: required" in error_of(data)
+
+
+def test_type_missing_and_unknown():
+    assert "type: missing" in error_of({"basic": {}})
+    assert "did you mean 'sd_textual_inversion'" in error_of({"type": "sd_textual_inversoin"})
+
+
+def test_steps_and_epochs_are_exclusive():
+    assert "exactly one of basic.max_train_steps" in error_of(minimal(basic={"max_train_epochs": 3}))
+    config = parse_config(minimal(basic={"max_train_epochs": 3, "max_train_steps": None}))
+    assert config.basic.max_train_epochs == 3
+
+
+def test_placeholder_must_be_one_word():
+    assert "textual_inversion.placeholder_token: must be one word" in error_of(
+        minimal(textual_inversion={"placeholder_token": "my style"})
+    )
+
+
+def test_validation_prompts_default_to_the_placeholder():
+    config = parse_config(minimal(textual_inversion={"caption_preset": "style"}))
+    assert config.validation.prompts and all("<t>" in p for p in config.validation.prompts)
+    assert "style" in config.validation.prompts[0]
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    data = apply_overrides(minimal(), ["data.resolution=512", "validation.prompts=[a <t>, b]", "optimizer.learning_rate=1e-3"])
+    config = parse_config(data)
+    assert config.data.resolution == 512
+    assert config.validation.prompts == ["a <t>", "b"]
+    assert config.optimizer.learning_rate == 1e-3
+
+
+def test_override_errors_are_clear():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        apply_overrides(minimal(), ["data.resolution"])
+    with pytest.raises(ConfigError, match="basic.base_model is a value, not a section"):
+        apply_overrides(minimal(), ["basic.base_model.x=1"])
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("basic:\n  seed: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML in .*bad.yaml line \d+"):
+        load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(empty)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just text\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+
+
+def test_load_config_applies_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    assert load_config(path, ["basic.seed=7"]).basic.seed == 7

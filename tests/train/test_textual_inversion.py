@@ -1,0 +1,162 @@
+"""Textual inversion end to end on tiny models: run folder, files apps load, untouched rows, exact resume."""
+
+import pytest
+import torch
+import yaml
+
+from conjure.config import parse_config
+from conjure.export.embeddings import load_embedding
+from conjure.train.events import read_events
+from conjure.train.loop import TrainControl, train
+
+
+def run(raw, **kwargs):
+    return train(parse_config(raw), **kwargs)
+
+
+def embedding_of(checkpoint):
+    tensors, meta = load_embedding(checkpoint / "zq-thing.safetensors")
+    return tensors, meta
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_run_folder_and_embedding_file(ti_config, family):
+    result = run(ti_config(family))
+    run_dir = result.run_dir
+    assert result.status == "completed" and result.step == 6
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    tensors, meta = embedding_of(run_dir / "checkpoints" / "step-000006")
+    assert list(tensors) == ["emb_params"] and tensors["emb_params"].shape == (1, 32)
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-v" + family[-1])
+    assert meta["conjure.placeholder_token"] == "<zq-thing>" and meta["conjure.step"] == "6"
+    # validation at start, every 3 steps and at the end, each with a grid
+    for step in ("000000", "000003", "000006"):
+        assert (run_dir / "validation" / f"step-{step}" / "grid.png").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "logs").iterdir())
+    events = read_events(run_dir / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and events[-1]["status"] == "completed"
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(e["loss"], float) for e in events if e["event"] == "step")
+    # the resolved config is itself a valid config that reproduces the run's settings
+    resolved = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert resolved.data.resolution == 64 and resolved.basic.run_name == run_dir.name
+    assert resolved.basic.resume is None
+
+
+def test_resolved_config_reproduces_the_run(ti_config):
+    first = run(ti_config(validation={"at_start": False}, basic={"validate_every_n_steps": None}))
+    raw = yaml.safe_load((first.run_dir / "config.yaml").read_text())
+    second = run(raw)
+    assert second.run_dir != first.run_dir and second.run_dir.name == "run_2"  # never overwrites
+    a, _ = embedding_of(first.checkpoints[-1])
+    b, _ = embedding_of(second.checkpoints[-1])
+    assert torch.equal(a["emb_params"], b["emb_params"])
+
+
+def test_diffusers_loads_the_embedding_and_it_changes_the_image(ti_config):
+    from diffusers import StableDiffusionPipeline
+
+    raw = ti_config(textual_inversion={"num_vectors": 2})
+    result = run(raw)
+    path = result.checkpoints[-1] / "zq-thing.safetensors"
+    assert load_embedding(path)[0]["emb_params"].shape == (2, 32)
+
+    pipe = StableDiffusionPipeline.from_pretrained(raw["basic"]["base_model"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image(prompt):
+        g = torch.Generator("cpu").manual_seed(0)
+        return torch.from_numpy(pipe(prompt, num_inference_steps=2, generator=g, output_type="np").images[0])
+
+    before = image("a photo of <zq-thing>")
+    pipe.load_textual_inversion(str(path), token="<zq-thing>")
+    assert "<zq-thing>" in pipe.tokenizer.get_vocab() and "<zq-thing>_1" in pipe.tokenizer.get_vocab()
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt("a <zq-thing>", pipe.tokenizer)).input_ids
+    assert pipe.tokenizer.convert_tokens_to_ids(["<zq-thing>", "<zq-thing>_1"]) == ids[2:4]
+    after = image("a photo of <zq-thing>")
+    assert not torch.allclose(before, after, atol=1e-4)
+    # The loaded rows are exactly the trained ones.
+    rows = pipe.text_encoder.get_input_embeddings().weight[ids[2:4]]
+    assert torch.equal(rows, load_embedding(path)[0]["emb_params"])
+
+
+def test_only_new_rows_change(ti_config, monkeypatch):
+    import dataclasses
+
+    from transformers import CLIPTextModel
+
+    import conjure.methods as methods
+    from conjure.models.loading import load_base_model
+
+    raw = ti_config(basic={"max_train_steps": 4})
+    seen = {}
+    spec = methods.METHODS["sd_textual_inversion"]
+
+    def build_and_keep(config, model):  # keep a handle on the trained model
+        seen["model"] = model
+        return spec.build(config, model)
+
+    monkeypatch.setitem(methods.METHODS, "sd_textual_inversion", dataclasses.replace(spec, build=build_and_keep))
+    run(raw)
+    trained = seen["model"].components["text_encoder"]
+    fresh = CLIPTextModel.from_pretrained(raw["basic"]["base_model"], subfolder="text_encoder")
+    wrapped = trained.get_input_embeddings()
+    assert torch.equal(wrapped.base.weight, fresh.get_input_embeddings().weight)
+    init = fresh.get_input_embeddings().weight[[1929]]  # "dog</w>"
+    assert not torch.equal(wrapped.new_rows.detach(), init)
+    trained_sd = {k: v for k, v in trained.state_dict().items() if "new_rows" not in k}
+    fresh_sd = fresh.state_dict()
+    for key, value in trained_sd.items():
+        assert torch.equal(value, fresh_sd[key.replace("token_embedding.base.", "token_embedding.")]), key
+    unet = seen["model"].unet
+    fresh_unet = load_base_model(raw["basic"]["base_model"]).unet
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), fresh_unet.state_dict().values()))
+
+
+def test_resume_matches_uninterrupted_run(ti_config, tmp_path):
+    settings = dict(
+        basic={"max_train_steps": 8, "save_every_n_steps": 100, "validate_every_n_steps": None},
+        data={"random_flip": True, "center_crop": False},
+        optimizer={"scheduler": "cosine", "warmup_steps": 2},
+        advanced={"gradient_accumulation_steps": 2},
+        validation={"at_start": False},
+    )
+    full = run(ti_config(**settings))
+    raw = ti_config(**settings)
+    raw["basic"]["run_name"] = "stopped"
+
+    control = TrainControl()
+    control.on_step = lambda step, loss: control.request_stop("test") if step == 3 else None
+    stopped = run(raw, control=control)
+    assert stopped.status == "interrupted" and stopped.step == 3
+    assert stopped.checkpoints[-1].name == "step-000003"
+    resumed = run(raw, resume=str(stopped.run_dir))
+    assert resumed.run_dir == stopped.run_dir and resumed.step == 8
+    a, _ = embedding_of(full.checkpoints[-1])
+    b, _ = embedding_of(resumed.checkpoints[-1])
+    assert torch.equal(a["emb_params"], b["emb_params"])
+    steps = [e for e in read_events(resumed.run_dir / "events.jsonl") if e["event"] == "step"]
+    full_steps = [e for e in read_events(full.run_dir / "events.jsonl") if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 9))
+    assert [e["loss"] for e in steps] == [e["loss"] for e in full_steps]
+
+
+def test_resume_latest_by_run_name(ti_config):
+    raw = ti_config(basic={"validate_every_n_steps": None}, validation={"at_start": False})
+    control = TrainControl()
+    control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
+    stopped = run(raw, control=control)
+    raw["basic"]["resume"] = "latest"
+    assert run(raw).run_dir == stopped.run_dir
+
+
+def test_keep_last_checkpoints(ti_config):
+    raw = ti_config(basic={"save_every_n_steps": 1, "keep_last_n_checkpoints": 2, "validate_every_n_steps": None})
+    result = run(raw)
+    assert sorted(p.name for p in (result.run_dir / "checkpoints").iterdir()) == ["step-000005", "step-000006"]
+
+
+def test_epochs_set_the_step_count(ti_config):
+    raw = ti_config(basic={"max_train_steps": None, "max_train_epochs": 2, "validate_every_n_steps": None})
+    assert run(raw).step == 6  # 6 images, batch 2 -> 3 steps per epoch
