@@ -103,7 +103,10 @@ def test_only_new_rows_change(ti_config, monkeypatch):
     fresh = CLIPTextModel.from_pretrained(raw["basic"]["base_model"], subfolder="text_encoder")
     wrapped = trained.get_input_embeddings()
     assert torch.equal(wrapped.base.weight, fresh.get_input_embeddings().weight)
-    init = fresh.get_input_embeddings().weight[[1929]]  # "dog</w>"
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(raw["basic"]["base_model"], subfolder="tokenizer")
+    init = fresh.get_input_embeddings().weight[tokenizer("dog", add_special_tokens=False).input_ids]
     assert not torch.equal(wrapped.new_rows.detach(), init)
     trained_sd = {k: v for k, v in trained.state_dict().items() if "new_rows" not in k}
     fresh_sd = fresh.state_dict()

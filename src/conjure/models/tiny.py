@@ -1,0 +1,270 @@
+"""Small random-weight Stable Diffusion models (SD1, SD2, SDXL layouts) for tests, demos and benchmarks.
+
+They are real diffusers pipelines in the standard folder layout (model_index.json + unet/, vae/, text_encoder/,
+tokenizer/, scheduler/, and text_encoder_2/, tokenizer_2/ for SDXL): everything that loads, trains or exports a
+real model can run on them in seconds on a CPU, offline. The tokenizers are the real CLIP ones
+(`conjure.models.tokenizer`), so token ids match real models; the weights are random, so images are noise.
+
+Two sizes:
+
+- default: text encoders of hidden size 32 (2 layers, 4 heads, intermediate 64), a 2-level UNet with 32/64
+  channels, a 4-level VAE with 8/16 channels (keeps the real x8 scale: 64x64 px <-> 8x8 latents). The 49,408-row
+  token embedding dominates the size.
+- `real_widths=True`: the text encoders have the real families' widths (SD1 768, 12 heads; SD2 1024, 16 heads;
+  SDXL 768 + 1280 with a 1280 projection) and the real MLP widths (4x hidden), but only 2 layers; the UNet has the
+  real cross-attention width (768 / 1024 / 2048), `layers_per_block=2` and the real block layout (SD1/SD2: 4 levels,
+  three with cross-attention; SDXL: 3 levels, the last two with cross-attention, 1/2/2 transformer layers instead
+  of the real 1/2/10) with small channels (32..64), SDXL's real time-embedding sizes (256, 6*256+1280).
+  Embeddings trained on these have exactly the real shapes; text-encoder LoRAs have the real shapes and a subset
+  of the real key names (layers 0-1 of 12/23/32); UNet LoRA key names are a subset of the real ones, but UNet
+  channel widths stay small, so only the cross-attention to_k/to_v input widths match. The VAE stays tiny.
+
+Measured (2-core CPU, 1 thread, torch 2.13, diffusers 0.42.1, transformers 5.24; best of 2; fp32 safetensors;
+not counting the ~3 s import of diffusers/transformers):
+
+    family  widths    build_tiny_components   write_tiny_model (build + save)   on disk
+    sd1     default   0.14 s                  0.5-0.6 s                          15 MB
+    sd2     default   0.14 s                  0.5-0.6 s                          15 MB
+    sdxl    default   0.24 s                  0.6 s                              27 MB
+    sd1     real      1.1 s                   1.9 s                             228 MB (text encoder 209 MB)
+    sd2     real      1.5 s                   4.3 s                             324 MB (text encoder 304 MB)
+    sdxl    real      4.0 s                   6.9 s                             674 MB (encoders 209 + 417 MB)
+
+Each tokenizer folder is 5.1 MB (tokenizer.json, vocab.json, merges.txt); the rest of a default model is mostly
+the 49,408 x 32 token embedding (6.4 MB per text encoder). Loading a default folder back takes 0.3-0.9 s and a
+2-step 64x64 image 0.05 s; real widths load in ~0.7 s and generate in ~0.2 s.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from conjure.errors import ConjureError
+from conjure.models.tokenizer import EOS_TOKEN, MODEL_MAX_LENGTH, VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer
+
+__all__ = ["FAMILIES", "build_tiny_components", "write_tiny_model"]
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+# Pad tokens of the real models: SD1 and SDXL's first tokenizer pad with <|endoftext|>, SD2/SDXL-2 with "!".
+_PAD = {"sd1": (EOS_TOKEN,), "sd2": ("!",), "sdxl": (EOS_TOKEN, "!")}
+
+
+@dataclass(frozen=True)
+class _TextEncoderSpec:
+    hidden: int
+    heads: int
+    intermediate: int
+    act: str
+    projection_dim: int
+    with_projection: bool = False  # CLIPTextModelWithProjection (SDXL's second encoder)
+    layers: int = 2
+
+
+def _text_encoder_specs(family: str, real_widths: bool) -> tuple[_TextEncoderSpec, ...]:
+    # hidden_act: OpenAI CLIP-L (SD1, SDXL-1) uses quick_gelu, OpenCLIP ViT-H/bigG (SD2, SDXL-2) gelu.
+    if not real_widths:
+        small = dict(hidden=32, heads=4, intermediate=64)
+        if family == "sd1":
+            return (_TextEncoderSpec(**small, act="quick_gelu", projection_dim=32),)
+        if family == "sd2":
+            return (_TextEncoderSpec(**small, act="gelu", projection_dim=32),)
+        return (
+            _TextEncoderSpec(**small, act="quick_gelu", projection_dim=32),
+            _TextEncoderSpec(**small, act="gelu", projection_dim=32, with_projection=True),
+        )
+    clip_l = _TextEncoderSpec(hidden=768, heads=12, intermediate=3072, act="quick_gelu", projection_dim=768)
+    if family == "sd1":
+        return (clip_l,)
+    if family == "sd2":
+        return (_TextEncoderSpec(hidden=1024, heads=16, intermediate=4096, act="gelu", projection_dim=512),)
+    bigg = _TextEncoderSpec(
+        hidden=1280, heads=20, intermediate=5120, act="gelu", projection_dim=1280, with_projection=True
+    )
+    return (clip_l, bigg)
+
+
+def _unet_config(family: str, real_widths: bool, text_specs: tuple[_TextEncoderSpec, ...]) -> dict[str, Any]:
+    cross_attention_dim = sum(s.hidden for s in text_specs)  # SDXL concatenates both encoders' hidden states
+    config: dict[str, Any] = dict(
+        sample_size=8,  # pipelines default to sample_size * 8 = 64 px
+        in_channels=4,
+        out_channels=4,
+        attention_head_dim=8,  # diffusers' legacy name: this is the number of heads
+        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=family in ("sd2", "sdxl"),
+    )
+    if not real_widths:
+        config.update(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+    elif family in ("sd1", "sd2"):
+        config.update(
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )
+    else:
+        config.update(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 2),  # real SDXL: (1, 2, 10)
+        )
+    if family == "sdxl":
+        time_dim = 256 if real_widths else 8
+        pooled_dim = text_specs[1].projection_dim
+        config.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            # 6 micro-conditioning numbers (original size, crop top-left, target size), each time-embedded
+            projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+        )
+    return config
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG for one module build without disturbing the caller's RNG state."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ConjureError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
+
+
+def build_tiny_components(family: str, *, real_widths: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Random-weight pipeline components for `family` ("sd1", "sd2" or "sdxl"), deterministic for `seed`.
+
+    sd1/sd2: unet, vae, text_encoder, tokenizer, scheduler, safety_checker=None, feature_extractor=None,
+    image_encoder=None -> `StableDiffusionPipeline(**components, requires_safety_checker=False)`.
+    sdxl: unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, image_encoder=None,
+    feature_extractor=None -> `StableDiffusionXLPipeline(**components)`.
+    Each module is built under its own seed (seed, seed+1, ...) in a forked RNG: the caller's torch RNG is untouched.
+    """
+    _check_family(family)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizers = [clip_tokenizer(pad) for pad in _PAD[family]]
+    text_specs = _text_encoder_specs(family, real_widths)
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel(**_unet_config(family, real_widths, text_specs))
+    with _seeded(seed + 1):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=4,
+            sample_size=64,
+            scaling_factor=0.13025 if family == "sdxl" else 0.18215,  # the real VAEs' factors
+        )
+    text_encoders = []
+    for i, (spec, tokenizer) in enumerate(zip(text_specs, tokenizers)):
+        config = CLIPTextConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            max_position_embeddings=MODEL_MAX_LENGTH,
+            hidden_act=spec.act,
+            projection_dim=spec.projection_dim,
+            # From the tokenizer: a wrong eos id makes pooling pick the wrong position (SDXL's pooled embedding).
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model_cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+        with _seeded(seed + 2 + i):
+            text_encoders.append(model_cls(config).eval())
+
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
+        prediction_type="v_prediction" if family == "sd2" else "epsilon",
+    )
+    components: dict[str, Any] = {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoders[0],
+        "tokenizer": tokenizers[0],
+        "scheduler": scheduler,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+    if family == "sdxl":
+        components["text_encoder_2"] = text_encoders[1]
+        components["tokenizer_2"] = tokenizers[1]
+    else:
+        components["safety_checker"] = None
+    return components
+
+
+def write_tiny_model(family: str, out_dir: Path, *, real_widths: bool = False, seed: int = 0) -> Path:
+    """Write a random-weight diffusers model folder for `family` into `out_dir` and return `out_dir`.
+
+    Loads back with `StableDiffusionPipeline.from_pretrained(out_dir)` (sd1, sd2) or
+    `StableDiffusionXLPipeline.from_pretrained(out_dir)` (sdxl), or one part at a time, e.g.
+    `UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet")`. Files of the same names already in
+    `out_dir` are overwritten. Sizes and times: see the module docstring.
+    """
+    _check_family(family)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConjureError(f"cannot write a model to {out_dir}: it is a file, not a folder")
+    components = build_tiny_components(family, real_widths=real_widths, seed=seed)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # save_pretrained writes only tokenizer.json + tokenizer_config.json in transformers 5; rewrite the tokenizer
+    # folders with vocab.json/merges.txt/special_tokens_map.json too, like real SD folders (and transformers 4).
+    for subfolder, pad in zip(("tokenizer", "tokenizer_2"), _PAD[family]):
+        write_clip_tokenizer(out_dir / subfolder, pad)
+    for subfolder in ("text_encoder", "text_encoder_2")[: len(_PAD[family])]:
+        _prefix_text_model_keys(out_dir / subfolder / "model.safetensors")
+    return out_dir
+
+
+def _prefix_text_model_keys(path: Path) -> None:
+    """Give a saved CLIP text encoder the `text_model.` key prefix that real SD folders have.
+
+    transformers 5 saves `CLIPTextModel` without it (`embeddings.token_embedding.weight`) but
+    `CLIPTextModelWithProjection` with it; transformers 5 loads both spellings, transformers 4 and tools that
+    read the file directly (e.g. diffusers-to-original-SD converters) only the prefixed one.
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    keep = ("text_model.", "text_projection.")
+    if all(k.startswith(keep) for k in state):
+        return
+    renamed = {(k if k.startswith(keep) else f"text_model.{k}"): v for k, v in state.items()}
+    save_file(renamed, path, metadata={"format": "pt"})

@@ -1,0 +1,205 @@
+"""The command line: every kind of bad input ends in one clear line on stderr and a non-zero exit."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conjure.cli import main
+from conjure.train.events import read_events
+
+
+def write_config(tmp_path, raw) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert "conjure" in capsys.readouterr().out
+
+
+def test_config_new_check_and_schema(capsys, tmp_path):
+    out_file = tmp_path / "new.yaml"
+    assert run_cli(capsys, "config", "new", "sd_textual_inversion", "-o", out_file)[0] == 0
+    code, out, _ = run_cli(capsys, "config", "check", out_file)
+    assert code == 0 and "valid sd_textual_inversion" in out
+    code, _, err = run_cli(capsys, "config", "new", "sd_textual_inversion", "-o", out_file)
+    assert_one_line_error(code, err, "exists")
+    code, out, _ = run_cli(capsys, "config", "schema", "sd_textual_inversion")
+    assert code == 0 and '"textual_inversion"' in out
+    code, out, _ = run_cli(capsys, "config", "check", out_file, "--set", "basic.seed=5", "--show")
+    assert code == 0 and "seed: 5" in out
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("type: sd_textual_inversion\nbasic: [unclosed\n", "invalid YAML"),
+        ("type: sd_textual_inversion\nbasic:\n  base_model: m\n  seed: abc\n", "basic.seed"),
+        ("type: sd_textual_inversion\nbasic:\n  base_modle: m\n", "did you mean 'base_model'"),
+    ],
+)
+def test_bad_yaml_types_and_keys(capsys, tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert_one_line_error(*run_cli(capsys, "train", path)[::2], needle)
+
+
+def test_missing_data_folder(capsys, tmp_path, ti_config):
+    raw = ti_config(data={"source": str(tmp_path / "nowhere")})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "not found")
+
+
+def test_empty_data_folder(capsys, tmp_path, ti_config):
+    (tmp_path / "empty").mkdir()
+    raw = ti_config(data={"source": str(tmp_path / "empty")})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "no images")
+
+
+def test_corrupt_image_is_skipped_with_a_warning(capsys, tmp_path, ti_config, image_folder):
+    (image_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (image_folder / "zero.jpg").write_bytes(b"")
+    raw = ti_config(basic={"max_train_steps": 2, "validate_every_n_steps": None}, validation={"at_start": False})
+    code, out, err = run_cli(capsys, "train", write_config(tmp_path, raw))
+    assert code == 0, err
+    assert "warning: skipping" in err and "broken.png" in err and "zero.jpg" in err
+    assert "done: 2 steps" in out
+
+
+def test_only_corrupt_images(capsys, tmp_path, ti_config):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    raw = ti_config(data={"source": str(folder)})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "unreadable")
+
+
+def test_placeholder_already_in_vocabulary(capsys, tmp_path, ti_config):
+    raw = ti_config(textual_inversion={"placeholder_token": "cat"})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "already a token")
+
+
+def test_initializer_without_tokens(capsys, tmp_path, ti_config):
+    raw = ti_config(textual_inversion={"initializer": "   "})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "initializer")
+
+
+def test_model_path_that_is_not_a_model(capsys, tmp_path, ti_config, image_folder):
+    raw = ti_config(basic={"base_model": str(image_folder)})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "not a diffusers model")
+    raw = ti_config(basic={"base_model": str(tmp_path / "no" / "such" / "model")})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "base model not found")
+    raw = ti_config(basic={"base_model": str(image_folder / "0.png")})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "not a .safetensors")
+
+
+def test_hub_id_offline_is_one_line(capsys, tmp_path, ti_config):
+    raw = ti_config(basic={"base_model": "nobody-here/no-such-model"})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "cannot load base model")
+
+
+def test_output_folder_not_writable(capsys, tmp_path, ti_config):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    raw = ti_config(basic={"output_dir": str(blocker / "runs")})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "not writable")
+
+
+def test_captions_without_the_placeholder(capsys, tmp_path, ti_config, image_folder):
+    for image in image_folder.glob("*.png"):
+        image.with_suffix(".txt").write_text("a yellow square")
+    raw = ti_config()
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "caption_prefix")
+    raw = ti_config(data={"caption_prefix": "<zq-thing>"}, basic={"max_train_steps": 1})
+    assert run_cli(capsys, "train", write_config(tmp_path, raw))[0] == 0
+
+
+def test_sdxl_model_is_refused_for_sd_textual_inversion(capsys, tmp_path, ti_config):
+    raw = ti_config("sdxl")
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "sdxl")
+
+
+def test_export_picks_a_step(capsys, tmp_path, ti_config):
+    raw = ti_config(basic={"validate_every_n_steps": None}, validation={"at_start": False})
+    assert run_cli(capsys, "train", write_config(tmp_path, raw))[0] == 0
+    run_dir = tmp_path / "runs" / "run"
+    code, out, _ = run_cli(capsys, "export", run_dir, "--step", 3, "--to", tmp_path / "app")
+    assert code == 0 and (tmp_path / "app" / "zq-thing.safetensors").is_file()
+    code, _, err = run_cli(capsys, "export", run_dir, "--step", 3, "--to", tmp_path / "app")
+    assert_one_line_error(code, err, "exists")
+    code, _, _ = run_cli(capsys, "export", run_dir, "--step", "latest", "--to", tmp_path / "app", "--name", "mine")
+    assert code == 0 and (tmp_path / "app" / "mine.safetensors").is_file()
+    code, _, err = run_cli(capsys, "export", run_dir, "--step", 4, "--to", tmp_path / "app")
+    assert_one_line_error(code, err, "no checkpoint at step 4", "3, 6")
+
+
+def test_tiny_model_command(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "tiny-model", "sd2", tmp_path / "m")
+    assert code == 0 and (tmp_path / "m" / "model_index.json").is_file()
+
+
+def _conjure(*args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "conjure", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs,
+    )
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("type: nope\n")
+    proc = _conjure("train", path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip().startswith("error: type: unknown config type") and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, ti_config):
+    raw = ti_config(
+        basic={"max_train_steps": 400, "save_every_n_steps": 1000, "validate_every_n_steps": None},
+        validation={"at_start": False},
+    )
+    config = write_config(tmp_path, raw)
+    proc = _conjure("train", config)
+    events = tmp_path / "runs" / "run" / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if events.exists() and sum(e["event"] == "step" for e in read_events(events)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with: conjure train --resume" in err and "Traceback" not in err
+    stopped = [e for e in read_events(events) if e["event"] == "stopped"]
+    assert stopped and (tmp_path / "runs" / "run" / "checkpoints" / f"step-{stopped[0]['step']:06d}").is_dir()
+    proc = _conjure("train", "--resume", tmp_path / "runs" / "run", "--set", "basic.max_train_steps=" + str(stopped[0]["step"] + 2))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"done: {stopped[0]['step'] + 2} steps" in out
