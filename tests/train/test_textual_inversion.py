@@ -89,7 +89,8 @@ def test_only_new_rows_change(ti_config, monkeypatch):
     import conjure.methods as methods
     from conjure.models.loading import load_base_model
 
-    raw = ti_config(basic={"max_train_steps": 4})
+    # full precision: under bf16/fp16 the frozen weights are stored cast, which is not what this test is about
+    raw = ti_config(basic={"max_train_steps": 4}, advanced={"mixed_precision": "no"})
     seen = {}
     spec = methods.METHODS["sd_textual_inversion"]
 
@@ -99,7 +100,7 @@ def test_only_new_rows_change(ti_config, monkeypatch):
 
     monkeypatch.setitem(methods.METHODS, "sd_textual_inversion", dataclasses.replace(spec, build=build_and_keep))
     run(raw)
-    trained = seen["model"].components["text_encoder"]
+    trained = seen["model"].components["text_encoder"].cpu()
     fresh = CLIPTextModel.from_pretrained(raw["basic"]["base_model"], subfolder="text_encoder")
     wrapped = trained.get_input_embeddings()
     assert torch.equal(wrapped.base.weight, fresh.get_input_embeddings().weight)
@@ -112,7 +113,7 @@ def test_only_new_rows_change(ti_config, monkeypatch):
     fresh_sd = fresh.state_dict()
     for key, value in trained_sd.items():
         assert torch.equal(value, fresh_sd[key.replace("token_embedding.base.", "token_embedding.")]), key
-    unet = seen["model"].unet
+    unet = seen["model"].unet.cpu()
     fresh_unet = load_base_model(raw["basic"]["base_model"]).unet
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), fresh_unet.state_dict().values()))
 
@@ -163,3 +164,15 @@ def test_keep_last_checkpoints(ti_config):
 def test_epochs_set_the_step_count(ti_config):
     raw = ti_config(basic={"max_train_steps": None, "max_train_epochs": 2, "validate_every_n_steps": None})
     assert run(raw).step == 6  # 6 images, batch 2 -> 3 steps per epoch
+
+
+def test_runs_with_different_precisions_in_one_process(ti_config):
+    """accelerate's process-wide state must not leak from one run into the next (found on a GPU)."""
+    short = dict(basic={"max_train_steps": 2, "validate_every_n_steps": None}, validation={"at_start": False})
+    first = run(ti_config(advanced={"mixed_precision": "bf16"}, **short))
+    raw = ti_config(advanced={"mixed_precision": "no"}, **short)
+    raw["basic"]["run_name"] = "second"
+    second = run(raw)
+    assert first.status == second.status == "completed"
+    events = read_events(second.run_dir / "events.jsonl")
+    assert events[0]["mixed_precision"] == "no"

@@ -45,7 +45,7 @@ from typing import Any, Iterator
 from conjure.errors import ConjureError
 from conjure.models.tokenizer import EOS_TOKEN, MODEL_MAX_LENGTH, VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer
 
-__all__ = ["FAMILIES", "build_tiny_components", "write_tiny_model"]
+__all__ = ["FAMILIES", "build_tiny_components", "save_model_folder", "write_tiny_model"]
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -233,12 +233,16 @@ def write_tiny_model(family: str, out_dir: Path, *, real_widths: bool = False, s
     `out_dir` are overwritten. Sizes and times: see the module docstring.
     """
     _check_family(family)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConjureError(f"cannot write a model to {out_dir}: it is a file, not a folder")
-    components = build_tiny_components(family, real_widths=real_widths, seed=seed)
+    return save_model_folder(family, build_tiny_components(family, real_widths=real_widths, seed=seed), out_dir)
+
+
+def save_model_folder(family: str, components: dict[str, Any], out_dir: Path) -> Path:
+    """Save pipeline components as a standard diffusers model folder (also used for full-size models)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
     else:

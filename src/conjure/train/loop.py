@@ -53,10 +53,10 @@ def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _resolve_precision(requested: str, accelerator_device: torch.device) -> str:
+def _resolve_precision(requested: str, *, cpu: bool) -> str:
     if requested != "auto":
         return requested
-    if accelerator_device.type != "cuda":
+    if cpu or not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
@@ -85,6 +85,7 @@ class _MicroBatches:
 
 def train(config: Any, *, resume: str | None = None, control: TrainControl | None = None) -> RunResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
 
     from conjure.data.dataset import TrainDataset, collate
@@ -127,12 +128,14 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
             f"{config.type} trains {', '.join(spec.families)} models, but {basic.base_model!r} is "
             f"{model.family.name} ({model.family.title})"
         )
-    accelerator = Accelerator(gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu)
-    precision = _resolve_precision(adv.mixed_precision, accelerator.device)
-    if precision != "no":
-        accelerator = Accelerator(
-            mixed_precision=precision, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu
-        )
+    precision = _resolve_precision(adv.mixed_precision, cpu=adv.cpu)
+    # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    # precision; train() is called repeatedly in one process (tests, benchmarks), so start each run afresh.
+    # (The distributed PartialState is kept.)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(
+        mixed_precision=precision, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu
+    )
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     for name, part in model.components.items():
         if isinstance(part, torch.nn.Module):
