@@ -24,6 +24,17 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _quiet_loading_bars(args: argparse.Namespace) -> None:
+    """Per-file "Loading weights" bars of transformers/diffusers hide conjure's own progress bar."""
+    if args.debug:
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from conjure.config import load_config
     from conjure.train.loop import train
@@ -33,6 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConjureError("give a config file, or --resume RUN_DIR to continue a run")
         args.config = str(Path(args.resume) / "config.yaml")
     config = load_config(args.config, args.set)
+    _quiet_loading_bars(args)
     result = train(config, resume=args.resume)
     last = result.checkpoints[-1] if result.checkpoints else None
     if result.status == "interrupted":
@@ -92,6 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from conjure.models.tiny import write_tiny_model
 
+    _quiet_loading_bars(args)
     out = write_tiny_model(args.family, Path(args.dir), real_widths=args.real_widths, seed=args.seed)
     print(f"wrote tiny {args.family} model to {out}")
     return 0
@@ -100,6 +113,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from conjure.demo import run_demo
 
+    _quiet_loading_bars(args)
     return run_demo(method=args.method, family=args.family, model=args.model, out=Path(args.out), steps=args.steps)
 
 

@@ -57,6 +57,12 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
             print(f"building a tiny {family} model in {model_dir}")
             write_tiny_model(family, model_dir)
         model, resolution = str(model_dir), 64
+        import torch
+
+        if not torch.cuda.is_available():
+            # Tiny models gain nothing from threads, and two threads made tiny runs erratic (0.25-55 s for
+            # the same 20 steps) on 2-core machines; one thread is steady.
+            torch.set_num_threads(1)
     config = parse_config(
         demo_config(model, out, config_type=DEMO_METHODS[method], steps=steps or 200, resolution=resolution),
         source="demo config",
@@ -70,8 +76,12 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
     seconds = time.perf_counter() - started
     print(f"\ndemo finished in {seconds:.0f} s ({result.step} steps)")
     print(f"  run folder:      {result.run_dir}")
-    print(f"  embedding:       {result.checkpoints[-1]}")
+    files = [p for p in sorted(result.checkpoints[-1].iterdir()) if p.suffix == ".safetensors"]
+    print(f"  embedding:       {files[0] if files else result.checkpoints[-1]}")
     print(f"  validation grid: {result.validations[-1]}  (rows: prompts, columns: seeds)")
     print(f"  TensorBoard:     tensorboard --logdir {result.run_dir / 'logs'}")
     print(f"  config to edit:  {result.run_dir / 'config.yaml'}  (conjure train {result.run_dir / 'config.yaml'})")
+    if resolution == 64:
+        print("  note: the tiny model has random weights, so its images are noise: the demo shows the workflow "
+              "(files, grids, logs, resume, export); use --model with a real model to see a concept appear")
     return 0

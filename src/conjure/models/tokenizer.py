@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -98,23 +97,13 @@ def clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     Use the default `"<|endoftext|>"` for SD1 and SDXL's first tokenizer, `"!"` for SD2 and SDXL's second.
     Each call returns a fresh object (callers add placeholder tokens to it); only the vocabulary rebuild is cached.
     """
-    import transformers
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
     if pad_token not in vocab:
         raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        return CLIPTokenizer(
-            vocab=dict(vocab),
-            merges=list(merges),
-            pad_token=pad_token,
-            model_max_length=MODEL_MAX_LENGTH,
-        )
-    # transformers 4: the slow CLIPTokenizer only reads files (untested here; the project runs transformers 5).
-    with tempfile.TemporaryDirectory(prefix="conjure-clip-tok-") as tmp:
-        _write_vocab_files(Path(tmp))
-        return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=MODEL_MAX_LENGTH)
+    # transformers 5 (the project's bound): `vocab=`/`merges=` work; `vocab_file=`/`merges_file=` are ignored.
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=MODEL_MAX_LENGTH)
 
 
 def write_clip_tokenizer(directory: Path, pad_token: str = EOS_TOKEN) -> None:
