@@ -203,3 +203,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, ti_config):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert f"done: {stopped[0]['step'] + 2} steps" in out
+
+
+def test_long_captions_are_warned_about(capsys, tmp_path, ti_config, image_folder):
+    for i, image in enumerate(sorted(image_folder.glob("*.png"))):
+        image.with_suffix(".txt").write_text("<zq-thing> " + ("very " * 100 if i == 0 else "short"))
+    raw = ti_config(basic={"max_train_steps": 1, "validate_every_n_steps": None}, validation={"at_start": False})
+    code, _, err = run_cli(capsys, "train", write_config(tmp_path, raw))
+    assert code == 0 and "warning: 1 caption(s) are longer than the text encoder's limit" in err

@@ -161,8 +161,14 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
     resolved = config.model_copy(deep=True)
     resolved.basic.run_name, resolved.basic.resume, resolved.data.resolution = run_dir.name, None, resolution
     resolved.basic.output_dir = str(run_dir.parent)
+    changed = _changed_settings(run_dir / "config.yaml", resolved) if checkpoint is not None else []
+    if changed:
+        _say(f"warning: resuming with changed settings: {', '.join(changed)}")
     (run_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
     events = EventLog(run_dir / "events.jsonl", run_dir / "logs" if accelerator.is_main_process else None)
+    too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe])
+    if too_long:
+        _say(f"warning: {too_long} caption(s) are longer than the text encoder's limit and will be cut off")
 
     # --- data loading, optimizer, schedule -----------------------------------------------------------
     dataset = TrainDataset(
@@ -219,6 +225,7 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
         "start", run_dir=str(run_dir), type=config.type, family=model.family.name, device=str(accelerator.device),
         mixed_precision=precision, images=len(dataset), skipped=[str(p) for p, _ in scan.skipped],
         max_train_steps=max_steps, start_step=step, resumed_from=str(checkpoint) if checkpoint else None,
+        changed_settings=changed, long_captions=too_long,
     )
 
     result = RunResult(run_dir=run_dir, status="completed", step=step)
@@ -328,6 +335,32 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
     events.emit("end", status=result.status, step=step)
     events.close()
     return result
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _changed_settings(saved_config: Path, resolved: Any) -> list[str]:
+    """Dotted keys whose value differs from the run's saved config (a resume should say so)."""
+    import yaml
+
+    try:
+        before = _flatten(yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError):
+        return []
+    after = _flatten(resolved.model_dump(mode="json"))
+    return sorted(k for k in after if k in before and before[k] != after[k])
+
+
+def _count_long_captions(tokenizer: Any, captions: list[str]) -> int:
+    limit = tokenizer.model_max_length
+    return sum(len(ids) > limit for ids in tokenizer(captions).input_ids) if captions else 0
 
 
 def _install_signal_handlers(control: TrainControl) -> dict[int, Any]:
