@@ -1,6 +1,6 @@
 """The training loop, shared by every method: setup, steps, checkpoints, validation, resume.
 
-`train(config)` is the one entry point (CLI, demo and tests call it). Methods plug in through
+`train(config)` is the one entry point (CLI, demo, tests and benchmarks call it). Methods plug in through
 `conjure.methods` and never see the loop's internals; the loop never branches on a method or family.
 Exact resume: data order comes from (seed, epoch), augmentation from (seed, epoch, index), noise and
 timesteps from one CPU generator whose state is checkpointed with the optimizer and LR scheduler.
@@ -26,10 +26,13 @@ from conjure.errors import ConjureError
 from conjure.train.checkpoints import load_state, prune_checkpoints, step_dir_name, write_checkpoint
 from conjure.train.events import EventLog
 
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
 
 @dataclass
 class TrainControl:
-    """Commands into a run (stop) and callbacks out of it (after each step). Signals set `stop`."""
+    """Commands into a run (stop) and callbacks out of it (after each step). Signals set `stop_reason`."""
 
     on_step: Callable[[int, float], None] | None = None
     stop_reason: str | None = None
@@ -53,6 +56,65 @@ def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def train(config: Any, *, resume: str | None = None, control: TrainControl | None = None) -> RunResult:
+    """Train `config` (a validated config model) in a new run folder, or continue one (`resume`)."""
+    from conjure.methods import method_spec
+
+    spec = method_spec(config.type)
+    examples, skipped, probe = _scan_data(config, spec)  # first: a bad data folder fails before model loading
+    model = _load_model(config, spec)
+    accelerator, precision = _make_accelerator(config.advanced)
+    _place_model(model, accelerator.device, precision)
+    method = spec.build(config, model)
+    resolution = config.data.resolution or _native_resolution(model)
+    checkpoint, run_dir = _open_run_dir(config, resume or config.basic.resume)
+    changed = _write_resolved_config(config, run_dir, resolution, resuming=checkpoint is not None)
+    too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe])
+    for warning in ([f"skipping {p}: {why}" for p, why in skipped]
+                    + ([f"resuming with changed settings: {', '.join(changed)}"] if changed else [])
+                    + ([f"{too_long} caption(s) are longer than the text encoder's limit and will be cut off"]
+                       if too_long else [])):
+        _say(f"warning: {warning}")
+    session = _Session(config, spec, model, method, accelerator, precision, examples, resolution, run_dir)
+    session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=changed, long_captions=too_long)
+    return session.run(control or TrainControl())
+
+
+# --- setup -------------------------------------------------------------------------------------------
+
+
+def _scan_data(config: Any, spec: Any) -> tuple[list[Any], list[tuple[Path, str]], list[str]]:
+    """Examples, skipped files, and each example's caption as training would first see it."""
+    from conjure.data.sources import scan_source
+
+    scan = scan_source(Path(config.data.source).expanduser())
+    captions = spec.caption_transform(config)
+    probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples]
+    trigger = spec.trigger(config)
+    if not any(trigger in c for c in probe):
+        raise ConjureError(
+            f"no training caption contains {trigger!r}: add it to the captions, or set data.caption_prefix: "
+            f"'{trigger}'"
+        )
+    return scan.examples, scan.skipped, probe
+
+
+def _load_model(config: Any, spec: Any) -> Any:
+    from conjure.models.loading import load_base_model
+
+    basic = config.basic
+    model = load_base_model(
+        basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
+        base_model_config=basic.base_model_config,
+    )
+    if model.family.name not in spec.families:
+        raise ConjureError(
+            f"{config.type} trains {', '.join(spec.families)} models, but {basic.base_model!r} is "
+            f"{model.family.name} ({model.family.title})"
+        )
+    return model
+
+
 def _resolve_precision(requested: str, *, cpu: bool) -> str:
     if requested != "auto":
         return requested
@@ -61,73 +123,10 @@ def _resolve_precision(requested: str, *, cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-class _MicroBatches:
-    """Batch sampler over (epoch, index) keys for micro-batches [start, end); this process's share."""
-
-    def __init__(self, n: int, batch: int, seed: int, start: int, end: int, rank: int, world: int):
-        from conjure.data.dataset import epoch_order
-
-        self.n, self.batch, self.seed, self.start, self.end = n, batch, seed, start, end
-        self.rank, self.world, self._order, self._epoch = rank, world, epoch_order, -1
-        self.per_epoch = math.ceil(n / (batch * world))
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for m in range(self.start, self.end):
-            epoch, b = divmod(m, self.per_epoch)
-            if epoch != self._epoch:
-                order, self._epoch = self._order(self.n, self.seed, epoch), epoch
-            chunk = order[b * self.batch * self.world : (b + 1) * self.batch * self.world]
-            yield [(epoch, i) for i in chunk[self.rank :: self.world]] or [(epoch, chunk[0])]
-
-
-def train(config: Any, *, resume: str | None = None, control: TrainControl | None = None) -> RunResult:
+def _make_accelerator(adv: Any) -> tuple[Any, str]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from diffusers.optimization import get_scheduler
 
-    from conjure.data.dataset import TrainDataset, collate
-    from conjure.data.sources import scan_source
-    from conjure.methods import method_spec
-    from conjure.models.loading import load_base_model
-    from conjure.train.conditioning import encode_captions
-    from conjure.train.loss import denoising_loss, encode_latents
-    from conjure.train.run_dir import create_run_dir, default_run_name, find_resume_checkpoint
-    from conjure.train.validation import as_array, build_pipeline, render
-
-    control = control or TrainControl()
-    spec = method_spec(config.type)
-    basic, data, adv, opt, val = config.basic, config.data, config.advanced, config.optimizer, config.validation
-    resume = resume or basic.resume
-
-    # --- data first: a bad data folder should fail before minutes of model loading -----------------
-    scan = scan_source(Path(data.source).expanduser())
-    for path, reason in scan.skipped:
-        _say(f"warning: skipping {path}: {reason}")
-    captions = spec.caption_transform(config)
-    trigger = spec.trigger(config)
-    probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples]
-    if not any(trigger in c for c in probe):
-        raise ConjureError(
-            f"no training caption contains {trigger!r}: add it to the captions, or set data.caption_prefix: "
-            f"'{trigger}'"
-        )
-
-    # --- model and method --------------------------------------------------------------------------
-    model = load_base_model(
-        basic.base_model,
-        family=basic.family,
-        revision=basic.revision,
-        variant=basic.variant,
-        base_model_config=basic.base_model_config,
-    )
-    if model.family.name not in spec.families:
-        raise ConjureError(
-            f"{config.type} trains {', '.join(spec.families)} models, but {basic.base_model!r} is "
-            f"{model.family.name} ({model.family.title})"
-        )
     precision = _resolve_precision(adv.mixed_precision, cpu=adv.cpu)
     # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
     # precision; train() is called repeatedly in one process (tests, benchmarks), so start each run afresh.
@@ -136,205 +135,44 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
     accelerator = Accelerator(
         mixed_precision=precision, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu
     )
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return accelerator, precision
+
+
+def _place_model(model: Any, device: torch.device, precision: str) -> None:
+    """Freeze every part and cast it to the training precision (methods then add trainable fp32 parts)."""
     for name, part in model.components.items():
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
             # fp16 VAEs overflow on some models (SDXL's is the known case); fp32 costs little here.
-            part.to(accelerator.device, torch.float32 if (name == "vae" and precision == "fp16") else weight_dtype)
-    method = spec.build(config, model)
-    resolution = data.resolution or model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
-    if adv.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        for module in method.trainable_modules():
-            module.gradient_checkpointing_enable()
+            keep_fp32 = name == "vae" and precision == "fp16"
+            part.to(device, torch.float32 if keep_fp32 else WEIGHT_DTYPES[precision])
 
-    # --- run folder, resolved config, events ---------------------------------------------------------
-    checkpoint = None
+
+def _native_resolution(model: Any) -> int:
+    """The resolution the model was trained at: UNet sample size times the VAE's downscale."""
+    return model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+
+def _open_run_dir(config: Any, resume: str | None) -> tuple[Path | None, Path]:
+    from conjure.train.run_dir import create_run_dir, default_run_name, find_resume_checkpoint
+
+    basic = config.basic
     if resume:
         checkpoint = find_resume_checkpoint(
             resume, output_dir=basic.output_dir, run_name=basic.run_name, config_type=config.type
         )
-        run_dir = checkpoint.parent.parent
-    else:
-        run_dir = create_run_dir(basic.output_dir, basic.run_name or default_run_name(config.type))
+        return checkpoint, checkpoint.parent.parent
+    return None, create_run_dir(basic.output_dir, basic.run_name or default_run_name(config.type))
+
+
+def _write_resolved_config(config: Any, run_dir: Path, resolution: int, *, resuming: bool) -> list[str]:
+    """Write what runs as `config.yaml`; return the settings a resume changed."""
     resolved = config.model_copy(deep=True)
     resolved.basic.run_name, resolved.basic.resume, resolved.data.resolution = run_dir.name, None, resolution
     resolved.basic.output_dir = str(run_dir.parent)
-    changed = _changed_settings(run_dir / "config.yaml", resolved) if checkpoint is not None else []
-    if changed:
-        _say(f"warning: resuming with changed settings: {', '.join(changed)}")
+    changed = _changed_settings(run_dir / "config.yaml", resolved) if resuming else []
     (run_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
-    events = EventLog(run_dir / "events.jsonl", run_dir / "logs" if accelerator.is_main_process else None)
-    too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe])
-    if too_long:
-        _say(f"warning: {too_long} caption(s) are longer than the text encoder's limit and will be cut off")
-
-    # --- data loading, optimizer, schedule -----------------------------------------------------------
-    dataset = TrainDataset(
-        scan.examples,
-        resolution=resolution,
-        center_crop=data.center_crop,
-        random_flip=data.random_flip,
-        keep_in_memory=data.keep_in_memory,
-        caption_transform=captions,
-        seed=basic.seed,
-    )
-    world, accum = accelerator.num_processes, adv.gradient_accumulation_steps
-    per_epoch = math.ceil(len(dataset) / (data.batch_size * world))
-    max_steps = basic.max_train_steps or math.ceil(basic.max_train_epochs * per_epoch / accum)
-    groups = method.parameter_groups(opt.learning_rate)
-    optimizer = torch.optim.AdamW(
-        groups, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_epsilon, weight_decay=opt.weight_decay
-    )
-    schedule = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[opt.scheduler]
-    lr_scheduler = get_scheduler(
-        schedule, optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=max_steps
-    )
-    trainable = accelerator.prepare(*method.trainable_modules())
-    trainable = list(trainable) if isinstance(trainable, (list, tuple)) else [trainable]
-    optimizer = accelerator.prepare(optimizer)
-    for module in trainable:
-        module.train()  # CLIP has no dropout; train mode turns gradient checkpointing on in transformers
-    generator = torch.Generator("cpu").manual_seed(basic.seed * 7919 + accelerator.process_index)
-
-    step = 0
-    if checkpoint is not None:
-        state = load_state(checkpoint)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        generator.set_state(state["generator"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        _say(f"resuming {run_dir} from step {step}")
-    if step >= max_steps:
-        raise ConjureError(f"{run_dir} already reached step {step} of {max_steps}; raise basic.max_train_steps")
-
-    pairs = [(tok, enc) for (tok, _), enc in zip(model.text_encoders(), trainable)]
-    params = [p for g in groups for p in g["params"]]
-    sampler = _MicroBatches(
-        len(dataset), data.batch_size, basic.seed, step * accum, max_steps * accum,
-        accelerator.process_index, world,
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.dataloader_num_workers
-    )
-    events.emit(
-        "start", run_dir=str(run_dir), type=config.type, family=model.family.name, device=str(accelerator.device),
-        mixed_precision=precision, images=len(dataset), skipped=[str(p) for p, _ in scan.skipped],
-        max_train_steps=max_steps, start_step=step, resumed_from=str(checkpoint) if checkpoint else None,
-        changed_settings=changed, long_captions=too_long,
-    )
-
-    result = RunResult(run_dir=run_dir, status="completed", step=step)
-    pipe = None
-
-    def save(at: int) -> None:
-        state = {
-            "step": at,
-            "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "generator": generator.get_state(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-        }
-        folder = write_checkpoint(
-            run_dir, at, state,
-            lambda tmp: method.save(tmp, step=at, resolution=resolution, base_model=basic.base_model),
-        )
-        files = sorted(p.name for p in folder.iterdir() if p.name != "training_state.pt")
-        events.emit("checkpoint", step=at, path=str(folder), files=files)
-        result.checkpoints.append(folder)
-        for old in prune_checkpoints(run_dir, basic.keep_last_n_checkpoints):
-            events.emit("checkpoint_removed", path=str(old))
-
-    def validate(at: int) -> None:
-        nonlocal pipe
-        pipe = pipe or build_pipeline(model.family.pipeline_class, dict(model.components))
-        started = time.perf_counter()
-        with accelerator.autocast():
-            images, grid_path = render(
-                pipe, run_dir / "validation" / step_dir_name(at), prompts=val.prompts, seeds=val.seeds,
-                negative_prompt=val.negative_prompt, num_inference_steps=val.num_inference_steps,
-                guidance_scale=val.guidance_scale, resolution=resolution,
-            )
-        events.emit(
-            "validation", step=at, grid=str(grid_path), images=[str(p) for p in images], prompts=val.prompts,
-            seeds=val.seeds, seconds=round(time.perf_counter() - started, 3),
-        )
-        events.image("validation/grid", at, as_array(grid_path))
-        result.validations.append(grid_path)
-
-    previous_handlers = _install_signal_handlers(control)
-    from tqdm import tqdm
-
-    bar = tqdm(total=max_steps, initial=step, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    last_saved = step
-    try:
-        if step == 0 and val.at_start and accelerator.is_main_process:
-            validate(0)
-        losses: list[float] = []
-        for batch in loader:
-            with accelerator.accumulate(*trainable):
-                with torch.no_grad():
-                    latents = encode_latents(model.vae, batch["pixel_values"], generator).to(weight_dtype)
-                texts = [method.expand_caption(c) for c in batch["caption"]]
-                with accelerator.autocast():
-                    cond = encode_captions(pairs, texts, accelerator.device)
-                    loss = denoising_loss(model.unet, model.noise_scheduler, latents, cond, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and adv.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, adv.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(accelerator.reduce(loss.detach(), "mean").item())
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            step += 1
-            loss_value, losses = sum(losses) / len(losses), []
-            lr = lr_scheduler.get_last_lr()[0]
-            if not math.isfinite(loss_value):
-                raise ConjureError(
-                    f"loss became {loss_value} at step {step}; lower optimizer.learning_rate or use "
-                    "advanced.mixed_precision: bf16/no (last good checkpoint kept)"
-                )
-            events.emit("step", step=step, loss=loss_value, lr=lr)
-            events.scalars(step, **{"train/loss": loss_value, "train/lr": lr})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            result.step = step
-            if control.on_step:
-                control.on_step(step, loss_value)
-            final = step == max_steps
-            if accelerator.is_main_process and (step % basic.save_every_n_steps == 0 or final or control.stop_reason):
-                save(step)
-                last_saved = step
-            every = basic.validate_every_n_steps
-            if accelerator.is_main_process and ((every and step % every == 0) or final):
-                validate(step)
-            if control.stop_reason and not final:
-                result.status = "interrupted"
-                events.emit("stopped", step=step, reason=control.stop_reason)
-                break
-    except BaseException as exc:
-        # Keep the work: a step that completed after the last checkpoint is saved before the error surfaces.
-        if step > last_saved and accelerator.is_main_process:
-            try:
-                save(step)
-            except Exception:  # noqa: BLE001 - the original error matters more than a failed rescue
-                pass
-        events.emit("end", status="failed", step=step, error=str(exc) or type(exc).__name__)
-        events.close()
-        raise
-    finally:
-        bar.close()
-        _restore_signal_handlers(previous_handlers)
-    events.emit("end", status=result.status, step=step)
-    events.close()
-    return result
+    return changed
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -361,6 +199,235 @@ def _changed_settings(saved_config: Path, resolved: Any) -> list[str]:
 def _count_long_captions(tokenizer: Any, captions: list[str]) -> int:
     limit = tokenizer.model_max_length
     return sum(len(ids) > limit for ids in tokenizer(captions).input_ids) if captions else 0
+
+
+class _MicroBatches:
+    """Batch sampler over (epoch, index) keys for micro-batches [start, end); this process's share."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, end: int, rank: int, world: int):
+        self.n, self.batch, self.seed, self.start, self.end = n, batch, seed, start, end
+        self.rank, self.world = rank, world
+        self.per_epoch = math.ceil(n / (batch * world))
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        from conjure.data.dataset import epoch_order
+
+        order, current = [], -1
+        span = self.batch * self.world
+        for m in range(self.start, self.end):
+            epoch, b = divmod(m, self.per_epoch)
+            if epoch != current:
+                order, current = epoch_order(self.n, self.seed, epoch), epoch
+            chunk = order[b * span : (b + 1) * span]
+            yield [(epoch, i) for i in chunk[self.rank :: self.world]] or [(epoch, chunk[0])]
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+class _Session:
+    """One run's moving parts: data loader, optimizer, schedule, noise generator, events."""
+
+    def __init__(self, config, spec, model, method, accelerator, precision, examples, resolution, run_dir):
+        from diffusers.optimization import get_scheduler
+
+        from conjure.data.dataset import TrainDataset
+
+        self.config, self.model, self.method, self.accelerator = config, model, method, accelerator
+        self.precision, self.resolution, self.run_dir = precision, resolution, run_dir
+        basic, data, adv, opt = config.basic, config.data, config.advanced, config.optimizer
+        if adv.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            for module in method.trainable_modules():
+                module.gradient_checkpointing_enable()
+        self.dataset = TrainDataset(
+            examples, resolution=resolution, center_crop=data.center_crop, random_flip=data.random_flip,
+            keep_in_memory=data.keep_in_memory, caption_transform=spec.caption_transform(config), seed=basic.seed,
+        )
+        self.accum = adv.gradient_accumulation_steps
+        per_epoch = math.ceil(len(self.dataset) / (data.batch_size * accelerator.num_processes))
+        self.max_steps = basic.max_train_steps or math.ceil(basic.max_train_epochs * per_epoch / self.accum)
+        groups = method.parameter_groups(opt.learning_rate)
+        self.params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(
+            groups, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_epsilon, weight_decay=opt.weight_decay
+        )
+        self.lr_scheduler = get_scheduler(
+            SCHEDULES[opt.scheduler], optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=self.max_steps
+        )
+        trainable = accelerator.prepare(*method.trainable_modules())
+        self.trainable = list(trainable) if isinstance(trainable, (list, tuple)) else [trainable]
+        self.optimizer = accelerator.prepare(optimizer)
+        for module in self.trainable:
+            module.train()  # CLIP has no dropout; train mode turns gradient checkpointing on in transformers
+        self.text_encoders = [(tok, enc) for (tok, _), enc in zip(model.text_encoders(), self.trainable)]
+        self.generator = torch.Generator("cpu").manual_seed(basic.seed * 7919 + accelerator.process_index)
+        self.events = EventLog(run_dir / "events.jsonl", run_dir / "logs" if accelerator.is_main_process else None)
+        self.result = RunResult(run_dir=run_dir, status="completed", step=0)
+        self.step = self.last_saved = 0
+        self._pipe = None
+
+    def start(self, checkpoint: Path | None, **facts: Any) -> None:
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        if self.step >= self.max_steps:
+            self.events.close()
+            raise ConjureError(
+                f"{self.run_dir} already reached step {self.step} of {self.max_steps}; raise basic.max_train_steps"
+            )
+        self.events.emit(
+            "start", run_dir=str(self.run_dir), type=self.config.type, family=self.model.family.name,
+            device=str(self.accelerator.device), mixed_precision=self.precision, images=len(self.dataset),
+            max_train_steps=self.max_steps, start_step=self.step,
+            resumed_from=str(checkpoint) if checkpoint else None, **facts,
+        )
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_state(checkpoint)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step = self.last_saved = self.result.step = state["step"]
+        _say(f"resuming {self.run_dir} from step {self.step}")
+
+    def _loader(self) -> Any:
+        from conjure.data.dataset import collate
+
+        data, acc = self.config.data, self.accelerator
+        sampler = _MicroBatches(
+            len(self.dataset), data.batch_size, self.config.basic.seed, self.step * self.accum,
+            self.max_steps * self.accum, acc.process_index, acc.num_processes,
+        )
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.dataloader_num_workers
+        )
+
+    def run(self, control: TrainControl) -> RunResult:
+        from tqdm import tqdm
+
+        main = self.accelerator.is_main_process
+        previous_handlers = _install_signal_handlers(control)
+        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", disable=not main, dynamic_ncols=True)
+        try:
+            if self.step == 0 and self.config.validation.at_start and main:
+                self.validate(0)
+            losses: list[float] = []
+            for batch in self._loader():
+                losses.append(self._micro_step(batch))
+                if not self.accelerator.sync_gradients:
+                    continue
+                loss, losses = sum(losses) / len(losses), []
+                self._after_step(loss, bar, control)
+                if control.stop_reason and self.step < self.max_steps:
+                    self.result.status = "interrupted"
+                    self.events.emit("stopped", step=self.step, reason=control.stop_reason)
+                    break
+            self.events.emit("end", status=self.result.status, step=self.step)
+        except BaseException as exc:
+            # Keep the work: a step that completed after the last checkpoint is saved before the error surfaces.
+            if self.step > self.last_saved and main:
+                try:
+                    self.save()
+                except Exception:  # noqa: BLE001 - the original error matters more than a failed rescue
+                    pass
+            self.events.emit("end", status="failed", step=self.step, error=str(exc) or type(exc).__name__)
+            raise
+        finally:
+            bar.close()
+            _restore_signal_handlers(previous_handlers)
+            self.events.close()
+        return self.result
+
+    def _micro_step(self, batch: dict[str, Any]) -> float:
+        from conjure.train.conditioning import encode_captions
+        from conjure.train.loss import denoising_loss, encode_latents
+
+        acc, model = self.accelerator, self.model
+        with acc.accumulate(*self.trainable):
+            with torch.no_grad():
+                latents = encode_latents(model.vae, batch["pixel_values"], self.generator)
+                latents = latents.to(WEIGHT_DTYPES[self.precision])
+            texts = [self.method.expand_caption(c) for c in batch["caption"]]
+            with acc.autocast():
+                cond = encode_captions(self.text_encoders, texts, acc.device)
+                loss = denoising_loss(model.unet, model.noise_scheduler, latents, cond, self.generator)
+            acc.backward(loss)
+            if acc.sync_gradients and self.config.advanced.max_grad_norm:
+                acc.clip_grad_norm_(self.params, self.config.advanced.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return acc.reduce(loss.detach(), "mean").item()
+
+    def _after_step(self, loss: float, bar: Any, control: TrainControl) -> None:
+        self.lr_scheduler.step()
+        self.step += 1
+        self.result.step = self.step
+        lr = self.lr_scheduler.get_last_lr()[0]
+        if not math.isfinite(loss):
+            raise ConjureError(
+                f"loss became {loss} at step {self.step}; lower optimizer.learning_rate or use "
+                "advanced.mixed_precision: bf16/no (last good checkpoint kept)"
+            )
+        self.events.emit("step", step=self.step, loss=loss, lr=lr)
+        self.events.scalars(self.step, **{"train/loss": loss, "train/lr": lr})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if control.on_step:
+            control.on_step(self.step, loss)
+        if not self.accelerator.is_main_process:
+            return
+        basic, final = self.config.basic, self.step == self.max_steps
+        if self.step % basic.save_every_n_steps == 0 or final or control.stop_reason:
+            self.save()
+        every = basic.validate_every_n_steps
+        if (every and self.step % every == 0) or final:
+            self.validate(self.step)
+
+    def save(self) -> None:
+        at, basic = self.step, self.config.basic
+        state = {
+            "step": at,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+        }
+        folder = write_checkpoint(
+            self.run_dir, at, state,
+            lambda tmp: self.method.save(tmp, step=at, resolution=self.resolution, base_model=basic.base_model),
+        )
+        self.last_saved = at
+        files = sorted(p.name for p in folder.iterdir() if p.name != "training_state.pt")
+        self.events.emit("checkpoint", step=at, path=str(folder), files=files)
+        self.result.checkpoints.append(folder)
+        for old in prune_checkpoints(self.run_dir, basic.keep_last_n_checkpoints):
+            self.events.emit("checkpoint_removed", path=str(old))
+
+    def validate(self, at: int) -> None:
+        from conjure.train.validation import as_array, build_pipeline, render
+
+        val = self.config.validation
+        self._pipe = self._pipe or build_pipeline(self.model.family.pipeline_class, dict(self.model.components))
+        started = time.perf_counter()
+        with self.accelerator.autocast():
+            images, grid_path = render(
+                self._pipe, self.run_dir / "validation" / step_dir_name(at), prompts=val.prompts, seeds=val.seeds,
+                negative_prompt=val.negative_prompt, num_inference_steps=val.num_inference_steps,
+                guidance_scale=val.guidance_scale, resolution=self.resolution,
+            )
+        self.events.emit(
+            "validation", step=at, grid=str(grid_path), images=[str(p) for p in images], prompts=val.prompts,
+            seeds=val.seeds, seconds=round(time.perf_counter() - started, 3),
+        )
+        self.events.image("validation/grid", at, as_array(grid_path))
+        self.result.validations.append(grid_path)
 
 
 def _install_signal_handlers(control: TrainControl) -> dict[int, Any]:
