@@ -87,7 +87,12 @@ def _load_diffusers(source: str, family: str, *, revision: str | None, variant: 
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    import torch
+
     common = {"revision": revision}
+    # Load in float32 whatever the files hold (fp16 files are common): training keeps fp32 masters and casts
+    # frozen parts to the run's precision itself. transformers 5 keeps a file's dtype unless told.
+    fp32 = {"torch_dtype": torch.float32}
     try:
         index = DiffusionPipeline.load_config(source, **common)
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
@@ -98,8 +103,8 @@ def _load_diffusers(source: str, family: str, *, revision: str | None, variant: 
     encoder_classes = {"CLIPTextModelWithProjection": CLIPTextModelWithProjection}
     try:
         components: dict[str, Any] = {
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **common),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **common),
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **fp32, **common),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **fp32, **common),
             # Training always uses the DDPM forward process of the model's own scheduler config
             # (betas, prediction type), whatever sampler the model ships for inference.
             "scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
@@ -108,7 +113,9 @@ def _load_diffusers(source: str, family: str, *, revision: str | None, variant: 
             class_name = index.get(slot.encoder, [None, "CLIPTextModel"])[1]
             cls = encoder_classes.get(class_name, CLIPTextModel)
             components[slot.tokenizer] = CLIPTokenizer.from_pretrained(source, subfolder=slot.tokenizer, **common)
-            components[slot.encoder] = cls.from_pretrained(source, subfolder=slot.encoder, variant=variant, **common)
+            components[slot.encoder] = cls.from_pretrained(
+                source, subfolder=slot.encoder, variant=variant, dtype=torch.float32, **common
+            )
     except Exception as exc:
         raise _fail(source, exc) from None
     return LoadedModel(family=fam, source=source, components=components)

@@ -1,4 +1,9 @@
-"""Text conditioning for the UNet: captions -> the keyword arguments of its forward call."""
+"""Text conditioning for the UNet: captions -> the keyword arguments of its forward call.
+
+One text encoder (SD 1.x/2.x): its last hidden state (SD 2.x's encoder already ends at the penultimate
+layer in diffusers' layout). Two (SDXL): both encoders' penultimate hidden states side by side, the second
+encoder's pooled projection, and the size/crop ids, as diffusers' SDXL pipeline builds them at inference.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,50 @@ from typing import Any
 
 import torch
 
-from conjure.errors import ConjureError
 
-
-def encode_captions(pairs: list[tuple[Any, Any]], captions: list[str], device: torch.device) -> dict[str, Any]:
-    """SD 1.x/2.x: the last hidden state of the one CLIP text encoder (SD 2.x's encoder already ends at
-    the penultimate layer in diffusers' layout)."""
-    if len(pairs) != 1:
-        raise ConjureError("two-encoder conditioning (SDXL) is not available yet for this method")
-    tokenizer, encoder = pairs[0]
-    ids = tokenizer(
+def _ids(tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(device)
-    return {"encoder_hidden_states": encoder(ids)[0]}
+
+
+def sdxl_time_ids(
+    batch: int, resolution: int, device: torch.device, *, original: list[tuple[int, int]] | None = None,
+    crops: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """(original height, original width, crop top, crop left, target height, target width) per image."""
+    rows = []
+    for i in range(batch):
+        oh, ow = original[i] if original else (resolution, resolution)
+        ct, cl = crops[i] if crops else (0, 0)
+        rows.append([oh, ow, ct, cl, resolution, resolution])
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+def encode_captions(
+    pairs: list[tuple[Any, Any]],
+    captions: list[str],
+    device: torch.device,
+    *,
+    resolution: int | None = None,
+    zero_empty: bool = False,
+) -> dict[str, Any]:
+    """`zero_empty`: empty captions give all-zero embeddings, which is what diffusers' SDXL pipeline uses
+    as the unconditional input (`force_zeros_for_empty_prompt`), so caption dropout trains the same thing."""
+    if len(pairs) == 1:
+        tokenizer, encoder = pairs[0]
+        return {"encoder_hidden_states": encoder(_ids(tokenizer, captions, device))[0]}
+    hidden, pooled = [], None
+    for tokenizer, encoder in pairs:
+        out = encoder(_ids(tokenizer, captions, device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's pooled (projected) embedding: `text_embeds`
+    states = torch.cat(hidden, dim=-1)
+    if zero_empty:
+        keep = torch.tensor([bool(c.strip()) for c in captions], device=device, dtype=states.dtype)
+        states = states * keep[:, None, None]
+        pooled = pooled * keep[:, None].to(pooled.dtype)
+    if resolution is None:
+        raise ValueError("two-encoder (SDXL) conditioning needs the training resolution for its size ids")
+    time_ids = sdxl_time_ids(len(captions), resolution, device).to(states.dtype)
+    return {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
