@@ -211,3 +211,15 @@ def test_long_captions_are_warned_about(capsys, tmp_path, ti_config, image_folde
     raw = ti_config(basic={"max_train_steps": 1, "validate_every_n_steps": None}, validation={"at_start": False})
     code, _, err = run_cli(capsys, "train", write_config(tmp_path, raw))
     assert code == 0 and "warning: 1 caption(s) are longer than the text encoder's limit" in err
+
+
+def test_demo_with_a_tiny_model(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "demo", "--model", "tiny", "--out", tmp_path, "--steps", 6)
+    assert code == 0, err
+    assert "demo finished" in out and "yellow-star.safetensors" in out
+    assert (tmp_path / "runs" / "demo" / "validation" / "step-000006" / "grid.png").is_file()
+
+
+def test_demo_refuses_what_is_not_there_yet(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "demo", "--method", "lora", "--out", tmp_path)[::2], "not available yet")
+    assert_one_line_error(*run_cli(capsys, "demo", "--family", "sdxl", "--out", tmp_path)[::2], "sdxl")

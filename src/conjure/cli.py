@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a small example end to end on the CPU")
     p.add_argument("--method", default="ti", help="training method (available: ti)")
     p.add_argument("--family", default="sd1", help="model family of the tiny model (sd1, sd2)")
-    p.add_argument("--model", help="use this model instead of building a tiny one")
+    p.add_argument("--model", help="a model folder/hub id, or 'tiny' for a random-weight tiny model (default: the toy model)")
     p.add_argument("--out", default="conjure-demo", help="output folder (default: ./conjure-demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.set_defaults(func=cmd_demo)

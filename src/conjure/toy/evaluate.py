@@ -1,28 +1,36 @@
 """Read a toy scene back from an image: a deterministic, rule-based evaluator (numpy only).
 
-It is meant for images that tiny diffusion models generate (blurry, noisy, colours a little off, shapes
-imperfect), so every step is a robust estimate rather than an exact match against a clean render:
+It is meant for images that tiny diffusion models generate (blurry, noisy, colours a little off or washed
+toward the background, shapes imperfect), so each step is a robust estimate, not a match against a clean
+render:
 
 - background: the median colour of the outer 3-pixel ring, read as the nearest BACKGROUNDS colour (None when
-  it is far from all of them);
-- foreground: pixels far enough from that background colour, refined to a coverage ("alpha") map along the
-  background -> foreground colour direction, cleaned by a 3x3 majority vote and reduced to its largest
-  8-connected component; `foreground_fraction` is the share of pixels in that cleaned mask;
-- colour: the nearest COLOURS name to the median colour of the foreground's core;
-- position: the POSITIONS centre nearest to the foreground's centroid;
-- shape: from the radial profile r(theta) (coverage integrated along 72 rays from the centroid): its 3rd, 4th
-  and 5th harmonics mark a triangle, square and star (a star that comes out pentagon-like still reads as a
-  star), a flat profile a circle; solidity (area / convex-hull area) backs up the star;
-- size: from the outer radius of the profile (small shapes have radius 9, large 17; a square's corners
-  reach 1.2x its radius).
+  it is farther than BACKGROUND_TOLERANCE from all of them);
+- foreground: a first pass on a 3x3 box-filtered copy (pixel noise / 3) takes the pixels far enough from
+  that median colour (a share of its distance to the nearest palette colour, or more where the border is
+  noisy); the median colour of their core is the foreground colour. Each pixel's coverage ("alpha") along the
+  background -> foreground colour line then gives the mask (alpha > 0.5, specks dropped, pinholes filled):
+  `foreground_fraction` is its share of the image, and the rest is read from its largest 8-connected
+  component;
+- colour: the COLOURS name nearest to the foreground colour, where a palette colour washed up to 40% of the
+  way toward the background still counts as itself;
+- position: the POSITIONS centre nearest to the coverage-weighted centroid;
+- shape: from the radial profile r(theta), the coverage integrated along 72 rays from the centroid (rotation
+  does not change its harmonic amplitudes, and blur only softens them): a strong 3rd, 4th or 5th harmonic is
+  a triangle, square or star (a star whose points are blunted toward a pentagon still reads as a star), a
+  flat profile a circle, and None when no harmonic clearly dominates or the blob is elongated (a strong 2nd
+  harmonic);
+- size: the outer radius of the profile, scaled by the shape read (a square's corners reach 1.2x its drawing
+  radius; thin tips fall short), against the geometric mean of the small and large radii (9 and 17 px).
 
-Every attribute is None when there is no clear foreground (under 0.5% or over 60% of the image).
+Every attribute but the background is None when there is no clear foreground (under 0.5% or over 60% of
+the image).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -33,16 +41,23 @@ BORDER = 3  # width of the ring the background is read from, pixels
 MIN_FRACTION = 0.005  # less foreground than this: nothing there
 MAX_FRACTION = 0.60  # more than this: no clear foreground either
 BACKGROUND_TOLERANCE = 60.0  # farther than this (RGB distance) from every background: background None
-FIRST_PASS = 0.35
-MIN_COVERAGE = 0.6  # a foreground colour washed up to halfway to the background still reads as its colour
+FIRST_PASS = 0.35  # first-pass threshold: this share of the background's distance to the nearest COLOURS
+NOISE_FACTOR = 4.0  # ... or this many times the border's median distance from its median colour
+MIN_THRESHOLD = 12.0  # ... and never under this (RGB distance)
+MIN_COVERAGE = 0.6  # a colour washed up to 40% of the way toward the background still reads as itself
 N_RAYS = 72
-CIRCLE_MAX_HARMONIC = 0.05  # r(theta) flatter than this (3rd-5th harmonics / mean): a circle
-DOMINANCE = 1.5  # the strongest of those harmonics must be this many times the next one
-RAY_STEP = 0.5
+RAY_STEP = 0.5  # pixels between samples along a ray
+CIRCLE_MAX_HARMONIC = 0.05  # r(theta) flatter than this (3rd-5th harmonic amplitude / mean): a circle
+DOMINANCE = 1.5  # the strongest of those harmonics must be this many times the next one, else shape None
+MAX_ELONGATION = 0.15  # a 2nd harmonic above this (an ellipse with axes ~1.35:1) is no toy shape: shape None
 
+MIN_PIXELS = MIN_FRACTION * SIZE * SIZE
+
+_BACKGROUND_NAMES, _COLOUR_NAMES, _POSITION_NAMES = list(BACKGROUNDS), list(COLOURS), list(POSITIONS)
 _BACKGROUND_RGB = np.array(list(BACKGROUNDS.values()), dtype=np.float64)
 _COLOUR_RGB = np.array(list(COLOURS.values()), dtype=np.float64)
 _POSITION_XY = np.array(list(POSITIONS.values()), dtype=np.float64)
+_YS, _XS = np.mgrid[0:SIZE, 0:SIZE]
 _SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])  # ~12.4 px
 # Outer radius of r(theta) / drawing radius, for clean renders: a square's corners reach 0.85 * sqrt(2);
 # thin star and triangle tips cover little of a pixel, so the coverage along those rays falls short.
@@ -50,7 +65,7 @@ _OUTER_RADIUS = {"circle": 1.0, "square": 1.13, "triangle": 0.9, "star": 0.86}
 
 _THETA = np.arange(N_RAYS) * (2 * math.pi / N_RAYS)
 _COS, _SIN = np.cos(_THETA), np.sin(_THETA)
-_HARMONICS = {k: np.exp(-1j * k * _THETA) for k in (3, 4, 5)}
+_HARMONICS = {k: np.exp(-1j * k * _THETA) for k in (2, 3, 4, 5)}
 _HARMONIC_SHAPE = {3: "triangle", 4: "square", 5: "star"}
 
 
@@ -71,7 +86,6 @@ _ATTRIBUTES = {
     "size": set(SIZES),
     "position": set(POSITIONS),
 }
-assert set(_ATTRIBUTES) == {f.name for f in fields(Reading)} - {"foreground_fraction"}
 
 
 def colour_distance(rgb, name: str) -> float:
@@ -108,65 +122,73 @@ def score(readings: list[Reading], **expected: str) -> float:
 def read_scene(image: Image.Image | np.ndarray) -> Reading:
     """Read background, colour, shape, size and position back from an RGB image (resized to 64x64).
 
-    Arrays may be HxWx3 (or HxWx4, HxW, 3xHxW); integer arrays are 0-255, float arrays 0-1 (clipped;
-    a float array with values above 1.5 is taken as 0-255)."""
+    Arrays may be HxWx3 (or HxWx4, HxW, 3xHxW); integer arrays hold 0-255, float arrays 0-1 (values outside
+    are clipped; a float array with values above 1.5 is taken as 0-255)."""
     rgb = _as_rgb64(image)
-    border = np.concatenate(
-        [rgb[:BORDER].reshape(-1, 3), rgb[-BORDER:].reshape(-1, 3),
-         rgb[BORDER:-BORDER, :BORDER].reshape(-1, 3), rgb[BORDER:-BORDER, -BORDER:].reshape(-1, 3)]
-    )
-    bg = np.median(border, axis=0)
-    bg_dist = np.linalg.norm(_BACKGROUND_RGB - bg, axis=1)
-    background = list(BACKGROUNDS)[int(bg_dist.argmin())] if bg_dist.min() <= BACKGROUND_TOLERANCE else None
+    bg = np.median(_ring(rgb), axis=0)
+    bg_distance = np.linalg.norm(_BACKGROUND_RGB - bg, axis=1)
+    near = bg_distance.min() <= BACKGROUND_TOLERANCE
+    background = _BACKGROUND_NAMES[int(bg_distance.argmin())] if near else None
 
-    # First pass: pixels clearly off the background. Half the distance to the nearest palette colour keeps
-    # any palette colour's full-coverage pixels in; the border's own spread keeps noise out.
-    diff = rgb - bg
-    dist = np.linalg.norm(diff, axis=2)
-    border_spread = float(np.median(np.linalg.norm(border - bg, axis=1)))
+    # First pass, on a 3x3 box-filtered copy (pixel noise / 3): pixels clearly off the background.
+    smooth = _box3(rgb) - bg
+    noise = float(np.median(np.linalg.norm(_ring(smooth), axis=1)))
     nearest_palette = float(np.linalg.norm(_COLOUR_RGB - bg, axis=1).min())
-    threshold = max(FIRST_PASS * nearest_palette, 4.0 * border_spread, 12.0)
-    mask = _largest_component(_majority(dist > threshold))
-    if mask.sum() < MIN_FRACTION * SIZE * SIZE:
-        return _nothing(background, float(mask.mean()))
-
-    # Second pass: coverage of each pixel along the background -> foreground colour direction.
-    fg = np.median(rgb[_core(mask)], axis=0)
+    threshold = max(FIRST_PASS * nearest_palette, NOISE_FACTOR * noise, MIN_THRESHOLD)
+    rough = _clean(np.linalg.norm(smooth, axis=2) > threshold)
+    if rough.sum() < MIN_PIXELS:
+        return _nothing(background, float(rough.mean()))
+    fg = np.median(rgb[_core(_largest_component(rough))], axis=0)
     direction = fg - bg
     length2 = float(direction @ direction)
-    if length2 < threshold**2:
-        return _nothing(background, 0.0)
+    if length2 < threshold**2:  # the "foreground" is scattered pixels whose median is background-like
+        return _nothing(background, float(rough.mean()))
+
+    # Second pass: each pixel's coverage along the background -> foreground colour line.
+    diff = rgb - bg
     alpha = np.clip((diff @ direction) / length2, 0.0, 1.0)
-    cleaned = _majority(alpha > 0.5)
+    cleaned = _clean(alpha > 0.5)
     fraction = float(cleaned.mean())
     mask = _largest_component(cleaned)
-    area = int(mask.sum())
-    if not (MIN_FRACTION <= fraction <= MAX_FRACTION) or area < MIN_FRACTION * SIZE * SIZE:
+    if not MIN_FRACTION <= fraction <= MAX_FRACTION or mask.sum() < MIN_PIXELS:
         return _nothing(background, fraction)
 
-    colour = _nearest_colour(fg, bg)
-
-    support = alpha * _dilate(mask)
-    ys, xs = np.mgrid[0:SIZE, 0:SIZE]
+    support = alpha * _dilate(mask)  # the component with its anti-aliased rim, as coverage
     total = float(support.sum())
-    cx, cy = float((support * xs).sum() / total), float((support * ys).sum() / total)
-    position = list(POSITIONS)[int(np.linalg.norm(_POSITION_XY - (cx, cy), axis=1).argmin())]
+    cx, cy = float((support * _XS).sum() / total), float((support * _YS).sum() / total)
+    # Pixel (i, j) covers [i, i+1) x [j, j+1) in the world's coordinates, so its centre is at +0.5.
+    position = _POSITION_NAMES[int(np.linalg.norm(_POSITION_XY - (cx + 0.5, cy + 0.5), axis=1).argmin())]
 
-    reach = float(np.sqrt(((xs[mask] - cx) ** 2 + (ys[mask] - cy) ** 2).max())) + 3.0
+    reach = float(np.sqrt(((_XS[mask] - cx) ** 2 + (_YS[mask] - cy) ** 2).max())) + 3.0
     profile = _radial_profile(support, cx, cy, reach)
     shape = _shape(profile)
-    # The outer radius (smoothed over 3 rays) in units of the drawing radius of the shape read.
     outer = float(np.convolve(np.r_[profile[-1], profile, profile[0]], np.ones(3) / 3, "valid").max())
     size = "small" if outer / _OUTER_RADIUS.get(shape, 1.0) < _SIZE_THRESHOLD else "large"
-    return Reading(background, colour, shape, size, position, fraction)
+    return Reading(background, _nearest_colour(fg, bg), shape, size, position, fraction)
+
+
+def _ring(rgb: np.ndarray) -> np.ndarray:
+    """The pixels of the outer BORDER-pixel ring, as an (n, 3) array."""
+    b = BORDER
+    parts = (rgb[:b], rgb[-b:], rgb[b:-b, :b], rgb[b:-b, -b:])
+    return np.concatenate([part.reshape(-1, 3) for part in parts])
+
+
+def _box3(rgb: np.ndarray) -> np.ndarray:
+    """3x3 box filter, edges replicated."""
+    padded = np.pad(rgb, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    rows = padded[:-2] + padded[1:-1] + padded[2:]
+    return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / 9.0
 
 
 def _nearest_colour(fg: np.ndarray, bg: np.ndarray) -> str:
     """The COLOURS name nearest to `fg`, allowing for a wash toward the background: each palette colour
-    stands for the segment from itself to MIN_COVERAGE of the way to it from the background colour."""
+    stands for the segment from itself to MIN_COVERAGE of the way to it from the background colour (so an
+    exact palette colour is always read as itself)."""
     span = _COLOUR_RGB - bg
-    alpha = np.clip(((fg - bg) * span).sum(axis=1) / np.maximum((span * span).sum(axis=1), 1e-9), MIN_COVERAGE, 1)
-    return list(COLOURS)[int(np.linalg.norm(bg + alpha[:, None] * span - fg, axis=1).argmin())]
+    coverage = ((fg - bg) * span).sum(axis=1) / np.maximum((span * span).sum(axis=1), 1e-9)
+    alpha = np.clip(coverage, MIN_COVERAGE, 1.0)
+    return _COLOUR_NAMES[int(np.linalg.norm(bg + alpha[:, None] * span - fg, axis=1).argmin())]
 
 
 def _nothing(background: str | None, fraction: float) -> Reading:
@@ -201,14 +223,17 @@ def _as_rgb64(image) -> np.ndarray:
 
 def _shift_sum(mask: np.ndarray) -> np.ndarray:
     """Number of set pixels in each pixel's 3x3 neighbourhood (outside the image counts as unset)."""
-    padded = np.pad(mask.astype(np.int16), 1)
     h, w = mask.shape
+    padded = np.zeros((h + 2, w + 2), dtype=np.int8)
+    padded[1:-1, 1:-1] = mask
     return sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
 
 
-def _majority(mask: np.ndarray) -> np.ndarray:
-    """3x3 majority vote: drops specks and fills pinholes, keeps straight edges and right-angle corners."""
-    return _shift_sum(mask) >= 5
+def _clean(mask: np.ndarray) -> np.ndarray:
+    """Drops set pixels with fewer than 2 set neighbours (specks, thin lines) and fills unset pixels with 6 or
+    more (pinholes, cracks); straight edges and right-angle corners stay as they are."""
+    neighbours = _shift_sum(mask) - mask
+    return np.where(mask, neighbours >= 2, neighbours >= 6)
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -267,7 +292,8 @@ def _radial_profile(support: np.ndarray, cx: float, cy: float, reach: float) -> 
     steps = np.arange(RAY_STEP / 2, reach, RAY_STEP)
     x = np.clip(cx + 1 + _COS[:, None] * steps, 0, SIZE + 0.999)  # +1: coordinates in the padded image
     y = np.clip(cy + 1 + _SIN[:, None] * steps, 0, SIZE + 0.999)
-    padded = np.pad(support, 1)
+    padded = np.zeros((SIZE + 2, SIZE + 2))
+    padded[1:-1, 1:-1] = support
     x0, y0 = x.astype(np.intp), y.astype(np.intp)
     fx, fy = x - x0, y - y0
     x1, y1 = np.minimum(x0 + 1, SIZE + 1), np.minimum(y0 + 1, SIZE + 1)
@@ -277,13 +303,13 @@ def _radial_profile(support: np.ndarray, cx: float, cy: float, reach: float) -> 
 
 
 def _shape(profile: np.ndarray) -> str | None:
-    """circle / triangle / square / star from the 3rd-5th harmonics of r(theta), relative to its mean;
-    None when a harmonic stands out but no one clearly dominates (an irregular blob)."""
+    """circle / triangle / square / star from the harmonics of r(theta) relative to its mean; None for an
+    elongated blob (a strong 2nd harmonic) or when no one of the 3rd-5th clearly dominates."""
     mean = float(profile.mean())
-    amplitude = sorted(
-        ((2 * abs(complex(profile @ h)) / len(profile) / mean, k) for k, h in _HARMONICS.items()), reverse=True
-    )
-    (best, k), (second, _) = amplitude[0], amplitude[1]
+    amplitude = {k: 2 * abs(complex(profile @ h)) / len(profile) / mean for k, h in _HARMONICS.items()}
+    if amplitude.pop(2) > MAX_ELONGATION:
+        return None
+    (best, k), (second, _) = sorted(((a, k) for k, a in amplitude.items()), reverse=True)[:2]
     if best < CIRCLE_MAX_HARMONIC:
         return "circle"
     if best < DOMINANCE * second:

@@ -1,0 +1,71 @@
+"""Measure whether training taught something, on the toy models: generate with a pipeline and read the
+images back with the evaluator; and the denoising loss of a prompt on given images at fixed noise.
+
+Used by the learning tests (tests/toy/test_learning.py) and the demo; any method's result can be loaded
+into a diffusers pipeline with the apps' loaders and measured the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conjure.toy.evaluate import Reading, read_scene
+
+
+def load_pipeline(model_dir: Path) -> Any:
+    """A diffusers pipeline of a toy model in float32 with a few-step multistep sampler."""
+    import diffusers
+
+    index = diffusers.DiffusionPipeline.load_config(str(model_dir))
+    cls = getattr(diffusers, index["_class_name"])
+    kwargs = {"safety_checker": None} if "safety_checker" in index else {}
+    pipe = cls.from_pretrained(str(model_dir), torch_dtype=torch.float32, **kwargs)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe: Any, prompt: str, seeds: list[int], *, steps: int = 20, guidance: float = 4.0) -> list[Image.Image]:
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return pipe(
+        [prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+        height=64, width=64,
+    ).images
+
+
+def readings(pipe: Any, prompt: str, seeds: list[int], **kwargs: Any) -> list[Reading]:
+    return [read_scene(image) for image in generate(pipe, prompt, seeds, **kwargs)]
+
+
+@torch.no_grad()
+def fixed_noise_loss(pipe: Any, images: list[Image.Image], prompt: str, *, seed: int = 0, repeats: int = 4) -> float:
+    """Mean denoising loss of `prompt` on `images` at noise and timesteps fixed by `seed`: lower means the
+    prompt describes the images better to the model."""
+    from diffusers import DDPMScheduler
+
+    from conjure.train.conditioning import encode_captions
+    from conjure.train.loss import diffusion_target
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images])
+    pixels = pixels.permute(0, 3, 1, 2) / 127.5 - 1
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    text = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+    cond = encode_captions(pairs, [text] * len(images), latents.device, resolution=64)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(repeats):
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(50, 950, (len(images),), generator=g)
+        pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, **cond).sample
+        losses.append(torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, latents, noise, t)).item())
+    return float(np.mean(losses))
