@@ -12,6 +12,7 @@ from conjure.toy.world import (
     SHAPES,
     SIZE,
     SIZES,
+    UNNAMED_COLOURS,
     WORLD_COLOURS,
     WORLD_SHAPES,
     Scene,
@@ -60,14 +61,19 @@ def test_captions_only_use_the_vocabulary():
         assert set(caption(scene, rng).split()) <= words
 
 
-def test_held_out_concepts_never_appear_in_the_default_world():
-    assert "yellow" in COLOURS and "yellow" not in WORLD_COLOURS
+def test_new_concepts_are_never_named_in_the_default_world():
+    """Yellow is drawn but never named; stars are not in the world at all."""
+    assert "yellow" in WORLD_COLOURS and "yellow" in UNNAMED_COLOURS
     assert "star" in SHAPES and "star" not in WORLD_SHAPES
     rng = random.Random(3)
+    colours = set()
     for _ in range(2000):
         scene = sample_scene(rng)
-        for text in (full_caption(scene), caption(scene, rng, drop=0.0, empty=0.0), caption(scene, rng)):
+        colours.add(scene.colour)
+        assert scene.shape != "star"
+        for text in (caption(scene, rng, drop=0.0, empty=0.0), caption(scene, rng)):
             assert not {"yellow", "star"} & set(text.split())
+    assert "yellow" in colours
 
 
 def test_caption_with_empty_1_is_empty():
@@ -95,6 +101,7 @@ def test_caption_without_drops_is_the_full_caption_and_drops_keep_the_shape():
     rng = random.Random(6)
     for _ in range(100):
         scene = sample_scene(rng)
-        assert caption(scene, rng, drop=0.0, empty=0.0) == full_caption(scene)
+        expected = full_caption(scene).replace(" yellow", "")  # unnamed colours are left out
+        assert caption(scene, rng, drop=0.0, empty=0.0) == expected
         short = caption(scene, rng, drop=1.0, empty=0.0)
         assert short == f"a {scene.shape}"

@@ -53,8 +53,8 @@ def build_vae() -> Any:
     )
 
 
-def _scenes(rng: random.Random, n: int, *, held_out: bool) -> list[world.Scene]:
-    kwargs = {"colours": tuple(world.COLOURS), "shapes": world.SHAPES} if held_out else {}
+def _scenes(rng: random.Random, n: int, *, with_new_concepts: bool) -> list[world.Scene]:
+    kwargs = {"colours": tuple(world.COLOURS), "shapes": world.SHAPES} if with_new_concepts else {}
     return [world.sample_scene(rng, **kwargs) for _ in range(n)]
 
 
@@ -75,7 +75,7 @@ def train_vae(steps: int, decoder_steps: int, *, batch: int = 32, seed: int = 0,
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vae = build_vae()
-    held = _scenes(random.Random(seed + 999), 64, held_out=True)
+    held = _scenes(random.Random(seed + 999), 64, with_new_concepts=True)
     held_pixels = render_batch(held)
     phases = [("all", steps, vae.parameters(), 1e-3), ("decoder", decoder_steps, vae.decoder.parameters(), 3e-4)]
     started = time.perf_counter()
@@ -85,7 +85,7 @@ def train_vae(steps: int, decoder_steps: int, *, batch: int = 32, seed: int = 0,
         for step in range(total):
             for group in opt.param_groups:
                 group["lr"] = lr * _cosine(step, total, warmup=min(100, total // 10 + 1))
-            scenes = _scenes(rng, batch, held_out=True)
+            scenes = _scenes(rng, batch, with_new_concepts=True)
             pixels = render_batch(scenes)
             weights = foreground_weights(pixels, scenes)
             if phase == "all":
@@ -122,7 +122,7 @@ def rescale_latents(vae: Any, *, seed: int = 0, target_std: float = 1 / SD_SCALI
     quant_conv's mean rows are multiplied by k (its log-variance bias gets + 2 ln k) and post_quant_conv's
     input columns divided by k, so decode(k * z) == old decode(z)."""
     with torch.no_grad():
-        pixels = render_batch(_scenes(random.Random(seed + 998), 256, held_out=True))
+        pixels = render_batch(_scenes(random.Random(seed + 998), 256, with_new_concepts=True))
         std = float(vae.encode(pixels).latent_dist.mean.std())
         k = target_std / std
         c = vae.config.latent_channels
@@ -205,7 +205,7 @@ def train_variant(
 
     parts = build_variant(variant, seed)
     rng = random.Random(seed + 1)
-    scenes = _scenes(rng, images, held_out=False)
+    scenes = _scenes(rng, images, with_new_concepts=False)
     started = time.perf_counter()
     vae.requires_grad_(False)
     means, stds = encode_dataset(vae, scenes)

@@ -1,8 +1,11 @@
 """The toy world: 64x64 scenes of one coloured shape on a plain background, and their captions.
 
-The base models learn WORLD_COLOURS x WORLD_SHAPES. `yellow` and `star` are kept out of the base models'
-training captions (the VAE does see them, so it can reconstruct them): they are the new concepts that
-textual inversion, LoRA and pivotal tuning must teach, and the evaluator can read them back.
+The base models learn WORLD_COLOURS x WORLD_SHAPES. Two things are new to them, for the methods to teach:
+- `yellow` has no word: yellow shapes are in the base models' training images, but their captions never
+  name the colour (UNNAMED_COLOURS). The models can draw yellow but nothing in a prompt asks for it, as a
+  real model can draw a style nobody has named; a new token has to find it.
+- `star` is not in their world at all (the VAE sees stars, so it can reconstruct them).
+The evaluator reads both back.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "in the center": (32, 32),
 }
 
-WORLD_COLOURS = tuple(c for c in COLOURS if c != "yellow")
+WORLD_COLOURS = tuple(COLOURS)
+UNNAMED_COLOURS = ("yellow",)  # drawn in the world, never named in its captions
 WORLD_SHAPES = tuple(s for s in SHAPES if s != "star")
 
 
@@ -114,7 +118,8 @@ def caption(scene: Scene, rng: random.Random, *, drop: float = 0.25, empty: floa
     them are empty, for classifier-free guidance."""
     if rng.random() < empty:
         return ""
-    words = [w for w in (scene.size, scene.colour) if rng.random() >= drop]
+    colour = "" if scene.colour in UNNAMED_COLOURS else scene.colour
+    words = [w for w in (scene.size, colour) if w and rng.random() >= drop]
     text = " ".join(["a", *words, scene.shape])
     if rng.random() >= drop:
         text += f" {scene.position}"
