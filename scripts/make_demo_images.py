@@ -1,9 +1,9 @@
-"""Draw the bundled demo image set: twelve 64x64 PNGs of a yellow star, rendered by the toy world.
-
-Yellow and stars are held out of the toy base models' training (conjure/toy/world.py), so the demo teaches
-them something new; the toy VAE was trained on them, so it can reconstruct the concept. No caption files:
-the demo uses the "object" template preset. Deterministic; run `python scripts/make_demo_images.py` to
-rewrite src/conjure/assets/demo/ti/.
+"""Draw the bundled demo image set: twelve 64x64 PNGs of a yellow star, rendered by the toy world, each
+with a world-style caption in which `<yellow-star>` stands for the concept ("a large <yellow-star> in the top
+left on a navy background"): the toy models know only their world's words, so the TI templates' "a photo
+of ..." would be noise to them. Stars are not in the toy models' world (conjure/toy/world.py); the toy VAE
+was trained on them, so it can reconstruct the concept. Deterministic; run
+`python scripts/make_demo_images.py` to rewrite src/conjure/assets/demo/ti/.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from conjure.toy.models import concept_scenes
+from conjure.toy.models import concept_caption, concept_scenes
 from conjure.toy.world import render
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "src" / "conjure" / "assets" / "demo" / "ti"
@@ -25,6 +25,7 @@ def write_demo_images(out_dir: Path) -> list[Path]:
     for i, scene in enumerate(concept_scenes(COUNT, seed=SEED)):
         path = out_dir / f"{i:02d}.png"
         render(scene).save(path, optimize=True)
+        path.with_suffix(".txt").write_text(concept_caption(scene) + "\n", encoding="utf-8")
         written.append(path)
     return written
 

@@ -1,7 +1,7 @@
 """`conjure demo`: a complete run on the CPU in a minute or two, to see what conjure does.
 
 By default it teaches the toy base model (conjure/toy: a small model pre-trained on a world of coloured
-shapes, with no yellow and no stars in it) a new token for a yellow star, from 12 bundled images made by
+shapes, with no stars in it) a new token for a yellow star, from 12 bundled captioned images made by
 scripts/make_demo_images.py. The validation grid shows the star appear step by step. `--model tiny` builds a
 random-weight tiny model instead (its images are noise), `--model PATH` uses any model.
 """
@@ -16,6 +16,7 @@ from conjure.errors import ConjureError
 
 DEMO_METHODS = {"ti": "sd_textual_inversion"}
 TOKEN = "<yellow-star>"
+LEARNING_RATE = 5e-3
 
 
 def demo_images() -> Path:
@@ -36,7 +37,7 @@ def demo_config(model: str, out: Path, *, config_type: str, steps: int) -> dict:
             "validate_every_n_steps": every,
         },
         "data": {"source": str(demo_images()), "batch_size": 8, "random_flip": True},
-        # "circle" is a word the toy model knows, so step 0 shows circles and the star grows out of them.
+        # "circle" is a word the toy model knows, so step 0 shows circles and the concept grows out of them.
         "textual_inversion": {"placeholder_token": TOKEN, "initializer": "circle"},
         "validation": {
             "prompts": [f"a {TOKEN}", f"a {TOKEN} on a navy background"],
@@ -44,7 +45,7 @@ def demo_config(model: str, out: Path, *, config_type: str, steps: int) -> dict:
             "num_inference_steps": 20,
             "guidance_scale": 4.0,
         },
-        "optimizer": {"learning_rate": 2e-2},
+        "optimizer": {"learning_rate": LEARNING_RATE},
         "advanced": {"max_grad_norm": None},
     }
 

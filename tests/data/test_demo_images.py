@@ -16,14 +16,14 @@ def _demo_folder() -> Path:
     return Path(str(importlib.resources.files("conjure") / "assets" / "demo" / "ti"))
 
 
-def test_demo_set_is_twelve_small_uncaptioned_images():
+def test_demo_set_is_twelve_small_captioned_images():
     folder = _demo_folder()
-    files = sorted(folder.iterdir())
+    files = sorted(folder.glob("*.png"))
     assert [file.name for file in files] == [f"{number:02d}.png" for number in range(12)]
-    assert sum(file.stat().st_size for file in files) < 100_000
+    assert sum(file.stat().st_size for file in folder.iterdir()) < 100_000
     result = scan_source(folder)
     assert len(result.examples) == 12 and result.skipped == []
-    assert all(example.caption is None for example in result.examples)
+    assert all("<yellow-star>" in example.caption for example in result.examples)
     assert all(Image.open(file).size == (64, 64) for file in files)
 
 
@@ -36,3 +36,5 @@ def test_demo_set_matches_the_script(tmp_path):
     for path in written:
         bundled = np.asarray(Image.open(_demo_folder() / path.name))
         assert np.array_equal(np.asarray(Image.open(path)), bundled), path.name
+        caption = path.with_suffix(".txt")
+        assert caption.read_text() == (_demo_folder() / caption.name).read_text()

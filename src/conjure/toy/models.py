@@ -28,3 +28,8 @@ def concept_scenes(n: int, *, seed: int = 0, colour: str = "yellow", shape: str 
     rng = random.Random(seed)
     return [world.sample_scene(rng, colours=(colour,), shapes=(shape,)) for _ in range(n)]
 
+
+
+def concept_caption(scene: world.Scene, token: str = "<yellow-star>") -> str:
+    """A world-style caption in which `token` stands for the concept's colour and shape."""
+    return f"a {scene.size} {token} {scene.position} on a {scene.background} background"

@@ -1,11 +1,11 @@
 """The toy world: 64x64 scenes of one coloured shape on a plain background, and their captions.
 
-The base models learn WORLD_COLOURS x WORLD_SHAPES. Two things are new to them, for the methods to teach:
-- `yellow` has no word: yellow shapes are in the base models' training images, but their captions never
-  name the colour (UNNAMED_COLOURS). The models can draw yellow but nothing in a prompt asks for it, as a
-  real model can draw a style nobody has named; a new token has to find it.
-- `star` is not in their world at all (the VAE sees stars, so it can reconstruct them).
-The evaluator reads both back.
+The base models learn WORLD_COLOURS x WORLD_SHAPES, yellow included. `star` is not in their world at all
+(the VAE sees stars, so it can reconstruct them). The methods are taught "a yellow star" under a new token:
+a colour the model can draw (so a token can find it, and the evaluator can read it back) on a shape it has
+never seen. UNNAMED_COLOURS can take colours out of the captions (drawn but never named); it is empty: the
+first toy models were trained that way, and textual inversion could not find a direction for a colour that
+no word had ever asked for (yellow stayed at the 25% it had without any colour word).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 
 WORLD_COLOURS = tuple(COLOURS)
-UNNAMED_COLOURS = ("yellow",)  # drawn in the world, never named in its captions
+UNNAMED_COLOURS: tuple[str, ...] = ()  # colours drawn in the world but never named in its captions
 WORLD_SHAPES = tuple(s for s in SHAPES if s != "star")
 
 
