@@ -44,9 +44,11 @@ def readings(pipe: Any, prompt: str, seeds: list[int], **kwargs: Any) -> list[Re
 
 
 @torch.no_grad()
-def fixed_noise_loss(pipe: Any, images: list[Image.Image], prompt: str, *, seed: int = 0, repeats: int = 4) -> float:
-    """Mean denoising loss of `prompt` on `images` at noise and timesteps fixed by `seed`: lower means the
-    prompt describes the images better to the model."""
+def fixed_noise_loss(
+    pipe: Any, images: list[Image.Image], prompt: str | list[str], *, seed: int = 0, repeats: int = 4
+) -> float:
+    """Mean denoising loss of `prompt` (one for all, or one per image) on `images` at noise and timesteps
+    fixed by `seed`: lower means the prompt describes the images better to the model."""
     from diffusers import DDPMScheduler
 
     from conjure.train.conditioning import encode_captions
@@ -59,8 +61,9 @@ def fixed_noise_loss(pipe: Any, images: list[Image.Image], prompt: str, *, seed:
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
     if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    text = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
-    cond = encode_captions(pairs, [text] * len(images), latents.device, resolution=64)
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    texts = [pipe.maybe_convert_prompt(p, pipe.tokenizer) for p in prompts]
+    cond = encode_captions(pairs, texts, latents.device, resolution=64)
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(repeats):
