@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conjure.config import parse_config
 from conjure.toy.evaluate import score

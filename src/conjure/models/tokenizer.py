@@ -38,6 +38,7 @@ __all__ = [
     "MODEL_MAX_LENGTH",
     "VOCAB_SIZE",
     "clip_tokenizer",
+    "save_tokenizer_folder",
     "write_clip_tokenizer",
 ]
 
@@ -84,13 +85,6 @@ def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges  # type: ignore[return-value]
 
 
-def _write_vocab_files(directory: Path) -> None:
-    vocab, merges = _vocab_and_merges()
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
-    (directory / "merges.txt").write_text(merges_text, encoding="utf-8")
-
-
 def clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     """A new CLIP tokenizer with SD's ids, `model_max_length=77`, padding with `pad_token`.
 
@@ -114,15 +108,20 @@ def write_clip_tokenizer(directory: Path, pad_token: str = EOS_TOKEN) -> None:
     `model_max_length` 77. Writes tokenizer.json, tokenizer_config.json, vocab.json, merges.txt and
     special_tokens_map.json.
     """
+    save_tokenizer_folder(clip_tokenizer(pad_token), *_vocab_and_merges(), directory)
+
+
+def save_tokenizer_folder(
+    tokenizer: CLIPTokenizer, vocab: dict[str, int], merges: tuple[tuple[str, str], ...], directory: Path
+) -> None:
+    """Write a CLIP tokenizer folder as real SD models have it: save_pretrained's tokenizer.json and
+    tokenizer_config.json (all transformers 5 writes), plus vocab.json, merges.txt and special_tokens_map.json
+    for transformers 4 and tools that read the files directly."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = clip_tokenizer(pad_token)
     tokenizer.save_pretrained(directory)
-    _write_vocab_files(directory)
-    special = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": pad_token,
-        "unk_token": EOS_TOKEN,
-    }
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    (directory / "merges.txt").write_text(merges_text, encoding="utf-8")
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": tokenizer.pad_token, "unk_token": EOS_TOKEN}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")

@@ -29,13 +29,12 @@ chain.) The tests check the property with the real `CLIPTokenizer` for every wor
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from conjure.models.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, _bytes_to_unicode
+from conjure.models.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, _bytes_to_unicode, save_tokenizer_folder
 from conjure.toy.world import vocabulary
 
 if TYPE_CHECKING:  # importing transformers costs seconds; do it only when a tokenizer is built
@@ -150,12 +149,5 @@ def write_toy_tokenizer(directory: Path, pad_token: str = EOS_TOKEN) -> None:
     folder: tokenizer.json and tokenizer_config.json (save_pretrained), plus vocab.json, merges.txt and
     special_tokens_map.json. `CLIPTokenizer.from_pretrained(directory)` gives back the same ids, pad token and
     `model_max_length` 77."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    toy_tokenizer(pad_token).save_pretrained(directory)
-    vocab, merges = _vocab_and_merges()
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
-    (directory / "merges.txt").write_text(merges_text, encoding="utf-8")
-    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": pad_token, "unk_token": EOS_TOKEN}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    save_tokenizer_folder(toy_tokenizer(pad_token), *_vocab_and_merges(), directory)
+
