@@ -21,6 +21,7 @@ class TextEncoderSlot:
     tokenizer: str  # pipeline attribute, e.g. "tokenizer_2"
     width: int  # hidden size of the real family's encoder (tiny test models are narrower)
     embedding_key: str  # tensor name of this encoder's rows in an embedding file (FORMATS.md)
+    pad_token: str  # the real tokenizer's padding: "<|endoftext|>" for CLIP-L, "!" for the OpenCLIP encoders
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,15 @@ class Family:
     def modelspec_architecture(self, kind: str) -> str:
         return f"{self.modelspec_prefix}/{kind}"
 
+    @property
+    def pad_tokens(self) -> tuple[str, ...]:
+        return tuple(slot.pad_token for slot in self.text_encoders)
+
 
 SD1 = Family(
     name="sd1",
     title="Stable Diffusion 1.x",
-    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 768, "emb_params"),),
+    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 768, "emb_params", "<|endoftext|>"),),
     default_resolution=512,
     ss_base_model_version="sd_v1",
     modelspec_prefix="stable-diffusion-v1",
@@ -49,7 +54,7 @@ SD1 = Family(
 SD2 = Family(
     name="sd2",
     title="Stable Diffusion 2.x",
-    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1024, "emb_params"),),
+    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1024, "emb_params", "!"),),
     default_resolution=768,
     ss_base_model_version="sd_v2",
     modelspec_prefix="stable-diffusion-v2",
@@ -59,8 +64,8 @@ SDXL = Family(
     name="sdxl",
     title="Stable Diffusion XL",
     text_encoders=(
-        TextEncoderSlot("text_encoder", "tokenizer", 768, "clip_l"),
-        TextEncoderSlot("text_encoder_2", "tokenizer_2", 1280, "clip_g"),
+        TextEncoderSlot("text_encoder", "tokenizer", 768, "clip_l", "<|endoftext|>"),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", 1280, "clip_g", "!"),
     ),
     default_resolution=1024,
     ss_base_model_version="sdxl_base_v1-0",

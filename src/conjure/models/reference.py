@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from conjure import families
 from conjure.errors import ConjureError
 
 _CROSS_ATTN3 = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
@@ -42,7 +43,6 @@ TEXT = {
     "openclip-bigg": (1280, 5120, 32, 20, "gelu", 1280, True),
 }
 ENCODERS = {"sd1": ["clip-l"], "sd2": ["openclip-h"], "sdxl": ["clip-l", "openclip-bigg"]}
-PAD = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}
 VAE = {"sd1": (512, 0.18215), "sd2": (768, 0.18215), "sdxl": (1024, 0.13025)}
 SCHEDULER = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 
@@ -67,7 +67,7 @@ def build_reference_components(family: str, *, device: str = "cpu", seed: int = 
             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
             scaling_factor=scale, force_upcast=family == "sdxl",
         )
-        for i, (name, pad) in enumerate(zip(ENCODERS[family], PAD[family])):
+        for i, (name, pad) in enumerate(zip(ENCODERS[family], families.get(family).pad_tokens)):
             hidden, inter, layers, heads, act, proj, with_proj = TEXT[name]
             config = CLIPTextConfig(
                 vocab_size=49408, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,

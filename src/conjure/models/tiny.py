@@ -42,15 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from conjure import families
 from conjure.errors import ConjureError
-from conjure.models.tokenizer import EOS_TOKEN, MODEL_MAX_LENGTH, VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer
+from conjure.models.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer
 
 __all__ = ["FAMILIES", "build_tiny_components", "save_model_folder", "write_tiny_model"]
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
-# Pad tokens of the real models: SD1 and SDXL's first tokenizer pad with <|endoftext|>, SD2/SDXL-2 with "!".
-_PAD = {"sd1": (EOS_TOKEN,), "sd2": ("!",), "sdxl": (EOS_TOKEN, "!")}
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ def build_tiny_components(family: str, *, real_widths: bool = False, seed: int =
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizers = [clip_tokenizer(pad) for pad in _PAD[family]]
+    tokenizers = [clip_tokenizer(pad) for pad in families.get(family).pad_tokens]
     text_specs = _text_encoder_specs(family, real_widths)
 
     with _seeded(seed):
@@ -250,10 +249,9 @@ def save_model_folder(family: str, components: dict[str, Any], out_dir: Path) ->
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # save_pretrained writes only tokenizer.json + tokenizer_config.json in transformers 5; rewrite the tokenizer
     # folders with vocab.json/merges.txt/special_tokens_map.json too, like real SD folders (and transformers 4).
-    for subfolder, pad in zip(("tokenizer", "tokenizer_2"), _PAD[family]):
-        write_clip_tokenizer(out_dir / subfolder, pad)
-    for subfolder in ("text_encoder", "text_encoder_2")[: len(_PAD[family])]:
-        _prefix_text_model_keys(out_dir / subfolder / "model.safetensors")
+    for slot in families.get(family).text_encoders:
+        write_clip_tokenizer(out_dir / slot.tokenizer, slot.pad_token)
+        _prefix_text_model_keys(out_dir / slot.encoder / "model.safetensors")
     return out_dir
 
 

@@ -14,6 +14,7 @@ Everything is seeded; one thread is pinned so the run is reproducible on the sam
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from conjure import families
 from conjure.toy import world
 
 VARIANTS = ("sd1", "sd2", "sdxl")
@@ -142,7 +144,7 @@ def build_variant(variant: str, seed: int = 0) -> dict[str, Any]:
 
     torch.manual_seed(seed)
     sdxl = variant == "sdxl"
-    pads = ("<|endoftext|>", "!") if sdxl else ("!",) if variant == "sd2" else ("<|endoftext|>",)
+    pads = families.get(variant).pad_tokens  # each toy variant pads like the real family it stands for
     widths = (32, 32) if sdxl else (64,)
     parts: dict[str, Any] = {}
     for i, (pad, width) in enumerate(zip(pads, widths)):
@@ -281,7 +283,6 @@ def assemble(build: Path, to: Path) -> None:
             "scheduler": DDPMScheduler.from_pretrained(src / "scheduler"),
             "text_encoder": CLIPTextModel.from_pretrained(src / "text_encoder"),
         }
-        pads = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}[variant]
         if variant == "sdxl":
             parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(src / "text_encoder_2")
         for name, part in parts.items():
@@ -289,10 +290,10 @@ def assemble(build: Path, to: Path) -> None:
                 part.to(torch.float16).save_pretrained(dest / name)
             else:
                 part.save_pretrained(dest / name)
-        for folder, pad in zip(("tokenizer", "tokenizer_2"), pads):
-            write_toy_tokenizer(dest / folder, pad)
+        for slot in families.get(variant).text_encoders:
+            write_toy_tokenizer(dest / slot.tokenizer, slot.pad_token)
         index = _model_index(variant)
-        (dest / "model_index.json").write_text(__import__("json").dumps(index, indent=2) + "\n")
+        (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         print(f"wrote {dest}", flush=True)
 
 
