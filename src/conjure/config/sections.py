@@ -112,9 +112,17 @@ class ValidationConfig(Section):
 
 
 class OptimizerConfig(Section):
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, 8-bit AdamW or Prodigy) and the learning-rate schedule."""
 
-    learning_rate: float = Field(4e-3, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field(
+        "adamw",
+        description="'adamw': PyTorch AdamW. 'adamw8bit': AdamW with 8-bit state from bitsandbytes (less memory; "
+        "NVIDIA GPU only; pip install 'conjure[bnb]'). 'prodigy': finds its own step size; learning_rate then "
+        "multiplies it (use 1.0).",
+    )
+    learning_rate: float = Field(
+        4e-3, gt=0, description="Peak learning rate. With prodigy: a multiplier of its own step size (1.0 is usual)."
+    )
     scheduler: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="Learning-rate schedule after warmup."
     )
@@ -122,11 +130,20 @@ class OptimizerConfig(Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW-style) weight decay, for every optimizer.")
+    prodigy_d_coef: float = Field(
+        1.0, gt=0, description="Prodigy only: scales its step-size estimate (0.5-2 are common); the preferred knob."
+    )
+    prodigy_safeguard_warmup: bool = Field(
+        True, description="Prodigy only: keep the learning rate out of its estimate, which warmup would upset."
+    )
+    prodigy_use_bias_correction: bool = Field(
+        True, description="Prodigy only: Adam's bias correction (smaller first steps)."
+    )
 
 
 class AdvancedConfig(Section):
-    """Memory against speed, and numerical safety."""
+    """Memory against speed, numerical safety, and the loss (prediction type, min-SNR, noise offset)."""
 
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto",
@@ -137,3 +154,20 @@ class AdvancedConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null: no clipping.")
     cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto",
+        description="What the UNet predicts: 'auto' reads the model's scheduler config; set it only for a "
+        "checkpoint whose config is wrong (e.g. a v-prediction SD 2.x model loaded as epsilon).",
+    )
+    min_snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="Min-SNR loss weighting (Hang et al. 2023): down-weights easy low-noise timesteps; 5.0 is the "
+        "usual value; null: off.",
+    )
+    noise_offset: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Offset noise: 0.05-0.1 helps the model learn very dark or very bright images; 0: off.",
+    )

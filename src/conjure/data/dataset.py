@@ -14,12 +14,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from conjure.data.captions import CaptionTransform
-from conjure.data.images import load_image, prepare_image, resize_shorter_side
+from conjure.data.images import load_image_with_size, prepare_image_with_crop, resize_shorter_side
 from conjure.data.sources import Example
 
 
 class TrainDataset(Dataset):
-    """Items keyed by (epoch, index), each `{"pixel_values": [3, R, R] tensor, "caption": str, "index": int}`.
+    """Items keyed by (epoch, index), each `{"pixel_values": [3, R, R] tensor, "caption": str, "index": int,
+    "original_size": (height, width), "crop_top_left": (top, left)}`; the last two are SDXL's size and crop
+    conditioning (`conjure.data.images.load_image_with_size`, `prepare_image_with_crop`).
 
     `keep_in_memory` keeps each decoded image, already resized to a shorter side of `resolution`, so later
     epochs skip decoding; items are identical either way. The cache lives in the process that fills it: with
@@ -45,7 +47,7 @@ class TrainDataset(Dataset):
         self.keep_in_memory = keep_in_memory
         self.caption_transform = caption_transform
         self.seed = seed
-        self._cache: dict[int, Image.Image] = {}
+        self._cache: dict[int, tuple[Image.Image, tuple[int, int]]] = {}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -53,27 +55,35 @@ class TrainDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         example = self.examples[index]
-        pixel_values = prepare_image(
-            self._image(index),
+        image, original_size = self._image(index)
+        pixel_values, crop_top_left = prepare_image_with_crop(
+            image,
             self.resolution,
             center_crop=self.center_crop,
             random_flip=self.random_flip,
             rng=item_rng(self.seed, epoch, index, "image"),
         )
         caption = self.caption_transform(example.caption, item_rng(self.seed, epoch, index, "caption"))
-        return {"pixel_values": pixel_values, "caption": caption, "index": index}
+        return {
+            "pixel_values": pixel_values,
+            "caption": caption,
+            "index": index,
+            "original_size": original_size,
+            "crop_top_left": crop_top_left,
+        }
 
-    def _image(self, index: int) -> Image.Image:
-        """The decoded image of example `index`, resized to the shorter side when it is to be cached."""
+    def _image(self, index: int) -> tuple[Image.Image, tuple[int, int]]:
+        """The decoded image of example `index` (resized to the shorter side when it is to be cached) and
+        its original (height, width)."""
         if index in self._cache:
             return self._cache[index]
-        image = load_image(self.examples[index].image)
+        image, original_size = load_image_with_size(self.examples[index].image)
         if self.keep_in_memory:
             # prepare_image skips its resize for an image already at the resolution, so cached and
             # uncached items go through exactly the same resampling.
             image = resize_shorter_side(image, self.resolution)
-            self._cache[index] = image
-        return image
+            self._cache[index] = (image, original_size)
+        return image, original_size
 
 
 def item_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
@@ -83,13 +93,17 @@ def item_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
 
 
 def collate(batch: list[dict]) -> dict:
-    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, R, R], `caption` and
-    `index` as lists."""
-    return {
+    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, R, R]; `caption`, `index`,
+    and `original_size` and `crop_top_left` (as tuples of ints, when every item has them), as lists."""
+    out = {
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "caption": [item["caption"] for item in batch],
         "index": [item["index"] for item in batch],
     }
+    for key in ("original_size", "crop_top_left"):
+        if all(key in item for item in batch):
+            out[key] = [tuple(int(v) for v in item[key]) for item in batch]
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from conjure.errors import ConjureError
 
@@ -27,6 +27,7 @@ costing it)."""
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _TRANSPARENT_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WHITE = (255, 255, 255, 255)
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image by 90 degrees
 
 # What PIL raises for files it cannot decode. Its plugins are not consistent: a truncated PNG gives
 # SyntaxError or OSError, a broken BMP header struct.error or ValueError, a short GIF EOFError.
@@ -49,17 +50,26 @@ def load_image(path: Path) -> Image.Image:
     CMYK with an embedded ICC profile is converted through it. Raises `ImageError` for anything that cannot
     be decoded: empty, truncated or non-image files, decompression bombs.
     """
+    return load_image_with_size(path)[0]
+
+
+def load_image_with_size(path: Path) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_image(path)` and the (height, width) of the file's full image, upright (after its EXIF
+    orientation) but before any shrinking on load: the "original size" SDXL is conditioned on."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: cannot read image (empty file)")
         with Image.open(path) as image:
+            width, height = image.size  # before draft(), which may decode at 1/2 to 1/8 scale
+            if image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
             _draft_smaller(image)
             image.load()
             image = ImageOps.exif_transpose(image)
             image = _to_rgb(image)
         image.thumbnail((MAX_LOAD_SIDE, MAX_LOAD_SIDE), Image.Resampling.BICUBIC)
-        return image
+        return image, (height, width)
     except UnidentifiedImageError:
         raise ImageError(f"{path}: cannot read image (not an image format PIL recognises)") from None
     except _DECODE_ERRORS as error:
@@ -137,11 +147,27 @@ def prepare_image(
     from `rng`: x then y), then mirror left-right when `random_flip` and `rng.random() < 0.5`. `rng` is only
     drawn from for a random crop and for `random_flip`, in that order.
     """
+    return prepare_image_with_crop(image, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng)[0]
+
+
+def prepare_image_with_crop(
+    image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool, rng: random.Random
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`prepare_image` (the same tensor, the same draws from `rng`) and the crop's (top, left) in the resized
+    image's pixels: SDXL's crop conditioning.
+
+    As in diffusers' SDXL training scripts, which flip before cropping, a flipped image's left is measured
+    from the flipped image's side: cropping at `left` and then mirroring shows exactly what mirroring the
+    resized image and cropping at `width - resolution - left` would.
+    """
     image = resize_shorter_side(image, resolution)
-    image = crop_square(image, resolution, center=center_crop, rng=rng)
+    width = image.width
+    left, top = square_crop_offset(image.width, image.height, resolution, center=center_crop, rng=rng)
+    image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+        left = width - resolution - left
+    return to_tensor(image), (top, left)
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
@@ -160,12 +186,18 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
 
 def crop_square(image: Image.Image, resolution: int, *, center: bool, rng: random.Random) -> Image.Image:
     """Cut a `resolution` square from an image at least that large on both sides."""
-    width, height = image.size
-    if center:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
-    else:
-        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    left, top = square_crop_offset(image.width, image.height, resolution, center=center, rng=rng)
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def square_crop_offset(
+    width: int, height: int, resolution: int, *, center: bool, rng: random.Random
+) -> tuple[int, int]:
+    """(left, top) of a `resolution` square in a width x height image: centred (rounded down), or drawn
+    from `rng` (left, then top)."""
+    if center:
+        return (width - resolution) // 2, (height - resolution) // 2
+    return rng.randint(0, width - resolution), rng.randint(0, height - resolution)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""The optimizer a run steps with: AdamW, 8-bit AdamW (bitsandbytes) or Prodigy, from `OptimizerConfig`.
+
+Methods hand over parameter groups that each carry their own "lr" (per-component learning rates, e.g. a
+text encoder slower than the UNet); every optimizer here honours them. With Prodigy a group's lr is a
+multiplier of the step size Prodigy estimates (1.0 is the usual value), so a group at 0.5 moves half as far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from functools import cache
+from typing import Any
+
+import torch
+
+from conjure.errors import ConjureError
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+PRODIGY_MIN_LR = 0.1
+"""Below this, a Prodigy learning rate is almost certainly an AdamW value carried over (Prodigy's lr is a
+multiplier of its own estimate, normally 1.0)."""
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], config: Any, *, device: torch.device | str | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer `config.optimizer` names over `groups` (each group's own "lr" is kept; groups without
+    one get `config.learning_rate`). `device`, when given, is where training runs: 8-bit AdamW needs CUDA.
+    Raises `ConjureError` when the chosen optimizer cannot run here (what to install, or what to use)."""
+    kind = config.optimizer
+    betas = (config.adam_beta1, config.adam_beta2)
+    common = dict(lr=config.learning_rate, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, **common)
+    if kind == "adamw8bit":
+        return _adamw8bit(groups, common, device)
+    if kind == "prodigy":
+        prodigy = _prodigy_class()
+        with contextlib.redirect_stdout(io.StringIO()):  # prodigyopt prints a line when weight_decay > 0
+            return prodigy(
+                groups, **common, d_coef=config.prodigy_d_coef, safeguard_warmup=config.prodigy_safeguard_warmup,
+                use_bias_correction=config.prodigy_use_bias_correction,
+            )
+    raise ConjureError(f"optimizer.optimizer: unknown optimizer {kind!r} (choose one of {', '.join(OPTIMIZERS)})")
+
+
+def optimizer_warnings(config: Any) -> list[str]:
+    """Settings that run but are probably not what was meant; the loop prints each as a warning."""
+    warnings = []
+    lr = config.learning_rate
+    if config.optimizer == "prodigy" and lr < PRODIGY_MIN_LR:
+        warnings.append(
+            f"optimizer.learning_rate is {lr:g}, but with prodigy it multiplies the step size Prodigy finds "
+            "itself; 1.0 is the usual value (lower it only if training is unstable)"
+        )
+    elif config.optimizer != "prodigy" and lr >= 0.5:
+        warnings.append(
+            f"optimizer.learning_rate {lr:g} is very high for {config.optimizer} (1.0 is a Prodigy setting; "
+            "set optimizer.optimizer: prodigy, or a learning rate like 1e-4)"
+        )
+    return warnings
+
+
+def _adamw8bit(groups: list[dict[str, Any]], common: dict[str, Any], device: Any) -> torch.optim.Optimizer:
+    where = torch.device(device) if device is not None else None
+    if not torch.cuda.is_available() or (where is not None and where.type != "cuda"):
+        raise ConjureError(
+            "optimizer.optimizer: adamw8bit (bitsandbytes) needs an NVIDIA GPU with CUDA, and this run is on "
+            f"{'the CPU' if where is None or where.type == 'cpu' else where}; set optimizer.optimizer: adamw"
+        )
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConjureError(
+            "optimizer.optimizer: adamw8bit needs the bitsandbytes package: pip install 'conjure[bnb]' "
+            "(or pip install bitsandbytes), or set optimizer.optimizer: adamw"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - a broken CUDA setup fails inside bitsandbytes' import
+        raise ConjureError(
+            f"optimizer.optimizer: adamw8bit: bitsandbytes could not load ({error}); fix its install or set "
+            "optimizer.optimizer: adamw"
+        ) from error
+    return bnb.optim.AdamW8bit(groups, **common)
+
+
+@cache
+def _prodigy_class() -> type[torch.optim.Optimizer]:
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ConjureError(
+            "optimizer.optimizer: prodigy needs the prodigyopt package: pip install prodigyopt"
+        ) from None
+
+    class GroupLRProdigy(Prodigy):
+        """prodigyopt's Prodigy with a learning rate per parameter group.
+
+        prodigyopt refuses groups whose lr differ (other than 0). Here each group steps with
+        d * group_lr (times Adam's bias correction when enabled), and its contribution to the estimate of
+        d is weighted by its own lr too, so a group at lr 0 drops out of both, as in prodigyopt. With equal
+        lrs this is prodigyopt 1.1's step exactly (FSDP sharding is not supported). Prodigy is by
+        Mishchenko and Defazio (MIT licence); this step follows prodigyopt's.
+        """
+
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> Any:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            first = self.param_groups[0]
+            beta1, beta2 = first["betas"]
+            beta3 = first["beta3"] if first["beta3"] is not None else math.sqrt(beta2)
+            k, d, d_max, d_coef, growth_rate = (first[n] for n in ("k", "d", "d_max", "d_coef", "growth_rate"))
+            bias_correction = (
+                ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if first["use_bias_correction"] else 1
+            )
+            d_numerator = first["d_numerator"] * beta3
+            delta_numerator = d_denom = 0.0
+            for group in self.param_groups:
+                dlr, d0, slice_p = d * group["lr"] * bias_correction, group["d0"], group.get("slice_p", 1)
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    grad = p.grad
+                    if group["weight_decay"] != 0 and not group["decouple"]:
+                        grad.add_(p, alpha=group["weight_decay"])  # in place, as prodigyopt does
+                    state = self.state[p]
+                    if "step" not in state:
+                        state["step"] = 0
+                        state["s"] = torch.zeros_like(p.flatten()[::slice_p])
+                        zero = torch.tensor(0, device=p.device, dtype=p.dtype)  # all-zero p: no copy
+                        state["p0"] = p.flatten()[::slice_p].clone() if p.any() else zero
+                        if beta1 > 0:
+                            state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    if group["lr"] <= 0.0:
+                        continue
+                    sliced = grad.flatten()[::slice_p]
+                    delta_numerator += (d / d0) * dlr * torch.dot(sliced, state["p0"] - p.flatten()[::slice_p]).item()
+                    if beta1 > 0:
+                        state["exp_avg"].mul_(beta1).add_(grad, alpha=d * (1 - beta1))
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))
+                    weight = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
+                    state["s"].mul_(beta3).add_(sliced, alpha=weight)
+                    d_denom += state["s"].abs().sum().item()
+            if d_denom == 0:
+                return loss  # no gradient yet (or every lr is 0, e.g. the first warmup step)
+            global_numerator = d_numerator + delta_numerator
+            d_hat = d_coef * global_numerator / d_denom
+            step_d = d
+            if d == first["d0"]:
+                d = max(d, d_hat)
+            d_max = max(d_max, d_hat)
+            d = min(d_max, d * growth_rate)
+            for group in self.param_groups:
+                group.update(d_numerator=global_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat)
+                dlr = step_d * group["lr"] * bias_correction
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    state["step"] += 1
+                    denom = state["exp_avg_sq"].sqrt().add_(d * group["eps"])
+                    if group["weight_decay"] != 0 and group["decouple"]:
+                        p.add_(p, alpha=-group["weight_decay"] * dlr)
+                    if beta1 > 0:
+                        p.addcdiv_(state["exp_avg"], denom, value=-dlr)
+                    else:
+                        p.addcdiv_(p.grad, denom, value=-dlr * d)
+                group["k"] = group["k"] + 1
+            return loss
+
+    return GroupLRProdigy
