@@ -18,6 +18,9 @@ Two sizes:
   Embeddings trained on these have exactly the real shapes; text-encoder LoRAs have the real shapes and a subset
   of the real key names (layers 0-1 of 12/23/32); UNet LoRA key names are a subset of the real ones, but UNet
   channel widths stay small, so only the cross-attention to_k/to_v input widths match. The VAE stays tiny.
+- `real_layout=True` (with the default widths): the UNet block layout of `real_widths` (SD1/SD2: 4 levels, SDXL:
+  3 levels, `layers_per_block=2`, so every kohya/LDM key-naming case of the real UNets occurs) with the default
+  small text encoders and cross-attention widths; about as fast as the default (for LoRA naming tests).
 
 Measured (2-core CPU, 1 thread, torch 2.13, diffusers 0.42.1, transformers 5.24; best of 2; fp32 safetensors;
 not counting the ~3 s import of diffusers/transformers):
@@ -86,7 +89,9 @@ def _text_encoder_specs(family: str, real_widths: bool) -> tuple[_TextEncoderSpe
     return (clip_l, bigg)
 
 
-def _unet_config(family: str, real_widths: bool, text_specs: tuple[_TextEncoderSpec, ...]) -> dict[str, Any]:
+def _unet_config(
+    family: str, real_widths: bool, text_specs: tuple[_TextEncoderSpec, ...], real_layout: bool = False
+) -> dict[str, Any]:
     cross_attention_dim = sum(s.hidden for s in text_specs)  # SDXL concatenates both encoders' hidden states
     config: dict[str, Any] = dict(
         sample_size=8,  # pipelines default to sample_size * 8 = 64 px
@@ -97,7 +102,7 @@ def _unet_config(family: str, real_widths: bool, text_specs: tuple[_TextEncoderS
         cross_attention_dim=cross_attention_dim,
         use_linear_projection=family in ("sd2", "sdxl"),
     )
-    if not real_widths:
+    if not real_widths and not real_layout:
         config.update(
             block_out_channels=(32, 64),
             layers_per_block=1,
@@ -146,7 +151,9 @@ def _check_family(family: str) -> None:
         raise ConjureError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
 
 
-def build_tiny_components(family: str, *, real_widths: bool = False, seed: int = 0) -> dict[str, Any]:
+def build_tiny_components(
+    family: str, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0
+) -> dict[str, Any]:
     """Random-weight pipeline components for `family` ("sd1", "sd2" or "sdxl"), deterministic for `seed`.
 
     sd1/sd2: unet, vae, text_encoder, tokenizer, scheduler, safety_checker=None, feature_extractor=None,
@@ -154,6 +161,7 @@ def build_tiny_components(family: str, *, real_widths: bool = False, seed: int =
     sdxl: unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, image_encoder=None,
     feature_extractor=None -> `StableDiffusionXLPipeline(**components)`.
     Each module is built under its own seed (seed, seed+1, ...) in a forked RNG: the caller's torch RNG is untouched.
+    real_layout: the real UNet block layout (layers_per_block=2) with the default small widths (module docstring).
     """
     _check_family(family)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -163,7 +171,7 @@ def build_tiny_components(family: str, *, real_widths: bool = False, seed: int =
     text_specs = _text_encoder_specs(family, real_widths)
 
     with _seeded(seed):
-        unet = UNet2DConditionModel(**_unet_config(family, real_widths, text_specs))
+        unet = UNet2DConditionModel(**_unet_config(family, real_widths, text_specs, real_layout))
     with _seeded(seed + 1):
         vae = AutoencoderKL(
             in_channels=3,

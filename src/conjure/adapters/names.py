@@ -1,0 +1,437 @@
+"""Kohya key names of adapted modules, both ways (FORMATS.md, "LoRA (kohya format)").
+
+`kohya_name(component, module_path, family, unet_config)` gives the name that prefixes a module's tensors in a
+kohya file (`NAME.lora_down.weight`, ...); `module_path_from_kohya(name, family, unet_config)` reads it back.
+
+- UNet, SD 1.x/2.x: `lora_unet_` + the diffusers module path with `.` -> `_`.
+- UNet, SDXL: the original (LDM / SGM) module paths, as kohya sd-scripts writes them: down block i, layer j ->
+  `input_blocks_{1+(L+1)i+j}`, its downsampler -> `input_blocks_{(L+1)(i+1)}_0_op`; mid block -> `middle_block_0/1/2`;
+  up block i, layer j -> `output_blocks_{(L+1)i+j}`, its upsampler -> `output_blocks_{(L+1)i+L}_{2|1}_conv` (2 when
+  the level has attention); resnets are part `_0_` with LDM part names (`in_layers_2`, `out_layers_3`,
+  `emb_layers_1`, `skip_connection`), attentions part `_1_` with the diffusers names inside
+  (`transformer_blocks_0_attn1_to_q`, `proj_in`, ...); top level: `input_blocks_0_0` (conv_in), `out_2`
+  (conv_out), `time_embed_0/2`, `label_emb_0_0/0_2` (add_embedding). L = layers per block (2 in SDXL). Checked
+  against diffusers' `convert_ldm_unet_checkpoint` and its kohya LoRA loader in tests/adapters.
+- Text encoders: `lora_te_` (SD 1.x/2.x), `lora_te1_` / `lora_te2_` (SDXL) + the path under the old
+  `text_model.` attribute: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`. transformers 5's
+  `CLIPTextModel` has no `text_model` attribute (its modules are `encoder.layers.0...`), while
+  `CLIPTextModelWithProjection` keeps it; the names always contain `text_model_`.
+
+The reader accepts both spellings for every family (diffusers paths and LDM paths for the UNet, with or without
+`text_model_` for the text encoders), so files from other tools read too; the writer uses the one spelling every
+app loads. Names that fit neither raise `ConjureError`.
+
+The module paths returned for text encoders are "as the model names it": pass the model (or its module names)
+to `module_path_from_kohya`, or leave it out to get the spelling of the installed transformers' class for that
+encoder (`text_model.` prefix or not). `canonical_module_path` / `resolve_module_path` convert between spellings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from conjure.errors import ConjureError
+
+__all__ = [
+    "COMPONENTS",
+    "SDXL_LAYOUT",
+    "UnetLayout",
+    "canonical_module_path",
+    "family_name_of",
+    "kohya_name",
+    "kohya_prefixes",
+    "layout_from_metadata",
+    "layout_metadata",
+    "module_path_from_kohya",
+    "resolve_module_path",
+    "unet_layout",
+]
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_FAMILIES = ("sd1", "sd2", "sdxl")
+_TEXT_MODEL = "text_model."
+
+# metadata keys conjure writes so a reader can undo the SDXL LDM numbering without the model at hand
+META_LAYERS_PER_BLOCK = "conjure.unet_layers_per_block"
+META_UP_ATTENTION = "conjure.unet_up_block_attention"
+
+
+def family_name_of(family: Any) -> str:
+    """'sd1' / 'sd2' / 'sdxl' from a name or a `conjure.families.Family`."""
+    name = getattr(family, "name", family)
+    if name not in _FAMILIES:
+        raise ConjureError(f"unknown model family {family!r} (known: {', '.join(_FAMILIES)})")
+    return name
+
+
+def kohya_prefixes(family: Any) -> dict[str, str]:
+    """component -> kohya name prefix for `family`."""
+    if family_name_of(family) == "sdxl":
+        return {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    return {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UNet layout (what the LDM numbering depends on)
+
+
+@dataclass(frozen=True)
+class UnetLayout:
+    """The facts of a UNet's config that the LDM (SDXL) names depend on.
+
+    layers_per_block: L in the index rule (2 in SD 1.x/2.x and SDXL).
+    up_block_attention: per up block, whether it has attentions (decides `_2_conv` vs `_1_conv` for its upsampler);
+    None: unknown, taken as True (real SDXL: the up blocks that have upsamplers have attention).
+    """
+
+    layers_per_block: int = 2
+    up_block_attention: tuple[bool, ...] | None = None
+
+    def up_has_attention(self, block: int) -> bool:
+        if self.up_block_attention is None or block >= len(self.up_block_attention):
+            return True
+        return self.up_block_attention[block]
+
+
+SDXL_LAYOUT = UnetLayout(2, (True, True, False))
+
+
+def _config_get(config: Any, key: str) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def unet_layout(unet_config: Any = None) -> UnetLayout:
+    """A `UnetLayout` from a diffusers UNet config (FrozenDict, dict or object with attributes), a `UnetLayout`,
+    or None (the real SDXL layout)."""
+    if unet_config is None:
+        return SDXL_LAYOUT
+    if isinstance(unet_config, UnetLayout):
+        return unet_config
+    layers = _config_get(unet_config, "layers_per_block")
+    if layers is None:
+        layers = 2
+    if isinstance(layers, (list, tuple)):
+        if len(set(layers)) != 1:
+            raise ConjureError(
+                f"UNets with different layers per block ({list(layers)}) have no kohya (LDM) names; "
+                "only the SD/SDXL layouts with one layer count are supported"
+            )
+        layers = layers[0]
+    up_types = _config_get(unet_config, "up_block_types")
+    attention = tuple("CrossAttn" in t for t in up_types) if up_types else None
+    return UnetLayout(int(layers), attention)
+
+
+def layout_metadata(unet_config: Any) -> dict[str, str]:
+    """Metadata keys recording the layout (written into SDXL kohya files so readers need no model)."""
+    layout = unet_layout(unet_config)
+    out = {META_LAYERS_PER_BLOCK: str(layout.layers_per_block)}
+    if layout.up_block_attention is not None:
+        out[META_UP_ATTENTION] = ",".join("1" if a else "0" for a in layout.up_block_attention)
+    return out
+
+
+def layout_from_metadata(metadata: Mapping[str, str] | None) -> UnetLayout | None:
+    """The layout recorded by `layout_metadata`, or None when the metadata has none."""
+    if not metadata or META_LAYERS_PER_BLOCK not in metadata:
+        return None
+    try:
+        layers = int(metadata[META_LAYERS_PER_BLOCK])
+        raw = metadata.get(META_UP_ATTENTION)
+        attention = tuple(part == "1" for part in raw.split(",")) if raw else None
+    except ValueError:
+        raise ConjureError(f"bad {META_LAYERS_PER_BLOCK} in the file's metadata: {metadata[META_LAYERS_PER_BLOCK]!r}") from None
+    return UnetLayout(layers, attention)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# name tables (underscore form -> dotted diffusers form)
+
+_RESNET_PARTS = {p: p for p in ("conv1", "conv2", "time_emb_proj", "conv_shortcut", "norm1", "norm2")}
+_LDM_RESNET_PARTS = {
+    "in_layers_2": "conv1",
+    "out_layers_3": "conv2",
+    "emb_layers_1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+    "in_layers_0": "norm1",
+    "out_layers_0": "norm2",
+}
+_RESNET_TO_LDM = {v: k for k, v in _LDM_RESNET_PARTS.items()}
+
+_BLOCK_PARTS = {"ff_net_0_proj": "ff.net.0.proj", "ff_net_2": "ff.net.2"}
+_BLOCK_PARTS.update({f"norm{i}": f"norm{i}" for i in (1, 2, 3)})
+for _attn in ("attn1", "attn2"):
+    for _proj in ("to_q", "to_k", "to_v"):
+        _BLOCK_PARTS[f"{_attn}_{_proj}"] = f"{_attn}.{_proj}"
+    _BLOCK_PARTS[f"{_attn}_to_out_0"] = f"{_attn}.to_out.0"
+
+_UNET_TOP = {
+    "conv_in": "conv_in",
+    "conv_out": "conv_out",
+    "conv_norm_out": "conv_norm_out",
+    "time_embedding_linear_1": "time_embedding.linear_1",
+    "time_embedding_linear_2": "time_embedding.linear_2",
+    "add_embedding_linear_1": "add_embedding.linear_1",
+    "add_embedding_linear_2": "add_embedding.linear_2",
+}
+_LDM_TOP = {
+    "input_blocks_0_0": "conv_in",
+    "out_2": "conv_out",
+    "out_0": "conv_norm_out",
+    "time_embed_0": "time_embedding.linear_1",
+    "time_embed_2": "time_embedding.linear_2",
+    "label_emb_0_0": "add_embedding.linear_1",
+    "label_emb_0_2": "add_embedding.linear_2",
+}
+_TOP_TO_LDM = {v: k for k, v in _LDM_TOP.items()}
+
+_TE_LAYER_PARTS = {f"self_attn_{p}_proj": f"self_attn.{p}_proj" for p in ("q", "k", "v", "out")}
+_TE_LAYER_PARTS.update({"mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2", "layer_norm1": "layer_norm1", "layer_norm2": "layer_norm2"})
+
+
+def _attention_rest(rest: str) -> str | None:
+    """Underscore form of a path inside a Transformer2DModel -> dotted form, or None."""
+    if rest in ("proj_in", "proj_out", "norm"):
+        return rest
+    m = re.fullmatch(r"transformer_blocks_(\d+)_(.+)", rest)
+    if m and m.group(2) in _BLOCK_PARTS:
+        return f"transformer_blocks.{int(m.group(1))}.{_BLOCK_PARTS[m.group(2)]}"
+    return None
+
+
+def _diffusers_unet_path(s: str) -> str | None:
+    if s in _UNET_TOP:
+        return _UNET_TOP[s]
+    m = re.fullmatch(r"(down_blocks|up_blocks)_(\d+)_(resnets|attentions)_(\d+)_(.+)", s)
+    if m:
+        kind, rest = m.group(3), m.group(5)
+        inner = _RESNET_PARTS.get(rest) if kind == "resnets" else _attention_rest(rest)
+        return None if inner is None else f"{m.group(1)}.{int(m.group(2))}.{kind}.{int(m.group(4))}.{inner}"
+    m = re.fullmatch(r"(down_blocks|up_blocks)_(\d+)_(downsamplers|upsamplers)_0_conv", s)
+    if m and (m.group(1), m.group(3)) in (("down_blocks", "downsamplers"), ("up_blocks", "upsamplers")):
+        return f"{m.group(1)}.{int(m.group(2))}.{m.group(3)}.0.conv"
+    m = re.fullmatch(r"mid_block_(resnets|attentions)_(\d+)_(.+)", s)
+    if m:
+        kind, rest = m.group(1), m.group(3)
+        inner = _RESNET_PARTS.get(rest) if kind == "resnets" else _attention_rest(rest)
+        return None if inner is None else f"mid_block.{kind}.{int(m.group(2))}.{inner}"
+    return None
+
+
+def _ldm_unet_path(s: str, layout: UnetLayout) -> str | None:
+    if s in _LDM_TOP:
+        return _LDM_TOP[s]
+    per_level = layout.layers_per_block + 1
+    m = re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", s)
+    if m:
+        index, part, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        if index < 1:
+            return None
+        level, layer = divmod(index - 1, per_level)
+        if layer == layout.layers_per_block:  # the level's downsampler slot
+            return f"down_blocks.{level}.downsamplers.0.conv" if (part, rest) == (0, "op") else None
+        if part == 0 and rest in _LDM_RESNET_PARTS:
+            return f"down_blocks.{level}.resnets.{layer}.{_LDM_RESNET_PARTS[rest]}"
+        inner = _attention_rest(rest) if part == 1 else None
+        return None if inner is None else f"down_blocks.{level}.attentions.{layer}.{inner}"
+    m = re.fullmatch(r"middle_block_(\d+)_(.+)", s)
+    if m:
+        part, rest = int(m.group(1)), m.group(2)
+        if part in (0, 2) and rest in _LDM_RESNET_PARTS:
+            return f"mid_block.resnets.{part // 2}.{_LDM_RESNET_PARTS[rest]}"
+        inner = _attention_rest(rest) if part == 1 else None
+        return None if inner is None else f"mid_block.attentions.0.{inner}"
+    m = re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", s)
+    if m:
+        index, part, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        level, layer = divmod(index, per_level)
+        if part in (1, 2) and rest == "conv":
+            return f"up_blocks.{level}.upsamplers.0.conv" if layer == layout.layers_per_block else None
+        if part == 0 and rest in _LDM_RESNET_PARTS:
+            return f"up_blocks.{level}.resnets.{layer}.{_LDM_RESNET_PARTS[rest]}"
+        inner = _attention_rest(rest) if part == 1 else None
+        return None if inner is None else f"up_blocks.{level}.attentions.{layer}.{inner}"
+    return None
+
+
+def _text_path(s: str) -> str | None:
+    """Underscore form after the `lora_te*_` prefix -> canonical dotted path (with `text_model.`)."""
+    if s == "text_projection":
+        return "text_projection"
+    body = s[len("text_model_"):] if s.startswith("text_model_") else s
+    m = re.fullmatch(r"encoder_layers_(\d+)_(.+)", body)
+    if m and m.group(2) in _TE_LAYER_PARTS:
+        return f"{_TEXT_MODEL}encoder.layers.{int(m.group(1))}.{_TE_LAYER_PARTS[m.group(2)]}"
+    if body == "final_layer_norm":
+        return f"{_TEXT_MODEL}final_layer_norm"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text-encoder path spellings
+
+
+def canonical_module_path(component: str, module_path: str) -> str:
+    """The spelling kohya names are built from: UNet paths as they are; text-encoder paths under `text_model.`
+    (except the top-level `text_projection` of CLIPTextModelWithProjection)."""
+    if component == "unet" or module_path.startswith(_TEXT_MODEL) or module_path.startswith("text_projection"):
+        return module_path
+    return _TEXT_MODEL + module_path
+
+
+def _module_names(model: Any) -> Collection[str]:
+    if hasattr(model, "named_modules"):
+        return {name for name, _ in model.named_modules()}
+    return model
+
+
+def resolve_module_path(module_path: str, model: Any) -> str:
+    """The spelling of `module_path` that `model` (an nn.Module, or a collection of its module names) uses:
+    adds or strips `text_model.` as needed. Raises ConjureError when the model has no such module."""
+    names = _module_names(model)
+    if module_path in names:
+        return module_path
+    alt = module_path[len(_TEXT_MODEL):] if module_path.startswith(_TEXT_MODEL) else _TEXT_MODEL + module_path
+    if alt in names:
+        return alt
+    raise ConjureError(f"the model has no module {module_path!r}")
+
+
+@lru_cache(maxsize=None)
+def _clip_keeps_text_model(with_projection: bool) -> bool:
+    """Whether the installed transformers' CLIP text model class nests its modules under `text_model.`."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        max_position_embeddings=4, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    with torch.device("meta"):
+        model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    return any(name.startswith(_TEXT_MODEL) for name, _ in model.named_modules())
+
+
+def default_module_path(component: str, canonical: str, family: Any) -> str:
+    """The spelling the installed transformers gives `canonical` in `family`'s encoder class (SDXL's second
+    encoder is a CLIPTextModelWithProjection, every other one a CLIPTextModel)."""
+    if component == "unet" or not canonical.startswith(_TEXT_MODEL):
+        return canonical
+    with_projection = family_name_of(family) == "sdxl" and component == "text_encoder_2"
+    return canonical if _clip_keeps_text_model(with_projection) else canonical[len(_TEXT_MODEL):]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the two directions
+
+
+def _canonical_from_kohya(name: str, family: str, layout: UnetLayout) -> tuple[str, str]:
+    readers = [(prefix, component) for component, prefix in kohya_prefixes(family).items()]
+    if family == "sdxl":
+        readers.append(("lora_te_", "text_encoder"))  # some tools name SDXL's first encoder like SD 1.x's
+    for prefix, component in readers:
+        if not name.startswith(prefix):
+            continue
+        body = name[len(prefix):]
+        if component == "unet":
+            path = _diffusers_unet_path(body) or _ldm_unet_path(body, layout)
+        else:
+            path = _text_path(body)
+        if path is None:
+            break
+        return component, path
+    else:
+        if name.startswith(("lora_te1_", "lora_te2_")):
+            raise ConjureError(f"{name!r} is an SDXL text-encoder name, but the model family is {family}")
+        raise ConjureError(
+            f"{name!r} is not a kohya LoRA module name (expected a lora_unet_ or lora_te prefix for {family})"
+        )
+    raise ConjureError(f"cannot map kohya module name {name!r} to a {family} module")
+
+
+def module_path_from_kohya(
+    name: str, family_name: Any, unet_config: Any = None, *, model: Any = None
+) -> tuple[str, str]:
+    """(component, module path) for a kohya module name (without the `.lora_down.weight` suffix; a full key is
+    cut at its first dot).
+
+    unet_config: the UNet's config (or a `UnetLayout`) for SDXL's LDM numbering; default the real SDXL layout.
+    model: the component's module (or its module names): the path is returned as that model spells it and must
+    exist there. Without it, text-encoder paths take the installed transformers' spelling.
+    """
+    family = family_name_of(family_name)
+    component, canonical = _canonical_from_kohya(name.split(".", 1)[0], family, unet_layout(unet_config))
+    if model is not None:
+        return component, resolve_module_path(canonical, model)
+    return component, default_module_path(component, canonical, family)
+
+
+def _ldm_name(path: str, layout: UnetLayout) -> str | None:
+    """Dotted diffusers UNet path -> LDM underscore form (None: no LDM name)."""
+    if path in _TOP_TO_LDM:
+        return _TOP_TO_LDM[path]
+    per_level = layout.layers_per_block + 1
+    m = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if m:
+        level, layer, rest = int(m.group(2)), int(m.group(4)), m.group(5)
+        if m.group(1) == "down_blocks":
+            if layer >= layout.layers_per_block:
+                return None
+            block = f"input_blocks_{1 + per_level * level + layer}"
+        else:
+            if layer > layout.layers_per_block:
+                return None
+            block = f"output_blocks_{per_level * level + layer}"
+        if m.group(3) == "resnets":
+            return f"{block}_0_{_RESNET_TO_LDM[rest]}" if rest in _RESNET_TO_LDM else None
+        return f"{block}_1_{rest.replace('.', '_')}"
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path)
+    if m:
+        return f"input_blocks_{per_level * (int(m.group(1)) + 1)}_0_op"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path)
+    if m:
+        level = int(m.group(1))
+        part = 2 if layout.up_has_attention(level) else 1
+        return f"output_blocks_{per_level * level + layout.layers_per_block}_{part}_conv"
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if m:
+        index, rest = int(m.group(2)), m.group(3)
+        if m.group(1) == "resnets":
+            return f"middle_block_{2 * index}_{_RESNET_TO_LDM[rest]}" if index < 2 and rest in _RESNET_TO_LDM else None
+        return f"middle_block_1_{rest.replace('.', '_')}" if index == 0 else None
+    return None
+
+
+def kohya_name(component: str, module_path: str, family_name: Any, unet_config: Any = None) -> str:
+    """Kohya module name (without the `.lora_down.weight` suffix) of `module_path` in `component`.
+
+    unet_config: the UNet's config (or a `UnetLayout`) for SDXL's LDM numbering; default the real SDXL layout.
+    Raises ConjureError for a module that has no name that apps load (e.g. a VAE path, a norm layer of an
+    unknown kind) and for an unknown component.
+    """
+    family = family_name_of(family_name)
+    prefixes = kohya_prefixes(family)
+    if component not in prefixes:
+        raise ConjureError(f"{family} has no component {component!r} with kohya names (known: {', '.join(prefixes)})")
+    layout = unet_layout(unet_config)
+    canonical = canonical_module_path(component, module_path)
+    if component == "unet" and family == "sdxl":
+        body = _ldm_name(canonical, layout)
+    else:
+        body = canonical.replace(".", "_")
+    name = None if body is None else prefixes[component] + body
+    # every name is checked by reading it back: a name the reader cannot map would not load in apps either
+    if name is not None:
+        try:
+            back = _canonical_from_kohya(name, family, layout)
+        except ConjureError:
+            back = None
+        if back == (component, canonical):
+            return name
+    raise ConjureError(f"{component} module {module_path!r} has no kohya name that apps load ({family})")
