@@ -10,11 +10,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from conjure.config.lora import SdLoraConfig, SdxlLoraConfig
 from conjure.config.textual_inversion import SdTextualInversionConfig
 from conjure.errors import ConjureError
 
 CONFIG_TYPES: dict[str, type[BaseModel]] = {
     "sd_textual_inversion": SdTextualInversionConfig,
+    "sd_lora": SdLoraConfig,
+    "sdxl_lora": SdxlLoraConfig,
 }
 
 
@@ -101,6 +104,8 @@ def _format_error(cls: type[BaseModel], err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{dotted}: required, but missing"
     msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a whole-config check; its message names the field itself
+        return msg
     if err["type"].endswith("_type") or err["type"].endswith("_parsing") or err["type"] == "literal_error":
         msg += f" (got {err.get('input')!r})"
     return f"{dotted}: {msg}"

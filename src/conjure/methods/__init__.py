@@ -1,8 +1,9 @@
 """Training methods: each config type maps to a recipe (what trains, how captions are made, what is saved).
 
-A recipe object offers: `trainable_modules()`, `parameter_groups(lr)`, `expand_caption(text)`,
-`state_dict()` / `load_state_dict()` (resume), `save(folder, step=, resolution=, base_model=)` (files
-apps load) and `kind` (modelspec suffix). The loop knows nothing else about methods.
+A recipe object offers: `trainable_modules()` (pipeline name -> module whose parameters train),
+`parameter_groups(lr)`, `expand_caption(text)`, `state_dict()` / `load_state_dict()` (resume),
+`save(folder, step=, resolution=, base_model=, run_name=)` (files apps load) and `kind` (modelspec suffix).
+The loop knows nothing else about methods.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class MethodSpec:
     families: tuple[str, ...]
     build: Callable[[Any, LoadedModel], Any]
     caption_transform: Callable[[Any], CaptionTransform]
-    trigger: Callable[[Any], str]  # the word that must appear in captions and validation prompts
+    trigger: Callable[[Any], str | None]  # the word captions must contain (None: no such word)
 
 
 def _build_ti(config: Any, model: LoadedModel) -> Any:
@@ -44,12 +45,33 @@ def _ti_captions(config: Any) -> CaptionTransform:
     )
 
 
+def _build_lora(config: Any, model: LoadedModel) -> Any:
+    from conjure.methods.lora import Lora
+
+    return Lora(model, config.lora, trigger=config.lora.trigger_word)
+
+
+def _lora_captions(config: Any) -> CaptionTransform:
+    data = config.data
+    return CaptionTransform(
+        prefix=data.caption_prefix, shuffle_delimiter=data.shuffle_caption_delimiter, keep_tokens=data.keep_tokens
+    )
+
+
 METHODS: dict[str, MethodSpec] = {
     "sd_textual_inversion": MethodSpec(
         families=("sd1", "sd2"),
         build=_build_ti,
         caption_transform=_ti_captions,
         trigger=lambda config: config.textual_inversion.placeholder_token,
+    ),
+    "sd_lora": MethodSpec(
+        families=("sd1", "sd2"), build=_build_lora, caption_transform=_lora_captions,
+        trigger=lambda config: config.lora.trigger_word,
+    ),
+    "sdxl_lora": MethodSpec(
+        families=("sdxl",), build=_build_lora, caption_transform=_lora_captions,
+        trigger=lambda config: config.lora.trigger_word,
     ),
 }
 

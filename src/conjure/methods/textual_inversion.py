@@ -103,9 +103,9 @@ class TextualInversion:
         return wrapped
 
     # --- what trains -------------------------------------------------------------------------------
-    def trainable_modules(self) -> list[nn.Module]:
-        """Modules whose parameters train (wrapped for distributed training by the loop)."""
-        return [encoder for _, encoder in self.model.text_encoders()]
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Components whose parameters train, by pipeline name (wrapped for distributed training by the loop)."""
+        return {slot.encoder: self.model.components[slot.encoder] for slot in self.model.family.text_encoders}
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         return [{"params": [e.new_rows for e in self.embeddings], "lr": learning_rate}]
@@ -130,7 +130,7 @@ class TextualInversion:
         slots = self.model.family.text_encoders
         return {slot.embedding_key: e.new_rows.detach() for slot, e in zip(slots, self.embeddings)}
 
-    def save(self, folder: Path, *, step: int, resolution: int, base_model: str) -> list[Path]:
+    def save(self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str = "") -> list[Path]:
         """Write the embedding file that apps load; returns the files written."""
         path = Path(folder) / embedding_file_name(self.placeholder)
         metadata = modelspec(self.model.family, self.kind, title=self.placeholder, resolution=resolution)

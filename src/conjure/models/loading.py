@@ -49,11 +49,17 @@ def _fail(source: str, exc: BaseException) -> ConjureError:
     return ConjureError(f"cannot load base model {source!r}: {reason}")
 
 
-def _pick_family(requested: str, detected: Family) -> Family:
+def _pick_family(requested: str, detected: Family, allowed: tuple[str, ...] | None = None, method: str = "") -> Family:
     if requested != "auto" and requested != detected.name:
         raise ConjureError(
             f"basic.family is {requested!r} but the model looks like {detected.name} ({detected.title}); "
             "set basic.family: auto or check basic.base_model"
+        )
+    if allowed is not None and detected.name not in allowed:
+        # Checked from the configs, before any weights load.
+        raise ConjureError(
+            f"{method or 'this method'} trains {' and '.join(allowed)} models, but the base model is "
+            f"{detected.name} ({detected.title})"
         )
     return detected
 
@@ -65,25 +71,32 @@ def load_base_model(
     revision: str | None = None,
     variant: str | None = None,
     base_model_config: str | None = None,
+    allowed_families: tuple[str, ...] | None = None,
+    method: str = "",
 ) -> LoadedModel:
+    """`allowed_families`: refuse (from the configs, before weights load) a model of another family."""
+    check = {"allowed": allowed_families, "method": method}
     path = Path(base_model).expanduser()
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ConjureError(f"base model {base_model!r} is a file but not a .safetensors/.ckpt checkpoint")
-        return _load_single_file(path, family, base_model_config)
+        return _load_single_file(path, family, base_model_config, **check)
     if path.is_dir():
         if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
             raise ConjureError(
                 f"base model folder {base_model!r} is not a diffusers model (no model_index.json and unet/); "
                 "give a diffusers folder, a .safetensors checkpoint or a hub id"
             )
-        return _load_diffusers(str(path), family, revision=None, variant=variant)
+        return _load_diffusers(str(path), family, revision=None, variant=variant, **check)
     if HUB_ID.match(base_model) and not base_model.startswith((".", "/", "~")):
-        return _load_diffusers(base_model, family, revision=revision, variant=variant)
+        return _load_diffusers(base_model, family, revision=revision, variant=variant, **check)
     raise ConjureError(f"base model not found: {base_model!r} is not a folder, a checkpoint file or a hub id")
 
 
-def _load_diffusers(source: str, family: str, *, revision: str | None, variant: str | None) -> LoadedModel:
+def _load_diffusers(
+    source: str, family: str, *, revision: str | None, variant: str | None, allowed: tuple[str, ...] | None = None,
+    method: str = "",
+) -> LoadedModel:
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -99,7 +112,7 @@ def _load_diffusers(source: str, family: str, *, revision: str | None, variant: 
     except Exception as exc:  # diffusers raises OSError, ValueError or hub errors here
         raise _fail(source, exc) from None
     detected = families.detect(unet_config, has_text_encoder_2=bool(index.get("text_encoder_2", [None])[0]))
-    fam = _pick_family(family, detected)
+    fam = _pick_family(family, detected, allowed, method)
     encoder_classes = {"CLIPTextModelWithProjection": CLIPTextModelWithProjection}
     try:
         components: dict[str, Any] = {
@@ -136,11 +149,14 @@ def _single_file_family(path: Path) -> Family:
     return families.SD1
 
 
-def _load_single_file(path: Path, family: str, base_model_config: str | None) -> LoadedModel:
+def _load_single_file(
+    path: Path, family: str, base_model_config: str | None, *, allowed: tuple[str, ...] | None = None, method: str = ""
+) -> LoadedModel:
     import diffusers
 
     try:
         fam = families.get(family) if family != "auto" else _single_file_family(path)
+        fam = _pick_family(fam.name, fam, allowed, method)
         pipeline_cls = getattr(diffusers, fam.pipeline_class)
         kwargs: dict[str, Any] = {"safety_checker": None} if fam.name != "sdxl" else {}
         if base_model_config:

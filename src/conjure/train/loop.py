@@ -25,6 +25,7 @@ from conjure.config import dump_config
 from conjure.errors import ConjureError
 from conjure.train.checkpoints import load_state, prune_checkpoints, step_dir_name, write_checkpoint
 from conjure.train.events import EventLog
+from conjure.train.optimizers import build_optimizer, optimizer_warnings
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -91,7 +92,7 @@ def _scan_data(config: Any, spec: Any) -> tuple[list[Any], list[tuple[Path, str]
     captions = spec.caption_transform(config)
     probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples]
     trigger = spec.trigger(config)
-    if not any(trigger in c for c in probe):
+    if trigger and not any(trigger in c for c in probe):
         raise ConjureError(
             f"no training caption contains {trigger!r}: add it to the captions, or set data.caption_prefix: "
             f"'{trigger}'"
@@ -105,13 +106,8 @@ def _load_model(config: Any, spec: Any) -> Any:
     basic = config.basic
     model = load_base_model(
         basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
-        base_model_config=basic.base_model_config,
+        base_model_config=basic.base_model_config, allowed_families=spec.families, method=config.type,
     )
-    if model.family.name not in spec.families:
-        raise ConjureError(
-            f"{config.type} trains {', '.join(spec.families)} models, but {basic.base_model!r} is "
-            f"{model.family.name} ({model.family.title})"
-        )
     return model
 
 
@@ -241,8 +237,9 @@ class _Session:
         basic, data, adv, opt = config.basic, config.data, config.advanced, config.optimizer
         if adv.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
-            for module in method.trainable_modules():
-                module.gradient_checkpointing_enable()
+            for name, module in method.trainable_modules().items():
+                if name != "unet":
+                    module.gradient_checkpointing_enable()
         self.dataset = TrainDataset(
             examples, resolution=resolution, center_crop=data.center_crop, random_flip=data.random_flip,
             keep_in_memory=data.keep_in_memory, caption_transform=spec.caption_transform(config), seed=basic.seed,
@@ -252,18 +249,26 @@ class _Session:
         self.max_steps = basic.max_train_steps or math.ceil(basic.max_train_epochs * per_epoch / self.accum)
         groups = method.parameter_groups(opt.learning_rate)
         self.params = [p for g in groups for p in g["params"]]
-        optimizer = torch.optim.AdamW(
-            groups, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_epsilon, weight_decay=opt.weight_decay
-        )
+        optimizer = build_optimizer(groups, opt, device=accelerator.device)
+        for warning in optimizer_warnings(opt):
+            _say(f"warning: {warning}")
         self.lr_scheduler = get_scheduler(
             SCHEDULES[opt.scheduler], optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=self.max_steps
         )
-        trainable = accelerator.prepare(*method.trainable_modules())
-        self.trainable = list(trainable) if isinstance(trainable, (list, tuple)) else [trainable]
+        names = list(method.trainable_modules())
+        prepared = accelerator.prepare(*method.trainable_modules().values())
+        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        self.trainable = prepared
         self.optimizer = accelerator.prepare(optimizer)
         for module in self.trainable:
             module.train()  # CLIP has no dropout; train mode turns gradient checkpointing on in transformers
-        self.text_encoders = [(tok, enc) for (tok, _), enc in zip(model.text_encoders(), self.trainable)]
+        # What the step calls: the prepared (possibly DDP-wrapped) module where it trains, else the frozen one.
+        forward = dict(zip(names, prepared))
+        self.unet = forward.get("unet", model.unet)
+        self.text_encoders = [
+            (model.components[slot.tokenizer], forward.get(slot.encoder, model.components[slot.encoder]))
+            for slot in model.family.text_encoders
+        ]
         self.generator = torch.Generator("cpu").manual_seed(basic.seed * 7919 + accelerator.process_index)
         self.events = EventLog(run_dir / "events.jsonl", run_dir / "logs" if accelerator.is_main_process else None)
         self.result = RunResult(run_dir=run_dir, status="completed", step=0)
@@ -354,9 +359,16 @@ class _Session:
                 latents = encode_latents(model.vae, batch["pixel_values"], self.generator)
                 latents = latents.to(WEIGHT_DTYPES[self.precision])
             texts = [self.method.expand_caption(c) for c in batch["caption"]]
+            adv = self.config.advanced
             with acc.autocast():
-                cond = encode_captions(self.text_encoders, texts, acc.device)
-                loss = denoising_loss(model.unet, model.noise_scheduler, latents, cond, self.generator)
+                cond = encode_captions(
+                    self.text_encoders, texts, acc.device, resolution=self.resolution, zero_empty=True,
+                    original_sizes=batch.get("original_size"), crops_top_left=batch.get("crop_top_left"),
+                )
+                loss = denoising_loss(
+                    self.unet, model.noise_scheduler, latents, cond, self.generator,
+                    prediction_type=adv.prediction_type, min_snr_gamma=adv.min_snr_gamma, noise_offset=adv.noise_offset,
+                )
             acc.backward(loss)
             if acc.sync_gradients and self.config.advanced.max_grad_norm:
                 acc.clip_grad_norm_(self.params, self.config.advanced.max_grad_norm)
@@ -401,7 +413,9 @@ class _Session:
         }
         folder = write_checkpoint(
             self.run_dir, at, state,
-            lambda tmp: self.method.save(tmp, step=at, resolution=self.resolution, base_model=basic.base_model),
+            lambda tmp: self.method.save(
+                tmp, step=at, resolution=self.resolution, base_model=basic.base_model, run_name=self.run_dir.name
+            ),
         )
         self.last_saved = at
         files = sorted(p.name for p in folder.iterdir() if p.name != "training_state.pt")

@@ -1,0 +1,143 @@
+"""Configs of `sd_lora` (SD 1.x / 2.x) and `sdxl_lora`: a LoRA or DoRA concept model from captioned images."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from conjure.config.sections import (
+    AdvancedConfig,
+    BasicConfig,
+    DataConfig,
+    OptimizerConfig,
+    Section,
+    ValidationConfig,
+)
+
+UNET_PRESETS = ("attention", "attention_ff", "all")
+
+
+class LoraSection(Section):
+    """The adapter: which layers, how big, how it is saved."""
+
+    trigger_word: str | None = Field(
+        None,
+        description="The word (or words) in your captions that calls the concept, e.g. 'ohwx dog'. Used in the "
+        "default validation prompts and written into the file's metadata; captions must contain it.",
+        json_schema_extra={"example": "ohwx"},
+    )
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (dim): bigger holds more, files grow with it.")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. null: equal to rank (scale 1)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input during training.")
+    dora: bool = Field(
+        False, description="Train a DoRA (weight-decomposed LoRA): a learned magnitude per input column as well."
+    )
+    unet_targets: Literal["attention", "attention_ff", "all"] = Field(
+        "attention_ff",
+        description="UNet layers to adapt: 'attention' (q, k, v, out of self- and cross-attention), "
+        "'attention_ff' (+ feed-forward and the transformer's in/out projections, kohya's default), "
+        "'all' (+ every ResNet convolution, time-embedding projection and down/upsampler: LoCon).",
+    )
+    train_text_encoder: bool = Field(
+        False, description="Also train a LoRA on the text encoder(s) (both of them for SDXL)."
+    )
+    unet_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the UNet adapter; null: optimizer.learning_rate."
+    )
+    text_encoder_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the text-encoder adapter(s); null: optimizer.learning_rate."
+    )
+    save_format: Literal["kohya", "peft"] = Field(
+        "kohya",
+        description="'kohya': the single file InvokeAI, ComfyUI, A1111/Forge and diffusers all load. "
+        "'peft': diffusers' own format (loads in diffusers only).",
+    )
+    save_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Precision of the saved file.")
+    output_name: str | None = Field(
+        None, description="File name of the saved LoRA (without .safetensors); null: the run's name."
+    )
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank; use null for no trigger word")
+        return value.strip() if value else value
+
+    @field_validator("output_name")
+    @classmethod
+    def _file_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w.-]+", value):
+            raise ValueError("use letters, digits, '.', '-' and '_' only (it becomes a file name)")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_alpha(self) -> LoraSection:
+        if self.alpha is None:
+            self.alpha = float(self.rank)  # written into the resolved config: the file says what trained
+        return self
+
+
+class LoraOptimizerConfig(OptimizerConfig):
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (Prodigy: a multiplier, use 1.0).")
+
+
+def default_prompts(trigger: str | None) -> list[str]:
+    if not trigger:
+        return ["a photo", "a painting of a landscape"]
+    return [f"a photo of {trigger}", f"{trigger}, a painting"]
+
+
+class _LoraConfigBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    type: str  # each subclass pins its own name (declared here so that it comes first in YAML)
+    basic: BasicConfig
+    data: DataConfig
+    lora: LoraSection = Field(default_factory=LoraSection)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    optimizer: LoraOptimizerConfig = Field(default_factory=LoraOptimizerConfig)
+    advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> _LoraConfigBase:
+        families = self._families()
+        if self.basic.family != "auto" and self.basic.family not in families:
+            other = "sdxl_lora" if self.basic.family == "sdxl" else "sd_lora"
+            raise ValueError(
+                f"basic.family: {self.type} trains {' and '.join(families)} models, not {self.basic.family}; "
+                f"use type: {other}"
+            )
+        if self.lora.dora and self.lora.save_format == "peft" and self.lora.unet_targets == "all":
+            raise ValueError(
+                "lora.unet_targets: 'all' adapts convolutions, which diffusers cannot load as PEFT DoRA; "
+                "use save_format: kohya (DoRA on convolutions loads in every app) or unet_targets: attention_ff"
+            )
+        if not self.validation.prompts:
+            self.validation.prompts = default_prompts(self.lora.trigger_word)
+        return self
+
+    def _families(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+
+class SdLoraConfig(_LoraConfigBase):
+    """LoRA / DoRA for Stable Diffusion 1.x and 2.x."""
+
+    type: Literal["sd_lora"] = "sd_lora"
+
+    def _families(self) -> tuple[str, ...]:
+        return ("sd1", "sd2")
+
+
+class SdxlLoraConfig(_LoraConfigBase):
+    """LoRA / DoRA for Stable Diffusion XL (both text encoders, size/crop conditioning)."""
+
+    type: Literal["sdxl_lora"] = "sdxl_lora"
+
+    def _families(self) -> tuple[str, ...]:
+        return ("sdxl",)

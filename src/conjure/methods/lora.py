@@ -1,0 +1,205 @@
+"""LoRA and DoRA concept models: low-rank adapters on the UNet (and optionally the text encoders).
+
+LoRA (and PEFT-format DoRA) use PEFT's layers, injected into the loaded diffusers / transformers modules in
+place. Kohya-format DoRA uses `conjure.adapters.dora.InputColumnDora` (the decomposition every app applies;
+PEFT's is a different function, see that module). Either way the adapters end up as submodules of the UNet and
+text encoders, so the loop wraps those models for distributed training and validation pipelines built from the
+same components render with the adapters live. Only adapter parameters train; they are float32 whatever the
+frozen weights' precision.
+
+Checkpoints write the neutral `LoraWeights` (conjure.adapters) through `conjure.export.lora`: the kohya file
+by default, or diffusers' PEFT format.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from conjure.adapters import LoraModule, LoraWeights
+from conjure.adapters.dora import InputColumnDora
+from conjure.errors import ConjureError
+from conjure.export.modelspec import conjure_keys, modelspec
+from conjure.models.loading import LoadedModel
+
+ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+FEED_FORWARD = re.compile(r"\.(ff\.net\.0\.proj|ff\.net\.2)$|attentions\.\d+\.(proj_in|proj_out)$")
+RESNET_ETC = re.compile(
+    r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)$|(downsamplers|upsamplers)\.0\.conv$"
+)
+TEXT_ENCODER = re.compile(r"layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+ADAPTED_TYPES = (nn.Linear, nn.Conv2d)
+ADAPTER_NAME = "default"
+
+
+def unet_targets(unet: nn.Module, preset: str) -> list[str]:
+    """Module paths of the UNet layers a preset adapts (only layers inside the down/mid/up blocks)."""
+    patterns = {"attention": [ATTENTION], "attention_ff": [ATTENTION, FEED_FORWARD],
+                "all": [ATTENTION, FEED_FORWARD, RESNET_ETC]}[preset]
+    return [
+        name for name, module in unet.named_modules()
+        if isinstance(module, ADAPTED_TYPES) and any(p.search(name) for p in patterns)
+    ]
+
+
+def text_encoder_targets(encoder: nn.Module) -> list[str]:
+    """q, k, v, out and the MLP of every layer: apps need the full attention set (FORMATS.md)."""
+    return [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear) and TEXT_ENCODER.search(n)]
+
+
+def _inject_peft(module: nn.Module, targets: list[str], *, rank: int, alpha: float, dropout: float, dora: bool) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    # Full module paths from the root: PEFT matches a list entry by equality or dotted suffix, so exactly these.
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=dora, init_lora_weights=True, target_modules=targets
+    )
+    inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, new)
+
+
+class Lora:
+    """The recipe: adapters in, parameters out, kohya/PEFT files per checkpoint."""
+
+    kind = "lora"
+
+    def __init__(self, model: LoadedModel, section: Any, *, trigger: str | None = None):
+        self.model, self.section, self.trigger = model, section, trigger
+        self.own_dora = section.dora and section.save_format == "kohya"
+        components = ["unet"] + ([s.encoder for s in model.family.text_encoders] if section.train_text_encoder else [])
+        self.modules: dict[str, nn.Module] = {name: model.components[name] for name in components}
+        self.targets: dict[str, list[str]] = {}
+        for name, module in self.modules.items():
+            targets = unet_targets(module, section.unet_targets) if name == "unet" else text_encoder_targets(module)
+            if not targets:
+                raise ConjureError(f"lora: no layers of the {name} match the preset {section.unet_targets!r}")
+            self.targets[name] = targets
+            self._inject(module, targets)
+        for p in self.parameters():
+            p.data = p.data.float()  # trained parameters are float32 masters
+
+    def _inject(self, module: nn.Module, targets: list[str]) -> None:
+        s = self.section
+        if self.own_dora:
+            for path in targets:
+                base = module.get_submodule(path)
+                _set_submodule(module, path, InputColumnDora(base, s.rank, s.alpha, s.dropout))
+        else:
+            _inject_peft(module, targets, rank=s.rank, alpha=s.alpha, dropout=s.dropout, dora=s.dora)
+
+    # --- what trains -------------------------------------------------------------------------------
+    def _adapted(self, component: str) -> list[tuple[str, nn.Module]]:
+        module = self.modules[component]
+        return [(path, module.get_submodule(path)) for path in self.targets[component]]
+
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        out = []
+        for component, module in self.modules.items():
+            out += [(f"{component}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
+        return out
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self._named_parameters()]
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return dict(self.modules)
+
+    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        s, groups = self.section, []
+        for component, module in self.modules.items():
+            lr = (s.unet_learning_rate if component == "unet" else s.text_encoder_learning_rate) or learning_rate
+            params = [p for p in module.parameters() if p.requires_grad]
+            groups.append({"params": params, "lr": lr, "name": component})
+        return groups
+
+    def expand_caption(self, caption: str) -> str:
+        return caption
+
+    # --- state for resume and files for consumers --------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in self._named_parameters()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self._named_parameters())
+        missing = sorted(set(params) - set(state))
+        if missing or set(state) - set(params):
+            raise ConjureError(
+                "the checkpoint's adapter does not match this config (different rank, layers or text-encoder "
+                f"training?); first difference: {(missing or sorted(set(state) - set(params)))[0]}"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name])
+
+    def lora_weights(self) -> LoraWeights:
+        weights: LoraWeights = {}
+        for component in self.modules:
+            for path, layer in self._adapted(component):
+                weights[(component, path)] = self._module_weights(layer)
+        return weights
+
+    def _module_weights(self, layer: nn.Module) -> LoraModule:
+        if isinstance(layer, InputColumnDora):
+            return LoraModule(
+                down=layer.lora_down.weight.detach().float().cpu().clone(),
+                up=layer.lora_up.weight.detach().float().cpu().clone(),
+                alpha=layer.alpha,
+                dora_scale=layer.dora_scale.detach().float().cpu().clone(),
+            )
+        magnitude = None
+        if self.section.dora:
+            magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach().float().cpu().clone()
+        return LoraModule(
+            down=layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone(),
+            up=layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone(),
+            alpha=float(layer.lora_alpha[ADAPTER_NAME]),
+            magnitude=magnitude,
+        )
+
+    def metadata(self, name: str, *, step: int, resolution: int, base_model: str) -> dict[str, str]:
+        s, family, trigger = self.section, self.model.family, self.trigger
+        meta = modelspec(family, self.kind, title=name, resolution=resolution)
+        meta.update({
+            "ss_network_module": "lycoris.kohya" if s.dora and s.save_format == "kohya" else "networks.lora",
+            "ss_network_dim": str(s.rank),
+            "ss_network_alpha": str(float(s.alpha)),
+            "ss_network_args": (
+                '{"algo": "lora", "dora_wd": true, "wd_on_out": false}' if s.dora and s.save_format == "kohya" else "{}"
+            ),
+            "ss_base_model_version": family.ss_base_model_version,
+            "ss_output_name": name,
+            "ss_training_comment": f"trained with conjure ({'DoRA' if s.dora else 'LoRA'})",
+            "ss_resolution": f"({resolution}, {resolution})",
+            "ss_steps": str(step),
+        })
+        if trigger:
+            meta["ss_tag_frequency"] = '{"conjure": {"%s": 1}}' % trigger.replace('"', '\\"')
+        meta.update(conjure_keys(
+            method="dora" if s.dora else "lora", step=step, base_model=base_model, rank=s.rank, alpha=s.alpha,
+            unet_targets=s.unet_targets, text_encoder=s.train_text_encoder, trigger_words=trigger or "",
+            unet_layers_per_block=self.model.unet.config.layers_per_block,
+        ))
+        return meta
+
+    def save(self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str) -> list[Path]:
+        """Write the LoRA file apps load, named `lora.output_name` or after the run."""
+        from conjure.export.lora import save_kohya, save_peft
+
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.section.save_dtype]
+        name = self.section.output_name or run_name
+        path = Path(folder) / f"{name}.safetensors"
+        meta = self.metadata(name, step=step, resolution=resolution, base_model=base_model)
+        weights = self.lora_weights()
+        if self.section.save_format == "kohya":
+            save_kohya(path, weights, meta, self.model.family, self.model.unet.config, dtype=dtype)
+        else:
+            save_peft(path, weights, meta, self.model.family, dtype=dtype)
+        return [path]
