@@ -101,6 +101,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from conjure.export.lora import convert_lora
+
+    src, out = Path(args.input), Path(args.output)
+    if not src.is_file():
+        raise ConjureError(f"{src}: no such file")
+    if out.exists() and not args.force:
+        raise ConjureError(f"{out} exists; use --force to overwrite")
+    convert_lora(src, out, args.to, family=args.family)
+    print(f"wrote {out} ({args.to} format)")
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from conjure.models.tiny import write_tiny_model
 
@@ -160,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="file name stem to use instead of the trained token's name")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "convert", help="convert a LoRA file between the kohya (every app) and diffusers/PEFT formats",
+        description="Convert a plain LoRA file without changing a value (kohya -> peft -> kohya gives back the same "
+        "file contents). DoRA files cannot change format.",
+    )
+    p.add_argument("input", metavar="IN", help="LoRA file (.safetensors)")
+    p.add_argument("output", metavar="OUT", help="file to write")
+    p.add_argument(
+        "--to", required=True, choices=["kohya", "peft"],
+        help="kohya: loads in InvokeAI, ComfyUI, A1111/Forge and diffusers; peft: diffusers only",
+    )
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family, when the file does not tell")
+    p.add_argument("--force", action="store_true", help="overwrite OUT")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tiny-model", help="write a small random-weight model (for tests and trying things out)")
     p.add_argument("family", choices=["sd1", "sd2", "sdxl"])
