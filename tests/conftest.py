@@ -18,15 +18,18 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """family -> folder of a tiny random model, built once per test session."""
+    """family -> folder of a tiny random model, built once per test session. `real_layout`: the real UNet block
+    layout (2 layers per block), as adapter key names need."""
     from conjure.models.tiny import write_tiny_model
 
-    cache: dict[str, Path] = {}
+    cache: dict[tuple[str, bool], Path] = {}
 
-    def get(family: str) -> Path:
-        if family not in cache:
-            cache[family] = write_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
-        return cache[family]
+    def get(family: str, real_layout: bool = False) -> Path:
+        key = (family, real_layout)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}{'-real-layout' if real_layout else ''}")
+            cache[key] = write_tiny_model(family, folder, real_layout=real_layout)
+        return cache[key]
 
     return get
 

@@ -220,6 +220,18 @@ def test_demo_with_a_tiny_model(capsys, tmp_path):
     assert (tmp_path / "runs" / "demo" / "validation" / "step-000006" / "grid.png").is_file()
 
 
+@pytest.mark.parametrize("method, family", [("dora", "sdxl"), ("lora", "sd2")])
+def test_lora_demos_with_a_tiny_model(capsys, tmp_path, method, family):
+    code, out, err = run_cli(capsys, "demo", "--method", method, "--family", family, "--model", "tiny", "--out",
+                             tmp_path, "--steps", 3)
+    assert code == 0, err
+    assert f"{method.upper()} (kohya):" in out and "demo.safetensors" in out
+    assert len(list((tmp_path / "data-lora").glob("*.png"))) == 32
+    assert (tmp_path / "runs" / "demo" / "validation" / "step-000003" / "grid.png").is_file()
+
+
 def test_demo_refuses_what_is_not_there_yet(capsys, tmp_path):
-    assert_one_line_error(*run_cli(capsys, "demo", "--method", "lora", "--out", tmp_path)[::2], "not available yet")
+    assert_one_line_error(*run_cli(capsys, "demo", "--method", "loha", "--out", tmp_path)[::2], "not available yet")
     assert_one_line_error(*run_cli(capsys, "demo", "--family", "sdxl", "--out", tmp_path)[::2], "sdxl")
+    assert_one_line_error(*run_cli(capsys, "demo", "--family", "sd3", "--method", "lora", "--out", tmp_path)[::2],
+                          "sd1, sd2 or sdxl")

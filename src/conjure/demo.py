@@ -1,9 +1,12 @@
 """`conjure demo`: a complete run on the CPU in a minute or two, to see what conjure does.
 
 By default it teaches the toy base model (conjure/toy: a small model pre-trained on a world of coloured
-shapes, with no stars in it) a new token for a yellow star, from 12 bundled captioned images made by
-scripts/make_demo_images.py. The validation grid shows the star appear step by step. `--model tiny` builds a
-random-weight tiny model instead (its images are noise), `--model PATH` uses any model.
+shapes, with no stars in it) a yellow star. `--method ti` learns a new token from 12 bundled captioned images
+made by scripts/make_demo_images.py; `--method lora|dora` trains a concept model triggered by the word "sks"
+from 16 star images rendered by the toy world plus 16 ordinary world images with their own captions (the
+regularisation that keeps prompts without the trigger as they were). The validation grid shows the star
+appear step by step. `--model tiny` builds a random-weight tiny model instead (its images are noise),
+`--model PATH` uses any model.
 """
 
 from __future__ import annotations
@@ -14,17 +17,47 @@ from pathlib import Path
 
 from conjure.errors import ConjureError
 
-DEMO_METHODS = {"ti": "sd_textual_inversion"}
+DEMO_METHODS = ("ti", "lora", "dora")
+TI_FAMILIES = ("sd1", "sd2")
 TOKEN = "<yellow-star>"
-LEARNING_RATE = 5e-3
+TRIGGER = "sks"
+LEARNING_RATE = {"ti": 5e-3, "lora": 3e-3, "dora": 3e-3}
+STEPS = {"ti": 300, "lora": 200, "dora": 200}
 
 
 def demo_images() -> Path:
     return Path(str(resources.files("conjure") / "assets" / "demo" / "ti"))
 
 
-def demo_config(model: str, out: Path, *, config_type: str, steps: int) -> dict:
+def lora_demo_images(folder: Path, *, trigger: str = TRIGGER) -> Path:
+    """16 yellow stars captioned with `trigger` and 16 ordinary (non-yellow) world images with their captions."""
+    import random
+
+    from conjure.toy import world
+    from conjure.toy.models import concept_caption, concept_scenes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(concept_scenes(16, seed=123)):
+        world.render(scene).save(folder / f"concept-{i:02d}.png")
+        (folder / f"concept-{i:02d}.txt").write_text(concept_caption(scene, trigger), encoding="utf-8")
+    rng, colours = random.Random(7), tuple(c for c in world.WORLD_COLOURS if c != "yellow")
+    for i in range(16):
+        scene = world.sample_scene(rng, colours=colours)
+        world.render(scene).save(folder / f"world-{i:02d}.png")
+        (folder / f"world-{i:02d}.txt").write_text(world.full_caption(scene), encoding="utf-8")
+    return folder
+
+
+def demo_config(model: str, out: Path, *, method: str, family: str, steps: int) -> dict:
     every = max(steps // 6, 1)
+    if method == "ti":
+        config_type, source, word = "sd_textual_inversion", str(demo_images()), TOKEN
+        # "circle" is a word the toy model knows, so step 0 shows circles and the concept grows out of them.
+        section = {"textual_inversion": {"placeholder_token": TOKEN, "initializer": "circle"}}
+    else:
+        config_type = "sdxl_lora" if family == "sdxl" else "sd_lora"
+        source, word = str(lora_demo_images(out / "data-lora")), TRIGGER
+        section = {"lora": {"trigger_word": TRIGGER, "rank": 4, "unet_targets": "attention", "dora": method == "dora"}}
     return {
         "type": config_type,
         "basic": {
@@ -36,16 +69,16 @@ def demo_config(model: str, out: Path, *, config_type: str, steps: int) -> dict:
             "save_every_n_steps": every,
             "validate_every_n_steps": every,
         },
-        "data": {"source": str(demo_images()), "batch_size": 8, "random_flip": True},
-        # "circle" is a word the toy model knows, so step 0 shows circles and the concept grows out of them.
-        "textual_inversion": {"placeholder_token": TOKEN, "initializer": "circle"},
+        "data": {"source": source, "batch_size": 8, "random_flip": True},
+        **section,
         "validation": {
-            "prompts": [f"a {TOKEN}", f"a {TOKEN} on a navy background"],
+            "prompts": [f"a {word}", f"a {word} on a navy background"]
+            + ([] if method == "ti" else ["a large blue square in the center on a grey background"]),
             "seeds": [0, 1, 2, 3],
             "num_inference_steps": 20,
             "guidance_scale": 4.0,
         },
-        "optimizer": {"learning_rate": LEARNING_RATE},
+        "optimizer": {"learning_rate": LEARNING_RATE[method]},
         "advanced": {"max_grad_norm": None},
     }
 
@@ -54,8 +87,6 @@ def _resolve_model(model: str | None, family: str, out: Path) -> tuple[str, str]
     """(model path, what it is) for --model / --family."""
     if model not in (None, "tiny"):
         return model, "your model"
-    if family not in ("sd1", "sd2"):
-        raise ConjureError(f"demo --family {family!r} is not available for textual inversion yet (sd1, sd2)")
     if model is None:
         from conjure.toy.models import toy_model
 
@@ -77,6 +108,10 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
 
     if method not in DEMO_METHODS:
         raise ConjureError(f"demo --method {method!r} is not available yet (available: {', '.join(DEMO_METHODS)})")
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ConjureError(f"demo --family {family!r}: choose sd1, sd2 or sdxl")
+    if method == "ti" and family not in TI_FAMILIES:
+        raise ConjureError(f"demo --method ti --family {family} is not available yet (ti: {', '.join(TI_FAMILIES)})")
     started = time.perf_counter()
     model_path, what = _resolve_model(model, family, out)
     if model in (None, "tiny") and not torch.cuda.is_available():
@@ -84,20 +119,22 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
         # the same 20 steps) on 2-core machines; one thread is steady.
         torch.set_num_threads(1)
     config = parse_config(
-        demo_config(model_path, out, config_type=DEMO_METHODS[method], steps=steps or 300), source="demo config"
+        demo_config(model_path, out, method=method, family=family, steps=steps or STEPS[method]), source="demo config"
     )
     run_root = Path(config.basic.output_dir) / config.basic.run_name
     if run_root.exists():
         import shutil
 
         shutil.rmtree(run_root)  # the demo's own folder: a re-run starts fresh
-    print(f"teaching {what} the token {TOKEN} from {demo_images()}")
+    what_is_taught = f"the token {TOKEN}" if method == "ti" else f"a {method.upper()} triggered by {TRIGGER!r}"
+    print(f"teaching {what} {what_is_taught} from {config.data.source}")
     result = train(config)
     seconds = time.perf_counter() - started
     files = [p for p in sorted(result.checkpoints[-1].iterdir()) if p.suffix == ".safetensors"]
     print(f"\ndemo finished in {seconds:.0f} s ({result.step} steps)")
     print(f"  run folder:       {result.run_dir}")
-    print(f"  embedding:        {files[0] if files else result.checkpoints[-1]}")
+    label = "embedding:" if method == "ti" else f"{method.upper()} (kohya):"
+    print(f"  {label:<18}{files[0] if files else result.checkpoints[-1]}")
     print(f"  validation grids: {result.run_dir / 'validation'}/step-*/grid.png  (rows: prompts, columns: seeds)")
     print(f"  TensorBoard:      tensorboard --logdir {result.run_dir / 'logs'}")
     print(f"  config to edit:   {result.run_dir / 'config.yaml'}")

@@ -48,7 +48,7 @@ def _ti_captions(config: Any) -> CaptionTransform:
 def _build_lora(config: Any, model: LoadedModel) -> Any:
     from conjure.methods.lora import Lora
 
-    return Lora(model, config.lora, trigger=config.lora.trigger_word)
+    return Lora(model, config.lora, trigger=config.lora.trigger_word, seed=config.basic.seed)
 
 
 def _lora_captions(config: Any) -> CaptionTransform:

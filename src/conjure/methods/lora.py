@@ -71,7 +71,7 @@ class Lora:
 
     kind = "lora"
 
-    def __init__(self, model: LoadedModel, section: Any, *, trigger: str | None = None):
+    def __init__(self, model: LoadedModel, section: Any, *, trigger: str | None = None, seed: int = 0):
         self.model, self.section, self.trigger = model, section, trigger
         self.own_dora = section.dora and section.save_format == "kohya"
         components = ["unet"] + ([s.encoder for s in model.family.text_encoders] if section.train_text_encoder else [])
@@ -82,7 +82,12 @@ class Lora:
             if not targets:
                 raise ConjureError(f"lora: no layers of the {name} match the preset {section.unet_targets!r}")
             self.targets[name] = targets
-            self._inject(module, targets)
+            module.requires_grad_(False)  # only the adapters train (the loop freezes too; a recipe stands alone)
+            # The random start of `down` comes from the run's seed, not the process's RNG state: the same config
+            # gives the same adapter, in a fresh process or the tenth run of one.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + sum(map(ord, name)))
+                self._inject(module, targets)
         for p in self.parameters():
             p.data = p.data.float()  # trained parameters are float32 masters
 

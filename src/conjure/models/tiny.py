@@ -231,7 +231,9 @@ def build_tiny_components(
     return components
 
 
-def write_tiny_model(family: str, out_dir: Path, *, real_widths: bool = False, seed: int = 0) -> Path:
+def write_tiny_model(
+    family: str, out_dir: Path, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0
+) -> Path:
     """Write a random-weight diffusers model folder for `family` into `out_dir` and return `out_dir`.
 
     Loads back with `StableDiffusionPipeline.from_pretrained(out_dir)` (sd1, sd2) or
@@ -243,7 +245,8 @@ def write_tiny_model(family: str, out_dir: Path, *, real_widths: bool = False, s
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConjureError(f"cannot write a model to {out_dir}: it is a file, not a folder")
-    return save_model_folder(family, build_tiny_components(family, real_widths=real_widths, seed=seed), out_dir)
+    components = build_tiny_components(family, real_widths=real_widths, real_layout=real_layout, seed=seed)
+    return save_model_folder(family, components, out_dir)
 
 
 def save_model_folder(family: str, components: dict[str, Any], out_dir: Path) -> Path:
