@@ -2,7 +2,7 @@
 
 By default it teaches the toy base model (conjure/toy: a small model pre-trained on a world of coloured
 shapes, with no stars in it) a yellow star. `--method ti` learns a new token from 12 bundled captioned images
-made by scripts/make_demo_images.py; `--method lora|dora` trains a concept model triggered by the word "sks"
+made by scripts/make_demo_images.py; `--method lora|dora` trains a concept model triggered by the word "zwx"
 from 16 star images rendered by the toy world plus 16 ordinary world images with their own captions (the
 regularisation that keeps prompts without the trigger as they were). The validation grid shows the star
 appear step by step. `--model tiny` builds a random-weight tiny model instead (its images are noise),
@@ -20,7 +20,7 @@ from conjure.errors import ConjureError
 DEMO_METHODS = ("ti", "lora", "dora")
 TI_FAMILIES = ("sd1", "sd2")
 TOKEN = "<yellow-star>"
-TRIGGER = "sks"
+TRIGGER = "zwx"
 LEARNING_RATE = {"ti": 5e-3, "lora": 3e-3, "dora": 3e-3}
 STEPS = {"ti": 300, "lora": 200, "dora": 200}
 

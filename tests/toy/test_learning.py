@@ -106,3 +106,94 @@ def test_the_learning_criterion_fails_with_unscaled_latents(tmp_path, monkeypatc
     before, after, _ = measure("sd1", embedding)
     print("unscaled", before, after)
     assert not learned(before, after)
+
+
+# --- LoRA and DoRA ------------------------------------------------------------------------------------
+# A concept model learns from the concept's images *and* ordinary world images with their own captions (the
+# regularisation users add so that prompts without the trigger keep their meaning). The trigger is a word the
+# toy models do not tie to yellow (their baseline share of yellow for "a zwx" is <= 0.06).
+
+TRIGGER = "zwx"
+CONTROL = "a large blue square in the center on a grey background"
+LORA_STEPS, LORA_LR = 200, 3e-3
+
+
+def lora_folder(tmp_path):
+    from conjure.demo import lora_demo_images
+
+    return lora_demo_images(tmp_path / "lora-data", trigger=TRIGGER)
+
+
+def train_lora(variant, tmp_path, *, dora=False, steps=LORA_STEPS):
+    raw = {
+        "type": "sdxl_lora" if variant == "sdxl" else "sd_lora",
+        "basic": {"base_model": str(toy_model(variant)), "output_dir": str(tmp_path / "runs"), "run_name": "lora",
+                  "max_train_steps": steps, "save_every_n_steps": steps, "validate_every_n_steps": None, "seed": 0},
+        "data": {"source": str(lora_folder(tmp_path)), "batch_size": 8, "random_flip": True},
+        "lora": {"trigger_word": TRIGGER, "rank": 4, "unet_targets": "attention", "dora": dora, "save_dtype": "fp32"},
+        "validation": {"at_start": False},
+        "optimizer": {"learning_rate": LORA_LR},
+        "advanced": {"max_grad_norm": None},
+    }
+    result = train(parse_config(raw))
+    return result.checkpoints[-1] / "lora.safetensors"
+
+
+def measure_lora(variant, path, *, dora):
+    """Concept share and loss with the trigger, and the control prompt's colour and pixels, before and after
+    loading the file the way apps do (diffusers' loader; conjure's reader for kohya DoRA, which diffusers drops)."""
+    from conjure.export.lora import apply_lora, load_kohya
+
+    pipe = load_pipeline(toy_model(variant))
+    scenes = concept_scenes(8, seed=999)
+    concept = [render(s) for s in scenes]
+
+    def state():
+        return {
+            "yellow": score(readings(pipe, f"a {TRIGGER}", SEEDS), colour="yellow"),
+            "loss": fixed_noise_loss(pipe, concept, [concept_caption(s, TRIGGER) for s in scenes]),
+            "control": score(readings(pipe, CONTROL, SEEDS[:8]), colour="blue"),
+            "pixels": np.asarray(generate(pipe, CONTROL, SEEDS[:4])[0], dtype=np.float64),
+        }
+
+    before = state()
+    if dora:
+        components = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")
+                      if getattr(pipe, name, None) is not None}
+        apply_lora(components, load_kohya(path)[0])
+    else:
+        pipe.load_lora_weights(str(path))
+    after = state()
+    after["control_change"] = float(np.abs(after.pop("pixels") - before.pop("pixels")).mean())
+    return before, after
+
+
+def lora_learned(before, after) -> bool:
+    return after["yellow"] >= before["yellow"] + 0.25 and after["loss"] <= 0.92 * before["loss"]
+
+
+def barely_changed(before, after) -> bool:
+    """The control prompt still draws what it says, and its pixels moved little (0-255 scale)."""
+    return after["control"] >= before["control"] - 0.125 and after["control_change"] < 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+def test_lora_teaches_the_concept_and_keeps_other_prompts(variant, dora, tmp_path):
+    before, after = measure_lora(variant, train_lora(variant, tmp_path, dora=dora), dora=dora)
+    print(variant, "dora" if dora else "lora", before, after)
+    assert lora_learned(before, after), (before, after)
+    assert barely_changed(before, after), (before, after)
+
+
+@pytest.mark.slow
+def test_the_lora_criterion_fails_with_a_wrong_target(tmp_path, monkeypatch):
+    import conjure.train.loss as loss
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loss, "diffusion_target", lambda scheduler, latents, noise, timesteps: noise)
+        path = train_lora("sd2", tmp_path)
+    before, after = measure_lora("sd2", path, dora=False)
+    print("lora, wrong target", before, after)
+    assert not lora_learned(before, after)

@@ -112,11 +112,6 @@ class _LoraConfigBase(BaseModel):
                 f"basic.family: {self.type} trains {' and '.join(families)} models, not {self.basic.family}; "
                 f"use type: {other}"
             )
-        if self.lora.dora and self.lora.save_format == "peft" and self.lora.unet_targets == "all":
-            raise ValueError(
-                "lora.unet_targets: 'all' adapts convolutions, which diffusers cannot load as PEFT DoRA; "
-                "use save_format: kohya (DoRA on convolutions loads in every app) or unet_targets: attention_ff"
-            )
         if not self.validation.prompts:
             self.validation.prompts = default_prompts(self.lora.trigger_word)
         return self
