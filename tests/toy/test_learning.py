@@ -114,6 +114,10 @@ def test_the_learning_criterion_fails_with_unscaled_latents(tmp_path, monkeypatc
 # toy models do not tie to yellow (their baseline share of yellow for "a zwx" is <= 0.06).
 
 TRIGGER = "zwx"
+# What is generated to look for the concept. The SDXL toy model (two 32-wide encoders) answers the bare
+# "a zwx" weakly after training (yellow 0.12 -> 0.28 over 32 seeds) while the caption form it trained on turns
+# fully yellow (0.5 -> 1.0), so it is measured with that form.
+PROBE = {"sd1": "a {}", "sd2": "a {}", "sdxl": "a large {} in the center on a white background"}
 CONTROL = "a large blue square in the center on a grey background"
 LORA_STEPS, LORA_LR = 200, 3e-3
 
@@ -150,7 +154,7 @@ def measure_lora(variant, path, *, dora):
 
     def state():
         return {
-            "yellow": score(readings(pipe, f"a {TRIGGER}", SEEDS), colour="yellow"),
+            "yellow": score(readings(pipe, PROBE[variant].format(TRIGGER), SEEDS), colour="yellow"),
             "loss": fixed_noise_loss(pipe, concept, [concept_caption(s, TRIGGER) for s in scenes]),
             "control": score(readings(pipe, CONTROL, SEEDS[:8]), colour="blue"),
             "pixels": np.asarray(generate(pipe, CONTROL, SEEDS[:4])[0], dtype=np.float64),
