@@ -7,16 +7,14 @@ the string metadata. The file name is what A1111/ComfyUI users type, so it is de
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from conjure.errors import ConjureError
+from conjure.export.files import save_atomically
 
 
 def embedding_file_name(token: str) -> str:
@@ -27,16 +25,8 @@ def embedding_file_name(token: str) -> str:
 
 def save_embedding(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write atomically: a crash leaves either the old file or the new one, never half a file."""
-    path = Path(path)
     clean = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomically(clean, Path(path), metadata)
 
 
 def load_embedding(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

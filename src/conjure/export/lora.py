@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -35,8 +34,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from conjure import families
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.adapters.names import (
     canonical_module_path,
@@ -51,6 +51,7 @@ from conjure.adapters.names import (
     unet_layout,
 )
 from conjure.errors import ConjureError
+from conjure.export.files import save_atomically
 
 __all__ = [
     "apply_lora",
@@ -109,14 +110,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         raise ConjureError(f"cannot write a LoRA file to {path}: it is a folder")
     if not path.parent.is_dir():
         raise ConjureError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomically(tensors, path, metadata)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -195,7 +189,8 @@ def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
 
 _SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "label_emb", "add_embedding")
 _LDM_MARKS = ("input_blocks", "middle_block", "output_blocks")
-_CROSS_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# The real models' UNet cross-attention width: their text encoders' widths side by side (768, 1024, 768 + 1280).
+_CROSS_WIDTHS = {sum(slot.width for slot in f.text_encoders): name for name, f in families.FAMILIES.items()}
 
 
 def _detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> tuple[str, bool]:
@@ -297,7 +292,7 @@ def save_kohya(
     """
     fam = family_name_of(family)
     meta = _check_metadata(metadata)
-    meta.setdefault("ss_base_model_version", {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[fam])
+    meta.setdefault("ss_base_model_version", families.get(fam).ss_base_model_version)
     if fam == "sdxl" and unet_config is not None:
         for key, value in layout_metadata(unet_config).items():
             meta.setdefault(key, value)
@@ -472,7 +467,7 @@ def save_peft(
     """
     fam = family_name_of(family)
     meta = _check_metadata(metadata)
-    meta.setdefault("ss_base_model_version", {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[fam])
+    meta.setdefault("ss_base_model_version", families.get(fam).ss_base_model_version)
     _write_peft(path, weights, meta, fam, _dtype(dtype))
     return Path(path)
 
