@@ -31,31 +31,21 @@ def demo_images() -> Path:
 
 def lora_demo_images(folder: Path, *, trigger: str = TRIGGER) -> Path:
     """16 yellow stars captioned with `trigger` and 16 ordinary (non-yellow) world images with their captions."""
-    import random
+    from conjure.toy.models import write_concept_set
 
-    from conjure.toy import world
-    from conjure.toy.models import concept_caption, concept_scenes
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(concept_scenes(16, seed=123)):
-        world.render(scene).save(folder / f"concept-{i:02d}.png")
-        (folder / f"concept-{i:02d}.txt").write_text(concept_caption(scene, trigger), encoding="utf-8")
-    rng, colours = random.Random(7), tuple(c for c in world.WORLD_COLOURS if c != "yellow")
-    for i in range(16):
-        scene = world.sample_scene(rng, colours=colours)
-        world.render(scene).save(folder / f"world-{i:02d}.png")
-        (folder / f"world-{i:02d}.txt").write_text(world.full_caption(scene), encoding="utf-8")
-    return folder
+    return write_concept_set(folder, trigger, name_prefix="concept-", world_images=16)
 
 
 def demo_config(model: str, out: Path, *, method: str, family: str, steps: int) -> dict:
+    from conjure.config.lora import lora_type_for
+
     every = max(steps // 6, 1)
     if method == "ti":
         config_type, source, word = "sd_textual_inversion", str(demo_images()), TOKEN
         # "circle" is a word the toy model knows, so step 0 shows circles and the concept grows out of them.
         section = {"textual_inversion": {"placeholder_token": TOKEN, "initializer": "circle"}}
     else:
-        config_type = "sdxl_lora" if family == "sdxl" else "sd_lora"
+        config_type = lora_type_for(family)
         source, word = str(lora_demo_images(out / "data-lora")), TRIGGER
         section = {"lora": {"trigger_word": TRIGGER, "rank": 4, "unet_targets": "attention", "dora": method == "dora"}}
     return {

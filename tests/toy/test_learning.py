@@ -12,7 +12,7 @@ import pytest
 from conjure.config import parse_config
 from conjure.toy.evaluate import score
 from conjure.toy.learning import fixed_noise_loss, generate, load_pipeline, readings
-from conjure.toy.models import concept_caption, concept_scenes, toy_model
+from conjure.toy.models import concept_caption, concept_scenes, toy_model, write_concept_set
 from conjure.toy.world import render
 from conjure.train.loop import train
 
@@ -23,12 +23,7 @@ VECTORS, LR = 1, 5e-3
 
 def concept_folder(tmp_path):
     """Images of the concept with world-style captions in which the token stands for "yellow star"."""
-    folder = tmp_path / "concept"
-    folder.mkdir()
-    for i, scene in enumerate(concept_scenes(16, seed=123)):
-        render(scene).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(concept_caption(scene))
-    return folder
+    return write_concept_set(tmp_path / "concept", TOKEN)
 
 
 def train_ti(variant, tmp_path, steps=300):

@@ -59,8 +59,6 @@ class InputColumnDora(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         with torch.no_grad():
             self.dora_scale = nn.Parameter(column_norm(base.weight.float()))
-        for p in (self.lora_down.weight, self.lora_up.weight, self.dora_scale):
-            p.data = p.data.float()
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) * up @ down in float32, shaped like the base weight."""

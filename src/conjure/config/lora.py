@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -96,6 +96,7 @@ class _LoraConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     type: str  # each subclass pins its own name (declared here so that it comes first in YAML)
+    FAMILIES: ClassVar[tuple[str, ...]]  # the model families this type trains (the methods registry reads it too)
     basic: BasicConfig
     data: DataConfig
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -105,34 +106,31 @@ class _LoraConfigBase(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> _LoraConfigBase:
-        families = self._families()
+        families = self.FAMILIES
         if self.basic.family != "auto" and self.basic.family not in families:
-            other = "sdxl_lora" if self.basic.family == "sdxl" else "sd_lora"
             raise ValueError(
                 f"basic.family: {self.type} trains {' and '.join(families)} models, not {self.basic.family}; "
-                f"use type: {other}"
+                f"use type: {lora_type_for(self.basic.family)}"
             )
         if not self.validation.prompts:
             self.validation.prompts = default_prompts(self.lora.trigger_word)
         return self
-
-    def _families(self) -> tuple[str, ...]:
-        raise NotImplementedError
 
 
 class SdLoraConfig(_LoraConfigBase):
     """LoRA / DoRA for Stable Diffusion 1.x and 2.x."""
 
     type: Literal["sd_lora"] = "sd_lora"
-
-    def _families(self) -> tuple[str, ...]:
-        return ("sd1", "sd2")
+    FAMILIES = ("sd1", "sd2")
 
 
 class SdxlLoraConfig(_LoraConfigBase):
     """LoRA / DoRA for Stable Diffusion XL (both text encoders, size/crop conditioning)."""
 
     type: Literal["sdxl_lora"] = "sdxl_lora"
+    FAMILIES = ("sdxl",)
 
-    def _families(self) -> tuple[str, ...]:
-        return ("sdxl",)
+
+def lora_type_for(family: str) -> str:
+    """The LoRA config type that trains `family` ('sd1' -> 'sd_lora', 'sdxl' -> 'sdxl_lora')."""
+    return next(cls.model_fields["type"].default for cls in (SdLoraConfig, SdxlLoraConfig) if family in cls.FAMILIES)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from conjure.config.lora import SdLoraConfig, SdxlLoraConfig
 from conjure.data.captions import CaptionTransform
 from conjure.errors import ConjureError
 from conjure.models.loading import LoadedModel
@@ -66,11 +67,11 @@ METHODS: dict[str, MethodSpec] = {
         trigger=lambda config: config.textual_inversion.placeholder_token,
     ),
     "sd_lora": MethodSpec(
-        families=("sd1", "sd2"), build=_build_lora, caption_transform=_lora_captions,
+        families=SdLoraConfig.FAMILIES, build=_build_lora, caption_transform=_lora_captions,
         trigger=lambda config: config.lora.trigger_word,
     ),
     "sdxl_lora": MethodSpec(
-        families=("sdxl",), build=_build_lora, caption_transform=_lora_captions,
+        families=SdxlLoraConfig.FAMILIES, build=_build_lora, caption_transform=_lora_captions,
         trigger=lambda config: config.lora.trigger_word,
     ),
 }

@@ -152,32 +152,27 @@ class Lora:
         return weights
 
     def _module_weights(self, layer: nn.Module) -> LoraModule:
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().float().cpu().clone()
+
         if isinstance(layer, InputColumnDora):
-            return LoraModule(
-                down=layer.lora_down.weight.detach().float().cpu().clone(),
-                up=layer.lora_up.weight.detach().float().cpu().clone(),
-                alpha=layer.alpha,
-                dora_scale=layer.dora_scale.detach().float().cpu().clone(),
-            )
-        magnitude = None
-        if self.section.dora:
-            magnitude = layer.lora_magnitude_vector[ADAPTER_NAME].weight.detach().float().cpu().clone()
+            return LoraModule(down=copy(layer.lora_down.weight), up=copy(layer.lora_up.weight), alpha=layer.alpha,
+                              dora_scale=copy(layer.dora_scale))
+        magnitude = copy(layer.lora_magnitude_vector[ADAPTER_NAME].weight) if self.section.dora else None
         return LoraModule(
-            down=layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone(),
-            up=layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone(),
-            alpha=float(layer.lora_alpha[ADAPTER_NAME]),
-            magnitude=magnitude,
+            down=copy(layer.lora_A[ADAPTER_NAME].weight), up=copy(layer.lora_B[ADAPTER_NAME].weight),
+            alpha=float(layer.lora_alpha[ADAPTER_NAME]), magnitude=magnitude,
         )
 
     def metadata(self, name: str, *, step: int, resolution: int, base_model: str) -> dict[str, str]:
         s, family, trigger = self.section, self.model.family, self.trigger
         meta = modelspec(family, self.kind, title=name, resolution=resolution)
         meta.update({
-            "ss_network_module": "lycoris.kohya" if s.dora and s.save_format == "kohya" else "networks.lora",
+            "ss_network_module": "lycoris.kohya" if self.own_dora else "networks.lora",
             "ss_network_dim": str(s.rank),
             "ss_network_alpha": str(float(s.alpha)),
             "ss_network_args": (
-                '{"algo": "lora", "dora_wd": true, "wd_on_out": false}' if s.dora and s.save_format == "kohya" else "{}"
+                '{"algo": "lora", "dora_wd": true, "wd_on_out": false}' if self.own_dora else "{}"
             ),
             "ss_base_model_version": family.ss_base_model_version,
             "ss_output_name": name,

@@ -33,3 +33,21 @@ def concept_scenes(n: int, *, seed: int = 0, colour: str = "yellow", shape: str 
 def concept_caption(scene: world.Scene, token: str = "<yellow-star>") -> str:
     """A world-style caption in which `token` stands for the concept's colour and shape."""
     return f"a {scene.size} {token} {scene.position} on a {scene.background} background"
+
+
+def write_concept_set(
+    folder: Path, token: str, *, n: int = 16, seed: int = 123, name_prefix: str = "", world_images: int = 0
+) -> Path:
+    """`n` images of the concept captioned with `token` (`<prefix>NN.png` + `.txt`), and optionally
+    `world_images` ordinary non-yellow world images with their own captions (`world-NN`): the regularisation
+    that keeps prompts without the token as they were. Returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(concept_scenes(n, seed=seed)):
+        world.render(scene).save(folder / f"{name_prefix}{i:02d}.png")
+        (folder / f"{name_prefix}{i:02d}.txt").write_text(concept_caption(scene, token), encoding="utf-8")
+    rng, colours = random.Random(7), tuple(c for c in world.WORLD_COLOURS if c != "yellow")
+    for i in range(world_images):
+        scene = world.sample_scene(rng, colours=colours)
+        world.render(scene).save(folder / f"world-{i:02d}.png")
+        (folder / f"world-{i:02d}.txt").write_text(world.full_caption(scene), encoding="utf-8")
+    return folder

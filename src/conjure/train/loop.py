@@ -255,15 +255,15 @@ class _Session:
         self.lr_scheduler = get_scheduler(
             SCHEDULES[opt.scheduler], optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=self.max_steps
         )
-        names = list(method.trainable_modules())
-        prepared = accelerator.prepare(*method.trainable_modules().values())
+        trainable = method.trainable_modules()
+        prepared = accelerator.prepare(*trainable.values())
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
         self.trainable = prepared
         self.optimizer = accelerator.prepare(optimizer)
         for module in self.trainable:
             module.train()  # CLIP has no dropout; train mode turns gradient checkpointing on in transformers
         # What the step calls: the prepared (possibly DDP-wrapped) module where it trains, else the frozen one.
-        forward = dict(zip(names, prepared))
+        forward = dict(zip(trainable, prepared))
         self.unet = forward.get("unet", model.unet)
         self.text_encoders = [
             (model.components[slot.tokenizer], forward.get(slot.encoder, model.components[slot.encoder]))
