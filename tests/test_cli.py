@@ -132,10 +132,12 @@ def test_output_folder_not_writable(capsys, tmp_path, ti_config):
 def test_captions_without_the_placeholder(capsys, tmp_path, ti_config, image_folder):
     for image in image_folder.glob("*.png"):
         image.with_suffix(".txt").write_text("a yellow square")
-    raw = ti_config()
-    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "caption_prefix")
-    raw = ti_config(data={"caption_prefix": "<zq-thing>"}, basic={"max_train_steps": 1})
+    # The token goes in front of captions that lack it ...
+    raw = ti_config(basic={"max_train_steps": 1})
     assert run_cli(capsys, "train", write_config(tmp_path, raw))[0] == 0
+    # ... unless it is to replace a word, and no caption has that word.
+    raw = ti_config(textual_inversion={"replace_word": "sks"}, basic={"max_train_steps": 1})
+    assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "replace_word 'sks'")
 
 
 def test_sdxl_model_is_refused_for_sd_textual_inversion(capsys, tmp_path, ti_config):

@@ -11,13 +11,17 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from conjure.config.lora import SdLoraConfig, SdxlLoraConfig
-from conjure.config.textual_inversion import SdTextualInversionConfig
+from conjure.config.pivotal import SdPivotalConfig, SdxlPivotalConfig
+from conjure.config.textual_inversion import SdTextualInversionConfig, SdxlTextualInversionConfig
 from conjure.errors import ConjureError
 
 CONFIG_TYPES: dict[str, type[BaseModel]] = {
     "sd_textual_inversion": SdTextualInversionConfig,
+    "sdxl_textual_inversion": SdxlTextualInversionConfig,
     "sd_lora": SdLoraConfig,
     "sdxl_lora": SdxlLoraConfig,
+    "sd_lora_and_textual_inversion": SdPivotalConfig,
+    "sdxl_lora_and_textual_inversion": SdxlPivotalConfig,
 }
 
 

@@ -14,20 +14,15 @@ from conjure.config.sections import (
     OptimizerConfig,
     Section,
     ValidationConfig,
+    check_family,
 )
 
 UNET_PRESETS = ("attention", "attention_ff", "all")
 
 
-class LoraSection(Section):
+class LoraAdapterSection(Section):
     """The adapter: which layers, how big, how it is saved."""
 
-    trigger_word: str | None = Field(
-        None,
-        description="The word (or words) in your captions that calls the concept, e.g. 'ohwx dog'. Used in the "
-        "default validation prompts and written into the file's metadata; captions must contain it.",
-        json_schema_extra={"example": "ohwx"},
-    )
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank (dim): bigger holds more, files grow with it.")
     alpha: float | None = Field(
         None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. null: equal to rank (scale 1)."
@@ -61,13 +56,6 @@ class LoraSection(Section):
         None, description="File name of the saved LoRA (without .safetensors); null: the run's name."
     )
 
-    @field_validator("trigger_word")
-    @classmethod
-    def _not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be blank; use null for no trigger word")
-        return value.strip() if value else value
-
     @field_validator("output_name")
     @classmethod
     def _file_name(cls, value: str | None) -> str | None:
@@ -76,10 +64,28 @@ class LoraSection(Section):
         return value
 
     @model_validator(mode="after")
-    def _resolve_alpha(self) -> LoraSection:
+    def _resolve_alpha(self) -> LoraAdapterSection:
         if self.alpha is None:
             self.alpha = float(self.rank)  # written into the resolved config: the file says what trained
         return self
+
+
+class LoraSection(LoraAdapterSection):
+    """A concept model's adapter and the word that calls it."""
+
+    trigger_word: str | None = Field(
+        None,
+        description="The word (or words) in your captions that calls the concept, e.g. 'ohwx dog'. Used in the "
+        "default validation prompts and written into the file's metadata; captions must contain it.",
+        json_schema_extra={"example": "ohwx"},
+    )
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank; use null for no trigger word")
+        return value.strip() if value else value
 
 
 class LoraOptimizerConfig(OptimizerConfig):
@@ -106,12 +112,7 @@ class _LoraConfigBase(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> _LoraConfigBase:
-        families = self.FAMILIES
-        if self.basic.family != "auto" and self.basic.family not in families:
-            raise ValueError(
-                f"basic.family: {self.type} trains {' and '.join(families)} models, not {self.basic.family}; "
-                f"use type: {lora_type_for(self.basic.family)}"
-            )
+        check_family(self.type, self.FAMILIES, self.basic.family, lora_type_for)
         if not self.validation.prompts:
             self.validation.prompts = default_prompts(self.lora.trigger_word)
         return self

@@ -6,6 +6,7 @@ section model; the CLI, YAML files, the starter config and the UI forms all read
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -171,3 +172,12 @@ class AdvancedConfig(Section):
         le=1,
         description="Offset noise: 0.05-0.1 helps the model learn very dark or very bright images; 0: off.",
     )
+
+
+def check_family(config_type: str, families: tuple[str, ...], family: str, type_for: Callable[[str], str]) -> None:
+    """Refuse a `basic.family` that the config type does not train, naming the type that does."""
+    if family != "auto" and family not in families:
+        raise ValueError(
+            f"basic.family: {config_type} trains {' and '.join(families)} models, not {family}; "
+            f"use type: {type_for(family)}"
+        )

@@ -1,9 +1,10 @@
-"""Config of `sd_textual_inversion`: new token(s) for SD 1.x / 2.x, learned from a few images."""
+"""Configs of `sd_textual_inversion` (SD 1.x / 2.x) and `sdxl_textual_inversion` (both SDXL encoders):
+new token(s) learned from a few images."""
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -14,6 +15,7 @@ from conjure.config.sections import (
     OptimizerConfig,
     Section,
     ValidationConfig,
+    check_family,
 )
 
 OBJECT_PROMPTS = ("a photo of {}", "a close-up photo of {} on a table")
@@ -21,7 +23,7 @@ STYLE_PROMPTS = ("a painting of a house in the style of {}", "a portrait of a wo
 
 
 class TextualInversionSection(Section):
-    """The new token and how it starts."""
+    """The new token, how it starts, and how it gets into the captions."""
 
     placeholder_token: str = Field(
         description="The new token you will type in prompts, e.g. '<my-style>'. Must not exist in the vocabulary.",
@@ -39,6 +41,12 @@ class TextualInversionSection(Section):
         description="Captions for images without one: 'object' ('a photo of a <token>', ...) or "
         "'style' ('a painting in the style of <token>', ...).",
     )
+    replace_word: str | None = Field(
+        None,
+        description="A word of your captions that stands for the concept (e.g. 'sks'): each occurrence becomes "
+        "the placeholder token, and captions without it are left as they are (regularisation images). "
+        "null: the token is put in front of every caption that lacks it.",
+    )
 
     @field_validator("placeholder_token")
     @classmethod
@@ -47,13 +55,24 @@ class TextualInversionSection(Section):
             raise ValueError("must be one word without spaces, e.g. '<my-style>'")
         return value
 
+    @field_validator("replace_word")
+    @classmethod
+    def _word(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank; use null to put the token in front of captions")
+        return value.strip() if value else value
 
-class SdTextualInversionConfig(BaseModel):
-    """Textual inversion for Stable Diffusion 1.x and 2.x."""
 
+def default_ti_prompts(ti: TextualInversionSection) -> list[str]:
+    templates = OBJECT_PROMPTS if ti.caption_preset == "object" else STYLE_PROMPTS
+    return [t.format(ti.placeholder_token) for t in templates]
+
+
+class _TextualInversionConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    type: Literal["sd_textual_inversion"] = "sd_textual_inversion"
+    type: str  # each subclass pins its own name (declared here so that it comes first in YAML)
+    FAMILIES: ClassVar[tuple[str, ...]]  # the model families this type trains (the methods registry reads it too)
     basic: BasicConfig
     data: DataConfig
     textual_inversion: TextualInversionSection
@@ -62,10 +81,32 @@ class SdTextualInversionConfig(BaseModel):
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
 
     @model_validator(mode="after")
-    def _fill_validation_prompts(self) -> SdTextualInversionConfig:
+    def _check(self) -> _TextualInversionConfigBase:
+        check_family(self.type, self.FAMILIES, self.basic.family, ti_type_for)
         # Written into the resolved config, so the run folder says exactly what was rendered.
         if not self.validation.prompts:
-            ti = self.textual_inversion
-            templates = OBJECT_PROMPTS if ti.caption_preset == "object" else STYLE_PROMPTS
-            self.validation.prompts = [t.format(ti.placeholder_token) for t in templates]
+            self.validation.prompts = default_ti_prompts(self.textual_inversion)
         return self
+
+
+class SdTextualInversionConfig(_TextualInversionConfigBase):
+    """Textual inversion for Stable Diffusion 1.x and 2.x."""
+
+    type: Literal["sd_textual_inversion"] = "sd_textual_inversion"
+    FAMILIES = ("sd1", "sd2")
+
+
+class SdxlTextualInversionConfig(_TextualInversionConfigBase):
+    """Textual inversion for Stable Diffusion XL: the token is learned in both text encoders together."""
+
+    type: Literal["sdxl_textual_inversion"] = "sdxl_textual_inversion"
+    FAMILIES = ("sdxl",)
+
+
+def ti_type_for(family: str) -> str:
+    """The textual-inversion config type that trains `family`."""
+    return next(
+        cls.model_fields["type"].default
+        for cls in (SdTextualInversionConfig, SdxlTextualInversionConfig)
+        if family in cls.FAMILIES
+    )

@@ -5,6 +5,7 @@ Owns the textual-inversion prompt templates and `CaptionTransform`, the one pure
 """
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,19 +69,22 @@ TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 @dataclass(frozen=True)
 class CaptionTransform:
-    """The training text for one example, built in three steps:
+    """The training text for one example, built in these steps:
 
     1. Source: the example's caption; when it has none, a template of `preset` chosen with
        `rng.choice` and filled with `placeholder`; with no preset either, "".
-    2. Shuffle (when `shuffle_delimiter` is set): split on it, strip the parts, drop empty ones, keep the
+    2. Substitution (when `replace_word` is set): each whole-word occurrence of it becomes `placeholder`.
+    3. Shuffle (when `shuffle_delimiter` is set): split on it, strip the parts, drop empty ones, keep the
        first `keep_tokens` parts in place and shuffle the rest with `rng`, then join them with the
        separator (the delimiter followed by one space, e.g. ", ", unless it already ends in whitespace).
        `keep_tokens` does nothing without a delimiter.
-    3. Prefix (when `prefix` is set): put in front, joined by the separator (a single space without a
+    4. Prefix (when `prefix` is set): put in front, joined by the separator (a single space without a
        delimiter), unless the text already starts with it as a whole word. A template text already holds
        the placeholder, so a prefix equal to the placeholder is not added to it again.
+    5. Placeholder (when `ensure_placeholder` is set): a text that does not contain `placeholder` gets it
+       in front, joined like the prefix.
 
-    The prefix is added after shuffling, so it is always first and is not one of the `keep_tokens`.
+    The prefix and placeholder are added after shuffling, so they come first and are not `keep_tokens`.
     """
 
     prefix: str = ""
@@ -88,6 +92,8 @@ class CaptionTransform:
     keep_tokens: int = 0
     preset: Literal["object", "style"] | None = None
     placeholder: str | None = None
+    replace_word: str | None = None
+    ensure_placeholder: bool = False
 
     def __post_init__(self) -> None:
         if self.keep_tokens < 0:
@@ -98,15 +104,22 @@ class CaptionTransform:
             raise ValueError(f"preset must be one of {sorted(TEMPLATES)}, got {self.preset!r}")
         if self.preset is not None and not self.placeholder:
             raise ValueError(f"preset {self.preset!r} needs a placeholder to fill its templates")
+        if (self.replace_word or self.ensure_placeholder) and not self.placeholder:
+            raise ValueError("replace_word and ensure_placeholder need a placeholder")
 
     def __call__(self, caption: str | None, rng: random.Random) -> str:
         from_template = caption is None and self.preset is not None
         if caption is None:
             caption = rng.choice(TEMPLATES[self.preset]).format(self.placeholder) if from_template else ""
+        if self.replace_word:
+            word = re.escape(self.replace_word)
+            caption = re.sub(rf"(?<!\w){word}(?!\w)", lambda _: self.placeholder, caption)
         if self.shuffle_delimiter is not None:
             caption = self._shuffle(caption, rng)
         if self.prefix and not (from_template and self.prefix == self.placeholder):
-            caption = self._add_prefix(caption)
+            caption = self._add_prefix(caption, self.prefix)
+        if self.ensure_placeholder and self.placeholder not in caption:
+            caption = self._add_prefix(caption, self.placeholder)
         return caption
 
     @property
@@ -124,9 +137,9 @@ class CaptionTransform:
         rng.shuffle(rest)
         return self.separator.join(kept + rest)
 
-    def _add_prefix(self, caption: str) -> str:
+    def _add_prefix(self, caption: str, prefix: str) -> str:
         if not caption:
-            return self.prefix
-        if caption.startswith(self.prefix) and not caption[len(self.prefix) :][:1].isalnum():
+            return prefix
+        if caption.startswith(prefix) and not caption[len(prefix) :][:1].isalnum():
             return caption
-        return self.prefix + self.separator + caption
+        return prefix + self.separator + caption

@@ -3,6 +3,10 @@
 SD 1.x/2.x: one tensor `emb_params` [n_vectors, width]; SDXL: `clip_l` and `clip_g`. Nothing else goes
 into the tensors (A1111/Forge reject a file with an extra tensor such as a step counter); facts go into
 the string metadata. The file name is what A1111/ComfyUI users type, so it is derived from the token.
+
+Pivotal tuning can also bundle the embedding inside its LoRA file, as A1111/Forge and ComfyUI read it:
+`bundle_emb.<name>.string_to_param.*` (SD 1.x/2.x) or `bundle_emb.<name>.clip_l` / `.clip_g` (SDXL), where
+`<name>` is what users type (A1111 splits the key at dots, so the name has none).
 """
 
 from __future__ import annotations
@@ -21,6 +25,37 @@ def embedding_file_name(token: str) -> str:
     """'<my-style>' -> 'my-style.safetensors': no characters that prompts or file systems mangle."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", token).strip("-.") or "embedding"
     return f"{stem}.safetensors"
+
+
+def embedding_name(token: str) -> str:
+    """What users type for an embedding file or bundle: the file name's stem, without dots."""
+    return embedding_file_name(token).removesuffix(".safetensors").replace(".", "-")
+
+
+BUNDLE_PREFIX = "bundle_emb."
+SD_BUNDLE_KEY = "string_to_param.*"  # A1111's legacy embedding layout, which its bundle reader expects for SD1/2
+
+
+def bundle_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An embedding (file layout: `emb_params`, or `clip_l` + `clip_g`) as the `bundle_emb` keys of a LoRA file."""
+    if "." in name or not name:
+        raise ConjureError(f"bundled embedding name {name!r} must be non-empty and have no dots")
+    out = {}
+    for key, value in tensors.items():
+        part = SD_BUNDLE_KEY if key == "emb_params" else key
+        out[f"{BUNDLE_PREFIX}{name}.{part}"] = value.detach().to("cpu", torch.float32).contiguous().clone()
+    return out
+
+
+def unbundle(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The embeddings bundled in a LoRA file's tensors, by name, in the embedding-file layout."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            continue
+        name, _, part = key[len(BUNDLE_PREFIX):].partition(".")
+        out.setdefault(name, {})["emb_params" if part == SD_BUNDLE_KEY else part] = value
+    return out
 
 
 def save_embedding(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

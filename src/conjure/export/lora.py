@@ -276,8 +276,12 @@ def save_kohya(
     unet_config: Any = None,
     *,
     dtype: Any = torch.float32,
+    bundle: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `weights` as a kohya LoRA/DoRA file every app loads (atomically). Returns the path.
+
+    bundle: extra `bundle_emb.*` tensors (conjure.export.embeddings.bundle_tensors) written as given: the
+    embedding of a pivotal run, for apps that read it from the LoRA file.
 
     family: 'sd1' / 'sd2' / 'sdxl' or a Family; unet_config: the UNet's config (SDXL's LDM numbering depends on
     it; None: the real SDXL layout). dtype: of down/up/dora_scale (float32 default; float16 / bfloat16 / None to keep
@@ -296,7 +300,12 @@ def save_kohya(
     if fam == "sdxl" and unet_config is not None:
         for key, value in layout_metadata(unet_config).items():
             meta.setdefault(key, value)
-    _write_kohya(path, weights, meta, fam, unet_config, _dtype(dtype))
+    tensors = kohya_state_dict(weights, fam, unet_config, dtype=_dtype(dtype))
+    for key, value in (bundle or {}).items():
+        if not key.startswith("bundle_emb."):
+            raise ConjureError(f"bundled tensor {key!r} must start with 'bundle_emb.'")
+        tensors[key] = value
+    _atomic_save(tensors, Path(path), meta)
     return Path(path)
 
 

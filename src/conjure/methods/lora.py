@@ -88,6 +88,12 @@ class Lora:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + sum(map(ord, name)))
                 self._inject(module, targets)
+        # The adapters' parameters, fixed now: a recipe that adds more trainable parts to the same modules
+        # afterwards (pivotal tuning's token rows) keeps them out of the LoRA's groups, state and files.
+        self._params: list[tuple[str, str, nn.Parameter]] = [
+            (component, n, p) for component, module in self.modules.items()
+            for n, p in module.named_parameters() if p.requires_grad
+        ]
         for p in self.parameters():
             p.data = p.data.float()  # trained parameters are float32 masters
 
@@ -106,10 +112,7 @@ class Lora:
         return [(path, module.get_submodule(path)) for path in self.targets[component]]
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        out = []
-        for component, module in self.modules.items():
-            out += [(f"{component}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
-        return out
+        return [(f"{component}.{n}", p) for component, n, p in self._params]
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self._named_parameters()]
@@ -119,14 +122,17 @@ class Lora:
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         s, groups = self.section, []
-        for component, module in self.modules.items():
+        for component in self.modules:
             lr = (s.unet_learning_rate if component == "unet" else s.text_encoder_learning_rate) or learning_rate
-            params = [p for p in module.parameters() if p.requires_grad]
+            params = [p for c, _, p in self._params if c == component]
             groups.append({"params": params, "lr": lr, "name": component})
         return groups
 
     def expand_caption(self, caption: str) -> str:
         return caption
+
+    def frozen_parameters(self, step: int, max_steps: int) -> list[nn.Parameter]:
+        return []
 
     # --- state for resume and files for consumers --------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -189,17 +195,23 @@ class Lora:
         ))
         return meta
 
+    def output_name(self, run_name: str) -> str:
+        return self.section.output_name or run_name
+
     def save(self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str) -> list[Path]:
         """Write the LoRA file apps load, named `lora.output_name` or after the run."""
+        name = self.output_name(run_name)
+        meta = self.metadata(name, step=step, resolution=resolution, base_model=base_model)
+        return [self.write(Path(folder) / f"{name}.safetensors", meta)]
+
+    def write(self, path: Path, metadata: dict[str, str], *, bundle: dict[str, torch.Tensor] | None = None) -> Path:
+        """The LoRA file in the configured format and precision; `bundle`: extra `bundle_emb.*` tensors (kohya)."""
         from conjure.export.lora import save_kohya, save_peft
 
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.section.save_dtype]
-        name = self.section.output_name or run_name
-        path = Path(folder) / f"{name}.safetensors"
-        meta = self.metadata(name, step=step, resolution=resolution, base_model=base_model)
-        weights = self.lora_weights()
+        weights, family = self.lora_weights(), self.model.family
         if self.section.save_format == "kohya":
-            save_kohya(path, weights, meta, self.model.family, self.model.unet.config, dtype=dtype)
-        else:
-            save_peft(path, weights, meta, self.model.family, dtype=dtype)
-        return [path]
+            return save_kohya(path, weights, metadata, family, self.model.unet.config, dtype=dtype, bundle=bundle)
+        if bundle:
+            raise ConjureError("lora.save_format: peft cannot carry a bundled embedding; use kohya")
+        return save_peft(path, weights, metadata, family, dtype=dtype)

@@ -49,6 +49,22 @@ class ExtendedEmbedding(nn.Module):
         return torch.where(is_new.unsqueeze(-1), new.to(out.dtype), out)
 
 
+def _pool_at_first_eos(encoder: nn.Module, eos_token_id: int) -> None:
+    """Make a CLIP text encoder take its pooled output at the first end-of-text token.
+
+    Encoders whose config says `eos_token_id: 2` (SDXL's second encoder and SD 1.x's, converted before
+    transformers fixed the id) pool at the *largest* token id instead, which is the end-of-text token only
+    until tokens are added: with a new token in the prompt, SDXL's pooled embedding would be read at the new
+    token's position. The apps (A1111/Forge, ComfyUI) pool at the end-of-text token, so training does too.
+    Without added tokens in a prompt both rules pick the same position, so nothing else changes.
+    """
+    for module in encoder.modules():
+        if isinstance(getattr(module, "eos_token_id", None), int) and module.eos_token_id != eos_token_id:
+            module.eos_token_id = eos_token_id
+    if getattr(encoder.config, "eos_token_id", None) != eos_token_id:
+        encoder.config.eos_token_id = eos_token_id
+
+
 def token_names(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
@@ -100,6 +116,7 @@ class TextualInversion:
             rows = init if len(init_ids) == len(self.tokens) else init.mean(0, keepdim=True).repeat(len(self.tokens), 1)
         wrapped = ExtendedEmbedding(base, rows)
         encoder.set_input_embeddings(wrapped)
+        _pool_at_first_eos(encoder, tokenizer.eos_token_id)
         return wrapped
 
     # --- what trains -------------------------------------------------------------------------------
@@ -109,6 +126,9 @@ class TextualInversion:
 
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         return [{"params": [e.new_rows for e in self.embeddings], "lr": learning_rate}]
+
+    def frozen_parameters(self, step: int, max_steps: int) -> list[nn.Parameter]:
+        return []
 
     def expand_caption(self, caption: str) -> str:
         """'<tok>' -> '<tok> <tok>_1 ...' as diffusers' pipelines do for multi-vector tokens."""
@@ -130,13 +150,11 @@ class TextualInversion:
         slots = self.model.family.text_encoders
         return {slot.embedding_key: e.new_rows.detach() for slot, e in zip(slots, self.embeddings)}
 
-    def save(self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str = "") -> list[Path]:
-        """Write the embedding file that apps load; returns the files written."""
-        path = Path(folder) / embedding_file_name(self.placeholder)
+    def metadata(self, *, step: int, resolution: int, base_model: str, method: str = "textual_inversion") -> dict:
         metadata = modelspec(self.model.family, self.kind, title=self.placeholder, resolution=resolution)
         metadata.update(
             conjure_keys(
-                method="textual_inversion",
+                method=method,
                 placeholder_token=self.placeholder,
                 initializer=self.initializer,
                 num_vectors=len(self.tokens),
@@ -144,5 +162,11 @@ class TextualInversion:
                 base_model=base_model,
             )
         )
-        save_embedding(path, self.embedding_tensors(), metadata)
+        return metadata
+
+    def save(self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str = "") -> list[Path]:
+        """Write the embedding file that apps load; returns the files written."""
+        path = Path(folder) / embedding_file_name(self.placeholder)
+        save_embedding(path, self.embedding_tensors(), self.metadata(step=step, resolution=resolution,
+                                                                     base_model=base_model))
         return [path]

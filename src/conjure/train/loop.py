@@ -93,10 +93,8 @@ def _scan_data(config: Any, spec: Any) -> tuple[list[Any], list[tuple[Path, str]
     probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples]
     trigger = spec.trigger(config)
     if trigger and not any(trigger in c for c in probe):
-        raise ConjureError(
-            f"no training caption contains {trigger!r}: add it to the captions, or set data.caption_prefix: "
-            f"'{trigger}'"
-        )
+        hint = spec.trigger_hint(config) or f"add it to the captions, or set data.caption_prefix: '{trigger}'"
+        raise ConjureError(f"no training caption contains {trigger!r}: {hint}")
     return scan.examples, scan.skipped, probe
 
 
@@ -370,6 +368,8 @@ class _Session:
                     prediction_type=adv.prediction_type, min_snr_gamma=adv.min_snr_gamma, noise_offset=adv.noise_offset,
                 )
             acc.backward(loss)
+            for param in self.method.frozen_parameters(self.step, self.max_steps):
+                param.grad = None  # the optimizers skip a parameter without a gradient: no update, no decay
             if acc.sync_gradients and self.config.advanced.max_grad_norm:
                 acc.clip_grad_norm_(self.params, self.config.advanced.max_grad_norm)
             self.optimizer.step()
