@@ -56,7 +56,7 @@ def ti_config(tiny_models, image_folder, tmp_path):
 
     def make(family: str = "sd1", **sections) -> dict:
         data = {
-            "type": "sd_textual_inversion",
+            "type": "sdxl_textual_inversion" if family == "sdxl" else "sd_textual_inversion",
             "basic": {
                 "base_model": str(tiny_models(family)),
                 "output_dir": str(tmp_path / "runs"),

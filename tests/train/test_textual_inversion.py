@@ -81,41 +81,94 @@ def test_diffusers_loads_the_embedding_and_it_changes_the_image(ti_config):
     assert torch.equal(rows, load_embedding(path)[0]["emb_params"])
 
 
-def test_only_new_rows_change(ti_config, monkeypatch):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_only_new_rows_change(ti_config, family, monkeypatch):
     import dataclasses
-
-    from transformers import CLIPTextModel
 
     import conjure.methods as methods
     from conjure.models.loading import load_base_model
 
     # full precision: under bf16/fp16 the frozen weights are stored cast, which is not what this test is about
-    raw = ti_config(basic={"max_train_steps": 4}, advanced={"mixed_precision": "no"})
+    raw = ti_config(family, basic={"max_train_steps": 4}, advanced={"mixed_precision": "no"})
     seen = {}
-    spec = methods.METHODS["sd_textual_inversion"]
+    spec = methods.METHODS[raw["type"]]
 
     def build_and_keep(config, model):  # keep a handle on the trained model
         seen["model"] = model
         return spec.build(config, model)
 
-    monkeypatch.setitem(methods.METHODS, "sd_textual_inversion", dataclasses.replace(spec, build=build_and_keep))
+    monkeypatch.setitem(methods.METHODS, raw["type"], dataclasses.replace(spec, build=build_and_keep))
     run(raw)
-    trained = seen["model"].components["text_encoder"].cpu()
-    fresh = CLIPTextModel.from_pretrained(raw["basic"]["base_model"], subfolder="text_encoder")
-    wrapped = trained.get_input_embeddings()
-    assert torch.equal(wrapped.base.weight, fresh.get_input_embeddings().weight)
-    from transformers import CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(raw["basic"]["base_model"], subfolder="tokenizer")
-    init = fresh.get_input_embeddings().weight[tokenizer("dog", add_special_tokens=False).input_ids]
-    assert not torch.equal(wrapped.new_rows.detach(), init)
-    trained_sd = {k: v for k, v in trained.state_dict().items() if "new_rows" not in k}
-    fresh_sd = fresh.state_dict()
-    for key, value in trained_sd.items():
-        assert torch.equal(value, fresh_sd[key.replace("token_embedding.base.", "token_embedding.")]), key
+    fresh = load_base_model(raw["basic"]["base_model"])
+    pairs = list(zip(seen["model"].text_encoders(), fresh.text_encoders()))
+    assert len(pairs) == (2 if family == "sdxl" else 1)
+    for (_, trained), (tokenizer, original) in pairs:
+        wrapped = trained.cpu().get_input_embeddings()
+        assert torch.equal(wrapped.base.weight, original.get_input_embeddings().weight)
+        init = original.get_input_embeddings().weight[tokenizer("dog", add_special_tokens=False).input_ids]
+        assert not torch.equal(wrapped.new_rows.detach(), init)
+        trained_sd = {k: v for k, v in trained.state_dict().items() if "new_rows" not in k}
+        original_sd = original.state_dict()
+        assert len(trained_sd) == len(original_sd)
+        for key, value in trained_sd.items():
+            assert torch.equal(value, original_sd[key.replace("token_embedding.base.", "token_embedding.")]), key
     unet = seen["model"].unet.cpu()
-    fresh_unet = load_base_model(raw["basic"]["base_model"]).unet
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), fresh_unet.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), fresh.unet.state_dict().values()))
+
+
+def test_sdxl_embedding_loads_in_diffusers_once_per_encoder_and_changes_the_image(ti_config):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    raw = ti_config("sdxl", textual_inversion={"num_vectors": 2})
+    assert parse_config(raw).type == "sdxl_textual_inversion"
+    result = run(raw)
+    path = result.checkpoints[-1] / "zq-thing.safetensors"
+    tensors, meta = load_embedding(path)
+    assert set(tensors) == {"clip_l", "clip_g"} and all(t.shape == (2, 32) for t in tensors.values())
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-xl") and meta["conjure.num_vectors"] == "2"
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(raw["basic"]["base_model"])
+    pipe.set_progress_bar_config(disable=True)
+
+    def image(prompt):
+        g = torch.Generator("cpu").manual_seed(0)
+        return torch.from_numpy(pipe(prompt, num_inference_steps=2, generator=g, output_type="np").images[0])
+
+    before = image("a photo of <zq-thing>")
+    state = load_file(str(path))
+    pipe.load_textual_inversion(state["clip_l"], token="<zq-thing>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<zq-thing>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    after = image("a photo of <zq-thing>")
+    assert not torch.allclose(before, after, atol=1e-4)
+    # Each encoder got its own tensor's rows, exactly.
+    for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
+                                    ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tokenizer.convert_tokens_to_ids(["<zq-thing>", "<zq-thing>_1"])
+        assert torch.equal(encoder.get_input_embeddings().weight[ids], state[key])
+
+
+def test_added_tokens_do_not_move_the_pooled_embedding_of_legacy_encoders(tiny_models):
+    """Encoders whose config says eos_token_id 2 (SDXL's second one, as published) pool at the largest token id,
+    which is a new token once one is added; after textual inversion sets up, pooling is at the end-of-text."""
+    from conjure.methods.textual_inversion import TextualInversion
+    from conjure.models.loading import load_base_model
+
+    model = load_base_model(str(tiny_models("sdxl")))
+    tokenizer, encoder = model.text_encoders()[1]
+    for module in encoder.modules():
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = 2  # as the published SDXL text_encoder_2 config has it
+    TextualInversion(model, placeholder_token="<zq-thing>", initializer="dog", num_vectors=1)
+    ids = tokenizer(["a <zq-thing> photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    eos = (ids[0] == tokenizer.eos_token_id).nonzero()[0].item()
+    assert ids[0].argmax().item() != eos  # the legacy rule would pick the new token
+    with torch.no_grad():
+        out = encoder(ids)
+        expected = encoder.text_projection(out.last_hidden_state[0, eos])
+    torch.testing.assert_close(out.text_embeds[0], expected)
 
 
 def test_resume_matches_uninterrupted_run(ti_config, tmp_path):
