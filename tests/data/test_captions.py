@@ -115,3 +115,35 @@ def test_full_order_template_then_shuffle_then_prefix():
 def test_invalid_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         CaptionTransform(**kwargs)
+
+
+def test_replace_word_becomes_the_placeholder_as_a_whole_word_only():
+    transform = CaptionTransform(placeholder="<tok>", replace_word="sks")
+    rng = random.Random(0)
+    assert transform("a sks dog, sks. (sks)", rng) == "a <tok> dog, <tok>. (<tok>)"
+    assert transform("a task on skSs and sksx", rng) == "a task on skSs and sksx"  # not inside other words
+    assert transform("a red square", rng) == "a red square"  # regularisation captions stay as they are
+
+
+def test_replacement_comes_before_shuffling_and_the_prefix():
+    transform = CaptionTransform(prefix="photo", shuffle_delimiter=",", keep_tokens=1, placeholder="<tok>",
+                                 replace_word="sks")
+    text = transform("sks dog, grass, sky", random.Random(1))
+    assert text.startswith("photo, <tok> dog, ") and "sks" not in text
+
+
+def test_ensure_placeholder_puts_the_token_in_front_of_captions_without_it():
+    transform = CaptionTransform(shuffle_delimiter=",", prefix="style", placeholder="<tok>", ensure_placeholder=True)
+    assert transform("a dog, grass", random.Random(0)).startswith("<tok>, style, ")
+    assert transform("a <tok>, grass", random.Random(0)).count("<tok>") == 1
+    assert transform("", random.Random(0)) == "<tok>, style"
+    assert CaptionTransform(placeholder="<tok>", ensure_placeholder=True)("", random.Random(0)) == "<tok>"
+    templated = CaptionTransform(preset="object", placeholder="<tok>", ensure_placeholder=True)
+    assert templated(None, random.Random(0)).count("<tok>") == 1
+
+
+def test_replace_and_ensure_need_a_placeholder():
+    with pytest.raises(ValueError, match="placeholder"):
+        CaptionTransform(replace_word="sks")
+    with pytest.raises(ValueError, match="placeholder"):
+        CaptionTransform(ensure_placeholder=True)
