@@ -154,6 +154,15 @@ def test_warnings_for_learning_rates_of_the_other_kind():
     assert "prodigy" in warning
 
 
+def test_warnings_name_a_parameter_group_with_its_own_learning_rate():
+    """Pivotal tuning's embedding rate (1e-3 by default) is far too small as a Prodigy multiplier."""
+    prodigy = OptimizerConfig(optimizer="prodigy", learning_rate=1.0)
+    groups = [{"params": [], "lr": 1.0, "name": "unet"}, {"params": [], "lr": 1e-3, "name": "embedding"}]
+    (warning,) = optimizer_warnings(prodigy, groups)
+    assert warning.startswith("the embedding learning rate is 0.001")
+    assert optimizer_warnings(OptimizerConfig(learning_rate=1e-4), groups[1:]) == []
+
+
 def test_optimizer_config_fields():
     config = OptimizerConfig()
     assert config.optimizer == "adamw" and config.learning_rate == 4e-3

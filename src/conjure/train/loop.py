@@ -248,7 +248,7 @@ class _Session:
         groups = method.parameter_groups(opt.learning_rate)
         self.params = [p for g in groups for p in g["params"]]
         optimizer = build_optimizer(groups, opt, device=accelerator.device)
-        for warning in optimizer_warnings(opt):
+        for warning in optimizer_warnings(opt, groups):
             _say(f"warning: {warning}")
         self.lr_scheduler = get_scheduler(
             SCHEDULES[opt.scheduler], optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=self.max_steps

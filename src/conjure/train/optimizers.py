@@ -46,20 +46,24 @@ def build_optimizer(
     raise ConjureError(f"optimizer.optimizer: unknown optimizer {kind!r} (choose one of {', '.join(OPTIMIZERS)})")
 
 
-def optimizer_warnings(config: Any) -> list[str]:
-    """Settings that run but are probably not what was meant; the loop prints each as a warning."""
+def optimizer_warnings(config: Any, groups: list[dict[str, Any]] | None = None) -> list[str]:
+    """Settings that run but are probably not what was meant; the loop prints each as a warning.
+    `groups`: the recipe's parameter groups; a named group with its own learning rate is checked too."""
+    rates = [("optimizer.learning_rate", config.learning_rate)]
+    rates += [(f"the {g['name']} learning rate", g["lr"]) for g in groups or []
+              if "name" in g and g["lr"] != config.learning_rate]
     warnings = []
-    lr = config.learning_rate
-    if config.optimizer == "prodigy" and lr < PRODIGY_MIN_LR:
-        warnings.append(
-            f"optimizer.learning_rate is {lr:g}, but with prodigy it multiplies the step size Prodigy finds "
-            "itself; 1.0 is the usual value (lower it only if training is unstable)"
-        )
-    elif config.optimizer != "prodigy" and lr >= 0.5:
-        warnings.append(
-            f"optimizer.learning_rate {lr:g} is very high for {config.optimizer} (1.0 is a Prodigy setting; "
-            "set optimizer.optimizer: prodigy, or a learning rate like 1e-4)"
-        )
+    for what, lr in rates:
+        if config.optimizer == "prodigy" and lr < PRODIGY_MIN_LR:
+            warnings.append(
+                f"{what} is {lr:g}, but with prodigy it multiplies the step size Prodigy finds "
+                "itself; 1.0 is the usual value (lower it only if training is unstable)"
+            )
+        elif config.optimizer != "prodigy" and lr >= 0.5:
+            warnings.append(
+                f"{what} {lr:g} is very high for {config.optimizer} (1.0 is a Prodigy setting; "
+                "set optimizer.optimizer: prodigy, or a learning rate like 1e-4)"
+            )
     return warnings
 
 
