@@ -232,6 +232,19 @@ def test_token_replaces_a_word_and_leaves_other_captions(pivotal_config, image_f
     assert set(seen) == {f"a {TOKEN} toy on a table", "a red square"}
 
 
+def test_export_takes_the_chosen_steps_files(pivotal_config, tmp_path):
+    from conjure.errors import ConjureError
+    from conjure.export.runs import export_step
+
+    result = run(pivotal_config(textual_inversion={"bundle": True}))
+    out = export_step(result.run_dir, 3, tmp_path / "app")
+    assert sorted(p.name for p in out) == ["run.bundle.safetensors", "run.safetensors", "zq-thing.safetensors"]
+    assert (tmp_path / "app" / "zq-thing.safetensors").read_bytes() == \
+        (result.run_dir / "checkpoints" / "step-000003" / "zq-thing.safetensors").read_bytes()
+    with pytest.raises(ConjureError, match="keep their names"):
+        export_step(result.run_dir, 6, tmp_path / "other", name="mine")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"textual_inversion": {"freeze_after": 0}}, "textual_inversion.freeze_after"),
     ({"textual_inversion": {"bundle": True}, "lora": {"save_format": "peft"}}, "textual_inversion.bundle"),

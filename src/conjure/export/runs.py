@@ -24,7 +24,10 @@ def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = 
             raise ConjureError(f"no checkpoint at step {chosen} in {run_dir}; available: {', '.join(map(str, sorted(found)))}")
     files = sorted(p for p in found[chosen].iterdir() if p.is_file() and p.name != STATE_FILE)
     if name and len(files) > 1:
-        raise ConjureError("--name works for a checkpoint with one file; this one has several")
+        raise ConjureError(
+            f"--name works for a checkpoint with one file; this one has {len(files)} "
+            f"({', '.join(p.name for p in files)}), which keep their names (an embedding's name is what prompts type)"
+        )
     to.mkdir(parents=True, exist_ok=True)
     out = []
     for src in files:
