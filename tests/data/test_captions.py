@@ -147,3 +147,15 @@ def test_replace_and_ensure_need_a_placeholder():
         CaptionTransform(replace_word="sks")
     with pytest.raises(ValueError, match="placeholder"):
         CaptionTransform(ensure_placeholder=True)
+
+
+def test_dropout_empties_that_share_of_captions_and_draws_last():
+    plain = CaptionTransform(prefix="zwx", shuffle_delimiter=",")
+    dropping = CaptionTransform(prefix="zwx", shuffle_delimiter=",", dropout=0.3)
+    texts = [dropping("a, b, c, d", random.Random(seed)) for seed in range(2000)]
+    assert 0.26 < texts.count("") / len(texts) < 0.34
+    # the captions that survive are the ones the same rng gives without dropout
+    kept = [(seed, t) for seed, t in enumerate(texts) if t]
+    assert all(t == plain("a, b, c, d", random.Random(seed)) for seed, t in kept)
+    with pytest.raises(ValueError, match="dropout"):
+        CaptionTransform(dropout=1.0)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conjure.data.images import load_image
-from conjure.data.sources import Example, scan_source
+from conjure.data.sources import Example, scan_source, scan_sources
 from conjure.errors import ConjureError
 
 
@@ -188,3 +188,22 @@ def test_scanning_and_loading_leave_the_folder_unchanged(tmp_path):
     for example in result.examples:
         load_image(example.image)
     assert _listing(tmp_path) == before
+
+
+def test_several_sources_with_repeats_weights_class_images_and_caption_override(tmp_path):
+    from conjure.config.sections import SourceConfig
+
+    _image(tmp_path / "mine" / "a.png")
+    (tmp_path / "mine" / "a.txt").write_text("zwx dog")
+    _image(tmp_path / "mine" / "b.png")
+    _image(tmp_path / "class" / "c.png")
+    (tmp_path / "class" / "c.txt").write_text("its own caption")
+    sources = [SourceConfig(path=str(tmp_path / "mine"), repeats=3, loss_weight=2.0),
+               SourceConfig(path=str(tmp_path / "class"), class_images=True, caption=" a photo of a dog ")]
+    result = scan_sources(sources)
+    mine_a = Example(tmp_path / "mine" / "a.png", "zwx dog", 2.0, False)
+    mine_b = Example(tmp_path / "mine" / "b.png", None, 2.0, False)
+    assert result.examples == [mine_a] * 3 + [mine_b] * 3 + [
+        Example(tmp_path / "class" / "c.png", "a photo of a dog", 1.0, True)]
+    with pytest.raises(ConjureError, match="not found"):
+        scan_sources(sources + [SourceConfig(path=str(tmp_path / "nowhere"))])

@@ -203,6 +203,19 @@ def test_mask_weights_samples_separately_and_zero_masks_are_safe():
         denoising_loss(FakeUNet(), sched, x0, {}, generator(), mask=torch.ones(2, 1, 8, 8))
 
 
+def test_sample_weights_multiply_each_samples_loss_and_ones_change_nothing():
+    sched, x0 = scheduler(), latents()
+    noise, t, _ = draws()
+    error = ((sched.add_noise(x0, noise, t) * 0.5 - noise) ** 2).mean(dim=(1, 2, 3))
+    weights = torch.tensor([2.0, 1.0, 0.5])
+    got = denoising_loss(FakeUNet(), sched, x0, {}, generator(), weights=weights)
+    assert torch.allclose(got, (error * weights).mean(), rtol=1e-6)
+    plain = denoising_loss(FakeUNet(), sched, x0, {}, generator())
+    assert torch.equal(denoising_loss(FakeUNet(), sched, x0, {}, generator(), weights=torch.ones(3)), plain)
+    with pytest.raises(ValueError, match="weights"):
+        denoising_loss(FakeUNet(), sched, x0, {}, generator(), weights=torch.ones(2))
+
+
 def test_loss_gradients_flow_with_all_options():
     sched, x0 = scheduler(), latents()
     weight = torch.tensor(0.3, requires_grad=True)

@@ -108,8 +108,8 @@ def _format_error(cls: type[BaseModel], err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{dotted}: required, but missing"
     msg = err["msg"].removeprefix("Value error, ")
-    if not loc:  # a whole-config check; its message names the field itself
-        return msg
+    if not loc or msg.startswith(f"{dotted}:") or msg.startswith(f"{dotted}."):
+        return msg  # a whole-config or section check; its message names the field itself
     if err["type"].endswith("_type") or err["type"].endswith("_parsing") or err["type"] == "literal_error":
         msg += f" (got {err.get('input')!r})"
     return f"{dotted}: {msg}"
@@ -156,10 +156,12 @@ def _starter_lines(model: type[BaseModel], indent: str) -> list[str]:
             lines.extend(_starter_lines(annotation, indent + "  "))
             lines.append("")
             continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if field.is_required():
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             value = extra.get("example", "")
             lines.append(f"{indent}{name}: {_yaml_scalar(value)}  # required")
+        elif "starter" in extra:  # optional in the schema, but one of a pair the user must fill in
+            lines.append(f"{indent}{name}: {_yaml_scalar(extra['starter'])}  # {extra.get('note', 'example')}")
         else:
             lines.append(f"{indent}{name}: {_yaml_scalar(field.get_default(call_default_factory=True))}")
     return lines

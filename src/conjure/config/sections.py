@@ -71,15 +71,45 @@ class BasicConfig(Section):
         return self
 
 
+class SourceConfig(Section):
+    """One source of images among several, with how often it is seen and how much its loss counts."""
+
+    path: str = Field(
+        description="A folder of images (with optional same-name .txt captions) or a .jsonl file.",
+        json_schema_extra={"example": "path/to/images"},
+    )
+    repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
+    loss_weight: float = Field(1.0, gt=0, description="Multiplies the loss of this source's images.")
+    class_images: bool = Field(
+        False,
+        description="Class (regularisation) images, DreamBooth-style prior preservation: their captions are "
+        "used as they are (no caption prefix, token or trigger word), so they keep the model's idea of the class.",
+    )
+    caption: str | None = Field(
+        None, description="One caption for every image of this source (e.g. 'a photo of a dog'), replacing theirs."
+    )
+
+
 class DataConfig(Section):
     """Where the images and captions come from and how they are prepared."""
 
-    source: str = Field(
+    source: str | None = Field(
+        None,
         description="A folder of images (with optional same-name .txt captions) or a .jsonl file of "
-        '{"image": ..., "text": ...} lines (paths relative to the file).',
-        json_schema_extra={"example": "path/to/images"},
+        '{"image": ..., "text": ...} lines (paths relative to the file). Or use `sources` for several.',
+        json_schema_extra={"example": "path/to/images", "starter": "path/to/images", "note": "required (or sources)"},
+    )
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="Several sources instead of `source`, each with its own repeats, loss weight and role, e.g. "
+        "[{path: my-dog, repeats: 10}, {path: dogs, class_images: true, caption: 'a photo of a dog'}].",
     )
     caption_prefix: str = Field("", description="Text put before every caption, e.g. a trigger word.")
+    caption_dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="Share of captions replaced by an empty one (trains the unconditional case that "
+        "classifier-free guidance uses; 0.05-0.1 is common for LoRAs).",
+    )
     shuffle_caption_delimiter: str | None = Field(
         None, description="Shuffle caption parts split by this delimiter (e.g. ','); null: no shuffling."
     )
@@ -92,6 +122,18 @@ class DataConfig(Section):
     random_flip: bool = Field(False, description="Flip images horizontally at random (half of the time).")
     batch_size: int = Field(4, ge=1, description="Images per step on each device.")
     dataloader_num_workers: int = Field(0, ge=0, description="Background processes that load images.")
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> DataConfig:
+        if self.source is None and not self.sources:
+            raise ValueError("data.source: required: a folder of images or a .jsonl file (or list data.sources)")
+        if self.source is not None and self.sources:
+            raise ValueError("data: set data.source or data.sources, not both")
+        return self
+
+    def all_sources(self) -> list[SourceConfig]:
+        """The sources to read: `sources`, or `source` as one source with the defaults."""
+        return list(self.sources) if self.sources else [SourceConfig(path=self.source)]
 
 
 class ValidationConfig(Section):

@@ -83,6 +83,8 @@ class CaptionTransform:
        the placeholder, so a prefix equal to the placeholder is not added to it again.
     5. Placeholder (when `ensure_placeholder` is set): a text that does not contain `placeholder` gets it
        in front, joined like the prefix.
+    6. Dropout (when `dropout` > 0): with that probability (drawn last from `rng`, so the other draws are
+       the same as without dropout) the text becomes "", the unconditional input of classifier-free guidance.
 
     The prefix and placeholder are added after shuffling, so they come first and are not `keep_tokens`.
     """
@@ -94,8 +96,11 @@ class CaptionTransform:
     placeholder: str | None = None
     replace_word: str | None = None
     ensure_placeholder: bool = False
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.keep_tokens < 0:
             raise ValueError(f"keep_tokens must be 0 or more, got {self.keep_tokens}")
         if self.shuffle_delimiter == "":
@@ -120,6 +125,8 @@ class CaptionTransform:
             caption = self._add_prefix(caption, self.prefix)
         if self.ensure_placeholder and self.placeholder not in caption:
             caption = self._add_prefix(caption, self.placeholder)
+        if self.dropout and rng.random() < self.dropout:
+            return ""
         return caption
 
     @property

@@ -19,7 +19,7 @@ from conjure.data.sources import Example
 
 
 class TrainDataset(Dataset):
-    """Items keyed by (epoch, index), each `{"pixel_values": [3, R, R] tensor, "caption": str, "index": int,
+    """Items keyed by (epoch, index), each `{"pixel_values": [3, R, R] tensor, "caption": str, "loss_weight": float, "index": int,
     "original_size": (height, width), "crop_top_left": (top, left)}`; the last two are SDXL's size and crop
     conditioning (`conjure.data.images.load_image_with_size`, `prepare_image_with_crop`).
 
@@ -39,6 +39,7 @@ class TrainDataset(Dataset):
         keep_in_memory: bool,
         caption_transform: CaptionTransform,
         seed: int,
+        class_caption_transform: CaptionTransform | None = None,
     ) -> None:
         self.examples = list(examples)
         self.resolution = resolution
@@ -46,6 +47,8 @@ class TrainDataset(Dataset):
         self.random_flip = random_flip
         self.keep_in_memory = keep_in_memory
         self.caption_transform = caption_transform
+        # Class (regularisation) images keep their captions: no prefix, token or trigger word.
+        self.class_caption_transform = class_caption_transform or CaptionTransform()
         self.seed = seed
         self._cache: dict[int, tuple[Image.Image, tuple[int, int]]] = {}
 
@@ -63,10 +66,12 @@ class TrainDataset(Dataset):
             random_flip=self.random_flip,
             rng=item_rng(self.seed, epoch, index, "image"),
         )
-        caption = self.caption_transform(example.caption, item_rng(self.seed, epoch, index, "caption"))
+        transform = self.class_caption_transform if example.is_class else self.caption_transform
+        caption = transform(example.caption, item_rng(self.seed, epoch, index, "caption"))
         return {
             "pixel_values": pixel_values,
             "caption": caption,
+            "loss_weight": example.loss_weight,
             "index": index,
             "original_size": original_size,
             "crop_top_left": crop_top_left,
@@ -93,13 +98,16 @@ def item_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
 
 
 def collate(batch: list[dict]) -> dict:
-    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, R, R]; `caption`, `index`,
+    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, R, R]; `loss_weight` as a
+    [B] float tensor (when every item has one); `caption`, `index`,
     and `original_size` and `crop_top_left` (as tuples of ints, when every item has them), as lists."""
     out = {
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "caption": [item["caption"] for item in batch],
         "index": [item["index"] for item in batch],
     }
+    if all("loss_weight" in item for item in batch):
+        out["loss_weight"] = torch.tensor([float(item["loss_weight"]) for item in batch])
     for key in ("original_size", "crop_top_left"):
         if all(key in item for item in batch):
             out[key] = [tuple(int(v) for v in item[key]) for item in batch]

@@ -9,9 +9,10 @@ Sources are only ever read: nothing is written into the user's data folder.
 import json
 import os
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -25,10 +26,13 @@ PROGRESS_MIN_IMAGES = 50
 @dataclass(frozen=True)
 class Example:
     """One training image and its caption; `caption` is None when there is none (no caption file or
-    field, or only whitespace in it)."""
+    field, or only whitespace in it). `loss_weight` multiplies its loss; `is_class`: a class
+    (regularisation) image, whose caption is used as it is."""
 
     image: Path
     caption: str | None
+    loss_weight: float = 1.0
+    is_class: bool = False
 
 
 @dataclass
@@ -68,6 +72,24 @@ def scan_source(path: Path, *, check_images: bool = True) -> ScanResult:
             f"(first: {first_path}: {first_reason})"
         )
     return result
+
+
+def scan_sources(sources: Sequence[Any], *, check_images: bool = True) -> ScanResult:
+    """All examples of several sources (objects with `path`, `repeats`, `loss_weight`, `class_images` and
+    `caption`, as `conjure.config.sections.SourceConfig`), in source order, each example listed `repeats`
+    times in a row (each copy is its own item, with its own crop, flip and caption draw). A source's
+    `caption` replaces its images' own captions."""
+    examples: list[Example] = []
+    skipped: list[tuple[Path, str]] = []
+    for source in sources:
+        scan = scan_source(Path(source.path).expanduser(), check_images=check_images)
+        skipped += scan.skipped
+        for example in scan.examples:
+            caption = _caption(source.caption) if source.caption is not None else example.caption
+            made = replace(example, caption=caption, loss_weight=float(source.loss_weight),
+                           is_class=bool(source.class_images))
+            examples += [made] * source.repeats
+    return ScanResult(examples=examples, skipped=skipped)
 
 
 def _folder_examples(root: Path) -> list[Example]:

@@ -51,6 +51,7 @@ def _ti_captions(config: Any) -> CaptionTransform:
         placeholder=ti.placeholder_token,
         replace_word=ti.replace_word,
         ensure_placeholder=ti.replace_word is None,
+        dropout=data.caption_dropout,
     )
 
 
@@ -69,7 +70,8 @@ def _build_pivotal(config: Any, model: LoadedModel) -> Any:
 def _lora_captions(config: Any) -> CaptionTransform:
     data = config.data
     return CaptionTransform(
-        prefix=data.caption_prefix, shuffle_delimiter=data.shuffle_caption_delimiter, keep_tokens=data.keep_tokens
+        prefix=data.caption_prefix, shuffle_delimiter=data.shuffle_caption_delimiter, keep_tokens=data.keep_tokens,
+        dropout=data.caption_dropout,
     )
 
 

@@ -8,6 +8,7 @@ timesteps from one CPU generator whose state is checkpointed with the optimizer 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import signal
@@ -86,12 +87,14 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
 
 def _scan_data(config: Any, spec: Any) -> tuple[list[Any], list[tuple[Path, str]], list[str]]:
     """Examples, skipped files, and each example's caption as training would first see it."""
-    from conjure.data.sources import scan_source
+    from conjure.data.sources import scan_sources
 
-    scan = scan_source(Path(config.data.source).expanduser())
-    captions = spec.caption_transform(config)
-    probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples]
+    scan = scan_sources(config.data.all_sources())
+    captions = dataclasses.replace(spec.caption_transform(config), dropout=0.0)  # what a caption is, undropped
+    probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples if not ex.is_class]
     trigger = spec.trigger(config)
+    if not probe:
+        raise ConjureError("every data source is marked class_images: add one with the images to learn from")
     if trigger and not any(trigger in c for c in probe):
         hint = spec.trigger_hint(config) or f"add it to the captions, or set data.caption_prefix: '{trigger}'"
         raise ConjureError(f"no training caption contains {trigger!r}: {hint}")
@@ -228,6 +231,7 @@ class _Session:
     def __init__(self, config, spec, model, method, accelerator, precision, examples, resolution, run_dir):
         from diffusers.optimization import get_scheduler
 
+        from conjure.data.captions import CaptionTransform
         from conjure.data.dataset import TrainDataset
 
         self.config, self.model, self.method, self.accelerator = config, model, method, accelerator
@@ -241,6 +245,7 @@ class _Session:
         self.dataset = TrainDataset(
             examples, resolution=resolution, center_crop=data.center_crop, random_flip=data.random_flip,
             keep_in_memory=data.keep_in_memory, caption_transform=spec.caption_transform(config), seed=basic.seed,
+            class_caption_transform=CaptionTransform(dropout=data.caption_dropout),
         )
         self.accum = adv.gradient_accumulation_steps
         per_epoch = math.ceil(len(self.dataset) / (data.batch_size * accelerator.num_processes))
@@ -366,6 +371,7 @@ class _Session:
                 loss = denoising_loss(
                     self.unet, model.noise_scheduler, latents, cond, self.generator,
                     prediction_type=adv.prediction_type, min_snr_gamma=adv.min_snr_gamma, noise_offset=adv.noise_offset,
+                    weights=batch.get("loss_weight"),
                 )
             acc.backward(loss)
             for param in self.method.frozen_parameters(self.step, self.max_steps):

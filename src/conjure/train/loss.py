@@ -92,6 +92,7 @@ def denoising_loss(
     min_snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error between the UNet's prediction and the target, at random timesteps.
 
@@ -101,6 +102,8 @@ def denoising_loss(
     timesteps, so noise and timesteps are the same as without it.
     `mask`: per-pixel weights [B, 1, H, W] in [0, 1] at image or latent resolution; each sample's loss is
     sum(w * err) / sum(w) (a sample whose mask is all zero contributes 0).
+    `weights`: a [B] loss weight per sample (a source's `loss_weight`), multiplying its loss before the batch
+    mean, so a weight of 2 counts a sample twice (kohya's convention); all ones is the same as None.
     With none of the options the result is exactly the plain MSE over the whole batch.
     """
     noise = torch.randn(latents.shape, generator=generator)
@@ -115,16 +118,22 @@ def denoising_loss(
     # The four-argument call is kept for the scheduler's own type: the learning tests patch this function.
     override = {} if prediction_type in (None, "auto") else {"prediction_type": prediction_type}
     target = diffusion_target(scheduler, latents, noise, timesteps, **override)
-    if min_snr_gamma is None and mask is None:
+    if weights is not None and tuple(weights.shape) != (latents.shape[0],):
+        raise ValueError(f"weights must be [batch] = [{latents.shape[0]}], got {tuple(weights.shape)}")
+    if weights is not None and bool((weights == 1).all()):
+        weights = None
+    if min_snr_gamma is None and mask is None and weights is None:
         return F.mse_loss(prediction.float(), target.float())
     error = (prediction.float() - target.float()) ** 2
     dims = tuple(range(1, error.ndim))
     if mask is None:
         per_sample = error.mean(dim=dims)
     else:
-        weights = _mask_to(mask, error).expand_as(error)
-        per_sample = (weights * error).sum(dim=dims) / weights.sum(dim=dims).clamp(min=1e-8)
+        pixel_weights = _mask_to(mask, error).expand_as(error)
+        per_sample = (pixel_weights * error).sum(dim=dims) / pixel_weights.sum(dim=dims).clamp(min=1e-8)
     if min_snr_gamma is not None:
         kind = resolve_prediction_type(scheduler, prediction_type)
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, min_snr_gamma, kind).to(per_sample.device)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
     return per_sample.mean()
