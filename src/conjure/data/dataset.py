@@ -14,13 +14,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from conjure.data.captions import CaptionTransform
-from conjure.data.images import load_image_with_size, prepare_image_with_crop, resize_shorter_side
+from conjure.data.images import load_image_with_size, load_mask, prepare_image_and_mask, resize_shorter_side
 from conjure.data.sources import Example
 
 
 class TrainDataset(Dataset):
     """Items keyed by (epoch, index), each `{"pixel_values": [3, R, R] tensor, "caption": str, "loss_weight": float, "index": int,
-    "original_size": (height, width), "crop_top_left": (top, left)}`; the last two are SDXL's size and crop
+    "original_size": (height, width), "crop_top_left": (top, left)}` (+ "mask": [1, R, R] in [0, 1] for an
+    example with a loss mask, cropped and flipped with its image); the size and crop are SDXL's size and crop
     conditioning (`conjure.data.images.load_image_with_size`, `prepare_image_with_crop`).
 
     `keep_in_memory` keeps each decoded image, already resized to a shorter side of `resolution`, so later
@@ -59,8 +60,10 @@ class TrainDataset(Dataset):
         epoch, index = key
         example = self.examples[index]
         image, original_size = self._image(index)
-        pixel_values, crop_top_left = prepare_image_with_crop(
+        mask = load_mask(example.mask) if example.mask is not None else None
+        pixel_values, crop_top_left, mask_values = prepare_image_and_mask(
             image,
+            mask,
             self.resolution,
             center_crop=self.center_crop,
             random_flip=self.random_flip,
@@ -75,6 +78,7 @@ class TrainDataset(Dataset):
             "index": index,
             "original_size": original_size,
             "crop_top_left": crop_top_left,
+            **({"mask": mask_values} if mask_values is not None else {}),
         }
 
     def _image(self, index: int) -> tuple[Image.Image, tuple[int, int]]:
@@ -98,7 +102,8 @@ def item_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
 
 
 def collate(batch: list[dict]) -> dict:
-    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, R, R]; `loss_weight` as a
+    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, R, R]; `mask` [B, 1, R, R]
+    when any item has one (ones for the others); `loss_weight` as a
     [B] float tensor (when every item has one); `caption`, `index`,
     and `original_size` and `crop_top_left` (as tuples of ints, when every item has them), as lists."""
     out = {
@@ -106,6 +111,8 @@ def collate(batch: list[dict]) -> dict:
         "caption": [item["caption"] for item in batch],
         "index": [item["index"] for item in batch],
     }
+    if any("mask" in item for item in batch):  # images without a mask count everywhere
+        out["mask"] = torch.stack([item.get("mask", torch.ones_like(item["pixel_values"][:1])) for item in batch])
     if all("loss_weight" in item for item in batch):
         out["loss_weight"] = torch.tensor([float(item["loss_weight"]) for item in batch])
     for key in ("original_size", "crop_top_left"):

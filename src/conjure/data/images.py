@@ -160,14 +160,55 @@ def prepare_image_with_crop(
     from the flipped image's side: cropping at `left` and then mirroring shows exactly what mirroring the
     resized image and cropping at `width - resolution - left` would.
     """
+    pixels, crop, _ = prepare_image_and_mask(
+        image, None, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng
+    )
+    return pixels, crop
+
+
+def prepare_image_and_mask(
+    image: Image.Image, mask: Image.Image | None, resolution: int, *, center_crop: bool, random_flip: bool,
+    rng: random.Random,
+) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+    """`prepare_image_with_crop`, and the same resize, crop and flip applied to a greyscale loss `mask`
+    (first scaled to the image's size when it differs), as a float32 [1, R, R] tensor in [0, 1]."""
+    if mask is not None and mask.size != image.size:
+        mask = mask.resize(image.size, Image.Resampling.BILINEAR)
     image = resize_shorter_side(image, resolution)
+    if mask is not None:
+        mask = resize_shorter_side(mask, resolution)
     width = image.width
     left, top = square_crop_offset(image.width, image.height, resolution, center=center_crop, rng=rng)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    box = (left, top, left + resolution, top + resolution)
+    image, mask = image.crop(box), (mask.crop(box) if mask is not None else None)
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
         left = width - resolution - left
-    return to_tensor(image), (top, left)
+    mask_tensor = None
+    if mask is not None:
+        mask_tensor = torch.from_numpy(np.array(mask, dtype=np.uint8)).to(torch.float32)[None] / 255.0
+    return to_tensor(image), (top, left), mask_tensor
+
+
+def load_mask(path: Path) -> Image.Image:
+    """A loss mask file as an upright 8-bit greyscale image (white: counts fully, black: not at all)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: cannot read mask (empty file)")
+        with Image.open(path) as mask:
+            mask.load()
+            mask = ImageOps.exif_transpose(mask)
+            mask = mask.convert("L") if mask.mode not in _SIXTEEN_BIT_MODES else _sixteen_bit_to_rgb(mask).convert("L")
+        mask.thumbnail((MAX_LOAD_SIDE, MAX_LOAD_SIDE), Image.Resampling.BILINEAR)
+        return mask
+    except FileNotFoundError:
+        raise ImageError(f"{path}: mask file not found") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: cannot read mask (not an image format PIL recognises)") from None
+    except _DECODE_ERRORS as error:
+        raise ImageError(f"{path}: cannot read mask ({_describe(error)})") from error
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:

@@ -16,23 +16,30 @@ from typing import Any
 
 from tqdm import tqdm
 
-from conjure.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
+from conjure.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image, load_mask
 from conjure.errors import ConjureError
 
 PROGRESS_MIN_IMAGES = 50
 """Checking more images than this shows a progress bar; fewer finish too fast to need one."""
 
 
+MASK_SUFFIX = "-masklabel.png"
+"""A folder image `x.jpg` takes its loss mask from `x-masklabel.png` beside it (OneTrainer's convention);
+such files are masks, not training images."""
+
+
 @dataclass(frozen=True)
 class Example:
     """One training image and its caption; `caption` is None when there is none (no caption file or
     field, or only whitespace in it). `loss_weight` multiplies its loss; `is_class`: a class
-    (regularisation) image, whose caption is used as it is."""
+    (regularisation) image, whose caption is used as it is; `mask`: a greyscale image weighting its loss
+    per pixel (white counts, black does not), or None."""
 
     image: Path
     caption: str | None
     loss_weight: float = 1.0
     is_class: bool = False
+    mask: Path | None = None
 
 
 @dataclass
@@ -95,7 +102,12 @@ def scan_sources(sources: Sequence[Any], *, check_images: bool = True) -> ScanRe
 def _folder_examples(root: Path) -> list[Example]:
     """Images under `root` at any depth, sorted by their path relative to it, each with its caption file."""
     images = sorted(_image_files(root), key=lambda image: image.relative_to(root).as_posix())
-    return [Example(image, _read_caption_file(image.with_suffix(".txt"))) for image in images]
+    examples = []
+    for image in images:
+        mask = image.with_name(image.stem + MASK_SUFFIX)
+        examples.append(Example(image, _read_caption_file(image.with_suffix(".txt")),
+                                mask=mask if mask.is_file() else None))
+    return examples
 
 
 def _image_files(root: Path) -> Iterator[Path]:
@@ -104,7 +116,7 @@ def _image_files(root: Path) -> Iterator[Path]:
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         for name in files:
             file = Path(folder, name)
-            if not name.startswith(".") and is_image_file(file):
+            if not name.startswith(".") and is_image_file(file) and not name.endswith(MASK_SUFFIX):
                 yield file
 
 
@@ -152,7 +164,10 @@ def _jsonl_example(path: Path, number: int, line: str) -> Example:
     text = record.get("text")
     if text is not None and not isinstance(text, str):
         raise ConjureError(f'{where}: "text" must be a string, got {type(text).__name__}')
-    return Example(path.parent / image, _caption(text))
+    mask = record.get("mask")
+    if mask is not None and (not isinstance(mask, str) or not mask):
+        raise ConjureError(f'{where}: "mask" must be the path of a greyscale image')
+    return Example(path.parent / image, _caption(text), mask=path.parent / mask if mask else None)
 
 
 def _check(examples: list[Example]) -> ScanResult:
@@ -161,7 +176,7 @@ def _check(examples: list[Example]) -> ScanResult:
     # disable=None hides the bar when stderr is not a terminal (logs, the UI's subprocess).
     disable = None if len(examples) > PROGRESS_MIN_IMAGES else True
     for example in tqdm(examples, desc="Checking images", unit="image", file=sys.stderr, disable=disable):
-        reason = _problem(example.image)
+        reason = _problem(example.image) or (_mask_problem(example.mask) if example.mask else None)
         if reason is None:
             result.examples.append(example)
         else:
@@ -178,6 +193,14 @@ def _problem(image: Path) -> str | None:
     except ImageError as error:
         # load_image's messages are "<path>: <reason>"; the caller shows the path itself.
         return str(error).removeprefix(f"{image}: ")
+    return None
+
+
+def _mask_problem(mask: Path) -> str | None:
+    try:
+        load_mask(mask)
+    except ImageError as error:
+        return str(error)  # names the mask file, which is not the image the caller reports
     return None
 
 

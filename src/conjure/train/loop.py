@@ -371,7 +371,7 @@ class _Session:
                 loss = denoising_loss(
                     self.unet, model.noise_scheduler, latents, cond, self.generator,
                     prediction_type=adv.prediction_type, min_snr_gamma=adv.min_snr_gamma, noise_offset=adv.noise_offset,
-                    weights=batch.get("loss_weight"),
+                    weights=batch.get("loss_weight"), mask=batch.get("mask"),
                 )
             acc.backward(loss)
             for param in self.method.frozen_parameters(self.step, self.max_steps):
