@@ -15,6 +15,7 @@ from pathlib import Path
 from conjure.errors import ConjureError
 
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_DATASET_ERRORS = 1  # `conjure dataset check` found errors (a report, not a failure of the command)
 
 
 def _quiet_libraries() -> None:
@@ -123,6 +124,29 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_check(args: argparse.Namespace) -> int:
+    import json
+
+    from conjure.data.check import check_source
+
+    report = check_source(
+        Path(args.source), resolution=args.resolution, bucket_step=args.bucket_step, max_tokens=args.max_tokens
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        sys.stdout.write(report.text())
+    return 0 if report.ok else EXIT_DATASET_ERRORS
+
+
+def cmd_dataset_jsonl(args: argparse.Namespace) -> int:
+    from conjure.data.check import write_jsonl
+
+    count = write_jsonl(Path(args.folder), Path(args.out), force=args.force)
+    print(f"wrote {args.out} ({count} images)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from conjure.demo import run_demo
 
@@ -195,6 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-widths", action="store_true", help="real text-encoder and cross-attention widths")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
+
+    ds = sub.add_parser("dataset", help="check a data set, or list a folder as a .jsonl source")
+    ds_sub = ds.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    p = ds_sub.add_parser(
+        "check", help="report unreadable images, missing or long captions, small images, duplicates",
+        description="Check a data source as training reads it, without changing it. Exit code 0: no errors "
+        "(warnings allowed); 1: errors (unreadable images, nothing usable).",
+    )
+    p.add_argument("source", help="a folder of images (+ same-name .txt captions) or a .jsonl file")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution (default: 512; SDXL: 1024)")
+    p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default: 64)")
+    p.add_argument(
+        "--max-tokens", type=int, default=77,
+        help="text-encoder limit, start and end tokens included (default: 77, every SD family)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_dataset_check)
+    p = ds_sub.add_parser("jsonl", help="write the .jsonl source listing a folder's images and captions")
+    p.add_argument("folder", metavar="FOLDER", help="a folder of images (+ same-name .txt captions)")
+    p.add_argument("out", metavar="OUT.jsonl", help="file to write; image paths are relative to its folder")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.jsonl")
+    p.set_defaults(func=cmd_dataset_jsonl)
 
     p = sub.add_parser("demo", help="train a small example end to end on the CPU")
     p.add_argument("--method", default="ti", help="training method: ti, lora or dora (default: ti)")
