@@ -23,16 +23,17 @@ def gradient_image(width=96, height=64):
     return Image.fromarray(rgb), Image.fromarray(rgb[..., 0])  # the mask is the red channel
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_mask_gets_the_images_crop_and_flip(seed):
+@pytest.mark.parametrize("size", [64, (48, 80), (80, 48)], ids=["square", "wide-bucket", "tall-bucket"])
+@pytest.mark.parametrize("seed", range(8))
+def test_mask_gets_the_images_crop_and_flip(seed, size):
     image, mask = gradient_image()
     pixels, (top, left), mask_values = prepare_image_and_mask(
-        image, mask, 64, center_crop=False, random_flip=True, rng=random.Random(seed))
+        image, mask, size, center_crop=False, random_flip=True, rng=random.Random(seed))
     red = (pixels[0] + 1) * 127.5
-    assert mask_values.shape == (1, 64, 64)
+    assert mask_values.shape == (1, *((size, size) if isinstance(size, int) else size)) == (1, *red.shape)
     torch.testing.assert_close(mask_values[0] * 255, red, atol=0.51, rtol=0)
     # and the same draws as without a mask
-    plain, crop, none = prepare_image_and_mask(image, None, 64, center_crop=False, random_flip=True,
+    plain, crop, none = prepare_image_and_mask(image, None, size, center_crop=False, random_flip=True,
                                                rng=random.Random(seed))
     assert torch.equal(plain, pixels) and crop == (top, left) and none is None
 

@@ -120,6 +120,19 @@ class DataConfig(Section):
     )
     center_crop: bool = Field(True, description="Crop the centre (true) or a random square (false).")
     random_flip: bool = Field(False, description="Flip images horizontally at random (half of the time).")
+    aspect_ratio_buckets: bool = Field(
+        False,
+        description="Train each image at the size (within the resolution's pixel budget, sides in steps of "
+        "bucket_step) closest to its aspect ratio, instead of a square crop: wide and tall images keep their "
+        "subject. A batch holds images of one size.",
+    )
+    bucket_step: int = Field(64, ge=8, multiple_of=8, description="Bucket sides are multiples of this (pixels).")
+    bucket_min_side: int | None = Field(
+        None, ge=8, description="Shortest bucket side in pixels; null: half the resolution."
+    )
+    bucket_max_side: int | None = Field(
+        None, ge=8, description="Longest bucket side in pixels; null: twice the resolution."
+    )
     batch_size: int = Field(4, ge=1, description="Images per step on each device.")
     dataloader_num_workers: int = Field(0, ge=0, description="Background processes that load images.")
 

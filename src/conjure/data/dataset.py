@@ -14,7 +14,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from conjure.data.captions import CaptionTransform
-from conjure.data.images import load_image_with_size, load_mask, prepare_image_and_mask, resize_shorter_side
+from conjure.data.images import (
+    image_size,
+    load_image_with_size,
+    load_mask,
+    prepare_image_and_mask,
+    resize_shorter_side,
+    resize_to_cover,
+)
 from conjure.data.sources import Example
 
 
@@ -24,7 +31,10 @@ class TrainDataset(Dataset):
     example with a loss mask, cropped and flipped with its image); the size and crop are SDXL's size and crop
     conditioning (`conjure.data.images.load_image_with_size`, `prepare_image_with_crop`).
 
-    `keep_in_memory` keeps each decoded image, already resized to a shorter side of `resolution`, so later
+    `buckets`: (height, width) aspect-ratio buckets (`conjure.data.buckets`); each example trains at the one
+    closest to its aspect ratio (`sizes[index]`, also the item's "target_size"), else at `resolution` square.
+
+    `keep_in_memory` keeps each decoded image, already resized for its training size, so later
     epochs skip decoding; items are identical either way. The cache lives in the process that fills it: with
     a DataLoader it only survives epochs with `num_workers=0` or `persistent_workers=True`, and each worker
     holds its own copy. An image that stopped being readable after the scan raises `ImageError`.
@@ -41,9 +51,20 @@ class TrainDataset(Dataset):
         caption_transform: CaptionTransform,
         seed: int,
         class_caption_transform: CaptionTransform | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> None:
         self.examples = list(examples)
         self.resolution = resolution
+        # Each example's training size: its aspect-ratio bucket, or the square. Read from the files' headers.
+        self.sizes: list[tuple[int, int]] = [(resolution, resolution)] * len(self.examples)
+        if buckets:
+            from conjure.data.buckets import assign_bucket
+
+            by_path: dict = {}
+            for i, example in enumerate(self.examples):
+                if example.image not in by_path:  # repeats list an example several times in a row
+                    by_path[example.image] = assign_bucket(image_size(example.image), buckets)
+                self.sizes[i] = by_path[example.image]
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.keep_in_memory = keep_in_memory
@@ -64,7 +85,7 @@ class TrainDataset(Dataset):
         pixel_values, crop_top_left, mask_values = prepare_image_and_mask(
             image,
             mask,
-            self.resolution,
+            self.sizes[index],
             center_crop=self.center_crop,
             random_flip=self.random_flip,
             rng=item_rng(self.seed, epoch, index, "image"),
@@ -78,6 +99,7 @@ class TrainDataset(Dataset):
             "index": index,
             "original_size": original_size,
             "crop_top_left": crop_top_left,
+            "target_size": self.sizes[index],
             **({"mask": mask_values} if mask_values is not None else {}),
         }
 
@@ -90,7 +112,8 @@ class TrainDataset(Dataset):
         if self.keep_in_memory:
             # prepare_image skips its resize for an image already at the resolution, so cached and
             # uncached items go through exactly the same resampling.
-            image = resize_shorter_side(image, self.resolution)
+            height, width = self.sizes[index]
+            image = resize_shorter_side(image, height) if height == width else resize_to_cover(image, (height, width))
             self._cache[index] = (image, original_size)
         return image, original_size
 
@@ -102,10 +125,10 @@ def item_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
 
 
 def collate(batch: list[dict]) -> dict:
-    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, R, R]; `mask` [B, 1, R, R]
+    """Items -> one batch with the same keys: `pixel_values` stacked to [B, 3, H, W] (one size per batch); `mask` [B, 1, R, R]
     when any item has one (ones for the others); `loss_weight` as a
     [B] float tensor (when every item has one); `caption`, `index`,
-    and `original_size` and `crop_top_left` (as tuples of ints, when every item has them), as lists."""
+    and `original_size`, `crop_top_left` and `target_size` (tuples of ints, when every item has them), as lists."""
     out = {
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "caption": [item["caption"] for item in batch],
@@ -115,10 +138,33 @@ def collate(batch: list[dict]) -> dict:
         out["mask"] = torch.stack([item.get("mask", torch.ones_like(item["pixel_values"][:1])) for item in batch])
     if all("loss_weight" in item for item in batch):
         out["loss_weight"] = torch.tensor([float(item["loss_weight"]) for item in batch])
-    for key in ("original_size", "crop_top_left"):
+    for key in ("original_size", "crop_top_left", "target_size"):
         if all(key in item for item in batch):
             out[key] = [tuple(int(v) for v in item[key]) for item in batch]
     return out
+
+
+def epoch_batches(sizes: list[tuple[int, int]], span: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches (lists of example indices, at most `span` each) of `epoch`, every batch of one size.
+
+    One size (no buckets): consecutive chunks of `epoch_order`. Several: `epoch_order` split by size (each
+    size's examples keep that order), cut into chunks, and the chunks shuffled by
+    `random.Random(f"{seed}-batches-{epoch}")`. The count is the same every epoch (see `batches_per_epoch`)."""
+    order = epoch_order(len(sizes), seed, epoch)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index in order:
+        groups.setdefault(sizes[index], []).append(index)
+    chunks = [members[i : i + span] for members in groups.values() for i in range(0, len(members), span)]
+    if len(groups) > 1:
+        random.Random(f"{seed}-batches-{epoch}").shuffle(chunks)
+    return chunks
+
+
+def batches_per_epoch(sizes: list[tuple[int, int]], span: int) -> int:
+    counts: dict[tuple[int, int], int] = {}
+    for size in sizes:
+        counts[size] = counts.get(size, 0) + 1
+    return sum(-(-count // span) for count in counts.values())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -167,24 +167,34 @@ def prepare_image_with_crop(
 
 
 def prepare_image_and_mask(
-    image: Image.Image, mask: Image.Image | None, resolution: int, *, center_crop: bool, random_flip: bool,
-    rng: random.Random,
+    image: Image.Image, mask: Image.Image | None, resolution: int | tuple[int, int], *, center_crop: bool,
+    random_flip: bool, rng: random.Random,
 ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
     """`prepare_image_with_crop`, and the same resize, crop and flip applied to a greyscale loss `mask`
-    (first scaled to the image's size when it differs), as a float32 [1, R, R] tensor in [0, 1]."""
+    (first scaled to the image's size when it differs), as a float32 [1, H, W] tensor in [0, 1].
+
+    `resolution` may be a (height, width) aspect-ratio bucket: the image is then scaled to cover it
+    (`resize_to_cover`) and cropped to it, centred or at an offset drawn from `rng` (left, then top)."""
+    height, width_out = (resolution, resolution) if isinstance(resolution, int) else resolution
     if mask is not None and mask.size != image.size:
         mask = mask.resize(image.size, Image.Resampling.BILINEAR)
-    image = resize_shorter_side(image, resolution)
-    if mask is not None:
-        mask = resize_shorter_side(mask, resolution)
+    if height == width_out:
+        image = resize_shorter_side(image, height)
+        mask = resize_shorter_side(mask, height) if mask is not None else None
+    else:
+        image = resize_to_cover(image, (height, width_out))
+        mask = resize_to_cover(mask, (height, width_out)) if mask is not None else None
     width = image.width
-    left, top = square_crop_offset(image.width, image.height, resolution, center=center_crop, rng=rng)
-    box = (left, top, left + resolution, top + resolution)
+    if center_crop:
+        left, top = (image.width - width_out) // 2, (image.height - height) // 2
+    else:
+        left, top = rng.randint(0, image.width - width_out), rng.randint(0, image.height - height)
+    box = (left, top, left + width_out, top + height)
     image, mask = image.crop(box), (mask.crop(box) if mask is not None else None)
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
-        left = width - resolution - left
+        left = width - width_out - left
     mask_tensor = None
     if mask is not None:
         mask_tensor = torch.from_numpy(np.array(mask, dtype=np.uint8)).to(torch.float32)[None] / 255.0
@@ -223,6 +233,30 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     # reducing_gap first shrinks by a whole factor with a box filter; at 3.0 Pillow documents the result as
     # indistinguishable from plain bicubic, and it is several times faster on phone-sized photos.
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def resize_to_cover(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Scale `image` (keeping its aspect ratio) to the smallest size that covers the (height, width) `bucket`
+    (`conjure.data.buckets.bucket_resize_and_crop_size`); unchanged when it already has that size."""
+    from conjure.data.buckets import bucket_resize_and_crop_size
+
+    (height, width), _ = bucket_resize_and_crop_size((image.height, image.width), bucket)
+    if (image.height, image.width) == (height, width):
+        return image
+    return image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """The upright (height, width) of an image file from its header (EXIF orientation applied), without
+    decoding the pixels; raises `ImageError` when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+        return height, width
+    except (UnidentifiedImageError, *_DECODE_ERRORS) as error:
+        raise ImageError(f"{path}: cannot read image ({_describe(error)})") from None
 
 
 def crop_square(image: Image.Image, resolution: int, *, center: bool, rng: random.Random) -> Image.Image:

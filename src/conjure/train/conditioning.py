@@ -20,19 +20,21 @@ def _ids(tokenizer: Any, captions: list[str], device: torch.device) -> torch.Ten
 
 def sdxl_time_ids(
     batch: int, resolution: int, device: torch.device, *, original: list[tuple[int, int]] | None = None,
-    crops: list[tuple[int, int]] | None = None,
+    crops: list[tuple[int, int]] | None = None, targets: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """(original height, original width, crop top, crop left, target height, target width) per image.
-    Without `original`, every image is taken to be `resolution` square; without `crops`, uncropped (0, 0):
+    Without `original`, every image is taken to be `resolution` square; without `crops`, uncropped (0, 0);
+    without `targets` (each image's training size, e.g. its aspect-ratio bucket), `resolution` square:
     what diffusers' SDXL pipeline uses at inference."""
-    for name, values in (("original sizes", original), ("crops", crops)):
+    for name, values in (("original sizes", original), ("crops", crops), ("target sizes", targets)):
         if values is not None and len(values) != batch:
             raise ValueError(f"{len(values)} {name} for a batch of {batch}")
     rows = []
     for i in range(batch):
         oh, ow = original[i] if original else (resolution, resolution)
         ct, cl = crops[i] if crops else (0, 0)
-        rows.append([oh, ow, ct, cl, resolution, resolution])
+        th, tw = targets[i] if targets else (resolution, resolution)
+        rows.append([oh, ow, ct, cl, th, tw])
     return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
@@ -45,12 +47,14 @@ def encode_captions(
     zero_empty: bool = False,
     original_sizes: list[tuple[int, int]] | None = None,
     crops_top_left: list[tuple[int, int]] | None = None,
+    target_sizes: list[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """`zero_empty`: empty captions give all-zero embeddings, which is what diffusers' SDXL pipeline uses
     as the unconditional input (`force_zeros_for_empty_prompt`), so caption dropout trains the same thing.
     `original_sizes` / `crops_top_left`: each image's (height, width) before resizing and (top, left) crop,
-    as the data set's items carry them (batch keys "original_size", "crop_top_left"), for SDXL's size and
-    crop ids; without them the ids say "`resolution` square, uncropped". One-encoder models ignore them."""
+    as the data set's items carry them (batch keys "original_size", "crop_top_left"), and `target_sizes` (each
+    image's training size, "target_size"), for SDXL's size and crop ids; without them the ids say
+    "`resolution` square, uncropped". One-encoder models ignore them."""
     if len(pairs) == 1:
         tokenizer, encoder = pairs[0]
         return {"encoder_hidden_states": encoder(_ids(tokenizer, captions, device))[0]}
@@ -67,6 +71,6 @@ def encode_captions(
     if resolution is None:
         raise ValueError("two-encoder (SDXL) conditioning needs the training resolution for its size ids")
     time_ids = sdxl_time_ids(
-        len(captions), resolution, device, original=original_sizes, crops=crops_top_left
+        len(captions), resolution, device, original=original_sizes, crops=crops_top_left, targets=target_sizes
     ).to(states.dtype)
     return {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}

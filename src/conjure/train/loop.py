@@ -193,32 +193,48 @@ def _changed_settings(saved_config: Path, resolved: Any) -> list[str]:
     return sorted(k for k in after if k in before and before[k] != after[k])
 
 
+def _buckets(data: Any, resolution: int) -> list[tuple[int, int]] | None:
+    """The aspect-ratio buckets `data` asks for at `resolution`, or None; bad settings name their field."""
+    if not data.aspect_ratio_buckets:
+        return None
+    from conjure.data.buckets import make_buckets
+
+    try:
+        return make_buckets(resolution, step=data.bucket_step, min_side=data.bucket_min_side,
+                            max_side=data.bucket_max_side)
+    except ValueError as exc:
+        raise ConjureError(f"data.aspect_ratio_buckets at {resolution} px: {exc}") from None
+
+
 def _count_long_captions(tokenizer: Any, captions: list[str]) -> int:
     limit = tokenizer.model_max_length
     return sum(len(ids) > limit for ids in tokenizer(captions).input_ids) if captions else 0
 
 
 class _MicroBatches:
-    """Batch sampler over (epoch, index) keys for micro-batches [start, end); this process's share."""
+    """Batch sampler over (epoch, index) keys for micro-batches [start, end); this process's share.
+    `sizes`: each example's training size; a batch never mixes sizes (`conjure.data.dataset.epoch_batches`)."""
 
-    def __init__(self, n: int, batch: int, seed: int, start: int, end: int, rank: int, world: int):
-        self.n, self.batch, self.seed, self.start, self.end = n, batch, seed, start, end
+    def __init__(self, sizes: list[tuple[int, int]], batch: int, seed: int, start: int, end: int, rank: int,
+                 world: int):
+        from conjure.data.dataset import batches_per_epoch
+
+        self.sizes, self.batch, self.seed, self.start, self.end = sizes, batch, seed, start, end
         self.rank, self.world = rank, world
-        self.per_epoch = math.ceil(n / (batch * world))
+        self.per_epoch = batches_per_epoch(sizes, batch * world)
 
     def __len__(self) -> int:
         return self.end - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        from conjure.data.dataset import epoch_order
+        from conjure.data.dataset import epoch_batches
 
-        order, current = [], -1
-        span = self.batch * self.world
+        chunks, current = [], -1
         for m in range(self.start, self.end):
             epoch, b = divmod(m, self.per_epoch)
             if epoch != current:
-                order, current = epoch_order(self.n, self.seed, epoch), epoch
-            chunk = order[b * span : (b + 1) * span]
+                chunks, current = epoch_batches(self.sizes, self.batch * self.world, self.seed, epoch), epoch
+            chunk = chunks[b]
             yield [(epoch, i) for i in chunk[self.rank :: self.world]] or [(epoch, chunk[0])]
 
 
@@ -232,7 +248,7 @@ class _Session:
         from diffusers.optimization import get_scheduler
 
         from conjure.data.captions import CaptionTransform
-        from conjure.data.dataset import TrainDataset
+        from conjure.data.dataset import TrainDataset, batches_per_epoch
 
         self.config, self.model, self.method, self.accelerator = config, model, method, accelerator
         self.precision, self.resolution, self.run_dir = precision, resolution, run_dir
@@ -245,10 +261,10 @@ class _Session:
         self.dataset = TrainDataset(
             examples, resolution=resolution, center_crop=data.center_crop, random_flip=data.random_flip,
             keep_in_memory=data.keep_in_memory, caption_transform=spec.caption_transform(config), seed=basic.seed,
-            class_caption_transform=CaptionTransform(dropout=data.caption_dropout),
+            class_caption_transform=CaptionTransform(dropout=data.caption_dropout), buckets=_buckets(data, resolution),
         )
         self.accum = adv.gradient_accumulation_steps
-        per_epoch = math.ceil(len(self.dataset) / (data.batch_size * accelerator.num_processes))
+        per_epoch = batches_per_epoch(self.dataset.sizes, data.batch_size * accelerator.num_processes)
         self.max_steps = basic.max_train_steps or math.ceil(basic.max_train_epochs * per_epoch / self.accum)
         groups = method.parameter_groups(opt.learning_rate)
         self.params = [p for g in groups for p in g["params"]]
@@ -309,7 +325,7 @@ class _Session:
 
         data, acc = self.config.data, self.accelerator
         sampler = _MicroBatches(
-            len(self.dataset), data.batch_size, self.config.basic.seed, self.step * self.accum,
+            self.dataset.sizes, data.batch_size, self.config.basic.seed, self.step * self.accum,
             self.max_steps * self.accum, acc.process_index, acc.num_processes,
         )
         return torch.utils.data.DataLoader(
@@ -367,6 +383,7 @@ class _Session:
                 cond = encode_captions(
                     self.text_encoders, texts, acc.device, resolution=self.resolution, zero_empty=True,
                     original_sizes=batch.get("original_size"), crops_top_left=batch.get("crop_top_left"),
+                    target_sizes=batch.get("target_size"),
                 )
                 loss = denoising_loss(
                     self.unet, model.noise_scheduler, latents, cond, self.generator,
