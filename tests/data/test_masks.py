@@ -27,22 +27,22 @@ def gradient_image(width=96, height=64):
 @pytest.mark.parametrize("seed", range(8))
 def test_mask_gets_the_images_crop_and_flip(seed, size):
     image, mask = gradient_image()
-    pixels, (top, left), mask_values = prepare_image_and_mask(
+    pixels, (top, left), mask_values, _ = prepare_image_and_mask(
         image, mask, size, center_crop=False, random_flip=True, rng=random.Random(seed))
     red = (pixels[0] + 1) * 127.5
     assert mask_values.shape == (1, *((size, size) if isinstance(size, int) else size)) == (1, *red.shape)
     torch.testing.assert_close(mask_values[0] * 255, red, atol=0.51, rtol=0)
     # and the same draws as without a mask
-    plain, crop, none = prepare_image_and_mask(image, None, size, center_crop=False, random_flip=True,
+    plain, crop, none, _ = prepare_image_and_mask(image, None, size, center_crop=False, random_flip=True,
                                                rng=random.Random(seed))
     assert torch.equal(plain, pixels) and crop == (top, left) and none is None
 
 
 def test_a_mask_of_another_size_is_scaled_to_its_image_first():
     image, mask = gradient_image(192, 128)
-    _, _, mask_values = prepare_image_and_mask(image, mask.resize((96, 64)), 64, center_crop=True,
+    _, _, mask_values, _ = prepare_image_and_mask(image, mask.resize((96, 64)), 64, center_crop=True,
                                                random_flip=False, rng=random.Random(0))
-    pixels, _, full = prepare_image_and_mask(image, mask, 64, center_crop=True, random_flip=False,
+    pixels, _, full, _ = prepare_image_and_mask(image, mask, 64, center_crop=True, random_flip=False,
                                              rng=random.Random(0))
     assert (mask_values - full).abs().mean() < 0.02
 

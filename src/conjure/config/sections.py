@@ -133,6 +133,19 @@ class DataConfig(Section):
     bucket_max_side: int | None = Field(
         None, ge=8, description="Longest bucket side in pixels; null: twice the resolution."
     )
+    cache_latents: Literal["off", "memory", "disk"] = Field(
+        "off",
+        description="Keep each image's VAE encoding instead of encoding it every step: 'memory' (this run), "
+        "'disk' (also later runs; keyed by image content, size, crop, flip and VAE). Needs center_crop: true.",
+    )
+    cache_text_encoder_outputs: bool = Field(
+        False,
+        description="Keep the text encoders' output per caption (in memory); only when no text encoder trains "
+        "(not for textual inversion, pivotal tuning or lora.train_text_encoder).",
+    )
+    cache_dir: str | None = Field(
+        None, description="Folder of the disk caches; null: '.cache' inside basic.output_dir."
+    )
     batch_size: int = Field(4, ge=1, description="Images per step on each device.")
     dataloader_num_workers: int = Field(0, ge=0, description="Background processes that load images.")
 
@@ -142,6 +155,11 @@ class DataConfig(Section):
             raise ValueError("data.source: required: a folder of images or a .jsonl file (or list data.sources)")
         if self.source is not None and self.sources:
             raise ValueError("data: set data.source or data.sources, not both")
+        if self.cache_latents != "off" and not self.center_crop:
+            raise ValueError(
+                "data.cache_latents: a random crop (center_crop: false) differs every epoch, so its encoding "
+                "cannot be kept; set center_crop: true or cache_latents: off"
+            )
         return self
 
     def all_sources(self) -> list[SourceConfig]:

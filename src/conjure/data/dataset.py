@@ -82,7 +82,7 @@ class TrainDataset(Dataset):
         example = self.examples[index]
         image, original_size = self._image(index)
         mask = load_mask(example.mask) if example.mask is not None else None
-        pixel_values, crop_top_left, mask_values = prepare_image_and_mask(
+        pixel_values, crop_top_left, mask_values, flipped = prepare_image_and_mask(
             image,
             mask,
             self.sizes[index],
@@ -100,6 +100,7 @@ class TrainDataset(Dataset):
             "original_size": original_size,
             "crop_top_left": crop_top_left,
             "target_size": self.sizes[index],
+            "flipped": flipped,
             **({"mask": mask_values} if mask_values is not None else {}),
         }
 
@@ -133,6 +134,7 @@ def collate(batch: list[dict]) -> dict:
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "caption": [item["caption"] for item in batch],
         "index": [item["index"] for item in batch],
+        "flipped": [bool(item.get("flipped", False)) for item in batch],
     }
     if any("mask" in item for item in batch):  # images without a mask count everywhere
         out["mask"] = torch.stack([item.get("mask", torch.ones_like(item["pixel_values"][:1])) for item in batch])

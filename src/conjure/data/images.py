@@ -9,6 +9,7 @@ import io
 import random
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -160,16 +161,21 @@ def prepare_image_with_crop(
     from the flipped image's side: cropping at `left` and then mirroring shows exactly what mirroring the
     resized image and cropping at `width - resolution - left` would.
     """
-    pixels, crop, _ = prepare_image_and_mask(
-        image, None, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng
-    )
-    return pixels, crop
+    prepared = prepare_image_and_mask(image, None, resolution, center_crop=center_crop, random_flip=random_flip, rng=rng)
+    return prepared.pixels, prepared.crop_top_left
+
+
+class Prepared(NamedTuple):
+    pixels: torch.Tensor  # float32 [3, H, W] in [-1, 1]
+    crop_top_left: tuple[int, int]
+    mask: torch.Tensor | None  # float32 [1, H, W] in [0, 1]
+    flipped: bool
 
 
 def prepare_image_and_mask(
     image: Image.Image, mask: Image.Image | None, resolution: int | tuple[int, int], *, center_crop: bool,
     random_flip: bool, rng: random.Random,
-) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+) -> Prepared:
     """`prepare_image_with_crop`, and the same resize, crop and flip applied to a greyscale loss `mask`
     (first scaled to the image's size when it differs), as a float32 [1, H, W] tensor in [0, 1].
 
@@ -191,14 +197,15 @@ def prepare_image_and_mask(
         left, top = rng.randint(0, image.width - width_out), rng.randint(0, image.height - height)
     box = (left, top, left + width_out, top + height)
     image, mask = image.crop(box), (mask.crop(box) if mask is not None else None)
-    if random_flip and rng.random() < 0.5:
+    flipped = bool(random_flip and rng.random() < 0.5)
+    if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
         left = width - width_out - left
     mask_tensor = None
     if mask is not None:
         mask_tensor = torch.from_numpy(np.array(mask, dtype=np.uint8)).to(torch.float32)[None] / 255.0
-    return to_tensor(image), (top, left), mask_tensor
+    return Prepared(to_tensor(image), (top, left), mask_tensor, flipped)
 
 
 def load_mask(path: Path) -> Image.Image:

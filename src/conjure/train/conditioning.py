@@ -48,13 +48,32 @@ def encode_captions(
     original_sizes: list[tuple[int, int]] | None = None,
     crops_top_left: list[tuple[int, int]] | None = None,
     target_sizes: list[tuple[int, int]] | None = None,
+    text: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """`zero_empty`: empty captions give all-zero embeddings, which is what diffusers' SDXL pipeline uses
     as the unconditional input (`force_zeros_for_empty_prompt`), so caption dropout trains the same thing.
     `original_sizes` / `crops_top_left`: each image's (height, width) before resizing and (top, left) crop,
     as the data set's items carry them (batch keys "original_size", "crop_top_left"), and `target_sizes` (each
     image's training size, "target_size"), for SDXL's size and crop ids; without them the ids say
-    "`resolution` square, uncropped". One-encoder models ignore them."""
+    "`resolution` square, uncropped". One-encoder models ignore them. `text`: `encode_text`'s result for
+    these captions when it is already at hand (a cache), else it is computed."""
+    text = encode_text(pairs, captions, device, zero_empty=zero_empty) if text is None else text
+    if "text_embeds" not in text:
+        return {"encoder_hidden_states": text["encoder_hidden_states"]}
+    states, pooled = text["encoder_hidden_states"], text["text_embeds"]
+    if resolution is None:
+        raise ValueError("two-encoder (SDXL) conditioning needs the training resolution for its size ids")
+    time_ids = sdxl_time_ids(
+        len(captions), resolution, device, original=original_sizes, crops=crops_top_left, targets=target_sizes
+    ).to(states.dtype)
+    return {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
+def encode_text(
+    pairs: list[tuple[Any, Any]], captions: list[str], device: torch.device, *, zero_empty: bool = False
+) -> dict[str, torch.Tensor]:
+    """What the text encoders give for `captions`: "encoder_hidden_states" (and for two encoders, SDXL,
+    "text_embeds": the second's pooled projection), per caption; nothing here depends on the image."""
     if len(pairs) == 1:
         tokenizer, encoder = pairs[0]
         return {"encoder_hidden_states": encoder(_ids(tokenizer, captions, device))[0]}
@@ -68,9 +87,4 @@ def encode_captions(
         keep = torch.tensor([bool(c.strip()) for c in captions], device=device, dtype=states.dtype)
         states = states * keep[:, None, None]
         pooled = pooled * keep[:, None].to(pooled.dtype)
-    if resolution is None:
-        raise ValueError("two-encoder (SDXL) conditioning needs the training resolution for its size ids")
-    time_ids = sdxl_time_ids(
-        len(captions), resolution, device, original=original_sizes, crops=crops_top_left, targets=target_sizes
-    ).to(states.dtype)
-    return {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    return {"encoder_hidden_states": states, "text_embeds": pooled}

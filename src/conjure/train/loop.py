@@ -193,6 +193,25 @@ def _changed_settings(saved_config: Path, resolved: Any) -> list[str]:
     return sorted(k for k in after if k in before and before[k] != after[k])
 
 
+def _caches(config: Any, model: Any, trainable: dict[str, Any]) -> tuple[Any, Any]:
+    """The latent and text-encoder caches the data section asks for (None where it does not)."""
+    from conjure.train.caches import LatentCache, TextCache, vae_identity
+
+    data, latent, text = config.data, None, None
+    if data.cache_latents != "off":
+        folder = Path(data.cache_dir or Path(config.basic.output_dir) / ".cache").expanduser()
+        latent = LatentCache(data.cache_latents, vae_id=vae_identity(model.vae, model.source), folder=folder)
+    if data.cache_text_encoder_outputs:
+        training = [slot.encoder for slot in model.family.text_encoders if slot.encoder in trainable]
+        if training:
+            raise ConjureError(
+                f"data.cache_text_encoder_outputs: this run trains the text encoder(s) ({', '.join(training)}), "
+                "so their outputs change every step; set it to false"
+            )
+        text = TextCache()
+    return latent, text
+
+
 def _buckets(data: Any, resolution: int) -> list[tuple[int, int]] | None:
     """The aspect-ratio buckets `data` asks for at `resolution`, or None; bad settings name their field."""
     if not data.aspect_ratio_buckets:
@@ -289,6 +308,7 @@ class _Session:
             for slot in model.family.text_encoders
         ]
         self.generator = torch.Generator("cpu").manual_seed(basic.seed * 7919 + accelerator.process_index)
+        self.latent_cache, self.text_cache = _caches(config, model, trainable)
         self.events = EventLog(run_dir / "events.jsonl", run_dir / "logs" if accelerator.is_main_process else None)
         self.result = RunResult(run_dir=run_dir, status="completed", step=0)
         self.step = self.last_saved = 0
@@ -369,21 +389,26 @@ class _Session:
         return self.result
 
     def _micro_step(self, batch: dict[str, Any]) -> float:
-        from conjure.train.conditioning import encode_captions
-        from conjure.train.loss import denoising_loss, encode_latents
+        from conjure.train.conditioning import encode_captions, encode_text
+        from conjure.train.loss import denoising_loss
 
         acc, model = self.accelerator, self.model
         with acc.accumulate(*self.trainable):
             with torch.no_grad():
-                latents = encode_latents(model.vae, batch["pixel_values"], self.generator)
-                latents = latents.to(WEIGHT_DTYPES[self.precision])
+                latents = self._latents(batch).to(WEIGHT_DTYPES[self.precision])
             texts = [self.method.expand_caption(c) for c in batch["caption"]]
             adv = self.config.advanced
             with acc.autocast():
+                text = None
+                if self.text_cache is not None:
+                    with torch.no_grad():
+                        text = self.text_cache.get(
+                            texts, lambda new: encode_text(self.text_encoders, new, acc.device, zero_empty=True)
+                        )
                 cond = encode_captions(
                     self.text_encoders, texts, acc.device, resolution=self.resolution, zero_empty=True,
                     original_sizes=batch.get("original_size"), crops_top_left=batch.get("crop_top_left"),
-                    target_sizes=batch.get("target_size"),
+                    target_sizes=batch.get("target_size"), text=text,
                 )
                 loss = denoising_loss(
                     self.unet, model.noise_scheduler, latents, cond, self.generator,
@@ -398,6 +423,20 @@ class _Session:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return acc.reduce(loss.detach(), "mean").item()
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        from conjure.train.loss import encode_latents, sample_latents, vae_posterior
+
+        vae = self.model.vae
+        if self.latent_cache is None:
+            return encode_latents(vae, batch["pixel_values"], self.generator)
+        keys = [
+            self.latent_cache.key(self.dataset.examples[i].image, size, crop, flipped)
+            for i, size, crop, flipped in zip(batch["index"], batch["target_size"], batch["crop_top_left"],
+                                              batch["flipped"])
+        ]
+        mean, std = self.latent_cache.posteriors(keys, batch["pixel_values"], lambda px: vae_posterior(vae, px))
+        return sample_latents(vae, mean.to(vae.device), std.to(vae.device), self.generator)
 
     def _after_step(self, loss: float, bar: Any, control: TrainControl) -> None:
         self.lr_scheduler.step()

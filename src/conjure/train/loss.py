@@ -20,9 +20,19 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 def encode_latents(vae: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Pixels in [-1, 1] -> latents with the scale the UNet was trained on."""
+    return sample_latents(vae, *vae_posterior(vae, pixels), generator)
+
+
+def vae_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, std) of the VAE's latent distribution for pixels in [-1, 1] (what the latent cache keeps)."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
-    latents = posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
+    return posterior.mean, posterior.std
+
+
+def sample_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A latent drawn from (mean, std) with `generator`, shifted and scaled by the VAE's own factors."""
+    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+    latents = mean + std * noise.to(mean.device, mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 

@@ -1,0 +1,99 @@
+"""Latent and text-encoder caches: a cached run trains exactly what an uncached one does; disk entries are
+reused across runs and recomputed for exactly the images that changed; settings that cannot be cached are
+refused naming the field."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conjure.config import ConfigError, parse_config
+from conjure.errors import ConjureError
+from conjure.train.loop import train
+
+
+@pytest.fixture
+def folder(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (72, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"zwx picture, item {i % 2}")
+    return data
+
+
+def config(tiny_models, folder, tmp_path, name="run", family="sd1", **data):
+    return parse_config({
+        "type": "sdxl_lora" if family == "sdxl" else "sd_lora",
+        "basic": {"base_model": str(tiny_models(family)), "output_dir": str(tmp_path / "runs"), "run_name": name,
+                  "max_train_steps": 6, "save_every_n_steps": 6, "validate_every_n_steps": None, "seed": 4},
+        "data": {"source": str(folder), "resolution": 64, "batch_size": 2, "random_flip": True, **data},
+        "lora": {"trigger_word": "zwx", "rank": 2, "save_dtype": "fp32"},
+        "validation": {"at_start": False, "seeds": [0], "num_inference_steps": 1},
+    })
+
+
+def final_state(result):
+    return torch.load(result.checkpoints[-1] / "training_state.pt", weights_only=False)["method"]
+
+
+def counting(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(args)
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_cached_runs_train_exactly_what_uncached_runs_do(tiny_models, folder, tmp_path, family, monkeypatch):
+    import conjure.train.conditioning as conditioning
+    import conjure.train.loss as loss
+
+    plain = final_state(train(config(tiny_models, folder, tmp_path, "plain", family)))
+    encodes = counting(monkeypatch, loss, "vae_posterior")
+    texts = counting(monkeypatch, conditioning, "encode_text")
+    cached = final_state(train(config(tiny_models, folder, tmp_path, "cached", family, cache_latents="memory",
+                                      cache_text_encoder_outputs=True)))
+    assert plain.keys() == cached.keys()
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], atol=1e-6, rtol=1e-5)
+    # 6 steps x 2 images = 12 items from 4 images x 2 flips: at most 8 encodings; 2 caption texts, once each
+    assert sum(len(args[1]) for args in encodes) <= 8 and sum(len(args[1]) for args in texts) == 2
+
+
+def test_disk_cache_is_reused_and_recomputes_exactly_the_changed_image(tiny_models, folder, tmp_path, monkeypatch):
+    import conjure.train.loss as loss
+
+    encodes = counting(monkeypatch, loss, "vae_posterior")
+    first = train(config(tiny_models, folder, tmp_path, "a", cache_latents="disk", center_crop=True))
+    first_count = sum(len(args[1]) for args in encodes)
+    entries = sorted((tmp_path / "runs" / ".cache" / "latents").rglob("*.safetensors"))
+    assert first_count == len(entries) > 0
+
+    encodes.clear()
+    second = train(config(tiny_models, folder, tmp_path, "b", cache_latents="disk"))
+    assert encodes == []  # every entry came from disk
+    assert all(torch.equal(final_state(first)[k], final_state(second)[k]) for k in final_state(first))
+
+    Image.new("RGB", (64, 72), (10, 200, 10)).save(folder / "2.png")  # one image changes
+    train(config(tiny_models, folder, tmp_path, "c", cache_latents="disk"))
+    # only the new image's variants (a flip or not) are encoded; its old entries stay but are never used
+    assert 1 <= sum(len(args[1]) for args in encodes) <= 2
+    assert all(args[1].shape[0] <= 2 for args in encodes)
+    assert len(list((tmp_path / "runs" / ".cache" / "latents").rglob("*.safetensors"))) == len(entries) + sum(
+        len(args[1]) for args in encodes)
+
+
+def test_settings_that_cannot_be_cached_are_refused(tiny_models, folder, tmp_path, ti_config):
+    with pytest.raises(ConfigError, match="data.cache_latents"):
+        config(tiny_models, folder, tmp_path, cache_latents="memory", center_crop=False)
+    raw = ti_config(data={"cache_text_encoder_outputs": True})
+    with pytest.raises(ConjureError, match="data.cache_text_encoder_outputs"):
+        train(parse_config(raw))
