@@ -7,7 +7,6 @@ from PIL import Image
 
 from conjure.data.captions import CaptionTransform
 from conjure.data.dataset import TrainDataset, collate, epoch_order
-from conjure.data.images import ImageError
 from conjure.data.sources import Example
 
 
@@ -89,11 +88,21 @@ def test_keep_in_memory_skips_decoding_after_the_first_epoch(examples):
     assert torch.equal(dataset[(0, 2)]["pixel_values"], before)
 
 
-def test_image_broken_after_the_scan_raises_image_error_naming_it(examples):
+def test_image_broken_after_the_scan_is_reported_once_and_the_next_one_stands_in(examples, capsys):
+    """A file that breaks mid-run must not stop the run: it is named once and skipped from then on."""
+    from conjure.errors import ConjureError
+
     dataset = _dataset(examples)
     examples[1].image.write_bytes(b"")
-    with pytest.raises(ImageError, match=str(examples[1].image.name)):
-        dataset[(0, 1)]
+    item = dataset[(0, 1)]
+    assert item["index"] == 2 and torch.equal(item["pixel_values"], dataset[(0, 2)]["pixel_values"])
+    dataset[(1, 1)]
+    err = capsys.readouterr().err
+    assert err.count(str(examples[1].image)) == 1 and "skipping" in err
+    for example in examples:
+        example.image.write_bytes(b"")
+    with pytest.raises(ConjureError, match="no readable images left"):
+        dataset[(0, 0)]
 
 
 def test_collate_stacks_pixels_and_lists_the_rest(examples):

@@ -109,3 +109,9 @@ def test_bad_bucket_settings_name_the_field(tiny_models, odd_images, tmp_path):
     raw["data"]["bucket_min_side"] = 128  # above the resolution
     with pytest.raises(ConjureError, match="data.aspect_ratio_buckets"):
         train(parse_config(raw))
+
+
+def test_images_smaller_than_their_bucket_are_named_in_a_warning(tiny_models, odd_images, tmp_path, capsys):
+    train(parse_config(raw_config(tiny_models, odd_images, tmp_path, max_train_steps=1)))
+    err = capsys.readouterr().err
+    assert "smaller than their training size" in err and "scaled up" in err

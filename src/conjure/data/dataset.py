@@ -8,6 +8,8 @@ asked for, or whether the run was resumed.
 """
 
 import random
+import sys
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -15,6 +17,7 @@ from torch.utils.data import Dataset
 
 from conjure.data.captions import CaptionTransform
 from conjure.data.images import (
+    ImageError,
     image_size,
     load_image_with_size,
     load_mask,
@@ -23,6 +26,7 @@ from conjure.data.images import (
     resize_to_cover,
 )
 from conjure.data.sources import Example
+from conjure.errors import ConjureError
 
 
 class TrainDataset(Dataset):
@@ -37,7 +41,7 @@ class TrainDataset(Dataset):
     `keep_in_memory` keeps each decoded image, already resized for its training size, so later
     epochs skip decoding; items are identical either way. The cache lives in the process that fills it: with
     a DataLoader it only survives epochs with `num_workers=0` or `persistent_workers=True`, and each worker
-    holds its own copy. An image that stopped being readable after the scan raises `ImageError`.
+    holds its own copy. An image that stopped being readable after the scan is replaced (see `__getitem__`).
     """
 
     def __init__(
@@ -73,12 +77,46 @@ class TrainDataset(Dataset):
         self.class_caption_transform = class_caption_transform or CaptionTransform()
         self.seed = seed
         self._cache: dict[int, tuple[Image.Image, tuple[int, int]]] = {}
+        self.failed: set[int] = set()  # examples whose files stopped being readable during the run
+
+    def upscaled(self) -> list[Path]:
+        """The images smaller than their training size, which are scaled up (soft): worth a warning."""
+        small, seen = [], set()
+        for example, (height, width) in zip(self.examples, self.sizes):
+            if example.image in seen:
+                continue
+            seen.add(example.image)
+            try:
+                h, w = image_size(example.image)
+            except ImageError:
+                continue  # the scan already reported it
+            if h < height or w < width if height == width else max(height / h, width / w) > 1:
+                small.append(example.image)
+        return small
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
+        """The item; when its image (or mask) cannot be read any more (changed or deleted since the scan),
+        it is reported once and the next readable example of the same size stands in, so a run never stops
+        mid-epoch over one file. Raises ConjureError only when no example of that size is readable."""
         epoch, index = key
+        candidates = [i for i in range(index, len(self.examples)) if self.sizes[i] == self.sizes[index]]
+        candidates += [i for i in range(index) if self.sizes[i] == self.sizes[index]]
+        for candidate in candidates:
+            if candidate in self.failed:
+                continue
+            try:
+                return self._item(epoch, candidate)
+            except ImageError as error:
+                self.failed.add(candidate)
+                path = self.examples[candidate].image
+                reason = str(error).removeprefix(f"{path}: ")
+                print(f"warning: skipping {path} from now on: {reason}", file=sys.stderr)
+        raise ConjureError(f"no readable images left of size {self.sizes[index]} (all {len(candidates)} failed)")
+
+    def _item(self, epoch: int, index: int) -> dict:
         example = self.examples[index]
         image, original_size = self._image(index)
         mask = load_mask(example.mask) if example.mask is not None else None

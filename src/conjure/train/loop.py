@@ -282,6 +282,10 @@ class _Session:
             keep_in_memory=data.keep_in_memory, caption_transform=spec.caption_transform(config), seed=basic.seed,
             class_caption_transform=CaptionTransform(dropout=data.caption_dropout), buckets=_buckets(data, resolution),
         )
+        small = self.dataset.upscaled()
+        if small:
+            _say(f"warning: {len(small)} image(s) are smaller than their training size ({resolution} px) and will be "
+                 f"scaled up, which blurs them (first: {small[0]}); `conjure dataset check` lists them")
         self.accum = adv.gradient_accumulation_steps
         per_epoch = batches_per_epoch(self.dataset.sizes, data.batch_size * accelerator.num_processes)
         self.max_steps = basic.max_train_steps or math.ceil(basic.max_train_epochs * per_epoch / self.accum)
