@@ -3,6 +3,7 @@
 Owns the two source formats (a folder of images with optional same-stem `.txt` captions, and a `.jsonl`
 file of {"image": ..., "text": ...} lines), the order examples come in, and the up-front check that every
 image decodes, so that a broken file is reported once at the start instead of failing a run midway.
+Hugging Face data sets are a third kind of source, read by `conjure.data.hf`.
 Sources are only ever read: nothing is written into the user's data folder.
 """
 
@@ -51,14 +52,20 @@ class ScanResult:
 
 
 def scan_source(path: Path, *, check_images: bool = True) -> ScanResult:
-    """List the examples in `path`, a folder of images or a `.jsonl` file.
+    """List the examples in `path`, a folder of images, a `.jsonl` file or a Hugging Face data set (a saved
+    or imagefolder one, or `hf:owner/name`: see `conjure.data.hf`).
 
     With `check_images`, every image is decoded once; those that fail are moved to `skipped` with the
     reason, for the caller to warn about. Raises `ConjureError` when the source is missing, has no images,
     or has none left that can be read.
     """
+    from conjure.data import hf  # here, not at the top: hf imports Example from this module
+
     path = Path(path)
-    if path.is_dir():
+    skipped: list[tuple[Path, str]] = []
+    if hf.is_hf_source(path):
+        examples, skipped = hf.hf_examples(path)
+    elif path.is_dir():
         examples = _folder_examples(path)
         if not examples:
             suffixes = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -72,6 +79,7 @@ def scan_source(path: Path, *, check_images: bool = True) -> ScanResult:
     else:
         raise ConjureError(f"data source not found: {path}")
     result = _check(examples) if check_images else _check_exist(examples)
+    result.skipped[:0] = skipped
     if not result.examples:
         first_path, first_reason = result.skipped[0]
         raise ConjureError(
