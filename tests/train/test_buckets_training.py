@@ -113,5 +113,8 @@ def test_bad_bucket_settings_name_the_field(tiny_models, odd_images, tmp_path):
 
 def test_images_smaller_than_their_bucket_are_named_in_a_warning(tiny_models, odd_images, tmp_path, capsys):
     train(parse_config(raw_config(tiny_models, odd_images, tmp_path, max_train_steps=1)))
+    assert "scaled up" not in capsys.readouterr().err  # every image here covers its bucket
+    Image.new("RGB", (90, 30), (9, 9, 9)).save(odd_images / "small.png")  # 30 x 90: under its 32 x 96 bucket
+    train(parse_config(raw_config(tiny_models, odd_images, tmp_path, max_train_steps=1, run_name="again")))
     err = capsys.readouterr().err
-    assert "smaller than their training size" in err and "scaled up" in err
+    assert "1 image(s) are smaller than their training size" in err and "small.png" in err
