@@ -75,7 +75,8 @@ class SourceConfig(Section):
     """One source of images among several, with how often it is seen and how much its loss counts."""
 
     path: str = Field(
-        description="A folder of images (with optional same-name .txt captions) or a .jsonl file.",
+        description="A folder of images (with optional same-name .txt captions), a .jsonl file, or a Hugging "
+        "Face data set (a save_to_disk or imagefolder-with-metadata folder, or 'hf:owner/name[:split]').",
         json_schema_extra={"example": "path/to/images"},
     )
     repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
@@ -95,8 +96,9 @@ class DataConfig(Section):
 
     source: str | None = Field(
         None,
-        description="A folder of images (with optional same-name .txt captions) or a .jsonl file of "
-        '{"image": ..., "text": ...} lines (paths relative to the file). Or use `sources` for several.',
+        description="A folder of images (with optional same-name .txt captions), a .jsonl file of "
+        '{"image": ..., "text": ...} lines (paths relative to the file), or a Hugging Face data set (folder or '
+        "'hf:owner/name[:split]'). Or use `sources` for several.",
         json_schema_extra={"example": "path/to/images", "starter": "path/to/images", "note": "required (or sources)"},
     )
     sources: list[SourceConfig] = Field(

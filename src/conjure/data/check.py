@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from conjure.data.buckets import Size, assign_bucket, make_buckets
 from conjure.data.images import ImageError, load_image_with_size
+from conjure.data.hf import is_hf_source
 from conjure.data.sources import PROGRESS_MIN_IMAGES, Example, scan_source
 from conjure.errors import ConjureError
 from conjure.models.tokenizer import MODEL_MAX_LENGTH
@@ -173,7 +174,7 @@ def check_source(
     warnings = _caption_problems(source, usable, max_tokens) + _size_problems(usable, resolution)
     duplicates = _duplicate_problems(usable)
     warnings += duplicates
-    if source.is_dir():
+    if source.is_dir() and not is_hf_source(source):
         warnings += _orphan_captions(source, [example.image for example in scan.examples])
 
     with_caption = sum(image.example.caption is not None for image in usable)
@@ -250,7 +251,7 @@ def _caption_problems(source: Path, usable: list[_Image], max_tokens: int) -> li
 
 
 def _missing_caption(source: Path, image: Path) -> Problem:
-    if not source.is_dir():
+    if not source.is_dir() or is_hf_source(source):  # captions from a JSONL line or a data set's column
         return Problem(str(image), WARNING, "missing_caption", 'no caption ("text" is missing or blank)')
     caption_file = image.with_suffix(".txt")
     if caption_file.is_file():
