@@ -97,3 +97,15 @@ def test_settings_that_cannot_be_cached_are_refused(tiny_models, folder, tmp_pat
     raw = ti_config(data={"cache_text_encoder_outputs": True})
     with pytest.raises(ConjureError, match="data.cache_text_encoder_outputs"):
         train(parse_config(raw))
+
+
+def test_training_never_writes_into_the_data_folder(tiny_models, folder, tmp_path):
+    import hashlib
+
+    def listing():
+        return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = listing()
+    train(config(tiny_models, folder, tmp_path, cache_latents="disk", aspect_ratio_buckets=True, bucket_step=16))
+    assert listing() == before and not any(p.name.startswith(".") for p in folder.iterdir())
