@@ -222,6 +222,15 @@ def test_demo_with_a_tiny_model(capsys, tmp_path):
     assert (tmp_path / "runs" / "demo" / "validation" / "step-000006" / "grid.png").is_file()
 
 
+def test_demo_ti_on_sdxl_with_a_tiny_model(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "demo", "--family", "sdxl", "--model", "tiny", "--out", tmp_path, "--steps", 1)
+    assert code == 0, err
+    last = tmp_path / "runs" / "demo" / "checkpoints" / "step-000001"
+    assert f"embedding:        {last / 'yellow-star.safetensors'}" in out
+    assert (tmp_path / "runs" / "demo" / "validation" / "step-000001" / "grid.png").is_file()
+    assert "type: sdxl_textual_inversion" in (tmp_path / "runs" / "demo" / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("method, family", [("dora", "sdxl"), ("lora", "sd2")])
 def test_lora_demos_with_a_tiny_model(capsys, tmp_path, method, family):
     code, out, err = run_cli(capsys, "demo", "--method", method, "--family", family, "--model", "tiny", "--out",
@@ -232,8 +241,22 @@ def test_lora_demos_with_a_tiny_model(capsys, tmp_path, method, family):
     assert (tmp_path / "runs" / "demo" / "validation" / "step-000003" / "grid.png").is_file()
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_demo_pivotal_with_a_tiny_model(capsys, tmp_path, family):
+    code, out, err = run_cli(capsys, "demo", "--method", "pivotal", "--family", family, "--model", "tiny", "--out",
+                             tmp_path, "--steps", 1)
+    assert code == 0, err
+    last = tmp_path / "runs" / "demo" / "checkpoints" / "step-000001"
+    assert f"LoRA (kohya):     {last / 'demo.safetensors'}" in out
+    assert f"embedding:        {last / 'yellow-star.safetensors'}" in out
+    assert (last / "demo.safetensors").is_file() and (last / "yellow-star.safetensors").is_file()
+    assert len(list((tmp_path / "data-lora").glob("*.png"))) == 32
+    assert (tmp_path / "runs" / "demo" / "validation" / "step-000001" / "grid.png").is_file()
+    config = (tmp_path / "runs" / "demo" / "config.yaml").read_text()
+    assert "replace_word: zwx" in config and "_lora_and_textual_inversion" in config
+
+
 def test_demo_refuses_what_is_not_there_yet(capsys, tmp_path):
     assert_one_line_error(*run_cli(capsys, "demo", "--method", "loha", "--out", tmp_path)[::2], "not available yet")
-    assert_one_line_error(*run_cli(capsys, "demo", "--family", "sdxl", "--out", tmp_path)[::2], "sdxl")
     assert_one_line_error(*run_cli(capsys, "demo", "--family", "sd3", "--method", "lora", "--out", tmp_path)[::2],
                           "sd1, sd2 or sdxl")

@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dataset_jsonl)
 
     p = sub.add_parser("demo", help="train a small example end to end on the CPU")
-    p.add_argument("--method", default="ti", help="training method: ti, lora or dora (default: ti)")
+    p.add_argument("--method", default="ti", help="training method: ti, lora, dora or pivotal (default: ti)")
     p.add_argument("--family", default="sd1", help="model family: sd1, sd2 or sdxl (ti: sd1, sd2)")
     p.add_argument("--model", help="a model folder/hub id, or 'tiny' for a random-weight tiny model (default: the toy model)")
     p.add_argument("--out", default="conjure-demo", help="output folder (default: ./conjure-demo)")

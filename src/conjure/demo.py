@@ -2,11 +2,12 @@
 
 By default it teaches the toy base model (conjure/toy: a small model pre-trained on a world of coloured
 shapes, with no stars in it) a yellow star. `--method ti` learns a new token from 12 bundled captioned images
-made by scripts/make_demo_images.py; `--method lora|dora` trains a concept model triggered by the word "zwx"
-from 16 star images rendered by the toy world plus 16 ordinary world images with their own captions (the
-regularisation that keeps prompts without the trigger as they were). The validation grid shows the star
-appear step by step. `--model tiny` builds a random-weight tiny model instead (its images are noise),
-`--model PATH` uses any model.
+made by scripts/make_demo_images.py (SDXL: in both text encoders); `--method lora|dora` trains a concept model
+triggered by the word "zwx" from 16 star images rendered by the toy world plus 16 ordinary world images with
+their own captions (the regularisation that keeps prompts without the trigger as they were); `--method
+pivotal` trains a LoRA and a new token together on the same images, the token taking the place of "zwx" in
+the star captions. The validation grid shows the star appear step by step. `--model tiny` builds a
+random-weight tiny model instead (its images are noise), `--model PATH` uses any model.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from pathlib import Path
 
 from conjure.errors import ConjureError
 
-DEMO_METHODS = ("ti", "lora", "dora")
-TI_FAMILIES = ("sd1", "sd2")
+DEMO_METHODS = ("ti", "lora", "dora", "pivotal")
 TOKEN = "<yellow-star>"
 TRIGGER = "zwx"
-LEARNING_RATE = {"ti": 5e-3, "lora": 3e-3, "dora": 3e-3}
-STEPS = {"ti": 300, "lora": 200, "dora": 200}
+# optimizer.learning_rate: the embedding's for ti, the LoRA's for pivotal (its token has PIVOTAL_TOKEN's).
+LEARNING_RATE = {"ti": 5e-3, "lora": 3e-3, "dora": 3e-3, "pivotal": 3e-3}
+STEPS = {"ti": 300, "lora": 200, "dora": 200, "pivotal": 150}
+# The pivotal token learns at 1e-2 for the first half of the steps, then the LoRA trains alone around it
+# (tests/toy/test_learning.py measures this recipe on all three toy models).
+PIVOTAL_TOKEN = {"learning_rate": 1e-2, "freeze_after": 0.5}
+CONTROL_PROMPT = "a large blue square in the center on a grey background"
 
 
 def demo_images() -> Path:
@@ -38,12 +43,21 @@ def lora_demo_images(folder: Path, *, trigger: str = TRIGGER) -> Path:
 
 def demo_config(model: str, out: Path, *, method: str, family: str, steps: int) -> dict:
     from conjure.config.lora import lora_type_for
+    from conjure.config.pivotal import pivotal_type_for
+    from conjure.config.textual_inversion import ti_type_for
 
     every = max(steps // 6, 1)
+    # "circle" is a word the toy model knows, so step 0 shows circles and the concept grows out of them.
+    token = {"placeholder_token": TOKEN, "initializer": "circle"}
     if method == "ti":
-        config_type, source, word = "sd_textual_inversion", str(demo_images()), TOKEN
-        # "circle" is a word the toy model knows, so step 0 shows circles and the concept grows out of them.
-        section = {"textual_inversion": {"placeholder_token": TOKEN, "initializer": "circle"}}
+        config_type, source, word = ti_type_for(family), str(demo_images()), TOKEN
+        section = {"textual_inversion": token}
+    elif method == "pivotal":
+        config_type, source, word = pivotal_type_for(family), str(lora_demo_images(out / "data-lora")), TOKEN
+        section = {
+            "textual_inversion": {**token, "replace_word": TRIGGER, **PIVOTAL_TOKEN},
+            "lora": {"rank": 4, "unet_targets": "attention"},
+        }
     else:
         config_type = lora_type_for(family)
         source, word = str(lora_demo_images(out / "data-lora")), TRIGGER
@@ -62,8 +76,7 @@ def demo_config(model: str, out: Path, *, method: str, family: str, steps: int) 
         "data": {"source": source, "batch_size": 8, "random_flip": True},
         **section,
         "validation": {
-            "prompts": [f"a {word}", f"a {word} on a navy background"]
-            + ([] if method == "ti" else ["a large blue square in the center on a grey background"]),
+            "prompts": [f"a {word}", f"a {word} on a navy background"] + ([] if method == "ti" else [CONTROL_PROMPT]),
             "seeds": [0, 1, 2, 3],
             "num_inference_steps": 20,
             "guidance_scale": 4.0,
@@ -94,14 +107,13 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
     import torch
 
     from conjure.config import parse_config
+    from conjure.export.embeddings import embedding_file_name
     from conjure.train.loop import train
 
     if method not in DEMO_METHODS:
         raise ConjureError(f"demo --method {method!r} is not available yet (available: {', '.join(DEMO_METHODS)})")
     if family not in ("sd1", "sd2", "sdxl"):
         raise ConjureError(f"demo --family {family!r}: choose sd1, sd2 or sdxl")
-    if method == "ti" and family not in TI_FAMILIES:
-        raise ConjureError(f"demo --method ti --family {family} is not available yet (ti: {', '.join(TI_FAMILIES)})")
     started = time.perf_counter()
     model_path, what = _resolve_model(model, family, out)
     if model in (None, "tiny") and not torch.cuda.is_available():
@@ -116,15 +128,24 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
         import shutil
 
         shutil.rmtree(run_root)  # the demo's own folder: a re-run starts fresh
-    what_is_taught = f"the token {TOKEN}" if method == "ti" else f"a {method.upper()} triggered by {TRIGGER!r}"
+    what_is_taught = {
+        "ti": f"the token {TOKEN}",
+        "pivotal": f"a LoRA and the token {TOKEN} (in place of {TRIGGER!r} in the star captions)",
+    }.get(method, f"a {method.upper()} triggered by {TRIGGER!r}")
     print(f"teaching {what} {what_is_taught} from {config.data.source}")
     result = train(config)
     seconds = time.perf_counter() - started
-    files = [p for p in sorted(result.checkpoints[-1].iterdir()) if p.suffix == ".safetensors"]
+    last = result.checkpoints[-1]
+    files = [p for p in sorted(last.iterdir()) if p.suffix == ".safetensors"]
+    embeddings = [p for p in files if p.name == embedding_file_name(TOKEN)]
+    loras = [p for p in files if p not in embeddings]
     print(f"\ndemo finished in {seconds:.0f} s ({result.step} steps)")
     print(f"  run folder:       {result.run_dir}")
-    label = "embedding:" if method == "ti" else f"{method.upper()} (kohya):"
-    print(f"  {label:<18}{files[0] if files else result.checkpoints[-1]}")
+    if method != "ti":
+        label = "LoRA (kohya):" if method == "pivotal" else f"{method.upper()} (kohya):"
+        print(f"  {label:<18}{loras[0] if loras else last}")
+    if method in ("ti", "pivotal"):
+        print(f"  {'embedding:':<18}{embeddings[0] if embeddings else last}")
     print(f"  validation grids: {result.run_dir / 'validation'}/step-*/grid.png  (rows: prompts, columns: seeds)")
     print(f"  TensorBoard:      tensorboard --logdir {result.run_dir / 'logs'}")
     print(f"  config to edit:   {result.run_dir / 'config.yaml'}")
