@@ -141,7 +141,7 @@ def test_captions_without_the_placeholder(capsys, tmp_path, ti_config, image_fol
 
 
 def test_sdxl_model_is_refused_for_sd_textual_inversion(capsys, tmp_path, ti_config):
-    raw = ti_config("sdxl")
+    raw = {**ti_config("sdxl"), "type": "sd_textual_inversion"}
     assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "sdxl")
 
 

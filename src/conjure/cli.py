@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check a data source as training reads it, without changing it. Exit code 0: no errors "
         "(warnings allowed); 1: errors (unreadable images, nothing usable).",
     )
-    p.add_argument("source", help="a folder of images (+ same-name .txt captions) or a .jsonl file")
+    p.add_argument("source", help="a folder of images (+ same-name .txt captions), a .jsonl file or a Hugging Face "
+                   "data set (folder or hf:owner/name)")
     p.add_argument("--resolution", type=int, default=512, help="training resolution (default: 512; SDXL: 1024)")
     p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default: 64)")
     p.add_argument(
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small example end to end on the CPU")
     p.add_argument("--method", default="ti", help="training method: ti, lora, dora or pivotal (default: ti)")
-    p.add_argument("--family", default="sd1", help="model family: sd1, sd2 or sdxl (ti: sd1, sd2)")
+    p.add_argument("--family", default="sd1", help="model family: sd1, sd2 or sdxl (default: sd1)")
     p.add_argument("--model", help="a model folder/hub id, or 'tiny' for a random-weight tiny model (default: the toy model)")
     p.add_argument("--out", default="conjure-demo", help="output folder (default: ./conjure-demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")

@@ -229,3 +229,33 @@ def test_runs_with_different_precisions_in_one_process(ti_config):
     assert first.status == second.status == "completed"
     events = read_events(second.run_dir / "events.jsonl")
     assert events[0]["mixed_precision"] == "no"
+
+
+def test_use_end_of_text_pooling_fixes_a_legacy_sdxl_pipeline(tiny_models):
+    """What the README tells diffusers users to call before loading an SDXL embedding into a real SDXL model."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from conjure.models.pooling import use_end_of_text_pooling
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_models("sdxl")))
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        for module in encoder.modules():
+            if hasattr(module, "eos_token_id"):
+                module.eos_token_id = 2  # as the published SDXL configs have it
+    g = torch.Generator().manual_seed(0)
+    for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        pipe.load_textual_inversion(torch.randn(1, 32, generator=g), token="<zq-thing>", text_encoder=encoder,
+                                    tokenizer=tokenizer)
+    ids = pipe.tokenizer_2(["a <zq-thing> photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    eos = (ids[0] == pipe.tokenizer_2.eos_token_id).nonzero()[0].item()
+
+    def pooled():
+        with torch.no_grad():
+            out = pipe.text_encoder_2(ids)
+            return out.text_embeds[0], pipe.text_encoder_2.text_projection(out.last_hidden_state[0, eos])
+
+    legacy, at_end = pooled()
+    assert not torch.allclose(legacy, at_end)  # the legacy rule reads the new token
+    use_end_of_text_pooling(pipe)
+    fixed, at_end = pooled()
+    torch.testing.assert_close(fixed, at_end)

@@ -21,6 +21,7 @@ from conjure.errors import ConjureError
 from conjure.export.embeddings import embedding_file_name, save_embedding
 from conjure.export.modelspec import conjure_keys, modelspec
 from conjure.models.loading import LoadedModel
+from conjure.models.pooling import pool_at_end_of_text
 
 
 class ExtendedEmbedding(nn.Module):
@@ -47,22 +48,6 @@ class ExtendedEmbedding(nn.Module):
         out = self.base(input_ids.clamp(max=self.first_new_id - 1))
         new = nn.functional.embedding((input_ids - self.first_new_id).clamp(min=0), self.new_rows)
         return torch.where(is_new.unsqueeze(-1), new.to(out.dtype), out)
-
-
-def _pool_at_first_eos(encoder: nn.Module, eos_token_id: int) -> None:
-    """Make a CLIP text encoder take its pooled output at the first end-of-text token.
-
-    Encoders whose config says `eos_token_id: 2` (SDXL's second encoder and SD 1.x's, converted before
-    transformers fixed the id) pool at the *largest* token id instead, which is the end-of-text token only
-    until tokens are added: with a new token in the prompt, SDXL's pooled embedding would be read at the new
-    token's position. The apps (A1111/Forge, ComfyUI) pool at the end-of-text token, so training does too.
-    Without added tokens in a prompt both rules pick the same position, so nothing else changes.
-    """
-    for module in encoder.modules():
-        if isinstance(getattr(module, "eos_token_id", None), int) and module.eos_token_id != eos_token_id:
-            module.eos_token_id = eos_token_id
-    if getattr(encoder.config, "eos_token_id", None) != eos_token_id:
-        encoder.config.eos_token_id = eos_token_id
 
 
 def token_names(placeholder: str, num_vectors: int) -> list[str]:
@@ -116,7 +101,7 @@ class TextualInversion:
             rows = init if len(init_ids) == len(self.tokens) else init.mean(0, keepdim=True).repeat(len(self.tokens), 1)
         wrapped = ExtendedEmbedding(base, rows)
         encoder.set_input_embeddings(wrapped)
-        _pool_at_first_eos(encoder, tokenizer.eos_token_id)
+        pool_at_end_of_text(encoder, tokenizer.eos_token_id)  # as apps pool (conjure.models.pooling)
         return wrapped
 
     # --- what trains -------------------------------------------------------------------------------
