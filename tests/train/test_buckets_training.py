@@ -102,6 +102,23 @@ def test_resume_with_buckets_matches_an_uninterrupted_run(tiny_models, odd_image
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_area_limit_reaches_the_buckets(tiny_models, odd_images, tmp_path, monkeypatch):
+    import conjure.data.dataset as dataset
+
+    seen = {}
+    real = dataset.TrainDataset.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen["sizes"] = self.sizes
+
+    monkeypatch.setattr(dataset.TrainDataset, "__init__", spy)
+    raw = raw_config(tiny_models, odd_images, tmp_path, max_train_steps=1)
+    raw["data"]["bucket_max_area"] = 48 * 48
+    train(parse_config(raw))
+    assert seen["sizes"] and all(h * w <= 48 * 48 for h, w in seen["sizes"])
+
+
 def test_bad_bucket_settings_name_the_field(tiny_models, odd_images, tmp_path):
     from conjure.errors import ConjureError
 

@@ -135,6 +135,9 @@ class DataConfig(Section):
     bucket_max_side: int | None = Field(
         None, ge=8, description="Longest bucket side in pixels; null: twice the resolution."
     )
+    bucket_max_area: int | None = Field(
+        None, ge=64, description="Most pixels a bucket may have; null: resolution x resolution (the square's)."
+    )
     cache_latents: Literal["off", "memory", "disk"] = Field(
         "off",
         description="Keep each image's VAE encoding instead of encoding it every step: 'memory' (this run), "

@@ -220,7 +220,7 @@ def _buckets(data: Any, resolution: int) -> list[tuple[int, int]] | None:
 
     try:
         return make_buckets(resolution, step=data.bucket_step, min_side=data.bucket_min_side,
-                            max_side=data.bucket_max_side)
+                            max_side=data.bucket_max_side, max_area=data.bucket_max_area)
     except ValueError as exc:
         raise ConjureError(f"data.aspect_ratio_buckets at {resolution} px: {exc}") from None
 
