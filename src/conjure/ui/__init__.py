@@ -1,0 +1,1 @@
+"""`conjure ui`: a local web app (FastAPI + static pages, no CDN) for data sets, training and the job queue."""
