@@ -15,6 +15,7 @@ from conjure.config.sections import (
     Section,
     ValidationConfig,
     check_family,
+    type_for,
 )
 
 UNET_PRESETS = ("attention", "attention_ff", "all")
@@ -134,4 +135,4 @@ class SdxlLoraConfig(_LoraConfigBase):
 
 def lora_type_for(family: str) -> str:
     """The LoRA config type that trains `family` ('sd1' -> 'sd_lora', 'sdxl' -> 'sdxl_lora')."""
-    return next(cls.model_fields["type"].default for cls in (SdLoraConfig, SdxlLoraConfig) if family in cls.FAMILIES)
+    return type_for(family, SdLoraConfig, SdxlLoraConfig)

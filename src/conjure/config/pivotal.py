@@ -12,7 +12,14 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from conjure.config.lora import LoraAdapterSection, LoraOptimizerConfig
-from conjure.config.sections import AdvancedConfig, BasicConfig, DataConfig, ValidationConfig, check_family
+from conjure.config.sections import (
+    AdvancedConfig,
+    BasicConfig,
+    DataConfig,
+    ValidationConfig,
+    check_family,
+    type_for,
+)
 from conjure.config.textual_inversion import TextualInversionSection
 
 
@@ -79,6 +86,5 @@ class SdxlPivotalConfig(_PivotalConfigBase):
 
 
 def pivotal_type_for(family: str) -> str:
-    return next(
-        cls.model_fields["type"].default for cls in (SdPivotalConfig, SdxlPivotalConfig) if family in cls.FAMILIES
-    )
+    """The config type that trains `family`."""
+    return type_for(family, SdPivotalConfig, SdxlPivotalConfig)

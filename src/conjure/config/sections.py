@@ -259,3 +259,8 @@ def check_family(config_type: str, families: tuple[str, ...], family: str, type_
             f"basic.family: {config_type} trains {' and '.join(families)} models, not {family}; "
             f"use type: {type_for(family)}"
         )
+
+
+def type_for(family: str, *config_classes: type) -> str:
+    """The `type` of the first of `config_classes` whose FAMILIES include `family`."""
+    return next(cls.model_fields["type"].default for cls in config_classes if family in cls.FAMILIES)

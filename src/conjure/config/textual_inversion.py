@@ -16,6 +16,7 @@ from conjure.config.sections import (
     Section,
     ValidationConfig,
     check_family,
+    type_for,
 )
 
 OBJECT_PROMPTS = ("a photo of {}", "a close-up photo of {} on a table")
@@ -105,8 +106,4 @@ class SdxlTextualInversionConfig(_TextualInversionConfigBase):
 
 def ti_type_for(family: str) -> str:
     """The textual-inversion config type that trains `family`."""
-    return next(
-        cls.model_fields["type"].default
-        for cls in (SdTextualInversionConfig, SdxlTextualInversionConfig)
-        if family in cls.FAMILIES
-    )
+    return type_for(family, SdTextualInversionConfig, SdxlTextualInversionConfig)
