@@ -2,11 +2,15 @@
 
 Security (the issue's rules, enforced here for every request before any router sees it):
 - Host: only the host names the server was started for (127.0.0.1 / localhost and the --host given) are
-  answered, which stops DNS-rebinding pages from talking to it.
-- Origin: a request that carries an Origin (or a Sec-Fetch-Site: cross-site) from anywhere but this server is
-  refused, so other web pages cannot drive the API from the user's browser.
-- Token: when the server listens on anything but 127.0.0.1 it requires a token: `Authorization: Bearer <token>`,
-  the `conjure_token` cookie (set when the page is opened with `?token=...`), or `?token=` itself.
+  answered, which stops DNS-rebinding pages from talking to it. A server on all interfaces (0.0.0.0, ::)
+  answers any Host: its token is what guards it then.
+- Origin: a request that carries an Origin from anywhere but this server, or a Sec-Fetch-Site of cross-site or
+  same-site (another port of localhost is same-site), is refused, so other web pages cannot drive the API from
+  the user's browser; answers carry Cross-Origin-Resource-Policy: same-origin, so other pages cannot even embed
+  its images.
+- Token: required when the server listens on anything but 127.0.0.1 / localhost (create_app refuses to build
+  such a server without one): `Authorization: Bearer <token>`, the `conjure_token` cookie (set when the page is
+  opened with `?token=...`), or `?token=` itself.
 - Files: routers pass every user path through `Workspace.resolve` (conjure.ui.workspace); no user string ever
   reaches a shell (runs are started with an argument list).
 Errors: ConjureError -> 400 {"error": message}; PathRefused -> 403 {"error": "path refused"}.
@@ -23,6 +27,7 @@ from conjure.ui.workspace import PathRefused, Workspace
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
+ALL_INTERFACES = ("0.0.0.0", "::", "")
 
 
 def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: int = 7860, token: str | None = None,
@@ -33,28 +38,32 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
+    if token is None and host not in LOCAL_HOSTS:
+        raise ConjureError(f"a server on {host or 'all interfaces'} must require a token (--token)")
     ws = workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
     app = FastAPI(title="conjure", version="1", description="conjure's local web app: data sets, training, jobs.")
     app.state.workspace = ws
     app.state.token = token
-    hosts = {h for h in (*LOCAL_HOSTS, host) if h not in ("0.0.0.0", "::")}
+    hosts = {_host_name(h) for h in (*LOCAL_HOSTS, host) if h not in ALL_INTERFACES}
     allowed_hosts = {f"{h}:{port}" for h in hosts} | hosts
+    any_host = host in ALL_INTERFACES
     allowed_origins = {f"http://{h}:{port}" for h in hosts}
     app.state.allowed_origins = allowed_origins
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # noqa: ANN001 - FastAPI's signature
         host_header = request.headers.get("host", "")
-        if host != "0.0.0.0" and host_header not in allowed_hosts:
+        if not any_host and host_header not in allowed_hosts:
             return JSONResponse({"error": "unknown host"}, status_code=403)
         origin = request.headers.get("origin")
         if origin is not None and origin not in allowed_origins and origin != f"http://{host_header}":
             return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
-        if request.headers.get("sec-fetch-site") == "cross-site":
+        if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
         if token is not None:
-            given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                     or request.cookies.get("conjure_token") or request.query_params.get("token") or "")
+            scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+            bearer = credentials.strip() if scheme.lower() == "bearer" else ""
+            given = bearer or request.cookies.get("conjure_token") or request.query_params.get("token") or ""
             if not secrets.compare_digest(given.encode(), token.encode()):
                 return JSONResponse({"error": "token required"}, status_code=401)
         response = await call_next(request)
@@ -62,6 +71,8 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
             response.set_cookie("conjure_token", token, httponly=True, samesite="strict")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")  # a ?token= URL never leaves in a Referer
         return response
 
     @app.exception_handler(PathRefused)
@@ -87,3 +98,8 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
     if start_runner:
         training.start_runner(app)
     return app
+
+
+def _host_name(host: str) -> str:
+    """A host as the Host header spells it: IPv6 literals in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
