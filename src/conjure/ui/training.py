@@ -1,11 +1,435 @@
-"""Training tab, jobs and monitor API (stub: being written; see docs/ui.md)."""
+"""Training tab, jobs and monitor API (prefix `/api`; the table in docs/ui.md): methods, config forms (schema,
+starter, validation, YAML both ways), saved configs, the job queue (conjure.ui.jobs) and what a run shows
+(events, log, validation images, checkpoints, export), and `/api/files`.
 
+Configs go through conjure.config alone (one typed config is the source of every default and message); a
+job's config is the user's with three rules of the web app, checked like any field:
+- `basic.output_dir`: a relative path is taken inside the workspace (the default `runs` is `<workspace>/runs/`)
+  and the folder must lie inside the workspace, which is where the app can show a run's images from;
+- `basic.run_name`: a plain folder name (default `<type>-<id>`, conjure.ui.jobs);
+- `basic.resume` must be empty: a job continues its own run with `POST /api/jobs/{id}/resume`.
+Other relative paths in a config (data sources, base model folder) are taken from the workspace folder, the
+runs' working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+import yaml
+from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
 
-router = APIRouter(prefix="/api", tags=["training"])
+from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
+from conjure.config.loading import config_class
+from conjure.errors import ConjureError
+from conjure.ui.jobs import STATE_FILE, STEP_DIR, Job, JobQueue, NoSuchJob, checkpoint_steps, read_log_lines
+from conjure.ui.workspace import Workspace
+
+SHUTDOWN_WAIT_SECONDS = 60.0
+MAX_EVENTS_PER_ANSWER = 5000
+CONFIG_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+VALIDATION_IMAGE = re.compile(r"^(\d+)-seed(-?\d+)\.png$")
+_ERROR_LINE = re.compile(r"^(\(top level\)|[A-Za-z_][\w.-]*): (.*)$", re.S)
+
+
+class _Route(APIRoute):
+    """This router's answers to malformed requests and unknown jobs: `{"error": message}` with 400 and 404, as
+    docs/ui.md says (FastAPI's own would be 422 with a `detail` list)."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Any:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return JSONResponse({"error": _request_error(exc)}, status_code=400)
+            except (NoSuchJob, FileNotFoundError) as exc:
+                return JSONResponse({"error": str(exc.args[0]) if exc.args else "not found"}, status_code=404)
+
+        return route
+
+
+def _request_error(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return "the request body is not valid JSON"
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+router = APIRouter(prefix="/api", tags=["training"], route_class=_Route)
+_queue_lock = threading.Lock()
+
+
+def jobs_of(app: Any) -> JobQueue:
+    """The app's job queue (created on first use; `start_runner` also starts its runner)."""
+    with _queue_lock:
+        queue = getattr(app.state, "jobs", None)
+        if queue is None:
+            queue = app.state.jobs = JobQueue(app.state.workspace)
+        return queue
 
 
 def start_runner(app: Any) -> None:
-    """Start the job runner thread for `app` (stub)."""
+    """Start the job runner thread for `app`; on shutdown the running job is stopped (SIGTERM: it saves a
+    checkpoint) and recorded as interrupted."""
+    queue = jobs_of(app)
+    queue.start()
+    app.router.on_shutdown.append(lambda: queue.shutdown(SHUTDOWN_WAIT_SECONDS))
+
+
+def _ws(request: Request) -> Workspace:
+    return request.app.state.workspace
+
+
+def _jobs(request: Request) -> JobQueue:
+    return jobs_of(request.app)
+
+
+# --- configs -----------------------------------------------------------------------------------------
+
+
+def config_errors(exc: ConfigError) -> list[dict[str, str]]:
+    """A ConfigError's problems as [{"field": "data.source", "message": ...}] (its message has one
+    `field: message` line per problem, after a heading line when there are several)."""
+    text = str(exc)
+    lines = text.split("\n  ")[1:] if "\n  " in text else [text]
+    out = []
+    for line in lines:
+        m = _ERROR_LINE.match(line)
+        field, message = (m.group(1), m.group(2)) if m else ("", line)
+        out.append({"field": "" if field == "(top level)" else field, "message": message})
+    return out
+
+
+def check_config(ws: Workspace, data: Any) -> tuple[Any, list[dict[str, str]]]:
+    """(config as a job would run it, []) or (None, errors): conjure.config's validation plus the web app's
+    rules for output_dir and resume (module docstring)."""
+    if not isinstance(data, dict):
+        return None, [{"field": "", "message": f"a config is a mapping of sections, not a {type(data).__name__}"}]
+    try:
+        config = parse_config(data)
+    except ConfigError as exc:
+        return None, config_errors(exc)
+    errors = []
+    out = Path(config.basic.output_dir).expanduser()
+    out = (out if out.is_absolute() else ws.root / out).resolve()
+    if out != ws.root and not out.is_relative_to(ws.root):
+        errors.append({"field": "basic.output_dir", "message": (
+            f"the web app keeps runs inside its workspace ({ws.root}), where it can show them; give a relative "
+            f"path (e.g. runs) or a folder inside it")})
+    else:
+        config.basic.output_dir = str(out)
+    name = config.basic.run_name
+    if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\x00")):
+        errors.append({"field": "basic.run_name", "message": f"a folder name without '/', not {name!r}"})
+    if config.basic.resume:
+        errors.append({"field": "basic.resume", "message": (
+            "must be empty for a job; to continue a stopped job, resume it from the jobs list")})
+    return (None, errors) if errors else (config, [])
+
+
+def _resolved(config: Any) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def _yaml_mapping(text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        return None, [{"field": "", "message": f"invalid YAML{where}: {problem}"}]
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        return None, [{"field": "", "message": f"a config is a mapping of sections; this YAML is {kind}"}]
+    return data, []
+
+
+def _from_yaml(ws: Workspace, text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
+    """(config for the form, errors): the resolved config when valid, else the mapping as written (null when
+    the text is not a YAML mapping)."""
+    data, errors = _yaml_mapping(text)
+    if data is None:
+        return None, errors
+    config, errors = check_config(ws, data)
+    return (_resolved(config) if config is not None else data), errors
+
+
+class TypeBody(BaseModel):
+    type: str = Field(description="A config type, e.g. sd_textual_inversion (GET /api/methods lists them).")
+
+
+class ConfigBody(BaseModel):
+    config: dict[str, Any] = Field(description="A config as a mapping (the form's values).")
+
+
+class YamlBody(BaseModel):
+    yaml: str = Field(description="A config as YAML text.")
+
+
+class JobBody(BaseModel):
+    yaml: str | None = Field(None, description="The config as YAML text ...")
+    config: dict[str, Any] | None = Field(None, description="... or as a mapping (give one of the two).")
+
+
+class ExportBody(BaseModel):
+    step: int | str = Field(description="A checkpoint's step, or 'latest'.")
+    to: str = Field(description="The folder to copy the files to (a full path; created if missing).")
+    name: str | None = Field(None, description="File name stem instead of the trained one (one-file checkpoints).")
+    force: bool = Field(False, description="Overwrite files that exist in `to`.")
+
+
+@router.get("/methods")
+def methods() -> dict[str, Any]:
+    return {"methods": [
+        {"type": name, "title": (cls.__doc__ or name).strip().splitlines()[0], "families": list(cls.FAMILIES)}
+        for name, cls in CONFIG_TYPES.items()
+    ]}
+
+
+@router.get("/config/schema")
+def config_schema(type: str = Query(description="config type")) -> dict[str, Any]:  # noqa: A002 - the API's name
+    return config_class(type).model_json_schema()
+
+
+@router.post("/config/new")
+def config_new(body: TypeBody, request: Request) -> dict[str, Any]:
+    config = yaml.safe_load(starter_yaml(body.type))
+    config["basic"]["output_dir"] = str(_ws(request).runs)
+    return {"config": config}
+
+
+@router.post("/config/validate")
+def config_validate(body: ConfigBody, request: Request) -> dict[str, Any]:
+    config, errors = check_config(_ws(request), body.config)
+    return {"ok": not errors, "errors": errors, "config": _resolved(config) if config is not None else None}
+
+
+@router.post("/config/to-yaml")
+def config_to_yaml(body: ConfigBody, request: Request) -> dict[str, Any]:
+    """A valid config as the run will see it (every default filled in); an invalid one as given, with its
+    errors (so a half-filled form can still be edited as YAML)."""
+    try:
+        return {"yaml": dump_config(parse_config(body.config)), "errors": []}
+    except ConfigError as exc:
+        text = yaml.safe_dump(body.config, sort_keys=False, allow_unicode=True)
+        return {"yaml": text, "errors": config_errors(exc)}
+
+
+@router.post("/config/from-yaml")
+def config_from_yaml(body: YamlBody, request: Request) -> dict[str, Any]:
+    config, errors = _from_yaml(_ws(request), body.yaml)
+    return {"config": config, "errors": errors}
+
+
+def _config_file(ws: Workspace, name: str) -> tuple[str, Path]:
+    stem = name.removesuffix(".yaml")
+    if not CONFIG_NAME.match(stem):
+        raise ConjureError(f"config names use letters, digits, '_', '.' and '-' only (at most 100), not {name!r}")
+    return stem, ws.resolve(ws.configs / f"{stem}.yaml")
+
+
+@router.get("/configs")
+def configs(request: Request) -> dict[str, Any]:
+    names = sorted(p.stem for p in _ws(request).configs.glob("*.yaml") if CONFIG_NAME.match(p.stem))
+    return {"configs": names}
+
+
+@router.get("/configs/{name}")
+def config_get(name: str, request: Request) -> dict[str, Any]:
+    ws = _ws(request)
+    stem, path = _config_file(ws, name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved config {stem!r}")
+    text = path.read_text(encoding="utf-8")
+    config, errors = _from_yaml(ws, text)
+    return {"name": stem, "yaml": text, "config": config, "errors": errors}
+
+
+@router.put("/configs/{name}")
+def config_put(name: str, body: YamlBody, request: Request) -> dict[str, Any]:
+    """Save YAML text as `<workspace>/configs/<name>.yaml` (replacing it). Drafts are allowed: the text must
+    be a YAML mapping, not yet a valid config."""
+    ws = _ws(request)
+    stem, path = _config_file(ws, name)
+    data, errors = _yaml_mapping(body.yaml)
+    if data is None:
+        raise ConjureError(errors[0]["message"])
+    tmp = path.with_name(f".{stem}.yaml.tmp")
+    tmp.write_text(body.yaml, encoding="utf-8")
+    os.replace(tmp, path)
+    return {"name": stem}
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+
+@router.post("/jobs")
+def job_create(body: JobBody, request: Request) -> Any:
+    """Queue a run of a config; refused (400, with every problem listed) when it is not valid."""
+    ws = _ws(request)
+    if (body.yaml is None) == (body.config is None):
+        raise ConjureError("give the config as yaml or as config (one of the two)")
+    data, errors = _yaml_mapping(body.yaml) if body.yaml is not None else (body.config, [])
+    config, errors = check_config(ws, data) if data is not None else (None, errors)
+    if errors:
+        return JSONResponse({"error": "the config is not valid", "errors": errors}, status_code=400)
+    return {"job": _jobs(request).submit(config).public()}
+
+
+@router.get("/jobs")
+def job_list(request: Request) -> dict[str, Any]:
+    return {"jobs": [job.public() for job in _jobs(request).all_jobs()]}
+
+
+@router.get("/jobs/{job_id}")
+def job_get(job_id: int, request: Request) -> dict[str, Any]:
+    return {"job": _jobs(request).get(job_id).public()}
+
+
+@router.post("/jobs/{job_id}/cancel")
+def job_cancel(job_id: int, request: Request) -> dict[str, Any]:
+    return {"job": _jobs(request).cancel(job_id).public()}
+
+
+@router.post("/jobs/{job_id}/resume")
+def job_resume(job_id: int, request: Request) -> dict[str, Any]:
+    return {"job": _jobs(request).resume(job_id).public()}
+
+
+def _run_dir(job: Job) -> Path | None:
+    return Path(job.run_dir) if job.run_dir else None
+
+
+def read_events(path: Path, after: int, limit: int = MAX_EVENTS_PER_ANSWER) -> tuple[list[dict[str, Any]], int]:
+    """Events from line `after` of an events.jsonl (complete lines only), and the index to ask from next.
+    A line cut off by a killed run counts as a line but is not returned."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return [], after
+    lines = data.split(b"\n")[:-1]
+    chosen = lines[after: after + limit]
+    events = []
+    for line in chosen:
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events, max(after, min(len(lines), after + limit))
+
+
+@router.get("/jobs/{job_id}/events")
+def job_events(job_id: int, request: Request, after: int = Query(0, ge=0)) -> dict[str, Any]:
+    run_dir = _run_dir(_jobs(request).get(job_id))
+    if run_dir is None:
+        return {"events": [], "next": after}
+    events, following = read_events(run_dir / "events.jsonl", after)
+    return {"events": events, "next": following}
+
+
+@router.get("/jobs/{job_id}/log")
+def job_log(job_id: int, request: Request, tail: int = Query(200, ge=0, le=10_000)) -> dict[str, Any]:
+    queue = _jobs(request)
+    try:
+        return {"lines": read_log_lines(queue.log_path(queue.get(job_id)), tail)}
+    except FileNotFoundError:
+        return {"lines": []}
+
+
+def file_url(path: Path) -> str:
+    return "/api/files?path=" + urllib.parse.quote(str(path), safe="/")
+
+
+@router.get("/jobs/{job_id}/validation")
+def job_validation(job_id: int, request: Request) -> dict[str, Any]:
+    """The validation images of every step: folders `validation/step-NNNNNN/` (images `<prompt>-seed<seed>.png`,
+    `grid.png`), with the prompts and seeds of the run's last validation event."""
+    run_dir = _run_dir(_jobs(request).get(job_id))
+    prompts: list[str] = []
+    seeds: list[int] = []
+    if run_dir is None:
+        return {"prompts": prompts, "seeds": seeds, "steps": []}
+    events, _ = read_events(run_dir / "events.jsonl", 0, limit=10**9)
+    for event in events:
+        if event.get("event") == "validation":
+            prompts, seeds = list(event.get("prompts") or []), list(event.get("seeds") or [])
+    steps = []
+    root = run_dir / "validation"
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        m = STEP_DIR.match(folder.name)
+        if not m or not folder.is_dir():
+            continue
+        images = []
+        for image in folder.iterdir():
+            found = VALIDATION_IMAGE.match(image.name)
+            if found:
+                index, seed = int(found.group(1)), int(found.group(2))
+                images.append({"prompt_index": index, "seed": seed, "url": file_url(image)})
+        order = {seed: i for i, seed in enumerate(seeds)}
+        images.sort(key=lambda im: (im["prompt_index"], order.get(im["seed"], len(order)), im["seed"]))
+        grid = folder / "grid.png"
+        steps.append({"step": int(m.group(1)), "images": images, "grid": file_url(grid) if grid.is_file() else None})
+    return {"prompts": prompts, "seeds": seeds, "steps": steps}
+
+
+@router.get("/jobs/{job_id}/checkpoints")
+def job_checkpoints(job_id: int, request: Request) -> dict[str, Any]:
+    found = checkpoint_steps(_jobs(request).get(job_id).run_dir)
+    return {"checkpoints": [
+        {"step": step, "path": str(folder),
+         "files": sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != STATE_FILE)}
+        for step, folder in found
+    ]}
+
+
+@router.post("/jobs/{job_id}/export")
+def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any]:
+    """Copy a checkpoint's files to a folder of the user's choice (`conjure export`): e.g. an app's LoRA or
+    embeddings folder, so it is not bound to the workspace; existing files are kept unless `force`."""
+    from conjure.export.runs import export_step
+
+    run_dir = _run_dir(_jobs(request).get(job_id))
+    if run_dir is None:
+        raise ConjureError(f"job {job_id} has not run yet: nothing to export")
+    if isinstance(body.step, str) and body.step != "latest" and not body.step.isdigit():
+        raise ConjureError(f"step: a checkpoint's step number or 'latest', not {body.step!r}")
+    to = Path(body.to).expanduser()
+    if "\x00" in body.to or not to.is_absolute():
+        raise ConjureError(f"export to: give the folder's full path, not {body.to!r}")
+    if body.name is not None and (not body.name or "\x00" in body.name or "/" in body.name or "\\" in body.name
+                                  or body.name.startswith(".")):
+        raise ConjureError(f"name: a file name stem without '/' or a leading '.', not {body.name!r}")
+    try:
+        files = export_step(run_dir, body.step, to, name=body.name, force=body.force)
+    except OSError as exc:
+        raise ConjureError(f"cannot write to {to}: {exc.strerror or exc}") from None
+    return {"files": [str(p) for p in files]}
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+@router.get("/files")
+def files(request: Request, path: str = Query(description="a file's full path")) -> Any:
+    """A file inside the workspace or an opened data set (validation images, grids), through the path gate."""
+    real = _ws(request).resolve(path)
+    if not real.is_file():
+        raise FileNotFoundError("no such file")
+    return FileResponse(real)

@@ -1,0 +1,393 @@
+"""The training tab's API (docs/ui.md, conjure.ui.training) without running anything: methods, config forms,
+saved configs, the job records, and a run folder's events, log, validation images, checkpoints and export
+(read from a run folder laid out as a run leaves it). Real runs: tests/ui/test_jobs.py."""
+
+import json
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from conjure.config import CONFIG_TYPES
+from conjure.ui.app import create_app
+from conjure.ui.jobs import checkpoint_steps
+
+BASE = "http://127.0.0.1:7860"
+
+
+@pytest.fixture
+def app(tmp_path):
+    return create_app(tmp_path / "workspace", start_runner=False)
+
+
+@pytest.fixture
+def client(app):
+    return TestClient(app, base_url=BASE)
+
+
+@pytest.fixture
+def ws(app):
+    return app.state.workspace
+
+
+def config(**sections):
+    """A valid sd_textual_inversion config (nothing here runs it)."""
+    data = {
+        "type": "sd_textual_inversion",
+        "basic": {"base_model": "/models/sd15", "max_train_steps": 6},
+        "data": {"source": "/data/images"},
+        "textual_inversion": {"placeholder_token": "<zq-thing>", "initializer": "dog"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return data
+
+
+def fields(answer):
+    return {e["field"]: e["message"] for e in answer["errors"]}
+
+
+# --- methods and config forms ------------------------------------------------------------------------
+
+
+def test_methods_list_every_config_type(client):
+    methods = client.get("/api/methods").json()["methods"]
+    assert [m["type"] for m in methods] == list(CONFIG_TYPES)
+    by_type = {m["type"]: m for m in methods}
+    assert by_type["sd_lora"]["families"] == ["sd1", "sd2"]
+    assert by_type["sdxl_textual_inversion"]["families"] == ["sdxl"]
+    assert by_type["sd_lora"]["title"].startswith("LoRA / DoRA for Stable Diffusion 1.x")
+
+
+def test_schema(client):
+    schema = client.get("/api/config/schema", params={"type": "sd_lora"}).json()
+    assert {"basic", "data", "lora", "optimizer"} <= set(schema["properties"])
+    basic = schema["$defs"]["BasicConfig"]["properties"]
+    assert basic["save_every_n_steps"]["default"] == 100 and basic["save_every_n_steps"]["description"]
+    answer = client.get("/api/config/schema", params={"type": "sd_lorra"})
+    assert answer.status_code == 400 and "did you mean 'sd_lora'" in answer.json()["error"]
+    answer = client.get("/api/config/schema")
+    assert answer.status_code == 400 and answer.json()["error"] == "type: Field required"
+
+
+def test_new_config_is_the_starter_with_the_workspace_runs(client, ws):
+    answer = client.post("/api/config/new", json={"type": "sd_lora"}).json()
+    cfg = answer["config"]
+    assert cfg["type"] == "sd_lora" and cfg["basic"]["output_dir"] == str(ws.runs)
+    assert cfg["basic"]["base_model"] == "path/to/model" and cfg["data"]["source"] == "path/to/images"
+    assert client.post("/api/config/validate", json={"config": cfg}).json()["ok"]
+    answer = client.post("/api/config/new", json={"type": "nope"})
+    assert answer.status_code == 400 and "unknown config type 'nope'" in answer.json()["error"]
+    assert client.post("/api/config/new", json={}).status_code == 400
+
+
+def test_validate_resolves_a_valid_config(client, ws):
+    answer = client.post("/api/config/validate", json={"config": config()}).json()
+    assert answer["ok"] and answer["errors"] == []
+    resolved = answer["config"]
+    assert resolved["basic"]["output_dir"] == str(ws.runs)  # the default `runs`, inside the workspace
+    assert resolved["data"]["batch_size"] == 4 and resolved["validation"]["seeds"] == [0, 1]  # defaults filled in
+    nested = client.post("/api/config/validate", json={"config": config(basic={"output_dir": "mine/runs"})}).json()
+    assert nested["config"]["basic"]["output_dir"] == str(ws.root / "mine" / "runs")
+
+
+def test_validate_lists_every_problem_by_field(client):
+    bad = config(basic={"base_modle": "x", "max_train_steps": 0}, data={"sources": [{"repeats": 2}]})
+    bad["textual_inversion"]["placeholder_token"] = "two words"
+    answer = client.post("/api/config/validate", json={"config": bad}).json()
+    assert answer["ok"] is False and answer["config"] is None
+    errors = fields(answer)
+    assert errors["basic.base_modle"] == "unknown key (did you mean 'base_model'?)"
+    assert errors["basic.max_train_steps"].startswith("Input should be greater than or equal to 1")
+    assert errors["data.sources.0.path"] == "required, but missing"
+    assert "one word" in errors["textual_inversion.placeholder_token"]
+    # a rule spanning fields names its field itself
+    answer = client.post("/api/config/validate", json={"config": config(data={"source": None})}).json()
+    assert fields(answer)["data.source"].startswith("required")
+    answer = client.post("/api/config/validate", json={"config": {"basic": {}}}).json()
+    assert fields(answer)["type"].startswith("missing; set it to one of")
+
+
+def test_validate_applies_the_web_apps_rules(client, tmp_path):
+    answer = client.post("/api/config/validate", json={"config": config(basic={"output_dir": str(tmp_path / "x")})})
+    assert "keeps runs inside its workspace" in fields(answer.json())["basic.output_dir"]
+    answer = client.post("/api/config/validate", json={"config": config(basic={"output_dir": "../escape"})})
+    assert "basic.output_dir" in fields(answer.json())
+    answer = client.post("/api/config/validate", json={"config": config(basic={"resume": "latest"})})
+    assert "resume it from the jobs list" in fields(answer.json())["basic.resume"]
+    for name in ("../out", "a/b", ".."):
+        answer = client.post("/api/config/validate", json={"config": config(basic={"run_name": name})})
+        assert "folder name" in fields(answer.json())["basic.run_name"]
+
+
+def test_validate_refuses_a_body_without_a_config(client):
+    answer = client.post("/api/config/validate", json={"config": [1, 2]})
+    assert answer.status_code == 400 and answer.json()["error"].startswith("config:")
+    answer = client.post("/api/config/validate", content=b"not json", headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json() == {"error": "the request body is not valid JSON"}
+
+
+def test_yaml_both_ways(client, ws):
+    text = client.post("/api/config/to-yaml", json={"config": config()}).json()
+    assert text["errors"] == []
+    full = yaml.safe_load(text["yaml"])
+    assert full["basic"]["save_every_n_steps"] == 100  # every default written out
+    back = client.post("/api/config/from-yaml", json={"yaml": text["yaml"]}).json()
+    assert back["errors"] == [] and back["config"]["textual_inversion"] == full["textual_inversion"]
+    assert back["config"]["basic"]["output_dir"] == str(ws.runs)
+    # a half-filled form still becomes YAML, with its problems
+    half = {"type": "sd_textual_inversion", "basic": {"base_model": "m"}}
+    answer = client.post("/api/config/to-yaml", json={"config": half}).json()
+    assert yaml.safe_load(answer["yaml"]) == half and "data" in fields(answer)
+
+
+def test_from_yaml_problems(client):
+    broken = client.post("/api/config/from-yaml", json={"yaml": "type: sd_lora\nbasic: [1,\n"}).json()
+    assert broken["config"] is None and broken["errors"][0]["message"].startswith("invalid YAML at line")
+    listed = client.post("/api/config/from-yaml", json={"yaml": "- a\n- b\n"}).json()
+    assert listed["config"] is None and "mapping" in listed["errors"][0]["message"]
+    empty = client.post("/api/config/from-yaml", json={"yaml": ""}).json()
+    assert empty["config"] is None and "empty" in empty["errors"][0]["message"]
+    # an invalid config comes back as written, so the form can show it next to its errors
+    invalid = client.post("/api/config/from-yaml", json={"yaml": "type: sd_lora\nbasic: {seed: 1}\n"}).json()
+    assert invalid["config"] == {"type": "sd_lora", "basic": {"seed": 1}}
+    assert fields(invalid)["basic.base_model"] == "required, but missing"
+
+
+def test_saved_configs(client, ws):
+    assert client.get("/api/configs").json() == {"configs": []}
+    text = yaml.safe_dump(config())
+    assert client.put("/api/configs/my-style_v1.2", json={"yaml": text}).json() == {"name": "my-style_v1.2"}
+    assert (ws.configs / "my-style_v1.2.yaml").read_text() == text
+    assert client.put("/api/configs/draft.yaml", json={"yaml": "type: sd_lora\n"}).json() == {"name": "draft"}
+    assert client.get("/api/configs").json() == {"configs": ["draft", "my-style_v1.2"]}
+    saved = client.get("/api/configs/my-style_v1.2").json()
+    assert saved["name"] == "my-style_v1.2" and saved["yaml"] == text and saved["errors"] == []
+    assert saved["config"]["textual_inversion"]["placeholder_token"] == "<zq-thing>"
+    draft = client.get("/api/configs/draft").json()
+    assert draft["config"] == {"type": "sd_lora"} and draft["errors"]
+    # replacing one
+    client.put("/api/configs/draft", json={"yaml": text})
+    assert client.get("/api/configs/draft").json()["yaml"] == text
+
+
+@pytest.mark.parametrize("name", [".hidden", "a b", "x;rm", "..", "a" * 101, "%2e%2e"])
+def test_saved_config_names_are_safe(client, ws, name):
+    answer = client.put(f"/api/configs/{name}", json={"yaml": "type: sd_lora\n"})
+    assert answer.status_code in (400, 403, 404)  # 404: the client resolved `..` before sending it
+    assert [p for p in ws.root.rglob("*.yaml")] == []
+
+
+def test_saved_config_errors(client):
+    answer = client.get("/api/configs/missing")
+    assert answer.status_code == 404 and "missing" in answer.json()["error"]
+    answer = client.put("/api/configs/x", json={"yaml": "a: [1,\n"})
+    assert answer.status_code == 400 and "invalid YAML" in answer.json()["error"]
+    answer = client.put("/api/configs/x", json={"yaml": "just text"})
+    assert answer.status_code == 400 and "mapping" in answer.json()["error"]
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+
+def test_submitted_jobs_are_queued(client, ws):
+    first = client.post("/api/jobs", json={"config": config()}).json()["job"]
+    assert first["status"] == "queued" and first["type"] == "sd_textual_inversion"
+    assert first["run_name"] == f"sd_textual_inversion-{first['id']}" and first["run_dir"] is None
+    assert first["max_steps"] == 6 and first["step"] == 0 and first["resumable"] is False
+    assert first["created"] and first["started"] is None and first["ended"] is None
+    second = client.post("/api/jobs", json={"yaml": yaml.safe_dump(config(basic={"run_name": "mine"}))}).json()["job"]
+    assert second["run_name"] == "mine"
+    listed = client.get("/api/jobs").json()["jobs"]
+    assert [j["id"] for j in listed] == [second["id"], first["id"]]  # newest first
+    assert client.get(f"/api/jobs/{first['id']}").json()["job"] == first
+    assert set(first) == {"id", "status", "type", "run_name", "run_dir", "created", "started", "ended", "step",
+                          "max_steps", "loss", "eta_seconds", "error", "resumable", "stopping"}
+
+
+def test_invalid_jobs_are_refused_with_their_errors(client):
+    answer = client.post("/api/jobs", json={"config": config(basic={"base_modle": "x"})})
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "the config is not valid"
+    assert fields(answer.json())["basic.base_modle"].startswith("unknown key")
+    answer = client.post("/api/jobs", json={"yaml": "type: [\n"})
+    assert answer.status_code == 400 and answer.json()["errors"][0]["message"].startswith("invalid YAML")
+    answer = client.post("/api/jobs", json={"config": config(basic={"output_dir": "/elsewhere"})})
+    assert answer.status_code == 400 and "basic.output_dir" in fields(answer.json())
+    for body in ({}, {"yaml": "type: sd_lora\n", "config": config()}):
+        answer = client.post("/api/jobs", json=body)
+        assert answer.status_code == 400 and "one of the two" in answer.json()["error"]
+    assert client.get("/api/jobs").json() == {"jobs": []}
+
+
+def test_unknown_jobs_are_404(client):
+    for method, path in [("get", "/api/jobs/9"), ("post", "/api/jobs/9/cancel"), ("post", "/api/jobs/9/resume"),
+                         ("get", "/api/jobs/9/events"), ("get", "/api/jobs/9/log"), ("get", "/api/jobs/9/validation"),
+                         ("get", "/api/jobs/9/checkpoints")]:
+        answer = getattr(client, method)(path)
+        assert answer.status_code == 404 and answer.json() == {"error": "no job 9"}, path
+    answer = client.post("/api/jobs/9/export", json={"step": 1, "to": "/tmp/x"})
+    assert answer.status_code == 404
+    assert client.get("/api/jobs/abc").status_code == 400
+
+
+def test_cancel_a_queued_job(client):
+    job = client.post("/api/jobs", json={"config": config()}).json()["job"]
+    cancelled = client.post(f"/api/jobs/{job['id']}/cancel").json()["job"]
+    assert cancelled["status"] == "cancelled" and cancelled["ended"] and cancelled["resumable"] is False
+    again = client.post(f"/api/jobs/{job['id']}/cancel")
+    assert again.status_code == 400 and "is cancelled" in again.json()["error"]
+    answer = client.post(f"/api/jobs/{job['id']}/resume")
+    assert answer.status_code == 400 and "no checkpoint" in answer.json()["error"]
+
+
+def test_a_job_that_has_not_run_shows_nothing(client):
+    job = client.post("/api/jobs", json={"config": config()}).json()["job"]
+    jid = job["id"]
+    assert client.get(f"/api/jobs/{jid}/events").json() == {"events": [], "next": 0}
+    assert client.get(f"/api/jobs/{jid}/log").json() == {"lines": []}
+    assert client.get(f"/api/jobs/{jid}/validation").json() == {"prompts": [], "seeds": [], "steps": []}
+    assert client.get(f"/api/jobs/{jid}/checkpoints").json() == {"checkpoints": []}
+    answer = client.post(f"/api/jobs/{jid}/export", json={"step": "latest", "to": "/tmp/x"})
+    assert answer.status_code == 400 and "has not run" in answer.json()["error"]
+    answer = client.post(f"/api/jobs/{jid}/resume")
+    assert answer.status_code == 400 and "is queued" in answer.json()["error"]
+
+
+# --- a run's folder, as a run leaves it ----------------------------------------------------------------
+
+
+@pytest.fixture
+def stopped_job(app, client, ws):
+    """A job whose run stopped at step 4 (interrupted), with checkpoints at 2 and 4 and validation at 0 and 2."""
+    job = client.post("/api/jobs", json={"config": config()}).json()["job"]
+    run = ws.runs / job["run_name"]
+    prompts, seeds = ["a photo of <zq-thing>", "a <zq-thing> on a table"], [7, 3]
+    events = [{"event": "start", "max_train_steps": 6, "start_step": 0}]
+    for step in (0, 2):
+        folder = run / "validation" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        images = []
+        for p in range(2):
+            for seed in seeds:
+                (folder / f"{p:02d}-seed{seed}.png").write_bytes(b"png")
+                images.append(str(folder / f"{p:02d}-seed{seed}.png"))
+        (folder / "grid.png").write_bytes(b"grid")
+        events.append({"event": "validation", "step": step, "images": images, "prompts": prompts, "seeds": seeds})
+        events += [{"event": "step", "step": s, "loss": 0.5} for s in (step + 1, step + 2)]
+    for step in (2, 4):
+        folder = run / "checkpoints" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "zq-thing.safetensors").write_bytes(f"weights {step}".encode())
+        (folder / "training_state.pt").write_bytes(b"state")
+    (run / "checkpoints" / ".tmp-step-000006").mkdir()  # a checkpoint being written: not listed
+    # a line cut off by a kill and continued by the next run's first event; then one being written
+    lines = [json.dumps(e) for e in events] + ['{"event": "step", "st{"event": "start"}', '{"event": "end", "stat']
+    (run / "events.jsonl").write_text("\n".join(lines))
+    log = ws.jobs / str(job["id"]) / "log.txt"
+    log.parent.mkdir(parents=True)
+    log.write_text("loading\n  0%|   | 0/6\r 17%|#  | 1/6\r 67%|#### | 4/6 [loss=0.5]\nstopped at step 4\n")
+    app.state.jobs._update(job["id"], status="interrupted", run_dir=str(run), step=4)
+    return job["id"], run
+
+
+def test_events_are_read_from_an_index(client, stopped_job):
+    jid, _ = stopped_job
+    everything = client.get(f"/api/jobs/{jid}/events").json()
+    # 8 complete lines, one of them garbled (counted, not returned); the last line is not complete yet
+    assert everything["next"] == 8 and len(everything["events"]) == 7
+    assert [e["event"] for e in everything["events"][:2]] == ["start", "validation"]
+    later = client.get(f"/api/jobs/{jid}/events", params={"after": 5}).json()
+    assert later == {"events": everything["events"][5:], "next": 8}
+    assert client.get(f"/api/jobs/{jid}/events", params={"after": 8}).json() == {"events": [], "next": 8}
+    assert client.get(f"/api/jobs/{jid}/events", params={"after": -1}).status_code == 400
+
+
+def test_log_tail_shows_the_last_redraw_of_a_progress_bar(client, stopped_job):
+    jid, _ = stopped_job
+    assert client.get(f"/api/jobs/{jid}/log").json()["lines"] == [
+        "loading", " 67%|#### | 4/6 [loss=0.5]", "stopped at step 4"]
+    assert client.get(f"/api/jobs/{jid}/log", params={"tail": 1}).json()["lines"] == ["stopped at step 4"]
+    assert client.get(f"/api/jobs/{jid}/log", params={"tail": 0}).json()["lines"] == []
+
+
+def test_validation_gallery(client, stopped_job):
+    jid, run = stopped_job
+    gallery = client.get(f"/api/jobs/{jid}/validation").json()
+    assert gallery["prompts"] == ["a photo of <zq-thing>", "a <zq-thing> on a table"] and gallery["seeds"] == [7, 3]
+    assert [s["step"] for s in gallery["steps"]] == [0, 2]
+    images = gallery["steps"][1]["images"]
+    assert [(im["prompt_index"], im["seed"]) for im in images] == [(0, 7), (0, 3), (1, 7), (1, 3)]
+    answer = client.get(images[1]["url"])
+    assert answer.status_code == 200 and answer.content == b"png"
+    assert images[1]["url"].endswith("/validation/step-000002/00-seed3.png")
+    assert client.get(gallery["steps"][0]["grid"]).content == b"grid"
+
+
+def test_checkpoints_and_export(client, stopped_job, tmp_path):
+    jid, run = stopped_job
+    listed = client.get(f"/api/jobs/{jid}/checkpoints").json()["checkpoints"]
+    assert listed == [
+        {"step": 2, "path": str(run / "checkpoints" / "step-000002"), "files": ["zq-thing.safetensors"]},
+        {"step": 4, "path": str(run / "checkpoints" / "step-000004"), "files": ["zq-thing.safetensors"]},
+    ]
+    assert [s for s, _ in checkpoint_steps(run)] == [2, 4]
+    out = tmp_path / "app" / "embeddings"
+    answer = client.post(f"/api/jobs/{jid}/export", json={"step": "latest", "to": str(out)}).json()
+    assert answer == {"files": [str(out / "zq-thing.safetensors")]}
+    assert (out / "zq-thing.safetensors").read_bytes() == b"weights 4"
+    answer = client.post(f"/api/jobs/{jid}/export", json={"step": 2, "to": str(out)})
+    assert answer.status_code == 400 and "exists" in answer.json()["error"]
+    client.post(f"/api/jobs/{jid}/export", json={"step": 2, "to": str(out), "force": True})
+    assert (out / "zq-thing.safetensors").read_bytes() == b"weights 2"
+    answer = client.post(f"/api/jobs/{jid}/export", json={"step": 2, "to": str(out), "name": "best"}).json()
+    assert answer == {"files": [str(out / "best.safetensors")]}
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"step": 3, "to": "/tmp/x"}, "no checkpoint at step 3"),
+    ({"step": "first", "to": "/tmp/x"}, "step"),
+    ({"step": 2, "to": "relative/folder"}, "full path"),
+    ({"step": 2, "to": "/tmp/x", "name": "../up"}, "name"),
+    ({"step": 2, "to": "/tmp/x", "name": ".hidden"}, "name"),
+    ({"step": 2}, "to: Field required"),
+])
+def test_export_refusals(client, stopped_job, body, message):
+    jid, _ = stopped_job
+    answer = client.post(f"/api/jobs/{jid}/export", json=body)
+    assert answer.status_code == 400 and message in answer.json()["error"]
+
+
+def test_export_to_a_folder_that_cannot_be_made(client, stopped_job, tmp_path):
+    jid, _ = stopped_job
+    (tmp_path / "file").write_text("")
+    answer = client.post(f"/api/jobs/{jid}/export", json={"step": 2, "to": str(tmp_path / "file" / "sub")})
+    assert answer.status_code == 400 and "cannot write to" in answer.json()["error"]
+
+
+def test_resume_queues_a_stopped_job_again(client, stopped_job):
+    jid, run = stopped_job
+    before = client.get(f"/api/jobs/{jid}").json()["job"]
+    assert before["resumable"] is True
+    job = client.post(f"/api/jobs/{jid}/resume").json()["job"]
+    assert job["status"] == "queued" and job["run_dir"] == str(run) and job["step"] == 4
+    assert job["ended"] is None and job["resumable"] is False
+    answer = client.post(f"/api/jobs/{jid}/resume")
+    assert answer.status_code == 400 and "is queued" in answer.json()["error"]
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+def test_files_are_served_only_through_the_gate(client, ws, tmp_path):
+    (ws.root / "note.txt").write_text("hello")
+    answer = client.get("/api/files", params={"path": str(ws.root / "note.txt")})
+    assert answer.status_code == 200 and answer.text == "hello"
+    (tmp_path / "secret.txt").write_text("no")
+    answer = client.get("/api/files", params={"path": str(tmp_path / "secret.txt")})
+    assert answer.status_code == 403 and answer.json() == {"error": "path refused"}
+    answer = client.get("/api/files", params={"path": str(ws.root / ".." / "secret.txt")})
+    assert answer.status_code == 403
+    assert client.get("/api/files", params={"path": str(ws.root / "missing.png")}).status_code == 404
+    assert client.get("/api/files", params={"path": str(ws.runs)}).status_code == 404  # a folder
+    assert client.get("/api/files").status_code == 400
