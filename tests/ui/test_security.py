@@ -214,7 +214,11 @@ def test_files_endpoint_refuses_paths_outside(setup):
                  str(setup.folder / ".." / "set-evil" / "secret.txt"), "%2e%2e%2foutside%2fsecret.txt",
                  str(setup.folder / "a.png") + "\x00", "//evil.example/share/x"):
         _assert_refused(client.get("/api/files", params={"path": path}), path)
-    assert client.get("/api/files", params={"path": "~/.bashrc"}).status_code == 404  # literal: <workspace>/~/
+    assert client.get("/api/files", params={"path": "~/x.png"}).status_code == 404  # literal: <workspace>/~/
+    # only images: the workspace's own database and lists are not for pages
+    (setup.workspace / "conjure.db").write_bytes(b"SQLite")
+    for inside in ("conjure.db", "datasets.json", str(setup.workspace / "conjure.db"), str(setup.folder / "a.txt")):
+        _assert_refused(client.get("/api/files", params={"path": inside}), inside)
     for raw in ("..%2Foutside%2Fsecret.txt", "%252e%252e%252foutside%252fsecret.txt"):
         _assert_refused(client.get(f"/api/files?path={raw}"), raw)
     answer = client.get("/api/files", params={"path": str(setup.folder / "a.png")})

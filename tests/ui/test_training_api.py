@@ -380,14 +380,18 @@ def test_resume_queues_a_stopped_job_again(client, stopped_job):
 
 
 def test_files_are_served_only_through_the_gate(client, ws, tmp_path):
-    (ws.root / "note.txt").write_text("hello")
-    answer = client.get("/api/files", params={"path": str(ws.root / "note.txt")})
-    assert answer.status_code == 200 and answer.text == "hello"
-    (tmp_path / "secret.txt").write_text("no")
-    answer = client.get("/api/files", params={"path": str(tmp_path / "secret.txt")})
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(ws.root / "note.png")
+    answer = client.get("/api/files", params={"path": str(ws.root / "note.png")})
+    assert answer.status_code == 200 and answer.content == (ws.root / "note.png").read_bytes()
+    (ws.root / "note.txt").write_text("hello")  # inside, but not an image: not for pages
+    assert client.get("/api/files", params={"path": str(ws.root / "note.txt")}).status_code == 403
+    Image.new("RGB", (4, 4)).save(tmp_path / "secret.png")
+    answer = client.get("/api/files", params={"path": str(tmp_path / "secret.png")})
     assert answer.status_code == 403 and answer.json() == {"error": "path refused"}
-    answer = client.get("/api/files", params={"path": str(ws.root / ".." / "secret.txt")})
+    answer = client.get("/api/files", params={"path": str(ws.root / ".." / "secret.png")})
     assert answer.status_code == 403
     assert client.get("/api/files", params={"path": str(ws.root / "missing.png")}).status_code == 404
-    assert client.get("/api/files", params={"path": str(ws.runs)}).status_code == 404  # a folder
+    assert client.get("/api/files", params={"path": str(ws.runs)}).status_code == 403  # a folder, not an image
     assert client.get("/api/files").status_code == 400

@@ -34,7 +34,7 @@ from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config,
 from conjure.config.loading import config_class
 from conjure.errors import ConjureError
 from conjure.ui.jobs import STATE_FILE, STEP_DIR, Job, JobQueue, NoSuchJob, checkpoint_steps, read_log_lines
-from conjure.ui.workspace import Workspace
+from conjure.ui.workspace import PathRefused, Workspace
 
 SHUTDOWN_WAIT_SECONDS = 60.0
 MAX_EVENTS_PER_ANSWER = 5000
@@ -428,8 +428,13 @@ def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any
 
 @router.get("/files")
 def files(request: Request, path: str = Query(description="a file's full path")) -> Any:
-    """A file inside the workspace or an opened data set (validation images, grids), through the path gate."""
+    """An image inside the workspace or an opened data set (validation images, grids), through the path gate.
+    Only images: the workspace also holds the job database and configs, which no page needs to fetch."""
+    from conjure.data.images import is_image_file
+
     real = _ws(request).resolve(path)
+    if not is_image_file(real):
+        raise PathRefused("not an image")
     if not real.is_file():
         raise FileNotFoundError("no such file")
     return FileResponse(real)
