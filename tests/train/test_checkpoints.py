@@ -59,3 +59,14 @@ def test_resume_warns_about_changed_settings(ti_config, capsys):
     assert "resuming with changed settings: optimizer.learning_rate" in capsys.readouterr().err
     start = [e for e in read_events(stopped.run_dir / "events.jsonl") if e["event"] == "start"][-1]
     assert start["changed_settings"] == ["optimizer.learning_rate"]
+
+
+def test_events_after_a_line_cut_off_by_a_kill_start_on_their_own_line(tmp_path):
+    from conjure.train.events import EventLog, read_events
+
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"event": "start", "time": 1}\n{"event": "step", "ste')  # killed mid-write
+    log = EventLog(path)
+    log.emit("start", resumed=True)
+    log.close()
+    assert [e["event"] for e in read_events(path)] == ["start", "start"]

@@ -14,7 +14,14 @@ class EventLog:
 
     def __init__(self, path: Path, tensorboard_dir: Path | None = None):
         self.path = Path(path)
+        ends_mid_line = False
+        if self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb") as f:
+                f.seek(-1, 2)
+                ends_mid_line = f.read(1) != b"\n"
         self._file = self.path.open("a", encoding="utf-8")
+        if ends_mid_line:  # a run killed mid-write: the resumed run's first event starts on a line of its own
+            self._file.write("\n")
         self._tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
