@@ -13,7 +13,8 @@ Security (the issue's rules, enforced here for every request before any router s
   opened with `?token=...`), or `?token=` itself.
 - Files: routers pass every user path through `Workspace.resolve` (conjure.ui.workspace); no user string ever
   reaches a shell (runs are started with an argument list).
-Errors: ConjureError -> 400 {"error": message}; PathRefused -> 403 {"error": "path refused"}.
+Errors, one form for every route (docs/ui.md): ConjureError and malformed requests -> 400 {"error": message};
+PathRefused -> 403 {"error": "path refused"}; NotFound and unknown URLs -> 404.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from conjure.errors import ConjureError
-from conjure.ui.workspace import PathRefused, Workspace
+from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
@@ -35,6 +36,8 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
     """`token`: required from clients when set (always set it when `host` is not 127.0.0.1/localhost).
     `start_runner`: start the job runner thread (tests of the API alone may leave it off)."""
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
@@ -79,6 +82,18 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
     async def refused(request: Request, exc: PathRefused):  # noqa: ANN001
         return JSONResponse({"error": "path refused"}, status_code=403)
 
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound):  # noqa: ANN001
+        return JSONResponse({"error": str(exc.args[0]) if exc.args else "not found"}, status_code=404)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):  # noqa: ANN001
+        return JSONResponse({"error": request_error(exc)}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # noqa: ANN001
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(ConjureError)
     async def user_error(request: Request, exc: ConjureError):  # noqa: ANN001
         return JSONResponse({"error": str(exc)}, status_code=400)
@@ -103,3 +118,17 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
 def _host_name(host: str) -> str:
     """A host as the Host header spells it: IPv6 literals in brackets."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def request_error(exc: Any) -> str:
+    """A malformed request (FastAPI's RequestValidationError) as one line: "field: message; ..."."""
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return "the request body is not valid JSON"
+        loc = tuple(err.get("loc", ()))
+        if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+            loc = loc[1:]  # where the value came from, not a field name (a body field may be called "path")
+        where = ".".join(str(p) for p in loc)
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"

@@ -30,20 +30,17 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.responses import FileResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
 from conjure.data.check import check_source, write_jsonl
 from conjure.data.hf import is_hf_source
 from conjure.data.images import IMAGE_EXTENSIONS, ImageError, image_size, is_image_file, load_image
 from conjure.data.sources import MASK_SUFFIX, scan_source
 from conjure.errors import ConjureError
-from conjure.ui.workspace import PathRefused, Workspace
+from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 TRASH = ".trash"
 THUMB_SIZES = (64, 1024)
@@ -60,37 +57,11 @@ _FORMAT_SUFFIX = {"MPO": ".jpg", **{fmt: suffix for suffix, fmt in reversed(Imag
 _WRITE_LOCK = threading.Lock()  # choosing a free name and taking it is one step for uploads and trash
 
 
-class Missing(Exception):
-    """No such image in the data set: answered 404 {"error": message}."""
+class Missing(NotFound):
+    """No such image in the data set (404)."""
 
 
-class _Route(APIRoute):
-    """Answers in the contract's error form: request validation -> 400, HTTP errors and `Missing` -> their
-    status, each as {"error": message} (FastAPI's own would be 422 {"detail": ...})."""
-
-    def get_route_handler(self):  # noqa: ANN201 - FastAPI's signature
-        handler = super().get_route_handler()
-
-        async def answer(request: Request):  # noqa: ANN202
-            try:
-                return await handler(request)
-            except RequestValidationError as error:
-                return JSONResponse({"error": _validation_message(error)}, status_code=400)
-            except HTTPException as error:
-                return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
-            except Missing as error:
-                return JSONResponse({"error": str(error)}, status_code=404)
-
-        return answer
-
-
-router = APIRouter(prefix="/api/datasets", tags=["data sets"], route_class=_Route)
-
-
-def _validation_message(error: RequestValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "query"))
-    return f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
+router = APIRouter(prefix="/api/datasets", tags=["data sets"])
 
 
 class _Body(BaseModel):

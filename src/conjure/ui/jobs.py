@@ -38,7 +38,7 @@ import yaml
 
 from conjure.cli import EXIT_INTERRUPTED
 from conjure.errors import ConjureError
-from conjure.ui.workspace import Workspace
+from conjure.ui.workspace import NotFound, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
-class NoSuchJob(LookupError):
+class NoSuchJob(NotFound):
     """No job with that id (the API answers 404)."""
 
 

@@ -19,22 +19,19 @@ import os
 import re
 import threading
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from fastapi import APIRouter, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
 from conjure.config.loading import config_class
 from conjure.errors import ConjureError
-from conjure.ui.jobs import STATE_FILE, STEP_DIR, Job, JobQueue, NoSuchJob, checkpoint_steps, read_log_lines
-from conjure.ui.workspace import PathRefused, Workspace
+from conjure.ui.jobs import STATE_FILE, STEP_DIR, Job, JobQueue, checkpoint_steps, read_log_lines
+from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 SHUTDOWN_WAIT_SECONDS = 60.0
 MAX_EVENTS_PER_ANSWER = 5000
@@ -43,35 +40,7 @@ VALIDATION_IMAGE = re.compile(r"^(\d+)-seed(-?\d+)\.png$")
 _ERROR_LINE = re.compile(r"^(\(top level\)|[A-Za-z_][\w.-]*): (.*)$", re.S)
 
 
-class _Route(APIRoute):
-    """This router's answers to malformed requests and unknown jobs: `{"error": message}` with 400 and 404, as
-    docs/ui.md says (FastAPI's own would be 422 with a `detail` list)."""
-
-    def get_route_handler(self) -> Callable[[Request], Any]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Any:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                return JSONResponse({"error": _request_error(exc)}, status_code=400)
-            except (NoSuchJob, FileNotFoundError) as exc:
-                return JSONResponse({"error": str(exc.args[0]) if exc.args else "not found"}, status_code=404)
-
-        return route
-
-
-def _request_error(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            return "the request body is not valid JSON"
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
-        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-    return "; ".join(parts) or "invalid request"
-
-
-router = APIRouter(prefix="/api", tags=["training"], route_class=_Route)
+router = APIRouter(prefix="/api", tags=["training"])
 _queue_lock = threading.Lock()
 
 
@@ -256,7 +225,7 @@ def config_get(name: str, request: Request) -> dict[str, Any]:
     ws = _ws(request)
     stem, path = _config_file(ws, name)
     if not path.is_file():
-        raise FileNotFoundError(f"no saved config {stem!r}")
+        raise NotFound(f"no saved config {stem!r}")
     text = path.read_text(encoding="utf-8")
     config, errors = _from_yaml(ws, text)
     return {"name": stem, "yaml": text, "config": config, "errors": errors}
@@ -436,5 +405,5 @@ def files(request: Request, path: str = Query(description="a file's full path"))
     if not is_image_file(real):
         raise PathRefused("not an image")
     if not real.is_file():
-        raise FileNotFoundError("no such file")
+        raise NotFound("no such file")
     return FileResponse(real)

@@ -33,6 +33,10 @@ from pathlib import Path
 from conjure.errors import ConjureError
 
 
+class NotFound(LookupError):
+    """No such image, job, config or file (the API answers 404 {"error": message})."""
+
+
 class PathRefused(ConjureError):
     """A path outside the folders the user opened (the API answers 403 without saying more)."""
 
