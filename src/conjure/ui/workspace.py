@@ -5,6 +5,7 @@ Layout (created on first use):
 
     <workspace>/
       conjure.db        SQLite: the job queue (conjure.ui.jobs)
+      runner.lock       held (flock) by the one server that runs this workspace's jobs
       datasets.json     the data-set folders the user opened (they become servable roots)
       configs/          configs saved from the training form (<name>.yaml)
       jobs/<id>/        per job: config.yaml as launched, log.txt (the run's stdout and stderr)
