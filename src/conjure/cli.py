@@ -154,6 +154,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(method=args.method, family=args.family, model=args.model, out=Path(args.out), steps=args.steps)
 
 
+DEFAULT_UI_WORKSPACE = "~/.conjure"
+
+
+def ui_settings(args: argparse.Namespace) -> tuple[Path, str | None, str]:
+    """(workspace, token, address to open) for `conjure ui`. A server reachable from other machines always
+    needs a token: one is made up when none is given."""
+    import secrets
+
+    from conjure.ui.app import LOCAL_HOSTS
+
+    token = args.token
+    if token is None and args.host not in LOCAL_HOSTS:
+        token = secrets.token_urlsafe(18)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    shown = f"[{shown}]" if ":" in shown else shown
+    address = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
+    return Path(args.workspace).expanduser(), token, address
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import socket
+
+    import uvicorn
+
+    from conjure.ui.app import LOCAL_HOSTS, create_app
+
+    workspace, token, address = ui_settings(args)
+    # A busy port is the usual failure: say so in one line, before uvicorn logs its own traceback.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise ConjureError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pick another --port") from exc
+    app = create_app(workspace, host=args.host, port=args.port, token=token)
+    print(f"conjure ui: workspace {app.state.workspace.root}", flush=True)
+    print(f"open {address}", flush=True)
+    if args.host in ("0.0.0.0", "::"):
+        print(f"  from other machines: {address.replace('127.0.0.1', socket.gethostname(), 1)}", flush=True)
+    if args.host not in LOCAL_HOSTS:
+        print("  listening beyond this machine: anyone who has the token can train and read your data-set folders",
+              flush=True)
+    print("Ctrl-C stops the server (a running job saves a checkpoint first)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from conjure import __version__
 
@@ -250,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="conjure-demo", help="output folder (default: ./conjure-demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "ui", help="the web app: edit data sets, configure and queue training runs, watch them",
+        description="Serve conjure's web app (one page, no internet needed) and print its address; it opens "
+        "nothing by itself. Runs started from it are `conjure train` processes, one at a time.",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; any other needs a token)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--workspace", default=DEFAULT_UI_WORKSPACE, metavar="DIR",
+                   help=f"folder for the job queue, saved configs, runs and thumbnails (default: {DEFAULT_UI_WORKSPACE})")
+    p.add_argument("--token", help="require this token from the browser (default: none on 127.0.0.1/localhost; "
+                   "a random one, printed in the address, on any other host)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 
