@@ -260,9 +260,11 @@ def open_section(page, name: str):
         section.locator("summary").click()
 
 
-def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tiny_models, tmp_path):
+def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_path):
+    from conjure.toy.models import toy_model
+
     accept_dialogs(page)
-    model = tiny_models("sd1")
+    model = toy_model("sd1")  # the pre-trained toy model: the gallery shows shapes, not noise (same speed as tiny)
     page.click("#tab-training")
     assert page.locator("#panel-training").is_visible()
     methods = page.locator("#tr-method option").evaluate_all("(options) => options.map((o) => o.value)")
@@ -292,9 +294,9 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tiny_
         field(page, path).fill(value)
     open_section(page, "validation")
     field(page, "validation.seeds").fill("0")
-    field(page, "validation.num_inference_steps").fill("1")
+    field(page, "validation.num_inference_steps").fill("8")
     page.wait_for_function("() => /max_train_steps: 6/.test(document.querySelector('#tr-yaml').value)"
-                           " && /num_inference_steps: 1/.test(document.querySelector('#tr-yaml').value)")
+                           " && /num_inference_steps: 8/.test(document.querySelector('#tr-yaml').value)")
     page.locator("#tr-errors p.ok", has_text="config is valid").wait_for()
 
     # a bad value: its message appears next to its field, and goes once fixed

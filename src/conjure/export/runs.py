@@ -33,7 +33,7 @@ def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = 
     for src in files:
         dest = to / (f"{name}{src.suffix}" if name else src.name)
         if dest.exists() and not force:
-            raise ConjureError(f"{dest} exists; use --force to overwrite or --name to pick another name")
+            raise ConjureError(f"{dest} exists; overwrite it (--force) or give another name (--name)")
         shutil.copy2(src, dest)
         out.append(dest)
     return out
