@@ -7,7 +7,6 @@ import torch
 
 from conjure.config import parse_config
 from conjure.errors import ConjureError
-from conjure.train import checkpoints
 from conjure.train.checkpoints import list_checkpoints, resolve_checkpoint, write_checkpoint
 from conjure.train.events import read_events
 from conjure.train.loop import train
@@ -35,7 +34,7 @@ def test_full_disk_keeps_the_last_checkpoint(ti_config, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoints.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)  # checkpoints imports torch when it saves
     with pytest.raises(ConjureError, match="could not write checkpoint .*step-000006.*No space left"):
         train(parse_config(raw))
     run_dir = raw["basic"]["output_dir"] + "/run"
@@ -43,7 +42,7 @@ def test_full_disk_keeps_the_last_checkpoint(ti_config, monkeypatch):
     events = read_events(f"{run_dir}/events.jsonl")
     assert events[-1]["event"] == "end" and events[-1]["status"] == "failed"
     # and the run continues from the good checkpoint once there is room again
-    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert train(parse_config(raw), resume=run_dir).step == 6
 
 

@@ -11,8 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from conjure.errors import ConjureError
 
 STATE_FILE = "training_state.pt"
@@ -48,6 +46,8 @@ def write_checkpoint(
     tmp.mkdir()
     try:
         write_files(tmp)
+        import torch  # here, not at the top: the web app lists checkpoints without loading torch
+
         torch.save(state, tmp / STATE_FILE)
         if final.exists():
             shutil.rmtree(final)
@@ -70,6 +70,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int | None) -> list[Path]:
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
     try:
+        import torch
+
         return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:
         raise ConjureError(f"cannot read training state in {checkpoint}: {exc}") from None

@@ -23,7 +23,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import signal
 import sqlite3
 import subprocess
@@ -38,6 +37,7 @@ import yaml
 
 from conjure.cli import EXIT_INTERRUPTED
 from conjure.errors import ConjureError
+from conjure.train.checkpoints import list_checkpoints
 from conjure.ui.workspace import NotFound, Workspace
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupte
 RESUMABLE = ("cancelled", "interrupted", "failed")
 # The rule of conjure.train.checkpoints.list_checkpoints (a step folder is complete once its training state is
 # in it), restated so that the server never imports torch to list a run's checkpoints.
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
-STATE_FILE = "training_state.pt"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -84,16 +82,8 @@ def now_iso() -> str:
 
 
 def checkpoint_steps(run_dir: Path | str | None) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run folder, oldest first (as conjure.train.checkpoints.list_checkpoints)."""
-    root = Path(run_dir) / "checkpoints" if run_dir else None
-    if root is None or not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = STEP_DIR.match(child.name)
-        if m and (child / STATE_FILE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
+    """Complete checkpoints of a run folder, oldest first ([] without a run folder)."""
+    return list_checkpoints(Path(run_dir)) if run_dir else []
 
 
 @dataclass

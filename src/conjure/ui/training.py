@@ -30,7 +30,8 @@ from pydantic import BaseModel, Field
 from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
 from conjure.config.loading import config_class
 from conjure.errors import ConjureError
-from conjure.ui.jobs import STATE_FILE, STEP_DIR, Job, JobQueue, checkpoint_steps, read_log_lines
+from conjure.train.checkpoints import STATE_FILE, STEP_DIR
+from conjure.ui.jobs import Job, JobQueue, checkpoint_steps, read_log_lines
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 SHUTDOWN_WAIT_SECONDS = 60.0
