@@ -7,5 +7,5 @@ export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFO
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, diffusers, transformers, accelerate, pydantic; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/machine.txt"
 timeout 120 python3 scripts/gpu_check.py 2>&1 | grep -v "step/s" | tee "$OUT/tiny.log"
-timeout 250 python3 benchmarks/ti_speed.py --size full --families sd1,sd2 --steps 25 --write "$OUT/bench.md" --workdir /tmp/bench 2>&1 | grep -v "step/s" | tee "$OUT/bench.log"
+timeout 250 python3 benchmarks/train_speed.py --size full --families sd1,sd2 --methods ti --steps 25 --write "$OUT/bench.md" --workdir /tmp/bench 2>&1 | grep -v "step/s" | tee "$OUT/bench.log"
 timeout 90 python3 -m pytest tests -q -m "not slow" -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/pytest.log"
