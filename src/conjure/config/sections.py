@@ -116,7 +116,11 @@ class DataConfig(Section):
         None, description="Shuffle caption parts split by this delimiter (e.g. ','); null: no shuffling."
     )
     keep_tokens: int = Field(0, ge=0, description="With shuffling: keep the first N caption parts in place.")
-    keep_in_memory: bool = Field(True, description="Keep decoded images in memory after the first epoch.")
+    keep_in_memory: bool = Field(
+        True,
+        description="Keep decoded images in memory after the first epoch (with loader workers, each worker keeps "
+        "its own copy of the images it has loaded; data.cache_latents avoids decoding altogether).",
+    )
     resolution: int | None = Field(
         None, ge=64, multiple_of=64, description="Training resolution in pixels; null: the family's default."
     )
