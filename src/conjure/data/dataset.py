@@ -60,15 +60,13 @@ class TrainDataset(Dataset):
         self.examples = list(examples)
         self.resolution = resolution
         # Each example's training size: its aspect-ratio bucket, or the square. Read from the files' headers.
+        self._headers: dict[Path, tuple[int, int]] = {}  # upright (height, width) per file, read once
         self.sizes: list[tuple[int, int]] = [(resolution, resolution)] * len(self.examples)
         if buckets:
             from conjure.data.buckets import assign_bucket
 
-            by_path: dict = {}
-            for i, example in enumerate(self.examples):
-                if example.image not in by_path:  # repeats list an example several times in a row
-                    by_path[example.image] = assign_bucket(image_size(example.image), buckets)
-                self.sizes[i] = by_path[example.image]
+            # repeats list an example several times: each file's header is read once (_header_size)
+            self.sizes = [assign_bucket(self._header_size(example.image), buckets) for example in self.examples]
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.keep_in_memory = keep_in_memory
@@ -87,12 +85,17 @@ class TrainDataset(Dataset):
                 continue
             seen.add(example.image)
             try:
-                h, w = image_size(example.image)
+                h, w = self._header_size(example.image)
             except ImageError:
                 continue  # the scan already reported it
             if h < height or w < width if height == width else max(height / h, width / w) > 1:
                 small.append(example.image)
         return small
+
+    def _header_size(self, path: Path) -> tuple[int, int]:
+        if path not in self._headers:
+            self._headers[path] = image_size(path)
+        return self._headers[path]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -102,19 +105,29 @@ class TrainDataset(Dataset):
         it is reported once and the next readable example of the same size stands in, so a run never stops
         mid-epoch over one file. Raises ConjureError only when no example of that size is readable."""
         epoch, index = key
-        candidates = [i for i in range(index, len(self.examples)) if self.sizes[i] == self.sizes[index]]
-        candidates += [i for i in range(index) if self.sizes[i] == self.sizes[index]]
-        for candidate in candidates:
+        if index not in self.failed:
+            try:
+                return self._item(epoch, index)
+            except ImageError as error:
+                self._give_up(index, error)
+        # Stand-ins, searched only after a failure: the examples of the same size after this one, wrapping round.
+        n, size = len(self.examples), self.sizes[index]
+        same_size = [i % n for i in range(index + 1, index + n) if self.sizes[i % n] == size]
+        for candidate in same_size:
             if candidate in self.failed:
                 continue
             try:
                 return self._item(epoch, candidate)
             except ImageError as error:
-                self.failed.add(candidate)
-                path = self.examples[candidate].image
-                reason = str(error).removeprefix(f"{path}: ")
-                print(f"warning: skipping {path} from now on: {reason}", file=sys.stderr)
-        raise ConjureError(f"no readable images left of size {self.sizes[index]} (all {len(candidates)} failed)")
+                self._give_up(candidate, error)
+        raise ConjureError(f"no readable images left of size {size} (all {len(same_size) + 1} failed)")
+
+    def _give_up(self, index: int, error: ImageError) -> None:
+        """Report an example whose file stopped being readable, once, and skip it from now on."""
+        self.failed.add(index)
+        path = self.examples[index].image
+        reason = str(error).removeprefix(f"{path}: ")
+        print(f"warning: skipping {path} from now on: {reason}", file=sys.stderr)
 
     def _item(self, epoch: int, index: int) -> dict:
         example = self.examples[index]
