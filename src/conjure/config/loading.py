@@ -44,6 +44,13 @@ def config_class(type_name: Any) -> type[BaseModel]:
     return CONFIG_TYPES[type_name]
 
 
+def yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    """Where a YAML syntax error is (" line L, column C", or "" when PyYAML does not say) and what it is."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return where, getattr(exc, "problem", None) or str(exc).splitlines()[0]
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -54,9 +61,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where, problem = yaml_problem(exc)
         raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
     if data is None:
         raise ConfigError(f"config file is empty: {path}")

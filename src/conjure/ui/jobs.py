@@ -338,14 +338,18 @@ class JobQueue:
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 
-    def close(self) -> None:
-        """Stop the runner thread and let go of the workspace, leaving any running job running (as a server
-        that stops abruptly does; the next queue adopts it)."""
+    def _stop_thread(self) -> None:
+        """End the runner thread (a pass in progress finishes first); nothing new starts after this."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+    def close(self) -> None:
+        """Stop the runner thread and let go of the workspace, leaving any running job running (as a server
+        that stops abruptly does; the next queue adopts it)."""
+        self._stop_thread()
         with self._lock:
             self._active.clear()
             if self._runner_file is not None:
@@ -357,11 +361,7 @@ class JobQueue:
         """The server is stopping: SIGTERM the running job (it finishes its step, saves and stops), wait up to
         `timeout` seconds and record it as interrupted (resumable). A job still running after that stays
         recorded as running; the next server start adopts it or, once it is gone, records how it ended."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._stop_thread()
         with self._lock:
             followers = list(self._active.values())
             for follower in followers:

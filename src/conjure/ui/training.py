@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
-from conjure.config.loading import config_class
+from conjure.config.loading import config_class, yaml_problem
 from conjure.errors import ConjureError
 from conjure.train.checkpoints import STATE_FILE, STEP_DIR
 from conjure.ui.jobs import Job, JobQueue, checkpoint_steps, read_log_lines
@@ -121,10 +121,8 @@ def _yaml_mapping(text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        return None, [{"field": "", "message": f"invalid YAML{where}: {problem}"}]
+        where, problem = yaml_problem(exc)
+        return None, [{"field": "", "message": f"invalid YAML{' at' + where if where else ''}: {problem}"}]
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         return None, [{"field": "", "message": f"a config is a mapping of sections; this YAML is {kind}"}]
