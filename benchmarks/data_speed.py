@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -30,14 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench_common import machine, median_step_seconds, publish  # benchmarks/bench_common.py (this script's folder)
+
 MODELS = {"tiny": "tiny sd1 test model", "toy": "toy sd1 model (a trained 8x VAE of 1.0 M parameters, UNet 1.5 M)"}
 SIZES = [(3024, 4032), (4032, 3024), (2048, 2048), (1080, 1920), (1920, 1080), (1600, 1200)]  # (height, width)
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} core(s), torch {torch.__version__}"
 
 
 def make_photos(folder: Path, count: int) -> Path:
@@ -78,7 +72,6 @@ def loader_images_per_second(folder: Path, *, resolution: int, buckets: bool, wo
 
 def step_time(model: Path, images: Path, out: Path, *, resolution: int, cache: str, steps: int) -> tuple[float, float]:
     from conjure.config import parse_config
-    from conjure.train.events import read_events
     from conjure.train.loop import train
 
     raw = {
@@ -93,10 +86,8 @@ def step_time(model: Path, images: Path, out: Path, *, resolution: int, cache: s
     started = time.perf_counter()
     result = train(parse_config(raw))
     wall = time.perf_counter() - started
-    times = [e["time"] for e in read_events(result.run_dir / "events.jsonl") if e["event"] == "step"]
     # after two epochs every (image, flip) pair has been seen: the steady state of a cached run
-    warm = min(len(times) // 2, 10)
-    return statistics.median(np.diff(times[warm:])), wall
+    return median_step_seconds(result.run_dir, warm_up=10), wall
 
 
 def main() -> int:
@@ -166,10 +157,7 @@ def main() -> int:
         "|---|---|---|",
         *[f"| {c} | {s * 1000:.1f} | {cache_rows[0][1] / s:.2f}x |" for c, s, _ in cache_rows],
     ]) + "\n"
-    print("\n" + text)
-    if args.write:
-        with args.write.open("a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
     return 0
 
 

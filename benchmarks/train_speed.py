@@ -17,8 +17,6 @@ import argparse
 import datetime as dt
 import gc
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ from PIL import Image
 from conjure.config import parse_config
 from conjure.train.events import read_events
 from conjure.train.loop import train
+
+from bench_common import machine, median_step_seconds, publish  # benchmarks/bench_common.py (this script's folder)
 
 
 def make_model(family: str, size: str, folder: Path) -> Path:
@@ -49,12 +49,6 @@ def make_images(folder: Path, resolution: int, count: int = 8) -> Path:
     for i in range(count):
         Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return folder
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
 
 
 def method_sections(method: str, family: str) -> dict:
@@ -94,9 +88,7 @@ def run_one(model: Path, images: Path, out: Path, *, method="ti", family="sd1", 
     result = train(parse_config(raw))
     wall = time.perf_counter() - started
     events = read_events(result.run_dir / "events.jsonl")
-    times = [e["time"] for e in events if e["event"] == "step"]
-    warm = min(5, len(times) // 2)
-    step_s = statistics.median(np.diff(times[warm:])) if len(times) - warm > 2 else float("nan")
+    step_s = median_step_seconds(result.run_dir, warm_up=5)
     losses = [e["loss"] for e in events if e["event"] == "step"]
     val = [e["seconds"] for e in events if e["event"] == "validation"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
@@ -164,10 +156,7 @@ def main() -> int:
             f"{r['step_s'] * 1000:.1f} | {r['img_s']:.2f} | {peak} | {'yes' if r['finite'] else 'NO'} | {val} |"
         )
     text = "\n".join(table) + "\n"
-    print("\n" + text)
-    if args.write:
-        with args.write.open("a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
     return 0
 
 
