@@ -62,7 +62,6 @@ class LatentCache:
         self.mode, self.vae_id = mode, vae_id
         self.folder = Path(folder) / "latents" / vae_id if folder is not None else None
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.hits = self.misses = 0
 
     def key(self, image: Path, target_size: tuple[int, int], crop: tuple[int, int], flipped: bool) -> str:
         facts = [file_digest(image), list(target_size), list(crop), bool(flipped), self.vae_id, "v1"]
@@ -100,8 +99,6 @@ class LatentCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         found = [self._load(k) for k in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
         if missing:
             mean, std = encode(pixels[missing])
             for j, i in enumerate(missing):
@@ -115,12 +112,9 @@ class TextCache:
 
     def __init__(self) -> None:
         self.entries: dict[str, dict[str, torch.Tensor]] = {}
-        self.hits = self.misses = 0
 
     def get(self, captions: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         new = list(dict.fromkeys(c for c in captions if c not in self.entries))
-        self.hits += len(captions) - len([c for c in captions if c in new])
-        self.misses += len([c for c in captions if c in new])
         if new:
             out = encode(new)
             for i, caption in enumerate(new):
