@@ -7,9 +7,9 @@ from safetensors import safe_open
 
 from conjure.config import ConfigError, parse_config
 from conjure.errors import ConjureError
+from conjure.toy.learning import load_pipeline  # the model's own pipeline class, float32
 from conjure.train.loop import TrainControl, train
 
-PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
 @pytest.fixture
@@ -37,15 +37,6 @@ def lora_config(tiny_models, image_folder, tmp_path):
 
 def run(raw, **kwargs):
     return train(parse_config(raw), **kwargs)
-
-
-def load_pipe(model_dir, family):
-    import diffusers
-
-    kwargs = {"safety_checker": None} if family != "sdxl" else {}
-    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(str(model_dir), **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def unet_output(unet, family, text_width_seed=0):
@@ -110,7 +101,7 @@ def test_kohya_lora_loads_in_diffusers_and_reproduces_the_trained_unet(lora_conf
     recipe.load_state_dict(trained_model(result))
     expected_unet = unet_output(model.unet, family)
 
-    pipe = load_pipe(raw["basic"]["base_model"], family)
+    pipe = load_pipeline(raw["basic"]["base_model"])
     base_unet = unet_output(pipe.unet, family)
     pipe.load_lora_weights(str(path))
     assert not torch.allclose(base_unet, expected_unet, atol=1e-4)  # training changed something
@@ -178,7 +169,7 @@ def test_peft_format_loads_in_diffusers(lora_config, tiny_models, dora):
     model = load_base_model(raw["basic"]["base_model"])
     Lora(model, parse_config(raw).lora).load_state_dict(trained_model(result))
     expected = unet_output(model.unet, "sd1")
-    pipe = load_pipe(raw["basic"]["base_model"], "sd1")
+    pipe = load_pipeline(raw["basic"]["base_model"])
     pipe.load_lora_weights(str(path))
     torch.testing.assert_close(unet_output(pipe.unet, "sd1"), expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(text_output(pipe), text_output(_with_components(model)), atol=1e-5, rtol=1e-4)

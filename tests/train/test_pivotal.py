@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conjure.config import ConfigError, parse_config
+from conjure.toy.learning import load_pipeline  # the model's own pipeline class, float32
 from conjure.train.loop import TrainControl, train
 
 TOKEN = "<zq-thing>"
-PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
 @pytest.fixture
@@ -62,15 +62,6 @@ def trained_recipe(raw, checkpoint):
     return model, recipe
 
 
-def load_pipe(model_dir, family):
-    import diffusers
-
-    kwargs = {"safety_checker": None} if family != "sdxl" else {}
-    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(str(model_dir), **kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def load_embedding_into(pipe, path, family):
     """As apps' users do in diffusers: SD one call; SDXL one call per encoder."""
     if family != "sdxl":
@@ -116,7 +107,7 @@ def test_the_two_files_reproduce_the_trained_model_in_diffusers(pivotal_config, 
     prompt = f"a photo of {TOKEN}"
     expected, expected_states = denoiser_output(model.text_encoders(), model.unet, recipe.expand_caption(prompt))
 
-    pipe = load_pipe(raw["basic"]["base_model"], family)
+    pipe = load_pipeline(raw["basic"]["base_model"])
     before, _ = denoiser_output(pipe_pairs(pipe), pipe.unet, prompt)
     load_embedding_into(pipe, checkpoint / "zq-thing.safetensors", family)
     pipe.load_lora_weights(str(checkpoint / "run.safetensors"))
@@ -151,7 +142,7 @@ def test_bundle_file_layout(pivotal_config):
         assert TOKEN in meta["ss_tag_frequency"]
     # diffusers 0.42's load_lora_weights refuses the bundle (its bundle_emb keys have no 'lora'): the README tells
     # diffusers users to load the two files; if this starts to pass, say so there.
-    pipe = load_pipe(raw["basic"]["base_model"], "sdxl")
+    pipe = load_pipeline(raw["basic"]["base_model"])
     with pytest.raises(ValueError, match="lora"):
         pipe.load_lora_weights(str(checkpoint / "run-sdxl.bundle.safetensors"))
 
