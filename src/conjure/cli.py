@@ -204,6 +204,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from conjure import __version__
+    from conjure.families import FAMILIES
 
     parser = argparse.ArgumentParser(prog="conjure", description="Teach Stable Diffusion models new things.")
     parser.add_argument("--version", action="version", version=f"conjure {__version__}")
@@ -257,12 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", required=True, choices=["kohya", "peft"],
         help="kohya: loads in InvokeAI, ComfyUI, A1111/Forge and diffusers; peft: diffusers only",
     )
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family, when the file does not tell")
+    p.add_argument("--family", choices=list(FAMILIES), help="model family, when the file does not tell")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tiny-model", help="write a small random-weight model (for tests and trying things out)")
-    p.add_argument("family", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("family", choices=list(FAMILIES))
     p.add_argument("dir")
     p.add_argument("--real-widths", action="store_true", help="real text-encoder and cross-attention widths")
     p.add_argument("--seed", type=int, default=0)
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small example end to end on the CPU")
     p.add_argument("--method", default="ti", help="training method: ti, lora, dora or pivotal (default: ti)")
-    p.add_argument("--family", default="sd1", help="model family: sd1, sd2 or sdxl (default: sd1)")
+    p.add_argument("--family", default="sd1", help=f"model family: {', '.join(list(FAMILIES)[:-1])} or {list(FAMILIES)[-1]} (default: sd1)")
     p.add_argument("--model", help="a model folder/hub id, or 'tiny' for a random-weight tiny model (default: the toy model)")
     p.add_argument("--out", default="conjure-demo", help="output folder (default: ./conjure-demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")

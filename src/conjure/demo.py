@@ -16,6 +16,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from conjure import families
 from conjure.errors import ConjureError
 
 DEMO_METHODS = ("ti", "lora", "dora", "pivotal")
@@ -112,8 +113,9 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
 
     if method not in DEMO_METHODS:
         raise ConjureError(f"demo --method {method!r} is not available yet (available: {', '.join(DEMO_METHODS)})")
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ConjureError(f"demo --family {family!r}: choose sd1, sd2 or sdxl")
+    if family not in families.FAMILIES:
+        *first, last = families.FAMILIES
+        raise ConjureError(f"demo --family {family!r}: choose {', '.join(first)} or {last}")
     started = time.perf_counter()
     model_path, what = _resolve_model(model, family, out)
     if model in (None, "tiny") and not torch.cuda.is_available():

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from conjure import families
 from conjure.errors import ConjureError
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
 ]
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_FAMILIES = ("sd1", "sd2", "sdxl")
 _TEXT_MODEL = "text_model."
 
 # metadata keys conjure writes so a reader can undo the SDXL LDM numbering without the model at hand
@@ -63,8 +63,8 @@ META_UP_ATTENTION = "conjure.unet_up_block_attention"
 def family_name_of(family: Any) -> str:
     """'sd1' / 'sd2' / 'sdxl' from a name or a `conjure.families.Family`."""
     name = getattr(family, "name", family)
-    if name not in _FAMILIES:
-        raise ConjureError(f"unknown model family {family!r} (known: {', '.join(_FAMILIES)})")
+    if name not in families.FAMILIES:
+        raise ConjureError(f"unknown model family {family!r} (known: {', '.join(families.FAMILIES)})")
     return name
 
 

@@ -168,7 +168,7 @@ def _most_common(values: Iterable[Any]) -> Any:
 
 def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     fam = metadata.get("conjure.family")
-    if fam in ("sd1", "sd2", "sdxl"):
+    if fam in families.FAMILIES:
         return fam
     version = metadata.get("ss_base_model_version", "")
     if version.startswith("sdxl"):
@@ -417,7 +417,7 @@ def _peft_layers(modules: dict[str, LoraModule], component: str, dtype) -> dict[
 
 
 def _write_peft(path, weights, metadata, family, dtype, add_format=True) -> None:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     fam = family_name_of(family)
     allowed = kohya_prefixes(fam)  # the components this family's pipeline loads
@@ -445,7 +445,7 @@ def _write_peft(path, weights, metadata, family, dtype, add_format=True) -> None
     for component, modules in per_component.items():
         kwargs[f"{component}_lora_layers"] = _peft_layers(modules, component, dtype)
         kwargs[f"{component}_lora_adapter_metadata"] = _adapter_config(component, modules)
-    pipeline = StableDiffusionXLPipeline if fam == "sdxl" else StableDiffusionPipeline
+    pipeline = getattr(diffusers, families.get(fam).pipeline_class)
     path = Path(path)
     if not path.parent.is_dir():
         raise ConjureError(f"cannot write {path}: folder {path.parent} does not exist")
