@@ -259,3 +259,22 @@ def test_use_end_of_text_pooling_fixes_a_legacy_sdxl_pipeline(tiny_models):
     use_end_of_text_pooling(pipe)
     fixed, at_end = pooled()
     torch.testing.assert_close(fixed, at_end)
+
+
+@pytest.mark.parametrize("num_vectors, words", [
+    (3, ["red", "round", "ball"]),  # one vector per token
+    (2, ["red", "round"]),  # fewer vectors: the first tokens (A1111's i * 3 // 2 picks the same two)
+    (4, ["red", "round", "red", "round"]),  # more vectors: the tokens cycled (kohya)
+    (1, ["red"]),
+])
+def test_multi_token_initializers_start_each_vector_at_a_token(tiny_models, num_vectors, words):
+    from conjure.methods.textual_inversion import TextualInversion
+    from conjure.models.loading import load_base_model
+
+    model = load_base_model(str(tiny_models("sd1")))
+    tokenizer, encoder = model.text_encoders()[0]
+    vocabulary = encoder.get_input_embeddings().weight.detach().clone()
+    initializer = "red round" if num_vectors == 4 else "red round ball"
+    ti = TextualInversion(model, placeholder_token="<zq-thing>", initializer=initializer, num_vectors=num_vectors)
+    ids = tokenizer.convert_tokens_to_ids([f"{w}</w>" for w in words])
+    assert torch.equal(ti.embeddings[0].new_rows.detach(), vocabulary[ids].float())

@@ -31,7 +31,9 @@ class TextualInversionSection(Section):
         json_schema_extra={"example": "<my-concept>"},
     )
     initializer: str = Field(
-        description="A word or phrase close to the concept; the new vectors start from its embedding(s).",
+        description="A word or phrase close to the concept; the new vectors start from its tokens' embeddings: "
+        "vector i from token i, the tokens repeated in order when there are more vectors and cut when there are "
+        "fewer (kohya's rule; 'red round ball' with 2 vectors starts from 'red' and 'round').",
         json_schema_extra={"example": "toy"},
     )
     num_vectors: int = Field(

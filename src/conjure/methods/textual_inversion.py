@@ -95,10 +95,11 @@ class TextualInversion:
                 f"tokenizer and text encoder disagree on the vocabulary size ({new_ids[0]} vs {expected[0]})"
             )
         with torch.no_grad():
-            init = base.weight[torch.tensor(init_ids)].float()
-            # One vector per initializer token when the counts match (a phrase -> a multi-vector token);
-            # otherwise every vector starts at the phrase's mean.
-            rows = init if len(init_ids) == len(self.tokens) else init.mean(0, keepdim=True).repeat(len(self.tokens), 1)
+            # Vector i starts at initializer token i mod their count, as kohya's train_textual_inversion.py
+            # does (`init_token_ids[i % len(init_token_ids)]`): each vector a real token's row. A mean of several
+            # rows is shorter than any real token and the same for every vector.
+            order = [init_ids[i % len(init_ids)] for i in range(len(self.tokens))]
+            rows = base.weight[torch.tensor(order)].float()
         wrapped = ExtendedEmbedding(base, rows)
         encoder.set_input_embeddings(wrapped)
         pool_at_end_of_text(encoder, tokenizer.eos_token_id)  # as apps pool (conjure.models.pooling)
