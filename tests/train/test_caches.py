@@ -94,6 +94,9 @@ def test_disk_cache_is_reused_and_recomputes_exactly_the_changed_image(tiny_mode
 def test_settings_that_cannot_be_cached_are_refused(tiny_models, folder, tmp_path, ti_config):
     with pytest.raises(ConfigError, match="data.cache_latents"):
         config(tiny_models, folder, tmp_path, cache_latents="memory", center_crop=False)
+    with pytest.raises(ConfigError, match=r"data\.cache_text_encoder_outputs.*data\.shuffle_caption_delimiter"):
+        config(tiny_models, folder, tmp_path, cache_text_encoder_outputs=True, shuffle_caption_delimiter=",")
+    config(tiny_models, folder, tmp_path, cache_text_encoder_outputs=True, caption_dropout=0.1)  # one more text: ""
     raw = ti_config(data={"cache_text_encoder_outputs": True})
     with pytest.raises(ConjureError, match="data.cache_text_encoder_outputs"):
         train(parse_config(raw))

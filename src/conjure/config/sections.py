@@ -150,7 +150,7 @@ class DataConfig(Section):
     cache_text_encoder_outputs: bool = Field(
         False,
         description="Keep the text encoders' output per caption (in memory); only when no text encoder trains "
-        "(not for textual inversion, pivotal tuning or lora.train_text_encoder).",
+        "(not for textual inversion, pivotal tuning or lora.train_text_encoder) and captions are not shuffled.",
     )
     cache_dir: str | None = Field(
         None, description="Folder of the disk caches; null: '.cache' inside basic.output_dir."
@@ -168,6 +168,13 @@ class DataConfig(Section):
             raise ValueError(
                 "data.cache_latents: a random crop (center_crop: false) differs every epoch, so its encoding "
                 "cannot be kept; set center_crop: true or cache_latents: off"
+            )
+        if self.cache_text_encoder_outputs and self.shuffle_caption_delimiter is not None:
+            # Every shuffled order is a new caption text, so the cache would grow all run long (kohya refuses the
+            # same: train_util.py is_text_encoder_output_cacheable). Dropout only adds "" and is fine.
+            raise ValueError(
+                "data.cache_text_encoder_outputs: shuffled captions (data.shuffle_caption_delimiter) give a new text "
+                "almost every step, which the cache would keep without end; set one of them to false/null"
             )
         return self
 

@@ -11,7 +11,8 @@ two entries per image. Disk entries are one safetensors file each, written atomi
 
 Text-encoder outputs. When no text encoder trains, a caption's conditioning depends only on its text (and, for
 SDXL, the per-image size ids, which are computed apart), so the encoders' outputs are kept in memory per caption
-text. Shuffled or dropped-out captions simply add entries.
+text. Dropped-out captions add one entry (""); shuffled captions would add one per order, so config validation
+refuses caching them.
 """
 
 from __future__ import annotations
