@@ -5,6 +5,7 @@ complete, so a crash or a full disk never leaves a half checkpoint that resume w
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -68,13 +69,33 @@ def prune_checkpoints(run_dir: Path, keep_last: int | None) -> list[Path]:
     return removed
 
 
+STATE_KEYS = ("step", "method", "optimizer", "lr_scheduler", "generator")
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
+    """The resume state of `checkpoint`. A run folder may come from someone else, so the state is read with
+    torch's weights-only unpickler (tensors, numbers, strings and containers; no code runs) and must hold
+    every part a resume needs."""
+    path = Path(checkpoint) / STATE_FILE
     try:
         import torch
 
-        return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ConjureError(f"cannot read training state in {checkpoint}: {exc}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ConjureError(f"cannot read training state {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any parse failure of an untrusted file is the file's fault
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+            why = "it holds objects other than tensors and numbers, which are not loaded (they could run code)"
+        else:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConjureError(f"cannot read training state {path}: {why}") from None
+    if not isinstance(state, dict):
+        raise ConjureError(f"cannot read training state {path}: not a conjure training state")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise ConjureError(f"cannot read training state {path}: not a complete conjure training state "
+                           f"(missing {', '.join(missing)})")
+    return state
 
 
 def resolve_checkpoint(target: Path) -> Path:

@@ -24,7 +24,7 @@ import torch
 
 from conjure.config import dump_config
 from conjure.errors import ConjureError
-from conjure.train.checkpoints import load_state, prune_checkpoints, step_dir_name, write_checkpoint
+from conjure.train.checkpoints import STATE_FILE, load_state, prune_checkpoints, step_dir_name, write_checkpoint
 from conjure.train.events import EventLog
 from conjure.train.optimizers import build_optimizer, optimizer_warnings
 
@@ -335,13 +335,17 @@ class _Session:
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_state(checkpoint)
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.generator.set_state(state["generator"])
-        if self.accelerator.scaler is not None and state.get("scaler"):
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.step = self.last_saved = self.result.step = state["step"]
+        try:
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.generator.set_state(state["generator"])
+            if self.accelerator.scaler is not None and state.get("scaler"):
+                self.accelerator.scaler.load_state_dict(state["scaler"])
+            self.step = self.last_saved = self.result.step = int(state["step"])
+        except (AttributeError, KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConjureError(f"training state {checkpoint / STATE_FILE} does not fit this run: {why}") from None
         _say(f"resuming {self.run_dir} from step {self.step}")
 
     def _loader(self) -> Any:
