@@ -1,12 +1,37 @@
-"""Take a chosen step's files out of a run folder (the "pick the best step" action)."""
+"""Take a chosen step's files out of a run folder (the "pick the best step" action of the CLI and the web app).
+
+An export writes every file to a temporary file in the destination folder first and renames them into place only
+when all are complete: a full disk or a failed copy leaves the folder as it was (with `--force`, the old files
+too), never a truncated file that apps would try to load.
+"""
 
 from __future__ import annotations
 
-import shutil
+import errno
+import os
 from pathlib import Path
 
 from conjure.errors import ConjureError
+from conjure.export.files import copy_to_temporary
 from conjure.train.checkpoints import STATE_FILE, list_checkpoints
+
+
+def check_file_stem(name: str, field: str = "--name") -> str:
+    """`name` as a file name stem that stays in its folder: no '/' or '\\', no leading '.' (hidden files, '..'),
+    no NUL. The CLI and the web app refuse the same names."""
+    if not name or "\x00" in name or "/" in name or "\\" in name or name.startswith("."):
+        raise ConjureError(f"{field}: a file name stem without '/', '\\' or a leading '.', not {name!r}")
+    return name
+
+
+def _destination_folder(to: Path) -> Path:
+    if to.exists() and not to.is_dir():
+        raise ConjureError(f"cannot export to {to}: it is not a folder")
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConjureError(f"cannot write to {to}: {exc.strerror or exc}") from None
+    return to
 
 
 def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = None, force: bool = False) -> list[Path]:
@@ -22,18 +47,38 @@ def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = 
             raise ConjureError(f"--step must be a number or 'latest', not {step!r}") from None
         if chosen not in found:
             raise ConjureError(f"no checkpoint at step {chosen} in {run_dir}; available: {', '.join(map(str, sorted(found)))}")
+    if name is not None:
+        check_file_stem(name)
     files = sorted(p for p in found[chosen].iterdir() if p.is_file() and p.name != STATE_FILE)
     if name and len(files) > 1:
         raise ConjureError(
             f"--name works for a checkpoint with one file; this one has {len(files)} "
             f"({', '.join(p.name for p in files)}), which keep their names (an embedding's name is what prompts type)"
         )
-    to.mkdir(parents=True, exist_ok=True)
-    out = []
-    for src in files:
-        dest = to / (f"{name}{src.suffix}" if name else src.name)
+    to = _destination_folder(Path(to))
+    plan = [(src, to / (f"{name}{src.suffix}" if name else src.name)) for src in files]
+    for _, dest in plan:
+        if dest.is_dir():
+            raise ConjureError(f"cannot export to {dest}: it is a folder")
         if dest.exists() and not force:
             raise ConjureError(f"{dest} exists; overwrite it (--force) or give another name (--name)")
-        shutil.copy2(src, dest)
-        out.append(dest)
-    return out
+    copies: list[Path] = []
+    try:
+        for src, dest in plan:
+            copies.append(copy_to_temporary(src, to, dest.name))
+    except OSError as exc:
+        for tmp in copies:
+            tmp.unlink(missing_ok=True)
+        problem = f"disk full while writing {dest}" if exc.errno == errno.ENOSPC else (
+            f"cannot write {dest}: {exc.strerror or exc}")
+        raise ConjureError(f"{problem}; nothing was exported (existing files are unchanged)") from None
+    done = 0
+    try:
+        for tmp, (_, dest) in zip(copies, plan):
+            os.replace(tmp, dest)
+            done += 1
+    except OSError as exc:  # e.g. EPERM: another user's file in a sticky folder
+        for tmp in copies[done:]:
+            tmp.unlink(missing_ok=True)
+        raise ConjureError(f"cannot write {plan[done][1]}: {exc.strerror or exc}") from None
+    return [dest for _, dest in plan]

@@ -371,7 +371,7 @@ def job_checkpoints(job_id: int, request: Request) -> dict[str, Any]:
 def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any]:
     """Copy a checkpoint's files to a folder of the user's choice (`conjure export`): e.g. an app's LoRA or
     embeddings folder, so it is not bound to the workspace; existing files are kept unless `force`."""
-    from conjure.export.runs import export_step
+    from conjure.export.runs import check_file_stem, export_step
 
     run_dir = _run_dir(_jobs(request).get(job_id))
     if run_dir is None:
@@ -381,9 +381,8 @@ def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any
     to = Path(body.to).expanduser()
     if "\x00" in body.to or not to.is_absolute():
         raise ConjureError(f"export to: give the folder's full path, not {body.to!r}")
-    if body.name is not None and (not body.name or "\x00" in body.name or "/" in body.name or "\\" in body.name
-                                  or body.name.startswith(".")):
-        raise ConjureError(f"name: a file name stem without '/' or a leading '.', not {body.name!r}")
+    if body.name is not None:
+        check_file_stem(body.name, "name")
     try:
         files = export_step(run_dir, body.step, to, name=body.name, force=body.force)
     except OSError as exc:
