@@ -118,8 +118,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from conjure.models.tiny import write_tiny_model
 
+    out_dir = Path(args.dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.force:
+        raise ConjureError(f"{out_dir} is not empty; use --force to write the model's files over its files")
     _quiet_loading_bars(args)
-    out = write_tiny_model(args.family, Path(args.dir), real_widths=args.real_widths, seed=args.seed)
+    out = write_tiny_model(args.family, out_dir, real_widths=args.real_widths, seed=args.seed)
     print(f"wrote tiny {args.family} model to {out}")
     return 0
 
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--real-widths", action="store_true", help="real text-encoder and cross-attention widths")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty (files of the same "
+                   "names are overwritten)")
     p.set_defaults(func=cmd_tiny_model)
 
     ds = sub.add_parser("dataset", help="check a data set, or list a folder as a .jsonl source")

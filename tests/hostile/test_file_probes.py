@@ -178,3 +178,20 @@ def test_conversions_respect_the_umask(capsys, tmp_path, umask):
         assert run_cli(capsys, "convert", src if to == "peft" else tmp_path / "peft.safetensors", out, "--to", to,
                        "--family", "sd1")[0] == 0, capsys.readouterr()
         assert mode(out) == 0o666 & ~umask
+
+
+def test_tiny_model_refuses_a_folder_that_is_not_empty(capsys, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("my own model")
+    line = one_line_error(*run_cli(capsys, "tiny-model", "sd1", folder)[::2])
+    assert "not empty" in line and "--force" in line
+    assert (folder / "model_index.json").read_text() == "my own model"
+    assert [p.name for p in folder.iterdir()] == ["model_index.json"]
+
+
+def test_tiny_model_writes_into_an_empty_folder_or_with_force(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert run_cli(capsys, "tiny-model", "sd1", tmp_path / "empty")[0] == 0
+    assert run_cli(capsys, "tiny-model", "sd1", tmp_path / "empty", "--force")[0] == 0
+    assert (tmp_path / "empty" / "model_index.json").read_text() != ""
