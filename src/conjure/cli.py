@@ -162,14 +162,16 @@ DEFAULT_UI_WORKSPACE = "~/.conjure"
 
 def ui_settings(args: argparse.Namespace) -> tuple[Path, str | None, str]:
     """(workspace, token, address to open) for `conjure ui`. A server reachable from other machines always
-    needs a token: one is made up when none is given."""
+    needs a token: one is made up when none is given; one given shorter than MIN_TOKEN_LENGTH (an empty
+    `--token "$UNSET"` included) is refused, never taken as "no token"."""
     import secrets
 
-    from conjure.ui.app import LOCAL_HOSTS
+    from conjure.ui.app import LOCAL_HOSTS, check_token
 
     token = args.token
     if token is None and args.host not in LOCAL_HOSTS:
         token = secrets.token_urlsafe(18)
+    check_token(token, args.host)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     shown = f"[{shown}]" if ":" in shown else shown
     address = f"http://{shown}:{args.port}/" + (f"?token={token}" if token else "")
@@ -198,8 +200,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.host in ("0.0.0.0", "::"):
         print(f"  from other machines: {address.replace('127.0.0.1', socket.gethostname(), 1)}", flush=True)
     if args.host not in LOCAL_HOSTS:
-        print("  listening beyond this machine: anyone who has the token can train and read your data-set folders",
-              flush=True)
+        print("  listening beyond this machine: anyone who has the token can open any of your folders as a data "
+              "set, read and change its images and captions, and train", flush=True)
     print("Ctrl-C stops the server (a running job saves a checkpoint first)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -315,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--workspace", default=DEFAULT_UI_WORKSPACE, metavar="DIR",
                    help=f"folder for the job queue, saved configs, runs and thumbnails (default: {DEFAULT_UI_WORKSPACE})")
-    p.add_argument("--token", help="require this token from the browser (default: none on 127.0.0.1/localhost; "
-                   "a random one, printed in the address, on any other host)")
+    p.add_argument("--token", help="require this token (at least 16 characters) from the browser (default: none "
+                   "on 127.0.0.1/localhost; a random one, printed in the address, on any other host)")
     p.set_defaults(func=cmd_ui)
     return parser
 

@@ -81,7 +81,7 @@ def stop_server(server: Server) -> None:
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui-server")
-    server = start_server(folder / "workspace", folder / "server.log", token="e2e-token")
+    server = start_server(folder / "workspace", folder / "server.log", token="e2e-token-e2e-token")
     yield server
     stop_server(server)
 

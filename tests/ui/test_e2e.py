@@ -54,10 +54,24 @@ def test_ui_command_other_hosts_get_a_token():
     assert token and len(token) >= 20
     assert address == f"http://127.0.0.1:7860/?token={token}"
     assert ui_settings(parse_ui("--host", "0.0.0.0"))[1] != token  # made up anew each time
-    _, token, address = ui_settings(parse_ui("--host", "192.168.1.20", "--token", "s3cret", "--workspace", "/w"))
-    assert (token, address) == ("s3cret", "http://192.168.1.20:7860/?token=s3cret")
+    given = "s3cret-s3cret-s3cret"
+    _, token, address = ui_settings(parse_ui("--host", "192.168.1.20", "--token", given, "--workspace", "/w"))
+    assert (token, address) == (given, f"http://192.168.1.20:7860/?token={given}")
     # a token on this machine only is kept too
-    assert ui_settings(parse_ui("--token", "abc"))[1:] == ("abc", "http://127.0.0.1:7860/?token=abc")
+    assert ui_settings(parse_ui("--token", given))[1:] == (given, f"http://127.0.0.1:7860/?token={given}")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "127.0.0.1"])
+@pytest.mark.parametrize("token", ["", "abc"])
+def test_ui_command_refuses_an_empty_or_short_token(host, token, capsys, tmp_path, monkeypatch):
+    """`--token "$UNSET"` on 0.0.0.0 once served the network with no authentication (issue 21, D1)."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("served with a weak token"))
+    code = main(["ui", "--host", host, "--token", token, "--workspace", str(tmp_path / "ws")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--token must be at least 16 characters" in err, err
+    assert not (tmp_path / "ws").exists()
 
 
 def test_ui_command_busy_port_is_one_line(capsys, tmp_path):

@@ -15,6 +15,7 @@ from conjure.ui.workspace import PathRefused, Workspace
 
 BASE = "http://127.0.0.1:7860"
 SECRET = b"top secret, outside every opened folder"
+TOKEN = "s3cret-s3cret-s3cret"
 
 
 def _image(path: Path, colour=(200, 30, 30)) -> Path:
@@ -254,34 +255,34 @@ def test_unknown_hosts_are_refused(setup):
         assert answer.status_code == 403 and answer.json() == {"error": "unknown host"}, host
     for host in ("127.0.0.1:7860", "localhost:7860", "localhost"):
         assert client.get("/api/datasets", headers={"Host": host}).status_code == 200, host
-    lan = TestClient(create_app(setup.workspace, host="192.168.1.5", token="t", start_runner=False),
-                     base_url="http://192.168.1.5:7860", headers={"Authorization": "Bearer t"})
+    lan = TestClient(create_app(setup.workspace, host="192.168.1.5", token=TOKEN, start_runner=False),
+                     base_url="http://192.168.1.5:7860", headers={"Authorization": f"Bearer {TOKEN}"})
     assert lan.get("/api/datasets").status_code == 200
     assert lan.get("/api/datasets", headers={"Host": "evil.example:7860"}).status_code == 403  # rebinding
 
 
 def test_token_mode(setup):
-    app = create_app(setup.workspace, host="0.0.0.0", token="s3cret", start_runner=False)
+    app = create_app(setup.workspace, host="0.0.0.0", token=TOKEN, start_runner=False)
     client = TestClient(app, base_url="http://192.168.1.5:7860")
     for kwargs in ({}, {"headers": {"Authorization": "Bearer wrong"}}, {"params": {"token": "wrong"}},
-                   {"headers": {"Authorization": "s3cret"}}, {"headers": {"Authorization": "Basic s3cret"}}):
+                   {"headers": {"Authorization": TOKEN}}, {"headers": {"Authorization": f"Basic {TOKEN}"}}):
         answer = client.get("/api/datasets", **kwargs)
         assert answer.status_code == 401 and answer.json() == {"error": "token required"}, kwargs
         assert client.post("/api/datasets/open", json={"path": str(setup.evil)}, **kwargs).status_code == 401
     wrong_cookie = TestClient(app, base_url="http://192.168.1.5:7860", cookies={"conjure_token": "wrong"})
     assert wrong_cookie.get("/api/datasets").status_code == 401
-    assert client.get("/api/datasets", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert TestClient(app, base_url="http://192.168.1.5:7860", cookies={"conjure_token": "s3cret"}).get(
+    assert client.get("/api/datasets", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert TestClient(app, base_url="http://192.168.1.5:7860", cookies={"conjure_token": TOKEN}).get(
         "/api/datasets").status_code == 200
 
     fresh = TestClient(app, base_url="http://192.168.1.5:7860")
-    answer = fresh.get("/api/datasets", params={"token": "s3cret"})
+    answer = fresh.get("/api/datasets", params={"token": TOKEN})
     assert answer.status_code == 200
     cookie = answer.headers["set-cookie"].lower()
-    assert "conjure_token=s3cret" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    assert f"conjure_token={TOKEN}".lower() in cookie and "httponly" in cookie and "samesite=strict" in cookie
     assert fresh.get("/api/datasets").status_code == 200  # the cookie now carries the token
     # a token does not open the door to other web pages
-    answer = client.get("/api/datasets", headers={"Authorization": "Bearer s3cret", "Origin": "http://evil.example"})
+    answer = client.get("/api/datasets", headers={"Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"})
     assert answer.status_code == 403
 
 
@@ -290,6 +291,43 @@ def test_a_server_beyond_this_machine_needs_a_token(tmp_path):
         with pytest.raises(ConjureError, match="must require a token"):
             create_app(tmp_path / "ws", host=host, start_runner=False)
     create_app(tmp_path / "ws", host="localhost", start_runner=False)
+
+
+def test_empty_or_short_tokens_are_refused_on_every_host(tmp_path):
+    """An empty `--token "$UNSET"` once served the network with no authentication (issue 21, D1)."""
+    for host in ("0.0.0.0", "::", "192.168.1.5", "127.0.0.1", "localhost"):
+        for token in ("", "short", "x" * 15):
+            with pytest.raises(ConjureError, match="at least 16 characters"):
+                create_app(tmp_path / "ws", host=host, token=token, start_runner=False)
+    create_app(tmp_path / "ws", host="0.0.0.0", token="x" * 16, start_runner=False)
+
+
+def test_no_credentials_and_empty_credentials_never_pass(setup):
+    app = create_app(setup.workspace, host="0.0.0.0", token=TOKEN, start_runner=False)
+    rebinding = {"Host": "evil.example:7860", "Origin": "http://evil.example:7860"}
+    for base in ("http://192.168.1.5:7860", "http://127.0.0.1:7860"):
+        client = TestClient(app, base_url=base)
+        for kwargs in ({}, {"params": {"token": ""}}, {"headers": {"Authorization": "Bearer "}},
+                       {"headers": {"Cookie": "conjure_token="}}, {"headers": rebinding},
+                       {"headers": rebinding, "params": {"token": ""}}):
+            for method, url in (("GET", "/api/jobs"), ("GET", "/api/datasets"), ("GET", "/"),
+                                ("GET", f"/api/files?path={setup.outside / 'secret.png'}")):
+                answer = client.request(method, url, **kwargs)
+                assert answer.status_code in (401, 403), (base, kwargs, url, answer.status_code)
+            answer = client.post("/api/datasets/open", json={"path": str(setup.outside)}, **kwargs)
+            assert answer.status_code in (401, 403), (base, kwargs)
+    assert str(setup.outside) not in setup.workspace.joinpath("datasets.json").read_text()
+
+
+def test_a_tokenless_app_answers_loopback_connections_only(setup):
+    """An app built for 127.0.0.1 but served on all interfaces by hand: a client elsewhere forges the Host
+    header, but not the address its connection arrived on."""
+    for base in ("http://192.168.1.5:7860", "http://10.0.0.2:7860"):
+        answer = TestClient(setup.app, base_url=base).get("/api/jobs", headers={"Host": "127.0.0.1:7860"})
+        assert answer.status_code == 401 and answer.json() == {"error": "token required"}, base
+    for base in ("http://127.0.0.1:7860", "http://[::1]:7860", "http://localhost:7860"):
+        answer = TestClient(setup.app, base_url=base).get("/api/jobs", headers={"Host": "127.0.0.1:7860"})
+        assert answer.status_code == 200, base
 
 
 # --- the gate itself (Workspace.resolve) ---------------------------------------------------------------------

@@ -8,9 +8,13 @@ Security (the issue's rules, enforced here for every request before any router s
   same-site (another port of localhost is same-site), is refused, so other web pages cannot drive the API from
   the user's browser; answers carry Cross-Origin-Resource-Policy: same-origin, so other pages cannot even embed
   its images.
-- Token: required when the server listens on anything but 127.0.0.1 / localhost (create_app refuses to build
-  such a server without one): `Authorization: Bearer <token>`, the `conjure_token` cookie (set when the page is
-  opened with `?token=...`), or `?token=` itself.
+- Token: required when the server listens on anything but 127.0.0.1 / localhost: create_app refuses to build
+  such a server without one, and refuses any token shorter than MIN_TOKEN_LENGTH (an empty `--token "$UNSET"`
+  would otherwise be a token everyone knows). Given as `Authorization: Bearer <token>`, the `conjure_token`
+  cookie (set when the page is opened with `?token=...`), or `?token=` itself, compared in constant time. A
+  server without a token answers only connections that arrived on a loopback address, however it is served
+  (an app built for 127.0.0.1 but bound to all interfaces by hand stays local: the Host header alone can be
+  forged by a client that is not a browser).
 - Files: routers pass every user path through `Workspace.resolve` (conjure.ui.workspace); no user string ever
   reaches a shell (runs are started with an argument list).
 Errors, one form for every route (docs/ui.md): ConjureError and malformed requests -> 400 {"error": message};
@@ -19,6 +23,7 @@ PathRefused -> 403 {"error": "path refused"}; NotFound and unknown URLs -> 404.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,8 @@ from conjure.ui.workspace import NotFound, PathRefused, Workspace
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 ALL_INTERFACES = ("0.0.0.0", "::", "")
+MIN_TOKEN_LENGTH = 16
+"""Shortest token accepted: `secrets.token_urlsafe(18)`, what `conjure ui` makes up, is 24 characters."""
 
 
 def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: int = 7860, token: str | None = None,
@@ -41,8 +48,7 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
-    if token is None and host not in LOCAL_HOSTS:
-        raise ConjureError(f"a server on {host or 'all interfaces'} must require a token (--token)")
+    check_token(token, host)
     ws = workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
     app = FastAPI(title="conjure", version="1", description="conjure's local web app: data sets, training, jobs.")
     app.state.workspace = ws
@@ -63,14 +69,16 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
             return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
         if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
+        if token is None and not _loopback(request.scope.get("server")):
+            return JSONResponse({"error": "token required"}, status_code=401)
         if token is not None:
             scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
             bearer = credentials.strip() if scheme.lower() == "bearer" else ""
-            given = bearer or request.cookies.get("conjure_token") or request.query_params.get("token") or ""
-            if not secrets.compare_digest(given.encode(), token.encode()):
+            given = (bearer, request.cookies.get("conjure_token"), request.query_params.get("token"))
+            if not any(_token_matches(candidate, token) for candidate in given):
                 return JSONResponse({"error": "token required"}, status_code=401)
         response = await call_next(request)
-        if token is not None and request.query_params.get("token") == token:
+        if token is not None and _token_matches(request.query_params.get("token"), token):
             response.set_cookie("conjure_token", token, httponly=True, samesite="strict")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
@@ -113,6 +121,32 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
     if start_runner:
         training.start_runner(app)
     return app
+
+
+def check_token(token: str | None, host: str) -> None:
+    """Refuse a server on `host` that would answer other machines without a token, and any token too short to
+    guess-proof it (module docstring)."""
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise ConjureError(f"--token must be at least {MIN_TOKEN_LENGTH} characters, not {len(token)}; leave it "
+                           "out and conjure ui makes up a random one")
+    if token is None and host not in LOCAL_HOSTS:
+        raise ConjureError(f"a server on {host or 'all interfaces'} must require a token (--token)")
+
+
+def _token_matches(given: str | None, token: str) -> bool:
+    """Constant-time comparison in which nothing empty ever matches."""
+    return bool(given) and bool(token) and secrets.compare_digest(given.encode(), token.encode())
+
+
+def _loopback(server: Any) -> bool:
+    """The connection arrived on a loopback address (ASGI's `scope["server"]`: the local end of it)."""
+    host = server[0] if isinstance(server, (tuple, list)) and server else None
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host).strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _host_name(host: str) -> str:
