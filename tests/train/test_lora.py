@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from conjure.config import ConfigError, parse_config
@@ -202,6 +203,56 @@ def test_resume_matches_an_uninterrupted_run(lora_config):
     a, b = trained_model(straight), trained_model(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_dropout_runs_repeat_and_resume_bit_for_bit(lora_config, dora):
+    """Dropout draws from torch's global RNG: seeded from basic.seed and checkpointed (issue 21 D3, issue 13
+    #11). The validation at step 2 happens in the straight runs only: it must not move the training RNG."""
+    raw = lora_config("sd1", lora={"dropout": 0.1, "dora": dora}, validation={"at_start": False},
+                      basic={"max_train_steps": 4, "save_every_n_steps": 100, "validate_every_n_steps": 2})
+    first, second = run(raw), run(dict(raw, basic=dict(raw["basic"], run_name="again")))
+    a, b = trained_model(first), trained_model(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    control = TrainControl()
+    control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
+    raw["basic"].update(run_name="stopped", validate_every_n_steps=None)
+    stopped = run(raw, control=control)
+    assert stopped.step == 2
+    torch.manual_seed(12345)  # whatever the process did in between
+    c = trained_model(run(raw, resume=str(stopped.run_dir)))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_validation_renders_with_dropout_off(lora_config, monkeypatch):
+    """Issue 13 #10: validation shows what the saved file does: the adapters' dropout is off while rendering
+    (the same images as the model in eval mode) and on again for the next training step."""
+    from conjure.train import validation
+
+    real_render, renders = validation.render, []
+
+    def render(pipe, folder, **kwargs):
+        dropouts = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        modes = [m.training for m in dropouts]
+        images, grid = real_render(pipe, folder, **kwargs)
+        trained = [(m, m.training) for m in pipe.unet.modules()]
+        pipe.unet.eval()
+        eval_images, _ = real_render(pipe, folder.with_name(folder.name + "-eval"), **kwargs)
+        for module, mode in trained:
+            module.train(mode)
+        renders.append((modes, images, eval_images, dropouts))
+        return images, grid
+
+    monkeypatch.setattr(validation, "render", render)
+    raw = lora_config("sd1", lora={"dropout": 0.5}, validation={"at_start": False},
+                      basic={"max_train_steps": 4, "validate_every_n_steps": 2, "save_every_n_steps": 100})
+    run(raw)
+    assert len(renders) == 2
+    for modes, images, eval_images, dropouts in renders:
+        assert modes and not any(modes)
+        assert all(m.training for m in dropouts)  # back in train mode after rendering
+        for image, eval_image in zip(images, eval_images):
+            assert np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(eval_image)))
 
 
 def test_sd_lora_refuses_an_sdxl_model_before_loading_weights(lora_config, tiny_models, monkeypatch):

@@ -3,7 +3,8 @@
 `train(config)` is the one entry point (CLI, demo, tests and benchmarks call it). Methods plug in through
 `conjure.methods` and never see the loop's internals; the loop never branches on a method or family.
 Exact resume: data order comes from (seed, epoch), augmentation from (seed, epoch, index), noise and
-timesteps from one CPU generator whose state is checkpointed with the optimizer and LR scheduler.
+timesteps from one CPU generator, dropout from torch's global CPU/CUDA RNG (seeded from basic.seed); both
+RNG states are checkpointed with the optimizer and LR scheduler.
 """
 
 from __future__ import annotations
@@ -312,6 +313,9 @@ class _Session:
             for slot in model.family.text_encoders
         ]
         self.generator = torch.Generator("cpu").manual_seed(basic.seed * 7919 + accelerator.process_index)
+        # Dropout (PEFT's lora_dropout, InputColumnDora's) draws from the global CPU/CUDA RNG; seeding and
+        # checkpointing it is what makes such runs repeat and resume exactly (accelerate's save_state does the same).
+        torch.manual_seed(basic.seed + accelerator.process_index)
         self.latent_cache, self.text_cache = _caches(config, model, trainable)
         self.events = EventLog(run_dir / "events.jsonl", run_dir / "logs" if accelerator.is_main_process else None)
         self.result = RunResult(run_dir=run_dir, status="completed", step=0)
@@ -340,6 +344,7 @@ class _Session:
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.generator.set_state(state["generator"])
+            _set_global_rng(state.get("rng"), self.accelerator.device)
             if self.accelerator.scaler is not None and state.get("scaler"):
                 self.accelerator.scaler.load_state_dict(state["scaler"])
             self.step = self.last_saved = self.result.step = int(state["step"])
@@ -357,7 +362,8 @@ class _Session:
             self.max_steps * self.accum, acc.process_index, acc.num_processes,
         )
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.dataloader_num_workers
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(self.config.basic.seed),  # its worker seed, not a global draw
         )
 
     def run(self, control: TrainControl) -> RunResult:
@@ -447,7 +453,10 @@ class _Session:
         return sample_latents(vae, mean.to(vae.device), std.to(vae.device), self.generator)
 
     def _after_step(self, loss: float, bar: Any, control: TrainControl) -> None:
-        self.lr_scheduler.step()
+        # A step the fp16 GradScaler skipped (inf/nan gradients) moved nothing; the schedule waits for it, as
+        # accelerate's AcceleratedScheduler does (accelerate/scheduler.py), so warmup is not cut short.
+        if not self.optimizer.step_was_skipped:
+            self.lr_scheduler.step()
         self.step += 1
         self.result.step = self.step
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -479,6 +488,8 @@ class _Session:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state_all()} if self.accelerator.device.type == "cuda" else {})},
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
         }
         folder = write_checkpoint(
@@ -500,18 +511,38 @@ class _Session:
         val = self.config.validation
         self._pipe = self._pipe or build_pipeline(self.model.family.pipeline_class, dict(self.model.components))
         started = time.perf_counter()
-        with self.accelerator.autocast():
-            images, grid_path = render(
-                self._pipe, self.run_dir / "validation" / step_dir_name(at), prompts=val.prompts, seeds=val.seeds,
-                negative_prompt=val.negative_prompt, num_inference_steps=val.num_inference_steps,
-                guidance_scale=val.guidance_scale, resolution=self.resolution,
-            )
+        device = self.accelerator.device
+        # Eval mode: the images show what the saved files do, without dropout. A forked RNG: whether and how
+        # often a run validates never changes the dropout masks of its training steps.
+        for module in self.trainable:
+            module.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.accelerator.autocast():
+                images, grid_path = render(
+                    self._pipe, self.run_dir / "validation" / step_dir_name(at), prompts=val.prompts,
+                    seeds=val.seeds, negative_prompt=val.negative_prompt,
+                    num_inference_steps=val.num_inference_steps, guidance_scale=val.guidance_scale,
+                    resolution=self.resolution,
+                )
+        finally:
+            for module in self.trainable:
+                module.train()
         self.events.emit(
             "validation", step=at, grid=str(grid_path), images=[str(p) for p in images], prompts=val.prompts,
             seeds=val.seeds, seconds=round(time.perf_counter() - started, 3),
         )
         self.events.image("validation/grid", at, as_array(grid_path))
         self.result.validations.append(grid_path)
+
+
+def _set_global_rng(states: dict[str, Any] | None, device: torch.device) -> None:
+    """Restore the global RNG a checkpoint saved (checkpoints written before it was saved have none)."""
+    if not states:
+        return
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 def _install_signal_handlers(control: TrainControl) -> dict[int, Any]:
