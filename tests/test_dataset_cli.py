@@ -131,3 +131,21 @@ def test_the_data_folder_is_unchanged_byte_for_byte(capsys, tmp_path, messy_fold
     run_cli(capsys, "dataset", "jsonl", messy_folder, tmp_path / "data.jsonl")
     run_cli(capsys, "dataset", "check", tmp_path / "data.jsonl")
     assert _listing(messy_folder) == before
+
+
+def test_check_and_train_skip_symlink_loops(capsys, tmp_path, ti_config, image_folder):
+    """issue 21, D6: `dataset check` and `train` once exited with "error: [Errno 40] Too many levels of
+    symbolic links"; a loop is one finding (check) or one skipped file (train)."""
+    (image_folder / "self.png").symlink_to("self.png")
+    (image_folder / "loop1").symlink_to("loop2")
+    (image_folder / "loop2").symlink_to("loop1")
+    (image_folder / "again").symlink_to(image_folder, target_is_directory=True)
+    code, out, err = run_cli(capsys, "dataset", "check", image_folder)
+    assert code == 1 and "Errno" not in out + err, (out, err)
+    assert f"{image_folder / 'self.png'}: error: symlink loop" in out
+    raw = ti_config(basic={"max_train_steps": 1, "validate_every_n_steps": None}, validation={"at_start": False})
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(raw))
+    code, out, err = run_cli(capsys, "train", config)
+    assert code == 0 and "Errno" not in err, err
+    assert f"skipping {image_folder / 'self.png'}: symlink loop" in err

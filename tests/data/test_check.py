@@ -270,3 +270,18 @@ def test_jsonl_bad_arguments(tmp_path, folder, out, message):
     (tmp_path / "file.png").write_bytes(b"")
     with pytest.raises(ConjureError, match=message):
         write_jsonl(tmp_path / folder, tmp_path / out)
+
+
+def test_symlink_loops_are_findings_not_a_crash(tmp_path):
+    """issue 21, D6: one loop ended `dataset check` with a raw errno line."""
+    _image(tmp_path / "a.png", caption="a photo")
+    (tmp_path / "self.png").symlink_to("self.png")
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    (tmp_path / "again").symlink_to(tmp_path, target_is_directory=True)
+    report = check_source(tmp_path)
+    assert ("self.png", "missing") in _findings(report, tmp_path)
+    assert [p.message for p in report.problems if p.kind == "missing"] == ["symlink loop (the link leads back to itself)"]
+    assert report.counts["usable"] == 1
+    lines = write_jsonl(tmp_path, tmp_path / "out.jsonl")
+    assert lines == 1

@@ -207,3 +207,30 @@ def test_several_sources_with_repeats_weights_class_images_and_caption_override(
         Example(tmp_path / "class" / "c.png", "a photo of a dog", 1.0, True)]
     with pytest.raises(ConjureError, match="not found"):
         scan_sources(sources + [SourceConfig(path=str(tmp_path / "nowhere"))])
+
+
+def _loops(folder: Path) -> None:
+    """Every kind of symlink loop a data folder can hold: a link to itself (with an image suffix and without),
+    two links to each other, and a folder link back to the folder itself."""
+    (folder / "self.png").symlink_to("self.png")
+    (folder / "self").symlink_to("self")
+    (folder / "loop1").symlink_to("loop2")
+    (folder / "loop2").symlink_to("loop1")
+    (folder / "loopa.jpg").symlink_to("loopb.jpg")
+    (folder / "loopb.jpg").symlink_to("loopa.jpg")
+    (folder / "again").symlink_to(folder, target_is_directory=True)
+    (folder / "x.txt").symlink_to("x.txt")
+
+
+def test_symlink_loops_are_skipped_as_one_finding_each(tmp_path):
+    """A loop once ended the scan with a raw "[Errno 40] Too many levels of symbolic links" (issue 21, D6)."""
+    _image(tmp_path / "a.png")
+    _loops(tmp_path)
+    for check_images in (True, False):
+        scan = scan_source(tmp_path, check_images=check_images)
+        assert [e.image.name for e in scan.examples] == ["a.png"]
+        assert sorted((p.name, reason) for p, reason in scan.skipped) == [
+            ("loopa.jpg", "symlink loop (the link leads back to itself)"),
+            ("loopb.jpg", "symlink loop (the link leads back to itself)"),
+            ("self.png", "symlink loop (the link leads back to itself)"),
+        ]

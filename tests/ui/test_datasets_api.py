@@ -391,3 +391,39 @@ def test_check_gives_the_cli_report(opened):
     assert opened.post("check").json()["buckets"]["resolution"] == 512
     assert opened.post("check", resolution=10).status_code == 400
     assert opened.post("check", resolution="big").json()["error"].startswith("resolution: ")
+
+
+def test_symlink_loops_are_skipped_by_every_route(api):
+    """issue 21, D6: a loop (two links to each other, one to itself, a folder link back) in an opened folder made
+    open, the list of all data sets, images and check answer 500."""
+    _image(api.folder / "a.png", caption="a cat")
+    assert api.open().status_code == 200
+    other = api.folder.parent / "other"
+    _image(other / "b.png")
+    assert api.open(other).status_code == 200
+    # the loops appear after opening (the list of all folders broke) and in a folder opened afterwards
+    for folder in (api.folder, other):
+        (folder / "loop1").symlink_to("loop2")
+        (folder / "loop2").symlink_to("loop1")
+        (folder / "self.png").symlink_to("self.png")
+        (folder / "self.txt").symlink_to("self.txt")
+        (folder / "again").symlink_to(folder, target_is_directory=True)
+    third = api.folder.parent / "third"
+    _image(third / "c.png")
+    (third / "loopa").symlink_to("loopb")
+    (third / "loopb").symlink_to("loopa")
+    assert api.open(third).json() == {"path": str(third), "images": 1}
+    assert api.client.get("/api/datasets").json()["datasets"] == [
+        {"path": str(api.folder), "images": 1}, {"path": str(other), "images": 1}, {"path": str(third), "images": 1}]
+    assert [image["name"] for image in api.get("images").json()["images"]] == ["a.png"]
+    assert api.get("tags").json() == {"tags": [{"tag": "a cat", "count": 1}]}
+    for name in ("self.png", "loop1", "self.txt"):
+        assert api.get("image", name=name).status_code in (403, 404), name
+        assert api.put_caption(name, "x").status_code in (403, 404), name
+    report = api.post("check").json()
+    assert report["counts"]["usable"] == 1
+    assert [(Path(p["path"]).name, p["message"]) for p in report["problems"] if p["kind"] == "missing"] == [
+        ("self.png", "symlink loop (the link leads back to itself)")]
+    assert api.post("jsonl", out="all.jsonl").json()["lines"] == 1
+    assert api.post("bulk", names=None, op="suffix", text=", x").json() == {"changed": 1}
+    assert api.post("trash", names=["a.png"]).json() == {"moved": ["a.png"]}

@@ -34,7 +34,7 @@ from conjure.models.tokenizer import MODEL_MAX_LENGTH
 ERROR, WARNING = "error", "warning"
 
 KINDS = {
-    "missing": (ERROR, "a .jsonl line names an image file that does not exist"),
+    "missing": (ERROR, "an image file that does not exist (a .jsonl line's, a dangling link, a symlink loop)"),
     "unreadable": (ERROR, "the image cannot be decoded (empty, truncated, not an image): training skips it"),
     "no_usable_images": (ERROR, "no image of the source can be read: nothing to train on"),
     "missing_caption": (WARNING, "an image without a caption file or caption text"),

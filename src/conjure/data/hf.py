@@ -143,10 +143,19 @@ def _kind(path: Path | str) -> str | None:
     if (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
         return "saved"
     with os.scandir(path) as entries:
-        subfolders = [Path(entry.path) for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
+        subfolders = [Path(entry.path) for entry in entries if not entry.name.startswith(".") and _is_folder(entry)]
     if any((folder / name).is_file() for folder in [path, *subfolders] for name in METADATA_FILES):
         return "imagefolder"
     return None
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; False for a link that cannot be followed (a symlink loop raises ELOOP, which
+    would end the whole scan: the folder walk skips such an entry as it skips a dangling link)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _import_datasets(label: str) -> Any:

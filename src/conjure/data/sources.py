@@ -7,6 +7,7 @@ Hugging Face data sets are a third kind of source, read by `conjure.data.hf`.
 Sources are only ever read: nothing is written into the user's data folder.
 """
 
+import errno
 import json
 import os
 import sys
@@ -195,13 +196,24 @@ def _check(examples: list[Example]) -> ScanResult:
 def _problem(image: Path) -> str | None:
     """Why `image` cannot be trained on, or None when it decodes."""
     if not image.is_file():
-        return "file not found"
+        return _missing(image)
     try:
         load_image(image)
     except ImageError as error:
         # load_image's messages are "<path>: <reason>"; the caller shows the path itself.
         return str(error).removeprefix(f"{image}: ")
     return None
+
+
+def _missing(image: Path) -> str:
+    """Why an image path that is no file cannot be read: a symlink loop (a link to itself, or links to each
+    other: the OS gives up with ELOOP) is named as such; anything else is "file not found"."""
+    try:
+        os.stat(image)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symlink loop (the link leads back to itself)"
+    return "file not found"
 
 
 def _mask_problem(mask: Path) -> str | None:
@@ -219,5 +231,5 @@ def _check_exist(examples: list[Example]) -> ScanResult:
         if example.image.is_file():
             result.examples.append(example)
         else:
-            result.skipped.append((example.image, "file not found"))
+            result.skipped.append((example.image, _missing(example.image)))
     return result
