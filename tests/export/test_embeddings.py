@@ -16,7 +16,8 @@ def test_file_name_is_typeable():
 
 def test_round_trip_exact_tensors_and_metadata(tmp_path):
     rows = torch.randn(2, 768)
-    meta = modelspec(SD1, "textual-inversion", title="<t>", resolution=512) | conjure_keys(step=5, skipped=None)
+    meta = modelspec(SD1, "textual-inversion", title="<t>", resolution=512, prediction_type="epsilon")
+    meta |= conjure_keys(step=5, skipped=None)
     path = tmp_path / "t.safetensors"
     save_embedding(path, {"emb_params": rows}, meta)
     tensors, got = load_embedding(path)
@@ -27,10 +28,14 @@ def test_round_trip_exact_tensors_and_metadata(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_sd2_architecture_name():
-    assert modelspec(SD2, "textual-inversion", title="x", resolution=768)["modelspec.architecture"] == (
-        "stable-diffusion-v2/textual-inversion"
-    )
+def test_sd2_architecture_names_follow_the_prediction_type():
+    """The model spec's names (kohya sai_model_spec.py): 2.x-base is 512 epsilon, 2.x (768) predicts v."""
+    def architecture(prediction_type):
+        meta = modelspec(SD2, "textual-inversion", title="x", resolution=768, prediction_type=prediction_type)
+        return meta["modelspec.architecture"]
+
+    assert architecture("epsilon") == "stable-diffusion-v2-512/textual-inversion"
+    assert architecture("v_prediction") == "stable-diffusion-v2-768-v/textual-inversion"
 
 
 def test_saved_tensors_are_float32_contiguous(tmp_path):

@@ -37,7 +37,9 @@ class PivotalTextualInversionSection(TextualInversionSection):
     bundle: bool = Field(
         False,
         description="Also write one file that carries the LoRA and the embedding (`<name>.bundle.safetensors`, "
-        "the `bundle_emb` layout A1111/Forge and ComfyUI read), besides the two separate files.",
+        "the `bundle_emb` layout), besides the two separate files. A1111/Forge read the embedding from the LoRA "
+        "file; ComfyUI's LoRA loader skips it (ComfyUI finds it only with the same file also in "
+        "models/embeddings, typed as embedding:<file name>) and InvokeAI drops it: there, install the two files.",
     )
 
 

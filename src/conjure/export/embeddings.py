@@ -4,9 +4,11 @@ SD 1.x/2.x: one tensor `emb_params` [n_vectors, width]; SDXL: `clip_l` and `clip
 into the tensors (A1111/Forge reject a file with an extra tensor such as a step counter); facts go into
 the string metadata. The file name is what A1111/ComfyUI users type, so it is derived from the token.
 
-Pivotal tuning can also bundle the embedding inside its LoRA file, as A1111/Forge and ComfyUI read it:
-`bundle_emb.<name>.string_to_param.*` (SD 1.x/2.x) or `bundle_emb.<name>.clip_l` / `.clip_g` (SDXL), where
-`<name>` is what users type (A1111 splits the key at dots, so the name has none).
+Pivotal tuning can also bundle the embedding inside its LoRA file, as A1111/Forge read it (extensions-builtin/
+Lora network.py): `bundle_emb.<name>.string_to_param.*` (SD 1.x/2.x) or `bundle_emb.<name>.clip_l` / `.clip_g`
+(SDXL), where `<name>` is what users type (A1111 splits the key at dots, so the name has none). ComfyUI's LoRA
+loader skips these keys (comfy/sd1_clip.py `bundled_embed` reads them only from a file in models/embeddings) and
+InvokeAI drops them, so the separate embedding file is always written too.
 """
 
 from __future__ import annotations

@@ -285,8 +285,8 @@ def save_kohya(
 
     family: 'sd1' / 'sd2' / 'sdxl' or a Family; unet_config: the UNet's config (SDXL's LDM numbering depends on
     it; None: the real SDXL layout). dtype: of down/up/dora_scale (float32 default; float16 / bfloat16 / None to keep
-    the tensors' own); alphas are always float32 scalars. Metadata: strings only; `ss_base_model_version` is
-    filled in when missing, and for SDXL with a unet_config the layout keys (conjure.unet_layers_per_block,
+    the tensors' own); alphas are always float32 scalars. Metadata: strings only; `ss_base_model_version` and
+    `ss_v2` are filled in when missing, and for SDXL with a unet_config the layout keys (conjure.unet_layers_per_block,
     conjure.unet_up_block_attention) so the file reads back without the model. Refuses modules with a PEFT
     `magnitude` (wrong layout for apps).
 
@@ -297,6 +297,7 @@ def save_kohya(
     fam = family_name_of(family)
     meta = _check_metadata(metadata)
     meta.setdefault("ss_base_model_version", families.get(fam).ss_base_model_version)
+    meta.setdefault("ss_v2", str(families.get(fam).ss_v2))
     if fam == "sdxl" and unet_config is not None:
         for key, value in layout_metadata(unet_config).items():
             meta.setdefault(key, value)
@@ -477,6 +478,7 @@ def save_peft(
     fam = family_name_of(family)
     meta = _check_metadata(metadata)
     meta.setdefault("ss_base_model_version", families.get(fam).ss_base_model_version)
+    meta.setdefault("ss_v2", str(families.get(fam).ss_v2))
     _write_peft(path, weights, meta, fam, _dtype(dtype))
     return Path(path)
 

@@ -9,11 +9,17 @@ from conjure import __version__
 from conjure.families import Family
 
 
-def modelspec(family: Family, kind: str, *, title: str, resolution: int) -> dict[str, str]:
-    """`kind` is the architecture suffix: 'textual-inversion' or 'lora'."""
+# diffusers' prediction types -> the spec's values (kohya library/sai_model_spec.py PRED_TYPE_EPSILON / PRED_TYPE_V)
+SPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
+def modelspec(family: Family, kind: str, *, title: str, resolution: int, prediction_type: str) -> dict[str, str]:
+    """`kind` is the architecture suffix: 'textual-inversion' or 'lora'. `prediction_type` ("epsilon" or
+    "v_prediction") is what the run trained the model to predict: the scheduler's, after advanced.prediction_type."""
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture(kind),
+        "modelspec.architecture": family.modelspec_architecture(kind, prediction_type),
+        "modelspec.prediction_type": SPEC_PREDICTION_TYPES[prediction_type],
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if family.name == "sdxl"
         else "diffusers",

@@ -31,11 +31,19 @@ class Family:
     text_encoders: tuple[TextEncoderSlot, ...]
     default_resolution: int
     ss_base_model_version: str  # kohya metadata value
-    modelspec_prefix: str  # modelspec.architecture prefix; "/lora" or "/textual-inversion" is appended
+    # kohya's `ss_v2`, written "True"/"False" (train_network.py): A1111's Lora extension (network.py
+    # detect_version) takes a file for SD 2.x only when it reads "True", whatever ss_base_model_version says.
+    ss_v2: bool
+    # modelspec.architecture prefixes ("/lora" or "/textual-inversion" is appended) of an epsilon and of a
+    # v-prediction model: the spec names SD 2.x's two apart (kohya library/sai_model_spec.py ARCH_SD_V2_*).
+    modelspec_prefix: str
+    modelspec_prefix_v: str
     pipeline_class: str  # diffusers pipeline class name
 
-    def modelspec_architecture(self, kind: str) -> str:
-        return f"{self.modelspec_prefix}/{kind}"
+    def modelspec_architecture(self, kind: str, prediction_type: str) -> str:
+        """`prediction_type`: diffusers' name of what the trained model predicts, "epsilon" or "v_prediction"."""
+        prefix = {"epsilon": self.modelspec_prefix, "v_prediction": self.modelspec_prefix_v}[prediction_type]
+        return f"{prefix}/{kind}"
 
     @property
     def pad_tokens(self) -> tuple[str, ...]:
@@ -48,7 +56,9 @@ SD1 = Family(
     text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 768, "emb_params", "<|endoftext|>"),),
     default_resolution=512,
     ss_base_model_version="sd_v1",
+    ss_v2=False,
     modelspec_prefix="stable-diffusion-v1",
+    modelspec_prefix_v="stable-diffusion-v1",
     pipeline_class="StableDiffusionPipeline",
 )
 SD2 = Family(
@@ -57,7 +67,9 @@ SD2 = Family(
     text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1024, "emb_params", "!"),),
     default_resolution=768,
     ss_base_model_version="sd_v2",
-    modelspec_prefix="stable-diffusion-v2",
+    ss_v2=True,
+    modelspec_prefix="stable-diffusion-v2-512",
+    modelspec_prefix_v="stable-diffusion-v2-768-v",
     pipeline_class="StableDiffusionPipeline",
 )
 SDXL = Family(
@@ -69,7 +81,9 @@ SDXL = Family(
     ),
     default_resolution=1024,
     ss_base_model_version="sdxl_base_v1-0",
+    ss_v2=False,
     modelspec_prefix="stable-diffusion-xl-v1-base",
+    modelspec_prefix_v="stable-diffusion-xl-v1-base",
     pipeline_class="StableDiffusionXLPipeline",
 )
 

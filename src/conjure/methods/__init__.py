@@ -4,7 +4,8 @@ A recipe object offers: `trainable_modules()` (pipeline name -> module whose par
 `parameter_groups(lr)`, `frozen_parameters(step, max_steps)` (parameters that sit out the step about to be
 taken: their gradients are dropped before clipping and the optimizer step), `expand_caption(text)`,
 `state_dict()` / `load_state_dict()` (resume),
-`save(folder, step=, resolution=, base_model=, run_name=)` (files apps load) and `kind` (modelspec suffix).
+`save(folder, step=, resolution=, base_model=, run_name=, prediction_type=)` (files apps load; `prediction_type`:
+what the run trains the model to predict, for the files' metadata) and `kind` (modelspec suffix).
 The loop knows nothing else about methods.
 """
 

@@ -170,15 +170,19 @@ class Lora:
             alpha=float(layer.lora_alpha[ADAPTER_NAME]), magnitude=magnitude,
         )
 
-    def metadata(self, name: str, *, step: int, resolution: int, base_model: str) -> dict[str, str]:
+    def metadata(
+        self, name: str, *, step: int, resolution: int, base_model: str, prediction_type: str
+    ) -> dict[str, str]:
         s, family, trigger = self.section, self.model.family, self.trigger
-        meta = modelspec(family, self.kind, title=name, resolution=resolution)
+        meta = modelspec(family, self.kind, title=name, resolution=resolution, prediction_type=prediction_type)
         meta.update({
             "ss_network_module": "lycoris.kohya" if self.own_dora else "networks.lora",
             "ss_network_dim": str(s.rank),
             "ss_network_alpha": str(float(s.alpha)),
+            # LyCORIS reads `wd_on_output` (lycoris/kohya.py create_network), default True since 2025-04: the
+            # input-column decomposition of these files must say false.
             "ss_network_args": (
-                '{"algo": "lora", "dora_wd": true, "wd_on_out": false}' if self.own_dora else "{}"
+                '{"algo": "lora", "dora_wd": true, "wd_on_output": false}' if self.own_dora else "{}"
             ),
             "ss_base_model_version": family.ss_base_model_version,
             "ss_output_name": name,
@@ -198,10 +202,13 @@ class Lora:
     def output_name(self, run_name: str) -> str:
         return self.section.output_name or run_name
 
-    def save(self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str) -> list[Path]:
+    def save(
+        self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str, prediction_type: str
+    ) -> list[Path]:
         """Write the LoRA file apps load, named `lora.output_name` or after the run."""
         name = self.output_name(run_name)
-        meta = self.metadata(name, step=step, resolution=resolution, base_model=base_model)
+        meta = self.metadata(name, step=step, resolution=resolution, base_model=base_model,
+                             prediction_type=prediction_type)
         return [self.write(Path(folder) / f"{name}.safetensors", meta)]
 
     def write(self, path: Path, metadata: dict[str, str], *, bundle: dict[str, torch.Tensor] | None = None) -> Path:

@@ -7,7 +7,8 @@ dropped, so the optimizer neither moves nor decays it) while the LoRA goes on le
 
 Each checkpoint holds the LoRA file (`<name>.safetensors`), the embedding file of the family's TI format
 (named after the token: what A1111/ComfyUI users type), and with `bundle` one more LoRA file that carries the
-embedding as `bundle_emb.*` (`<name>.bundle.safetensors`), so a user installs two files or one.
+embedding as `bundle_emb.*` (`<name>.bundle.safetensors`), so an A1111/Forge user installs two files or one
+(ComfyUI and InvokeAI users install the two).
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class PivotalTuning:
         self.lora.load_state_dict(part("lora."))
         self.ti.load_state_dict(part("ti."))
 
-    def save(self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str) -> list[Path]:
+    def save(
+        self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str, prediction_type: str
+    ) -> list[Path]:
         folder = Path(folder)
         token = self.ti.placeholder
         embedding_path = folder / embedding_file_name(token)
@@ -77,10 +80,11 @@ class PivotalTuning:
         if f"{name}.safetensors" == embedding_path.name:
             name += "-lora"  # the embedding keeps the token's name: it is what users type
         facts = {"conjure.pivotal_token": token, "conjure.pivotal_embedding": embedding_path.name}
-        meta = {**self.lora.metadata(name, step=step, resolution=resolution, base_model=base_model), **facts}
+        facts_of_run = dict(step=step, resolution=resolution, base_model=base_model, prediction_type=prediction_type)
+        meta = {**self.lora.metadata(name, **facts_of_run), **facts}
         meta["conjure.method"] = "pivotal"
         files = [self.lora.write(folder / f"{name}.safetensors", meta)]
-        ti_meta = self.ti.metadata(step=step, resolution=resolution, base_model=base_model, method="pivotal")
+        ti_meta = self.ti.metadata(**facts_of_run, method="pivotal")
         save_embedding(embedding_path, self.ti.embedding_tensors(), {**ti_meta, "conjure.pivotal_lora": files[0].name})
         files.append(embedding_path)
         if self.ti_section.bundle:

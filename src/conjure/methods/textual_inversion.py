@@ -136,8 +136,11 @@ class TextualInversion:
         slots = self.model.family.text_encoders
         return {slot.embedding_key: e.new_rows.detach() for slot, e in zip(slots, self.embeddings)}
 
-    def metadata(self, *, step: int, resolution: int, base_model: str, method: str = "textual_inversion") -> dict:
-        metadata = modelspec(self.model.family, self.kind, title=self.placeholder, resolution=resolution)
+    def metadata(
+        self, *, step: int, resolution: int, base_model: str, prediction_type: str, method: str = "textual_inversion"
+    ) -> dict:
+        metadata = modelspec(self.model.family, self.kind, title=self.placeholder, resolution=resolution,
+                             prediction_type=prediction_type)
         metadata.update(
             conjure_keys(
                 method=method,
@@ -150,9 +153,12 @@ class TextualInversion:
         )
         return metadata
 
-    def save(self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str = "") -> list[Path]:
+    def save(
+        self, folder: Path, *, step: int, resolution: int, base_model: str, prediction_type: str, run_name: str = ""
+    ) -> list[Path]:
         """Write the embedding file that apps load; returns the files written."""
         path = Path(folder) / embedding_file_name(self.placeholder)
-        save_embedding(path, self.embedding_tensors(), self.metadata(step=step, resolution=resolution,
-                                                                     base_model=base_model))
+        metadata = self.metadata(step=step, resolution=resolution, base_model=base_model,
+                                 prediction_type=prediction_type)
+        save_embedding(path, self.embedding_tensors(), metadata)
         return [path]

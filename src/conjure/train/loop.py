@@ -481,7 +481,10 @@ class _Session:
             self.validate(self.step)
 
     def save(self) -> None:
+        from conjure.train.loss import resolve_prediction_type
+
         at, basic = self.step, self.config.basic
+        target = resolve_prediction_type(self.model.noise_scheduler, self.config.advanced.prediction_type)
         state = {
             "step": at,
             "method": self.method.state_dict(),
@@ -495,7 +498,8 @@ class _Session:
         folder = write_checkpoint(
             self.run_dir, at, state,
             lambda tmp: self.method.save(
-                tmp, step=at, resolution=self.resolution, base_model=basic.base_model, run_name=self.run_dir.name
+                tmp, step=at, resolution=self.resolution, base_model=basic.base_model, run_name=self.run_dir.name,
+                prediction_type=target,
             ),
         )
         self.last_saved = at
