@@ -395,3 +395,48 @@ def test_files_are_served_only_through_the_gate(client, ws, tmp_path):
     assert client.get("/api/files", params={"path": str(ws.root / "missing.png")}).status_code == 404
     assert client.get("/api/files", params={"path": str(ws.runs)}).status_code == 403  # a folder, not an image
     assert client.get("/api/files").status_code == 400
+
+
+# --- hostile YAML and bodies (issue 21, D7 and D15) ------------------------------------------------------
+
+
+def _alias_bomb() -> str:
+    """7 levels of 9 aliases (4.8 million strings, a 24 MB answer): past the bound, yet small enough not to
+    hurt the machine when the bound is missing; the review's 9 levels are the same refusal."""
+    lines = ["type: sd_textual_inversion", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 7)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_everywhere_yaml_is_read(client, ws):
+    """A 418-byte YAML once made from-yaml answer 1.85 GB in 21 s (5.7 GB of server memory)."""
+    answer = client.post("/api/config/from-yaml", json={"yaml": _alias_bomb()})
+    assert answer.status_code == 200 and len(answer.content) < 2000
+    assert answer.json()["config"] is None and "too large once its aliases" in answer.json()["errors"][0]["message"]
+    answer = client.put("/api/configs/bomb", json={"yaml": _alias_bomb()})
+    assert answer.status_code == 400 and "too large once its aliases" in answer.json()["error"]
+    (ws.configs / "bomb.yaml").write_text(_alias_bomb())  # saved by an older version, or by hand
+    answer = client.get("/api/configs/bomb")
+    assert answer.status_code == 200 and len(answer.content) < 4000 and answer.json()["config"] is None
+    answer = client.post("/api/jobs", json={"yaml": _alias_bomb()})
+    assert answer.status_code == 400 and len(answer.content) < 2000
+
+
+def test_duplicate_keys_are_named_with_their_line(client):
+    text = "type: sd_textual_inversion\nbasic:\n  seed: 1\n  seed: 2\n"
+    answer = client.post("/api/config/from-yaml", json={"yaml": text}).json()
+    assert answer["config"] is None
+    assert answer["errors"] == [{"field": "", "message":
+                                 "invalid YAML at line 4, column 3: duplicate key 'seed' (first on line 3)"}]
+    assert client.post("/api/jobs", json={"yaml": text}).status_code == 400
+
+
+def test_request_bodies_are_bounded(client):
+    from conjure.ui.app import MAX_BODY_BYTES
+
+    answer = client.post("/api/config/from-yaml", json={"yaml": "x" * (MAX_BODY_BYTES + 1)})
+    assert answer.status_code == 413 and "request too large" in answer.json()["error"]
+    chunks = iter([b'{"yaml": "', b"type: sd_lora", b'"}'])
+    answer = client.post("/api/config/from-yaml", content=chunks, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 411
+    assert client.post("/api/config/from-yaml", json={"yaml": "type: sd_lora\n"}).status_code == 200

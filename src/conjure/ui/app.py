@@ -34,6 +34,9 @@ from conjure.ui.workspace import NotFound, PathRefused, Workspace
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 ALL_INTERFACES = ("0.0.0.0", "::", "")
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body but an upload's (a config is kilobytes; a bulk edit of 10,000 names well under 1 MB):
+refused with 413 from its Content-Length, before it is read."""
 MIN_TOKEN_LENGTH = 16
 """Shortest token accepted: `secrets.token_urlsafe(18)`, what `conjure ui` makes up, is 24 characters."""
 
@@ -77,6 +80,9 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
             given = (bearer, request.cookies.get("conjure_token"), request.query_params.get("token"))
             if not any(_token_matches(candidate, token) for candidate in given):
                 return JSONResponse({"error": "token required"}, status_code=401)
+        too_large = _body_too_large(request.url.path, request.headers)
+        if too_large:
+            return JSONResponse({"error": too_large[1]}, status_code=too_large[0])
         response = await call_next(request)
         if token is not None and _token_matches(request.query_params.get("token"), token):
             response.set_cookie("conjure_token", token, httponly=True, samesite="strict")
@@ -136,6 +142,21 @@ def check_token(token: str | None, host: str) -> None:
 def _token_matches(given: str | None, token: str) -> bool:
     """Constant-time comparison in which nothing empty ever matches."""
     return bool(given) and bool(token) and secrets.compare_digest(given.encode(), token.encode())
+
+
+def _body_too_large(path: str, headers: Any) -> tuple[int, str] | None:
+    """(status, message) for a request body over MAX_BODY_BYTES (uploads: MAX_UPLOAD_REQUEST_BYTES), or one
+    whose length is not given up front (chunked), which could be any size; None when it may be read."""
+    from conjure.ui.datasets import MAX_UPLOAD_REQUEST_BYTES, UPLOAD_PATH
+
+    limit = MAX_UPLOAD_REQUEST_BYTES if path == UPLOAD_PATH else MAX_BODY_BYTES
+    length = headers.get("content-length")
+    if length is None:
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        return (411, "send the request body with a Content-Length") if chunked else None
+    if not length.isdigit() or int(length) > limit:
+        return 413, f"request too large (at most {limit // 2**20} MB)"
+    return None
 
 
 def _loopback(server: Any) -> bool:

@@ -48,8 +48,9 @@ THUMB_SIZES = (64, 1024)
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 """Largest file an upload takes (a photo is a few MB; anything this big is a mistake or an attack)."""
 MAX_UPLOAD_REQUEST_BYTES = 1024 * 1024 * 1024
-"""Largest upload request, refused from its Content-Length before it is read."""
+"""Largest upload request, refused (413) from its Content-Length before it is read (conjure.ui.app)."""
 MAX_UPLOAD_FILES = 1000
+UPLOAD_PATH = "/api/datasets/upload"
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _FORMAT_SUFFIX = {"MPO": ".jpg", **{fmt: suffix for suffix, fmt in reversed(Image.registered_extensions().items())
                                     if suffix in IMAGE_EXTENSIONS}}
@@ -389,12 +390,9 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post("/upload", summary="Add images to a data set", openapi_extra=_UPLOAD_BODY)
+@router.post(UPLOAD_PATH.removeprefix(router.prefix), summary="Add images to a data set", openapi_extra=_UPLOAD_BODY)
 async def upload(request: Request) -> dict[str, Any]:
-    ws = _workspace(request)
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_UPLOAD_REQUEST_BYTES:
-        raise ConjureError(f"upload too large (at most {MAX_UPLOAD_REQUEST_BYTES // 2**20} MB at once)")
+    ws = _workspace(request)  # the request's size was checked from its Content-Length (conjure.ui.app)
     async with request.form(max_files=MAX_UPLOAD_FILES, max_fields=16) as form:
         folder = form.get("folder")
         if not isinstance(folder, str):

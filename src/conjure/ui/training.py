@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 
 from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
-from conjure.config.loading import config_class, yaml_problem
+from conjure.config.loading import config_class, load_yaml, yaml_problem
 from conjure.errors import ConjureError
 from conjure.train.checkpoints import STATE_FILE, STEP_DIR
 from conjure.ui.jobs import Job, JobQueue, checkpoint_steps, read_log_lines
@@ -119,7 +119,7 @@ def _resolved(config: Any) -> dict[str, Any]:
 
 def _yaml_mapping(text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         where, problem = yaml_problem(exc)
         return None, [{"field": "", "message": f"invalid YAML{' at' + where if where else ''}: {problem}"}]
