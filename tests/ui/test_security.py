@@ -2,6 +2,7 @@
 a folder refuses paths outside the opened data sets and the workspace however they are spelled, and writes
 nothing outside them; other web pages, unknown hosts and (in token mode) token-less clients are refused."""
 
+import json
 import os
 from pathlib import Path
 
@@ -398,3 +399,30 @@ def test_open_dataset_refuses_drives_and_home(ws, tmp_path, monkeypatch):
             ws.open_dataset(folder)
     (home / "pictures").mkdir()
     assert ws.open_dataset("~/pictures") == home / "pictures"  # the user typed it: ~ is their home here
+
+
+def test_check_and_jsonl_do_not_read_files_linked_from_outside(setup):
+    """issue 21, D8: check quoted the end of an over-long caption file linking out, and jsonl copied such
+    captions and listed an image linking out. Both now treat them as the other endpoints do."""
+    long_secret = " ".join(f"secretword{i}" for i in range(120))
+    (setup.outside / "long_secret.txt").write_text(long_secret)
+    _image(setup.folder / "d.png", (9, 9, 9))
+    (setup.folder / "d.txt").symlink_to(setup.outside / "long_secret.txt")
+    _image(setup.folder / "m.png", (7, 7, 7))
+    (setup.folder / "m-masklabel.png").symlink_to(setup.outside / "secret.png")
+    before = setup.guarded()
+    client, folder = setup.client, str(setup.folder)
+    answer = client.post("/api/datasets/check", json={"folder": folder})
+    assert answer.status_code == 200
+    assert b"secretword" not in answer.content and SECRET not in answer.content
+    assert b"link.png" not in answer.content  # an image linking out is not listed, as in `images`
+    problems = {Path(p["path"]).name: p["message"] for p in answer.json()["problems"] if p["kind"] == "missing_caption"}
+    assert problems["c.png"] == problems["d.png"].replace("d.txt", "c.txt") == "caption file c.txt links outside the data set: not read"
+    answer = client.post("/api/datasets/jsonl", json={"folder": folder, "out": "all.jsonl"})
+    assert answer.status_code == 200
+    written = (setup.folder / "all.jsonl").read_text()
+    assert "secretword" not in written and SECRET.decode() not in written and "link.png" not in written
+    lines = [json.loads(line) for line in written.splitlines()]
+    assert {line["image"]: line["text"] for line in lines} == {
+        "a.png": "a caption", "c.png": None, "d.png": None, "m.png": None, "~draft.png": None}
+    assert setup.guarded() == before

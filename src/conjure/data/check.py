@@ -27,7 +27,7 @@ from tqdm import tqdm
 from conjure.data.buckets import Size, assign_bucket, make_buckets
 from conjure.data.images import ImageError, load_image_with_size
 from conjure.data.hf import is_hf_source
-from conjure.data.sources import PROGRESS_MIN_IMAGES, Example, scan_source
+from conjure.data.sources import PROGRESS_MIN_IMAGES, Example, scan_source, within
 from conjure.errors import ConjureError
 from conjure.models.tokenizer import MODEL_MAX_LENGTH
 
@@ -145,7 +145,8 @@ class _Image:
 
 
 def check_source(
-    source: Path, *, resolution: int = 512, bucket_step: int = 64, max_tokens: int = MODEL_MAX_LENGTH
+    source: Path, *, resolution: int = 512, bucket_step: int = 64, max_tokens: int = MODEL_MAX_LENGTH,
+    confine: Path | None = None,
 ) -> DatasetReport:
     """Check the data source `source` (a folder of images with optional same-stem `.txt` captions, or a `.jsonl`
     file) as training would read it, decoding every image once.
@@ -154,7 +155,8 @@ def check_source(
     aspect-ratio bucket of `make_buckets(resolution, step=bucket_step)`. `max_tokens` is the text encoder's
     limit, start and end tokens included (77 for every Stable Diffusion family). Raises `ConjureError` for bad
     arguments and for what makes a source unreadable as a whole (missing, no images in it, a caption file
-    that is not UTF-8, a bad `.jsonl` line), as training does.
+    that is not UTF-8, a bad `.jsonl` line), as training does. `confine`: as `scan_source`'s (the web app's
+    rule: nothing whose real path lies outside the opened folder is read or quoted).
     """
     source = Path(source)
     try:
@@ -164,14 +166,14 @@ def check_source(
     if max_tokens < 3:
         raise ConjureError(f"max tokens must be at least 3 (start, end and one word), got {max_tokens}")
 
-    scan = scan_source(source, check_images=False)  # no decoding here: _inspect decodes, and keeps the sizes
+    scan = scan_source(source, check_images=False, confine=confine)  # no decoding here: _inspect decodes, and keeps the sizes
     images = _inspect(scan.examples)
     usable = [image for image in images if image.size is not None]
     errors = [Problem(str(path), ERROR, "missing", reason) for path, reason in scan.skipped]
     errors += [Problem(str(image.example.image), ERROR, "unreadable", image.reason) for image in images if image.reason]
     if not usable:
         errors.append(Problem(str(source), ERROR, "no_usable_images", "no image can be read: nothing to train on"))
-    warnings = _caption_problems(source, usable, max_tokens) + _size_problems(usable, resolution)
+    warnings = _caption_problems(source, usable, max_tokens, confine) + _size_problems(usable, resolution)
     duplicates = _duplicate_problems(usable)
     warnings += duplicates
     if source.is_dir() and not is_hf_source(source):
@@ -231,7 +233,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _caption_problems(source: Path, usable: list[_Image], max_tokens: int) -> list[Problem]:
+def _caption_problems(source: Path, usable: list[_Image], max_tokens: int, confine: Path | None) -> list[Problem]:
     """Missing, blank and over-long captions. When no image has one, a single finding for the source: that is
     how textual inversion is usually trained (its prompt templates stand in), not one mistake per image."""
     if usable and all(image.example.caption is None for image in usable):
@@ -243,17 +245,20 @@ def _caption_problems(source: Path, usable: list[_Image], max_tokens: int) -> li
     problems = []
     for image in usable:
         if image.example.caption is None:
-            problems.append(_missing_caption(source, image.example.image))
+            problems.append(_missing_caption(source, image.example.image, confine))
     captioned = [image.example for image in usable if image.example.caption is not None]
     if captioned:
         problems += _long_captions(captioned, max_tokens)
     return problems
 
 
-def _missing_caption(source: Path, image: Path) -> Problem:
+def _missing_caption(source: Path, image: Path, confine: Path | None) -> Problem:
     if not source.is_dir() or is_hf_source(source):  # captions from a JSONL line or a data set's column
         return Problem(str(image), WARNING, "missing_caption", 'no caption ("text" is missing or blank)')
     caption_file = image.with_suffix(".txt")
+    if confine is not None and caption_file.is_file() and not within(caption_file, confine):
+        message = f"caption file {caption_file.name} links outside the data set: not read"
+        return Problem(str(image), WARNING, "missing_caption", message)
     if caption_file.is_file():
         return Problem(str(image), WARNING, "empty_caption", f"caption file {caption_file.name} is empty")
     return Problem(str(image), WARNING, "missing_caption", f"no caption file ({caption_file.name})")
@@ -378,7 +383,7 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def write_jsonl(folder: Path, out: Path, *, force: bool = False) -> int:
+def write_jsonl(folder: Path, out: Path, *, force: bool = False, confine: Path | None = None) -> int:
     """Write the `.jsonl` source for an image folder; returns how many images it lists.
 
     One `{"image": ..., "text": ...}` line per image, in the folder's order; the image path relative to the
@@ -386,6 +391,7 @@ def write_jsonl(folder: Path, out: Path, *, force: bool = False) -> int:
     drive), "text" the caption or null. `scan_source(out)` reads back the same images and captions as
     `scan_source(folder)`. Images are listed without decoding them (`conjure dataset check` finds broken ones).
     Refuses an existing `out` unless `force`; the file appears complete or not at all (temporary file + rename).
+    `confine`: as `scan_source`'s (the web app's rule: images and captions linking out are left out).
     """
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
@@ -396,7 +402,7 @@ def write_jsonl(folder: Path, out: Path, *, force: bool = False) -> int:
         raise ConjureError(f"{out} is a folder")
     if out.exists() and not force:
         raise ConjureError(f"{out} exists; use --force to overwrite")
-    examples = scan_source(folder, check_images=False).examples
+    examples = scan_source(folder, check_images=False, confine=confine).examples
     base = out.parent.absolute()
     lines = [
         json.dumps({"image": _relative_posix(example.image, base), "text": example.caption}, ensure_ascii=False)

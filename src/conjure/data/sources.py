@@ -52,13 +52,18 @@ class ScanResult:
     skipped: list[tuple[Path, str]]
 
 
-def scan_source(path: Path, *, check_images: bool = True) -> ScanResult:
+def scan_source(path: Path, *, check_images: bool = True, confine: Path | None = None) -> ScanResult:
     """List the examples in `path`, a folder of images, a `.jsonl` file or a Hugging Face data set (a saved
     or imagefolder one, or `hf:owner/name`: see `conjure.data.hf`).
 
     With `check_images`, every image is decoded once; those that fail are moved to `skipped` with the
     reason, for the caller to warn about. Raises `ConjureError` when the source is missing, has no images,
     or has none left that can be read.
+
+    `confine` (a folder's real path): files whose real path lies outside it are treated as absent: such an
+    image is not listed, such a caption or mask file is not read. The web app passes the opened folder, so
+    that a link pointing out of it is not a way to read other files (docs/ui.md); training and the CLI
+    follow links wherever they go (the user's own folders).
     """
     from conjure.data import hf  # here, not at the top: hf imports Example from this module
 
@@ -67,7 +72,7 @@ def scan_source(path: Path, *, check_images: bool = True) -> ScanResult:
     if hf.is_hf_source(path):
         examples, skipped = hf.hf_examples(path)
     elif path.is_dir():
-        examples = _folder_examples(path)
+        examples = _folder_examples(path, confine)
         if not examples:
             suffixes = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise ConjureError(f"no images in {path} (looked for {suffixes}, in subfolders too)")
@@ -79,6 +84,8 @@ def scan_source(path: Path, *, check_images: bool = True) -> ScanResult:
         raise ConjureError(f"{path}: a data source must be a folder of images or a .jsonl file")
     else:
         raise ConjureError(f"data source not found: {path}")
+    if confine is not None:
+        examples = [example for example in examples if within(example.image, confine)]
     result = _check(examples) if check_images else _check_exist(examples)
     result.skipped[:0] = skipped
     if not result.examples:
@@ -108,15 +115,24 @@ def scan_sources(sources: Sequence[Any], *, check_images: bool = True) -> ScanRe
     return ScanResult(examples=examples, skipped=skipped)
 
 
-def _folder_examples(root: Path) -> list[Example]:
-    """Images under `root` at any depth, sorted by their path relative to it, each with its caption file."""
+def _folder_examples(root: Path, confine: Path | None = None) -> list[Example]:
+    """Images under `root` at any depth, sorted by their path relative to it, each with its caption file
+    (caption and mask files whose real path lies outside `confine`, when given, count as absent)."""
     images = sorted(_image_files(root), key=lambda image: image.relative_to(root).as_posix())
+    readable = (lambda file: True) if confine is None else (lambda file: within(file, confine))
     examples = []
     for image in images:
-        mask = image.with_name(image.stem + MASK_SUFFIX)
-        examples.append(Example(image, _read_caption_file(image.with_suffix(".txt")),
-                                mask=mask if mask.is_file() else None))
+        mask, caption = image.with_name(image.stem + MASK_SUFFIX), image.with_suffix(".txt")
+        text = _read_caption_file(caption) if readable(caption) else None
+        examples.append(Example(image, text, mask=mask if mask.is_file() and readable(mask) else None))
     return examples
+
+
+def within(path: Path, folder: Path) -> bool:
+    """Whether `path`'s real path (links followed) lies inside `folder`, itself a real path. A link that
+    cannot be followed (a loop) stays where it is: inside, to be reported as unreadable there."""
+    real = Path(os.path.realpath(path))
+    return real == folder or real.is_relative_to(folder)
 
 
 def _image_files(root: Path) -> Iterator[Path]:

@@ -523,11 +523,12 @@ def jsonl(body: JsonlBody, request: Request) -> dict[str, Any]:
     out = ws.resolve(_check_name(body.out).as_posix(), under=root)
     if out.exists():
         raise ConjureError(f"{out.name} exists: choose another name")
-    lines = write_jsonl(root, out)
+    lines = write_jsonl(root, out, confine=root)
     return {"path": str(out), "lines": lines}
 
 
 @router.post("/check", summary="The data-set check report (conjure dataset check --json)")
 def check(body: CheckBody, request: Request) -> dict[str, Any]:
     ws = _workspace(request)
-    return check_source(ws.dataset_root(body.folder), resolution=body.resolution).to_dict()
+    root = ws.dataset_root(body.folder)
+    return check_source(root, resolution=body.resolution, confine=root).to_dict()
