@@ -29,7 +29,9 @@ class BasicConfig(Section):
     base_model_config: str | None = Field(
         None,
         description="Only for a single-file checkpoint: a diffusers model folder or hub id whose configs "
-        "describe it (needed offline, where diffusers cannot fetch them).",
+        "describe it (needed offline, where diffusers cannot fetch them). Its scheduler's prediction type and "
+        "its resolution apply unless the file has a 'v_pred' marker (e.g. an SD 2.x file: point this at "
+        "stable-diffusion-2-1 for 768-v or stable-diffusion-2-1-base for 512 epsilon).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base_model.")
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16'.")
@@ -237,7 +239,8 @@ class AdvancedConfig(Section):
 
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto",
-        description="'auto': bf16 on GPUs that support it, else fp16 on GPU, and full precision on CPU. "
+        description="'auto': bf16 on GPUs with bf16 hardware (compute capability 8.0+: Ampere and newer), else "
+        "fp16 on GPU (T4, V100, RTX 20xx only emulate bf16), and full precision on CPU. "
         "Frozen weights are stored in this precision; trained parameters stay float32.",
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Batches summed per optimizer step.")
@@ -246,8 +249,9 @@ class AdvancedConfig(Section):
     cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto",
-        description="What the UNet predicts: 'auto' reads the model's scheduler config; set it only for a "
-        "checkpoint whose config is wrong (e.g. a v-prediction SD 2.x model loaded as epsilon).",
+        description="What the UNet predicts: 'auto' reads the model's scheduler config, or for a single file its "
+        "'v_pred' marker (SD 2.x files without one: basic.base_model_config or ComfyUI's weight test); set it "
+        "when that is wrong. Applies to training and validation.",
     )
     min_snr_gamma: float | None = Field(
         None,

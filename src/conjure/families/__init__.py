@@ -39,6 +39,11 @@ class Family:
     modelspec_prefix: str
     modelspec_prefix_v: str
     pipeline_class: str  # diffusers pipeline class name
+    # One architecture, two targets (SD 2.x: 768-v and 2.x-base): a single file does not say which. ComfyUI's
+    # SD20.model_type reads v-prediction from the spread of this UNet tensor (LDM name); each target's resolution.
+    prediction_probe: str | None = None
+    prediction_probe_threshold: float = 0.0
+    resolution_by_prediction: tuple[tuple[str, int], ...] = ()
 
     def modelspec_architecture(self, kind: str, prediction_type: str) -> str:
         """`prediction_type`: diffusers' name of what the trained model predicts, "epsilon" or "v_prediction"."""
@@ -71,6 +76,9 @@ SD2 = Family(
     modelspec_prefix="stable-diffusion-v2-512",
     modelspec_prefix_v="stable-diffusion-v2-768-v",
     pipeline_class="StableDiffusionPipeline",
+    prediction_probe="output_blocks.11.1.transformer_blocks.0.norm1.bias",
+    prediction_probe_threshold=0.09,
+    resolution_by_prediction=(("epsilon", 512), ("v_prediction", 768)),
 )
 SDXL = Family(
     name="sdxl",

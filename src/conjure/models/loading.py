@@ -2,6 +2,14 @@
 
 Components are loaded one by one (not as a pipeline) so that nothing training does not need (safety
 checker, feature extractor) is loaded. The family is read from the model's own configs.
+
+Besides the parts, loading settles the facts training depends on and says where each came from
+(`LoadedModel.facts`): the prediction type and noise schedule (written into the DDPM scheduler every other
+part reads) and the native resolution. A diffusers model states them in its configs. A single file does not:
+its family comes from the loaded UNet's config, its target from marker keys as ComfyUI reads them
+(`comfy/supported_models.py`: `v_pred`, `ztsnr`, `edm_*`), an SD 2.x file's 768-v vs 2.x-base from
+`basic.base_model_config` or ComfyUI's weight-statistic rule (`SD20.model_type`), and conjure refuses to guess
+where none of these decides.
 """
 
 from __future__ import annotations
@@ -19,13 +27,24 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+@dataclass(frozen=True)
+class Fact:
+    """A fact training depends on and where it came from (a setting, a file marker, a config, a heuristic)."""
+
+    value: Any
+    source: str
+
+
 @dataclass
 class LoadedModel:
-    """A base model's parts under their diffusers pipeline names (unet, vae, scheduler, text_encoder, ...)."""
+    """A base model's parts under their diffusers pipeline names (unet, vae, scheduler, text_encoder, ...).
+
+    `facts`: prediction_type, zero_terminal_snr and resolution (native), each with its source."""
 
     family: Family
     source: str
     components: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Fact] = field(default_factory=dict)
 
     @property
     def unet(self) -> Any:
@@ -73,24 +92,53 @@ def load_base_model(
     base_model_config: str | None = None,
     allowed_families: tuple[str, ...] | None = None,
     method: str = "",
+    prediction_type: str = "auto",
 ) -> LoadedModel:
-    """`allowed_families`: refuse (from the configs, before weights load) a model of another family."""
+    """`allowed_families`: refuse (from the configs, before weights load) a model of another family.
+    `prediction_type`: "auto" (from the model) or the user's setting, which wins."""
     check = {"allowed": allowed_families, "method": method}
     path = Path(base_model).expanduser()
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ConjureError(f"base model {base_model!r} is a file but not a .safetensors/.ckpt checkpoint")
-        return _load_single_file(path, family, base_model_config, **check)
-    if path.is_dir():
+        model = _load_single_file(path, family, base_model_config, prediction_type, **check)
+    elif path.is_dir():
         if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
             raise ConjureError(
                 f"base model folder {base_model!r} is not a diffusers model (no model_index.json and unet/); "
                 "give a diffusers folder, a .safetensors checkpoint or a hub id"
             )
-        return _load_diffusers(str(path), family, revision=None, variant=variant, **check)
-    if HUB_ID.match(base_model) and not base_model.startswith((".", "/", "~")):
-        return _load_diffusers(base_model, family, revision=revision, variant=variant, **check)
-    raise ConjureError(f"base model not found: {base_model!r} is not a folder, a checkpoint file or a hub id")
+        model = _load_diffusers(str(path), family, revision=None, variant=variant, **check)
+    elif HUB_ID.match(base_model) and not base_model.startswith((".", "/", "~")):
+        model = _load_diffusers(base_model, family, revision=revision, variant=variant, **check)
+    else:
+        raise ConjureError(f"base model not found: {base_model!r} is not a folder, a checkpoint file or a hub id")
+    if not model.facts:  # a diffusers model: its configs state everything
+        config = model.noise_scheduler.config
+        model_config = "the model's scheduler config"
+        _settle(
+            model,
+            Fact(prediction_type, "advanced.prediction_type") if prediction_type != "auto"
+            else Fact(config.prediction_type, model_config),
+            Fact(bool(config.get("rescale_betas_zero_snr", False)), model_config),
+            Fact(_native_resolution(model.unet, model.vae), "the model's UNet config (sample_size)"),
+        )
+    return model
+
+
+def _native_resolution(unet: Any, vae: Any) -> int:
+    """The resolution the model was trained at: UNet sample size times the VAE's downscale."""
+    return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _settle(model: LoadedModel, prediction: Fact, zero_snr: Fact, resolution: Fact) -> None:
+    """Record the facts and write the schedule into the DDPM scheduler that the loss and validation read."""
+    from diffusers import DDPMScheduler
+
+    model.facts.update(prediction_type=prediction, zero_terminal_snr=zero_snr, resolution=resolution)
+    model.components["scheduler"] = DDPMScheduler.from_config(
+        model.noise_scheduler.config, prediction_type=prediction.value, rescale_betas_zero_snr=zero_snr.value
+    )
 
 
 def _load_diffusers(
@@ -134,42 +182,113 @@ def _load_diffusers(
     return LoadedModel(family=fam, source=source, components=components)
 
 
-def _single_file_family(path: Path) -> Family:
-    """Guess the family from an original (LDM) checkpoint's key names."""
-    from safetensors import safe_open
+LDM_UNET = "model.diffusion_model."
+# Playground v2.5 (edm_mean/edm_std) and EDM v-prediction files (edm_vpred.*) sample a continuous EDM
+# schedule (ComfyUI: ModelType.EDM / V_PREDICTION_EDM); the DDPM loss here would train them wrongly.
+EDM_MARKERS = ("edm_mean", "edm_std", "edm_vpred.sigma_max")
 
-    if path.suffix.lower() != ".safetensors":
-        return families.SD1
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return families.SDXL
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return families.SD2
-    return families.SD1
+
+def _file_keys(path: Path, probe_key: str | None) -> tuple[set[str], Any]:
+    """A checkpoint's key names and the one tensor `probe_key` (or None), without reading the other weights."""
+    import torch
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            return keys, f.get_tensor(probe_key) if probe_key in keys else None
+    try:
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # a pre-1.6 (not zip) file cannot be memory-mapped
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return set(state), state.get(probe_key) if probe_key else None
+
+
+def _single_file_facts(
+    path: Path, fam: Family, keys: set[str], probe: Any, *, requested: str, config_given: bool,
+    scheduler_config: Any, native: int,
+) -> tuple[Fact, Fact, Fact]:
+    """Prediction type, zero-terminal SNR and native resolution of a single file, each with its source."""
+    edm = [k for k in EDM_MARKERS if k in keys]
+    if edm:
+        raise ConjureError(
+            f"{path.name} is an EDM checkpoint (it has {edm[0]!r}, e.g. Playground v2.5 or an EDM v-prediction "
+            "model); conjure trains DDPM-schedule models (SD 1.x, 2.x, SDXL) only"
+        )
+    config = "basic.base_model_config"
+    if "ztsnr" in keys:
+        zero_snr = Fact(True, "file marker 'ztsnr'")
+    else:
+        zero_snr = Fact(bool(scheduler_config.get("rescale_betas_zero_snr", False)),
+                        config if config_given else "no 'ztsnr' marker in the file")
+    if requested != "auto":
+        prediction = Fact(requested, "advanced.prediction_type")
+    elif "v_pred" in keys:
+        prediction = Fact("v_prediction", "file marker 'v_pred'")
+    elif config_given:
+        prediction = Fact(scheduler_config.prediction_type, config)
+    elif fam.prediction_probe:
+        if probe is None:
+            raise ConjureError(
+                f"cannot tell whether {path.name} is a {fam.title} v-prediction (768 px) or epsilon (2.x-base, 512 px) "
+                f"model: it has no 'v_pred' marker and no {fam.prediction_probe!r}; set advanced.prediction_type, "
+                "or basic.base_model_config to the diffusers folder or hub id of the model it was made from"
+            )
+        spread = float(probe.float().std(unbiased=False))
+        kind = "v_prediction" if spread > fam.prediction_probe_threshold else "epsilon"
+        prediction = Fact(kind, f"heuristic: spread {spread:.3f} of {fam.prediction_probe} "
+                                f"{'>' if kind == 'v_prediction' else '<='} {fam.prediction_probe_threshold} "
+                                "(ComfyUI's rule)")
+    else:
+        prediction = Fact("epsilon", "no 'v_pred' marker in the file")
+    if config_given:
+        resolution = Fact(native, config)
+    elif fam.resolution_by_prediction:
+        resolution = Fact(dict(fam.resolution_by_prediction)[prediction.value],
+                          f"{fam.title} with {prediction.value} ({prediction.source})")
+    else:
+        resolution = Fact(native, f"diffusers' default {fam.title} config")
+    return prediction, zero_snr, resolution
 
 
 def _load_single_file(
-    path: Path, family: str, base_model_config: str | None, *, allowed: tuple[str, ...] | None = None, method: str = ""
+    path: Path, family: str, base_model_config: str | None, prediction_type: str = "auto", *,
+    allowed: tuple[str, ...] | None = None, method: str = "",
 ) -> LoadedModel:
     import diffusers
 
     try:
-        fam = families.get(family) if family != "auto" else _single_file_family(path)
-        fam = _pick_family(fam.name, fam, allowed, method)
-        pipeline_cls = getattr(diffusers, fam.pipeline_class)
-        kwargs: dict[str, Any] = {"safety_checker": None} if fam.name != "sdxl" else {}
+        keys, probe = _file_keys(path, LDM_UNET + families.SD2.prediction_probe)
+    except Exception as exc:
+        raise ConjureError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    # Only SDXL files hold a second text encoder; SD 1.x and 2.x share a pipeline class and are told apart
+    # from the UNet config diffusers loads them with.
+    two_encoders = any(k.startswith("conditioner.embedders.1.") for k in keys)
+    if two_encoders:
+        _pick_family(family, families.SDXL, allowed, method)
+    try:
+        pipeline_cls = getattr(diffusers, (families.SDXL if two_encoders else families.SD1).pipeline_class)
+        kwargs: dict[str, Any] = {} if two_encoders else {"safety_checker": None}
         if base_model_config:
             kwargs["config"] = base_model_config
         pipe = pipeline_cls.from_single_file(str(path), **kwargs)
-    except ConjureError:
-        raise
     except Exception as exc:
-        hint = "" if base_model_config else " (offline, set basic.base_model_config to a diffusers folder of its family)"
+        hint = "" if base_model_config else (
+            " (offline, set basic.base_model_config to a diffusers folder of its family)")
         raise ConjureError(f"cannot load checkpoint {str(path)!r}: {str(exc).splitlines()[0]}{hint}") from None
-    components = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": diffusers.DDPMScheduler.from_config(pipe.scheduler.config)}
+    detected = families.detect(pipe.unet.config, has_text_encoder_2=getattr(pipe, "text_encoder_2", None) is not None)
+    fam = _pick_family(family, detected, allowed, method)
+    components = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": pipe.scheduler}
     for slot in fam.text_encoders:
         components[slot.tokenizer] = getattr(pipe, slot.tokenizer)
         components[slot.encoder] = getattr(pipe, slot.encoder)
-    return LoadedModel(family=fam, source=str(path), components=components)
+    model = LoadedModel(family=fam, source=str(path), components=components)
+    _settle(model, *_single_file_facts(
+        path, fam, keys, probe, requested=prediction_type, config_given=bool(base_model_config),
+        scheduler_config=pipe.scheduler.config, native=_native_resolution(pipe.unet, pipe.vae),
+    ))
+    return model
 

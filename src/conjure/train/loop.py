@@ -25,6 +25,7 @@ import torch
 
 from conjure.config import dump_config
 from conjure.errors import ConjureError
+from conjure.models.loading import Fact
 from conjure.train.checkpoints import STATE_FILE, load_state, prune_checkpoints, step_dir_name, write_checkpoint
 from conjure.train.events import EventLog
 from conjure.train.optimizers import build_optimizer, optimizer_warnings
@@ -67,9 +68,10 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
     examples, skipped, probe = _scan_data(config, spec)  # first: a bad data folder fails before model loading
     model = _load_model(config, spec)
     accelerator, precision = _make_accelerator(config.advanced)
-    _place_model(model, accelerator.device, precision)
+    _place_model(model, accelerator.device, precision.value)
     method = spec.build(config, model)
-    resolution = config.data.resolution or _native_resolution(model)
+    chosen = _chosen(model, config.data.resolution, precision)
+    resolution = chosen["resolution"].value
     checkpoint, run_dir = _open_run_dir(config, resume or config.basic.resume)
     changed = _write_resolved_config(config, run_dir, resolution, resuming=checkpoint is not None)
     too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe])
@@ -78,8 +80,10 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
                     + ([f"{too_long} caption(s) are longer than the text encoder's limit and will be cut off"]
                        if too_long else [])):
         _say(f"warning: {warning}")
-    session = _Session(config, spec, model, method, accelerator, precision, examples, resolution, run_dir)
-    session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=changed, long_captions=too_long)
+    _say(_describe(chosen))
+    session = _Session(config, spec, model, method, accelerator, precision.value, examples, resolution, run_dir)
+    session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=changed, long_captions=too_long,
+                  chosen={name: {"value": fact.value, "from": fact.source} for name, fact in chosen.items()})
     return session.run(control or TrainControl())
 
 
@@ -109,29 +113,56 @@ def _load_model(config: Any, spec: Any) -> Any:
     model = load_base_model(
         basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
         base_model_config=basic.base_model_config, allowed_families=spec.families, method=config.type,
+        prediction_type=config.advanced.prediction_type,
     )
     return model
 
 
-def _resolve_precision(requested: str, *, cpu: bool) -> str:
+def resolve_precision(requested: str, *, cpu: bool) -> Fact:
     if requested != "auto":
-        return requested
-    if cpu or not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return Fact(requested, "advanced.mixed_precision")
+    if cpu:
+        return Fact("no", "advanced.cpu")
+    if not torch.cuda.is_available():
+        return Fact("no", "no CUDA GPU")
+    major, minor = torch.cuda.get_device_capability()
+    card = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
+    # Not torch.cuda.is_bf16_supported(): by default it also says True where bf16 is only emulated (before
+    # Ampere: T4, V100, RTX 20xx), where cuDNN has no bf16 convolutions (pytorch#148322; diffusers#14129 made
+    # the same change).
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return Fact("bf16", f"auto: {card} has bf16")
+    return Fact("fp16", f"auto: {card} has no bf16 hardware")
 
 
-def _make_accelerator(adv: Any) -> tuple[Any, str]:
+def _chosen(model: Any, resolution: int | None, precision: Fact) -> dict[str, Fact]:
+    """What this run trains with and why: the model's facts, the resolution and the precision."""
+    facts = dict(model.facts)
+    if resolution:
+        facts["resolution"] = Fact(resolution, "data.resolution")
+    return {**facts, "mixed_precision": precision}
+
+
+def _describe(chosen: dict[str, Fact]) -> str:
+    prediction, zero_snr, resolution = chosen["prediction_type"], chosen["zero_terminal_snr"], chosen["resolution"]
+    precision = chosen["mixed_precision"]
+    schedule = "zero-terminal-SNR" if zero_snr.value else "standard"
+    return (f"training target: {prediction.value} (from {prediction.source}), {schedule} noise schedule "
+            f"(from {zero_snr.source}), {resolution.value} px (from {resolution.source}), "
+            f"precision {precision.value} (from {precision.source})")
+
+
+def _make_accelerator(adv: Any) -> tuple[Any, Fact]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    precision = _resolve_precision(adv.mixed_precision, cpu=adv.cpu)
+    precision = resolve_precision(adv.mixed_precision, cpu=adv.cpu)
     # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
     # precision; train() is called repeatedly in one process (tests, benchmarks), so start each run afresh.
     # (The distributed PartialState is kept.)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu
+        mixed_precision=precision.value, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu
     )
     return accelerator, precision
 
@@ -144,11 +175,6 @@ def _place_model(model: Any, device: torch.device, precision: str) -> None:
             # fp16 VAEs overflow on some models (SDXL's is the known case); fp32 costs little here.
             keep_fp32 = name == "vae" and precision == "fp16"
             part.to(device, torch.float32 if keep_fp32 else WEIGHT_DTYPES[precision])
-
-
-def _native_resolution(model: Any) -> int:
-    """The resolution the model was trained at: UNet sample size times the VAE's downscale."""
-    return model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
 
 
 def _open_run_dir(config: Any, resume: str | None) -> tuple[Path | None, Path]:

@@ -20,7 +20,11 @@ def build_pipeline(family_pipeline_class: str, components: dict[str, Any]) -> An
     import diffusers
 
     cls = getattr(diffusers, family_pipeline_class)
-    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(components["scheduler"].config)
+    config = components["scheduler"].config
+    # Zero-terminal-SNR models sample from pure noise: "trailing" spacing starts at the last timestep
+    # (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.3).
+    spacing = {"timestep_spacing": "trailing"} if config.get("rescale_betas_zero_snr") else {}
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config, **spacing)
     kwargs = dict(components, scheduler=scheduler)
     expected = set(cls._get_signature_keys(cls)[0])
     for optional in ("safety_checker", "feature_extractor", "image_encoder"):
