@@ -207,3 +207,10 @@ def write_single_file(single_file_model, tmp_path):
 
     return write
 
+
+@pytest.fixture
+def ldm():
+    """The writers above, for tests (a conftest is not importable by name under --import-mode=importlib)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(vae=vae_to_ldm, state_dict=ldm_state_dict)

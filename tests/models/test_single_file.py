@@ -146,6 +146,7 @@ def test_the_start_event_and_console_say_what_was_chosen_and_why(write_single_fi
     assert start["chosen"]["zero_terminal_snr"] == {"value": True, "from": "file marker 'ztsnr'"}
     assert start["chosen"]["resolution"] == {"value": 64, "from": "basic.base_model_config"}
     assert start["chosen"]["mixed_precision"]["value"] == "no"
+    assert start["chosen"]["vae"] == {"value": str(path), "from": "the base model"}
     err = capsys.readouterr().err
     assert ("training target: v_prediction (from file marker 'v_pred'), zero-terminal-SNR noise schedule "
             "(from file marker 'ztsnr'), 64 px (from basic.base_model_config)") in err

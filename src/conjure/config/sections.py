@@ -33,6 +33,11 @@ class BasicConfig(Section):
         "its resolution apply unless the file has a 'v_pred' marker (e.g. an SD 2.x file: point this at "
         "stable-diffusion-2-1 for 768-v or stable-diffusion-2-1-base for 512 epsilon).",
     )
+    vae: str | None = Field(
+        None,
+        description="A VAE to use instead of the base model's, for training and validation: a hub id, a diffusers "
+        "VAE folder, or a single .safetensors file (e.g. 'madebyollin/sdxl-vae-fp16-fix' for SDXL in fp16).",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base_model.")
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16'.")
     family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(

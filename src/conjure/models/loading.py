@@ -39,7 +39,7 @@ class Fact:
 class LoadedModel:
     """A base model's parts under their diffusers pipeline names (unet, vae, scheduler, text_encoder, ...).
 
-    `facts`: prediction_type, zero_terminal_snr and resolution (native), each with its source."""
+    `facts`: prediction_type, zero_terminal_snr, resolution (native) and vae, each with its source."""
 
     family: Family
     source: str
@@ -93,9 +93,10 @@ def load_base_model(
     allowed_families: tuple[str, ...] | None = None,
     method: str = "",
     prediction_type: str = "auto",
+    vae: str | None = None,
 ) -> LoadedModel:
     """`allowed_families`: refuse (from the configs, before weights load) a model of another family.
-    `prediction_type`: "auto" (from the model) or the user's setting, which wins."""
+    `prediction_type`: "auto" (from the model) or the user's setting, which wins. `vae`: a VAE to use instead."""
     check = {"allowed": allowed_families, "method": method}
     path = Path(base_model).expanduser()
     if path.is_file():
@@ -123,6 +124,10 @@ def load_base_model(
             Fact(bool(config.get("rescale_betas_zero_snr", False)), model_config),
             Fact(_native_resolution(model.unet, model.vae), "the model's UNet config (sample_size)"),
         )
+    model.facts["vae"] = Fact(model.source, "the base model")
+    if vae:
+        model.components["vae"] = load_vae(vae, model.vae)
+        model.facts["vae"] = Fact(vae, "basic.vae")
     return model
 
 
@@ -292,3 +297,39 @@ def _load_single_file(
     ))
     return model
 
+
+def load_vae(source: str, like: Any) -> Any:
+    """`basic.vae`: a hub id, a diffusers VAE folder (or a model folder with vae/), or one .safetensors/.ckpt
+    file with original or diffusers key names; a file takes its architecture and scaling factor from `like`
+    (the base model's VAE), as the apps load a VAE file for a checkpoint."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, load_single_file_checkpoint
+
+            state = load_single_file_checkpoint(str(path))
+            if not any(k.startswith("decoder.up_blocks.") for k in state):
+                state = convert_ldm_vae_checkpoint(state, dict(like.config))
+            vae = AutoencoderKL.from_config(like.config)
+            vae.load_state_dict(state)
+        elif path.is_dir():
+            sub = {} if (path / "config.json").is_file() else {"subfolder": "vae"}
+            vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=torch.float32, **sub)
+        elif HUB_ID.match(source):
+            vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch.float32)
+        else:
+            raise ConjureError(f"basic.vae: {source!r} is not a file, a folder or a hub id")
+    except ConjureError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConjureError(f"basic.vae: cannot load {source!r}: {reason}") from None
+    if vae.config.latent_channels != like.config.latent_channels:
+        raise ConjureError(
+            f"basic.vae: {source!r} has {vae.config.latent_channels} latent channels, the base model's VAE "
+            f"{like.config.latent_channels}"
+        )
+    return vae.to(torch.float32).eval()

@@ -47,10 +47,25 @@ VAE = {"sd1": (512, 0.18215), "sd2": (768, 0.18215), "sdxl": (1024, 0.13025)}
 SCHEDULER = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 
 
+def build_reference_vae(family: str, *, device: str = "cpu") -> Any:
+    """The full-size VAE of `family` (random weights, float32): SD 1.x/2.x and SDXL share the architecture and
+    differ in sample size and scaling factor."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    size, scale = VAE[family]
+    with torch.device(device):
+        return AutoencoderKL(
+            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=size,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            scaling_factor=scale, force_upcast=family == "sdxl",
+        )
+
+
 def build_reference_components(family: str, *, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
     """Pipeline components of the full-size `family` model, random weights, float32."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from conjure.models.tokenizer import clip_tokenizer
@@ -61,12 +76,7 @@ def build_reference_components(family: str, *, device: str = "cpu", seed: int = 
     parts: dict[str, Any] = {}
     with torch.device(device):
         parts["unet"] = UNet2DConditionModel(**UNET[family])
-        size, scale = VAE[family]
-        parts["vae"] = AutoencoderKL(
-            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=size,
-            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-            scaling_factor=scale, force_upcast=family == "sdxl",
-        )
+        parts["vae"] = build_reference_vae(family, device=device)
         for i, (name, pad) in enumerate(zip(ENCODERS[family], families.get(family).pad_tokens)):
             hidden, inter, layers, heads, act, proj, with_proj = TEXT[name]
             config = CLIPTextConfig(

@@ -113,7 +113,7 @@ def _load_model(config: Any, spec: Any) -> Any:
     model = load_base_model(
         basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
         base_model_config=basic.base_model_config, allowed_families=spec.families, method=config.type,
-        prediction_type=config.advanced.prediction_type,
+        prediction_type=config.advanced.prediction_type, vae=basic.vae,
     )
     return model
 
@@ -147,9 +147,10 @@ def _describe(chosen: dict[str, Fact]) -> str:
     prediction, zero_snr, resolution = chosen["prediction_type"], chosen["zero_terminal_snr"], chosen["resolution"]
     precision = chosen["mixed_precision"]
     schedule = "zero-terminal-SNR" if zero_snr.value else "standard"
+    vae = chosen["vae"]
     return (f"training target: {prediction.value} (from {prediction.source}), {schedule} noise schedule "
             f"(from {zero_snr.source}), {resolution.value} px (from {resolution.source}), "
-            f"precision {precision.value} (from {precision.source})")
+            f"precision {precision.value} (from {precision.source}), VAE {vae.value} (from {vae.source})")
 
 
 def _make_accelerator(adv: Any) -> tuple[Any, Fact]:

@@ -3,6 +3,11 @@
 Writes `validation/step-NNNNNN/<prompt>-<seed>.png` and `grid.png` (rows: prompts, columns: seeds).
 The pipeline is built from the training components (with the new tokens), using a multistep DPM-Solver
 configured from the model's own scheduler (prediction type, betas) so few steps give clean images.
+
+The pipeline denoises under the run's autocast but stops at the latents: `decode_latents` decodes them
+outside autocast in float32. Under fp16 autocast every convolution runs in fp16 whatever the weights' dtype,
+and the SDXL VAE's decoder overflows there (black/NaN grids; kohya-ss/sd-scripts PR #2322,
+diffusers#9844); the pipelines' own upcast does not fire because the VAE itself is float32.
 """
 
 from __future__ import annotations
@@ -54,6 +59,25 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 @torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the UNet sees them -> images in [-1, 1], decoded outside autocast in float32 (in bfloat16 if
+    the VAE is: bf16 has float32's range). Undoes the VAE config's scaling and shift, or SDXL-style
+    per-channel latents_mean/latents_std where the config has them (as diffusers' SDXL pipeline does)."""
+    config = vae.config
+    with torch.autocast(latents.device.type, enabled=False):
+        latents = latents.float()
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=latents.device).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=latents.device).view(1, -1, 1, 1)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        dtype = vae.dtype if vae.dtype == torch.bfloat16 else torch.float32
+        return vae.decode(latents.to(vae.device, dtype)).sample.float()
+
+
+@torch.no_grad()
 def render(
     pipe: Any,
     out_dir: Path,
@@ -70,7 +94,7 @@ def render(
     for p, prompt in enumerate(prompts):
         row = []
         for seed in seeds:
-            image = pipe(
+            latents = pipe(
                 prompt,
                 negative_prompt=negative_prompt or None,
                 num_inference_steps=num_inference_steps,
@@ -78,7 +102,9 @@ def render(
                 height=resolution,
                 width=resolution,
                 generator=torch.Generator("cpu").manual_seed(seed),
-            ).images[0]
+                output_type="latent",
+            ).images
+            image = pipe.image_processor.postprocess(decode_latents(pipe.vae, latents), output_type="pil")[0]
             path = out_dir / f"{p:02d}-seed{seed}.png"
             _save_png(image, path)
             row.append(image)
