@@ -279,6 +279,7 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_p
 
     accept_dialogs(page)
     model = toy_model("sd1")  # the pre-trained toy model: the gallery shows shapes, not noise (same speed as tiny)
+    api_post(ui_server, "/api/datasets/open", {"path": str(dataset)})  # a job reads data from opened folders
     page.click("#tab-training")
     assert page.locator("#panel-training").is_visible()
     methods = page.locator("#tr-method option").evaluate_all("(options) => options.map((o) => o.value)")
@@ -407,6 +408,7 @@ def test_cancel_and_resume_buttons(page, ui_server, image_folder, tiny_models):
         "textual_inversion": {"placeholder_token": "<zq-long>", "initializer": "dog"},
         "validation": {"at_start": False, "seeds": [0], "num_inference_steps": 1},
     }
+    api_post(ui_server, "/api/datasets/open", {"path": str(image_folder)})
     job = api_post(ui_server, "/api/jobs", {"config": config})["job"]
     page.click("#tab-jobs")
     page.locator(f"#jobs li.job-row[data-job='{job['id']}'] button.job-pick").click()

@@ -19,8 +19,9 @@ LONG = 120  # steps of a run that is still going when the test acts on it (a tin
 
 
 @pytest.fixture
-def workspace(tmp_path):
+def workspace(tmp_path, image_folder):
     ws = Workspace(tmp_path / "workspace")
+    ws.open_dataset(image_folder)  # a web job reads its data from an opened folder (or the workspace)
     yield ws
     # never leave a run behind, whatever a test did
     import sqlite3

@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from conjure.config import CONFIG_TYPES
 from conjure.ui.app import create_app
@@ -35,7 +36,7 @@ def config(**sections):
     data = {
         "type": "sd_textual_inversion",
         "basic": {"base_model": "/models/sd15", "max_train_steps": 6},
-        "data": {"source": "/data/images"},
+        "data": {"source": "data/images"},  # in the workspace: a web job reads data there or in opened folders
         "textual_inversion": {"placeholder_token": "<zq-thing>", "initializer": "dog"},
     }
     for name, values in sections.items():
@@ -110,7 +111,7 @@ def test_validate_lists_every_problem_by_field(client):
 
 def test_validate_applies_the_web_apps_rules(client, tmp_path):
     answer = client.post("/api/config/validate", json={"config": config(basic={"output_dir": str(tmp_path / "x")})})
-    assert "keeps runs inside its workspace" in fields(answer.json())["basic.output_dir"]
+    assert "writes only inside its workspace" in fields(answer.json())["basic.output_dir"]
     answer = client.post("/api/config/validate", json={"config": config(basic={"output_dir": "../escape"})})
     assert "basic.output_dir" in fields(answer.json())
     answer = client.post("/api/config/validate", json={"config": config(basic={"resume": "latest"})})
@@ -440,3 +441,81 @@ def test_request_bodies_are_bounded(client):
     answer = client.post("/api/config/from-yaml", content=chunks, headers={"Content-Type": "application/json"})
     assert answer.status_code == 411
     assert client.post("/api/config/from-yaml", json={"yaml": "type: sd_lora\n"}).status_code == 200
+
+
+# --- every path of a job's config passes the gate (issue 21, D9) -------------------------------------------
+
+
+def test_every_output_folder_must_lie_in_the_workspace(client, ws, tmp_path):
+    """A job's data.cache_dir once wrote a latent cache outside the workspace (output_dir alone was checked)."""
+    outside = tmp_path / "outside"
+    (ws.root / "out-link").symlink_to(outside, target_is_directory=True)
+    for cache_dir in (str(outside / "cache_escape"), "../cache_escape", "out-link/cache", "~/cache_escape"):
+        raw = config(data={"cache_latents": "disk", "cache_dir": cache_dir})
+        answer = client.post("/api/config/validate", json={"config": raw}).json()
+        assert "writes only inside its workspace" in fields(answer)["data.cache_dir"], cache_dir
+        answer = client.post("/api/jobs", json={"config": raw})
+        assert answer.status_code == 400 and "data.cache_dir" in fields(answer.json()), cache_dir
+    assert not outside.exists()
+    answer = client.post("/api/config/validate", json={"config": config(data={"cache_dir": "caches/latents"})}).json()
+    assert answer["ok"] and answer["config"]["data"]["cache_dir"] == str(ws.root / "caches" / "latents")
+
+
+def test_data_sources_must_be_opened_and_models_may_be_anywhere(client, ws, tmp_path):
+    folder, unopened = tmp_path / "set", tmp_path / "unopened"
+    for made in (folder, unopened):
+        made.mkdir()
+        Image.new("RGB", (8, 8)).save(made / "a.png")
+    sources = [{"path": str(folder)}, {"path": str(unopened)}, {"path": "hf:owner/name"}, {"path": "mine"}]
+    raw = config(data={"source": None, "sources": sources})
+    answer = client.post("/api/config/validate", json={"config": raw}).json()
+    assert set(fields(answer)) == {"data.sources.0.path", "data.sources.1.path"}
+    assert "open this folder there first" in fields(answer)["data.sources.1.path"]
+    assert client.post("/api/datasets/open", json={"path": str(folder)}).status_code == 200
+    answer = client.post("/api/config/validate", json={"config": raw}).json()
+    assert set(fields(answer)) == {"data.sources.1.path"}
+    assert "data.source" in fields(client.post("/api/config/validate", json={"config": config(
+        data={"source": str(unopened / "a.jsonl")})}).json())
+    # a model is only read: any folder, file or hub id (docs/ui.md)
+    models = {"base_model": str(unopened / "model.safetensors"), "vae": str(unopened / "vae"),
+              "base_model_config": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    assert client.post("/api/config/validate", json={"config": config(basic=models)}).json()["ok"]
+
+
+NOT_PATHS = {
+    "basic.revision", "basic.variant", "basic.run_name", "data.caption_prefix", "data.shuffle_caption_delimiter",
+    "data.sources.caption", "validation.prompts", "validation.negative_prompt", "textual_inversion.placeholder_token",
+    "textual_inversion.initializer", "textual_inversion.replace_word", "lora.output_name", "lora.trigger_word",
+}
+"""String fields that name no file or folder (run_name and output_name are names, checked on their own)."""
+
+
+def _string_fields(model, prefix=""):
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        kinds = [field.annotation]
+        while any(typing.get_args(kind) for kind in kinds):
+            kinds = [arg for kind in kinds for arg in (typing.get_args(kind) or (kind,))
+                     if typing.get_origin(kind) is not typing.Literal]
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _string_fields(kind, f"{prefix}{name}.")
+            elif kind is str:
+                yield f"{prefix}{name}", field
+
+
+def test_every_string_field_is_a_path_with_a_role_or_known_not_to_be_one():
+    """So that a path field added later (basic.vae was) cannot bypass the web app's gate unnoticed: give it
+    json_schema_extra={"path": ROLE} (conjure.config.sections) or, if it names no file, add it above."""
+    from conjure.config import CONFIG_TYPES
+
+    unclassified = set()
+    for cls in CONFIG_TYPES.values():
+        for dotted, field in _string_fields(cls):
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("path") not in ("model", "data", "output", "run") and dotted not in NOT_PATHS:
+                unclassified.add(dotted)
+    assert not unclassified, f"string fields without a path role: {sorted(unclassified)}"

@@ -2,6 +2,9 @@
 
 Every default, help text and JSON-schema entry of conjure's settings lives here or in a method's own
 section model; the CLI, YAML files, the starter config and the UI forms all read them from these models.
+A field that names a file or folder says what it does with it in `json_schema_extra["path"]`: "model" (read:
+a model, or a hub id), "data" (read: a data source), "output" (written), "run" (a run folder to continue);
+the web app's path gate walks these (conjure.ui.training), and a test keeps every string field classified.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class BasicConfig(Section):
     base_model: str = Field(
         description="Hub id (e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5'), a diffusers model folder, "
         "or a single-file .safetensors checkpoint.",
-        json_schema_extra={"example": "path/to/model"},
+        json_schema_extra={"example": "path/to/model", "path": "model"},
     )
     base_model_config: str | None = Field(
         None,
@@ -32,18 +35,20 @@ class BasicConfig(Section):
         "describe it (needed offline, where diffusers cannot fetch them). Its scheduler's prediction type and "
         "its resolution apply unless the file has a 'v_pred' marker (e.g. an SD 2.x file: point this at "
         "stable-diffusion-2-1 for 768-v or stable-diffusion-2-1-base for 512 epsilon).",
+        json_schema_extra={"path": "model"},
     )
     vae: str | None = Field(
         None,
         description="A VAE to use instead of the base model's, for training and validation: a hub id, a diffusers "
         "VAE folder, or a single .safetensors file (e.g. 'madebyollin/sdxl-vae-fp16-fix' for SDXL in fp16).",
+        json_schema_extra={"path": "model"},
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base_model.")
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16'.")
     family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
         "auto", description="Model family; 'auto' reads it from the model's own configs."
     )
-    output_dir: str = Field("runs", description="Folder that holds run folders.")
+    output_dir: str = Field("runs", description="Folder that holds run folders.", json_schema_extra={"path": "output"})
     run_name: str | None = Field(
         None,
         description="Name of this run's folder inside output_dir; default: the method and a timestamp. "
@@ -67,6 +72,7 @@ class BasicConfig(Section):
         None,
         description="Continue a stopped run: 'latest' (the newest checkpoint of this config's run folder), "
         "a run folder, or a checkpoint folder.",
+        json_schema_extra={"path": "run"},
     )
 
     @model_validator(mode="after")
@@ -84,7 +90,7 @@ class SourceConfig(Section):
     path: str = Field(
         description="A folder of images (with optional same-name .txt captions), a .jsonl file, or a Hugging "
         "Face data set (a save_to_disk or imagefolder-with-metadata folder, or 'hf:owner/name[:split]').",
-        json_schema_extra={"example": "path/to/images"},
+        json_schema_extra={"example": "path/to/images", "path": "data"},
     )
     repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
     loss_weight: float = Field(1.0, gt=0, description="Multiplies the loss of this source's images.")
@@ -106,7 +112,8 @@ class DataConfig(Section):
         description="A folder of images (with optional same-name .txt captions), a .jsonl file of "
         '{"image": ..., "text": ...} lines (paths relative to the file), or a Hugging Face data set (folder or '
         "'hf:owner/name[:split]'). Or use `sources` for several.",
-        json_schema_extra={"example": "path/to/images", "starter": "path/to/images", "note": "required (or sources)"},
+        json_schema_extra={"example": "path/to/images", "starter": "path/to/images", "note": "required (or sources)",
+                           "path": "data"},
     )
     sources: list[SourceConfig] = Field(
         default_factory=list,
@@ -160,7 +167,8 @@ class DataConfig(Section):
         "(not for textual inversion, pivotal tuning or lora.train_text_encoder) and captions are not shuffled.",
     )
     cache_dir: str | None = Field(
-        None, description="Folder of the disk caches; null: '.cache' inside basic.output_dir."
+        None, description="Folder of the disk caches; null: '.cache' inside basic.output_dir.",
+        json_schema_extra={"path": "output"},
     )
     batch_size: int = Field(4, ge=1, description="Images per step on each device.")
     dataloader_num_workers: int = Field(0, ge=0, description="Background processes that load images.")

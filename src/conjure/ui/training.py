@@ -3,13 +3,18 @@ starter, validation, YAML both ways), saved configs, the job queue (conjure.ui.j
 (events, log, validation images, checkpoints, export), and `/api/files`.
 
 Configs go through conjure.config alone (one typed config is the source of every default and message); a
-job's config is the user's with three rules of the web app, checked like any field:
-- `basic.output_dir`: a relative path is taken inside the workspace (the default `runs` is `<workspace>/runs/`)
-  and the folder must lie inside the workspace, which is where the app can show a run's images from;
-- `basic.run_name`: a plain folder name (default `<type>-<id>`, conjure.ui.jobs);
-- `basic.resume` must be empty: a job continues its own run with `POST /api/jobs/{id}/resume`.
-Other relative paths in a config (data sources, base model folder) are taken from the workspace folder, the
-runs' working directory.
+job's config is the user's with the web app's rules, checked like any field. Every path field is found by its
+role (`json_schema_extra["path"]`, conjure.config.sections), so a new one cannot be left unchecked; relative
+paths are taken from the workspace folder, the runs' working directory, and `~` is the user's home:
+- "output" (`basic.output_dir`, `data.cache_dir`): must lie inside the workspace (the default `runs` is
+  `<workspace>/runs/`), where the app can show a run; written into the job's config as real absolute paths;
+- "data" (`data.source`, `data.sources[].path`): inside the workspace or a folder opened in the data-set tab,
+  the same gate as every file endpoint (`hf:` hub data sets are not paths); the files a `.jsonl` lists are
+  read where they are, as training reads them;
+- "model" (`basic.base_model`, `base_model_config`, `vae`): read from anywhere, or a hub id: models live in
+  the apps' folders, and are loaded, never served or written;
+- "run" (`basic.resume`) must be empty: a job continues its own run with `POST /api/jobs/{id}/resume`;
+- `basic.run_name`: a plain folder name (default `<type>-<id>`, conjure.ui.jobs).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import re
 import threading
 import urllib.parse
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -29,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
 from conjure.config.loading import config_class, load_yaml, yaml_problem
+from conjure.data.hf import HUB_PREFIX
 from conjure.errors import ConjureError
 from conjure.train.checkpoints import STATE_FILE, STEP_DIR
 from conjure.ui.jobs import Job, JobQueue, checkpoint_steps, read_log_lines
@@ -96,21 +103,55 @@ def check_config(ws: Workspace, data: Any) -> tuple[Any, list[dict[str, str]]]:
     except ConfigError as exc:
         return None, config_errors(exc)
     errors = []
-    out = Path(config.basic.output_dir).expanduser()
-    out = (out if out.is_absolute() else ws.root / out).resolve()
-    if out != ws.root and not out.is_relative_to(ws.root):
-        errors.append({"field": "basic.output_dir", "message": (
-            f"the web app keeps runs inside its workspace ({ws.root}), where it can show them; give a relative "
-            f"path (e.g. runs) or a folder inside it")})
-    else:
-        config.basic.output_dir = str(out)
+    for section, name, dotted, role, value in path_fields(config):
+        problem = _path_problem(ws, role, value)
+        if isinstance(problem, Path):
+            setattr(section, name, str(problem))  # an output folder as the run will use it: absolute, real
+        elif problem:
+            errors.append({"field": dotted, "message": problem})
     name = config.basic.run_name
     if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\x00")):
         errors.append({"field": "basic.run_name", "message": f"a folder name without '/', not {name!r}"})
-    if config.basic.resume:
-        errors.append({"field": "basic.resume", "message": (
-            "must be empty for a job; to continue a stopped job, resume it from the jobs list")})
     return (None, errors) if errors else (config, [])
+
+
+def path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[BaseModel, str, str, str, str]]:
+    """(section, field name, dotted name, role, value) of every path a config sets: the fields whose
+    `json_schema_extra["path"]` gives their role (conjure.config.sections), in sections and lists of them."""
+    for name, field in type(model).model_fields.items():
+        value, dotted = getattr(model, name), f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            yield from path_fields(value, f"{dotted}.")
+        for index, item in enumerate(value) if isinstance(value, list) else ():
+            if isinstance(item, BaseModel):
+                yield from path_fields(item, f"{dotted}.{index}.")
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "path" in extra and isinstance(value, str):
+            yield model, name, dotted, str(extra["path"]), value
+
+
+def _path_problem(ws: Workspace, role: str, value: str) -> str | Path | None:
+    """The web app's rule for one path of a job's config (module docstring): a message when it breaks it; for
+    an output folder, its real path when it keeps it."""
+    if role == "model":
+        return None  # read from anywhere: models live in apps' folders, and are only loaded, never served
+    if role == "run":
+        return "must be empty for a job; to continue a stopped job, resume it from the jobs list"
+    if not value or (role == "data" and value.startswith(HUB_PREFIX)):
+        return None  # unset (the default applies), or a hub data set
+    try:
+        path = Path(value).expanduser()  # as training reads it: `~` is the user's home; relative: the workspace
+        real = ws.resolve(str(path if path.is_absolute() else ws.root / path))
+    except (PathRefused, RuntimeError):  # RuntimeError: `~name` of an unknown user
+        real = None
+    if role == "data":
+        return None if real is not None else (
+            "the web app reads data sets from its workspace and the folders opened in the data-set tab: open "
+            "this folder there first (or one that holds it)")
+    if real is None or not (real == ws.root or real.is_relative_to(ws.root)):
+        return (f"the web app writes only inside its workspace ({ws.root}), where it can show runs; give a "
+                "relative path (e.g. runs) or a folder inside it")
+    return real
 
 
 def _resolved(config: Any) -> dict[str, Any]:
