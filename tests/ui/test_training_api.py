@@ -519,3 +519,14 @@ def test_every_string_field_is_a_path_with_a_role_or_known_not_to_be_one():
             if extra.get("path") not in ("model", "data", "output", "run") and dotted not in NOT_PATHS:
                 unclassified.add(dotted)
     assert not unclassified, f"string fields without a path role: {sorted(unclassified)}"
+
+
+@pytest.mark.parametrize("job_id", ["99999999999999999999999", str(2**63), "0", "-1"])
+def test_job_ids_beyond_sqlite_are_no_job(client, job_id):
+    """issue 21, D15: a 23-digit id answered 500 (OverflowError in SQLite's binding)."""
+    for method, path in (("GET", ""), ("GET", "/events"), ("GET", "/log"), ("GET", "/validation"),
+                         ("GET", "/checkpoints"), ("POST", "/cancel"), ("POST", "/resume")):
+        answer = client.request(method, f"/api/jobs/{job_id}{path}")
+        assert answer.status_code == 404 and answer.json() == {"error": f"no job {int(job_id)}"}, (path, answer.text)
+    answer = client.post(f"/api/jobs/{job_id}/export", json={"step": "latest", "to": "/tmp/x"})
+    assert answer.status_code == 404

@@ -188,6 +188,8 @@ class JobQueue:
 
     # --- records -------------------------------------------------------------------------------------
     def _row(self, job_id: int) -> Job:
+        if not 0 < job_id < 2**63:  # SQLite's integers are 64-bit: a larger id is no job, not an OverflowError
+            raise NoSuchJob(f"no job {job_id}")
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
