@@ -135,3 +135,41 @@ def test_load_config_applies_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(minimal()))
     assert load_config(path, ["basic.seed=7"]).basic.seed == 7
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+def test_seed_is_bounded(seed):
+    # 2**70 used to pass and end in "unexpected ValueError: Overflow when unpacking long long" at the first step
+    assert "basic.seed" in error_of(minimal(basic={"seed": seed}))
+
+
+def test_seed_bounds_are_usable():
+    assert parse_config(minimal(basic={"seed": 2**32 - 1})).basic.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [("optimizer", "learning_rate"), ("optimizer", "weight_decay"), ("optimizer", "adam_epsilon"),
+     ("advanced", "max_grad_norm"), ("advanced", "min_snr_gamma"), ("validation", "guidance_scale")],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_numbers_must_be_finite(section, key, value):
+    assert f"{section}.{key}: Input should be a finite number" in error_of(minimal(**{section: {key: value}}))
+
+
+def test_learning_rates_of_every_method_must_be_finite():
+    lora = {"type": "sd_lora", "basic": {"base_model": "m"}, "data": {"source": "d"}}
+    for key in ("unet_learning_rate", "text_encoder_learning_rate", "alpha"):
+        assert f"lora.{key}: Input should be a finite number" in error_of({**lora, "lora": {key: float("inf")}})
+    pivotal = {**lora, "type": "sd_lora_and_textual_inversion",
+               "textual_inversion": {"placeholder_token": "<t>", "initializer": "cat", "learning_rate": float("inf")}}
+    assert "textual_inversion.learning_rate: Input should be a finite number" in error_of(pivotal)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs/run", "a/b", "a\\b", "..", ".", ".hidden", "", " "])
+def test_run_name_is_a_plain_folder_name(name):
+    assert "basic.run_name: a plain folder name" in error_of(minimal(basic={"run_name": name}))
+
+
+def test_run_name_may_hold_spaces_dots_and_unicode():
+    assert parse_config(minimal(basic={"run_name": "rün 1.5 ⭐"})).basic.run_name == "rün 1.5 ⭐"

@@ -12,13 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SEED_MAX = 2**32 - 1
+"""Largest `basic.seed`: the 32-bit range apps and numpy use. The noise generator's seed is derived from it
+(seed * 7919 + rank), which must stay within the 64 bits torch.Generator.manual_seed takes."""
 
 
 class Section(BaseModel):
-    """Base for config sections: unknown keys are errors (a typo must never be ignored silently)."""
+    """Base for config sections: unknown keys are errors (a typo must never be ignored silently), and every
+    number must be finite (YAML's .inf and .nan are numbers to pydantic, and no setting means them)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class BasicConfig(Section):
@@ -51,10 +56,12 @@ class BasicConfig(Section):
     output_dir: str = Field("runs", description="Folder that holds run folders.", json_schema_extra={"path": "output"})
     run_name: str | None = Field(
         None,
-        description="Name of this run's folder inside output_dir; default: the method and a timestamp. "
-        "An existing non-empty run folder is never overwritten: a numbered suffix is added.",
+        description="Name of this run's folder inside output_dir (a plain folder name); default: the method and "
+        "a timestamp. An existing non-empty run folder is never overwritten: a numbered suffix is added.",
     )
-    seed: int = Field(42, description="Seed for data order, augmentation, noise and timesteps.")
+    seed: int = Field(
+        42, ge=0, le=SEED_MAX, description="Seed for data order, augmentation, noise and timesteps."
+    )
     max_train_steps: int | None = Field(
         1000, ge=1, description="Optimizer steps to train. Set to null to use max_train_epochs instead."
     )
@@ -74,6 +81,15 @@ class BasicConfig(Section):
         "a run folder, or a checkpoint folder.",
         json_schema_extra={"path": "run"},
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_folder_name(cls, value: str | None) -> str | None:
+        # The run folder must stay inside output_dir; a leading '.' would hide it, or clash with the
+        # folders conjure keeps there itself (.cache).
+        if value is not None and (not value.strip() or value.startswith(".") or any(c in value for c in "/\\\0")):
+            raise ValueError(f"a plain folder name (no '/', '\\' or leading '.'), not {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _one_length(self) -> BasicConfig:
