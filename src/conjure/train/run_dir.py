@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -17,11 +18,11 @@ def default_run_name(config_type: str) -> str:
 
 
 def _check_writable(folder: Path) -> None:
-    probe = folder / ".conjure-write-test"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A probe of its own: runs starting at the same instant in one output_dir must not remove each other's.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as exc:
         raise ConjureError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
 
@@ -29,14 +30,22 @@ def _check_writable(folder: Path) -> None:
 def create_run_dir(output_dir: str, run_name: str) -> Path:
     """A fresh folder: an existing non-empty one is never reused (a suffix is added)."""
     base = Path(output_dir).expanduser() / run_name
-    candidate, n = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
+    n = 1
+    while True:
+        candidate = base if n == 1 else base.with_name(f"{base.name}_{n}")
         n += 1
-        candidate = base.with_name(f"{base.name}_{n}")
-    _check_writable(candidate)
-    for sub in ("checkpoints", "validation", "logs"):
-        (candidate / sub).mkdir(exist_ok=True)
-    return candidate
+        if candidate.exists() and any(candidate.iterdir()):
+            continue
+        _check_writable(candidate)
+        try:
+            # Creating checkpoints/ claims the folder (mkdir is atomic): of two runs starting at once with the
+            # same name, one gets it and the other moves on to the next suffix.
+            (candidate / "checkpoints").mkdir()
+        except FileExistsError:
+            continue
+        for sub in ("validation", "logs"):
+            (candidate / sub).mkdir(exist_ok=True)
+        return candidate
 
 
 def find_resume_checkpoint(resume: str, *, output_dir: str, run_name: str | None, config_type: str) -> Path:
