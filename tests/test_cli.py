@@ -207,6 +207,29 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, ti_config):
     assert f"done: {stopped[0]['step'] + 2} steps" in out
 
 
+def test_sighup_saves_a_checkpoint_and_stops_like_sigterm(tmp_path, ti_config):
+    # Issue 21, D15: closing the terminal (SIGHUP) killed the run at once and lost the steps since its last
+    # checkpoint, while SIGINT and SIGTERM save.
+    raw = ti_config(
+        basic={"max_train_steps": 400, "save_every_n_steps": 1000, "validate_every_n_steps": None},
+        validation={"at_start": False},
+    )
+    proc = _conjure("train", write_config(tmp_path, raw))
+    events = tmp_path / "runs" / "run" / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if events.exists() and sum(e["event"] == "step" for e in read_events(events)) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with: conjure train --resume" in err and "Traceback" not in err
+    stopped = [e for e in read_events(events) if e["event"] == "stopped"]
+    assert stopped and stopped[0]["reason"] == "SIGHUP"
+    assert (tmp_path / "runs" / "run" / "checkpoints" / f"step-{stopped[0]['step']:06d}").is_dir()
+
+
 def test_long_captions_are_warned_about(capsys, tmp_path, ti_config, image_folder):
     for i, image in enumerate(sorted(image_folder.glob("*.png"))):
         image.with_suffix(".txt").write_text("<zq-thing> " + ("very " * 100 if i == 0 else "short"))

@@ -577,7 +577,8 @@ def _set_global_rng(states: dict[str, Any] | None, device: torch.device) -> None
 
 
 def _install_signal_handlers(control: TrainControl) -> dict[int, Any]:
-    """First Ctrl-C / SIGTERM: finish the step, save, stop. A second one interrupts at once."""
+    """First Ctrl-C / SIGTERM / SIGHUP (the terminal closed): finish the step, save, stop. A second one
+    interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous: dict[int, Any] = {}
@@ -586,10 +587,14 @@ def _install_signal_handlers(control: TrainControl) -> dict[int, Any]:
         if control.stop_reason:
             raise KeyboardInterrupt
         control.request_stop(signal.Signals(signum).name)
-        _say("stopping after this step (saving a checkpoint); press Ctrl-C again to abort at once")
+        try:
+            _say("stopping after this step (saving a checkpoint); press Ctrl-C again to abort at once")
+        except OSError:  # after SIGHUP the terminal may be gone; the stop matters, not the message
+            pass
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # Windows has no SIGHUP
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
     return previous
 
 
