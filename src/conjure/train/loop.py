@@ -165,6 +165,10 @@ def _make_accelerator(adv: Any) -> tuple[Any, Fact]:
     accelerator = Accelerator(
         mixed_precision=precision.value, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu
     )
+    if precision.value == "fp16" and accelerator.device.type == "cpu":
+        # accelerate gives fp16 autocast and its gradient scaler to GPUs only; on the CPU the fp16 weights
+        # would meet fp32 activations at the first layer ("mat1 and mat2 must have the same dtype").
+        raise ConjureError("advanced.mixed_precision: fp16 needs a GPU, and this run is on the CPU; use bf16 or no")
     return accelerator, precision
 
 
