@@ -116,6 +116,8 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
     if family not in families.FAMILIES:
         *first, last = families.FAMILIES
         raise ConjureError(f"demo --family {family!r}: choose {', '.join(first)} or {last}")
+    if steps is not None and steps < 1:
+        raise ConjureError(f"demo --steps must be at least 1, not {steps}")
     started = time.perf_counter()
     model_path, what = _resolve_model(model, family, out)
     if model in (None, "tiny") and not torch.cuda.is_available():
@@ -123,7 +125,7 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
         # the same 20 steps) on 2-core machines; one thread is steady.
         torch.set_num_threads(1)
     config = parse_config(
-        demo_config(model_path, out, method=method, family=family, steps=steps or STEPS[method]), source="demo config"
+        demo_config(model_path, out, method=method, family=family, steps=STEPS[method] if steps is None else steps), source="demo config"
     )
     run_root = Path(config.basic.output_dir) / config.basic.run_name
     if run_root.exists():
