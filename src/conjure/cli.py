@@ -10,6 +10,7 @@ import argparse
 import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from conjure.errors import ConjureError
@@ -23,6 +24,15 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # huggingface_hub logs every retry of an unreachable Hub (10-13 lines over ~30 s) before the error that
+    # conjure turns into one line; read when the libraries are imported, which is after this.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    # Library warnings are for --debug, e.g. PIL's DecompressionBombWarning for an image over 89 Mpx, which
+    # conjure loads shrunk on purpose (conjure.data.images), or deprecation notices between the libraries.
+    warnings.filterwarnings(
+        "ignore", module=r"(PIL|huggingface_hub|datasets|diffusers|transformers|accelerate|peft|torch)(\.|$)"
+    )
 
 
 def _quiet_loading_bars(args: argparse.Namespace) -> None:

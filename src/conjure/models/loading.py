@@ -64,7 +64,14 @@ class LoadedModel:
 
 
 def _fail(source: str, exc: BaseException) -> ConjureError:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, LocalEntryNotFoundError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:  # diffusers words an unreachable Hub as "does not appear to have a file named ..."
+        reason = "not in the local cache, and the Hub could not be reached (offline, or no network?)"
     return ConjureError(f"cannot load base model {source!r}: {reason}")
 
 
