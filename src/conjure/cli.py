@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         if exc.errno == errno.ENOSPC:
-            print(f"error: disk full while writing {exc.filename or ''}; the last complete checkpoint is kept", file=sys.stderr)
+            print(f"error: disk full{f' while writing {exc.filename}' if exc.filename else ''}", file=sys.stderr)
             return EXIT_USER_ERROR
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from conjure.errors import ConjureError
 from conjure.export.files import save_atomically
 
 
@@ -91,9 +92,18 @@ class LatentCache:
         entry = (mean.detach().cpu().clone(), std.detach().cpu().clone())
         self.memory[key] = entry
         if self.mode == "disk":
+            from safetensors import SafetensorError
+
             path = self._path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_atomically({"mean": entry[0].contiguous(), "std": entry[1].contiguous()}, path, {})
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_atomically({"mean": entry[0].contiguous(), "std": entry[1].contiguous()}, path, {})
+            except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ConjureError(
+                    f"data.cache_latents: cannot write the latent cache in {self.folder} ({reason}); free some "
+                    "space, set data.cache_dir to a folder on another disk, or use cache_latents: memory"
+                ) from None
 
     def posteriors(
         self, keys: list[str], pixels: torch.Tensor, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -55,8 +55,14 @@ def write_checkpoint(
         os.replace(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConjureError(f"could not write checkpoint {final}: {exc.strerror or exc}") from None
+        raise ConjureError(f"could not write checkpoint {final}: {exc.strerror or exc}; {kept_checkpoint(run_dir)}") from None
     return final
+
+
+def kept_checkpoint(run_dir: Path) -> str:
+    """What a run that fails leaves to resume from, for its error line."""
+    found = list_checkpoints(run_dir)
+    return f"the last complete checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int | None) -> list[Path]:

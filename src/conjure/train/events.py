@@ -1,12 +1,39 @@
 """What a run reports: `events.jsonl` (one JSON object per line, read by tests and the UI) and
-TensorBoard scalars/images under `logs/`."""
+TensorBoard scalars/images under `logs/`.
+
+A write that fails (a full disk) raises OSError naming the file or folder, so the one error line can say
+where; TensorBoard's writer thread would also print its own traceback, which is kept quiet here because its
+exception is raised again by the next write in the run's thread."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    if not exc.filename:  # a failed write() or flush() does not say which file it was writing
+        exc.filename = str(path)
+    return exc
+
+
+def _quiet_tensorboard_writer_threads() -> None:
+    """Stop TensorBoard's event-writer thread from printing its exception as a traceback (once per process)."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    hook = threading.excepthook
+    if getattr(hook, "conjure_quiet", False):
+        return
+
+    def quiet(args: Any) -> None:
+        if not isinstance(args.thread, _AsyncWriterThread):
+            hook(args)
+
+    quiet.conjure_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = quiet
 
 
 class EventLog:
@@ -23,30 +50,52 @@ class EventLog:
         if ends_mid_line:  # a run killed mid-write: the resumed run's first event starts on a line of its own
             self._file.write("\n")
         self._tb = None
+        self._tb_dir = tensorboard_dir
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(tensorboard_dir))
+            _quiet_tensorboard_writer_threads()
+            try:
+                self._tb = SummaryWriter(str(tensorboard_dir))
+            except OSError as exc:
+                self._file.close()
+                raise _named(exc, tensorboard_dir) from None
 
     def emit(self, event: str, **fields: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._file.write(json.dumps(record, default=str) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, default=str) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise _named(exc, self.path) from None
 
     def scalars(self, step: int, **values: float) -> None:
         if self._tb is not None:
-            for name, value in values.items():
-                self._tb.add_scalar(name, value, step)
+            try:
+                for name, value in values.items():
+                    self._tb.add_scalar(name, value, step)
+            except OSError as exc:
+                raise _named(exc, self._tb_dir) from None
 
     def image(self, tag: str, step: int, array_hwc: Any) -> None:
         if self._tb is not None:
-            self._tb.add_image(tag, array_hwc, step, dataformats="HWC")
+            try:
+                self._tb.add_image(tag, array_hwc, step, dataformats="HWC")
+            except OSError as exc:
+                raise _named(exc, self._tb_dir) from None
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
-        self._file.close()
+        """Close quietly: every event was flushed when emitted (or its failure raised then), and the
+        TensorBoard scalars are a copy of them; a failure here would hide the error that ended the run."""
+        try:
+            if self._tb is not None:
+                self._tb.close()
+        except OSError:
+            pass
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

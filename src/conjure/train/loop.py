@@ -10,6 +10,7 @@ RNG states are checkpointed with the optimizer and LR scheduler.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import random
 import signal
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,14 @@ import torch
 from conjure.config import dump_config
 from conjure.errors import ConjureError
 from conjure.models.loading import Fact
-from conjure.train.checkpoints import STATE_FILE, load_state, prune_checkpoints, step_dir_name, write_checkpoint
+from conjure.train.checkpoints import (
+    STATE_FILE,
+    kept_checkpoint,
+    load_state,
+    prune_checkpoints,
+    step_dir_name,
+    write_checkpoint,
+)
 from conjure.train.events import EventLog
 from conjure.train.optimizers import build_optimizer, optimizer_warnings
 
@@ -73,18 +82,32 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
     chosen = _chosen(model, config.data.resolution, precision)
     resolution = chosen["resolution"].value
     checkpoint, run_dir = _open_run_dir(config, resume or config.basic.resume)
-    changed = _write_resolved_config(config, run_dir, resolution, resuming=checkpoint is not None)
-    too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe])
-    for warning in ([f"skipping {p}: {why}" for p, why in skipped]
-                    + ([f"resuming with changed settings: {', '.join(changed)}"] if changed else [])
-                    + ([f"{too_long} caption(s) are longer than the text encoder's limit and will be cut off"]
-                       if too_long else [])):
-        _say(f"warning: {warning}")
-    _say(_describe(chosen))
-    session = _Session(config, spec, model, method, accelerator, precision.value, examples, resolution, run_dir)
-    session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=changed, long_captions=too_long,
-                  chosen={name: {"value": fact.value, "from": fact.source} for name, fact in chosen.items()})
-    return session.run(control or TrainControl())
+    with _disk_full_as_one_line(run_dir):
+        changed = _write_resolved_config(config, run_dir, resolution, resuming=checkpoint is not None)
+        too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe])
+        for warning in ([f"skipping {p}: {why}" for p, why in skipped]
+                        + ([f"resuming with changed settings: {', '.join(changed)}"] if changed else [])
+                        + ([f"{too_long} caption(s) are longer than the text encoder's limit and will be cut off"]
+                           if too_long else [])):
+            _say(f"warning: {warning}")
+        _say(_describe(chosen))
+        session = _Session(config, spec, model, method, accelerator, precision.value, examples, resolution, run_dir)
+        session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=changed,
+                      long_captions=too_long,
+                      chosen={name: {"value": fact.value, "from": fact.source} for name, fact in chosen.items()})
+        return session.run(control or TrainControl())
+
+
+@contextmanager
+def _disk_full_as_one_line(run_dir: Path) -> Iterator[None]:
+    """A full disk anywhere in the run (config, events, logs, validation images) becomes one line naming the
+    file and the checkpoint that is left (checkpoint writes say so themselves, conjure.train.checkpoints)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise ConjureError(f"disk full while writing {exc.filename or run_dir}; {kept_checkpoint(run_dir)}") from exc
 
 
 # --- setup -------------------------------------------------------------------------------------------
@@ -351,6 +374,7 @@ class _Session:
         self.events = EventLog(run_dir / "events.jsonl", run_dir / "logs" if accelerator.is_main_process else None)
         self.result = RunResult(run_dir=run_dir, status="completed", step=0)
         self.step = self.last_saved = 0
+        self.rescue = True  # whether a failing run may save its unsaved steps
         self._pipe = None
 
     def start(self, checkpoint: Path | None, **facts: Any) -> None:
@@ -420,12 +444,15 @@ class _Session:
             self.events.emit("end", status=self.result.status, step=self.step)
         except BaseException as exc:
             # Keep the work: a step that completed after the last checkpoint is saved before the error surfaces.
-            if self.step > self.last_saved and main:
+            if self.rescue and self.step > self.last_saved and main:
                 try:
                     self.save()
                 except Exception:  # noqa: BLE001 - the original error matters more than a failed rescue
                     pass
-            self.events.emit("end", status="failed", step=self.step, error=str(exc) or type(exc).__name__)
+            try:
+                self.events.emit("end", status="failed", step=self.step, error=str(exc) or type(exc).__name__)
+            except OSError:  # the disk that failed the run may not take this line either
+                pass
             raise
         finally:
             bar.close()
@@ -492,9 +519,10 @@ class _Session:
         self.result.step = self.step
         lr = self.lr_scheduler.get_last_lr()[0]
         if not math.isfinite(loss):
+            self.rescue = False  # the step's update is not finite either: nothing worth saving
             raise ConjureError(
                 f"loss became {loss} at step {self.step}; lower optimizer.learning_rate or use "
-                "advanced.mixed_precision: bf16/no (last good checkpoint kept)"
+                f"advanced.mixed_precision: bf16/no ({kept_checkpoint(self.run_dir)})"
             )
         self.events.emit("step", step=self.step, loss=loss, lr=lr)
         self.events.scalars(self.step, **{"train/loss": loss, "train/lr": lr})
