@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import warnings
@@ -28,6 +29,10 @@ def _quiet_libraries() -> None:
     # conjure turns into one line; read when the libraries are imported, which is after this.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    # The variables count when a library is imported; one imported already (main() run in-process, as the
+    # tests do) gets the level here.
+    for library in ("transformers", "diffusers", "huggingface_hub", "datasets"):
+        logging.getLogger(library).setLevel(logging.ERROR)
     # Library warnings are for --debug, e.g. PIL's DecompressionBombWarning for an image over 89 Mpx, which
     # conjure loads shrunk on purpose (conjure.data.images), or deprecation notices between the libraries.
     warnings.filterwarnings(
