@@ -54,11 +54,12 @@ def _quiet_loading_bars(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from conjure.config import load_config
     from conjure.train.loop import train
+    from conjure.train.run_dir import run_config_path
 
     if args.config is None:
         if not args.resume:
             raise ConjureError("give a config file, or --resume RUN_DIR to continue a run")
-        args.config = str(Path(args.resume) / "config.yaml")
+        args.config = str(run_config_path(args.resume))
     config = load_config(args.config, args.set)
     _quiet_loading_bars(args)
     result = train(config, resume=args.resume)

@@ -5,6 +5,8 @@ the run folder or in a run folder that no longer resumes."""
 
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,3 +101,147 @@ def test_a_broken_state_is_one_line_naming_the_file(ti_config, capsys, content):
     line = one_line_error(code, err, str(state_file.parent))
     if content is None:
         assert "missing method, optimizer, lr_scheduler" in line
+
+
+def folder_snapshot(run_dir):
+    """Every file of a run folder and its bytes (the lock file aside: it only ever holds a pid)."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "train.lock"}
+
+
+def write_config(path, raw):
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("change, field", [
+    ("textual_inversion.num_vectors=3", "textual_inversion.num_vectors is 1 in the run, 3 in this config"),
+    ("textual_inversion.placeholder_token=<other>", "textual_inversion.placeholder_token is '<zq-thing>'"),
+    ("data.batch_size=3", "data.batch_size is 2 in the run, 3 in this config"),
+    ("optimizer.weight_decay=0.1", "optimizer.weight_decay"),  # the optimizer state would keep the old one
+])
+def test_a_change_the_checkpoint_depends_on_is_refused_and_the_run_still_resumes(ti_config, capsys, change, field):
+    """D5: a refused resume names the setting and both values, and leaves the run folder as it was."""
+    run_dir = stopped_run(ti_config)
+    before = folder_snapshot(run_dir)
+    code, _, err = cli(capsys, "train", "--resume", run_dir, "--set", change)
+    one_line_error(code, err, field, "cannot resume")
+    assert folder_snapshot(run_dir) == before
+    code, out, err = cli(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "done: 4 steps" in out, err
+
+
+def test_another_methods_config_on_a_run_is_refused_before_anything_is_written(ti_config, capsys, tmp_path):
+    run_dir = stopped_run(ti_config)
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    lora = {"type": "sd_lora", "basic": raw["basic"], "data": raw["data"], "lora": {"trigger_word": "zq", "rank": 2},
+            "validation": raw["validation"]}
+    lora["data"]["caption_prefix"] = "zq"
+    before = folder_snapshot(run_dir)
+    code, _, err = cli(capsys, "train", write_config(tmp_path / "lora.yaml", lora), "--resume", run_dir)
+    one_line_error(code, err, "type is 'sd_textual_inversion' in the run, 'sd_lora' in this config")
+    assert folder_snapshot(run_dir) == before
+
+
+def test_another_base_model_is_refused(ti_config, capsys, tiny_models):
+    run_dir = stopped_run(ti_config)
+    code, _, err = cli(capsys, "train", "--resume", run_dir, "--set", f"basic.base_model={tiny_models('sd2')}")
+    one_line_error(code, err, "basic.base_model is")
+
+
+def test_a_changed_learning_rate_takes_effect_and_is_recorded(ti_config, capsys):
+    """D5c: the new rate is what the resumed steps use (events) and what config.yaml says, with the longer run."""
+    run_dir = stopped_run(ti_config, optimizer={"learning_rate": 0.05})
+    code, out, err = cli(capsys, "train", "--resume", run_dir, "--set", "optimizer.learning_rate=0.01",
+                         "--set", "basic.max_train_steps=6")
+    assert code == 0 and "done: 6 steps" in out, err
+    assert "optimizer.learning_rate 0.05 -> 0.01" in err and "basic.max_train_steps 4 -> 6" in err
+    from conjure.train.events import read_events
+
+    lrs = [e["lr"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"]
+    assert lrs == [0.05, 0.05, 0.01, 0.01, 0.01, 0.01]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["optimizer"]["learning_rate"] == 0.01 and saved["basic"]["max_train_steps"] == 6
+
+
+def test_a_checkpoint_folder_resumes_without_a_config(ti_config, capsys):
+    """D15: `--resume RUN/checkpoints/step-000002` (as the README says) finds the run's config.yaml."""
+    run_dir = stopped_run(ti_config)
+    code, out, err = cli(capsys, "train", "--resume", run_dir / "checkpoints" / "step-000002")
+    assert code == 0 and "done: 4 steps" in out, err
+    code, _, err = cli(capsys, "train", "--resume", "latest")
+    one_line_error(code, err, "--resume latest needs the config file")
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(ti_config, capsys, tmp_path, monkeypatch,
+                                                                          image_folder):
+    """D15: the run's config.yaml holds absolute paths, so `--resume RUN` works from anywhere."""
+    monkeypatch.chdir(tmp_path)
+    raw = ti_config(basic={"max_train_steps": 4, "validate_every_n_steps": None, "output_dir": "runs"},
+                    validation={"at_start": False}, data={"source": image_folder.name, "cache_latents": "disk",
+                                                          "cache_dir": "cache"})
+    config = write_config(tmp_path / "relative.yaml", raw)
+    code, _, err = cli(capsys, "train", config, "--set", "basic.max_train_steps=2")
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "runs" / "run" / "config.yaml").read_text())
+    assert saved["data"]["source"] == str(image_folder) and saved["data"]["cache_dir"] == str(tmp_path / "cache")
+    assert saved["basic"]["output_dir"] == str(tmp_path / "runs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = cli(capsys, "train", "--resume", tmp_path / "runs" / "run", "--set", "basic.max_train_steps=4")
+    assert code == 0 and "done: 4 steps" in out, err
+    # the original config from the original folder is the same run: no refused change
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "train", config, "--resume", "runs/run", "--set", "basic.max_train_steps=5")
+    assert code == 0 and "done: 5 steps" in out, err
+
+
+def test_a_second_resume_of_a_running_run_is_refused(ti_config):
+    """D15: two `--resume` of one run at once: the second (another process) gets one line, the first trains on."""
+    from conjure.train.loop import TrainControl
+
+    run_dir = stopped_run(ti_config)
+    second = []
+
+    def on_step(step, loss):
+        if not second:
+            second.append(subprocess.run([sys.executable, "-m", "conjure", "train", "--resume", str(run_dir)],
+                                         capture_output=True, text=True, timeout=300))
+
+    result = train(parse_config(yaml.safe_load((run_dir / "config.yaml").read_text())), resume=str(run_dir),
+                   control=TrainControl(on_step=on_step))
+    assert result.step == 4 and result.status == "completed"
+    one_line_error(second[0].returncode, second[0].stderr,
+                   f"{run_dir} is being trained by another process (pid {os.getpid()})")
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(ti_config, capsys):
+    run_dir = stopped_run(ti_config)
+    (run_dir / "train.lock").write_text("999999999\n")  # no such process; flock held by nobody
+    code, out, err = cli(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "done: 4 steps" in out, err
+
+
+def test_a_run_killed_during_its_final_validation_is_finished(ti_config, capsys):
+    """D15: killed after its last checkpoint, before the final validation's end: --resume renders the final
+    validation and writes the end event instead of saying 'already reached step 4 of 4'."""
+    from conjure.train.events import read_events
+
+    raw = ti_config(basic={"max_train_steps": 4, "validate_every_n_steps": None}, validation={"at_start": False})
+    result = train(parse_config(raw))
+    events_file = run_dir = result.run_dir
+    events_file = run_dir / "events.jsonl"
+    events = events_file.read_text().splitlines()
+    assert '"event": "validation"' in events[-2] and '"event": "end"' in events[-1]
+    events_file.write_text("\n".join(events[:-2]) + "\n")  # what the kill left
+    for image in (run_dir / "validation" / "step-000004").iterdir():
+        image.unlink()
+    code, out, err = cli(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "done: 4 steps" in out, err
+    tail = read_events(events_file)[-3:]
+    assert [e["event"] for e in tail] == ["start", "validation", "end"]
+    assert tail[-1]["status"] == "completed" and tail[-1]["step"] == 4
+    assert (run_dir / "validation" / "step-000004" / "grid.png").is_file()
+    code, _, err = cli(capsys, "train", "--resume", run_dir)
+    one_line_error(code, err, "already reached step 4 of 4")

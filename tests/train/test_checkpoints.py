@@ -55,9 +55,12 @@ def test_resume_warns_about_changed_settings(ti_config, capsys):
     stopped = train(parse_config(raw), control=control)
     raw["optimizer"]["learning_rate"] = 0.01
     train(parse_config(raw), resume=str(stopped.run_dir))
-    assert "resuming with changed settings: optimizer.learning_rate" in capsys.readouterr().err
-    start = [e for e in read_events(stopped.run_dir / "events.jsonl") if e["event"] == "start"][-1]
+    assert "resuming with changed settings: optimizer.learning_rate 0.05 -> 0.01" in capsys.readouterr().err
+    events = read_events(stopped.run_dir / "events.jsonl")
+    start = [e for e in events if e["event"] == "start"][-1]
     assert start["changed_settings"] == ["optimizer.learning_rate"]
+    # and the resumed steps use it (issue 21 D5: it was recorded but the checkpoint's rate ran on)
+    assert [e["lr"] for e in events if e["event"] == "step"] == [0.05, 0.05, 0.01, 0.01, 0.01, 0.01]
 
 
 def test_events_after_a_line_cut_off_by_a_kill_start_on_their_own_line(tmp_path):

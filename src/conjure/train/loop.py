@@ -38,6 +38,7 @@ from conjure.train.checkpoints import (
 )
 from conjure.train.events import EventLog
 from conjure.train.optimizers import build_optimizer, optimizer_warnings
+from conjure.train.run_dir import lock_run, resume_changes, with_absolute_paths
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -82,17 +83,24 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
     chosen = _chosen(model, config.data.resolution, precision)
     resolution = chosen["resolution"].value
     checkpoint, run_dir = _open_run_dir(config, resume or config.basic.resume)
-    with _disk_full_as_one_line(run_dir):
-        changed = _write_resolved_config(config, run_dir, resolution, resuming=checkpoint is not None)
+    with _disk_full_as_one_line(run_dir), lock_run(run_dir):
+        # A resume checks everything (settings, training state) before it writes: a refused one leaves the
+        # run folder as it was, still resumable with its own config.
+        resolved = _resolved_config(config, run_dir, resolution)
+        changed = resume_changes(run_dir / "config.yaml", resolved) if checkpoint else {}
         too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe])
+        session = _Session(config, spec, model, method, accelerator, precision.value, examples, resolution, run_dir)
+        if checkpoint is not None:
+            session.restore(checkpoint)
         for warning in ([f"skipping {p}: {why}" for p, why in skipped]
-                        + ([f"resuming with changed settings: {', '.join(changed)}"] if changed else [])
+                        + (["resuming with changed settings: "
+                            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())] if changed else [])
                         + ([f"{too_long} caption(s) are longer than the text encoder's limit and will be cut off"]
                            if too_long else [])):
             _say(f"warning: {warning}")
         _say(_describe(chosen))
-        session = _Session(config, spec, model, method, accelerator, precision.value, examples, resolution, run_dir)
-        session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=changed,
+        (run_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
+        session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=list(changed),
                       long_captions=too_long,
                       chosen={name: {"value": fact.value, "from": fact.source} for name, fact in chosen.items()})
         return session.run(control or TrainControl())
@@ -217,35 +225,13 @@ def _open_run_dir(config: Any, resume: str | None) -> tuple[Path | None, Path]:
     return None, create_run_dir(basic.output_dir, basic.run_name or default_run_name(config.type))
 
 
-def _write_resolved_config(config: Any, run_dir: Path, resolution: int, *, resuming: bool) -> list[str]:
-    """Write what runs as `config.yaml`; return the settings a resume changed."""
-    resolved = config.model_copy(deep=True)
+def _resolved_config(config: Any, run_dir: Path, resolution: int) -> Any:
+    """What runs, as the run's `config.yaml` records it: its own folder and name, the resolution, and
+    absolute paths (so `--resume RUN` works from any folder)."""
+    resolved = with_absolute_paths(config)
     resolved.basic.run_name, resolved.basic.resume, resolved.data.resolution = run_dir.name, None, resolution
-    resolved.basic.output_dir = str(run_dir.parent)
-    changed = _changed_settings(run_dir / "config.yaml", resolved) if resuming else []
-    (run_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
-    return changed
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def _changed_settings(saved_config: Path, resolved: Any) -> list[str]:
-    """Dotted keys whose value differs from the run's saved config (a resume should say so)."""
-    import yaml
-
-    try:
-        before = _flatten(yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {})
-    except (OSError, yaml.YAMLError):
-        return []
-    after = _flatten(resolved.model_dump(mode="json"))
-    return sorted(k for k in after if k in before and before[k] != after[k])
+    resolved.basic.output_dir = str(run_dir.parent.absolute())
+    return resolved
 
 
 def _caches(config: Any, model: Any, trainable: dict[str, Any]) -> tuple[Any, Any]:
@@ -352,6 +338,7 @@ class _Session:
         self.lr_scheduler = get_scheduler(
             SCHEDULES[opt.scheduler], optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=self.max_steps
         )
+        self.base_lrs = list(self.lr_scheduler.base_lrs)  # this config's rates: a resume keeps them
         trainable = method.trainable_modules()
         prepared = accelerator.prepare(*trainable.values())
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
@@ -371,20 +358,14 @@ class _Session:
         # checkpointing it is what makes such runs repeat and resume exactly (accelerate's save_state does the same).
         torch.manual_seed(basic.seed + accelerator.process_index)
         self.latent_cache, self.text_cache = _caches(config, model, trainable)
-        self.events = EventLog(run_dir / "events.jsonl", run_dir / "logs" if accelerator.is_main_process else None)
         self.result = RunResult(run_dir=run_dir, status="completed", step=0)
         self.step = self.last_saved = 0
         self.rescue = True  # whether a failing run may save its unsaved steps
         self._pipe = None
 
     def start(self, checkpoint: Path | None, **facts: Any) -> None:
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        if self.step >= self.max_steps:
-            self.events.close()
-            raise ConjureError(
-                f"{self.run_dir} already reached step {self.step} of {self.max_steps}; raise basic.max_train_steps"
-            )
+        main = self.accelerator.is_main_process
+        self.events = EventLog(self.run_dir / "events.jsonl", self.run_dir / "logs" if main else None)
         self.events.emit(
             "start", run_dir=str(self.run_dir), type=self.config.type, family=self.model.family.name,
             device=str(self.accelerator.device), mixed_precision=self.precision, images=len(self.dataset),
@@ -392,7 +373,8 @@ class _Session:
             resumed_from=str(checkpoint) if checkpoint else None, **facts,
         )
 
-    def _restore(self, checkpoint: Path) -> None:
+    def restore(self, checkpoint: Path) -> None:
+        """Continue from `checkpoint`; refuses (ConjureError) a state that does not fit or a finished run."""
         state = load_state(checkpoint)
         try:
             self.method.load_state_dict(state["method"])
@@ -406,7 +388,25 @@ class _Session:
         except (AttributeError, KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConjureError(f"training state {checkpoint / STATE_FILE} does not fit this run: {why}") from None
-        _say(f"resuming {self.run_dir} from step {self.step}")
+        self._set_learning_rates()
+        if self.step > self.max_steps or (self.step == self.max_steps and _completed(self.run_dir, self.step)):
+            raise ConjureError(
+                f"{self.run_dir} already reached step {self.step} of {self.max_steps}; raise basic.max_train_steps"
+            )
+        if self.step == self.max_steps:
+            _say(f"finishing {self.run_dir}: step {self.step} was saved, its final validation and end were not")
+        else:
+            _say(f"resuming {self.run_dir} from step {self.step}")
+
+    def _set_learning_rates(self) -> None:
+        """This config's learning rates take effect on resume (the checkpoint holds the rates it ran with):
+        each group's and the schedule's base rate; the schedule keeps its position (diffusers' schedules are
+        LambdaLR: lr = base * lambda(step))."""
+        schedule = self.lr_scheduler
+        schedule.base_lrs = list(self.base_lrs)
+        schedule._last_lr = [base * f(schedule.last_epoch) for base, f in zip(self.base_lrs, schedule.lr_lambdas)]
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, schedule._last_lr):
+            group["initial_lr"], group["lr"] = base, lr
 
     def _loader(self) -> Any:
         from conjure.data.dataset import collate
@@ -430,6 +430,8 @@ class _Session:
         try:
             if self.step == 0 and self.config.validation.at_start and main:
                 self.validate(0)
+            if self.step == self.max_steps and main:  # a run killed after its last checkpoint: finish it
+                self.validate(self.step)
             losses: list[float] = []
             for batch in self._loader():
                 losses.append(self._micro_step(batch))
@@ -596,6 +598,18 @@ class _Session:
         )
         self.events.image("validation/grid", at, as_array(grid_path))
         self.result.validations.append(grid_path)
+
+
+def _completed(run_dir: Path, step: int) -> bool:
+    """Whether the run's events say it ended, completed, at `step` (a kill during the final validation leaves
+    the last checkpoint without that end)."""
+    from conjure.train.events import read_events
+
+    try:
+        events = read_events(run_dir / "events.jsonl")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return any(e.get("event") == "end" and e.get("status") == "completed" and e.get("step") == step for e in events)
 
 
 def _set_global_rng(states: dict[str, Any] | None, device: torch.device) -> None:

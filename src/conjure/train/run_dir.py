@@ -1,16 +1,21 @@
-"""Run folders: where a new run goes, and which run and checkpoint a resume continues."""
+"""Run folders: where a new run goes, which run and checkpoint a resume continues, what a resume may change,
+and the lock that keeps two processes from training one run."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from conjure.errors import ConjureError
-from conjure.train.checkpoints import list_checkpoints, resolve_checkpoint
+from conjure.train.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint
 
 
 def default_run_name(config_type: str) -> str:
@@ -71,3 +76,116 @@ def find_resume_checkpoint(resume: str, *, output_dir: str, run_name: str | None
     if not runs:
         raise ConjureError(f"basic.resume: latest: no {config_type} run with a checkpoint in {root}")
     return resolve_checkpoint(max(runs)[1])
+
+
+def run_config_path(resume: str) -> Path:
+    """The config a `--resume` without a config file continues with: the run's own `config.yaml`, also when
+    `resume` names one of its checkpoint folders."""
+    if resume == "latest":
+        raise ConjureError("--resume latest needs the config file that names the run: conjure train CONFIG --resume "
+                           "latest (or give the run folder: conjure train --resume RUN_DIR)")
+    target = Path(resume).expanduser()
+    if (target / STATE_FILE).is_file() and not (target / "config.yaml").is_file():
+        target = target.parent.parent  # RUN/checkpoints/step-NNNNNN
+    return target / "config.yaml"
+
+
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def lock_run(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder while training it: a second `conjure train --resume` of a running run is refused in
+    one line. flock: the kernel drops the lock when its holder dies, so a killed run leaves no stale lock (its
+    pid stays in the file until the next holder writes its own)."""
+    handle = (Path(run_dir) / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise ConjureError(
+            f"{run_dir} is being trained by another process{f' (pid {holder})' if holder.isdigit() else ''}; "
+            "wait for it to end (or stop it), then resume"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+RESUME_MAY_CHANGE = (
+    "basic.max_train_steps", "basic.max_train_epochs", "basic.save_every_n_steps", "basic.validate_every_n_steps",
+    "basic.keep_last_n_checkpoints", "validation.",
+    "optimizer.learning_rate", "optimizer.scheduler", "optimizer.warmup_steps", "lora.unet_learning_rate",
+    "lora.text_encoder_learning_rate", "textual_inversion.learning_rate", "textual_inversion.freeze_after",
+    "lora.save_format", "lora.save_dtype", "lora.output_name", "textual_inversion.bundle",
+    "data.cache_latents", "data.cache_text_encoder_outputs", "data.cache_dir", "data.keep_in_memory",
+    "data.dataloader_num_workers", "advanced.gradient_checkpointing", "advanced.max_grad_norm",
+    "advanced.min_snr_gamma", "advanced.noise_offset", "lora.dropout",
+)
+"""Settings a resume may change (a prefix ending in '.' covers a section): each takes effect from the resumed
+step on (learning rates included: the loop sets the optimizer's and the schedule's base rates). Every other
+setting is refused, since the checkpoint's shapes, data order or optimizer state depend on it or since it
+would be recorded without taking effect."""
+
+
+def with_absolute_paths(config: Any) -> Any:
+    """A copy of `config` whose local paths (data sources, cache folder, a local base model or VAE) are absolute, so
+    the run's `config.yaml` resumes from any working folder."""
+    out = config.model_copy(deep=True)
+    basic, data = out.basic, out.data
+
+    def local(path: str | None, *, must_exist: bool = False) -> str | None:
+        if path is None or path.startswith("hf:"):
+            return path
+        full = Path(path).expanduser()
+        return str(full.absolute()) if full.exists() or not must_exist else path
+
+    basic.base_model = local(basic.base_model, must_exist=True)  # else a hub id
+    basic.base_model_config = local(basic.base_model_config, must_exist=True)
+    basic.vae = local(basic.vae, must_exist=True)
+    data.source, data.cache_dir = local(data.source), local(data.cache_dir)
+    for source in data.sources:
+        source.path = local(source.path)
+    return out
+
+
+def resume_changes(saved_config: Path, resolved: Any) -> dict[str, tuple[Any, Any]]:
+    """Settings `resolved` changes from the run's saved config, as {dotted key: (before, after)}. Raises
+    ConjureError naming each change a resume cannot make (see RESUME_MAY_CHANGE)."""
+    from conjure.config import parse_config
+
+    try:
+        raw = yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # nothing to compare with; the training state's own checks still apply
+    try:
+        before = _flatten(with_absolute_paths(parse_config(raw)).model_dump(mode="json"))
+    except (ConjureError, ValueError):
+        before = _flatten(raw)  # a config of an older conjure: compare what it says
+    after = _flatten(resolved.model_dump(mode="json"))
+    changed = {k: (before[k], after[k]) for k in sorted(after) if k in before and before[k] != after[k]}
+    refused = [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p))
+                                             for p in RESUME_MAY_CHANGE)]
+    if refused:
+        raise ConjureError(
+            f"cannot resume {saved_config.parent} with other settings for what its checkpoint depends on: "
+            + "; ".join(f"{k} is {changed[k][0]!r} in the run, {changed[k][1]!r} in this config" for k in refused)
+            + " (resume with the run's own config: conjure train --resume RUN_DIR, or start a new run)"
+        )
+    return changed
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
