@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import math
+import os
 import random
 import signal
 import sys
@@ -628,15 +629,20 @@ def _install_signal_handlers(control: TrainControl) -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous: dict[int, Any] = {}
+    terminals = [fd for fd in (1, 2) if os.isatty(fd)]
 
     def handler(signum: int, frame: Any) -> None:
         if control.stop_reason:
             raise KeyboardInterrupt
+        if signum == getattr(signal, "SIGHUP", None):
+            # The terminal closed: writes to it fail (EIO) from now on, and the progress bar's next one would
+            # end the run as failed. What went there goes nowhere instead, as under nohup.
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in terminals:
+                os.dup2(null, fd)
+            os.close(null)
         control.request_stop(signal.Signals(signum).name)
-        try:
-            _say("stopping after this step (saving a checkpoint); press Ctrl-C again to abort at once")
-        except OSError:  # after SIGHUP the terminal may be gone; the stop matters, not the message
-            pass
+        _say("stopping after this step (saving a checkpoint); press Ctrl-C again to abort at once")
 
     for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # Windows has no SIGHUP
         if sig is not None:
