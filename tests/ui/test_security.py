@@ -426,3 +426,14 @@ def test_check_and_jsonl_do_not_read_files_linked_from_outside(setup):
     assert {line["image"]: line["text"] for line in lines} == {
         "a.png": "a caption", "c.png": None, "d.png": None, "m.png": None, "~draft.png": None}
     assert setup.guarded() == before
+
+
+def test_a_caption_linking_out_to_a_binary_file_does_not_break_the_listing(setup):
+    """Listing once read every caption file, links pointing out included, before the gate dropped them: a link
+    to a binary file outside made `images` and `tags` answer 400 naming that file."""
+    (setup.outside / "blob.bin").write_bytes(b"\xff\xfe\x00binary")
+    _image(setup.folder / "e.png", (5, 5, 5))
+    (setup.folder / "e.txt").symlink_to(setup.outside / "blob.bin")
+    for endpoint in ("images", "tags"):
+        answer = setup.client.get(f"/api/datasets/{endpoint}", params={"folder": str(setup.folder)})
+        assert answer.status_code == 200 and b"blob.bin" not in answer.content, answer.text

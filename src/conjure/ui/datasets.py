@@ -171,7 +171,7 @@ def _entries(ws: Workspace, folder: Path) -> list[_Entry]:
     if not folder.is_dir():
         raise ConjureError(f"no such folder: {folder} (moved or deleted since it was opened?)")
     try:
-        examples = scan_source(folder, check_images=False).examples
+        examples = scan_source(folder, check_images=False, confine=folder).examples
     except ConjureError:
         if _has_images(folder):  # a caption that is not UTF-8: say so
             raise
