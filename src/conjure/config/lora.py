@@ -14,6 +14,7 @@ from conjure.config.sections import (
     OptimizerConfig,
     Section,
     ValidationConfig,
+    check_clip_skip,
     check_family,
     type_for,
 )
@@ -114,6 +115,7 @@ class _LoraConfigBase(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> _LoraConfigBase:
         check_family(self.type, self.FAMILIES, self.basic.family, lora_type_for)
+        check_clip_skip(self.type, self.FAMILIES, self.advanced.clip_skip)
         if not self.validation.prompts:
             self.validation.prompts = default_prompts(self.lora.trigger_word)
         return self

@@ -17,6 +17,7 @@ from conjure.config.sections import (
     BasicConfig,
     DataConfig,
     ValidationConfig,
+    check_clip_skip,
     check_family,
     type_for,
 )
@@ -63,6 +64,7 @@ class _PivotalConfigBase(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> _PivotalConfigBase:
         check_family(self.type, self.FAMILIES, self.basic.family, pivotal_type_for)
+        check_clip_skip(self.type, self.FAMILIES, self.advanced.clip_skip)
         if self.textual_inversion.bundle and self.lora.save_format != "kohya":
             raise ValueError(
                 "textual_inversion.bundle: a bundled embedding needs lora.save_format: kohya (the PEFT format "

@@ -146,6 +146,13 @@ class DataConfig(Section):
         None, description="Shuffle caption parts split by this delimiter (e.g. ','); null: no shuffling."
     )
     keep_tokens: int = Field(0, ge=0, description="With shuffling: keep the first N caption parts in place.")
+    max_token_length: Literal[75, 150, 225] = Field(
+        75,
+        description="Caption tokens the text encoders read: 75 (one window, as the base models were trained), or "
+        "150 / 225: a longer caption is cut in 75-token chunks, each encoded on its own and joined, as kohya's "
+        "--max_token_length and A1111/ComfyUI prompts do (SDXL's pooled embedding comes from the first chunk). "
+        "Tokens past it are cut off (the run warns how many captions are).",
+    )
     keep_in_memory: bool = Field(
         True,
         description="Keep decoded images in memory after the first epoch (with loader workers, each worker keeps "
@@ -276,6 +283,13 @@ class AdvancedConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null: no clipping.")
     cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
+    clip_skip: int = Field(
+        1,
+        ge=1,
+        description="SD 1.x/2.x: condition on the text encoder's N-th layer from the end (with its final layer "
+        "norm), as kohya's --clip_skip and A1111's 'Clip skip' do; 2 for models made that way (many anime SD 1.5 "
+        "models); generate with the same value. 1: the last layer. SDXL reads fixed layers: leave it at 1.",
+    )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto",
         description="What the UNet predicts: 'auto' reads the model's scheduler config, or for a single file its "
@@ -302,6 +316,18 @@ def check_family(config_type: str, families: tuple[str, ...], family: str, type_
         raise ValueError(
             f"basic.family: {config_type} trains {' and '.join(families)} models, not {family}; "
             f"use type: {type_for(family)}"
+        )
+
+
+def check_clip_skip(config_type: str, families: tuple[str, ...], clip_skip: int) -> None:
+    """Refuse `advanced.clip_skip` for a config type whose families read fixed text-encoder layers (SDXL)."""
+    from conjure.families import get
+
+    fixed = [get(f).title for f in families if not get(f).clip_skip]
+    if clip_skip != 1 and fixed:
+        raise ValueError(
+            f"advanced.clip_skip: {config_type} trains {' and '.join(fixed)}, which reads fixed text-encoder layers "
+            "(kohya ignores clip skip there too); set it to 1"
         )
 
 

@@ -15,6 +15,7 @@ from conjure.config.sections import (
     OptimizerConfig,
     Section,
     ValidationConfig,
+    check_clip_skip,
     check_family,
     type_for,
 )
@@ -86,6 +87,7 @@ class _TextualInversionConfigBase(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> _TextualInversionConfigBase:
         check_family(self.type, self.FAMILIES, self.basic.family, ti_type_for)
+        check_clip_skip(self.type, self.FAMILIES, self.advanced.clip_skip)
         # Written into the resolved config, so the run folder says exactly what was rendered.
         if not self.validation.prompts:
             self.validation.prompts = default_ti_prompts(self.textual_inversion)

@@ -1,7 +1,7 @@
 """Model families: the facts about SD 1.x, SD 2.x and SDXL that methods and the loop need, in one place.
 
-Each family is one small `Family` record (text encoders and their widths, the embedding file's tensor
-names, modelspec names, default resolution). Methods and the training loop ask the family; they never
+Each family is one small `Family` record (text encoders and their widths, which of their hidden states the
+UNet reads, the embedding file's tensor names, modelspec names, default resolution). Methods and the training loop ask the family; they never
 branch on a family name. `detect()` reads the family from a loaded model's own configs.
 """
 
@@ -22,6 +22,23 @@ class TextEncoderSlot:
     width: int  # hidden size of the real family's encoder (tiny test models are narrower)
     embedding_key: str  # tensor name of this encoder's rows in an embedding file (FORMATS.md)
     pad_token: str  # the real tokenizer's padding: "<|endoftext|>" for CLIP-L, "!" for the OpenCLIP encoders
+    # The hidden state the UNet reads, counted from the end, and whether the final layer norm is applied to it:
+    # SD 1.x reads the last one (normed: `last_hidden_state`); so does SD 2.x, whose diffusers encoder already
+    # ends at OpenCLIP's penultimate layer; SDXL reads both encoders' penultimate one as it is (sgm's
+    # `layer: penultimate`, diffusers' `hidden_states[-2]`).
+    hidden_layer: int = 1
+    final_norm: bool = True
+    pooled: bool = False  # the UNet also reads this encoder's pooled projection, from its last layer (SDXL's 2nd)
+
+    def read_layer(self, clip_skip: int = 1) -> int:
+        """The hidden state read with `clip_skip` (1: none), counted from the end (`hidden_states[-n]`)."""
+        return self.hidden_layer + clip_skip - 1
+
+    def unread_layers(self, clip_skip: int = 1) -> int:
+        """How many of the encoder's last layers never reach the UNet: nothing they compute is read, so an adapter
+        there gets no gradient (kohya-ss/sd-scripts#997, fixed in PR #1000 by leaving SDXL CLIP-L's last layer
+        out; under DDP such a parameter stops the run at its second step)."""
+        return 0 if self.pooled else self.read_layer(clip_skip) - 1
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,9 @@ class Family:
     prediction_probe: str | None = None
     prediction_probe_threshold: float = 0.0
     resolution_by_prediction: tuple[tuple[str, int], ...] = ()
+    # advanced.clip_skip applies (kohya's --clip_skip, A1111's "Clip skip": SD 1.x/2.x). SDXL is conditioned on fixed
+    # layers; kohya ignores clip skip there ("clip_skip will be unexpected", sdxl_train_util.py).
+    clip_skip: bool = True
 
     def modelspec_architecture(self, kind: str, prediction_type: str) -> str:
         """`prediction_type`: diffusers' name of what the trained model predicts, "epsilon" or "v_prediction"."""
@@ -84,8 +104,9 @@ SDXL = Family(
     name="sdxl",
     title="Stable Diffusion XL",
     text_encoders=(
-        TextEncoderSlot("text_encoder", "tokenizer", 768, "clip_l", "<|endoftext|>"),
-        TextEncoderSlot("text_encoder_2", "tokenizer_2", 1280, "clip_g", "!"),
+        TextEncoderSlot("text_encoder", "tokenizer", 768, "clip_l", "<|endoftext|>", hidden_layer=2, final_norm=False),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", 1280, "clip_g", "!", hidden_layer=2, final_norm=False,
+                        pooled=True),
     ),
     default_resolution=1024,
     ss_base_model_version="sdxl_base_v1-0",
@@ -93,6 +114,7 @@ SDXL = Family(
     modelspec_prefix="stable-diffusion-xl-v1-base",
     modelspec_prefix_v="stable-diffusion-xl-v1-base",
     pipeline_class="StableDiffusionXLPipeline",
+    clip_skip=False,
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}

@@ -59,13 +59,15 @@ def _ti_captions(config: Any) -> CaptionTransform:
 def _build_lora(config: Any, model: LoadedModel) -> Any:
     from conjure.methods.lora import Lora
 
-    return Lora(model, config.lora, trigger=config.lora.trigger_word, seed=config.basic.seed)
+    return Lora(model, config.lora, trigger=config.lora.trigger_word, seed=config.basic.seed,
+                clip_skip=config.advanced.clip_skip)
 
 
 def _build_pivotal(config: Any, model: LoadedModel) -> Any:
     from conjure.methods.pivotal import PivotalTuning
 
-    return PivotalTuning(model, config.lora, config.textual_inversion, seed=config.basic.seed)
+    return PivotalTuning(model, config.lora, config.textual_inversion, seed=config.basic.seed,
+                         clip_skip=config.advanced.clip_skip)
 
 
 def _lora_captions(config: Any) -> CaptionTransform:

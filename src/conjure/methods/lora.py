@@ -31,7 +31,7 @@ FEED_FORWARD = re.compile(r"\.(ff\.net\.0\.proj|ff\.net\.2)$|attentions\.\d+\.(p
 RESNET_ETC = re.compile(
     r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)$|(downsamplers|upsamplers)\.0\.conv$"
 )
-TEXT_ENCODER = re.compile(r"layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+TEXT_ENCODER = re.compile(r"layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
 ADAPTED_TYPES = (nn.Linear, nn.Conv2d)
 ADAPTER_NAME = "default"
 
@@ -46,9 +46,14 @@ def unet_targets(unet: nn.Module, preset: str) -> list[str]:
     ]
 
 
-def text_encoder_targets(encoder: nn.Module) -> list[str]:
-    """q, k, v, out and the MLP of every layer: apps need the full attention set (FORMATS.md)."""
-    return [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear) and TEXT_ENCODER.search(n)]
+def text_encoder_targets(encoder: nn.Module, unread_layers: int = 0) -> list[str]:
+    """q, k, v, out and the MLP of every layer (apps need the full attention set, FORMATS.md) but the last
+    `unread_layers`, whose output the UNet never reads (`TextEncoderSlot.unread_layers`)."""
+    read = encoder.config.num_hidden_layers - unread_layers
+    return [
+        n for n, m in encoder.named_modules()
+        if isinstance(m, nn.Linear) and (hit := TEXT_ENCODER.search(n)) and int(hit.group(1)) < read
+    ]
 
 
 def _inject_peft(module: nn.Module, targets: list[str], *, rank: int, alpha: float, dropout: float, dora: bool) -> None:
@@ -71,14 +76,16 @@ class Lora:
 
     kind = "lora"
 
-    def __init__(self, model: LoadedModel, section: Any, *, trigger: str | None = None, seed: int = 0):
-        self.model, self.section, self.trigger = model, section, trigger
+    def __init__(self, model: LoadedModel, section: Any, *, trigger: str | None = None, seed: int = 0,
+                 clip_skip: int = 1):
+        self.model, self.section, self.trigger, self.clip_skip = model, section, trigger, clip_skip
         self.own_dora = section.dora and section.save_format == "kohya"
-        components = ["unet"] + ([s.encoder for s in model.family.text_encoders] if section.train_text_encoder else [])
-        self.modules: dict[str, nn.Module] = {name: model.components[name] for name in components}
+        slots = {s.encoder: s for s in model.family.text_encoders} if section.train_text_encoder else {}
+        self.modules: dict[str, nn.Module] = {name: model.components[name] for name in ["unet", *slots]}
         self.targets: dict[str, list[str]] = {}
         for name, module in self.modules.items():
-            targets = unet_targets(module, section.unet_targets) if name == "unet" else text_encoder_targets(module)
+            targets = (unet_targets(module, section.unet_targets) if name == "unet"
+                       else text_encoder_targets(module, slots[name].unread_layers(clip_skip)))
             if not targets:
                 raise ConjureError(f"lora: no layers of the {name} match the preset {section.unet_targets!r}")
             self.targets[name] = targets
@@ -189,6 +196,7 @@ class Lora:
             "ss_training_comment": f"trained with conjure ({'DoRA' if s.dora else 'LoRA'})",
             "ss_resolution": f"({resolution}, {resolution})",
             "ss_steps": str(step),
+            **({"ss_clip_skip": str(self.clip_skip)} if family.clip_skip else {}),
         })
         if trigger:
             meta["ss_tag_frequency"] = '{"conjure": {"%s": 1}}' % trigger.replace('"', '\\"')

@@ -29,10 +29,10 @@ from conjure.models.loading import LoadedModel
 class PivotalTuning:
     kind = "lora"  # the modelspec architecture suffix of the main file
 
-    def __init__(self, model: LoadedModel, lora: Any, ti: Any, *, seed: int = 0):
+    def __init__(self, model: LoadedModel, lora: Any, ti: Any, *, seed: int = 0, clip_skip: int = 1):
         self.model, self.ti_section = model, ti
         # The LoRA first: it freezes its modules and records its parameters before the token rows exist.
-        self.lora = Lora(model, lora, trigger=ti.placeholder_token, seed=seed)
+        self.lora = Lora(model, lora, trigger=ti.placeholder_token, seed=seed, clip_skip=clip_skip)
         self.ti = TextualInversion(
             model, placeholder_token=ti.placeholder_token, initializer=ti.initializer, num_vectors=ti.num_vectors
         )

@@ -78,6 +78,7 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
     spec = method_spec(config.type)
     examples, skipped, probe = _scan_data(config, spec)  # first: a bad data folder fails before model loading
     model = _load_model(config, spec)
+    reading = _text_reading(config, model)
     accelerator, precision = _make_accelerator(config.advanced)
     _place_model(model, accelerator.device, precision.value)
     method = spec.build(config, model)
@@ -89,14 +90,17 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
         # run folder as it was, still resumable with its own config.
         resolved = _resolved_config(config, run_dir, resolution)
         changed = resume_changes(run_dir / "config.yaml", resolved) if checkpoint else {}
-        too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe])
-        session = _Session(config, spec, model, method, accelerator, precision.value, examples, resolution, run_dir)
+        too_long = _count_long_captions(model.text_encoders()[0][0], [method.expand_caption(c) for c in probe],
+                                        reading.max_tokens)
+        session = _Session(config, spec, model, method, accelerator, precision.value, examples, resolution, run_dir,
+                           reading)
         if checkpoint is not None:
             session.restore(checkpoint)
         for warning in ([f"skipping {p}: {why}" for p, why in skipped]
                         + (["resuming with changed settings: "
                             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())] if changed else [])
-                        + ([f"{too_long} caption(s) are longer than the text encoder's limit and will be cut off"]
+                        + ([f"{too_long} caption(s) are longer than the text encoder's limit (data.max_token_length: "
+                            f"{reading.max_tokens} tokens) and will be cut off"]
                            if too_long else [])):
             _say(f"warning: {warning}")
         _say(_describe(chosen))
@@ -148,6 +152,14 @@ def _load_model(config: Any, spec: Any) -> Any:
         prediction_type=config.advanced.prediction_type, vae=basic.vae,
     )
     return model
+
+
+def _text_reading(config: Any, model: Any) -> Any:
+    from conjure.train.conditioning import TextReading
+
+    encoders = [encoder for _, encoder in model.text_encoders()]
+    return TextReading.of(model.family, encoders, clip_skip=config.advanced.clip_skip,
+                          max_tokens=config.data.max_token_length)
 
 
 def resolve_precision(requested: str, *, cpu: bool) -> Fact:
@@ -267,9 +279,9 @@ def _buckets(data: Any, resolution: int) -> list[tuple[int, int]] | None:
         raise ConjureError(f"data.aspect_ratio_buckets at {resolution} px: {exc}") from None
 
 
-def _count_long_captions(tokenizer: Any, captions: list[str]) -> int:
-    limit = tokenizer.model_max_length
-    return sum(len(ids) > limit for ids in tokenizer(captions).input_ids) if captions else 0
+def _count_long_captions(tokenizer: Any, captions: list[str], max_tokens: int) -> int:
+    """Captions with more than `max_tokens` tokens besides the start and end tokens."""
+    return sum(len(ids) > max_tokens + 2 for ids in tokenizer(captions).input_ids) if captions else 0
 
 
 class _MicroBatches:
@@ -305,14 +317,14 @@ class _MicroBatches:
 class _Session:
     """One run's moving parts: data loader, optimizer, schedule, noise generator, events."""
 
-    def __init__(self, config, spec, model, method, accelerator, precision, examples, resolution, run_dir):
+    def __init__(self, config, spec, model, method, accelerator, precision, examples, resolution, run_dir, reading):
         from diffusers.optimization import get_scheduler
 
         from conjure.data.captions import CaptionTransform
         from conjure.data.dataset import TrainDataset, batches_per_epoch
 
         self.config, self.model, self.method, self.accelerator = config, model, method, accelerator
-        self.precision, self.resolution, self.run_dir = precision, resolution, run_dir
+        self.precision, self.resolution, self.run_dir, self.reading = precision, resolution, run_dir, reading
         basic, data, adv, opt = config.basic, config.data, config.advanced, config.optimizer
         if adv.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
@@ -478,12 +490,13 @@ class _Session:
                 if self.text_cache is not None:
                     with torch.no_grad():
                         text = self.text_cache.get(
-                            texts, lambda new: encode_text(self.text_encoders, new, acc.device, zero_empty=True)
+                            texts, lambda new: encode_text(self.text_encoders, new, acc.device, zero_empty=True,
+                                                           reading=self.reading)
                         )
                 cond = encode_captions(
                     self.text_encoders, texts, acc.device, resolution=self.resolution, zero_empty=True,
                     original_sizes=batch.get("original_size"), crops_top_left=batch.get("crop_top_left"),
-                    target_sizes=batch.get("target_size"), text=text,
+                    target_sizes=batch.get("target_size"), text=text, reading=self.reading,
                 )
                 loss = denoising_loss(
                     self.unet, model.noise_scheduler, latents, cond, self.generator,
@@ -572,6 +585,7 @@ class _Session:
             self.events.emit("checkpoint_removed", path=str(old))
 
     def validate(self, at: int) -> None:
+        from conjure.train.conditioning import prompt_embeds
         from conjure.train.validation import as_array, build_pipeline, render
 
         val = self.config.validation
@@ -589,6 +603,9 @@ class _Session:
                     seeds=val.seeds, negative_prompt=val.negative_prompt,
                     num_inference_steps=val.num_inference_steps, guidance_scale=val.guidance_scale,
                     resolution=self.resolution,
+                    embed=lambda prompt, negative: prompt_embeds(  # as training encodes (clip skip, long captions)
+                        self.model.text_encoders(), self.method.expand_caption(prompt),
+                        self.method.expand_caption(negative), device, reading=self.reading),
                 )
         finally:
             for module in self.trainable:

@@ -13,6 +13,7 @@ diffusers#9844); the pipelines' own upcast does not fire because the VAE itself 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +89,17 @@ def render(
     num_inference_steps: int,
     guidance_scale: float,
     resolution: int,
+    embed: Callable[[str, str], dict[str, torch.Tensor]],
 ) -> tuple[list[Path], Path]:
+    """`embed(prompt, negative_prompt)`: the pipeline's text inputs (`prompt_embeds`, ...), encoded as training
+    encodes captions (a pipeline's own prompt encoding knows no clip skip or long captions)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, paths = [], []
     for p, prompt in enumerate(prompts):
         row = []
         for seed in seeds:
             latents = pipe(
-                prompt,
-                negative_prompt=negative_prompt or None,
+                **embed(prompt, negative_prompt),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 height=resolution,
