@@ -143,10 +143,15 @@ def lora_config(tiny_models, image_folder, tmp_path, family, **sections):
     return raw
 
 
-def test_sdxl_refuses_clip_skip_in_the_config(tiny_models, image_folder, tmp_path):
+def test_config_fields(tiny_models, image_folder, tmp_path):
     with pytest.raises(ConfigError, match=r"advanced\.clip_skip: sdxl_lora trains Stable Diffusion XL"):
         parse_config(lora_config(tiny_models, image_folder, tmp_path, "sdxl", advanced={"clip_skip": 2}))
     assert parse_config(lora_config(tiny_models, image_folder, tmp_path, "sd1", advanced={"clip_skip": 2}))
+    with pytest.raises(ConfigError, match=r"data\.max_token_length: Input should be a multiple of 75"):
+        parse_config(lora_config(tiny_models, image_folder, tmp_path, "sd1", data={"max_token_length": 100}))
+    # the web form sends numbers as text
+    raw = lora_config(tiny_models, image_folder, tmp_path, "sdxl", data={"max_token_length": "225"})
+    assert parse_config(raw).data.max_token_length == 225
 
 
 @pytest.mark.parametrize("family, clip_skip, unadapted", [
@@ -167,7 +172,8 @@ def test_lora_leaves_out_text_encoder_layers_whose_output_is_unused(tiny_models,
         adapted = {int(p.split("layers.")[1].split(".")[0]) for p in lora.targets[encoder]}
         assert adapted == set(range(layers[encoder])) - set(skipped)
         assert len(lora.targets[encoder]) == 6 * len(adapted)  # q, k, v, out, fc1, fc2
-    assert ("ss_clip_skip" in lora.metadata("x", step=1, resolution=64, base_model="m")) == model.family.clip_skip
+    meta = lora.metadata("x", step=1, resolution=64, base_model="m", prediction_type="epsilon")
+    assert meta.get("ss_clip_skip") == (str(clip_skip) if model.family.clip_skip else None)
 
 
 def test_training_cache_and_validation_read_alike(tiny_models, image_folder, tmp_path, monkeypatch):

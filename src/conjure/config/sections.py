@@ -146,8 +146,11 @@ class DataConfig(Section):
         None, description="Shuffle caption parts split by this delimiter (e.g. ','); null: no shuffling."
     )
     keep_tokens: int = Field(0, ge=0, description="With shuffling: keep the first N caption parts in place.")
-    max_token_length: Literal[75, 150, 225] = Field(
+    max_token_length: int = Field(
         75,
+        ge=75,
+        le=225,
+        multiple_of=75,  # a number, not a choice of three: the web form's selects send strings
         description="Caption tokens the text encoders read: 75 (one window, as the base models were trained), or "
         "150 / 225: a longer caption is cut in 75-token chunks, each encoded on its own and joined, as kohya's "
         "--max_token_length and A1111/ComfyUI prompts do (SDXL's pooled embedding comes from the first chunk). "
