@@ -204,3 +204,26 @@ def test_the_long_caption_warning_follows_max_token_length(models):
     assert _count_long_captions(tokenizer, captions, 75) == 3
     assert _count_long_captions(tokenizer, captions, 150) == 1
     assert _count_long_captions(tokenizer, captions, 225) == 0
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_validation_embeddings_render_what_the_pipeline_renders_by_default(tiny_models, tmp_path, family):
+    """Without clip skip or long captions, conjure's encoding of a prompt and an empty negative is the pipeline's
+    own (SDXL: zeros for the empty negative, as force_zeros_for_empty_prompt makes it)."""
+    import numpy as np
+    from PIL import Image
+
+    from conjure.models.loading import load_base_model
+    from conjure.train.conditioning import prompt_embeds
+    from conjure.train.validation import build_pipeline, render
+
+    model = load_base_model(str(tiny_models(family)))
+    pipe = build_pipeline(model.family.pipeline_class, dict(model.components))
+    reading = TextReading.of(model.family, [e for _, e in model.text_encoders()])
+    settings = dict(prompts=["a photo of a dog"], seeds=[3], negative_prompt="", num_inference_steps=2,
+                    guidance_scale=2.0, resolution=64)
+    (own,), _ = render(pipe, tmp_path / "own", **settings)
+    (ours,), _ = render(pipe, tmp_path / "ours", **settings,
+                        embed=lambda p, n: prompt_embeds(model.text_encoders(), p, n, CPU, reading=reading))
+    with Image.open(own) as a, Image.open(ours) as b:
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1

@@ -89,17 +89,20 @@ def render(
     num_inference_steps: int,
     guidance_scale: float,
     resolution: int,
-    embed: Callable[[str, str], dict[str, torch.Tensor]],
+    embed: Callable[[str, str], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[list[Path], Path]:
     """`embed(prompt, negative_prompt)`: the pipeline's text inputs (`prompt_embeds`, ...), encoded as training
-    encodes captions (a pipeline's own prompt encoding knows no clip skip or long captions)."""
+    encodes captions (a pipeline's own prompt encoding knows no clip skip or long captions); None: the
+    pipeline encodes the prompts itself."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, paths = [], []
     for p, prompt in enumerate(prompts):
         row = []
         for seed in seeds:
+            texts = embed(prompt, negative_prompt) if embed else {"prompt": prompt,
+                                                                 "negative_prompt": negative_prompt or None}
             latents = pipe(
-                **embed(prompt, negative_prompt),
+                **texts,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 height=resolution,
