@@ -167,6 +167,7 @@ WEB_PROBES = [
         "/api/jobs", headers={"Host": "127.0.0.1:7999"})),
     # symlink loops (D6): one finding, never a 500
     Probe("open-symlink-loop-folder", (200,), _post("/api/datasets/open", lambda env: {"path": str(env.ds3)})),
+    Probe("open-symlink-loop-itself", (400,), _post("/api/datasets/open", lambda env: {"path": str(env.ds3 / "loopa")})),
     Probe("list-with-loop", (200,), _get("/api/datasets"), _no_loop_crash),
     Probe("images-with-loop", (200,), _get("/api/datasets/images?folder={ds3}")),
     Probe("tags-with-loop", (200,), _get("/api/datasets/tags?folder={ds3}")),

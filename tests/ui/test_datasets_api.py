@@ -459,3 +459,13 @@ def test_a_caption_write_racing_a_trash_of_its_image_leaves_no_orphan(api, monke
     trash.join(10)
     assert answers["caption"].status_code == 200 and answers["trash"].json() == {"moved": ["x.png"]}
     assert not (api.folder / "x.txt").exists() and (api.folder / ".trash" / "x.txt").read_text() == "a cat"
+
+
+def test_opening_a_symlink_loop_is_one_line(api):
+    """Opening a link to itself (or one of two links to each other) answered 500 (RuntimeError from resolve)."""
+    (api.folder / "self").symlink_to(api.folder / "self")
+    (api.folder / "a").symlink_to(api.folder / "b")
+    (api.folder / "b").symlink_to(api.folder / "a")
+    for path in ("self", "a", "self/inner"):
+        answer = api.open(api.folder / path)
+        assert answer.status_code == 400 and "symlink loop" in answer.json()["error"], (path, answer.text)

@@ -94,7 +94,10 @@ class Workspace:
             raise ConjureError(f"no such folder: {text}") from None
         if not path.is_absolute():
             raise ConjureError(f"give the data-set folder's full path, not {text!r}")
-        path = path.resolve()
+        try:
+            path = path.resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11's resolve)
+            raise ConjureError(f"no such folder: {text} (a symlink loop)") from None
         if not path.is_dir():
             raise ConjureError(f"no such folder: {path}")
         if path.parent == path or path == _home():
