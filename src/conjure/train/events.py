@@ -21,9 +21,12 @@ def _named(exc: OSError, path: Path) -> OSError:
 
 
 def _quiet_tensorboard_writer_threads() -> None:
-    """Stop TensorBoard's event-writer thread from printing its exception as a traceback (once per process)."""
-    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
-
+    """Stop TensorBoard's event-writer threads from printing their exception as a traceback: wrap the current
+    `threading.excepthook` (once, unless something replaced it since)."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # a TensorBoard that moved its private writer: its traceback shows, nothing else changes
+        return
     hook = threading.excepthook
     if getattr(hook, "conjure_quiet", False):
         return
