@@ -98,7 +98,7 @@ def full_disk_under_tensorboard(probe: Probe) -> list[str]:
     return probe.train("basic.max_train_steps=3")
 
 
-def full_disk_in_latent_cache(probe: Probe) -> list[str]:
+def _safetensors_fill_the_disk(probe: Probe) -> None:
     from safetensors import SafetensorError
 
     from conjure.export import files
@@ -107,7 +107,16 @@ def full_disk_in_latent_cache(probe: Probe) -> list[str]:
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     probe.monkeypatch.setattr(files, "save_file", save_file)
+
+
+def full_disk_in_latent_cache(probe: Probe) -> list[str]:
+    _safetensors_fill_the_disk(probe)
     return probe.train("data.cache_latents=disk")
+
+
+def full_disk_under_a_checkpoint_file(probe: Probe) -> list[str]:
+    _safetensors_fill_the_disk(probe)
+    return probe.train()
 
 
 def loss_becomes_nan(probe: Probe) -> list[str]:
@@ -155,6 +164,9 @@ CASES = {
                         "demo --steps must be at least 1, not 0"),
     "fp16-cpu": (fp16_on_the_cpu, "advanced.mixed_precision: fp16 needs a GPU, and this run is on the CPU"),
     "cache-disk-full": (full_disk_in_latent_cache, "data.cache_latents: cannot write the latent cache in"),
+    "disk-full-checkpoint-file": (full_disk_under_a_checkpoint_file,
+                                  "could not write checkpoint {run}/checkpoints/step-000001: Error while serializing: "
+                                  "I/O error: No space left on device (os error 28); no checkpoint was written"),
     "disk-full-mid-run": (full_disk_mid_run, "events.jsonl; the last complete checkpoint is {run}/checkpoints/step-000001"),
     "disk-full-at-start": (full_disk_at_start, "disk full while writing {run}/events.jsonl; no checkpoint was written"),
     "disk-full-tensorboard": (full_disk_under_tensorboard, "disk full while writing {run}/logs;"),

@@ -1,13 +1,14 @@
 """Checkpoints: complete or absent, never half-written; a full disk keeps the last good one."""
 
 import errno
+from pathlib import Path
 
 import pytest
 import torch
 
 from conjure.config import parse_config
 from conjure.errors import ConjureError
-from conjure.train.checkpoints import list_checkpoints, resolve_checkpoint, write_checkpoint
+from conjure.train.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint, write_checkpoint
 from conjure.train.events import read_events
 from conjure.train.loop import train
 
@@ -44,6 +45,18 @@ def test_full_disk_keeps_the_last_checkpoint(ti_config, monkeypatch):
     # and the run continues from the good checkpoint once there is room again
     monkeypatch.setattr(torch, "save", real_save)
     assert train(parse_config(raw), resume=run_dir).step == 6
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, where every write is ENOSPC")
+def test_a_full_disk_under_the_training_state_is_one_clear_error(tmp_path):
+    # Given a path, torch.save reported the failed write as "unexpected RuntimeError: ... unexpected pos".
+    def files(folder):
+        (folder / STATE_FILE).symlink_to("/dev/full")
+        return []
+
+    with pytest.raises(ConjureError, match="step-000001: No space left on device; no checkpoint was written"):
+        write_checkpoint(tmp_path, 1, {"step": 1}, files)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 def test_resume_warns_about_changed_settings(ti_config, capsys):

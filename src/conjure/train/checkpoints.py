@@ -45,17 +45,23 @@ def write_checkpoint(
     tmp = root / f".tmp-{step_dir_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    from safetensors import SafetensorError
+
     try:
         write_files(tmp)
         import torch  # here, not at the top: the web app lists checkpoints without loading torch
 
-        torch.save(state, tmp / STATE_FILE)
+        # Through a Python file: given a path, torch reports a failed write (a full disk) as RuntimeError
+        # ("unexpected pos ...", "iostream error") instead of OSError.
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConjureError(f"could not write checkpoint {final}: {exc.strerror or exc}; {kept_checkpoint(run_dir)}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConjureError(f"could not write checkpoint {final}: {reason}; {kept_checkpoint(run_dir)}") from None
     return final
 
 
