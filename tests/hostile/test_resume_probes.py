@@ -5,8 +5,10 @@ the run folder or in a run folder that no longer resumes."""
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,17 +25,40 @@ for _library in ("diffusers", "transformers"):
     __import__(f"{_library}.utils.logging", fromlist=["get_logger"]).get_logger(_library)
 
 
-def stopped_run(ti_config, at=2, **sections):
-    """A TI run stopped at step `at` of 4 (checkpoint at `at`), as a run folder."""
+@pytest.fixture(scope="module")
+def template_run(tiny_models, tmp_path_factory):
+    """A TI run stopped at step 2 of 4 (its checkpoint at 2), trained once; tests resume copies of it."""
+    import numpy as np
+    from PIL import Image
+
     from conjure.train.loop import TrainControl
 
-    raw = ti_config(basic={"max_train_steps": 4, "save_every_n_steps": 100, "validate_every_n_steps": None},
-                    validation={"at_start": False}, **sections)
+    root = tmp_path_factory.mktemp("template")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    raw = {
+        "type": "sd_textual_inversion",
+        "basic": {"base_model": str(tiny_models("sd1")), "output_dir": str(root / "runs"), "run_name": "run",
+                  "max_train_steps": 4, "save_every_n_steps": 100, "validate_every_n_steps": None, "seed": 3},
+        "data": {"source": str(images), "resolution": 64, "batch_size": 2},
+        "textual_inversion": {"placeholder_token": "<zq-thing>", "initializer": "dog"},
+        "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0, "at_start": False},
+        "optimizer": {"learning_rate": 0.05},
+    }
     control = TrainControl()
-    control.on_step = lambda step, loss: control.request_stop("test") if step == at else None
+    control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
     result = train(parse_config(raw), control=control)
-    assert result.status == "interrupted" and result.step == at
+    assert result.status == "interrupted" and result.step == 2
     return result.run_dir
+
+
+@pytest.fixture
+def stopped_run(template_run, tmp_path):
+    """A copy of the template run in this test's own folder (a run folder moved elsewhere resumes there)."""
+    return Path(shutil.copytree(template_run, tmp_path / "runs" / "run"))
 
 
 def cli(capsys, *args):
@@ -62,8 +87,8 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
-def test_a_state_that_runs_code_when_unpickled_is_refused_and_never_runs(ti_config, capsys, tmp_path):
-    run_dir = stopped_run(ti_config)
+def test_a_state_that_runs_code_when_unpickled_is_refused_and_never_runs(stopped_run, capsys, tmp_path):
+    run_dir = stopped_run
     state_file = list_checkpoints(run_dir)[-1][1] / STATE_FILE
     marker = tmp_path / "pwned"
     state = torch.load(state_file, weights_only=True)
@@ -88,8 +113,8 @@ def test_a_state_that_runs_code_when_unpickled_is_refused_and_never_runs(ti_conf
     pytest.param({"step": 2, "method": "nonsense", "optimizer": {}, "lr_scheduler": {}, "generator": 0},
                  id="wrong-contents"),
 ])
-def test_a_broken_state_is_one_line_naming_the_file(ti_config, capsys, content):
-    run_dir = stopped_run(ti_config)
+def test_a_broken_state_is_one_line_naming_the_file(stopped_run, capsys, content):
+    run_dir = stopped_run
     state_file = list_checkpoints(run_dir)[-1][1] / STATE_FILE
     if content is None:
         torch.save({"step": 2, "generator": torch.zeros(3)}, state_file)
@@ -120,9 +145,10 @@ def write_config(path, raw):
     ("data.batch_size=3", "data.batch_size is 2 in the run, 3 in this config"),
     ("optimizer.weight_decay=0.1", "optimizer.weight_decay"),  # the optimizer state would keep the old one
 ])
-def test_a_change_the_checkpoint_depends_on_is_refused_and_the_run_still_resumes(ti_config, capsys, change, field):
+def test_a_change_the_checkpoint_depends_on_is_refused_and_the_run_still_resumes(stopped_run, capsys, change,
+                                                                                  field):
     """D5: a refused resume names the setting and both values, and leaves the run folder as it was."""
-    run_dir = stopped_run(ti_config)
+    run_dir = stopped_run
     before = folder_snapshot(run_dir)
     code, _, err = cli(capsys, "train", "--resume", run_dir, "--set", change)
     one_line_error(code, err, field, "cannot resume")
@@ -131,8 +157,8 @@ def test_a_change_the_checkpoint_depends_on_is_refused_and_the_run_still_resumes
     assert code == 0 and "done: 4 steps" in out, err
 
 
-def test_another_methods_config_on_a_run_is_refused_before_anything_is_written(ti_config, capsys, tmp_path):
-    run_dir = stopped_run(ti_config)
+def test_another_methods_config_on_a_run_is_refused_before_anything_is_written(stopped_run, capsys, tmp_path):
+    run_dir = stopped_run
     raw = yaml.safe_load((run_dir / "config.yaml").read_text())
     lora = {"type": "sd_lora", "basic": raw["basic"], "data": raw["data"], "lora": {"trigger_word": "zq", "rank": 2},
             "validation": raw["validation"]}
@@ -143,15 +169,15 @@ def test_another_methods_config_on_a_run_is_refused_before_anything_is_written(t
     assert folder_snapshot(run_dir) == before
 
 
-def test_another_base_model_is_refused(ti_config, capsys, tiny_models):
-    run_dir = stopped_run(ti_config)
+def test_another_base_model_is_refused(stopped_run, capsys, tiny_models):
+    run_dir = stopped_run
     code, _, err = cli(capsys, "train", "--resume", run_dir, "--set", f"basic.base_model={tiny_models('sd2')}")
     one_line_error(code, err, "basic.base_model is")
 
 
-def test_a_changed_learning_rate_takes_effect_and_is_recorded(ti_config, capsys):
+def test_a_changed_learning_rate_takes_effect_and_is_recorded(stopped_run, capsys):
     """D5c: the new rate is what the resumed steps use (events) and what config.yaml says, with the longer run."""
-    run_dir = stopped_run(ti_config, optimizer={"learning_rate": 0.05})
+    run_dir = stopped_run
     code, out, err = cli(capsys, "train", "--resume", run_dir, "--set", "optimizer.learning_rate=0.01",
                          "--set", "basic.max_train_steps=6")
     assert code == 0 and "done: 6 steps" in out, err
@@ -164,11 +190,12 @@ def test_a_changed_learning_rate_takes_effect_and_is_recorded(ti_config, capsys)
     assert saved["optimizer"]["learning_rate"] == 0.01 and saved["basic"]["max_train_steps"] == 6
 
 
-def test_a_checkpoint_folder_resumes_without_a_config(ti_config, capsys):
+def test_a_checkpoint_folder_resumes_without_a_config(stopped_run, capsys):
     """D15: `--resume RUN/checkpoints/step-000002` (as the README says) finds the run's config.yaml."""
-    run_dir = stopped_run(ti_config)
+    run_dir = stopped_run
     code, out, err = cli(capsys, "train", "--resume", run_dir / "checkpoints" / "step-000002")
     assert code == 0 and "done: 4 steps" in out, err
+    assert "basic.output_dir" in err  # a copy of the template: the run moved, and says so
     code, _, err = cli(capsys, "train", "--resume", "latest")
     one_line_error(code, err, "--resume latest needs the config file")
 
@@ -197,11 +224,11 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(ti_config
     assert code == 0 and "done: 5 steps" in out, err
 
 
-def test_a_second_resume_of_a_running_run_is_refused(ti_config):
+def test_a_second_resume_of_a_running_run_is_refused(stopped_run):
     """D15: two `--resume` of one run at once: the second (another process) gets one line, the first trains on."""
     from conjure.train.loop import TrainControl
 
-    run_dir = stopped_run(ti_config)
+    run_dir = stopped_run
     second = []
 
     def on_step(step, loss):
@@ -216,8 +243,8 @@ def test_a_second_resume_of_a_running_run_is_refused(ti_config):
                    f"{run_dir} is being trained by another process (pid {os.getpid()})")
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(ti_config, capsys):
-    run_dir = stopped_run(ti_config)
+def test_a_lock_left_by_a_dead_process_is_taken_over(stopped_run, capsys):
+    run_dir = stopped_run
     (run_dir / "train.lock").write_text("999999999\n")  # no such process; flock held by nobody
     code, out, err = cli(capsys, "train", "--resume", run_dir)
     assert code == 0 and "done: 4 steps" in out, err
@@ -245,3 +272,14 @@ def test_a_run_killed_during_its_final_validation_is_finished(ti_config, capsys)
     assert (run_dir / "validation" / "step-000004" / "grid.png").is_file()
     code, _, err = cli(capsys, "train", "--resume", run_dir)
     one_line_error(code, err, "already reached step 4 of 4")
+
+
+def test_a_checkpoint_written_before_the_rng_was_saved_still_resumes(stopped_run, capsys):
+    """States of earlier conjure versions have no 'rng' part: they load (weights-only) and resume."""
+    run_dir = stopped_run
+    state_file = list_checkpoints(run_dir)[-1][1] / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    del state["rng"]
+    torch.save(state, state_file)
+    code, out, err = cli(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "done: 4 steps" in out, err

@@ -120,6 +120,7 @@ def lock_run(run_dir: Path) -> Iterator[None]:
 
 
 RESUME_MAY_CHANGE = (
+    "basic.output_dir", "basic.run_name", "basic.resume",  # where the run folder is now: a moved run resumes
     "basic.max_train_steps", "basic.max_train_epochs", "basic.save_every_n_steps", "basic.validate_every_n_steps",
     "basic.keep_last_n_checkpoints", "validation.",
     "optimizer.learning_rate", "optimizer.scheduler", "optimizer.warmup_steps", "lora.unet_learning_rate",
