@@ -101,7 +101,7 @@ def lock_run(run_dir: Path) -> Iterator[None]:
     handle = (Path(run_dir) / LOCK_FILE).open("a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip()
         handle.close()
@@ -109,6 +109,8 @@ def lock_run(run_dir: Path) -> Iterator[None]:
             f"{run_dir} is being trained by another process{f' (pid {holder})' if holder.isdigit() else ''}; "
             "wait for it to end (or stop it), then resume"
         ) from None
+    except OSError:  # a file system without locks (some network mounts): train unguarded rather than not at all
+        pass
     try:
         handle.seek(0)
         handle.truncate()
