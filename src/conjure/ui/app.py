@@ -25,10 +25,19 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from conjure.errors import ConjureError
+from conjure.ui import datasets, training
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 STATIC = Path(__file__).parent / "static"
@@ -42,91 +51,120 @@ MIN_TOKEN_LENGTH = 16
 
 
 def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: int = 7860, token: str | None = None,
-               start_runner: bool = True) -> Any:
+               start_runner: bool = True) -> FastAPI:
     """`token`: required from clients when set (always set it when `host` is not 127.0.0.1/localhost).
     `start_runner`: start the job runner thread (tests of the API alone may leave it off)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from fastapi.responses import FileResponse, JSONResponse
-    from fastapi.staticfiles import StaticFiles
-
     check_token(token, host)
     ws = workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
     app = FastAPI(title="conjure", version="1", description="conjure's local web app: data sets, training, jobs.")
     app.state.workspace = ws
-    app.state.token = token
-    hosts = {_host_name(h) for h in (*LOCAL_HOSTS, host) if h not in ALL_INTERFACES}
-    allowed_hosts = {f"{h}:{port}" for h in hosts} | hosts
-    any_host = host in ALL_INTERFACES
-    allowed_origins = {f"http://{h}:{port}" for h in hosts}
-    app.state.allowed_origins = allowed_origins
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # noqa: ANN001 - FastAPI's signature
-        host_header = request.headers.get("host", "")
-        if not any_host and host_header not in allowed_hosts:
-            return JSONResponse({"error": "unknown host"}, status_code=403)
-        origin = request.headers.get("origin")
-        if origin is not None and origin not in allowed_origins and origin != f"http://{host_header}":
-            return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
-        if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
-            return JSONResponse({"error": "cross-origin request refused"}, status_code=403)
-        if token is None and not _loopback(request.scope.get("server")):
-            return JSONResponse({"error": "token required"}, status_code=401)
-        if token is not None:
-            scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-            bearer = credentials.strip() if scheme.lower() == "bearer" else ""
-            given = (bearer, request.cookies.get("conjure_token"), request.query_params.get("token"))
-            if not any(_token_matches(candidate, token) for candidate in given):
-                return JSONResponse({"error": "token required"}, status_code=401)
-        too_large = _body_too_large(request.url.path, request.headers)
-        if too_large:
-            return JSONResponse({"error": too_large[1]}, status_code=too_large[0])
-        response = await call_next(request)
-        if token is not None and _token_matches(request.query_params.get("token"), token):
-            response.set_cookie("conjure_token", token, httponly=True, samesite="strict")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")  # a ?token= URL never leaves in a Referer
-        return response
-
-    @app.exception_handler(PathRefused)
-    async def refused(request: Request, exc: PathRefused):  # noqa: ANN001
-        return JSONResponse({"error": "path refused"}, status_code=403)
-
-    @app.exception_handler(NotFound)
-    async def not_found(request: Request, exc: NotFound):  # noqa: ANN001
-        return JSONResponse({"error": str(exc.args[0]) if exc.args else "not found"}, status_code=404)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError):  # noqa: ANN001
-        return JSONResponse({"error": request_error(exc)}, status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):  # noqa: ANN001
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(ConjureError)
-    async def user_error(request: Request, exc: ConjureError):  # noqa: ANN001
-        return JSONResponse({"error": str(exc)}, status_code=400)
-
-    from conjure.ui import datasets, training
-
+    app.state.access = Access.serving(host, port, token)
+    app.middleware("http")(guard)
+    for error_type, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(error_type, handler)
     app.include_router(datasets.router)
     app.include_router(training.router)
-
-    @app.get("/", include_in_schema=False)
-    async def index():  # noqa: ANN202
-        return FileResponse(STATIC / "index.html")
-
+    app.add_api_route("/", index, include_in_schema=False)
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
     if start_runner:
         training.start_runner(app)
     return app
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who a server answers (module docstring): the Host headers and Origins it knows, whether it answers any
+    Host (all interfaces: the token guards it then), and its token."""
+
+    hosts: frozenset[str]
+    origins: frozenset[str]
+    any_host: bool
+    token: str | None
+
+    @classmethod
+    def serving(cls, host: str, port: int, token: str | None) -> Access:
+        names = {_host_name(h) for h in (*LOCAL_HOSTS, host) if h not in ALL_INTERFACES}
+        return cls(hosts=frozenset({f"{h}:{port}" for h in names} | names),
+                   origins=frozenset(f"http://{h}:{port}" for h in names),
+                   any_host=host in ALL_INTERFACES, token=token)
+
+
+async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """The middleware every request passes first: refused unless `refusal` finds nothing; the answer gets the
+    token cookie (opened with ?token=) and the headers that keep other pages from framing or embedding it."""
+    access: Access = request.app.state.access
+    refused = refusal(request, access)
+    if refused is not None:
+        status, message = refused
+        return JSONResponse({"error": message}, status_code=status)
+    response = await call_next(request)
+    if access.token is not None and _token_matches(request.query_params.get("token"), access.token):
+        response.set_cookie("conjure_token", access.token, httponly=True, samesite="strict")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")  # a ?token= URL never leaves in a Referer
+    return response
+
+
+def refusal(request: Request, access: Access) -> tuple[int, str] | None:
+    """(status, message) when the request's host, origin, token or body size is refused; None when it may pass."""
+    host_header = request.headers.get("host", "")
+    if not access.any_host and host_header not in access.hosts:
+        return 403, "unknown host"
+    origin = request.headers.get("origin")
+    if origin is not None and origin not in access.origins and origin != f"http://{host_header}":
+        return 403, "cross-origin request refused"
+    if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        return 403, "cross-origin request refused"
+    if access.token is None and not _loopback(request.scope.get("server")):
+        return 401, "token required"
+    if access.token is not None and not _token_given(request, access.token):
+        return 401, "token required"
+    return _body_too_large(request.url.path, request.headers)
+
+
+def _token_given(request: Request, token: str) -> bool:
+    """The request carries `token` as a Bearer credential, the `conjure_token` cookie or `?token=`."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    bearer = credentials.strip() if scheme.lower() == "bearer" else ""
+    given = (bearer, request.cookies.get("conjure_token"), request.query_params.get("token"))
+    return any(_token_matches(candidate, token) for candidate in given)
+
+
+async def path_refused(request: Request, exc: PathRefused) -> Response:
+    return JSONResponse({"error": "path refused"}, status_code=403)
+
+
+async def not_found(request: Request, exc: NotFound) -> Response:
+    return JSONResponse({"error": str(exc.args[0]) if exc.args else "not found"}, status_code=404)
+
+
+async def bad_request(request: Request, exc: RequestValidationError) -> Response:
+    return JSONResponse({"error": request_error(exc)}, status_code=400)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def user_error(request: Request, exc: ConjureError) -> Response:
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+ERROR_HANDLERS: dict[type[Exception], Callable[..., Awaitable[Response]]] = {
+    PathRefused: path_refused,  # a ConjureError too: Starlette picks the handler of the nearest class
+    NotFound: not_found,
+    RequestValidationError: bad_request,
+    StarletteHTTPException: http_error,
+    ConjureError: user_error,
+}
+"""Every error's answer (module docstring): one form, {"error": message}."""
+
+
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
 
 
 def check_token(token: str | None, host: str) -> None:
@@ -147,9 +185,7 @@ def _token_matches(given: str | None, token: str) -> bool:
 def _body_too_large(path: str, headers: Any) -> tuple[int, str] | None:
     """(status, message) for a request body over MAX_BODY_BYTES (uploads: MAX_UPLOAD_REQUEST_BYTES), or one
     whose length is not given up front (chunked), which could be any size; None when it may be read."""
-    from conjure.ui.datasets import MAX_UPLOAD_REQUEST_BYTES, UPLOAD_PATH
-
-    limit = MAX_UPLOAD_REQUEST_BYTES if path == UPLOAD_PATH else MAX_BODY_BYTES
+    limit = datasets.MAX_UPLOAD_REQUEST_BYTES if path == datasets.UPLOAD_PATH else MAX_BODY_BYTES
     length = headers.get("content-length")
     if length is None:
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
