@@ -225,6 +225,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from conjure import __version__
+    from conjure.data.check_settings import CheckSettings
     from conjure.families import FAMILIES
 
     parser = argparse.ArgumentParser(prog="conjure", description="Teach Stable Diffusion models new things.")
@@ -301,12 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="a folder of images (+ same-name .txt captions), a .jsonl file or a Hugging Face "
                    "data set (folder or hf:owner/name)")
-    p.add_argument("--resolution", type=int, default=512, help="training resolution (default: 512; SDXL: 1024)")
-    p.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default: 64)")
-    p.add_argument(
-        "--max-tokens", type=int, default=77,
-        help="text-encoder limit, start and end tokens included (default: 77, every SD family)",
-    )
+    for name, setting in CheckSettings.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=setting.default,
+                       help=f"{setting.description} (default: {setting.default})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_dataset_check)
     p = ds_sub.add_parser("jsonl", help="write the .jsonl source listing a folder's images and captions")

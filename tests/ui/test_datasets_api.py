@@ -393,6 +393,25 @@ def test_check_gives_the_cli_report(opened):
     assert opened.post("check", resolution="big").json()["error"].startswith("resolution: ")
 
 
+def test_the_check_settings_come_from_one_model(opened):
+    """CheckSettings is the one source of the check's defaults (issue 14): the CLI's options, check_source's
+    keywords, the API's body and the schema the page reads its form's default from."""
+    from conjure.cli import build_parser
+    from conjure.data.check_settings import CheckSettings
+
+    defaults = CheckSettings().model_dump()
+    schema = opened.client.get("/api/datasets/check/schema").json()
+    assert {name: field["default"] for name, field in schema["properties"].items()} == defaults
+    cli = vars(build_parser().parse_args(["dataset", "check", "somewhere"]))
+    assert {name: cli[name] for name in defaults} == defaults
+    assert opened.post("check").json() == check_source(opened.folder, **defaults).to_dict()
+    answer = opened.post("check", resolution=128, bucket_step=32, max_tokens=5)
+    assert answer.json() == check_source(opened.folder, resolution=128, bucket_step=32, max_tokens=5).to_dict()
+    assert answer.json()["buckets"]["step"] == 32
+    assert opened.post("check", max_tokens=2).json() == {
+        "error": "max tokens must be at least 3 (start, end and one word), got 2"}
+
+
 def test_symlink_loops_are_skipped_by_every_route(api):
     """issue 21, D6: a loop (two links to each other, one to itself, a folder link back) in an opened folder made
     open, the list of all data sets, images and check answer 500."""

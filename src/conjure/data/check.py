@@ -25,13 +25,15 @@ from typing import Any
 from tqdm import tqdm
 
 from conjure.data.buckets import Size, assign_bucket, make_buckets
+from conjure.data.check_settings import CheckSettings
 from conjure.data.images import ImageError, load_image_with_size
 from conjure.data.hf import is_hf_source
 from conjure.data.sources import PROGRESS_MIN_IMAGES, Example, scan_source, within
 from conjure.errors import ConjureError
-from conjure.models.tokenizer import MODEL_MAX_LENGTH
 
 ERROR, WARNING = "error", "warning"
+
+_DEFAULTS = CheckSettings()
 
 KINDS = {
     "missing": (ERROR, "an image file that does not exist (a .jsonl line's, a dangling link, a symlink loop)"),
@@ -145,18 +147,18 @@ class _Image:
 
 
 def check_source(
-    source: Path, *, resolution: int = 512, bucket_step: int = 64, max_tokens: int = MODEL_MAX_LENGTH,
-    confine: Path | None = None,
+    source: Path, *, resolution: int = _DEFAULTS.resolution, bucket_step: int = _DEFAULTS.bucket_step,
+    max_tokens: int = _DEFAULTS.max_tokens, confine: Path | None = None,
 ) -> DatasetReport:
     """Check the data source `source` (a folder of images with optional same-stem `.txt` captions, or a `.jsonl`
     file) as training would read it, decoding every image once.
 
-    `resolution` is the training resolution: smaller images are reported, and images are counted per
-    aspect-ratio bucket of `make_buckets(resolution, step=bucket_step)`. `max_tokens` is the text encoder's
-    limit, start and end tokens included (77 for every Stable Diffusion family). Raises `ConjureError` for bad
-    arguments and for what makes a source unreadable as a whole (missing, no images in it, a caption file
-    that is not UTF-8, a bad `.jsonl` line), as training does. `confine`: as `scan_source`'s (the web app's
-    rule: nothing whose real path lies outside the opened folder is read or quoted).
+    The settings are `CheckSettings`' (their defaults too). `resolution` is the training resolution: smaller
+    images are reported, and images are counted per aspect-ratio bucket of `make_buckets(resolution,
+    step=bucket_step)`. `max_tokens` is the text encoder's limit, start and end tokens included. Raises
+    `ConjureError` for bad arguments and for what makes a source unreadable as a whole (missing, no images in
+    it, a caption file that is not UTF-8, a bad `.jsonl` line), as training does. `confine`: as `scan_source`'s
+    (the web app's rule: nothing whose real path lies outside the opened folder is read or quoted).
     """
     source = Path(source)
     try:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 
 from conjure.data.check import check_source, write_jsonl
+from conjure.data.check_settings import CheckSettings
 from conjure.data.hf import is_hf_source
 from conjure.data.images import IMAGE_EXTENSIONS, ImageError, image_size, is_image_file, load_image
 from conjure.data.sources import MASK_SUFFIX, scan_source
@@ -98,9 +99,8 @@ class JsonlBody(_Body):
     out: str
 
 
-class CheckBody(_Body):
+class CheckBody(CheckSettings):
     folder: str
-    resolution: int = 512
 
 
 # --- finding things --------------------------------------------------------------------------------
@@ -543,4 +543,9 @@ def jsonl(body: JsonlBody, request: Request) -> dict[str, Any]:
 def check(body: CheckBody, request: Request) -> dict[str, Any]:
     ws = _workspace(request)
     root = ws.dataset_root(body.folder)
-    return check_source(root, resolution=body.resolution, confine=root).to_dict()
+    return check_source(root, **body.model_dump(exclude={"folder"}), confine=root).to_dict()
+
+
+@router.get("/check/schema", summary="The check's settings (JSON schema): their defaults fill the page's form")
+def check_schema() -> dict[str, Any]:
+    return CheckSettings.model_json_schema()

@@ -193,7 +193,9 @@ export const ds = {
     const box = $("ds-check");
     box.replaceChildren(el("p", { class: "muted", text: "checking (every image is decoded once)..." }));
     try {
-      const report = await api("POST", "/api/datasets/check", { folder: this.folder, resolution: Number($("ds-resolution").value) || 512 });
+      // An empty field sends no resolution (undefined is left out of the JSON): the server's default applies.
+      const body = { folder: this.folder, resolution: Number($("ds-resolution").value) || undefined };
+      const report = await api("POST", "/api/datasets/check", body);
       const c = report.counts;
       const prefix = this.folder.endsWith("/") ? this.folder : `${this.folder}/`;
       box.replaceChildren(
@@ -269,5 +271,8 @@ export const ds = {
     const known = await this.loadRecent();
     const last = localStorage.getItem("conjure.dataset");
     if (last && known.some((d) => d.path === last)) await attempt("ds-open-msg", () => this.open(last));
+    // The check's defaults come from its settings' schema (conjure.data.check_settings), as the training form's do.
+    const settings = await api("GET", "/api/datasets/check/schema");
+    if (!$("ds-resolution").value) $("ds-resolution").value = settings.properties.resolution.default;
   },
 };
