@@ -7,7 +7,7 @@ from PIL import Image
 
 from conjure.data.captions import CaptionTransform
 from conjure.data.dataset import TrainDataset, collate, epoch_order
-from conjure.data.sources import Example
+from conjure.data.example import Example
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from PIL import Image
 from conjure.data.dataset import TrainDataset, collate
 from conjure.data.captions import CaptionTransform
 from conjure.data.images import prepare_image_and_mask
-from conjure.data.sources import MASK_SUFFIX, Example, scan_source
+from conjure.data.example import Example
+from conjure.data.sources import MASK_SUFFIX, scan_source
 
 
 def gradient_image(width=96, height=64):

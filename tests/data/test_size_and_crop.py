@@ -20,7 +20,7 @@ from conjure.data.images import (
     resize_shorter_side,
     to_tensor,
 )
-from conjure.data.sources import Example
+from conjure.data.example import Example
 from conjure.train.conditioning import encode_captions, sdxl_time_ids
 
 RESOLUTION = 20

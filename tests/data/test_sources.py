@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conjure.data.images import load_image
-from conjure.data.sources import Example, scan_source, scan_sources
+from conjure.data.example import Example
+from conjure.data.sources import scan_source, scan_sources
 from conjure.errors import ConjureError
 
 

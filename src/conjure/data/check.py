@@ -28,7 +28,8 @@ from conjure.data.buckets import Size, assign_bucket, make_buckets
 from conjure.data.check_settings import CheckSettings
 from conjure.data.images import ImageError, load_image_with_size
 from conjure.data.hf import is_hf_source
-from conjure.data.sources import PROGRESS_MIN_IMAGES, Example, scan_source, within
+from conjure.data.example import PROGRESS_MIN_IMAGES, Example
+from conjure.data.sources import scan_source, within
 from conjure.errors import ConjureError
 
 ERROR, WARNING = "error", "warning"

@@ -25,7 +25,7 @@ from conjure.data.images import (
     resize_shorter_side,
     resize_to_cover,
 )
-from conjure.data.sources import Example
+from conjure.data.example import Example
 from conjure.errors import ConjureError
 
 

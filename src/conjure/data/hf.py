@@ -36,8 +36,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from conjure.data.example import PROGRESS_MIN_IMAGES, Example, caption_of
 from conjure.data.images import IMAGE_EXTENSIONS
-from conjure.data.sources import PROGRESS_MIN_IMAGES, Example, _caption
 from conjure.errors import ConjureError
 
 HUB_PREFIX = "hf:"
@@ -261,7 +261,7 @@ def _rows_to_examples(dataset: Any, columns: Columns, label: str) -> tuple[list[
             if mask is None:
                 skipped.append((image, f"mask: {reason}"))
                 continue
-        examples.append(Example(image, _caption(caption), mask=mask))
+        examples.append(Example(image, caption_of(caption), mask=mask))
     return examples, skipped
 
 

@@ -18,30 +18,14 @@ from typing import Any
 
 from tqdm import tqdm
 
+from conjure.data import hf
+from conjure.data.example import PROGRESS_MIN_IMAGES, Example, caption_of
 from conjure.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image, load_mask
 from conjure.errors import ConjureError
-
-PROGRESS_MIN_IMAGES = 50
-"""Checking more images than this shows a progress bar; fewer finish too fast to need one."""
-
 
 MASK_SUFFIX = "-masklabel.png"
 """A folder image `x.jpg` takes its loss mask from `x-masklabel.png` beside it (OneTrainer's convention);
 such files are masks, not training images."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training image and its caption; `caption` is None when there is none (no caption file or
-    field, or only whitespace in it). `loss_weight` multiplies its loss; `is_class`: a class
-    (regularisation) image, whose caption is used as it is; `mask`: a greyscale image weighting its loss
-    per pixel (white counts, black does not), or None."""
-
-    image: Path
-    caption: str | None
-    loss_weight: float = 1.0
-    is_class: bool = False
-    mask: Path | None = None
 
 
 @dataclass
@@ -65,8 +49,6 @@ def scan_source(path: Path, *, check_images: bool = True, confine: Path | None =
     that a link pointing out of it is not a way to read other files (docs/ui.md); training and the CLI
     follow links wherever they go (the user's own folders).
     """
-    from conjure.data import hf  # here, not at the top: hf imports Example from this module
-
     path = Path(path)
     skipped: list[tuple[Path, str]] = []
     if hf.is_hf_source(path):
@@ -108,7 +90,7 @@ def scan_sources(sources: Sequence[Any], *, check_images: bool = True) -> ScanRe
         scan = scan_source(Path(source.path).expanduser(), check_images=check_images)
         skipped += scan.skipped
         for example in scan.examples:
-            caption = _caption(source.caption) if source.caption is not None else example.caption
+            caption = caption_of(source.caption) if source.caption is not None else example.caption
             made = replace(example, caption=caption, loss_weight=float(source.loss_weight),
                            is_class=bool(source.class_images))
             examples += [made] * source.repeats
@@ -155,14 +137,7 @@ def _read_caption_file(path: Path) -> str | None:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ConjureError(f"{path}: caption file is not UTF-8 (bad byte at offset {error.start})") from None
-    return _caption(text)
-
-
-def _caption(text: str | None) -> str | None:
-    """None for a missing or blank caption, else the caption stripped."""
-    if text is None or not text.strip():
-        return None
-    return text.strip()
+    return caption_of(text)
 
 
 def _jsonl_examples(path: Path) -> list[Example]:
@@ -192,7 +167,7 @@ def _jsonl_example(path: Path, number: int, line: str) -> Example:
     mask = record.get("mask")
     if mask is not None and (not isinstance(mask, str) or not mask):
         raise ConjureError(f'{where}: "mask" must be the path of a greyscale image')
-    return Example(path.parent / image, _caption(text), mask=path.parent / mask if mask else None)
+    return Example(path.parent / image, caption_of(text), mask=path.parent / mask if mask else None)
 
 
 def _check(examples: list[Example]) -> ScanResult:
