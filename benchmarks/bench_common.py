@@ -23,7 +23,7 @@ def machine() -> str:
 def median_step_seconds(run_dir: Path, *, warm_up: int) -> float:
     """Median time between a run's step events (from its events.jsonl), after `warm_up` steps (at most half the
     run); NaN when too few steps are left."""
-    from conjure.train.events import read_events
+    from conjure.runs.events import read_events
 
     times = [e["time"] for e in read_events(Path(run_dir) / "events.jsonl") if e["event"] == "step"]
     warm = min(warm_up, len(times) // 2)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from conjure.config import parse_config
-from conjure.train.events import read_events
+from conjure.runs.events import read_events
 from conjure.train.loop import train
 
 from bench_common import machine, median_step_seconds, publish  # benchmarks/bench_common.py (this script's folder)

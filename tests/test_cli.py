@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conjure.cli import main
-from conjure.train.events import read_events
+from conjure.runs.events import read_events
 
 
 def write_config(tmp_path, raw) -> Path:

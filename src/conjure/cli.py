@@ -14,10 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from conjure.errors import ConjureError
-
-EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
-EXIT_DATASET_ERRORS = 1  # `conjure dataset check` found errors (a report, not a failure of the command)
+from conjure.errors import EXIT_BUG, EXIT_DATASET_ERRORS, EXIT_INTERRUPTED, EXIT_USER_ERROR, ConjureError
 
 
 def _quiet_libraries() -> None:
@@ -54,7 +51,7 @@ def _quiet_loading_bars(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from conjure.config import load_config
     from conjure.train.loop import train
-    from conjure.train.run_dir import run_config_path
+    from conjure.runs.folder import run_config_path
 
     if args.config is None:
         if not args.resume:
@@ -111,7 +108,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from conjure.export.runs import export_step
+    from conjure.runs.export import export_step
 
     for path in export_step(Path(args.run_dir), args.step, Path(args.to), name=args.name, force=args.force):
         print(f"exported {path}")

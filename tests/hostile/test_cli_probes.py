@@ -38,7 +38,7 @@ class Probe:
 
 def _events_fill_the_disk(probe: Probe, *, at: str, also_checkpoints: bool = False) -> None:
     """Every write to events.jsonl fails from the first one holding `at` on (and checkpoints too)."""
-    from conjure.train import events
+    from conjure.runs import events
 
     real_init = events.EventLog.__init__
 
@@ -101,7 +101,7 @@ def full_disk_under_tensorboard(probe: Probe) -> list[str]:
 def _safetensors_fill_the_disk(probe: Probe) -> None:
     from safetensors import SafetensorError
 
-    from conjure.export import files
+    from conjure import files
 
     def save_file(*args, **kwargs):  # how safetensors reports ENOSPC: its own error, no errno
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

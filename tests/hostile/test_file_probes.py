@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conjure.cli import main
-from conjure.export.files import save_atomically
-from conjure.train.checkpoints import write_checkpoint
+from conjure.files import save_atomically
+from conjure.runs.checkpoints import write_checkpoint
 
 
 def run_cli(capsys, *args):

@@ -16,7 +16,7 @@ import yaml
 
 from conjure.cli import main
 from conjure.config import parse_config
-from conjure.train.checkpoints import STATE_FILE, list_checkpoints
+from conjure.runs.checkpoints import STATE_FILE, list_checkpoints
 from conjure.train.loop import train
 
 # diffusers and transformers bind their log handler to sys.stderr on first use; bind it now (pytest's
@@ -182,7 +182,7 @@ def test_a_changed_learning_rate_takes_effect_and_is_recorded(stopped_run, capsy
                          "--set", "basic.max_train_steps=6")
     assert code == 0 and "done: 6 steps" in out, err
     assert "optimizer.learning_rate 0.05 -> 0.01" in err and "basic.max_train_steps 4 -> 6" in err
-    from conjure.train.events import read_events
+    from conjure.runs.events import read_events
 
     lrs = [e["lr"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"]
     assert lrs == [0.05, 0.05, 0.01, 0.01, 0.01, 0.01]
@@ -253,7 +253,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(stopped_run, capsys):
 def test_a_run_killed_during_its_final_validation_is_finished(ti_config, capsys):
     """D15: killed after its last checkpoint, before the final validation's end: --resume renders the final
     validation and writes the end event instead of saying 'already reached step 4 of 4'."""
-    from conjure.train.events import read_events
+    from conjure.runs.events import read_events
 
     raw = ti_config(basic={"max_train_steps": 4, "validate_every_n_steps": None}, validation={"at_start": False})
     result = train(parse_config(raw))

@@ -10,7 +10,7 @@ import torch
 from conjure.config import parse_config
 from conjure.errors import ConjureError
 from conjure.models.loading import load_base_model
-from conjure.train.events import read_events
+from conjure.runs.events import read_events
 from conjure.train.loop import train
 
 PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"

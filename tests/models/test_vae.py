@@ -10,7 +10,7 @@ from conjure.config import parse_config
 from conjure.errors import ConjureError
 from conjure.models.loading import load_base_model
 from conjure.models.tiny import build_tiny_components, write_tiny_model
-from conjure.train.events import read_events
+from conjure.runs.events import read_events
 from conjure.train.loop import train
 
 

@@ -8,8 +8,8 @@ import torch
 
 from conjure.config import parse_config
 from conjure.errors import ConjureError
-from conjure.train.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint, write_checkpoint
-from conjure.train.events import read_events
+from conjure.runs.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint, write_checkpoint
+from conjure.runs.events import read_events
 from conjure.train.loop import train
 
 
@@ -77,7 +77,7 @@ def test_resume_warns_about_changed_settings(ti_config, capsys):
 
 
 def test_events_after_a_line_cut_off_by_a_kill_start_on_their_own_line(tmp_path):
-    from conjure.train.events import EventLog, read_events
+    from conjure.runs.events import EventLog, read_events
 
     path = tmp_path / "events.jsonl"
     path.write_text('{"event": "start", "time": 1}\n{"event": "step", "ste')  # killed mid-write

@@ -2,7 +2,7 @@
 
 import threading
 
-from conjure.train.run_dir import create_run_dir
+from conjure.runs.folder import create_run_dir
 
 
 def test_runs_starting_at_the_same_instant_get_their_own_folders(tmp_path):

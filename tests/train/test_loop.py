@@ -3,7 +3,7 @@
 from accelerate.optimizer import AcceleratedOptimizer
 
 from conjure.config import parse_config
-from conjure.train.events import read_events
+from conjure.runs.events import read_events
 from conjure.train.loop import train
 
 

@@ -230,7 +230,7 @@ def test_token_replaces_a_word_and_leaves_other_captions(pivotal_config, image_f
 
 def test_export_takes_the_chosen_steps_files(pivotal_config, tmp_path):
     from conjure.errors import ConjureError
-    from conjure.export.runs import export_step
+    from conjure.runs.export import export_step
 
     result = run(pivotal_config(textual_inversion={"bundle": True}))
     out = export_step(result.run_dir, 3, tmp_path / "app")

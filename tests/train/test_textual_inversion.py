@@ -6,7 +6,7 @@ import yaml
 
 from conjure.config import parse_config
 from conjure.export.embeddings import load_embedding
-from conjure.train.events import read_events
+from conjure.runs.events import read_events
 from conjure.train.loop import TrainControl, train
 
 

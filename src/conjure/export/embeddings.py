@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from conjure.errors import ConjureError
-from conjure.export.files import save_atomically
+from conjure.files import save_atomically
 
 
 def embedding_file_name(token: str) -> str:

@@ -51,7 +51,7 @@ from conjure.adapters.names import (
     unet_layout,
 )
 from conjure.errors import ConjureError
-from conjure.export.files import save_atomically
+from conjure.files import save_atomically
 
 __all__ = [
     "apply_lora",

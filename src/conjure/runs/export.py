@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from conjure.errors import ConjureError
-from conjure.export.files import copy_to_temporary
-from conjure.train.checkpoints import STATE_FILE, list_checkpoints
+from conjure.files import copy_to_temporary
+from conjure.runs.checkpoints import STATE_FILE, list_checkpoints
 
 
 def check_file_stem(name: str, field: str = "--name") -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from conjure.errors import ConjureError
-from conjure.train.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint
+from conjure.runs.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint
 
 
 def default_run_name(config_type: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from conjure.errors import ConjureError
-from conjure.export.files import save_atomically
+from conjure.files import save_atomically
 
 
 def file_digest(path: Path, _memo: dict[tuple[str, int, int], str] = {}) -> str:  # noqa: B006 - per process memo

@@ -29,7 +29,7 @@ import torch
 from conjure.config import dump_config
 from conjure.errors import ConjureError
 from conjure.models.loading import Fact
-from conjure.train.checkpoints import (
+from conjure.runs.checkpoints import (
     STATE_FILE,
     kept_checkpoint,
     load_state,
@@ -37,9 +37,9 @@ from conjure.train.checkpoints import (
     step_dir_name,
     write_checkpoint,
 )
-from conjure.train.events import EventLog
+from conjure.runs.events import EventLog
 from conjure.train.optimizers import build_optimizer, optimizer_warnings
-from conjure.train.run_dir import lock_run, resume_changes, with_absolute_paths
+from conjure.runs.folder import lock_run, resume_changes, with_absolute_paths
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -114,7 +114,7 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
 @contextmanager
 def _disk_full_as_one_line(run_dir: Path) -> Iterator[None]:
     """A full disk anywhere in the run (config, events, logs, validation images) becomes one line naming the
-    file and the checkpoint that is left (checkpoint writes say so themselves, conjure.train.checkpoints)."""
+    file and the checkpoint that is left (checkpoint writes say so themselves, conjure.runs.checkpoints)."""
     try:
         yield
     except OSError as exc:
@@ -227,7 +227,7 @@ def _place_model(model: Any, device: torch.device, precision: str) -> None:
 
 
 def _open_run_dir(config: Any, resume: str | None) -> tuple[Path | None, Path]:
-    from conjure.train.run_dir import create_run_dir, default_run_name, find_resume_checkpoint
+    from conjure.runs.folder import create_run_dir, default_run_name, find_resume_checkpoint
 
     basic = config.basic
     if resume:
@@ -621,7 +621,7 @@ class _Session:
 def _completed(run_dir: Path, step: int) -> bool:
     """Whether the run's events say it ended, completed, at `step` (a kill during the final validation leaves
     the last checkpoint without that end)."""
-    from conjure.train.events import read_events
+    from conjure.runs.events import read_events
 
     try:
         events = read_events(run_dir / "events.jsonl")

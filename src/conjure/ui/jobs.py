@@ -35,16 +35,15 @@ from typing import Any
 
 import yaml
 
-from conjure.cli import EXIT_INTERRUPTED
-from conjure.errors import ConjureError
-from conjure.train.checkpoints import list_checkpoints
+from conjure.errors import EXIT_INTERRUPTED, ConjureError
+from conjure.runs.checkpoints import list_checkpoints
 from conjure.ui.workspace import NotFound, Workspace
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 RESUMABLE = ("cancelled", "interrupted", "failed")
-# The rule of conjure.train.checkpoints.list_checkpoints (a step folder is complete once its training state is
+# The rule of conjure.runs.checkpoints.list_checkpoints (a step folder is complete once its training state is
 # in it), restated so that the server never imports torch to list a run's checkpoints.
 
 _SCHEMA = """

@@ -37,7 +37,7 @@ from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config,
 from conjure.config.loading import config_class, load_yaml, yaml_problem
 from conjure.data.hf import HUB_PREFIX
 from conjure.errors import ConjureError
-from conjure.train.checkpoints import STATE_FILE, STEP_DIR
+from conjure.runs.checkpoints import STATE_FILE, STEP_DIR
 from conjure.ui.jobs import Job, JobQueue, checkpoint_steps, read_log_lines
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
@@ -412,7 +412,7 @@ def job_checkpoints(job_id: int, request: Request) -> dict[str, Any]:
 def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any]:
     """Copy a checkpoint's files to a folder of the user's choice (`conjure export`): e.g. an app's LoRA or
     embeddings folder, so it is not bound to the workspace; existing files are kept unless `force`."""
-    from conjure.export.runs import check_file_stem, export_step
+    from conjure.runs.export import check_file_stem, export_step
 
     run_dir = _run_dir(_jobs(request).get(job_id))
     if run_dir is None:
