@@ -283,3 +283,16 @@ def test_a_checkpoint_written_before_the_rng_was_saved_still_resumes(stopped_run
     torch.save(state, state_file)
     code, out, err = cli(capsys, "train", "--resume", run_dir)
     assert code == 0 and "done: 4 steps" in out, err
+
+
+def test_only_the_main_process_holds_the_run(stopped_run, monkeypatch):
+    """Under DDP every rank resumes the same run folder: the other ranks must not be refused by the main one's
+    lock."""
+    from accelerate import Accelerator
+
+    from conjure.train.run_dir import lock_run
+
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))
+    raw = yaml.safe_load((stopped_run / "config.yaml").read_text())
+    with lock_run(stopped_run):  # the main process, training
+        assert train(parse_config(raw), resume=str(stopped_run)).step == 4

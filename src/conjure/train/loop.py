@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,8 @@ def train(config: Any, *, resume: str | None = None, control: TrainControl | Non
     chosen = _chosen(model, config.data.resolution, precision)
     resolution = chosen["resolution"].value
     checkpoint, run_dir = _open_run_dir(config, resume or config.basic.resume)
-    with _disk_full_as_one_line(run_dir), lock_run(run_dir):
+    # The main process holds the run (under DDP every rank resumes the same folder; only the main one writes it).
+    with _disk_full_as_one_line(run_dir), lock_run(run_dir) if accelerator.is_main_process else nullcontext():
         # A resume checks everything (settings, training state) before it writes: a refused one leaves the
         # run folder as it was, still resumable with its own config.
         resolved = _resolved_config(config, run_dir, resolution)
