@@ -13,7 +13,7 @@ from PIL import Image
 from conjure.data.check import check_source
 from conjure.data.sources import scan_source
 from conjure.errors import ConjureError
-from conjure.ui import datasets
+from conjure.ui import dataset_files
 from conjure.ui.app import create_app
 
 BASE = "http://127.0.0.1:7860"
@@ -302,12 +302,12 @@ def test_upload_adds_images_under_safe_names_without_overwriting(opened):
 
 
 def test_safe_names():
-    assert datasets._safe_name("a\x01b\u200b\tc.png") == "abc.png"  # control and invisible characters
-    assert datasets._safe_name(" .. x. ") == "x"
-    assert datasets._safe_name("x" * 300 + ".png") == "x" * 120 + ".png"
+    assert dataset_files.safe_name("a\x01b\u200b\tc.png") == "abc.png"  # control and invisible characters
+    assert dataset_files.safe_name(" .. x. ") == "x"
+    assert dataset_files.safe_name("x" * 300 + ".png") == "x" * 120 + ".png"
     for name in ("", "...", "a/", "..\\"):
         with pytest.raises(ConjureError, match="no usable file name"):
-            datasets._safe_name(name)
+            dataset_files.safe_name(name)
 
 
 def test_upload_refuses_what_is_not_an_image(opened, monkeypatch):
@@ -320,7 +320,7 @@ def test_upload_refuses_what_is_not_an_image(opened, monkeypatch):
 
     answer = opened.upload(("notes.txt", b"hello"))
     assert answer.status_code == 400 and answer.json()["error"].startswith("nothing added: notes.txt: cannot read")
-    monkeypatch.setattr(datasets, "MAX_UPLOAD_BYTES", 100)
+    monkeypatch.setattr(dataset_files, "MAX_UPLOAD_BYTES", 100)
     answer = opened.upload(("big.png", _png_bytes((200, 200))))
     assert answer.status_code == 400 and answer.json() == {"error": "nothing added: big.png: over 0 MB"}
     assert set(_files(opened.folder)) == set(before) | {"ok.png"}
@@ -456,14 +456,14 @@ def test_a_caption_write_racing_a_trash_of_its_image_leaves_no_orphan(api, monke
     _image(api.folder / "x.png")
     assert api.open().status_code == 200
     writing, go = threading.Event(), threading.Event()
-    original = datasets._write_atomically
+    original = dataset_files.write_atomically
 
     def slow_write(path, text):
         writing.set()
         go.wait(5)
         original(path, text)
 
-    monkeypatch.setattr(datasets, "_write_atomically", slow_write)
+    monkeypatch.setattr(dataset_files, "write_atomically", slow_write)
     answers = {}
     caption = threading.Thread(target=lambda: answers.update(caption=api.put_caption("x.png", "a cat")))
     caption.start()
