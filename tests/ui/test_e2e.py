@@ -249,6 +249,9 @@ def test_dataset_tab(page, ui_server, dataset, shots, tmp_path):
     page.locator("#ds-jsonl-msg", has_text="8 lines").wait_for()
     lines = (dataset / "shapes.jsonl").read_text().splitlines()
     assert len(lines) == 8 and json.loads(lines[0])["text"] == "zwx shape, edited in the browser"
+    from conjure.data.check_settings import CheckSettings
+
+    assert page.input_value("#ds-resolution") == str(CheckSettings().resolution)  # the default, from the schema
     page.fill("#ds-resolution", "64")
     page.click("#ds-check-form button[type=submit]")
     page.locator("#ds-check .findings li").first.wait_for()
