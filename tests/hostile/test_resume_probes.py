@@ -290,7 +290,7 @@ def test_only_the_main_process_holds_the_run(stopped_run, monkeypatch):
     lock."""
     from accelerate import Accelerator
 
-    from conjure.train.run_dir import lock_run
+    from conjure.runs.folder import lock_run
 
     monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))
     raw = yaml.safe_load((stopped_run / "config.yaml").read_text())
