@@ -1,6 +1,6 @@
 """The job queue with real runs: tiny models trained by `python -m conjure train` subprocesses, as the web app
 starts them. A run completes and the monitor shows it; a failing run fails with its error; cancel, shutdown and
-resume; a server restart finds queued, killed and still-running jobs (conjure.ui.jobs)."""
+resume; a server restart finds queued, killed and still-running jobs (conjure.ui.queue, conjure.ui.runner)."""
 
 import os
 import signal
@@ -10,7 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conjure.ui.app import create_app
-from conjure.ui.jobs import JobQueue, checkpoint_steps, same_process
+from conjure.ui.queue import checkpoint_steps
+from conjure.ui.runner import JobQueue, same_process
 from conjure.ui.training import check_config
 from conjure.ui.workspace import Workspace
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conjure.config import CONFIG_TYPES
 from conjure.ui.app import create_app
-from conjure.ui.jobs import checkpoint_steps
+from conjure.ui.queue import checkpoint_steps
 
 BASE = "http://127.0.0.1:7860"
 

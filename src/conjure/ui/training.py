@@ -1,6 +1,6 @@
 """Training tab, jobs and monitor API (prefix `/api`; the table in docs/ui.md): methods, config forms (schema,
-starter, validation, YAML both ways), saved configs, the job queue (conjure.ui.jobs) and what a run shows
-(events, log, validation images, checkpoints, export), and `/api/files`.
+starter, validation, YAML both ways), saved configs, the job queue (conjure.ui.queue, conjure.ui.runner) and what
+a run shows (events, log, validation images, checkpoints, export), and `/api/files`.
 
 Configs go through conjure.config alone (one typed config is the source of every default and message); a
 job's config is the user's with the web app's rules, checked like any field. Every path field is found by its
@@ -14,7 +14,7 @@ paths are taken from the workspace folder, the runs' working directory, and `~` 
 - "model" (`basic.base_model`, `base_model_config`, `vae`): read from anywhere, or a hub id: models live in
   the apps' folders, and are loaded, never served or written;
 - "run" (`basic.resume`) must be empty: a job continues its own run with `POST /api/jobs/{id}/resume`;
-- `basic.run_name`: a plain folder name (default `<type>-<id>`, conjure.ui.jobs).
+- `basic.run_name`: a plain folder name (default `<type>-<id>`, conjure.ui.queue).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from conjure.config.loading import config_class, load_yaml, yaml_problem
 from conjure.data.hf import HUB_PREFIX
 from conjure.errors import ConjureError
 from conjure.runs.checkpoints import STATE_FILE, STEP_DIR
-from conjure.ui.jobs import Job, JobQueue, checkpoint_steps, read_log_lines
+from conjure.ui.queue import Job, checkpoint_steps
+from conjure.ui.runner import JobQueue, read_log_lines
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 SHUTDOWN_WAIT_SECONDS = 60.0

@@ -4,7 +4,7 @@ app may serve.
 Layout (created on first use):
 
     <workspace>/
-      conjure.db        SQLite: the job queue (conjure.ui.jobs)
+      conjure.db        SQLite: the job queue (conjure.ui.queue)
       runner.lock       held (flock) by the one server that runs this workspace's jobs
       datasets.json     the data-set folders the user opened (they become servable roots)
       configs/          configs saved from the training form (<name>.yaml)

@@ -1,6 +1,6 @@
-"""The web app's job queue: jobs kept in SQLite (`<workspace>/conjure.db`) and the runner that trains them one at
-a time, oldest first, each as a subprocess `python -m conjure train jobs/<id>/config.yaml` (plus
-`--resume <run_dir>`), so a crashing run never takes the server down and the trainer knows nothing of the UI.
+"""The web app's runner: it trains the queued jobs (conjure.ui.queue) one at a time, oldest first, each as a
+subprocess `python -m conjure train jobs/<id>/config.yaml` (plus `--resume <run_dir>`), so a crashing run never
+takes the server down and the trainer knows nothing of the UI.
 
 The runner learns how a run goes only from its files: the run folder's `events.jsonl` (step, loss, the end
 and its status), its checkpoints, and the process's exit. A job's run folder is known before it starts
@@ -11,119 +11,34 @@ and its status), its checkpoints, and the process's exit. A job's run folder is 
 - queued jobs stay queued.
 Only one runner per workspace takes jobs (a lock file); a second server on the same workspace serves the API.
 
-`JobQueue(workspace)` works without a server: `submit()`, `run_once()` (one pass: follow, finish, launch) and
-`wait_idle(timeout)` drive it in tests; `start()` runs those passes in a daemon thread, `shutdown()` stops the
-running job (SIGTERM: it saves a checkpoint and stops) and records it as interrupted.
+`JobQueue(workspace)`, the job store with its runner, works without a server: `submit()`, `run_once()` (one
+pass: follow, finish, launch) and `wait_idle(timeout)` drive it in tests; `start()` runs those passes in a
+daemon thread, `shutdown()` stops the running job (SIGTERM: it saves a checkpoint and stops) and records it as
+interrupted.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import fcntl
 import json
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from conjure.errors import EXIT_INTERRUPTED, ConjureError
-from conjure.runs.checkpoints import list_checkpoints
-from conjure.ui.workspace import NotFound, Workspace
+from conjure.ui.queue import Job, JobStore, now_iso
+from conjure.ui.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
-RESUMABLE = ("cancelled", "interrupted", "failed")
-# The rule of conjure.runs.checkpoints.list_checkpoints (a step folder is complete once its training state is
-# in it), restated so that the server never imports torch to list a run's checkpoints.
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    status TEXT NOT NULL,
-    type TEXT NOT NULL,
-    config TEXT NOT NULL,            -- the validated config as YAML (output_dir absolute, run_name set)
-    run_name TEXT NOT NULL,
-    output_dir TEXT NOT NULL,
-    run_dir TEXT,                    -- set when the job first starts
-    created TEXT NOT NULL,
-    queued TEXT NOT NULL,            -- FIFO order (a resumed job queues again at the end)
-    started TEXT,
-    ended TEXT,
-    step INTEGER NOT NULL DEFAULT 0,
-    max_steps INTEGER,
-    loss REAL,
-    eta_seconds REAL,
-    error TEXT,
-    resume INTEGER NOT NULL DEFAULT 0,         -- the next launch continues run_dir
-    pid INTEGER,
-    stopping INTEGER NOT NULL DEFAULT 0,       -- the user cancelled while it ran: SIGTERM sent
-    events_offset INTEGER NOT NULL DEFAULT 0   -- where this launch's lines begin in events.jsonl (bytes)
-)
-"""
-
-
-class NoSuchJob(NotFound):
-    """No job with that id (the API answers 404)."""
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def checkpoint_steps(run_dir: Path | str | None) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run folder, oldest first ([] without a run folder)."""
-    return list_checkpoints(Path(run_dir)) if run_dir else []
-
-
-@dataclass
-class Job:
-    id: int
-    status: str
-    type: str
-    run_name: str
-    output_dir: str
-    run_dir: str | None
-    created: str
-    queued: str
-    started: str | None
-    ended: str | None
-    step: int
-    max_steps: int | None
-    loss: float | None
-    eta_seconds: float | None
-    error: str | None
-    resume: bool
-    pid: int | None
-    stopping: bool
-    events_offset: int
-    config: str = field(repr=False)
-
-    @property
-    def resumable(self) -> bool:
-        return self.status in RESUMABLE and bool(checkpoint_steps(self.run_dir))
-
-    @property
-    def dir_name(self) -> str:
-        return str(self.id)
-
-    def public(self) -> dict[str, Any]:
-        """The Job record of docs/ui.md."""
-        return {
-            "id": self.id, "status": self.status, "type": self.type, "run_name": self.run_name,
-            "run_dir": self.run_dir, "created": self.created, "started": self.started, "ended": self.ended,
-            "step": self.step, "max_steps": self.max_steps, "loss": self.loss, "eta_seconds": self.eta_seconds,
-            "error": self.error, "resumable": self.resumable, "stopping": self.stopping,
-        }
 
 
 @dataclass
@@ -166,67 +81,18 @@ def same_process(pid: int | None, config_path: Path) -> bool:
     return any("conjure" in a for a in text) and str(config_path) in text
 
 
-class JobQueue:
-    """The jobs of one workspace. Thread-safe: API threads submit and cancel, the runner thread launches and
-    follows; one SQLite connection behind a lock (WAL, so other processes can read while it writes)."""
+class JobQueue(JobStore):
+    """The jobs of one workspace and the runner that trains them. Thread-safe: API threads submit and cancel,
+    the runner thread launches and follows, all under the store's lock."""
 
     def __init__(self, workspace: Workspace, *, poll_seconds: float = 0.5):
-        self.ws = workspace
+        super().__init__(workspace)
         self.poll_seconds = poll_seconds
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(workspace.db_path, check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
         self._active: dict[int, _Follower] = {}
         self._runner_file: Any = None  # the open lock file while this queue is the workspace's runner
         self._recovered = False
         self._stop = threading.Event()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-
-    # --- records -------------------------------------------------------------------------------------
-    def _row(self, job_id: int) -> Job:
-        if not 0 < job_id < 2**63:  # SQLite's integers are 64-bit: a larger id is no job, not an OverflowError
-            raise NoSuchJob(f"no job {job_id}")
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise NoSuchJob(f"no job {job_id}")
-        return _job(row)
-
-    def get(self, job_id: int) -> Job:
-        return self._row(job_id)
-
-    def all_jobs(self) -> list[Job]:
-        """Every job, newest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC").fetchall()
-        return [_job(row) for row in rows]
-
-    def _update(self, job_id: int, **values: Any) -> None:
-        cols = ", ".join(f"{k} = ?" for k in values)
-        with self._lock:
-            self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*values.values(), job_id))
-
-    def submit(self, config: Any) -> Job:
-        """Queue a validated config (conjure.config model) whose basic.output_dir is absolute. Its run name
-        defaults to `<type>-<id>`, so the run folder is known before it starts."""
-        from conjure.config import dump_config
-
-        config = config.model_copy(deep=True)
-        stamp = now_iso()
-        with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO jobs (status, type, config, run_name, output_dir, created, queued, max_steps) "
-                "VALUES ('queued', ?, '', '', ?, ?, ?, ?)",
-                (config.type, config.basic.output_dir, stamp, stamp, config.basic.max_train_steps),
-            )
-            job_id = int(cur.lastrowid)
-            config.basic.run_name = config.basic.run_name or f"{config.type}-{job_id}"
-            self._update(job_id, config=dump_config(config), run_name=config.basic.run_name)
-        self._wake.set()
-        return self._row(job_id)
 
     def cancel(self, job_id: int) -> Job:
         """queued -> cancelled; running -> SIGTERM (the run finishes its step, saves and stops) and cancelled
@@ -241,21 +107,7 @@ class JobQueue:
                     self._signal(job, signal.SIGTERM)
             else:
                 raise ConjureError(f"job {job_id} is {job.status}; only a queued or running job can be cancelled")
-        self._wake.set()
-        return self._row(job_id)
-
-    def resume(self, job_id: int) -> Job:
-        """Queue a cancelled, interrupted or failed job again, to continue its run folder from its newest
-        checkpoint."""
-        with self._lock:
-            job = self._row(job_id)
-            if job.status not in RESUMABLE:
-                raise ConjureError(f"job {job_id} is {job.status}; only a cancelled, interrupted or failed job resumes")
-            if not checkpoint_steps(job.run_dir):
-                raise ConjureError(f"job {job_id} has no checkpoint to continue from; start it again as a new job")
-            self._update(job_id, status="queued", queued=now_iso(), ended=None, error=None, eta_seconds=None,
-                         resume=1, stopping=0, pid=None)
-        self._wake.set()
+        self.changed.set()
         return self._row(job_id)
 
     def _signal(self, job: Job, sig: int) -> None:
@@ -266,16 +118,6 @@ class JobQueue:
                 follower.proc.send_signal(sig)
         elif same_process(job.pid, config_path):
             os.kill(job.pid, sig)
-
-    # --- files ---------------------------------------------------------------------------------------
-    def job_dir(self, job: Job) -> Path:
-        return self.ws.jobs / job.dir_name
-
-    def config_path(self, job: Job) -> Path:
-        return self.job_dir(job) / "config.yaml"
-
-    def log_path(self, job: Job) -> Path:
-        return self.job_dir(job) / "log.txt"
 
     # --- the runner ----------------------------------------------------------------------------------
     def _take_runner_lock(self) -> bool:
@@ -303,17 +145,14 @@ class JobQueue:
                 self._follow(follower)
             if not self._active:
                 self._launch_next()
-            queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-            return bool(self._active) or queued > 0
+            return bool(self._active) or self.count("queued") > 0
 
     def wait_idle(self, timeout: float) -> None:
         """Run passes (or, with the runner thread started, wait for it) until no job runs or waits."""
         deadline = time.monotonic() + timeout
         while True:
             if self._thread is not None and self._thread.is_alive():
-                with self._lock:
-                    busy = bool(self._db.execute(
-                        "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()[0])
+                busy = self.count("queued", "running") > 0
             else:
                 busy = self.run_once()
             if not busy:
@@ -336,13 +175,13 @@ class JobQueue:
                 self.run_once()
             except Exception:  # noqa: BLE001 - the runner must outlive any one job's surprise
                 log.exception("job runner pass failed")
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
+            self.changed.wait(self.poll_seconds)
+            self.changed.clear()
 
     def _stop_thread(self) -> None:
         """End the runner thread (a pass in progress finishes first); nothing new starts after this."""
         self._stop.set()
-        self._wake.set()
+        self.changed.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -356,7 +195,7 @@ class JobQueue:
             if self._runner_file is not None:
                 self._runner_file.close()
                 self._runner_file = None
-            self._db.close()
+        super().close()
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """The server is stopping: SIGTERM the running job (it finishes its step, saves and stops), wait up to
@@ -381,8 +220,7 @@ class JobQueue:
     def _recover(self) -> None:
         """After a (re)start: adopt the running jobs whose process lives on; record how the others ended."""
         self._recovered = True
-        rows = self._db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY id").fetchall()
-        for job in map(_job, rows):
+        for job in self.with_status("running"):
             follower = _Follower(
                 job.id, job.pid or 0, self.config_path(job), Path(job.run_dir or ".") / "events.jsonl",
                 job.events_offset,
@@ -393,11 +231,9 @@ class JobQueue:
             self._follow(follower)  # one that is gone ends here, as its events say
 
     def _launch_next(self) -> None:
-        row = self._db.execute(
-            "SELECT * FROM jobs WHERE status = 'queued' ORDER BY queued, id LIMIT 1").fetchone()
-        if row is None:
+        job = self.next_queued()
+        if job is None:
             return
-        job = _job(row)
         try:
             self._launch(job)
         except (OSError, ValueError, yaml.YAMLError) as exc:
@@ -446,7 +282,7 @@ class JobQueue:
             return
         del self._active[follower.job_id]
         job = self._row(follower.job_id)
-        status, error = _outcome(follower.end, rc, job.stopping, self.log_path(job))
+        status, error = outcome(follower.end, rc, job.stopping, self.log_path(job))
         self._update(job.id, status=status, error=error, ended=now_iso(), pid=None, eta_seconds=None)
         log.info("job %s ended: %s%s", job.id, status, f" ({error})" if error else "")
 
@@ -483,7 +319,7 @@ class JobQueue:
         return progress
 
 
-def _outcome(end: dict[str, Any] | None, rc: int, stopping: bool, log_path: Path) -> tuple[str, str | None]:
+def outcome(end: dict[str, Any] | None, rc: int, stopping: bool, log_path: Path) -> tuple[str, str | None]:
     """A launch's final status and error from its end event, exit code (-1: unknown) and whether the user
     cancelled it."""
     said = end.get("status") if end else None
@@ -538,9 +374,3 @@ def _free_run_name(output_dir: Path, name: str) -> str:
         n += 1
         candidate = f"{name}_{n}"
     return candidate
-
-
-def _job(row: sqlite3.Row) -> Job:
-    values = dict(row)
-    values["resume"], values["stopping"] = bool(values["resume"]), bool(values["stopping"])
-    return Job(**values)
