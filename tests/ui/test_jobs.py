@@ -194,6 +194,8 @@ def test_server_restarts(workspace, make_config):
     assert second.get(waiting.id).status == "queued"  # ... and followed, one run at a time
     second.close()
     os.kill(pid, signal.SIGKILL)  # the run dies while no server watches (a reboot, the OOM killer)
+    # SIGKILL is not death yet: a process that has torch mapped takes a while to exit on a busy machine
+    until(lambda: not same_process(pid, workspace.jobs / str(job.id) / "config.yaml"))
 
     third = JobQueue(workspace, poll_seconds=0.05)
     assert third.run_once()  # the queued job starts
