@@ -20,9 +20,7 @@ def modelspec(family: Family, kind: str, *, title: str, resolution: int, predict
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture(kind, prediction_type),
         "modelspec.prediction_type": SPEC_PREDICTION_TYPES[prediction_type],
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if family.name == "sdxl"
-        else "diffusers",
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),

@@ -282,8 +282,9 @@ def _load_single_file(
     if two_encoders:
         _pick_family(family, families.SDXL, allowed, method)
     try:
-        pipeline_cls = getattr(diffusers, (families.SDXL if two_encoders else families.SD1).pipeline_class)
-        kwargs: dict[str, Any] = {} if two_encoders else {"safety_checker": None}
+        candidate = families.SDXL if two_encoders else families.SD1
+        pipeline_cls = getattr(diffusers, candidate.pipeline_class)
+        kwargs: dict[str, Any] = {"safety_checker": None} if candidate.safety_checker else {}
         if base_model_config:
             kwargs["config"] = base_model_config
         pipe = pipeline_cls.from_single_file(str(path), **kwargs)

@@ -12,39 +12,36 @@ from __future__ import annotations
 from typing import Any
 
 from conjure import families
-from conjure.errors import ConjureError
+from conjure.families import ReferenceArchitecture
 
-_CROSS_ATTN3 = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-_CROSS_ATTN3_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 
-UNET = {
-    "sd1": dict(
-        sample_size=64, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
-        attention_head_dim=8, down_block_types=_CROSS_ATTN3, up_block_types=_CROSS_ATTN3_UP,
-    ),
-    "sd2": dict(
-        sample_size=96, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=1024,
-        attention_head_dim=[5, 10, 20, 20], down_block_types=_CROSS_ATTN3, up_block_types=_CROSS_ATTN3_UP,
-        use_linear_projection=True, upcast_attention=True,
-    ),
-    "sdxl": dict(
-        sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
-        attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
-        addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    ),
-}
-# (hidden, intermediate, layers, heads, activation, projection_dim, with projection)
-TEXT = {
-    "clip-l": (768, 3072, 12, 12, "quick_gelu", 768, False),
-    "openclip-h": (1024, 4096, 23, 16, "gelu", 512, False),
-    "openclip-bigg": (1280, 5120, 32, 20, "gelu", 1280, True),
-}
-ENCODERS = {"sd1": ["clip-l"], "sd2": ["openclip-h"], "sdxl": ["clip-l", "openclip-bigg"]}
-VAE = {"sd1": (512, 0.18215), "sd2": (768, 0.18215), "sdxl": (1024, 0.13025)}
-SCHEDULER = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
+
+def unet_config(arch: ReferenceArchitecture) -> dict[str, Any]:
+    """The diffusers UNet config of a full-size family (its published unet/config.json, non-default keys only)."""
+    config: dict[str, Any] = dict(
+        sample_size=arch.resolution // 8, block_out_channels=list(arch.block_out_channels), layers_per_block=2,
+        cross_attention_dim=arch.cross_attention_dim, attention_head_dim=_listed(arch.attention_head_dim),
+        down_block_types=list(arch.down_blocks), up_block_types=list(arch.up_blocks),
+    )
+    if arch.transformer_layers:
+        config["transformer_layers_per_block"] = list(arch.transformer_layers)
+    if arch.linear_projection:
+        config["use_linear_projection"] = True
+    if arch.upcast_attention:
+        config["upcast_attention"] = True
+    if arch.addition_time_embed_dim:
+        # 6 micro-conditioning numbers (original size, crop top-left, target size), each time-embedded, and the
+        # pooled embedding of the last encoder
+        config.update(
+            addition_embed_type="text_time", addition_embed_type_num_heads=arch.addition_embed_heads,
+            addition_time_embed_dim=arch.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=6 * arch.addition_time_embed_dim + arch.encoders[-1].projection_dim,
+        )
+    return config
+
+
+def _listed(value: int | tuple[int, ...]) -> int | list[int]:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def build_reference_vae(family: str, *, device: str = "cpu") -> Any:
@@ -53,12 +50,12 @@ def build_reference_vae(family: str, *, device: str = "cpu") -> Any:
     import torch
     from diffusers import AutoencoderKL
 
-    size, scale = VAE[family]
+    arch = families.get(family).reference
     with torch.device(device):
         return AutoencoderKL(
-            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=size,
-            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-            scaling_factor=scale, force_upcast=family == "sdxl",
+            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+            sample_size=arch.resolution, down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=arch.vae_scale, force_upcast=arch.vae_force_upcast,
         )
 
 
@@ -70,29 +67,26 @@ def build_reference_components(family: str, *, device: str = "cpu", seed: int = 
 
     from conjure.models.tokenizer import clip_tokenizer
 
-    if family not in UNET:
-        raise ConjureError(f"unknown model family {family!r}: choose one of {', '.join(UNET)}")
+    fam = families.get(family)
     torch.manual_seed(seed)
     parts: dict[str, Any] = {}
     with torch.device(device):
-        parts["unet"] = UNet2DConditionModel(**UNET[family])
+        parts["unet"] = UNet2DConditionModel(**unet_config(fam.reference))
         parts["vae"] = build_reference_vae(family, device=device)
-        for i, (name, pad) in enumerate(zip(ENCODERS[family], families.get(family).pad_tokens)):
-            hidden, inter, layers, heads, act, proj, with_proj = TEXT[name]
+        for slot, arch in zip(fam.text_encoders, fam.reference.encoders):
             config = CLIPTextConfig(
-                vocab_size=49408, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                num_attention_heads=heads, hidden_act=act, projection_dim=proj, max_position_embeddings=77,
+                vocab_size=49408, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+                num_hidden_layers=arch.layers, num_attention_heads=arch.heads, hidden_act=arch.activation,
+                projection_dim=arch.projection_dim, max_position_embeddings=77,
                 bos_token_id=0, eos_token_id=2, pad_token_id=1,
             )
-            suffix = "" if i == 0 else f"_{i + 1}"
-            parts[f"text_encoder{suffix}"] = (CLIPTextModelWithProjection if with_proj else CLIPTextModel)(config)
-            parts[f"tokenizer{suffix}"] = clip_tokenizer(pad)
+            parts[slot.encoder] = (CLIPTextModelWithProjection if slot.pooled else CLIPTextModel)(config)
+            parts[slot.tokenizer] = clip_tokenizer(slot.pad_token)
     parts["scheduler"] = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
-        prediction_type=SCHEDULER[family],
+        prediction_type=fam.reference.prediction_type,
     )
-    if family != "sdxl":
-        parts.update(safety_checker=None, feature_extractor=None, image_encoder=None)
-    else:
-        parts.update(feature_extractor=None, image_encoder=None)
+    if fam.safety_checker:
+        parts["safety_checker"] = None
+    parts.update(feature_extractor=None, image_encoder=None)
     return parts

@@ -47,12 +47,19 @@ from typing import Any, Iterator
 
 from conjure import families
 from conjure.errors import ConjureError
+from conjure.families import Family
 from conjure.models.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer
 
 __all__ = ["FAMILIES", "build_tiny_components", "save_model_folder", "write_tiny_model"]
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = tuple(families.FAMILIES)
 
+# The default size: every encoder 32 wide with 4 heads; the UNet's two levels are 32 and 64 channels wide.
+_SMALL_ENCODER = dict(hidden=32, heads=4, intermediate=64, projection_dim=32)
+_SMALL_UNET = dict(
+    block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
 
 
 @dataclass(frozen=True)
@@ -66,32 +73,20 @@ class _TextEncoderSpec:
     layers: int = 2
 
 
-def _text_encoder_specs(family: str, real_widths: bool) -> tuple[_TextEncoderSpec, ...]:
-    # hidden_act: OpenAI CLIP-L (SD1, SDXL-1) uses quick_gelu, OpenCLIP ViT-H/bigG (SD2, SDXL-2) gelu.
-    if not real_widths:
-        small = dict(hidden=32, heads=4, intermediate=64)
-        if family == "sd1":
-            return (_TextEncoderSpec(**small, act="quick_gelu", projection_dim=32),)
-        if family == "sd2":
-            return (_TextEncoderSpec(**small, act="gelu", projection_dim=32),)
-        return (
-            _TextEncoderSpec(**small, act="quick_gelu", projection_dim=32),
-            _TextEncoderSpec(**small, act="gelu", projection_dim=32, with_projection=True),
-        )
-    clip_l = _TextEncoderSpec(hidden=768, heads=12, intermediate=3072, act="quick_gelu", projection_dim=768)
-    if family == "sd1":
-        return (clip_l,)
-    if family == "sd2":
-        return (_TextEncoderSpec(hidden=1024, heads=16, intermediate=4096, act="gelu", projection_dim=512),)
-    bigg = _TextEncoderSpec(
-        hidden=1280, heads=20, intermediate=5120, act="gelu", projection_dim=1280, with_projection=True
-    )
-    return (clip_l, bigg)
+def _text_encoder_specs(family: Family, real_widths: bool) -> tuple[_TextEncoderSpec, ...]:
+    """The reference encoders with 2 layers (real_widths), or also 32 wide: activations and projections kept."""
+    specs = []
+    for slot, arch in zip(family.text_encoders, family.reference.encoders):
+        widths = dict(hidden=arch.hidden, heads=arch.heads, intermediate=arch.intermediate,
+                      projection_dim=arch.projection_dim) if real_widths else _SMALL_ENCODER
+        specs.append(_TextEncoderSpec(**widths, act=arch.activation, with_projection=slot.pooled))
+    return tuple(specs)
 
 
 def _unet_config(
-    family: str, real_widths: bool, text_specs: tuple[_TextEncoderSpec, ...], real_layout: bool = False
+    family: Family, real_widths: bool, text_specs: tuple[_TextEncoderSpec, ...], real_layout: bool = False
 ) -> dict[str, Any]:
+    arch = family.reference
     cross_attention_dim = sum(s.hidden for s in text_specs)  # SDXL concatenates both encoders' hidden states
     config: dict[str, Any] = dict(
         sample_size=8,  # pipelines default to sample_size * 8 = 64 px
@@ -100,33 +95,24 @@ def _unet_config(
         attention_head_dim=8,  # diffusers' legacy name: this is the number of heads
         norm_num_groups=8,
         cross_attention_dim=cross_attention_dim,
-        use_linear_projection=family in ("sd2", "sdxl"),
+        use_linear_projection=arch.linear_projection,
     )
     if not real_widths and not real_layout:
-        config.update(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        )
-    elif family in ("sd1", "sd2"):
-        config.update(
-            block_out_channels=(32, 32, 64, 64),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        )
+        config.update(_SMALL_UNET)
     else:
+        # the reference block layout, 32 channels wide but the last two levels 64 (SD: 32/32/64/64, SDXL: 32/64/64)
+        levels = len(arch.block_out_channels)
         config.update(
-            block_out_channels=(32, 64, 64),
+            block_out_channels=(32,) * (levels - 2) + (64, 64),
             layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 2),  # real SDXL: (1, 2, 10)
+            down_block_types=arch.down_blocks,
+            up_block_types=arch.up_blocks,
         )
-    if family == "sdxl":
-        time_dim = 256 if real_widths else 8
-        pooled_dim = text_specs[1].projection_dim
+        if arch.transformer_layers:
+            config["transformer_layers_per_block"] = tuple(min(n, 2) for n in arch.transformer_layers)  # SDXL: 1/2/10
+    if arch.addition_time_embed_dim:
+        time_dim = arch.addition_time_embed_dim if real_widths else 8
+        pooled_dim = text_specs[-1].projection_dim
         config.update(
             addition_embed_type="text_time",
             addition_time_embed_dim=time_dim,
@@ -146,11 +132,6 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ConjureError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
-
-
 def build_tiny_components(
     family: str, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0
 ) -> dict[str, Any]:
@@ -163,15 +144,15 @@ def build_tiny_components(
     Each module is built under its own seed (seed, seed+1, ...) in a forked RNG: the caller's torch RNG is untouched.
     real_layout: the real UNet block layout (layers_per_block=2) with the default small widths (module docstring).
     """
-    _check_family(family)
+    fam = families.get(family)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizers = [clip_tokenizer(pad) for pad in families.get(family).pad_tokens]
-    text_specs = _text_encoder_specs(family, real_widths)
+    tokenizers = [clip_tokenizer(pad) for pad in fam.pad_tokens]
+    text_specs = _text_encoder_specs(fam, real_widths)
 
     with _seeded(seed):
-        unet = UNet2DConditionModel(**_unet_config(family, real_widths, text_specs, real_layout))
+        unet = UNet2DConditionModel(**_unet_config(fam, real_widths, text_specs, real_layout))
     with _seeded(seed + 1):
         vae = AutoencoderKL(
             in_channels=3,
@@ -183,7 +164,7 @@ def build_tiny_components(
             norm_num_groups=4,
             latent_channels=4,
             sample_size=64,
-            scaling_factor=0.13025 if family == "sdxl" else 0.18215,  # the real VAEs' factors
+            scaling_factor=fam.reference.vae_scale,  # the real VAE's factor
         )
     text_encoders = []
     for i, (spec, tokenizer) in enumerate(zip(text_specs, tokenizers)):
@@ -212,21 +193,19 @@ def build_tiny_components(
         beta_schedule="scaled_linear",
         steps_offset=1,
         clip_sample=False,
-        prediction_type="v_prediction" if family == "sd2" else "epsilon",
+        prediction_type=fam.reference.prediction_type,
     )
     components: dict[str, Any] = {
         "unet": unet.eval(),
         "vae": vae.eval(),
-        "text_encoder": text_encoders[0],
-        "tokenizer": tokenizers[0],
         "scheduler": scheduler,
         "image_encoder": None,
         "feature_extractor": None,
     }
-    if family == "sdxl":
-        components["text_encoder_2"] = text_encoders[1]
-        components["tokenizer_2"] = tokenizers[1]
-    else:
+    for slot, encoder, tokenizer in zip(fam.text_encoders, text_encoders, tokenizers):
+        components[slot.encoder] = encoder
+        components[slot.tokenizer] = tokenizer
+    if fam.safety_checker:
         components["safety_checker"] = None
     return components
 
@@ -241,7 +220,7 @@ def write_tiny_model(
     `UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet")`. Files of the same names already in
     `out_dir` are overwritten. Sizes and times: see the module docstring.
     """
-    _check_family(family)
+    families.get(family)  # an unknown family fails before anything is written
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConjureError(f"cannot write a model to {out_dir}: it is a file, not a folder")
@@ -251,16 +230,16 @@ def write_tiny_model(
 
 def save_model_folder(family: str, components: dict[str, Any], out_dir: Path) -> Path:
     """Save pipeline components as a standard diffusers model folder (also used for full-size models)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    fam = families.get(family)
+    # no output filter: SD pipelines would warn about the missing safety checker, SDXL's adds a watermarker
+    quiet = {"requires_safety_checker": False} if fam.safety_checker else {"add_watermarker": False}
+    pipe = getattr(diffusers, fam.pipeline_class)(**components, **quiet)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # save_pretrained writes only tokenizer.json + tokenizer_config.json in transformers 5; rewrite the tokenizer
     # folders with vocab.json/merges.txt/special_tokens_map.json too, like real SD folders (and transformers 4).
-    for slot in families.get(family).text_encoders:
+    for slot in fam.text_encoders:
         write_clip_tokenizer(out_dir / slot.tokenizer, slot.pad_token)
         _prefix_text_model_keys(out_dir / slot.encoder / "model.safetensors")
     return out_dir

@@ -10,10 +10,11 @@ import random
 from importlib import resources
 from pathlib import Path
 
+from conjure import families
 from conjure.errors import ConjureError
 from conjure.toy import world
 
-VARIANTS = ("sd1", "sd2", "sdxl")
+VARIANTS = tuple(families.FAMILIES)  # one toy model per family, named after it
 
 
 def toy_model(variant: str) -> Path:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from conjure import families
 from conjure.toy import world
 
-VARIANTS = ("sd1", "sd2", "sdxl")
+VARIANTS = tuple(families.FAMILIES)  # one toy model per family, named after it
 
 
 def render_batch(scenes: list[world.Scene]) -> torch.Tensor:
@@ -143,35 +143,37 @@ def build_variant(variant: str, seed: int = 0) -> dict[str, Any]:
     from conjure.toy.tokenizer import toy_tokenizer
 
     torch.manual_seed(seed)
-    sdxl = variant == "sdxl"
-    pads = families.get(variant).pad_tokens  # each toy variant pads like the real family it stands for
-    widths = (32, 32) if sdxl else (64,)
+    family = families.get(variant)
+    arch = family.reference
+    # 64 channels of cross-attention, split evenly among the encoders; every encoder takes the activation of the
+    # family's last one (the toy models were trained so: SDXL's toy CLIP-L stand-in uses gelu)
+    width = 64 // len(family.text_encoders)
     parts: dict[str, Any] = {}
-    for i, (pad, width) in enumerate(zip(pads, widths)):
-        tokenizer = toy_tokenizer(pad)
+    for slot in family.text_encoders:
+        tokenizer = toy_tokenizer(slot.pad_token)  # each toy variant pads like the real family it stands for
         config = CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
-            hidden_act="gelu" if variant != "sd1" else "quick_gelu", bos_token_id=tokenizer.bos_token_id,
+            hidden_act=arch.encoders[-1].activation, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-        suffix = "" if i == 0 else "_2"
-        parts[f"tokenizer{suffix}"] = tokenizer
-        parts[f"text_encoder{suffix}"] = (CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(config)
+        parts[slot.tokenizer] = tokenizer
+        parts[slot.encoder] = (CLIPTextModelWithProjection if slot.pooled else CLIPTextModel)(config)
     extra = {}
-    if sdxl:
+    if arch.addition_time_embed_dim:
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                     projection_class_embeddings_input_dim=6 * 8 + widths[1])
+                     projection_class_embeddings_input_dim=6 * 8 + width)
     parts["unet"] = UNet2DConditionModel(
         sample_size=world.SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64), norm_num_groups=8, attention_head_dim=8, cross_attention_dim=sum(widths),
+        block_out_channels=(32, 64, 64), norm_num_groups=8, attention_head_dim=8,
+        cross_attention_dim=width * len(family.text_encoders),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        use_linear_projection=variant != "sd1", **extra,
+        use_linear_projection=arch.linear_projection, **extra,
     )
     parts["scheduler"] = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
-        prediction_type="v_prediction" if variant == "sd2" else "epsilon",
+        prediction_type=arch.prediction_type,
     )
     return parts
 
@@ -231,7 +233,7 @@ def train_variant(
         noisy = scheduler.add_noise(latents, noise, t)
         captions = [world.caption(scenes[i], rng) for i in idx.tolist()]
         cond = encode_captions(list(zip(tokenizers, encoders)), captions, torch.device("cpu"),
-                               resolution=world.SIZE, zero_empty=variant == "sdxl")
+                               resolution=world.SIZE, zero_empty=True)
         pred = parts["unet"](noisy, t, **cond).sample
         target = diffusion_target(scheduler, latents, noise, t)
         per_item = (pred - target).pow(2).mean(dim=(1, 2, 3))
@@ -247,10 +249,14 @@ def train_variant(
                     p_avg.lerp_(p, 1 - decay)
         if step % log_every == 0 or step == steps - 1:
             print(f"{variant} {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - started:.0f} s", flush=True)
+    return _save_trained(parts, ema, Path(out))
+
+
+def _save_trained(parts: dict[str, Any], ema: list[Any], out: Path) -> dict[str, Any]:
+    """Keep the EMA copies (UNet, then the text encoders in order) in `parts` and save them under `out`."""
     parts["unet"], parts["text_encoder"] = ema[0], ema[1]
     if len(ema) > 2:
         parts["text_encoder_2"] = ema[2]
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts["unet"].save_pretrained(out / "unet")
     parts["scheduler"].save_pretrained(out / "scheduler")
@@ -283,8 +289,9 @@ def assemble(build: Path, to: Path) -> None:
             "scheduler": DDPMScheduler.from_pretrained(src / "scheduler"),
             "text_encoder": CLIPTextModel.from_pretrained(src / "text_encoder"),
         }
-        if variant == "sdxl":
-            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(src / "text_encoder_2")
+        for slot in families.get(variant).text_encoders[1:]:
+            parts[slot.encoder] = (CLIPTextModelWithProjection if slot.pooled else CLIPTextModel).from_pretrained(
+                src / slot.encoder)
         for name, part in parts.items():
             if name != "scheduler":
                 part.to(torch.float16).save_pretrained(dest / name)
@@ -308,15 +315,17 @@ def _model_index(variant: str) -> dict[str, Any]:
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
     }
-    if variant == "sdxl":
-        index.update(
-            _class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-            tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True,
-            feature_extractor=[None, None], image_encoder=[None, None],
-        )
+    family = families.get(variant)
+    index["_class_name"] = family.pipeline_class
+    for slot in family.text_encoders[1:]:
+        model = "CLIPTextModelWithProjection" if slot.pooled else "CLIPTextModel"
+        index.update({slot.encoder: ["transformers", model], slot.tokenizer: ["transformers", "CLIPTokenizer"]})
+    if not family.safety_checker:
+        # diffusers' SDXL pipeline config: an empty prompt is encoded as zeros (conditioning.encode_text's zero_empty)
+        index["force_zeros_for_empty_prompt"] = True
     else:
-        index.update(
-            _class_name="StableDiffusionPipeline", safety_checker=[None, None], feature_extractor=[None, None],
-            image_encoder=[None, None], requires_safety_checker=False,
-        )
+        index["safety_checker"] = [None, None]
+    index.update(feature_extractor=[None, None], image_encoder=[None, None])
+    if family.safety_checker:
+        index["requires_safety_checker"] = False
     return index

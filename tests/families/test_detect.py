@@ -1,0 +1,71 @@
+"""families.detect() read directly from UNet configs (the tiny models', the full-size references', hand-written
+ones), and each Family record agrees with itself: the slots, the reference architecture and the kohya names."""
+
+from __future__ import annotations
+
+import pytest
+from diffusers.configuration_utils import FrozenDict
+
+from conjure import families
+from conjure.errors import ConjureError
+from conjure.models.reference import unet_config
+from conjure.models.tiny import build_tiny_components
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+@pytest.mark.parametrize("size", [{}, {"real_layout": True}, {"real_widths": True}])
+def test_tiny_models_are_detected_as_their_family(name, size):
+    parts = build_tiny_components(name, **size)
+    assert families.detect(parts["unet"].config, has_text_encoder_2="text_encoder_2" in parts) is families.get(name)
+
+
+@pytest.mark.parametrize("name", list(families.FAMILIES))
+def test_full_size_configs_are_detected_as_their_family(name):
+    family = families.get(name)
+    config = FrozenDict(unet_config(family.reference))
+    assert families.detect(config, has_text_encoder_2=len(family.text_encoders) == 2) is family
+
+
+def test_what_each_family_is_told_by():
+    # SDXL: the text_time add-embedding, or a second text encoder alone
+    assert families.detect({"addition_embed_type": "text_time"}, has_text_encoder_2=False) is families.SDXL
+    assert families.detect({}, has_text_encoder_2=True) is families.SDXL
+    # SD 2.x: linear projections, or OpenCLIP-H's 1024-wide cross-attention alone (an sgm-layout 2.x file)
+    assert families.detect({"use_linear_projection": True}, has_text_encoder_2=False) is families.SD2
+    assert families.detect({"cross_attention_dim": 1024}, has_text_encoder_2=False) is families.SD2
+    # SD 1.x: neither; width alone does not tell (tiny models of every family are 32 wide)
+    assert families.detect({"cross_attention_dim": 768}, has_text_encoder_2=False) is families.SD1
+    assert families.detect({"cross_attention_dim": 32}, has_text_encoder_2=False) is families.SD1
+    assert families.detect({"use_linear_projection": False, "addition_embed_type": None}, False) is families.SD1
+
+
+def test_get_takes_a_name_or_a_family_and_names_the_known_ones():
+    assert families.get("sd2") is families.SD2 and families.get(families.SDXL) is families.SDXL
+    for bad in ("sd3", None):
+        with pytest.raises(ConjureError, match=r"unknown model family .*known: sd1, sd2, sdxl"):
+            families.get(bad)
+
+
+@pytest.mark.parametrize("family", list(families.FAMILIES.values()), ids=list(families.FAMILIES))
+def test_each_record_agrees_with_itself(family):
+    arch = family.reference
+    assert [s.width for s in family.text_encoders] == [e.hidden for e in arch.encoders]
+    assert arch.cross_attention_dim == sum(s.width for s in family.text_encoders)
+    assert len(arch.down_blocks) == len(arch.up_blocks) == len(arch.block_out_channels)
+    # the pooled encoder (a CLIPTextModelWithProjection) is the last; its projection feeds the add-embedding
+    assert [s.pooled for s in family.text_encoders].count(True) == (1 if arch.addition_time_embed_dim else 0)
+    prefixes = family.kohya_prefixes()
+    assert len(set(prefixes.values())) == len(prefixes) == 1 + len(family.text_encoders)
+    if family.resolution_by_prediction:
+        assert dict(family.resolution_by_prediction)[arch.prediction_type] == arch.resolution
+    assert family.ss_base_model_version.startswith(family.ss_version_prefix)
+    assert family.modelspec_prefix.startswith(family.modelspec_family)
+    assert family.modelspec_prefix_v.startswith(family.modelspec_family)
+    assert family.slot("text_encoder") is family.text_encoders[0] and family.slot("vae") is None
+
+
+def test_metadata_prefixes_tell_the_families_apart():
+    names = list(families.FAMILIES.values())
+    for field in ("ss_version_prefix", "modelspec_family"):
+        values = [getattr(f, field) for f in names]
+        assert not any(a != b and a.startswith(b) for a in values for b in values), field
