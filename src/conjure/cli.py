@@ -116,7 +116,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from conjure.export.lora import convert_lora
+    from conjure.export.convert import convert_lora
 
     src, out = Path(args.input), Path(args.output)
     if not src.is_file():

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from conjure.adapters import LoraModule
 from conjure.cli import main
-from conjure.export.lora import save_kohya
+from conjure.export.kohya import save_kohya
 
 NAME = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 

@@ -165,7 +165,7 @@ def test_written_files_respect_the_umask(capsys, tmp_path, umask):
 
 
 def test_conversions_respect_the_umask(capsys, tmp_path, umask):
-    from conjure.export.lora import save_kohya
+    from conjure.export.kohya import save_kohya
     from conjure.adapters import LoraModule
     from conjure.families import SD1
 

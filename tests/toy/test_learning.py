@@ -172,7 +172,8 @@ def train_lora(variant, tmp_path, *, dora=False, steps=LORA_STEPS):
 def measure_lora(variant, path, *, dora):
     """Concept share and loss with the trigger, and the control prompt's colour and pixels, before and after
     loading the file the way apps do (diffusers' loader; conjure's reader for kohya DoRA, which diffusers drops)."""
-    from conjure.export.lora import apply_lora, load_kohya
+    from conjure.export.convert import apply_lora
+    from conjure.export.kohya import load_kohya
 
     pipe = load_pipeline(toy_model(variant))
     scenes = concept_scenes(8, seed=999)

@@ -123,7 +123,8 @@ def _with_components(model):
 
 
 def test_kohya_dora_file_layout_and_conjures_reader_reproduce_the_trained_unet(lora_config, tiny_models):
-    from conjure.export.lora import apply_lora, load_kohya
+    from conjure.export.convert import apply_lora
+    from conjure.export.kohya import load_kohya
     from conjure.methods.lora import Lora
     from conjure.models.loading import load_base_model
 

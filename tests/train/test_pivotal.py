@@ -120,7 +120,7 @@ def test_the_two_files_reproduce_the_trained_model_in_diffusers(pivotal_config, 
 def test_bundle_file_layout(pivotal_config):
     """The bundle = the LoRA file's tensors + the embedding under `bundle_emb.<name>.<part>` (FORMATS.md)."""
     from conjure.export.embeddings import unbundle
-    from conjure.export.lora import load_kohya
+    from conjure.export.kohya import load_kohya
 
     for family, parts in (("sd1", {"string_to_param.*"}), ("sdxl", {"clip_l", "clip_g"})):
         raw = pivotal_config(family, textual_inversion={"bundle": True}, basic={"max_train_steps": 2,

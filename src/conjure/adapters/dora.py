@@ -5,7 +5,7 @@ kohya-format DoRA is trained with these layers and PEFT-format DoRA with PEFT's 
 Why not LyCORIS's `LoConModule` (which implements this decomposition): it hooks `forward` of the original
 module instead of replacing it (invisible to DDP wrapping of the UNet), computes the merged weight in the
 frozen weight's dtype (a bf16 base rounds the small update away) and takes ~6 s to import. The function is
-small enough to own, and it is checked against `conjure.export.lora.apply_lora` (how the apps merge a file).
+small enough to own, and it is checked against `conjure.export.convert.apply_lora` (how the apps merge a file).
 
 The apps compute W'' = dora_scale * W' / ||W'||_col with W' = W + (alpha/r) up @ down, the norm taken per
 input column (over the output dim and kernel dims). A per-input-column factor on the weight equals the

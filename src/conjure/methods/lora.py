@@ -7,7 +7,7 @@ text encoders, so the loop wraps those models for distributed training and valid
 same components render with the adapters live. Only adapter parameters train; they are float32 whatever the
 frozen weights' precision.
 
-Checkpoints write the neutral `LoraWeights` (conjure.adapters) through `conjure.export.lora`: the kohya file
+Checkpoints write the neutral `LoraWeights` (conjure.adapters) through `conjure.export.kohya` / `conjure.export.peft`: the kohya file
 by default, or diffusers' PEFT format.
 """
 
@@ -221,7 +221,8 @@ class Lora:
 
     def write(self, path: Path, metadata: dict[str, str], *, bundle: dict[str, torch.Tensor] | None = None) -> Path:
         """The LoRA file in the configured format and precision; `bundle`: extra `bundle_emb.*` tensors (kohya)."""
-        from conjure.export.lora import save_kohya, save_peft
+        from conjure.export.kohya import save_kohya
+        from conjure.export.peft import save_peft
 
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.section.save_dtype]
         weights, family = self.lora_weights(), self.model.family

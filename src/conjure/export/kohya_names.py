@@ -1,20 +1,20 @@
-"""Kohya key names of adapted modules, both ways (FORMATS.md, "LoRA (kohya format)").
+"""Kohya key names of adapted modules, both ways (FORMATS.md, "LoRA (kohya format)"); the family says which scheme.
 
 `kohya_name(component, module_path, family, unet_config)` gives the name that prefixes a module's tensors in a
 kohya file (`NAME.lora_down.weight`, ...); `module_path_from_kohya(name, family, unet_config)` reads it back.
 
-- UNet, SD 1.x/2.x: `lora_unet_` + the diffusers module path with `.` -> `_`.
-- UNet, SDXL: the original (LDM / SGM) module paths, as kohya sd-scripts writes them: down block i, layer j ->
-  `input_blocks_{1+(L+1)i+j}`, its downsampler -> `input_blocks_{(L+1)(i+1)}_0_op`; mid block -> `middle_block_0/1/2`;
-  up block i, layer j -> `output_blocks_{(L+1)i+j}`, its upsampler -> `output_blocks_{(L+1)i+L}_{2|1}_conv` (2 when
-  the level has attention); resnets are part `_0_` with LDM part names (`in_layers_2`, `out_layers_3`,
-  `emb_layers_1`, `skip_connection`), attentions part `_1_` with the diffusers names inside
-  (`transformer_blocks_0_attn1_to_q`, `proj_in`, ...); top level: `input_blocks_0_0` (conv_in), `out_2`
+- UNet, the family's `unet_naming="diffusers"` (SD 1.x/2.x): `lora_unet_` + the diffusers module path, `.` -> `_`.
+- UNet, `unet_naming="ldm"` (SDXL): the original (LDM / SGM) module paths, as kohya sd-scripts writes them: down
+  block i, layer j -> `input_blocks_{1+(L+1)i+j}`, its downsampler -> `input_blocks_{(L+1)(i+1)}_0_op`; mid block ->
+  `middle_block_0/1/2`; up block i, layer j -> `output_blocks_{(L+1)i+j}`, its upsampler ->
+  `output_blocks_{(L+1)i+L}_{2|1}_conv` (2 when the level has attention); resnets are part `_0_` with LDM part names
+  (`in_layers_2`, `out_layers_3`, `emb_layers_1`, `skip_connection`), attentions part `_1_` with the diffusers names
+  inside (`transformer_blocks_0_attn1_to_q`, `proj_in`, ...); top level: `input_blocks_0_0` (conv_in), `out_2`
   (conv_out), `time_embed_0/2`, `label_emb_0_0/0_2` (add_embedding). L = layers per block (2 in SDXL). Checked
-  against diffusers' `convert_ldm_unet_checkpoint` and its kohya LoRA loader in tests/adapters.
-- Text encoders: `lora_te_` (SD 1.x/2.x), `lora_te1_` / `lora_te2_` (SDXL) + the path under the old
-  `text_model.` attribute: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`. transformers 5's
-  `CLIPTextModel` has no `text_model` attribute (its modules are `encoder.layers.0...`), while
+  against diffusers' `convert_ldm_unet_checkpoint` and its kohya LoRA loader in tests/export/test_kohya_names.py.
+- Text encoders: each slot's `kohya_prefix` (`lora_te_` for SD 1.x/2.x, `lora_te1_` / `lora_te2_` for SDXL) + the
+  path under the old `text_model.` attribute: `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`.
+  transformers 5's `CLIPTextModel` has no `text_model` attribute (its modules are `encoder.layers.0...`), while
   `CLIPTextModelWithProjection` keeps it; the names always contain `text_model_`.
 
 The reader accepts both spellings for every family (diffusers paths and LDM paths for the UNet, with or without
@@ -42,11 +42,8 @@ __all__ = [
     "SDXL_LAYOUT",
     "UnetLayout",
     "canonical_module_path",
-    "family_name_of",
     "kohya_name",
     "kohya_prefixes",
-    "layout_from_metadata",
-    "layout_metadata",
     "module_path_from_kohya",
     "resolve_module_path",
     "unet_layout",
@@ -55,24 +52,10 @@ __all__ = [
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _TEXT_MODEL = "text_model."
 
-# metadata keys conjure writes so a reader can undo the SDXL LDM numbering without the model at hand
-META_LAYERS_PER_BLOCK = "conjure.unet_layers_per_block"
-META_UP_ATTENTION = "conjure.unet_up_block_attention"
-
-
-def family_name_of(family: Any) -> str:
-    """'sd1' / 'sd2' / 'sdxl' from a name or a `conjure.families.Family`."""
-    name = getattr(family, "name", family)
-    if name not in families.FAMILIES:
-        raise ConjureError(f"unknown model family {family!r} (known: {', '.join(families.FAMILIES)})")
-    return name
-
 
 def kohya_prefixes(family: Any) -> dict[str, str]:
     """component -> kohya name prefix for `family`."""
-    if family_name_of(family) == "sdxl":
-        return {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    return {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    return families.get(family).kohya_prefixes()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,7 +80,7 @@ class UnetLayout:
         return self.up_block_attention[block]
 
 
-SDXL_LAYOUT = UnetLayout(2, (True, True, False))
+SDXL_LAYOUT = UnetLayout(2, tuple("CrossAttn" in t for t in families.SDXL.reference.up_blocks))
 
 
 def _config_get(config: Any, key: str) -> Any:
@@ -128,39 +111,13 @@ def unet_layout(unet_config: Any = None) -> UnetLayout:
     return UnetLayout(int(layers), attention)
 
 
-def layout_metadata(unet_config: Any) -> dict[str, str]:
-    """Metadata keys recording the layout (written into SDXL kohya files so readers need no model)."""
-    layout = unet_layout(unet_config)
-    out = {META_LAYERS_PER_BLOCK: str(layout.layers_per_block)}
-    if layout.up_block_attention is not None:
-        out[META_UP_ATTENTION] = ",".join("1" if a else "0" for a in layout.up_block_attention)
-    return out
-
-
-def layout_from_metadata(metadata: Mapping[str, str] | None) -> UnetLayout | None:
-    """The layout recorded by `layout_metadata`, or None when the metadata has none."""
-    if not metadata or META_LAYERS_PER_BLOCK not in metadata:
-        return None
-    try:
-        layers = int(metadata[META_LAYERS_PER_BLOCK])
-        raw = metadata.get(META_UP_ATTENTION)
-        attention = tuple(part == "1" for part in raw.split(",")) if raw else None
-    except ValueError:
-        raise ConjureError(f"bad {META_LAYERS_PER_BLOCK} in the file's metadata: {metadata[META_LAYERS_PER_BLOCK]!r}") from None
-    return UnetLayout(layers, attention)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # name tables (underscore form -> dotted diffusers form)
 
 _RESNET_PARTS = {p: p for p in ("conv1", "conv2", "time_emb_proj", "conv_shortcut", "norm1", "norm2")}
 _LDM_RESNET_PARTS = {
-    "in_layers_2": "conv1",
-    "out_layers_3": "conv2",
-    "emb_layers_1": "time_emb_proj",
-    "skip_connection": "conv_shortcut",
-    "in_layers_0": "norm1",
-    "out_layers_0": "norm2",
+    "in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+    "skip_connection": "conv_shortcut", "in_layers_0": "norm1", "out_layers_0": "norm2",
 }
 _RESNET_TO_LDM = {v: k for k, v in _LDM_RESNET_PARTS.items()}
 
@@ -171,23 +128,14 @@ for _attn in ("attn1", "attn2"):
         _BLOCK_PARTS[f"{_attn}_{_proj}"] = f"{_attn}.{_proj}"
     _BLOCK_PARTS[f"{_attn}_to_out_0"] = f"{_attn}.to_out.0"
 
-_UNET_TOP = {
-    "conv_in": "conv_in",
-    "conv_out": "conv_out",
-    "conv_norm_out": "conv_norm_out",
-    "time_embedding_linear_1": "time_embedding.linear_1",
-    "time_embedding_linear_2": "time_embedding.linear_2",
-    "add_embedding_linear_1": "add_embedding.linear_1",
-    "add_embedding_linear_2": "add_embedding.linear_2",
-}
+_UNET_TOP = {p.replace(".", "_"): p for p in (
+    "conv_in", "conv_out", "conv_norm_out", "time_embedding.linear_1", "time_embedding.linear_2",
+    "add_embedding.linear_1", "add_embedding.linear_2",
+)}
 _LDM_TOP = {
-    "input_blocks_0_0": "conv_in",
-    "out_2": "conv_out",
-    "out_0": "conv_norm_out",
-    "time_embed_0": "time_embedding.linear_1",
-    "time_embed_2": "time_embedding.linear_2",
-    "label_emb_0_0": "add_embedding.linear_1",
-    "label_emb_0_2": "add_embedding.linear_2",
+    "input_blocks_0_0": "conv_in", "out_2": "conv_out", "out_0": "conv_norm_out",
+    "time_embed_0": "time_embedding.linear_1", "time_embed_2": "time_embedding.linear_2",
+    "label_emb_0_0": "add_embedding.linear_1", "label_emb_0_2": "add_embedding.linear_2",
 }
 _TOP_TO_LDM = {v: k for k, v in _LDM_TOP.items()}
 
@@ -323,7 +271,8 @@ def default_module_path(component: str, canonical: str, family: Any) -> str:
     encoder is a CLIPTextModelWithProjection, every other one a CLIPTextModel)."""
     if component == "unet" or not canonical.startswith(_TEXT_MODEL):
         return canonical
-    with_projection = family_name_of(family) == "sdxl" and component == "text_encoder_2"
+    slot = families.get(family).slot(component)
+    with_projection = slot is not None and slot.pooled
     return canonical if _clip_keeps_text_model(with_projection) else canonical[len(_TEXT_MODEL):]
 
 
@@ -332,9 +281,10 @@ def default_module_path(component: str, canonical: str, family: Any) -> str:
 
 
 def _canonical_from_kohya(name: str, family: str, layout: UnetLayout) -> tuple[str, str]:
-    readers = [(prefix, component) for component, prefix in kohya_prefixes(family).items()]
-    if family == "sdxl":
-        readers.append(("lora_te_", "text_encoder"))  # some tools name SDXL's first encoder like SD 1.x's
+    fam = families.get(family)
+    readers = [(prefix, component) for component, prefix in fam.kohya_prefixes().items()]
+    # some tools name a two-encoder family's first encoder like a one-encoder family's (SDXL's like SD 1.x's)
+    readers.append((families.SD1.text_encoders[0].kohya_prefix, fam.text_encoders[0].encoder))
     for prefix, component in readers:
         if not name.startswith(prefix):
             continue
@@ -347,8 +297,10 @@ def _canonical_from_kohya(name: str, family: str, layout: UnetLayout) -> tuple[s
             break
         return component, path
     else:
-        if name.startswith(("lora_te1_", "lora_te2_")):
-            raise ConjureError(f"{name!r} is an SDXL text-encoder name, but the model family is {family}")
+        owner = next((f for f in families.FAMILIES.values() for s in f.text_encoders if name.startswith(s.kohya_prefix)),
+                     None)
+        if owner is not None:
+            raise ConjureError(f"{name!r} is a {owner.title} text-encoder name, but the model family is {family}")
         raise ConjureError(
             f"{name!r} is not a kohya LoRA module name (expected a lora_unet_ or lora_te prefix for {family})"
         )
@@ -365,7 +317,7 @@ def module_path_from_kohya(
     model: the component's module (or its module names): the path is returned as that model spells it and must
     exist there. Without it, text-encoder paths take the installed transformers' spelling.
     """
-    family = family_name_of(family_name)
+    family = families.get(family_name).name
     component, canonical = _canonical_from_kohya(name.split(".", 1)[0], family, unet_layout(unet_config))
     if model is not None:
         return component, resolve_module_path(canonical, model)
@@ -415,13 +367,13 @@ def kohya_name(component: str, module_path: str, family_name: Any, unet_config: 
     Raises ConjureError for a module that has no name that apps load (e.g. a VAE path, a norm layer of an
     unknown kind) and for an unknown component.
     """
-    family = family_name_of(family_name)
+    family = families.get(family_name).name
     prefixes = kohya_prefixes(family)
     if component not in prefixes:
         raise ConjureError(f"{family} has no component {component!r} with kohya names (known: {', '.join(prefixes)})")
     layout = unet_layout(unet_config)
     canonical = canonical_module_path(component, module_path)
-    if component == "unet" and family == "sdxl":
+    if component == "unet" and families.get(family).unet_naming == "ldm":
         body = _ldm_name(canonical, layout)
     else:
         body = canonical.replace(".", "_")

@@ -7,13 +7,12 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_unet_state_dict_to_peft
 
-from conjure.adapters.names import (
+from conjure.export.kohya import layout_from_metadata, layout_metadata
+from conjure.export.kohya_names import (
     SDXL_LAYOUT,
     UnetLayout,
     canonical_module_path,
     kohya_name,
-    layout_from_metadata,
-    layout_metadata,
     module_path_from_kohya,
     resolve_module_path,
     unet_layout,
