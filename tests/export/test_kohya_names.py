@@ -7,6 +7,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_unet_state_dict_to_peft
 
+from conjure.errors import ConjureError
 from conjure.export.kohya import layout_from_metadata, layout_metadata
 from conjure.export.kohya_names import (
     SDXL_LAYOUT,
@@ -17,7 +18,6 @@ from conjure.export.kohya_names import (
     resolve_module_path,
     unet_layout,
 )
-from conjure.errors import ConjureError
 from conjure.models.reference import build_reference_components
 from conjure.models.tiny import build_tiny_components
 

@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conjure.adapters import LoraModule
-from conjure.export.kohya_names import resolve_module_path
 from conjure.errors import ConjureError
 from conjure.export.convert import apply_lora, convert_lora, detect_lora_format
 from conjure.export.kohya import load_kohya, save_kohya
+from conjure.export.kohya_names import resolve_module_path
 from conjure.export.lora import detect_lora_family
 from conjure.export.peft import load_peft, save_peft
 from conjure.models.tiny import build_tiny_components

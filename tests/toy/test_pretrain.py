@@ -10,8 +10,10 @@ import pytest
 from conjure.toy import pretrain
 from conjure.toy.models import VARIANTS, toy_model
 
-IGNORED = {"architectures", "_class_name", "_diffusers_version", "_name_or_path", "transformers_version", "_use_default_values", "dtype",
-           "torch_dtype", "_commit_hash"}
+IGNORED = {
+    "architectures", "_class_name", "_diffusers_version", "_name_or_path", "transformers_version",
+    "_use_default_values", "dtype", "torch_dtype", "_commit_hash",
+}
 
 
 def _config(part) -> dict:

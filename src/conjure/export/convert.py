@@ -14,9 +14,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from conjure import families
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
-from conjure import families
 from conjure.export.kohya import KOHYA_PARTS, layout_from_metadata, parse_kohya, write_kohya
 from conjure.export.kohya_names import resolve_module_path
 from conjure.export.lora import (

@@ -140,7 +140,9 @@ _LDM_TOP = {
 _TOP_TO_LDM = {v: k for k, v in _LDM_TOP.items()}
 
 _TE_LAYER_PARTS = {f"self_attn_{p}_proj": f"self_attn.{p}_proj" for p in ("q", "k", "v", "out")}
-_TE_LAYER_PARTS.update({"mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2", "layer_norm1": "layer_norm1", "layer_norm2": "layer_norm2"})
+_TE_LAYER_PARTS.update(
+    {"mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2", "layer_norm1": "layer_norm1", "layer_norm2": "layer_norm2"}
+)
 
 
 def _attention_rest(rest: str) -> str | None:
@@ -297,8 +299,8 @@ def _canonical_from_kohya(name: str, family: str, layout: UnetLayout) -> tuple[s
             break
         return component, path
     else:
-        owner = next((f for f in families.FAMILIES.values() for s in f.text_encoders if name.startswith(s.kohya_prefix)),
-                     None)
+        owners = (f for f in families.FAMILIES.values() for s in f.text_encoders if name.startswith(s.kohya_prefix))
+        owner = next(owners, None)
         if owner is not None:
             raise ConjureError(f"{name!r} is a {owner.title} text-encoder name, but the model family is {family}")
         raise ConjureError(

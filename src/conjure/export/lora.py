@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from conjure import families
 from conjure.adapters import LoraModule
 from conjure.errors import ConjureError
-from conjure.files import save_atomically
 from conjure.families import Family
+from conjure.files import save_atomically
 
 __all__ = ["FORMATS", "detect_lora_family"]
 

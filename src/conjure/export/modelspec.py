@@ -8,7 +8,6 @@ import datetime as _dt
 from conjure import __version__
 from conjure.families import Family
 
-
 # diffusers' prediction types -> the spec's values (kohya library/sai_model_spec.py PRED_TYPE_EPSILON / PRED_TYPE_V)
 SPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 

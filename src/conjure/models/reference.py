@@ -15,7 +15,6 @@ from conjure import families
 from conjure.families import ReferenceArchitecture
 
 
-
 def unet_config(arch: ReferenceArchitecture) -> dict[str, Any]:
     """The diffusers UNet config of a full-size family (its published unet/config.json, non-default keys only)."""
     config: dict[str, Any] = dict(
