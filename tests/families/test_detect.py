@@ -13,7 +13,7 @@ from conjure.models.tiny import build_tiny_components
 
 
 @pytest.mark.parametrize("name", list(families.FAMILIES))
-@pytest.mark.parametrize("size", [{}, {"real_layout": True}, {"real_widths": True}])
+@pytest.mark.parametrize("size", [{}, {"real_layout": True}])
 def test_tiny_models_are_detected_as_their_family(name, size):
     parts = build_tiny_components(name, **size)
     assert families.detect(parts["unet"].config, has_text_encoder_2="text_encoder_2" in parts) is families.get(name)
