@@ -11,6 +11,7 @@ from __future__ import annotations
 from conjure.config.loading import (
     CONFIG_TYPES,
     ConfigError,
+    RunConfig,
     apply_overrides,
     config_schema,
     dump_config,
@@ -22,6 +23,7 @@ from conjure.config.loading import (
 __all__ = [
     "CONFIG_TYPES",
     "ConfigError",
+    "RunConfig",
     "apply_overrides",
     "config_schema",
     "dump_config",

@@ -23,6 +23,9 @@ CONFIG_TYPES: dict[str, type[BaseModel]] = {
     "sd_lora_and_textual_inversion": SdPivotalConfig,
     "sdxl_lora_and_textual_inversion": SdxlPivotalConfig,
 }
+RunConfig = (SdTextualInversionConfig | SdxlTextualInversionConfig | SdLoraConfig | SdxlLoraConfig | SdPivotalConfig
+             | SdxlPivotalConfig)
+"""Any validated config that trains: what `parse_config` returns and `conjure.train.loop.train` takes."""
 
 
 class ConfigError(ConjureError):

@@ -1,19 +1,17 @@
 """Training methods: each config type maps to a recipe (what trains, how captions are made, what is saved).
 
-A recipe object offers: `trainable_modules()` (pipeline name -> module whose parameters train),
-`parameter_groups(lr)`, `frozen_parameters(step, max_steps)` (parameters that sit out the step about to be
-taken: their gradients are dropped before clipping and the optimizer step), `expand_caption(text)`,
-`state_dict()` / `load_state_dict()` (resume),
-`save(folder, step=, resolution=, base_model=, run_name=, prediction_type=)` (files apps load; `prediction_type`:
-what the run trains the model to predict, for the files' metadata) and `kind` (modelspec suffix).
-The loop knows nothing else about methods.
+A recipe is any object with the `Recipe` interface below; the loop knows nothing else about methods.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
 
 from conjure.config.lora import SdLoraConfig, SdxlLoraConfig
 from conjure.config.pivotal import SdPivotalConfig, SdxlPivotalConfig
@@ -23,16 +21,59 @@ from conjure.errors import ConjureError
 from conjure.models.loading import LoadedModel
 
 
+class Recipe(Protocol):
+    """What the training loop asks of a method (`TextualInversion`, `Lora`, `PivotalTuning`).
+
+    The loop freezes and casts the whole model first; a recipe then adds its trainable float32 parts and says
+    which they are. Its only say over a step is `frozen_parameters`; everything else runs before the first step
+    (parameters, captions) or at a checkpoint (state, files)."""
+
+    kind: str  # the modelspec architecture suffix of the recipe's main file ("lora", "textual-inversion")
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Components whose parameters train, by pipeline name ("unet", "text_encoder", ...); the loop wraps
+        them for distributed training and calls their prepared forms in the step."""
+        ...
+
+    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        """The optimizer's groups (`params`, `lr`, optional `name`), `learning_rate` being optimizer.learning_rate."""
+        ...
+
+    def frozen_parameters(self, step: int, max_steps: int) -> list[nn.Parameter]:
+        """Parameters that sit out the step about to be taken (counted from 0): their gradients are dropped
+        before clipping and the optimizer step, so they neither move nor decay."""
+        ...
+
+    def expand_caption(self, caption: str) -> str:
+        """A caption as the text encoders read it (a multi-vector token spelled out as diffusers' pipelines do)."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, for a checkpoint's training state (exact resume)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back what `state_dict` returned."""
+        ...
+
+    def save(
+        self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str, prediction_type: str
+    ) -> list[Path]:
+        """Write the files apps load into `folder` (with their modelspec metadata); returns the files written.
+        `prediction_type`: what the run trains the model to predict (epsilon, v_prediction), for that metadata."""
+        ...
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     families: tuple[str, ...]
-    build: Callable[[Any, LoadedModel], Any]
+    build: Callable[[Any, LoadedModel], Recipe]
     caption_transform: Callable[[Any], CaptionTransform]
     trigger: Callable[[Any], str | None]  # the word captions must contain (None: no such word)
     trigger_hint: Callable[[Any], str] = lambda config: ""  # how to get it into captions, when none has it
 
 
-def _build_ti(config: Any, model: LoadedModel) -> Any:
+def _build_ti(config: Any, model: LoadedModel) -> Recipe:
     from conjure.methods.textual_inversion import TextualInversion
 
     ti = config.textual_inversion
@@ -56,14 +97,14 @@ def _ti_captions(config: Any) -> CaptionTransform:
     )
 
 
-def _build_lora(config: Any, model: LoadedModel) -> Any:
+def _build_lora(config: Any, model: LoadedModel) -> Recipe:
     from conjure.methods.lora import Lora
 
     return Lora(model, config.lora, trigger=config.lora.trigger_word, seed=config.basic.seed,
                 clip_skip=config.advanced.clip_skip)
 
 
-def _build_pivotal(config: Any, model: LoadedModel) -> Any:
+def _build_pivotal(config: Any, model: LoadedModel) -> Recipe:
     from conjure.methods.pivotal import PivotalTuning
 
     return PivotalTuning(model, config.lora, config.textual_inversion, seed=config.basic.seed,
@@ -91,7 +132,7 @@ def _replace_word_hint(config: Any) -> str:
     return f"no caption contains textual_inversion.replace_word {word!r}; fix it, or set it to null" if word else ""
 
 
-def _spec(config_class: Any, build: Callable[[Any, LoadedModel], Any], captions: Callable[[Any], CaptionTransform],
+def _spec(config_class: Any, build: Callable[[Any, LoadedModel], Recipe], captions: Callable[[Any], CaptionTransform],
           trigger: Callable[[Any], str | None]) -> MethodSpec:
     hint = _replace_word_hint if trigger is _placeholder else MethodSpec.trigger_hint
     return MethodSpec(config_class.FAMILIES, build, captions, trigger, hint)
