@@ -17,7 +17,8 @@ from PIL import Image
 from conjure.config import parse_config
 from conjure.export.embeddings import load_embedding
 from conjure.models.tiny import write_tiny_model
-from conjure.train.loop import TrainControl, train
+from conjure.train.control import TrainControl
+from conjure.train.loop import train
 
 
 def config(model: Path, images: Path, out: Path, name: str, precision: str, steps: int = 20) -> dict:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_common import machine, publish  # noqa: E402
 
 from conjure.models.reference import build_reference_vae  # noqa: E402
-from conjure.train.loop import resolve_precision  # noqa: E402
+from conjure.train.setup import resolve_precision  # noqa: E402
 from conjure.train.validation import decode_latents  # noqa: E402
 
 

@@ -31,7 +31,7 @@ def template_run(tiny_models, tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from conjure.train.loop import TrainControl
+    from conjure.train.control import TrainControl
 
     root = tmp_path_factory.mktemp("template")
     images = root / "images"
@@ -226,7 +226,7 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(ti_config
 
 def test_a_second_resume_of_a_running_run_is_refused(stopped_run):
     """D15: two `--resume` of one run at once: the second (another process) gets one line, the first trains on."""
-    from conjure.train.loop import TrainControl
+    from conjure.train.control import TrainControl
 
     run_dir = stopped_run
     second = []

@@ -60,7 +60,7 @@ def test_a_full_disk_under_the_training_state_is_one_clear_error(tmp_path):
 
 
 def test_resume_warns_about_changed_settings(ti_config, capsys):
-    from conjure.train.loop import TrainControl
+    from conjure.train.control import TrainControl
 
     raw = ti_config(basic={"validate_every_n_steps": None}, validation={"at_start": False})
     control = TrainControl()

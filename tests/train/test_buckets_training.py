@@ -11,7 +11,8 @@ from conjure.data.buckets import assign_bucket, make_buckets
 from conjure.data.captions import CaptionTransform
 from conjure.data.dataset import TrainDataset, batches_per_epoch, epoch_batches
 from conjure.data.example import Example
-from conjure.train.loop import TrainControl, train
+from conjure.train.control import TrainControl
+from conjure.train.loop import train
 
 SHAPES = [(64, 64), (48, 120), (120, 48), (40, 100), (70, 70), (50, 130), (130, 50)]  # (height, width)
 

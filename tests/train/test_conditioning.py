@@ -197,13 +197,13 @@ def test_training_cache_and_validation_read_alike(tiny_models, image_folder, tmp
 
 
 def test_the_long_caption_warning_follows_max_token_length(models):
-    from conjure.train.loop import _count_long_captions
+    from conjure.train.setup import count_long_captions
 
     tokenizer = models("sd1").text_encoders()[0][0]
     captions = [words(74), words(75), words(76), words(150), words(151)]
-    assert _count_long_captions(tokenizer, captions, 75) == 3
-    assert _count_long_captions(tokenizer, captions, 150) == 1
-    assert _count_long_captions(tokenizer, captions, 225) == 0
+    assert count_long_captions(tokenizer, captions, 75) == 3
+    assert count_long_captions(tokenizer, captions, 150) == 1
+    assert count_long_captions(tokenizer, captions, 225) == 0
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

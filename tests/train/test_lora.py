@@ -9,7 +9,8 @@ from safetensors import safe_open
 from conjure.config import ConfigError, parse_config
 from conjure.errors import ConjureError
 from conjure.toy.learning import load_pipeline  # the model's own pipeline class, float32
-from conjure.train.loop import TrainControl, train
+from conjure.train.control import TrainControl
+from conjure.train.loop import train
 
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conjure.config import ConfigError, parse_config
 from conjure.toy.learning import load_pipeline  # the model's own pipeline class, float32
-from conjure.train.loop import TrainControl, train
+from conjure.train.control import TrainControl
+from conjure.train.loop import train
 
 TOKEN = "<zq-thing>"
 

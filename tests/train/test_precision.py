@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conjure.train.loop import resolve_precision
+from conjure.train.setup import resolve_precision
 
 
 @pytest.fixture

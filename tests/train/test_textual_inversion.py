@@ -7,7 +7,8 @@ import yaml
 from conjure.config import parse_config
 from conjure.export.embeddings import load_embedding
 from conjure.runs.events import read_events
-from conjure.train.loop import TrainControl, train
+from conjure.train.control import TrainControl
+from conjure.train.loop import train
 
 
 def run(raw, **kwargs):

@@ -9,6 +9,7 @@ asked for, or whether the run was resumed.
 
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -227,3 +228,29 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
     return order
+
+
+class MicroBatchSampler:
+    """The batch sampler of a run: micro-batches number `start` to `end` (exclusive) of the endless sequence of
+    epochs, each a list of (epoch, index) keys, this process's share (`rank` of `world`). A resumed run starts at
+    the micro-batch after its last step and sees what the uninterrupted run would have seen.
+    `sizes`: each example's training size; a batch never mixes sizes (`epoch_batches`)."""
+
+    def __init__(self, sizes: list[tuple[int, int]], batch: int, seed: int, start: int, end: int, rank: int,
+                 world: int):
+        self.sizes, self.batch, self.seed, self.start, self.end = sizes, batch, seed, start, end
+        self.rank, self.world = rank, world
+        self.per_epoch = batches_per_epoch(sizes, batch * world)
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        chunks: list[list[int]] = []
+        current = -1
+        for m in range(self.start, self.end):
+            epoch, b = divmod(m, self.per_epoch)
+            if epoch != current:
+                chunks, current = epoch_batches(self.sizes, self.batch * self.world, self.seed, epoch), epoch
+            chunk = chunks[b]
+            yield [(epoch, i) for i in chunk[self.rank :: self.world]] or [(epoch, chunk[0])]

@@ -1,0 +1,381 @@
+"""Everything a run needs before its first step: the data scan, the model, the accelerator and precision,
+the model's placement, the run folder, the data set, buckets and caches, the optimizer and its schedule.
+
+This is the only part of training that reads the config. `assemble` unpacks what the training session needs
+into one frozen `LoopSettings`, once, and hands the session plain values and built objects: torchtune's
+recipes do the same ("we tend not to pass cfg objects to utilities"), so a setting is read in one place and
+nothing below the recipe depends on the config's shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import math
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from conjure.errors import ConjureError
+from conjure.models.loading import Fact, LoadedModel
+from conjure.runs.checkpoints import kept_checkpoint
+from conjure.runs.folder import with_absolute_paths
+from conjure.train.control import say
+from conjure.train.optimizers import build_optimizer, optimizer_warnings
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import PreTrainedTokenizerBase
+
+    from conjure.config import RunConfig
+    from conjure.config.sections import AdvancedConfig, DataConfig
+    from conjure.data.dataset import TrainDataset
+    from conjure.data.example import Example
+    from conjure.methods import MethodSpec, Recipe
+    from conjure.train.caches import LatentCache, TextCache
+    from conjure.train.conditioning import TextReading
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What the run renders to show its progress (validation.*; `every`: basic.validate_every_n_steps)."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    negative_prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    at_start: bool
+    every: int | None
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Every setting the training session reads, unpacked from the config once (`LoopSettings.of`), with
+    the figures setup settles: the training resolution, the precision and the number of steps."""
+
+    config_type: str
+    base_model: str
+    seed: int
+    resolution: int
+    mixed_precision: str  # "no", "fp16" or "bf16", as resolved (never "auto")
+    max_steps: int
+    batch_size: int
+    dataloader_num_workers: int
+    gradient_accumulation_steps: int
+    max_grad_norm: float | None
+    prediction_type: str  # as configured ("auto": the model's own)
+    min_snr_gamma: float | None
+    noise_offset: float
+    save_every_n_steps: int
+    keep_last_n_checkpoints: int | None
+    validation: ValidationSettings
+
+    @classmethod
+    def of(cls, config: RunConfig, *, resolution: int, mixed_precision: str, max_steps: int) -> LoopSettings:
+        basic, data, adv, val = config.basic, config.data, config.advanced, config.validation
+        return cls(
+            config_type=config.type, base_model=basic.base_model, seed=basic.seed, resolution=resolution,
+            mixed_precision=mixed_precision, max_steps=max_steps, batch_size=data.batch_size,
+            dataloader_num_workers=data.dataloader_num_workers,
+            gradient_accumulation_steps=adv.gradient_accumulation_steps, max_grad_norm=adv.max_grad_norm,
+            prediction_type=adv.prediction_type, min_snr_gamma=adv.min_snr_gamma, noise_offset=adv.noise_offset,
+            save_every_n_steps=basic.save_every_n_steps, keep_last_n_checkpoints=basic.keep_last_n_checkpoints,
+            validation=ValidationSettings(
+                prompts=tuple(val.prompts), seeds=tuple(val.seeds), negative_prompt=val.negative_prompt,
+                num_inference_steps=val.num_inference_steps, guidance_scale=val.guidance_scale,
+                at_start=val.at_start, every=basic.validate_every_n_steps,
+            ),
+        )
+
+
+@dataclass
+class SessionParts:
+    """What setup hands the training session: its settings and what it built from the config."""
+
+    settings: LoopSettings
+    dataset: TrainDataset
+    params: list[torch.nn.Parameter]  # every trained parameter, in the optimizer's group order
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: LambdaLR
+    latent_cache: LatentCache | None
+    text_cache: TextCache | None
+
+
+@contextmanager
+def disk_full_as_one_line(run_dir: Path) -> Iterator[None]:
+    """A full disk anywhere in the run (config, events, logs, validation images) becomes one line naming the
+    file and the checkpoint that is left (checkpoint writes say so themselves, conjure.runs.checkpoints)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise ConjureError(f"disk full while writing {exc.filename or run_dir}; {kept_checkpoint(run_dir)}") from exc
+
+
+def scan_data(config: RunConfig, spec: MethodSpec) -> tuple[list[Example], list[tuple[Path, str]], list[str]]:
+    """Examples, skipped files, and each example's caption as training would first see it."""
+    from conjure.data.sources import scan_sources
+
+    scan = scan_sources(config.data.all_sources())
+    captions = dataclasses.replace(spec.caption_transform(config), dropout=0.0)  # what a caption is, undropped
+    probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples if not ex.is_class]
+    trigger = spec.trigger(config)
+    if not probe:
+        raise ConjureError("every data source is marked class_images: add one with the images to learn from")
+    if trigger and not any(trigger in c for c in probe):
+        hint = spec.trigger_hint(config) or f"add it to the captions, or set data.caption_prefix: '{trigger}'"
+        raise ConjureError(f"no training caption contains {trigger!r}: {hint}")
+    return scan.examples, scan.skipped, probe
+
+
+def load_model(config: RunConfig, spec: MethodSpec) -> LoadedModel:
+    from conjure.models.loading import load_base_model
+
+    basic = config.basic
+    return load_base_model(
+        basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
+        base_model_config=basic.base_model_config, allowed_families=spec.families, method=config.type,
+        prediction_type=config.advanced.prediction_type, vae=basic.vae,
+    )
+
+
+def text_reading(config: RunConfig, model: LoadedModel) -> TextReading:
+    from conjure.train.conditioning import TextReading
+
+    encoders = [encoder for _, encoder in model.text_encoders()]
+    return TextReading.of(model.family, encoders, clip_skip=config.advanced.clip_skip,
+                          max_tokens=config.data.max_token_length)
+
+
+def resolve_precision(requested: str, *, cpu: bool) -> Fact:
+    if requested != "auto":
+        return Fact(requested, "advanced.mixed_precision")
+    if cpu:
+        return Fact("no", "advanced.cpu")
+    if not torch.cuda.is_available():
+        return Fact("no", "no CUDA GPU")
+    major, minor = torch.cuda.get_device_capability()
+    card = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
+    # Not torch.cuda.is_bf16_supported(): by default it also says True where bf16 is only emulated (before
+    # Ampere: T4, V100, RTX 20xx), where cuDNN has no bf16 convolutions (pytorch#148322; diffusers#14129 made
+    # the same change).
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return Fact("bf16", f"auto: {card} has bf16")
+    return Fact("fp16", f"auto: {card} has no bf16 hardware")
+
+
+def chosen_facts(model: LoadedModel, resolution: int | None, precision: Fact) -> dict[str, Fact]:
+    """What this run trains with and why: the model's facts, the resolution and the precision."""
+    facts = dict(model.facts)
+    if resolution:
+        facts["resolution"] = Fact(resolution, "data.resolution")
+    return {**facts, "mixed_precision": precision}
+
+
+def describe(chosen: dict[str, Fact]) -> str:
+    prediction, zero_snr, resolution = chosen["prediction_type"], chosen["zero_terminal_snr"], chosen["resolution"]
+    precision = chosen["mixed_precision"]
+    schedule = "zero-terminal-SNR" if zero_snr.value else "standard"
+    vae = chosen["vae"]
+    return (f"training target: {prediction.value} (from {prediction.source}), {schedule} noise schedule "
+            f"(from {zero_snr.source}), {resolution.value} px (from {resolution.source}), "
+            f"precision {precision.value} (from {precision.source}), VAE {vae.value} (from {vae.source})")
+
+
+def make_accelerator(adv: AdvancedConfig) -> tuple[Accelerator, Fact]:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = resolve_precision(adv.mixed_precision, cpu=adv.cpu)
+    # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
+    # precision; train() is called repeatedly in one process (tests, benchmarks), so start each run afresh.
+    # (The distributed PartialState is kept.)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(
+        mixed_precision=precision.value, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu
+    )
+    if precision.value == "fp16" and accelerator.device.type == "cpu":
+        # accelerate gives fp16 autocast and its gradient scaler to GPUs only; on the CPU the fp16 weights
+        # would meet fp32 activations at the first layer ("mat1 and mat2 must have the same dtype").
+        raise ConjureError("advanced.mixed_precision: fp16 needs a GPU, and this run is on the CPU; use bf16 or no")
+    return accelerator, precision
+
+
+def place_model(model: LoadedModel, device: torch.device, precision: str) -> None:
+    """Freeze every part and cast it to the training precision (methods then add trainable fp32 parts)."""
+    for name, part in model.components.items():
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
+            # fp16 VAEs overflow on some models (SDXL's is the known case); fp32 costs little here.
+            keep_fp32 = name == "vae" and precision == "fp16"
+            part.to(device, torch.float32 if keep_fp32 else WEIGHT_DTYPES[precision])
+
+
+def open_run_dir(config: RunConfig, resume: str | None) -> tuple[Path | None, Path]:
+    """The checkpoint to resume from (None for a new run) and the run folder, created for a new run."""
+    from conjure.runs.folder import create_run_dir, default_run_name, find_resume_checkpoint
+
+    basic = config.basic
+    if resume:
+        checkpoint = find_resume_checkpoint(
+            resume, output_dir=basic.output_dir, run_name=basic.run_name, config_type=config.type
+        )
+        return checkpoint, checkpoint.parent.parent
+    return None, create_run_dir(basic.output_dir, basic.run_name or default_run_name(config.type))
+
+
+def completed_at(run_dir: Path, step: int) -> bool:
+    """Whether the run's events say it ended, completed, at `step` (a kill during the final validation leaves
+    the last checkpoint without that end)."""
+    from conjure.runs.events import read_events
+
+    try:
+        events = read_events(run_dir / "events.jsonl")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return any(e.get("event") == "end" and e.get("status") == "completed" and e.get("step") == step for e in events)
+
+
+def resolved_config(config: RunConfig, run_dir: Path, resolution: int) -> RunConfig:
+    """What runs, as the run's `config.yaml` records it: its own folder and name, the resolution, and
+    absolute paths (so `--resume RUN` works from any folder)."""
+    resolved = with_absolute_paths(config)
+    resolved.basic.run_name, resolved.basic.resume, resolved.data.resolution = run_dir.name, None, resolution
+    resolved.basic.output_dir = str(run_dir.parent.absolute())
+    return resolved
+
+
+def count_long_captions(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_tokens: int) -> int:
+    """Captions with more than `max_tokens` tokens besides the start and end tokens."""
+    return sum(len(ids) > max_tokens + 2 for ids in tokenizer(captions).input_ids) if captions else 0
+
+
+def start_warnings(skipped: list[tuple[Path, str]], changed: dict[str, tuple[Any, Any]], long_captions: int,
+                   max_tokens: int) -> list[str]:
+    """What the person starting the run should know: files skipped, settings a resume changed, long captions."""
+    return ([f"skipping {p}: {why}" for p, why in skipped]
+            + (["resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
+               if changed else [])
+            + ([f"{long_captions} caption(s) are longer than the text encoder's limit (data.max_token_length: "
+                f"{max_tokens} tokens) and will be cut off"] if long_captions else []))
+
+
+def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Recipe, accelerator: Accelerator,
+             examples: list[Example], *, resolution: int, mixed_precision: str) -> SessionParts:
+    """The data set, the settings, the optimizer and its schedule, and the caches, in the order a run
+    has always built them (none of it draws a random number)."""
+    from diffusers.optimization import get_scheduler
+
+    from conjure.data.dataset import batches_per_epoch
+
+    basic, data, adv, opt = config.basic, config.data, config.advanced, config.optimizer
+    if adv.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for name, module in recipe.trainable_modules().items():
+            if name != "unet":
+                module.gradient_checkpointing_enable()
+    dataset = _dataset(config, spec, examples, resolution)
+    per_epoch = batches_per_epoch(dataset.sizes, data.batch_size * accelerator.num_processes)
+    accum = adv.gradient_accumulation_steps
+    max_steps = basic.max_train_steps or math.ceil(basic.max_train_epochs * per_epoch / accum)
+    settings = LoopSettings.of(config, resolution=resolution, mixed_precision=mixed_precision, max_steps=max_steps)
+    groups = recipe.parameter_groups(opt.learning_rate)
+    optimizer = build_optimizer(groups, opt, device=accelerator.device)
+    for warning in optimizer_warnings(opt, groups):
+        say(f"warning: {warning}")
+    lr_scheduler = get_scheduler(
+        SCHEDULES[opt.scheduler], optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=max_steps
+    )
+    latent_cache, text_cache = _caches(config, model, recipe.trainable_modules())
+    return SessionParts(settings, dataset, [p for g in groups for p in g["params"]], optimizer, lr_scheduler,
+                        latent_cache, text_cache)
+
+
+def data_loader(dataset: TrainDataset, settings: LoopSettings, *, first: int, end: int, rank: int,
+                world: int) -> torch.utils.data.DataLoader:
+    """The loader of micro-batches `first` to `end` (exclusive) of the run, this process's share."""
+    from conjure.data.dataset import MicroBatchSampler, collate
+
+    sampler = MicroBatchSampler(dataset.sizes, settings.batch_size, settings.seed, first, end, rank, world)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=settings.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(settings.seed),  # its worker seed, not a global draw
+    )
+
+
+def global_rng_state(device: torch.device) -> dict[str, Any]:
+    """The global RNG states a checkpoint keeps: dropout (PEFT's lora_dropout, InputColumnDora's) draws from them."""
+    return {"cpu": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state_all()} if device.type == "cuda" else {})}
+
+
+def set_global_rng(states: dict[str, Any] | None, device: torch.device) -> None:
+    """Restore the global RNG a checkpoint saved (checkpoints written before it was saved have none)."""
+    if not states:
+        return
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+
+
+def _dataset(config: RunConfig, spec: MethodSpec, examples: list[Example], resolution: int) -> TrainDataset:
+    from conjure.data.captions import CaptionTransform
+    from conjure.data.dataset import TrainDataset
+
+    data = config.data
+    dataset = TrainDataset(
+        examples, resolution=resolution, center_crop=data.center_crop, random_flip=data.random_flip,
+        keep_in_memory=data.keep_in_memory, caption_transform=spec.caption_transform(config), seed=config.basic.seed,
+        class_caption_transform=CaptionTransform(dropout=data.caption_dropout), buckets=_buckets(data, resolution),
+    )
+    small = dataset.upscaled()
+    if small:
+        say(f"warning: {len(small)} image(s) are smaller than their training size ({resolution} px) and will be "
+            f"scaled up, which blurs them (first: {small[0]}); `conjure dataset check` lists them")
+    return dataset
+
+
+def _caches(config: RunConfig, model: LoadedModel, trainable: dict[str, torch.nn.Module]
+            ) -> tuple[LatentCache | None, TextCache | None]:
+    """The latent and text-encoder caches the data section asks for (None where it does not)."""
+    from conjure.train.caches import LatentCache, TextCache, vae_identity
+
+    data = config.data
+    latent, text = None, None
+    if data.cache_latents != "off":
+        folder = Path(data.cache_dir or Path(config.basic.output_dir) / ".cache").expanduser()
+        latent = LatentCache(data.cache_latents, vae_id=vae_identity(model.vae, model.source), folder=folder)
+    if data.cache_text_encoder_outputs:
+        training = [slot.encoder for slot in model.family.text_encoders if slot.encoder in trainable]
+        if training:
+            raise ConjureError(
+                f"data.cache_text_encoder_outputs: this run trains the text encoder(s) ({', '.join(training)}), "
+                "so their outputs change every step; set it to false"
+            )
+        text = TextCache()
+    return latent, text
+
+
+def _buckets(data: DataConfig, resolution: int) -> list[tuple[int, int]] | None:
+    """The aspect-ratio buckets `data` asks for at `resolution`, or None; bad settings name their field."""
+    if not data.aspect_ratio_buckets:
+        return None
+    from conjure.data.buckets import make_buckets
+
+    try:
+        return make_buckets(resolution, step=data.bucket_step, min_side=data.bucket_min_side,
+                            max_side=data.bucket_max_side, max_area=data.bucket_max_area)
+    except ValueError as exc:
+        raise ConjureError(f"data.aspect_ratio_buckets at {resolution} px: {exc}") from None
