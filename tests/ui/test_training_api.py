@@ -1,6 +1,6 @@
-"""The training tab's API (docs/ui.md, conjure.ui.training) without running anything: methods, config forms,
-saved configs, the job records, and a run folder's events, log, validation images, checkpoints and export
-(read from a run folder laid out as a run leaves it). Real runs: tests/ui/test_jobs.py."""
+"""The training tab's API (docs/ui.md, conjure.ui.training and conjure.ui.monitor) without running anything:
+methods, config forms, saved configs, the job records, and a run folder's events, log, validation images,
+checkpoints and export (read from a run folder laid out as a run leaves it). Real runs: tests/ui/test_jobs.py."""
 
 import json
 

@@ -37,7 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conjure.errors import ConjureError
-from conjure.ui import datasets, training
+from conjure.ui import datasets, monitor, training
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 STATIC = Path(__file__).parent / "static"
@@ -64,6 +64,7 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
         app.add_exception_handler(error_type, handler)
     app.include_router(datasets.router)
     app.include_router(training.router)
+    app.include_router(monitor.router)
     app.add_api_route("/", index, include_in_schema=False)
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -1,6 +1,6 @@
-"""Training tab, jobs and monitor API (prefix `/api`; the table in docs/ui.md): methods, config forms (schema,
-starter, validation, YAML both ways), saved configs, the job queue (conjure.ui.queue, conjure.ui.runner) and what
-a run shows (events, log, validation images, checkpoints, export), and `/api/files`.
+"""Training tab and jobs API (prefix `/api`; the table in docs/ui.md): methods, config forms (schema, starter,
+validation, YAML both ways), saved configs and the job queue (conjure.ui.queue, conjure.ui.runner); what a
+job's run shows is conjure.ui.monitor's.
 
 Configs go through conjure.config alone (one typed config is the source of every default and message); a
 job's config is the user's with the web app's rules, checked like any field. Every path field is found by its
@@ -19,33 +19,27 @@ paths are taken from the workspace folder, the runs' working directory, and `~` 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
-import urllib.parse
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import yaml
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
 from conjure.config.loading import config_class, load_yaml, yaml_problem
 from conjure.data.hf import HUB_PREFIX
 from conjure.errors import ConjureError
-from conjure.runs.checkpoints import STATE_FILE, STEP_DIR
-from conjure.ui.queue import Job, checkpoint_steps
-from conjure.ui.runner import JobQueue, read_log_lines
+from conjure.ui.runner import JobQueue
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 SHUTDOWN_WAIT_SECONDS = 60.0
-MAX_EVENTS_PER_ANSWER = 5000
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-VALIDATION_IMAGE = re.compile(r"^(\d+)-seed(-?\d+)\.png$")
 _ERROR_LINE = re.compile(r"^(\(top level\)|[A-Za-z_][\w.-]*): (.*)$", re.S)
 
 
@@ -198,13 +192,6 @@ class JobBody(BaseModel):
     config: dict[str, Any] | None = Field(None, description="... or as a mapping (give one of the two).")
 
 
-class ExportBody(BaseModel):
-    step: int | str = Field(description="A checkpoint's step, or 'latest'.")
-    to: str = Field(description="The folder to copy the files to (a full path; created if missing).")
-    name: str | None = Field(None, description="File name stem instead of the trained one (one-file checkpoints).")
-    force: bool = Field(False, description="Overwrite files that exist in `to`.")
-
-
 @router.get("/methods")
 def methods() -> dict[str, Any]:
     return {"methods": [
@@ -321,129 +308,3 @@ def job_cancel(job_id: int, request: Request) -> dict[str, Any]:
 @router.post("/jobs/{job_id}/resume")
 def job_resume(job_id: int, request: Request) -> dict[str, Any]:
     return {"job": _jobs(request).resume(job_id).public()}
-
-
-def _run_dir(job: Job) -> Path | None:
-    return Path(job.run_dir) if job.run_dir else None
-
-
-def read_events(path: Path, after: int, limit: int = MAX_EVENTS_PER_ANSWER) -> tuple[list[dict[str, Any]], int]:
-    """Events from line `after` of an events.jsonl (complete lines only), and the index to ask from next.
-    A line cut off by a killed run counts as a line but is not returned."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return [], after
-    lines = data.split(b"\n")[:-1]
-    chosen = lines[after: after + limit]
-    events = []
-    for line in chosen:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events, max(after, min(len(lines), after + limit))
-
-
-@router.get("/jobs/{job_id}/events")
-def job_events(job_id: int, request: Request, after: int = Query(0, ge=0)) -> dict[str, Any]:
-    run_dir = _run_dir(_jobs(request).get(job_id))
-    if run_dir is None:
-        return {"events": [], "next": after}
-    events, following = read_events(run_dir / "events.jsonl", after)
-    return {"events": events, "next": following}
-
-
-@router.get("/jobs/{job_id}/log")
-def job_log(job_id: int, request: Request, tail: int = Query(200, ge=0, le=10_000)) -> dict[str, Any]:
-    queue = _jobs(request)
-    try:
-        return {"lines": read_log_lines(queue.log_path(queue.get(job_id)), tail)}
-    except FileNotFoundError:
-        return {"lines": []}
-
-
-def file_url(path: Path) -> str:
-    return "/api/files?path=" + urllib.parse.quote(str(path), safe="/")
-
-
-@router.get("/jobs/{job_id}/validation")
-def job_validation(job_id: int, request: Request) -> dict[str, Any]:
-    """The validation images of every step: folders `validation/step-NNNNNN/` (images `<prompt>-seed<seed>.png`,
-    `grid.png`), with the prompts and seeds of the run's last validation event."""
-    run_dir = _run_dir(_jobs(request).get(job_id))
-    prompts: list[str] = []
-    seeds: list[int] = []
-    if run_dir is None:
-        return {"prompts": prompts, "seeds": seeds, "steps": []}
-    events, _ = read_events(run_dir / "events.jsonl", 0, limit=10**9)
-    for event in events:
-        if event.get("event") == "validation":
-            prompts, seeds = list(event.get("prompts") or []), list(event.get("seeds") or [])
-    steps = []
-    root = run_dir / "validation"
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        m = STEP_DIR.match(folder.name)
-        if not m or not folder.is_dir():
-            continue
-        images = []
-        for image in folder.iterdir():
-            found = VALIDATION_IMAGE.match(image.name)
-            if found:
-                index, seed = int(found.group(1)), int(found.group(2))
-                images.append({"prompt_index": index, "seed": seed, "url": file_url(image)})
-        order = {seed: i for i, seed in enumerate(seeds)}
-        images.sort(key=lambda im: (im["prompt_index"], order.get(im["seed"], len(order)), im["seed"]))
-        grid = folder / "grid.png"
-        steps.append({"step": int(m.group(1)), "images": images, "grid": file_url(grid) if grid.is_file() else None})
-    return {"prompts": prompts, "seeds": seeds, "steps": steps}
-
-
-@router.get("/jobs/{job_id}/checkpoints")
-def job_checkpoints(job_id: int, request: Request) -> dict[str, Any]:
-    found = checkpoint_steps(_jobs(request).get(job_id).run_dir)
-    return {"checkpoints": [
-        {"step": step, "path": str(folder),
-         "files": sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != STATE_FILE)}
-        for step, folder in found
-    ]}
-
-
-@router.post("/jobs/{job_id}/export")
-def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any]:
-    """Copy a checkpoint's files to a folder of the user's choice (`conjure export`): e.g. an app's LoRA or
-    embeddings folder, so it is not bound to the workspace; existing files are kept unless `force`."""
-    from conjure.runs.export import check_file_stem, export_step
-
-    run_dir = _run_dir(_jobs(request).get(job_id))
-    if run_dir is None:
-        raise ConjureError(f"job {job_id} has not run yet: nothing to export")
-    if isinstance(body.step, str) and body.step != "latest" and not body.step.isdigit():
-        raise ConjureError(f"step: a checkpoint's step number or 'latest', not {body.step!r}")
-    to = Path(body.to).expanduser()
-    if "\x00" in body.to or not to.is_absolute():
-        raise ConjureError(f"export to: give the folder's full path, not {body.to!r}")
-    if body.name is not None:
-        check_file_stem(body.name, "name")
-    try:
-        files = export_step(run_dir, body.step, to, name=body.name, force=body.force)
-    except OSError as exc:
-        raise ConjureError(f"cannot write to {to}: {exc.strerror or exc}") from None
-    return {"files": [str(p) for p in files]}
-
-
-# --- files -------------------------------------------------------------------------------------------
-
-
-@router.get("/files")
-def files(request: Request, path: str = Query(description="a file's full path")) -> Any:
-    """An image inside the workspace or an opened data set (validation images, grids), through the path gate.
-    Only images: the workspace also holds the job database and configs, which no page needs to fetch."""
-    from conjure.data.images import is_image_file
-
-    real = _ws(request).resolve(path)
-    if not is_image_file(real):
-        raise PathRefused("not an image")
-    if not real.is_file():
-        raise NotFound("no such file")
-    return FileResponse(real)
