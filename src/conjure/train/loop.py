@@ -304,7 +304,7 @@ class TrainingSession:
             self.lr_scheduler.step()
         self.global_step += 1
         self.result.step = self.global_step
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = float(self.lr_scheduler.get_last_lr()[0])
         if not math.isfinite(loss):
             self.rescue = False  # the step's update is not finite either: nothing worth saving
             raise ConjureError(

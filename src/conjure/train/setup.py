@@ -273,8 +273,8 @@ def start_warnings(skipped: list[tuple[Path, str]], changed: dict[str, tuple[Any
 
 def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Recipe, accelerator: Accelerator,
              examples: list[Example], *, resolution: int, mixed_precision: str) -> SessionParts:
-    """The data set, the settings, the optimizer and its schedule, and the caches, in the order a run
-    has always built them (none of it draws a random number)."""
+    """The data set, the settings, the optimizer and its schedule, and the caches (none of it draws a random
+    number: what a run trains does not depend on where they are built)."""
     from diffusers.optimization import get_scheduler
 
     from conjure.data.dataset import batches_per_epoch
@@ -284,11 +284,15 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
         model.unet.enable_gradient_checkpointing()
         for name, module in recipe.trainable_modules().items():
             if name != "unet":
-                module.gradient_checkpointing_enable()
+                module.gradient_checkpointing_enable()  # type: ignore[operator]  # a transformers model
     dataset = _dataset(config, spec, examples, resolution)
     per_epoch = batches_per_epoch(dataset.sizes, data.batch_size * accelerator.num_processes)
     accum = adv.gradient_accumulation_steps
-    max_steps = basic.max_train_steps or math.ceil(basic.max_train_epochs * per_epoch / accum)
+    if basic.max_train_steps:
+        max_steps = basic.max_train_steps
+    else:
+        assert basic.max_train_epochs is not None  # BasicConfig sets exactly one of the two
+        max_steps = math.ceil(basic.max_train_epochs * per_epoch / accum)
     settings = LoopSettings.of(config, resolution=resolution, mixed_precision=mixed_precision, max_steps=max_steps)
     groups = recipe.parameter_groups(opt.learning_rate)
     optimizer = build_optimizer(groups, opt, device=accelerator.device)
