@@ -25,7 +25,7 @@ def median_step_seconds(run_dir: Path, *, warm_up: int) -> float:
     run); NaN when too few steps are left."""
     from conjure.runs.events import read_events
 
-    times = [e["time"] for e in read_events(Path(run_dir) / "events.jsonl") if e["event"] == "step"]
+    times = [e["time"] for e in read_events(Path(run_dir) / "events.jsonl").events if e["event"] == "step"]
     warm = min(warm_up, len(times) // 2)
     return statistics.median(np.diff(times[warm:])) if len(times) - warm > 2 else float("nan")
 

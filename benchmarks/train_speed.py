@@ -87,7 +87,7 @@ def run_one(model: Path, images: Path, out: Path, *, method="ti", family="sd1", 
     started = time.perf_counter()
     result = train(parse_config(raw))
     wall = time.perf_counter() - started
-    events = read_events(result.run_dir / "events.jsonl")
+    events = read_events(result.run_dir / "events.jsonl").events
     step_s = median_step_seconds(result.run_dir, warm_up=5)
     losses = [e["loss"] for e in events if e["event"] == "step"]
     val = [e["seconds"] for e in events if e["event"] == "validation"]

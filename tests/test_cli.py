@@ -192,14 +192,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, ti_config):
     events = tmp_path / "runs" / "run" / "events.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
-        if events.exists() and sum(e["event"] == "step" for e in read_events(events)) >= 3:
+        if events.exists() and sum(e["event"] == "step" for e in read_events(events).events) >= 3:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "continue with: conjure train --resume" in err and "Traceback" not in err
-    stopped = [e for e in read_events(events) if e["event"] == "stopped"]
+    stopped = [e for e in read_events(events).events if e["event"] == "stopped"]
     assert stopped and (tmp_path / "runs" / "run" / "checkpoints" / f"step-{stopped[0]['step']:06d}").is_dir()
     proc = _conjure("train", "--resume", tmp_path / "runs" / "run", "--set", "basic.max_train_steps=" + str(stopped[0]["step"] + 2))
     out, err = proc.communicate(timeout=120)
@@ -236,13 +236,13 @@ def test_closing_the_terminal_saves_a_checkpoint_and_stops_like_sigterm(tmp_path
     events = tmp_path / "runs" / "run" / "events.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if events.exists() and sum(e["event"] == "step" for e in read_events(events)) >= 2:
+        if events.exists() and sum(e["event"] == "step" for e in read_events(events).events) >= 2:
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGHUP)
     os.close(master)  # the terminal is gone
     assert proc.wait(timeout=120) == 130
-    ends = [e for e in read_events(events) if e["event"] in ("stopped", "end")]
+    ends = [e for e in read_events(events).events if e["event"] in ("stopped", "end")]
     assert [e["event"] for e in ends] == ["stopped", "end"] and ends[-1]["status"] == "interrupted"
     assert ends[0]["reason"] == "SIGHUP"
     assert (tmp_path / "runs" / "run" / "checkpoints" / f"step-{ends[0]['step']:06d}").is_dir()

@@ -184,7 +184,7 @@ def test_a_changed_learning_rate_takes_effect_and_is_recorded(stopped_run, capsy
     assert "optimizer.learning_rate 0.05 -> 0.01" in err and "basic.max_train_steps 4 -> 6" in err
     from conjure.runs.events import read_events
 
-    lrs = [e["lr"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "step"]
+    lrs = [e["lr"] for e in read_events(run_dir / "events.jsonl").events if e["event"] == "step"]
     assert lrs == [0.05, 0.05, 0.01, 0.01, 0.01, 0.01]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["optimizer"]["learning_rate"] == 0.01 and saved["basic"]["max_train_steps"] == 6
@@ -266,7 +266,7 @@ def test_a_run_killed_during_its_final_validation_is_finished(ti_config, capsys)
         image.unlink()
     code, out, err = cli(capsys, "train", "--resume", run_dir)
     assert code == 0 and "done: 4 steps" in out, err
-    tail = read_events(events_file)[-3:]
+    tail = read_events(events_file).events[-3:]
     assert [e["event"] for e in tail] == ["start", "validation", "end"]
     assert tail[-1]["status"] == "completed" and tail[-1]["step"] == 4
     assert (run_dir / "validation" / "step-000004" / "grid.png").is_file()

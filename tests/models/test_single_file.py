@@ -140,7 +140,7 @@ def test_the_start_event_and_console_say_what_was_chosen_and_why(write_single_fi
         "validation": {"seeds": [0], "num_inference_steps": 1, "at_start": False},
     }
     result = train(parse_config(raw))
-    start = read_events(result.run_dir / "events.jsonl")[0]
+    start = read_events(result.run_dir / "events.jsonl").events[0]
     assert start["family"] == "sdxl"
     assert start["chosen"]["prediction_type"] == {"value": "v_prediction", "from": "file marker 'v_pred'"}
     assert start["chosen"]["zero_terminal_snr"] == {"value": True, "from": "file marker 'ztsnr'"}

@@ -63,7 +63,7 @@ def test_the_run_trains_and_validates_with_basic_vae_and_records_it(ti_config, o
 
     monkeypatch.setattr(validation, "build_pipeline", keep)
     result = train(parse_config(raw))
-    start = read_events(result.run_dir / "events.jsonl")[0]
+    start = read_events(result.run_dir / "events.jsonl").events[0]
     assert start["chosen"]["vae"] == {"value": str(other_model / "vae"), "from": "basic.vae"}
     assert same_weights(used["validation"].cpu(), wanted)
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())

@@ -40,7 +40,7 @@ def test_full_disk_keeps_the_last_checkpoint(ti_config, monkeypatch):
         train(parse_config(raw))
     run_dir = raw["basic"]["output_dir"] + "/run"
     assert [step for step, _ in list_checkpoints(run_dir)] == [3]
-    events = read_events(f"{run_dir}/events.jsonl")
+    events = read_events(f"{run_dir}/events.jsonl").events
     assert events[-1]["event"] == "end" and events[-1]["status"] == "failed"
     # and the run continues from the good checkpoint once there is room again
     monkeypatch.setattr(torch, "save", real_save)
@@ -69,7 +69,7 @@ def test_resume_warns_about_changed_settings(ti_config, capsys):
     raw["optimizer"]["learning_rate"] = 0.01
     train(parse_config(raw), resume=str(stopped.run_dir))
     assert "resuming with changed settings: optimizer.learning_rate 0.05 -> 0.01" in capsys.readouterr().err
-    events = read_events(stopped.run_dir / "events.jsonl")
+    events = read_events(stopped.run_dir / "events.jsonl").events
     start = [e for e in events if e["event"] == "start"][-1]
     assert start["changed_settings"] == ["optimizer.learning_rate"]
     # and the resumed steps use it (issue 21 D5: it was recorded but the checkpoint's rate ran on)
@@ -84,4 +84,4 @@ def test_events_after_a_line_cut_off_by_a_kill_start_on_their_own_line(tmp_path)
     log = EventLog(path)
     log.emit("start", resumed=True)
     log.close()
-    assert [e["event"] for e in read_events(path)] == ["start", "start"]
+    assert [e["event"] for e in read_events(path).events] == ["start", "start"]

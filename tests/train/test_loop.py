@@ -25,6 +25,6 @@ def test_schedule_waits_on_steps_the_grad_scaler_skipped(ti_config, monkeypatch)
     raw = ti_config(basic={"max_train_steps": 6, "validate_every_n_steps": None}, validation={"at_start": False},
                     optimizer={"scheduler": "constant", "warmup_steps": 2, "learning_rate": 0.04})
     result = train(parse_config(raw))
-    lrs = [e["lr"] for e in read_events(result.run_dir / "events.jsonl") if e["event"] == "step"]
+    lrs = [e["lr"] for e in read_events(result.run_dir / "events.jsonl").events if e["event"] == "step"]
     # the schedule advances after steps 3, 5 and 6 only: warmup 0 -> 0.02 -> 0.04
     assert lrs == [0.0, 0.0, 0.02, 0.02, 0.04, 0.04]

@@ -34,7 +34,7 @@ def test_run_folder_and_embedding_file(ti_config, family):
     for step in ("000000", "000003", "000006"):
         assert (run_dir / "validation" / f"step-{step}" / "grid.png").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "logs").iterdir())
-    events = read_events(run_dir / "events.jsonl")
+    events = read_events(run_dir / "events.jsonl").events
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "end" and events[-1]["status"] == "completed"
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
@@ -194,8 +194,8 @@ def test_resume_matches_uninterrupted_run(ti_config, tmp_path):
     a, _ = embedding_of(full.checkpoints[-1])
     b, _ = embedding_of(resumed.checkpoints[-1])
     assert torch.equal(a["emb_params"], b["emb_params"])
-    steps = [e for e in read_events(resumed.run_dir / "events.jsonl") if e["event"] == "step"]
-    full_steps = [e for e in read_events(full.run_dir / "events.jsonl") if e["event"] == "step"]
+    steps = [e for e in read_events(resumed.run_dir / "events.jsonl").events if e["event"] == "step"]
+    full_steps = [e for e in read_events(full.run_dir / "events.jsonl").events if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 9))
     assert [e["loss"] for e in steps] == [e["loss"] for e in full_steps]
 
@@ -228,7 +228,7 @@ def test_runs_with_different_precisions_in_one_process(ti_config):
     raw["basic"]["run_name"] = "second"
     second = run(raw)
     assert first.status == second.status == "completed"
-    events = read_events(second.run_dir / "events.jsonl")
+    events = read_events(second.run_dir / "events.jsonl").events
     assert events[0]["mixed_precision"] == "no"
 
 

@@ -292,15 +292,20 @@ def stopped_job(app, client, ws):
     return job["id"], run
 
 
-def test_events_are_read_from_an_index(client, stopped_job):
-    jid, _ = stopped_job
+def test_events_are_read_from_a_byte_cursor(client, stopped_job):
+    jid, run = stopped_job
+    data = (run / "events.jsonl").read_bytes()
+    line_starts = [0] + [i + 1 for i, byte in enumerate(data) if byte == ord("\n")]
     everything = client.get(f"/api/jobs/{jid}/events").json()
-    # 8 complete lines, one of them garbled (counted, not returned); the last line is not complete yet
-    assert everything["next"] == 8 and len(everything["events"]) == 7
+    # 8 complete lines, one of them garbled (read, not returned); the last line is not complete yet
+    assert everything["next"] == line_starts[8] == data.rfind(b"\n") + 1 and len(everything["events"]) == 7
     assert [e["event"] for e in everything["events"][:2]] == ["start", "validation"]
-    later = client.get(f"/api/jobs/{jid}/events", params={"after": 5}).json()
-    assert later == {"events": everything["events"][5:], "next": 8}
-    assert client.get(f"/api/jobs/{jid}/events", params={"after": 8}).json() == {"events": [], "next": 8}
+    later = client.get(f"/api/jobs/{jid}/events", params={"after": line_starts[5]}).json()
+    assert later == {"events": everything["events"][5:], "next": line_starts[8]}
+    # a cursor inside a line reads from the next line
+    assert client.get(f"/api/jobs/{jid}/events", params={"after": line_starts[5] - 3}).json() == later
+    end = line_starts[8]
+    assert client.get(f"/api/jobs/{jid}/events", params={"after": end}).json() == {"events": [], "next": end}
     assert client.get(f"/api/jobs/{jid}/events", params={"after": -1}).status_code == 400
 
 

@@ -1,5 +1,6 @@
-"""What a run reports: `events.jsonl` (one JSON object per line, read by tests and the UI) and
-TensorBoard scalars/images under `logs/`.
+"""What a run reports: `events.jsonl` (one JSON object per line, named by an `Event`; read by the web app's job
+runner and events API, a resumed run and the tests through the one `read_events`) and TensorBoard
+scalars/images under `logs/`.
 
 A write that fails (a full disk) raises OSError naming the file or folder, so the one error line can say
 where; TensorBoard's writer thread would also print its own traceback, which is kept quiet here because its
@@ -10,8 +11,24 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+
+
+class Event(StrEnum):
+    """The `event` of each line of events.jsonl."""
+
+    START = "start"  # run folder, type, family, max_train_steps, start_step, ...
+    STEP = "step"  # step, loss, lr
+    CHECKPOINT = "checkpoint"  # step, path, files
+    CHECKPOINT_REMOVED = "checkpoint_removed"  # path (pruned by basic.keep_last_n_checkpoints)
+    VALIDATION = "validation"  # step, prompts, seeds, images, grid
+    STOPPED = "stopped"  # step, reason (a stop asked for: signal, web app)
+    END = "end"  # status (completed | interrupted | failed), step, error
 
 
 def _named(exc: OSError, path: Path) -> OSError:
@@ -64,7 +81,7 @@ class EventLog:
                 self._file.close()
                 raise _named(exc, tensorboard_dir) from None
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: Event, **fields: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **fields}
         try:
             self._file.write(json.dumps(record, default=str) + "\n")
@@ -101,12 +118,35 @@ class EventLog:
             pass
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """All events of a run; a last line cut off by a kill is ignored."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+@dataclass(frozen=True)
+class EventsRead:
+    events: list[dict[str, Any]]
+    next: int
+    """The byte offset to read from next: just past the last line read (or `after`, if none was)."""
+
+
+def read_events(path: Path, after: int = 0, limit: int | None = None) -> EventsRead:
+    """The events of the lines that start at byte `after` or later (0, or a `next` from an earlier call), at most
+    `limit` lines. One rule for a cut-off line: only complete lines (ending in a newline) are read, so a line being
+    written is left for the next call; a complete line that is not JSON (cut off by a killed run, then closed by
+    the resumed run's EventLog) counts as a line but gives no event. A missing file has no events."""
+    try:
+        with open(path, "rb") as handle:
+            if after > 0:  # not at a line start (a cursor made up by a client): from the next line that is
+                handle.seek(after - 1)
+                if handle.read(1) != b"\n":
+                    handle.readline()
+            start = handle.tell()
+            data = handle.read()
+    except OSError:
+        return EventsRead([], after)
+    lines = data.split(b"\n")[:-1]  # the part after the last newline is not a complete line yet
+    if limit is not None:
+        lines = lines[:limit]
+    events = []
+    for line in lines:
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            events.append(json.loads(line))
+        except ValueError:
             continue
-    return out
+    return EventsRead(events, max(after, start + sum(len(line) + 1 for line in lines)))

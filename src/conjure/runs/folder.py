@@ -1,5 +1,6 @@
 """Run folders: where a new run goes, which run and checkpoint a resume continues, what a resume may change,
-and the lock that keeps two processes from training one run."""
+the lock that keeps two processes from training one run, and the names of the validation images (written by
+conjure.train.validation, listed by the web app's gallery)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import datetime as _dt
 import fcntl
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,16 @@ import yaml
 
 from conjure.errors import ConjureError
 from conjure.runs.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint
+
+VALIDATION_DIR = "validation"
+"""`validation/step-NNNNNN/` (runs.checkpoints.step_dir_name) holds one validation's images and grid."""
+VALIDATION_GRID = "grid.png"
+VALIDATION_IMAGE = re.compile(r"^(\d+)-seed(-?\d+)\.png$")
+"""A validation image: the prompt's index and the seed (validation_image_name)."""
+
+
+def validation_image_name(prompt_index: int, seed: int) -> str:
+    return f"{prompt_index:02d}-seed{seed}.png"
 
 
 def default_run_name(config_type: str) -> str:

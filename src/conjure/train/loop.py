@@ -28,8 +28,8 @@ from conjure.runs.checkpoints import (
     step_dir_name,
     write_checkpoint,
 )
-from conjure.runs.events import EventLog
-from conjure.runs.folder import lock_run, resume_changes
+from conjure.runs.events import EVENTS_FILE, Event, EventLog
+from conjure.runs.folder import VALIDATION_DIR, lock_run, resume_changes
 from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
 from conjure.train.setup import (
     WEIGHT_DTYPES,
@@ -152,9 +152,9 @@ class TrainingSession:
     def start(self, checkpoint: Path | None, **facts: Any) -> None:
         """Open the events log (TensorBoard on the main process only) with the run's "start" line."""
         main = self.accelerator.is_main_process
-        self.events = EventLog(self.run_dir / "events.jsonl", self.run_dir / "logs" if main else None)
+        self.events = EventLog(self.run_dir / EVENTS_FILE, self.run_dir / "logs" if main else None)
         self.events.emit(
-            "start", run_dir=str(self.run_dir), type=self.settings.config_type, family=self.model.family.name,
+            Event.START, run_dir=str(self.run_dir), type=self.settings.config_type, family=self.model.family.name,
             device=str(self.accelerator.device), mixed_precision=self.settings.mixed_precision,
             images=len(self.dataset), max_train_steps=self.max_steps, start_step=self.global_step,
             resumed_from=str(checkpoint) if checkpoint else None, **facts,
@@ -207,7 +207,7 @@ class TrainingSession:
                 if self.global_step == self.max_steps and main:  # a run killed after its last checkpoint: finish it
                     self.validate(self.global_step)
                 self._steps(bar, control)
-                self.events.emit("end", status=self.result.status, step=self.global_step)
+                self.events.emit(Event.END, status=self.result.status, step=self.global_step)
             except BaseException as exc:
                 self._fail(exc)
                 raise
@@ -229,7 +229,7 @@ class TrainingSession:
             self._after_step(loss, bar, control)
             if control.stop_reason and self.global_step < self.max_steps:
                 self.result.status = "interrupted"
-                self.events.emit("stopped", step=self.global_step, reason=control.stop_reason)
+                self.events.emit(Event.STOPPED, step=self.global_step, reason=control.stop_reason)
                 break
 
     def _fail(self, exc: BaseException) -> None:
@@ -240,7 +240,7 @@ class TrainingSession:
             except Exception:  # noqa: BLE001 - the original error matters more than a failed rescue
                 pass
         try:
-            self.events.emit("end", status="failed", step=self.global_step, error=str(exc) or type(exc).__name__)
+            self.events.emit(Event.END, status="failed", step=self.global_step, error=str(exc) or type(exc).__name__)
         except OSError:  # the disk that failed the run may not take this line either
             pass
 
@@ -311,7 +311,7 @@ class TrainingSession:
                 f"loss became {loss} at step {self.global_step}; lower optimizer.learning_rate or use "
                 f"advanced.mixed_precision: bf16/no ({kept_checkpoint(self.run_dir)})"
             )
-        self.events.emit("step", step=self.global_step, loss=loss, lr=lr)
+        self.events.emit(Event.STEP, step=self.global_step, loss=loss, lr=lr)
         self.events.scalars(self.global_step, **{"train/loss": loss, "train/lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -350,10 +350,10 @@ class TrainingSession:
         )
         self.last_saved = at
         files = sorted(p.name for p in folder.iterdir() if p.name != "training_state.pt")
-        self.events.emit("checkpoint", step=at, path=str(folder), files=files)
+        self.events.emit(Event.CHECKPOINT, step=at, path=str(folder), files=files)
         self.result.checkpoints.append(folder)
         for old in prune_checkpoints(self.run_dir, settings.keep_last_n_checkpoints):
-            self.events.emit("checkpoint_removed", path=str(old))
+            self.events.emit(Event.CHECKPOINT_REMOVED, path=str(old))
 
     def validate(self, at: int) -> None:
         """The validation images of step `at` and their grid, as the files saved at that step render them."""
@@ -371,7 +371,7 @@ class TrainingSession:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.accelerator.autocast():
                 images, grid_path = render(
-                    self._pipe, self.run_dir / "validation" / step_dir_name(at), prompts=list(val.prompts),
+                    self._pipe, self.run_dir / VALIDATION_DIR / step_dir_name(at), prompts=list(val.prompts),
                     seeds=list(val.seeds), negative_prompt=val.negative_prompt,
                     num_inference_steps=val.num_inference_steps, guidance_scale=val.guidance_scale,
                     resolution=self.settings.resolution,
@@ -383,7 +383,7 @@ class TrainingSession:
             for module in self.trainable:
                 module.train()
         self.events.emit(
-            "validation", step=at, grid=str(grid_path), images=[str(p) for p in images],
+            Event.VALIDATION, step=at, grid=str(grid_path), images=[str(p) for p in images],
             prompts=list(val.prompts), seeds=list(val.seeds), seconds=round(time.perf_counter() - started, 3),
         )
         self.events.image("validation/grid", at, as_array(grid_path))

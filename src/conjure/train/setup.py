@@ -238,13 +238,10 @@ def open_run_dir(config: RunConfig, resume: str | None) -> tuple[Path | None, Pa
 def completed_at(run_dir: Path, step: int) -> bool:
     """Whether the run's events say it ended, completed, at `step` (a kill during the final validation leaves
     the last checkpoint without that end)."""
-    from conjure.runs.events import read_events
+    from conjure.runs.events import EVENTS_FILE, Event, read_events
 
-    try:
-        events = read_events(run_dir / "events.jsonl")
-    except (OSError, UnicodeDecodeError):
-        return False
-    return any(e.get("event") == "end" and e.get("status") == "completed" and e.get("step") == step for e in events)
+    events = read_events(run_dir / EVENTS_FILE).events
+    return any(e.get("event") == Event.END and e.get("status") == "completed" and e.get("step") == step for e in events)
 
 
 def resolved_config(config: RunConfig, run_dir: Path, resolution: int) -> RunConfig:

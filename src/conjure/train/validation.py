@@ -1,6 +1,7 @@
 """Validation images: every prompt at fixed seeds, so one prompt/seed is comparable across steps.
 
-Writes `validation/step-NNNNNN/<prompt>-<seed>.png` and `grid.png` (rows: prompts, columns: seeds).
+Writes `validation/step-NNNNNN/<prompt index>-seed<seed>.png` and `grid.png` (rows: prompts, columns: seeds;
+the names: conjure.runs.folder).
 The pipeline is built from the training components (with the new tokens), using a multistep DPM-Solver
 configured from the model's own scheduler (prediction type, betas) so few steps give clean images.
 
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from conjure.runs.folder import VALIDATION_GRID, validation_image_name
 
 
 def build_pipeline(family_pipeline_class: str, components: dict[str, Any]) -> Any:
@@ -111,12 +114,12 @@ def render(
                 output_type="latent",
             ).images
             image = pipe.image_processor.postprocess(decode_latents(pipe.vae, latents), output_type="pil")[0]
-            path = out_dir / f"{p:02d}-seed{seed}.png"
+            path = out_dir / validation_image_name(p, seed)
             _save_png(image, path)
             row.append(image)
             paths.append(path)
         rows.append(row)
-    grid_path = out_dir / "grid.png"
+    grid_path = out_dir / VALIDATION_GRID
     _save_png(grid(rows), grid_path)
     return paths, grid_path
 

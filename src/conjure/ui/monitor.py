@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -17,13 +15,14 @@ from pydantic import BaseModel, Field
 
 from conjure.errors import ConjureError
 from conjure.runs.checkpoints import STATE_FILE, STEP_DIR
+from conjure.runs.events import EVENTS_FILE, Event, read_events
+from conjure.runs.folder import VALIDATION_DIR, VALIDATION_GRID, VALIDATION_IMAGE
 from conjure.ui.queue import Job, checkpoint_steps
 from conjure.ui.runner import JobQueue, read_log_lines
 from conjure.ui.training import jobs_of
 from conjure.ui.workspace import NotFound, PathRefused
 
 MAX_EVENTS_PER_ANSWER = 5000
-VALIDATION_IMAGE = re.compile(r"^(\d+)-seed(-?\d+)\.png$")
 
 router = APIRouter(prefix="/api", tags=["training"])
 
@@ -43,31 +42,13 @@ def _run_dir(job: Job) -> Path | None:
     return Path(job.run_dir) if job.run_dir else None
 
 
-def read_events(path: Path, after: int, limit: int = MAX_EVENTS_PER_ANSWER) -> tuple[list[dict[str, Any]], int]:
-    """Events from line `after` of an events.jsonl (complete lines only), and the index to ask from next.
-    A line cut off by a killed run counts as a line but is not returned."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return [], after
-    lines = data.split(b"\n")[:-1]
-    chosen = lines[after: after + limit]
-    events = []
-    for line in chosen:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events, max(after, min(len(lines), after + limit))
-
-
 @router.get("/jobs/{job_id}/events")
 def job_events(job_id: int, request: Request, after: int = Query(0, ge=0)) -> dict[str, Any]:
     run_dir = _run_dir(_jobs(request).get(job_id))
     if run_dir is None:
         return {"events": [], "next": after}
-    events, following = read_events(run_dir / "events.jsonl", after)
-    return {"events": events, "next": following}
+    read = read_events(run_dir / EVENTS_FILE, after, MAX_EVENTS_PER_ANSWER)
+    return {"events": read.events, "next": read.next}
 
 
 @router.get("/jobs/{job_id}/log")
@@ -92,12 +73,11 @@ def job_validation(job_id: int, request: Request) -> dict[str, Any]:
     seeds: list[int] = []
     if run_dir is None:
         return {"prompts": prompts, "seeds": seeds, "steps": []}
-    events, _ = read_events(run_dir / "events.jsonl", 0, limit=10**9)
-    for event in events:
-        if event.get("event") == "validation":
+    for event in read_events(run_dir / EVENTS_FILE).events:
+        if event.get("event") == Event.VALIDATION:
             prompts, seeds = list(event.get("prompts") or []), list(event.get("seeds") or [])
     steps = []
-    root = run_dir / "validation"
+    root = run_dir / VALIDATION_DIR
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         m = STEP_DIR.match(folder.name)
         if not m or not folder.is_dir():
@@ -110,7 +90,7 @@ def job_validation(job_id: int, request: Request) -> dict[str, Any]:
                 images.append({"prompt_index": index, "seed": seed, "url": file_url(image)})
         order = {seed: i for i, seed in enumerate(seeds)}
         images.sort(key=lambda im: (im["prompt_index"], order.get(im["seed"], len(order)), im["seed"]))
-        grid = folder / "grid.png"
+        grid = folder / VALIDATION_GRID
         steps.append({"step": int(m.group(1)), "images": images, "grid": file_url(grid) if grid.is_file() else None})
     return {"prompts": prompts, "seeds": seeds, "steps": steps}
 

@@ -20,7 +20,6 @@ interrupted.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from typing import Any
 import yaml
 
 from conjure.errors import EXIT_INTERRUPTED, ConjureError
+from conjure.runs.events import EVENTS_FILE, Event, read_events
 from conjure.ui.queue import Job, JobStore, now_iso
 from conjure.ui.workspace import Workspace
 
@@ -222,7 +222,7 @@ class JobQueue(JobStore):
         self._recovered = True
         for job in self.with_status("running"):
             follower = _Follower(
-                job.id, job.pid or 0, self.config_path(job), Path(job.run_dir or ".") / "events.jsonl",
+                job.id, job.pid or 0, self.config_path(job), Path(job.run_dir or ".") / EVENTS_FILE,
                 job.events_offset,
             )
             self._active[job.id] = follower
@@ -253,7 +253,7 @@ class JobQueue(JobStore):
         tmp.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
         os.replace(tmp, config_path)
         run_dir = Path(job.output_dir) / run_name
-        events = run_dir / "events.jsonl"
+        events = run_dir / EVENTS_FILE
         offset = events.stat().st_size if job.resume and events.is_file() else 0
         cmd = [sys.executable, "-m", "conjure", "train", str(config_path)]
         if job.resume:
@@ -287,26 +287,16 @@ class JobQueue(JobStore):
         log.info("job %s ended: %s%s", job.id, status, f" ({error})" if error else "")
 
     def _read_events(self, follower: _Follower) -> dict[str, Any]:
-        try:
-            with open(follower.events_path, "rb") as handle:
-                handle.seek(follower.pos)
-                data = handle.read()
-        except OSError:
-            return {}
-        complete = data[: data.rfind(b"\n") + 1]
-        follower.pos += len(complete)
+        read = read_events(follower.events_path, follower.pos)
+        follower.pos = read.next
         progress: dict[str, Any] = {}
         total: int | None = None
-        for line in complete.splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # a line cut off by a killed run
+        for event in read.events:
             kind = event.get("event")
-            if kind == "start":
+            if kind == Event.START:
                 progress["max_steps"] = total = event.get("max_train_steps")
                 progress["step"] = event.get("start_step", 0)
-            elif kind == "step":
+            elif kind == Event.STEP:
                 step, at = int(event["step"]), float(event.get("time", 0.0))
                 progress["step"], progress["loss"] = step, event.get("loss")
                 follower.first_step = follower.first_step or (step, at)
@@ -314,7 +304,7 @@ class JobQueue(JobStore):
                 total = total or self._row(follower.job_id).max_steps
                 if step > first and total:
                     progress["eta_seconds"] = round((total - step) * (at - t0) / (step - first), 1)
-            elif kind == "end":
+            elif kind == Event.END:
                 follower.end = event
         return progress
 
