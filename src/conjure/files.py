@@ -1,9 +1,13 @@
-"""Writing files that apps load: atomically, so a crash or a full disk leaves the old file or the new one, never
-half a file. Every safetensors writer of conjure (embeddings, LoRA, latent caches) goes through `save_atomically`;
-`conjure export` copies through `copy_to_temporary`.
+"""Writing files atomically, so that a crash or a full disk leaves the old file or the new one, never half a file.
+Every write of conjure whose reader could see it half-done goes through here: app files (embeddings, LoRA,
+latent caches, `save_safetensors_atomically`), checkpoint folders (`atomic_folder`), the web app's captions,
+configs and thumbnails, `conjure dataset jsonl`, `conjure export` (`copy_to_temporary`, then `publish`).
 
-A new file gets the mode of any file the user creates (0666 less the umask): `tempfile.mkstemp` makes 0600 files,
-which an app running as another user (a ComfyUI container, a shared A1111) cannot read.
+One rule: a temporary `.tmp-<random>-<name>.part` in the target's folder (unique, so two writers never share
+one; the `.part` ending keeps it out of the apps' model lists), flushed to the disk, renamed onto the target,
+removed if anything fails. Its mode is what a plain write would leave: the replaced file's, or for a new file
+0666 less the umask (`tempfile.mkstemp` makes 0600 files, which an app running as another user, a ComfyUI
+container or a shared A1111, cannot read).
 """
 
 from __future__ import annotations
@@ -12,19 +16,24 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 
+def _temporary_name(name: str) -> str:
+    return f".tmp-{secrets.token_hex(4)}-{name}.part"
+
+
 def new_temporary(folder: Path, name: str) -> Path:
     """A new empty file `.tmp-<random>-<name>.part` in `folder`, made with 0666 less the umask as `open()` makes
-    files. The `.part` ending keeps it out of the apps' model lists while it is written."""
+    files."""
     while True:
-        path = Path(folder) / f".tmp-{secrets.token_hex(4)}-{name}.part"
+        path = Path(folder) / _temporary_name(name)
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return path
@@ -37,6 +46,21 @@ def _flush(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the complete temporary file `tmp` onto `path` (taking the mode of a file it replaces), after
+    flushing it to the disk; `tmp` is removed if that fails."""
+    try:
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
+        _flush(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary file beside `path` for the block to write; flushed to the disk and renamed onto `path` when
@@ -46,25 +70,56 @@ def replacing(path: Path) -> Iterator[Path]:
     mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield tmp
-        # safetensors (0.8) writes its own temporary file (mode 0600) and renames it onto ours: give it back the
-        # mode the umask gave ours.
+        # The writer may have put its own file there: safetensors (0.8) writes a temporary file (mode 0600) and
+        # renames it onto ours.
         os.chmod(tmp, mode)
-        _flush(tmp)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    publish(tmp, path)
 
 
-def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write `tensors` with string `metadata` to a temporary file beside `path`, then rename it into place."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Replace `path` with what `write(tmp)` writes to a temporary file beside it (a PIL image's save, a
+    library's writer that takes a path)."""
     with replacing(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8, newlines as given."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_safetensors_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write `tensors` with string `metadata` as a safetensors file at `path`."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_folder(path: Path, write: Callable[[Path], Any]) -> None:
+    """Replace the folder `path` with what `write(tmp)` writes into a new temporary folder beside it, published
+    by a rename once complete (files written with `atomic_write` are flushed; anything else is the caller's).
+    The temporary folder is removed when `write` fails."""
+    path = Path(path)
+    tmp = path.parent / _temporary_name(path.name)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if path.exists():  # a rename cannot replace a folder that has files in it
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def copy_to_temporary(src: Path, folder: Path, name: str) -> Path:
     """A complete copy of `src`, flushed to the disk, in a new temporary file of `folder`, for the caller to
-    `os.replace` onto `folder / name`; nothing is left on failure. Its mode is a new file's, not the source's."""
+    `publish` onto `folder / name`; nothing is left on failure. Its mode is a new file's, not the source's."""
     tmp = new_temporary(folder, name)
     try:
         with open(src, "rb") as source, open(tmp, "wb") as target:

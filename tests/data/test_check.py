@@ -241,7 +241,7 @@ def test_jsonl_reads_back_as_the_same_examples(tmp_path, out_name):
     jsonl_examples = scan_source(out, check_images=False).examples
     assert [(e.image.resolve(), e.caption) for e in jsonl_examples] == [
         (e.image.resolve(), e.caption) for e in folder_examples]
-    assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".tmp-")] == []  # conjure.files temporaries
 
 
 def test_jsonl_refuses_to_overwrite_without_force(tmp_path):

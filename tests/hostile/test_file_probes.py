@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conjure.cli import main
-from conjure.files import save_atomically
+from conjure.files import save_safetensors_atomically
 from conjure.runs.checkpoints import write_checkpoint
 
 
@@ -155,7 +155,7 @@ def test_written_files_respect_the_umask(capsys, tmp_path, umask):
     assert mode(plain) == expected
     # the atomic writer: checkpoints' app files, embeddings, LoRA files, latent caches
     written = tmp_path / "w.safetensors"
-    save_atomically({"emb_params": torch.zeros(1, 4)}, written, {})
+    save_safetensors_atomically({"emb_params": torch.zeros(1, 4)}, written, {})
     assert mode(written) == expected
     # export: a new file's mode, not the checkpoint file's (copy2 carried the source's 0600 over)
     run = fake_run(tmp_path, ONE_FILE)

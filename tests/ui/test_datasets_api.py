@@ -456,14 +456,14 @@ def test_a_caption_write_racing_a_trash_of_its_image_leaves_no_orphan(api, monke
     _image(api.folder / "x.png")
     assert api.open().status_code == 200
     writing, go = threading.Event(), threading.Event()
-    original = dataset_files.write_atomically
+    original = dataset_files.atomic_write_text
 
     def slow_write(path, text):
         writing.set()
         go.wait(5)
         original(path, text)
 
-    monkeypatch.setattr(dataset_files, "write_atomically", slow_write)
+    monkeypatch.setattr(dataset_files, "atomic_write_text", slow_write)
     answers = {}
     caption = threading.Thread(target=lambda: answers.update(caption=api.put_caption("x.png", "a cat")))
     caption.start()

@@ -31,6 +31,7 @@ from conjure.data.hf import is_hf_source
 from conjure.data.example import PROGRESS_MIN_IMAGES, Example
 from conjure.data.sources import scan_source, within
 from conjure.errors import ConjureError
+from conjure.files import atomic_write_text
 
 ERROR, WARNING = "error", "warning"
 
@@ -412,14 +413,7 @@ def write_jsonl(folder: Path, out: Path, *, force: bool = False, confine: Path |
         for example in examples
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("w", encoding="utf-8", newline="\n") as file:
-            file.write("\n".join(lines) + "\n")
-        os.replace(temporary, out)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return len(lines)
 
 

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from conjure.data.example import PROGRESS_MIN_IMAGES, Example, caption_of
 from conjure.data.images import IMAGE_EXTENSIONS
 from conjure.errors import ConjureError
+from conjure.files import atomic_write_bytes
 
 HUB_PREFIX = "hf:"
 """`hf:owner/name` (or `hf:owner/name:split`) names a data set on the Hugging Face Hub."""
@@ -315,12 +315,9 @@ def _write_once(folder: Path, name: str, data: bytes) -> Path:
     if target.is_file() and target.stat().st_size == len(data):
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / f".{name}.{uuid.uuid4().hex}.tmp"
     try:
-        temporary.write_bytes(data)
-        os.replace(temporary, target)
+        atomic_write_bytes(target, data)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise ConjureError(f"cannot write {target} (the HF image cache; set CONJURE_CACHE_DIR to move it): "
                            f"{error.strerror or error}") from None
     return target

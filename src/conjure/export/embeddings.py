@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from conjure.errors import ConjureError
-from conjure.files import save_atomically
+from conjure.files import save_safetensors_atomically
 
 
 def embedding_file_name(token: str) -> str:
@@ -63,7 +63,7 @@ def unbundle(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
 def save_embedding(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write atomically: a crash leaves either the old file or the new one, never half a file."""
     clean = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
-    save_atomically(clean, Path(path), metadata)
+    save_safetensors_atomically(clean, Path(path), metadata)
 
 
 def load_embedding(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -23,7 +23,7 @@ from conjure import families
 from conjure.adapters import LoraModule
 from conjure.errors import ConjureError
 from conjure.families import Family
-from conjure.files import save_atomically
+from conjure.files import save_safetensors_atomically
 
 __all__ = ["FORMATS", "detect_lora_family"]
 
@@ -78,7 +78,7 @@ def save_lora_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[
         raise ConjureError(f"cannot write a LoRA file to {path}: it is a folder")
     if not path.parent.is_dir():
         raise ConjureError(f"cannot write {path}: folder {path.parent} does not exist")
-    save_atomically(tensors, path, metadata)
+    save_safetensors_atomically(tensors, path, metadata)
 
 
 def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

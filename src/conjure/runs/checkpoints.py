@@ -4,7 +4,6 @@ complete, so a crash or a full disk never leaves a half checkpoint that resume w
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from conjure.errors import ConjureError
+from conjure.files import atomic_folder
 
 STATE_FILE = "training_state.pt"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -42,12 +42,11 @@ def write_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    for leftover in root.glob(".tmp-*"):  # of a run killed while saving (this process holds the run's lock)
+        shutil.rmtree(leftover, ignore_errors=True)
     from safetensors import SafetensorError
 
-    try:
+    def write(tmp: Path) -> None:
         write_files(tmp)
         import torch  # here, not at the top: the web app lists checkpoints without loading torch
 
@@ -55,11 +54,10 @@ def write_checkpoint(
         # ("unexpected pos ...", "iostream error") instead of OSError.
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+
+    try:
+        atomic_folder(final, write)
     except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConjureError(f"could not write checkpoint {final}: {reason}; {kept_checkpoint(run_dir)}") from None
     return final

@@ -8,11 +8,10 @@ too), never a truncated file that apps would try to load.
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 from conjure.errors import ConjureError
-from conjure.files import copy_to_temporary
+from conjure.files import copy_to_temporary, publish
 from conjure.runs.checkpoints import STATE_FILE, list_checkpoints
 
 
@@ -75,7 +74,7 @@ def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = 
     done = 0
     try:
         for tmp, (_, dest) in zip(copies, plan):
-            os.replace(tmp, dest)
+            publish(tmp, dest)
             done += 1
     except OSError as exc:  # e.g. EPERM: another user's file in a sticky folder
         for tmp in copies[done:]:

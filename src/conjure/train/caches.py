@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from conjure.errors import ConjureError
-from conjure.files import save_atomically
+from conjure.files import save_safetensors_atomically
 
 
 def file_digest(path: Path, _memo: dict[tuple[str, int, int], str] = {}) -> str:  # noqa: B006 - per process memo
@@ -97,7 +97,7 @@ class LatentCache:
             path = self._path(key)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                save_atomically({"mean": entry[0].contiguous(), "std": entry[1].contiguous()}, path, {})
+                save_safetensors_atomically({"mean": entry[0].contiguous(), "std": entry[1].contiguous()}, path, {})
             except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise ConjureError(

@@ -13,7 +13,6 @@ diffusers#9844); the pipelines' own upcast does not fire because the VAE itself 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conjure.files import atomic_write
 from conjure.runs.folder import VALIDATION_GRID, validation_image_name
 
 
@@ -54,12 +54,6 @@ def grid(images: list[list[Image.Image]]) -> Image.Image:
         for c, image in enumerate(row):
             out.paste(image, (c * w, r * h))
     return out
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -115,12 +109,12 @@ def render(
             ).images
             image = pipe.image_processor.postprocess(decode_latents(pipe.vae, latents), output_type="pil")[0]
             path = out_dir / validation_image_name(p, seed)
-            _save_png(image, path)
+            atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
             row.append(image)
             paths.append(path)
         rows.append(row)
     grid_path = out_dir / VALIDATION_GRID
-    _save_png(grid(rows), grid_path)
+    atomic_write(grid_path, lambda tmp: grid(rows).save(tmp, format="PNG"))
     return paths, grid_path
 
 

@@ -17,10 +17,8 @@ import hashlib
 import os
 import re
 import shutil
-import stat
 import threading
 import unicodedata
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -31,6 +29,7 @@ from starlette.datastructures import UploadFile
 from conjure.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
 from conjure.data.sources import MASK_SUFFIX, scan_source
 from conjure.errors import ConjureError
+from conjure.files import atomic_write, atomic_write_text, new_temporary, publish
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 TRASH = ".trash"
@@ -150,7 +149,7 @@ def set_caption(ws: Workspace, root: Path, name: str, caption: str) -> Entry:
     """Write the caption file of the image `name`, under the folder's lock: its image is still there."""
     with folder_lock(root):
         image = entry(ws, root, name)
-        write_atomically(_caption_target(ws, root, image), caption)
+        atomic_write_text(_caption_target(ws, root, image), caption)
     return image
 
 
@@ -165,7 +164,7 @@ def edit_captions(ws: Workspace, root: Path, names: list[str] | None, edit: Capt
             old = read_caption(ws, root, image) if target.is_file() else None
             new = edit.apply(old, target)
             if new is not None:
-                write_atomically(target, new)
+                atomic_write_text(target, new)
                 changed += 1
     return changed
 
@@ -202,24 +201,6 @@ def _caption_target(ws: Workspace, folder: Path, image: Entry) -> Path:
     return ws.resolve(image.caption_path.relative_to(folder).as_posix(), under=folder)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` (UTF-8) via a hidden temporary file beside it and a rename: readers see the old
-    file or the new one. The file keeps its permissions; a new one gets the umask's."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(text.encode("utf-8"))
-            file.flush()
-            os.fsync(file.fileno())
-        if path.exists():
-            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 # --- thumbnails -----------------------------------------------------------------------------------------
 
 
@@ -234,13 +215,7 @@ def thumbnail(ws: Workspace, image_path: Path, size: int) -> Path:
     picture = load_image(image_path)
     picture.thumbnail((size, size), Image.Resampling.LANCZOS)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cached.with_name(f".{key}.{uuid.uuid4().hex}.tmp")
-    try:
-        picture.save(temporary, format="JPEG", quality=85)
-        os.replace(temporary, cached)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write(cached, lambda tmp: picture.save(tmp, format="JPEG", quality=85))
     return cached
 
 
@@ -277,15 +252,15 @@ def _save_upload(root: Path, file: UploadFile) -> str:
     if file.file.tell() > MAX_UPLOAD_BYTES:
         raise ConjureError(f"over {MAX_UPLOAD_BYTES // 2**20} MB")
     file.file.seek(0)
-    temporary = root / f".upload-{uuid.uuid4().hex}.tmp"
+    temporary = new_temporary(root, "upload")
     try:
-        with open(temporary, "xb") as out:
+        with open(temporary, "wb") as out:
             shutil.copyfileobj(file.file, out)
         stem, suffix = _split(name)
         suffix = _image_suffix(temporary, suffix)
         with folder_lock(root):
             final = _free_name(root, stem, suffix)
-            os.replace(temporary, final)
+            publish(temporary, final)
         return final.name
     finally:
         temporary.unlink(missing_ok=True)

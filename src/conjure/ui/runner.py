@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from conjure.errors import EXIT_INTERRUPTED, ConjureError
+from conjure.files import atomic_write_text
 from conjure.runs.events import EVENTS_FILE, Event, read_events
 from conjure.ui.queue import Job, JobStore, now_iso
 from conjure.ui.workspace import Workspace
@@ -249,9 +250,7 @@ class JobQueue(JobStore):
         config = yaml.safe_load(job.config)
         config["basic"]["run_name"] = run_name
         config_path = self.config_path(job)
-        tmp = config_path.with_name(".config.yaml.tmp")
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        os.replace(tmp, config_path)
+        atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
         run_dir = Path(job.output_dir) / run_name
         events = run_dir / EVENTS_FILE
         offset = events.stat().st_size if job.resume and events.is_file() else 0

@@ -19,7 +19,6 @@ paths are taken from the workspace folder, the runs' working directory, and `~` 
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config,
 from conjure.config.loading import config_class, load_yaml, yaml_problem
 from conjure.data.hf import HUB_PREFIX
 from conjure.errors import ConjureError
+from conjure.files import atomic_write_text
 from conjure.ui.runner import JobQueue
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
@@ -268,9 +268,7 @@ def config_put(name: str, body: YamlBody, request: Request) -> dict[str, Any]:
     data, errors = _yaml_mapping(body.yaml)
     if data is None:
         raise ConjureError(errors[0]["message"])
-    tmp = path.with_name(f".{stem}.yaml.tmp")
-    tmp.write_text(body.yaml, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, body.yaml)
     return {"name": stem}
 
 

@@ -26,12 +26,12 @@ when opened, so a folder later replaced by a symlink stops being a root instead 
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from pathlib import Path
 
 from conjure.errors import ConjureError
+from conjure.files import atomic_write_text
 
 
 class NotFound(LookupError):
@@ -106,9 +106,7 @@ class Workspace:
             known = self.datasets()
             if path not in known:
                 known.append(path)
-                tmp = self._datasets_file().with_suffix(".tmp")
-                tmp.write_text(json.dumps({"datasets": [str(p) for p in known]}, indent=1), encoding="utf-8")
-                os.replace(tmp, self._datasets_file())
+                atomic_write_text(self._datasets_file(), json.dumps({"datasets": [str(p) for p in known]}, indent=1))
         return path
 
     def roots(self) -> list[Path]:
