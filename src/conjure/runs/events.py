@@ -31,8 +31,8 @@ class Event(StrEnum):
     END = "end"  # status (completed | interrupted | failed), step, error
 
 
-def _named(exc: OSError, path: Path) -> OSError:
-    if not exc.filename:  # a failed write() or flush() does not say which file it was writing
+def _named(exc: OSError, path: Path | None) -> OSError:
+    if not exc.filename and path is not None:  # a failed write() or flush() does not say which file it was writing
         exc.filename = str(path)
     return exc
 
