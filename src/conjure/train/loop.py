@@ -20,6 +20,7 @@ import torch
 
 from conjure.config import dump_config
 from conjure.errors import ConjureError
+from conjure.files import atomic_write_text
 from conjure.runs.checkpoints import (
     STATE_FILE,
     kept_checkpoint,
@@ -94,7 +95,7 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
         for warning in start_warnings(skipped, changed, too_long, reading.max_tokens):
             say(f"warning: {warning}")
         say(describe(chosen))
-        (run_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
+        atomic_write_text(run_dir / "config.yaml", dump_config(resolved))  # a resume rewrites the one it reads
         session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=list(changed),
                       long_captions=too_long,
                       chosen={name: {"value": fact.value, "from": fact.source} for name, fact in chosen.items()})
