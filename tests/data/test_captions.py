@@ -159,3 +159,37 @@ def test_dropout_empties_that_share_of_captions_and_draws_last():
     assert all(t == plain("a, b, c, d", random.Random(seed)) for seed, t in kept)
     with pytest.raises(ValueError, match="dropout"):
         CaptionTransform(dropout=1.0)
+
+
+# --- caption_transform(): the one constructor for training, class images and the token check ---------------------
+
+
+def _data(**values):
+    from conjure.config.sections import DataConfig
+
+    return DataConfig(source="d", caption_prefix="pfx", shuffle_caption_delimiter=",", keep_tokens=1,
+                      caption_dropout=0.1, **values)
+
+
+def test_caption_transform_for_a_method_with_a_token():
+    from conjure.data.captions import TokenRule, caption_transform
+
+    data = _data()
+    built = caption_transform(data, TokenRule("<t>", preset="style"))
+    assert built == CaptionTransform(prefix="pfx", shuffle_delimiter=",", keep_tokens=1, preset="style",
+                                     placeholder="<t>", ensure_placeholder=True, dropout=0.1)
+    # with a word to replace, captions without it are left as they are (regularisation images)
+    replaced = caption_transform(data, TokenRule("<t>", replace_word="sks", preset="object"))
+    assert replaced.replace_word == "sks" and not replaced.ensure_placeholder
+    assert caption_transform(data, TokenRule("<t>"), dropout=False).dropout == 0.0  # the token check sees every one
+
+
+def test_caption_transform_without_a_token_and_for_class_images():
+    from conjure.data.captions import TokenRule, caption_transform
+
+    data = _data()
+    assert caption_transform(data, None) == CaptionTransform(prefix="pfx", shuffle_delimiter=",", keep_tokens=1,
+                                                            dropout=0.1)
+    # class images keep their captions (no prefix, token or shuffling); dropout still trains the unconditional case
+    for token in (None, TokenRule("<t>", preset="object")):
+        assert caption_transform(data, token, class_images=True) == CaptionTransform(dropout=0.1)

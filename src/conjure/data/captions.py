@@ -1,13 +1,20 @@
 """Turning an example's caption (or its absence) into the text the model is trained with.
 
-Owns the textual-inversion prompt templates and `CaptionTransform`, the one pure function of
-(caption, rng) that applies templates, tag shuffling and a prefix, in that documented order.
+Owns the textual-inversion prompt templates, `CaptionTransform`, the one pure function of (caption, rng) that
+applies templates, tag shuffling and a prefix, in that documented order, and `caption_transform()`, the one place
+that builds it from the config: for training, for class images and for the check that captions hold the token.
+A method contributes only its `TokenRule`.
 """
+
+from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from conjure.config.sections import DataConfig
 
 # The "small" ImageNet templates from the textual-inversion paper's code (Gal et al. 2022,
 # rinongal/textual_inversion, ldm/data/personalized.py), as the diffusers textual_inversion example
@@ -150,3 +157,36 @@ class CaptionTransform:
         if caption.startswith(prefix) and not caption[len(prefix) :][:1].isalnum():
             return caption
         return prefix + self.separator + caption
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """How a method's new token gets into the captions: it replaces `replace_word`, or (without one) goes in front
+    of every caption that lacks it; captionless images get `preset` templates filled with it."""
+
+    placeholder: str
+    replace_word: str | None = None
+    preset: Literal["object", "style"] | None = None
+
+
+def caption_transform(
+    data: DataConfig, token: TokenRule | None, *, class_images: bool = False, dropout: bool = True
+) -> CaptionTransform:
+    """The transform of `data`'s settings and the method's `token` (None: a method without one, e.g. LoRA).
+
+    `class_images`: for class (regularisation) images, whose captions are used as they are (no prefix, token or
+    shuffling: they keep the model's idea of the class); caption dropout still applies to them.
+    `dropout=False`: what a caption is before dropout (the check that training captions hold the token)."""
+    rate = data.caption_dropout if dropout else 0.0
+    if class_images:
+        return CaptionTransform(dropout=rate)
+    return CaptionTransform(
+        prefix=data.caption_prefix,
+        shuffle_delimiter=data.shuffle_caption_delimiter,
+        keep_tokens=data.keep_tokens,
+        preset=token.preset if token else None,
+        placeholder=token.placeholder if token else None,
+        replace_word=token.replace_word if token else None,
+        ensure_placeholder=token is not None and token.replace_word is None,
+        dropout=rate,
+    )
