@@ -75,7 +75,7 @@ def step_time(model: Path, images: Path, out: Path, *, resolution: int, cache: s
     from conjure.train.loop import train
 
     raw = {
-        "type": "sd_lora",
+        "type": "lora",
         "basic": {"base_model": str(model), "output_dir": str(out), "max_train_steps": steps,
                   "save_every_n_steps": steps, "validate_every_n_steps": None, "seed": 0},
         "data": {"source": str(images), "resolution": resolution, "batch_size": 4, "random_flip": True,

@@ -51,28 +51,24 @@ def make_images(folder: Path, resolution: int, count: int = 8) -> Path:
     return folder
 
 
-def method_sections(method: str, family: str) -> dict:
-    """The config type and method sections of a benchmark run of `method` on `family`."""
-    from conjure.config.lora import lora_type_for
-    from conjure.config.pivotal import pivotal_type_for
-    from conjure.config.textual_inversion import ti_type_for
-
+def method_sections(method: str) -> dict:
+    """The config type and method sections of a benchmark run of `method`."""
     token = {"placeholder_token": "<bench-token>", "initializer": "dog"}
     lora = {"rank": 16, "dora": method == "dora"}
     if method == "ti":
-        return {"type": ti_type_for(family), "textual_inversion": token}
+        return {"type": "textual_inversion", "textual_inversion": token}
     if method == "pivotal":
-        return {"type": pivotal_type_for(family), "textual_inversion": token, "lora": lora}
-    return {"type": lora_type_for(family), "lora": {**lora, "trigger_word": "zwx"}, "data": {"caption_prefix": "zwx"}}
+        return {"type": "pivotal", "textual_inversion": token, "lora": lora}
+    return {"type": "lora", "lora": {**lora, "trigger_word": "zwx"}, "data": {"caption_prefix": "zwx"}}
 
 
 def run_one(model: Path, images: Path, out: Path, *, method="ti", family="sd1", resolution, batch, precision, ckpt,
             steps, validate, optimizer="adamw") -> dict:
-    sections = method_sections(method, family)
+    sections = method_sections(method)
     raw = {
         "type": sections.pop("type"),
         "basic": {
-            "base_model": str(model), "output_dir": str(out), "max_train_steps": steps,
+            "base_model": str(model), "family": family, "output_dir": str(out), "max_train_steps": steps,
             "save_every_n_steps": steps, "validate_every_n_steps": None if not validate else steps, "seed": 0,
         },
         "data": {"source": str(images), "resolution": resolution, "batch_size": batch, **sections.pop("data", {})},

@@ -23,7 +23,7 @@ from conjure.train.loop import train
 
 def config(model: Path, images: Path, out: Path, name: str, precision: str, steps: int = 20) -> dict:
     return {
-        "type": "sd_textual_inversion",
+        "type": "textual_inversion",
         "basic": {"base_model": str(model), "output_dir": str(out), "run_name": name, "max_train_steps": steps,
                   "save_every_n_steps": 100, "validate_every_n_steps": None, "seed": 1},
         "data": {"source": str(images), "resolution": 64, "batch_size": 2, "random_flip": True},

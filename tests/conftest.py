@@ -52,11 +52,11 @@ def image_folder(tmp_path):
 
 @pytest.fixture
 def ti_config(tiny_models, image_folder, tmp_path):
-    """A small valid sd_textual_inversion config (raw mapping) on the tiny SD1 model."""
+    """A small valid textual_inversion config (raw mapping) on a tiny model (SD1 by default)."""
 
     def make(family: str = "sd1", **sections) -> dict:
         data = {
-            "type": "sdxl_textual_inversion" if family == "sdxl" else "sd_textual_inversion",
+            "type": "textual_inversion",
             "basic": {
                 "base_model": str(tiny_models(family)),
                 "output_dir": str(tmp_path / "runs"),

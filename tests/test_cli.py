@@ -44,12 +44,12 @@ def test_help_and_version(capsys):
 
 def test_config_new_check_and_schema(capsys, tmp_path):
     out_file = tmp_path / "new.yaml"
-    assert run_cli(capsys, "config", "new", "sd_textual_inversion", "-o", out_file)[0] == 0
+    assert run_cli(capsys, "config", "new", "textual_inversion", "-o", out_file)[0] == 0
     code, out, _ = run_cli(capsys, "config", "check", out_file)
-    assert code == 0 and "valid sd_textual_inversion" in out
-    code, _, err = run_cli(capsys, "config", "new", "sd_textual_inversion", "-o", out_file)
+    assert code == 0 and "valid textual_inversion" in out
+    code, _, err = run_cli(capsys, "config", "new", "textual_inversion", "-o", out_file)
     assert_one_line_error(code, err, "exists")
-    code, out, _ = run_cli(capsys, "config", "schema", "sd_textual_inversion")
+    code, out, _ = run_cli(capsys, "config", "schema", "textual_inversion")
     assert code == 0 and '"textual_inversion"' in out
     code, out, _ = run_cli(capsys, "config", "check", out_file, "--set", "basic.seed=5", "--show")
     assert code == 0 and "seed: 5" in out
@@ -58,9 +58,9 @@ def test_config_new_check_and_schema(capsys, tmp_path):
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("type: sd_textual_inversion\nbasic: [unclosed\n", "invalid YAML"),
-        ("type: sd_textual_inversion\nbasic:\n  base_model: m\n  seed: abc\n", "basic.seed"),
-        ("type: sd_textual_inversion\nbasic:\n  base_modle: m\n", "did you mean 'base_model'"),
+        ("type: textual_inversion\nbasic: [unclosed\n", "invalid YAML"),
+        ("type: textual_inversion\nbasic:\n  base_model: m\n  seed: abc\n", "basic.seed"),
+        ("type: textual_inversion\nbasic:\n  base_modle: m\n", "did you mean 'base_model'"),
     ],
 )
 def test_bad_yaml_types_and_keys(capsys, tmp_path, text, needle):
@@ -140,9 +140,35 @@ def test_captions_without_the_placeholder(capsys, tmp_path, ti_config, image_fol
     assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "replace_word 'sks'")
 
 
-def test_sdxl_model_is_refused_for_sd_textual_inversion(capsys, tmp_path, ti_config):
-    raw = {**ti_config("sdxl"), "type": "sd_textual_inversion"}
+def test_sdxl_model_is_refused_when_basic_family_names_another(capsys, tmp_path, ti_config):
+    raw = ti_config("sdxl", basic={"family": "sd1"})
     assert_one_line_error(*run_cli(capsys, "train", write_config(tmp_path, raw))[::2], "sdxl")
+
+
+def test_a_run_whose_config_has_a_version_1_type_resumes(capsys, tmp_path, ti_config):
+    raw = ti_config(basic={"max_train_steps": 3, "validate_every_n_steps": None}, validation={"at_start": False})
+    assert run_cli(capsys, "train", write_config(tmp_path, raw))[0] == 0
+    run_dir = tmp_path / "runs" / "run"
+
+    def as_version_1() -> None:  # the run folder as conjure wrote it before version 2
+        written = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (written.pop("type"), written.pop("version")) == ("textual_inversion", 2)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"type": "sd_textual_inversion", **written}))
+
+    as_version_1()
+    code, out, err = run_cli(capsys, "train", "--resume", run_dir, "--set", "basic.max_train_steps=5")
+    assert code == 0, err
+    assert "done: 5 steps" in out
+    assert "warning: type: sd_textual_inversion is now type: textual_inversion with basic.family: auto" in err
+    start = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "start"][-1]
+    assert start["type"] == "textual_inversion" and start["start_step"] == 3
+    assert start["migrated"][0].startswith("type: sd_textual_inversion is now")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["version"] == 2
+    # `--resume latest` finds the newest run of the config's type, also one whose config.yaml has the old name.
+    as_version_1()
+    old = {**raw, "type": "sd_textual_inversion", "basic": {**raw["basic"], "run_name": None, "max_train_steps": 6}}
+    code, out, err = run_cli(capsys, "train", write_config(tmp_path, old), "--resume", "latest")
+    assert code == 0 and "done: 6 steps" in out, err
 
 
 def test_export_picks_a_step(capsys, tmp_path, ti_config):
@@ -269,7 +295,8 @@ def test_demo_ti_on_sdxl_with_a_tiny_model(capsys, tmp_path):
     last = tmp_path / "runs" / "demo" / "checkpoints" / "step-000001"
     assert f"embedding:        {last / 'yellow-star.safetensors'}" in out
     assert (tmp_path / "runs" / "demo" / "validation" / "step-000001" / "grid.png").is_file()
-    assert "type: sdxl_textual_inversion" in (tmp_path / "runs" / "demo" / "config.yaml").read_text()
+    written = yaml.safe_load((tmp_path / "runs" / "demo" / "config.yaml").read_text())
+    assert (written["type"], written["version"], written["basic"]["family"]) == ("textual_inversion", 2, "sdxl")
 
 
 @pytest.mark.parametrize("method, family", [("dora", "sdxl"), ("lora", "sd2")])

@@ -75,9 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config_new(args: argparse.Namespace) -> int:
-    from conjure.config import starter_yaml
+    from conjure.config import migrate, starter_yaml
 
     text = starter_yaml(args.type)
+    for note in migrate({"type": args.type})[1]:  # a version 1 name
+        print(f"note: {note}", file=sys.stderr)
     if args.out in (None, "-"):
         sys.stdout.write(text)
         return 0
@@ -100,6 +102,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from conjure.config import dump_config, load_config
 
     config = load_config(args.config, args.set)
+    for note in config.migration_notes:
+        print(f"warning: {note}", file=sys.stderr)
     if args.show:
         sys.stdout.write(dump_config(config))
     else:
@@ -245,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="write, check and describe configs")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = cfg_sub.add_parser("new", help="write a commented starter config")
-    p.add_argument("type", help="config type, e.g. sd_textual_inversion")
+    p.add_argument("type", help="config type: textual_inversion, lora or pivotal (the model family is basic.family; "
+                   "version 1 names such as sdxl_lora still work)")
     p.add_argument("-o", "--out", help="file to write (default: stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_config_new)

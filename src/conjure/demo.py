@@ -43,30 +43,28 @@ def lora_demo_images(folder: Path, *, trigger: str = TRIGGER) -> Path:
 
 
 def demo_config(model: str, out: Path, *, method: str, family: str, steps: int) -> dict:
-    from conjure.config.lora import lora_type_for
-    from conjure.config.pivotal import pivotal_type_for
-    from conjure.config.textual_inversion import ti_type_for
-
+    """`family`: basic.family ('auto' for a model the demo did not make)."""
     every = max(steps // 6, 1)
     # "circle" is a word the toy model knows, so step 0 shows circles and the concept grows out of them.
     token = {"placeholder_token": TOKEN, "initializer": "circle"}
     if method == "ti":
-        config_type, source, word = ti_type_for(family), str(demo_images()), TOKEN
+        config_type, source, word = "textual_inversion", str(demo_images()), TOKEN
         section = {"textual_inversion": token}
     elif method == "pivotal":
-        config_type, source, word = pivotal_type_for(family), str(lora_demo_images(out / "data-lora")), TOKEN
+        config_type, source, word = "pivotal", str(lora_demo_images(out / "data-lora")), TOKEN
         section = {
             "textual_inversion": {**token, "replace_word": TRIGGER, **PIVOTAL_TOKEN},
             "lora": {"rank": 4, "unet_targets": "attention"},
         }
     else:
-        config_type = lora_type_for(family)
+        config_type = "lora"
         source, word = str(lora_demo_images(out / "data-lora")), TRIGGER
         section = {"lora": {"trigger_word": TRIGGER, "rank": 4, "unet_targets": "attention", "dora": method == "dora"}}
     return {
         "type": config_type,
         "basic": {
             "base_model": model,
+            "family": family,
             "output_dir": str(out / "runs"),
             "run_name": "demo",
             "seed": 0,
@@ -125,7 +123,8 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
         # the same 20 steps) on 2-core machines; one thread is steady.
         torch.set_num_threads(1)
     config = parse_config(
-        demo_config(model_path, out, method=method, family=family, steps=STEPS[method] if steps is None else steps), source="demo config"
+        demo_config(model_path, out, method=method, family=family if model in (None, "tiny") else "auto",
+                    steps=STEPS[method] if steps is None else steps), source="demo config"
     )
     run_root = Path(config.basic.output_dir) / config.basic.run_name
     if run_root.exists():

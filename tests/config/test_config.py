@@ -19,7 +19,7 @@ from conjure.config import (
 
 def minimal(**sections):
     data = {
-        "type": "sd_textual_inversion",
+        "type": "textual_inversion",
         "basic": {"base_model": "m"},
         "data": {"source": "d"},
         "textual_inversion": {"placeholder_token": "<t>", "initializer": "cat"},
@@ -78,7 +78,8 @@ def test_missing_required_field():
 
 def test_type_missing_and_unknown():
     assert "type: missing" in error_of({"basic": {}})
-    assert "did you mean 'sd_textual_inversion'" in error_of({"type": "sd_textual_inversoin"})
+    assert "did you mean 'textual_inversion'" in error_of({"type": "textual_inversoin"})
+    assert "did you mean 'sd_textual_inversion'" in error_of({"type": "sd_textual_inversoin"})  # version 1 names too
 
 
 def test_steps_and_epochs_are_exclusive():
@@ -158,10 +159,10 @@ def test_numbers_must_be_finite(section, key, value):
 
 
 def test_learning_rates_of_every_method_must_be_finite():
-    lora = {"type": "sd_lora", "basic": {"base_model": "m"}, "data": {"source": "d"}}
+    lora = {"type": "lora", "basic": {"base_model": "m"}, "data": {"source": "d"}}
     for key in ("unet_learning_rate", "text_encoder_learning_rate", "alpha"):
         assert f"lora.{key}: Input should be a finite number" in error_of({**lora, "lora": {key: float("inf")}})
-    pivotal = {**lora, "type": "sd_lora_and_textual_inversion",
+    pivotal = {**lora, "type": "pivotal",
                "textual_inversion": {"placeholder_token": "<t>", "initializer": "cat", "learning_rate": float("inf")}}
     assert "textual_inversion.learning_rate: Input should be a finite number" in error_of(pivotal)
 

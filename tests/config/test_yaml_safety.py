@@ -12,7 +12,7 @@ from conjure.config.loading import MAX_YAML_EXPANSION, ConfigError, apply_overri
 def alias_bomb(levels: int = 9, width: int = 9) -> str:
     """The review's 418-byte document: `levels` nested lists of `width` aliases to the level below (9 x 9
     expands to 387 million strings)."""
-    lines = ["type: sd_textual_inversion", "a0: &a0 [" + ", ".join(["x"] * width) + "]"]
+    lines = ["type: textual_inversion", "a0: &a0 [" + ", ".join(["x"] * width) + "]"]
     for level in range(1, levels):
         lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * width) + "]")
     return "\n".join(lines) + "\n"
@@ -48,7 +48,7 @@ def test_aliases_within_the_bound_and_merge_keys_still_work():
 def test_duplicate_keys_are_an_error_naming_the_key_and_line(tmp_path):
     """They were silently last-wins: `seed` written twice trained with the second (issue 21, D15)."""
     path = tmp_path / "c.yaml"
-    path.write_text("type: sd_textual_inversion\nbasic:\n  seed: 1\n  max_train_steps: 2\n  seed: 7\n")
+    path.write_text("type: textual_inversion\nbasic:\n  seed: 1\n  max_train_steps: 2\n  seed: 7\n")
     with pytest.raises(ConfigError) as error:
         read_yaml(path)
     assert str(error.value) == f"invalid YAML in {path} line 5, column 3: duplicate key 'seed' (first on line 3)"

@@ -96,7 +96,7 @@ def test_masks_reach_the_loss_in_a_run(tmp_path, tiny_models, monkeypatch):
 
     monkeypatch.setattr(loss, "denoising_loss", spy)
     train(parse_config({
-        "type": "sd_lora",
+        "type": "lora",
         "basic": {"base_model": str(tiny_models("sd1")), "output_dir": str(tmp_path / "runs"), "max_train_steps": 2,
                   "validate_every_n_steps": None},
         "data": {"source": str(tmp_path), "resolution": 64, "batch_size": 2},

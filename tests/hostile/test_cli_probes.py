@@ -150,7 +150,7 @@ def output_dir_is_a_file(probe: Probe) -> list[str]:
 
 
 def existing_config(probe: Probe) -> list[str]:
-    return ["config", "new", "sd_textual_inversion", "-o", str(probe.config)]
+    return ["config", "new", "textual_inversion", "-o", str(probe.config)]
 
 
 CASES = {

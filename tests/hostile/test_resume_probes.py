@@ -160,12 +160,12 @@ def test_a_change_the_checkpoint_depends_on_is_refused_and_the_run_still_resumes
 def test_another_methods_config_on_a_run_is_refused_before_anything_is_written(stopped_run, capsys, tmp_path):
     run_dir = stopped_run
     raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    lora = {"type": "sd_lora", "basic": raw["basic"], "data": raw["data"], "lora": {"trigger_word": "zq", "rank": 2},
+    lora = {"type": "lora", "basic": raw["basic"], "data": raw["data"], "lora": {"trigger_word": "zq", "rank": 2},
             "validation": raw["validation"]}
     lora["data"]["caption_prefix"] = "zq"
     before = folder_snapshot(run_dir)
     code, _, err = cli(capsys, "train", write_config(tmp_path / "lora.yaml", lora), "--resume", run_dir)
-    one_line_error(code, err, "type is 'sd_textual_inversion' in the run, 'sd_lora' in this config")
+    one_line_error(code, err, "type is 'textual_inversion' in the run, 'lora' in this config")
     assert folder_snapshot(run_dir) == before
 
 

@@ -111,14 +111,14 @@ def _post(path: str, body: Callable[[Env], Any] | dict, client: str = "local", *
 
 def _alias_bomb(levels: int = 9) -> str:
     # 9 levels as in the review: refused before anything is expanded, so it is harmless to send
-    lines = ["type: sd_textual_inversion", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines = ["type: textual_inversion", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
     return "\n".join(lines) + "\n"
 
 
 def _job_config(env: Env, **data: Any) -> dict:
     return {"config": {
-        "type": "sd_textual_inversion",
+        "type": "textual_inversion",
         "basic": {"base_model": str(env.root / "model"), "max_train_steps": 2},
         "data": {"source": str(env.ds1), **data},
         "textual_inversion": {"placeholder_token": "<zq-thing>", "initializer": "dog"},
@@ -180,7 +180,7 @@ WEB_PROBES = [
     Probe("jobs-anchor-bomb", (400,), _post("/api/jobs", {"yaml": _alias_bomb()}), _small(2000)),
     Probe("fromyaml-recursive-alias", (200,), _post("/api/config/from-yaml", {"yaml": "a: &a [*a]\n"}), _small(2000)),
     Probe("fromyaml-deep", (200,), _post("/api/config/from-yaml", {"yaml": "a: " + "[" * 20000 + "]" * 20000})),
-    Probe("fromyaml-dup-key", (200,), _post("/api/config/from-yaml", {"yaml": "type: sd_lora\nbasic: {}\nbasic: {}\n"}),
+    Probe("fromyaml-dup-key", (200,), _post("/api/config/from-yaml", {"yaml": "type: lora\nbasic: {}\nbasic: {}\n"}),
           lambda env, answer: "duplicate key 'basic'" in answer.json()["errors"][0]["message"] or pytest.fail(answer.text)),
     Probe("body-5mb-caption", (413,), lambda env: env.local.put("/api/datasets/caption", json={
         "folder": str(env.ds1), "name": "00.png", "caption": "x" * (5 * 2**20)})),

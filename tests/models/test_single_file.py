@@ -132,7 +132,7 @@ def test_a_family_mismatch_is_refused(write_single_file):
 def test_the_start_event_and_console_say_what_was_chosen_and_why(write_single_file, image_folder, tmp_path, capsys):
     path, folder = write_single_file("sdxl", markers=("v_pred", "ztsnr"))
     raw = {
-        "type": "sdxl_textual_inversion",
+        "type": "textual_inversion",
         "basic": {"base_model": str(path), "base_model_config": str(folder), "output_dir": str(tmp_path / "runs"),
                   "run_name": "run", "max_train_steps": 1, "validate_every_n_steps": None},
         "data": {"source": str(image_folder), "batch_size": 1},

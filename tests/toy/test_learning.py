@@ -34,10 +34,8 @@ def concept_folder(tmp_path):
 
 
 def train_ti(variant, tmp_path, steps=300, lr=LR):
-    from conjure.config.textual_inversion import ti_type_for
-
     raw = {
-        "type": ti_type_for(variant),
+        "type": "textual_inversion",
         "basic": {"base_model": str(toy_model(variant)), "output_dir": str(tmp_path / "runs"), "run_name": "ti",
                   "max_train_steps": steps, "save_every_n_steps": steps, "validate_every_n_steps": None, "seed": 0},
         "data": {"source": str(concept_folder(tmp_path)), "batch_size": 8, "random_flip": True},
@@ -156,7 +154,7 @@ def lora_folder(tmp_path):
 
 def train_lora(variant, tmp_path, *, dora=False, steps=LORA_STEPS):
     raw = {
-        "type": "sdxl_lora" if variant == "sdxl" else "sd_lora",
+        "type": "lora",
         "basic": {"base_model": str(toy_model(variant)), "output_dir": str(tmp_path / "runs"), "run_name": "lora",
                   "max_train_steps": steps, "save_every_n_steps": steps, "validate_every_n_steps": None, "seed": 0},
         "data": {"source": str(lora_folder(tmp_path)), "batch_size": 8, "random_flip": True},
@@ -240,10 +238,8 @@ PIVOTAL_STEPS, EMBEDDING_LR, FREEZE_AFTER = 150, 1e-2, 0.5
 
 
 def train_pivotal(variant, tmp_path, *, steps=PIVOTAL_STEPS):
-    from conjure.config.pivotal import pivotal_type_for
-
     raw = {
-        "type": pivotal_type_for(variant),
+        "type": "pivotal",
         "basic": {"base_model": str(toy_model(variant)), "output_dir": str(tmp_path / "runs"), "run_name": "pivotal",
                   "max_train_steps": steps, "save_every_n_steps": steps, "validate_every_n_steps": None, "seed": 0},
         "data": {"source": str(lora_folder(tmp_path)), "batch_size": 8, "random_flip": True},

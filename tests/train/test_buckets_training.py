@@ -60,7 +60,7 @@ def test_batches_hold_one_size_and_cover_the_epoch():
 
 def raw_config(tiny_models, folder, tmp_path, family="sd1", **basic):
     return {
-        "type": "sdxl_lora" if family == "sdxl" else "sd_lora",
+        "type": "lora",
         "basic": {"base_model": str(tiny_models(family)), "output_dir": str(tmp_path / "runs"), "run_name": "run",
                   "max_train_steps": 4, "save_every_n_steps": 4, "validate_every_n_steps": None, "seed": 2, **basic},
         "data": {"source": str(folder), "resolution": 64, "batch_size": 2, "aspect_ratio_buckets": True,

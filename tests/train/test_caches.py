@@ -25,7 +25,7 @@ def folder(tmp_path):
 
 def config(tiny_models, folder, tmp_path, name="run", family="sd1", **data):
     return parse_config({
-        "type": "sdxl_lora" if family == "sdxl" else "sd_lora",
+        "type": "lora",
         "basic": {"base_model": str(tiny_models(family)), "output_dir": str(tmp_path / "runs"), "run_name": name,
                   "max_train_steps": 6, "save_every_n_steps": 6, "validate_every_n_steps": None, "seed": 4},
         "data": {"source": str(folder), "resolution": 64, "batch_size": 2, "random_flip": True, **data},

@@ -131,7 +131,7 @@ def test_clip_skip_2_is_the_penultimate_hidden_state_with_the_final_layer_norm(m
 
 def lora_config(tiny_models, image_folder, tmp_path, family, **sections):
     raw = {
-        "type": "sdxl_lora" if family == "sdxl" else "sd_lora",
+        "type": "lora",
         "basic": {"base_model": str(tiny_models(family)), "output_dir": str(tmp_path / "runs"), "run_name": "run",
                   "max_train_steps": 1, "save_every_n_steps": 1, "validate_every_n_steps": None, "seed": 3},
         "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2},
@@ -144,8 +144,9 @@ def lora_config(tiny_models, image_folder, tmp_path, family, **sections):
 
 
 def test_config_fields(tiny_models, image_folder, tmp_path):
-    with pytest.raises(ConfigError, match=r"advanced\.clip_skip: sdxl_lora trains Stable Diffusion XL"):
-        parse_config(lora_config(tiny_models, image_folder, tmp_path, "sdxl", advanced={"clip_skip": 2}))
+    with pytest.raises(ConfigError, match=r"advanced\.clip_skip: Stable Diffusion XL reads fixed text-encoder layers"):
+        parse_config(lora_config(tiny_models, image_folder, tmp_path, "sdxl", advanced={"clip_skip": 2},
+                                 basic={"family": "sdxl"}))
     assert parse_config(lora_config(tiny_models, image_folder, tmp_path, "sd1", advanced={"clip_skip": 2}))
     with pytest.raises(ConfigError, match=r"data\.max_token_length: Input should be a multiple of 75"):
         parse_config(lora_config(tiny_models, image_folder, tmp_path, "sd1", data={"max_token_length": 100}))

@@ -18,7 +18,7 @@ def two_sources(tiny_models, image_folder, tmp_path):
 
     def make(**data):
         return {
-            "type": "sd_lora",
+            "type": "lora",
             "basic": {"base_model": str(tiny_models("sd1")), "output_dir": str(tmp_path / "runs"), "run_name": "run",
                       "max_train_steps": 4, "save_every_n_steps": 4, "validate_every_n_steps": None, "seed": 1},
             "data": {"sources": [

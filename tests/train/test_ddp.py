@@ -20,8 +20,8 @@ def test_sdxl_lora_with_text_encoders_trains_in_two_processes(tmp_path):
     """The review's reproduction (issue 13, defect 4): before CLIP-L's last layer was left out of the targets,
     step 2 failed with "Expected to have finished reduction in the prior iteration"."""
     config = {
-        "type": "sdxl_lora",
-        "basic": {"base_model": str(ASSETS / "toy" / "sdxl"), "output_dir": str(tmp_path / "runs"), "run_name": "ddp",
+        "type": "lora",
+        "basic": {"base_model": str(ASSETS / "toy" / "sdxl"), "family": "sdxl", "output_dir": str(tmp_path / "runs"), "run_name": "ddp",
                   "max_train_steps": 3, "save_every_n_steps": 3, "validate_every_n_steps": None, "seed": 1},
         "data": {"source": str(ASSETS / "demo" / "ti"), "resolution": 64, "batch_size": 2},
         "lora": {"rank": 2, "unet_targets": "attention", "train_text_encoder": True, "save_dtype": "fp32"},

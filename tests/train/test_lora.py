@@ -16,11 +16,11 @@ from conjure.train.loop import train
 
 @pytest.fixture
 def lora_config(tiny_models, image_folder, tmp_path):
-    """A small valid sd_lora / sdxl_lora config (raw mapping) on a tiny model."""
+    """A small valid lora config (raw mapping) on a tiny model."""
 
     def make(family: str = "sd1", real_layout: bool = False, **sections) -> dict:
         data = {
-            "type": "sdxl_lora" if family == "sdxl" else "sd_lora",
+            "type": "lora",
             "basic": {
                 "base_model": str(tiny_models(family, real_layout)), "output_dir": str(tmp_path / "runs"), "run_name": "run",
                 "max_train_steps": 6, "save_every_n_steps": 3, "validate_every_n_steps": 3, "seed": 3,
@@ -257,20 +257,20 @@ def test_validation_renders_with_dropout_off(lora_config, monkeypatch):
             assert np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(eval_image)))
 
 
-def test_sd_lora_refuses_an_sdxl_model_before_loading_weights(lora_config, tiny_models, monkeypatch):
+def test_a_named_family_refuses_another_model_before_loading_weights(lora_config, tiny_models, monkeypatch):
     import diffusers
 
     raw = lora_config("sd1")
-    raw["basic"]["base_model"] = str(tiny_models("sdxl"))
+    raw["basic"].update(base_model=str(tiny_models("sdxl")), family="sd1")
     monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained",
                         lambda *a, **k: pytest.fail("weights loaded before the family check"))
-    with pytest.raises(ConjureError, match="sd_lora trains sd1 and sd2 models, but the base model is sdxl"):
+    with pytest.raises(ConjureError, match="basic.family is 'sd1' but the model looks like sdxl"):
         run(raw)
 
 
 @pytest.mark.parametrize("change, message", [
     ({"lora": {"rank": 0}}, "lora.rank: Input should be greater than or equal to 1"),
-    ({"basic": {"family": "sdxl"}}, "basic.family: sd_lora trains sd1 and sd2 models"),
+    ({"basic": {"family": "sdxl"}, "advanced": {"clip_skip": 2}}, "advanced.clip_skip: Stable Diffusion XL reads fixed"),
     ({"lora": {"dora": True, "unet_targets": "attn"}}, "lora.unet_targets"),
     ({"lora": {"output_name": "a/b"}}, "lora.output_name"),
 ])

@@ -24,7 +24,7 @@ def pivotal_config(tiny_models, image_folder, tmp_path):
 
     def make(family: str = "sd1", real_layout: bool = False, **sections) -> dict:
         data = {
-            "type": "sdxl_lora_and_textual_inversion" if family == "sdxl" else "sd_lora_and_textual_inversion",
+            "type": "pivotal",
             "basic": {
                 "base_model": str(tiny_models(family, real_layout)), "output_dir": str(tmp_path / "runs"),
                 "run_name": "run", "max_train_steps": 6, "save_every_n_steps": 3, "validate_every_n_steps": None,
@@ -245,7 +245,7 @@ def test_export_takes_the_chosen_steps_files(pivotal_config, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"textual_inversion": {"freeze_after": 0}}, "textual_inversion.freeze_after"),
     ({"textual_inversion": {"bundle": True}, "lora": {"save_format": "peft"}}, "textual_inversion.bundle"),
-    ({"basic": {"family": "sdxl"}}, "use type: sdxl_lora_and_textual_inversion"),
+    ({"basic": {"family": "sdxl"}, "advanced": {"clip_skip": 2}}, "advanced.clip_skip: Stable Diffusion XL reads fixed"),
     ({"lora": {"trigger_word": "zwx"}}, "lora.trigger_word"),
     ({"textual_inversion": {"replace_word": " "}}, "textual_inversion.replace_word"),
 ])

@@ -122,7 +122,7 @@ def test_sdxl_embedding_loads_in_diffusers_once_per_encoder_and_changes_the_imag
     from safetensors.torch import load_file
 
     raw = ti_config("sdxl", textual_inversion={"num_vectors": 2})
-    assert parse_config(raw).type == "sdxl_textual_inversion"
+    assert parse_config(raw).type == "textual_inversion"
     result = run(raw)
     path = result.checkpoints[-1] / "zq-thing.safetensors"
     tensors, meta = load_embedding(path)

@@ -286,11 +286,11 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_p
     page.click("#tab-training")
     assert page.locator("#panel-training").is_visible()
     methods = page.locator("#tr-method option").evaluate_all("(options) => options.map((o) => o.value)")
-    assert {"sd_textual_inversion", "sd_lora", "sdxl_lora_and_textual_inversion"} <= set(methods)
-    page.select_option("#tr-method", "sd_textual_inversion")
+    assert methods == ["textual_inversion", "lora", "pivotal"]
+    page.select_option("#tr-method", "textual_inversion")
     page.click("#tr-new")
     field(page, "basic.base_model").wait_for()
-    page.wait_for_function("() => document.querySelector('#tr-yaml').value.includes('sd_textual_inversion')")
+    page.wait_for_function("() => document.querySelector('#tr-yaml').value.includes('type: textual_inversion')")
 
     # sections are fieldsets of the schema; inputs by type, with help text and defaults
     assert page.locator("details.section").evaluate_all("(ds) => ds.map((d) => d.dataset.section)") == [
@@ -331,7 +331,7 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_p
     assert "run_name: e2e\n" in yaml_text
     page.fill("#tr-yaml", yaml_text.replace("run_name: e2e\n", "run_name: e2e-run\n"))
     page.wait_for_function("() => document.querySelector(\"[data-path='basic.run_name']\").value === 'e2e-run'")
-    page.fill("#tr-yaml", "type: sd_textual_inversion\nbasic: [unclosed\n")
+    page.fill("#tr-yaml", "type: textual_inversion\nbasic: [unclosed\n")
     page.locator("#tr-yaml-msg.error").wait_for()
     assert "invalid YAML" in page.inner_text("#tr-errors")
     assert field(page, "basic.run_name").input_value() == "e2e-run"  # the form keeps the last valid version
@@ -404,7 +404,7 @@ def test_cancel_and_resume_buttons(page, ui_server, image_folder, tiny_models):
     """A long run cancelled from the page (it saves a checkpoint), resumed from its checkpoint, cancelled again."""
     accept_dialogs(page)
     config = {
-        "type": "sd_textual_inversion",
+        "type": "textual_inversion",
         "basic": {"base_model": str(tiny_models("sd1")), "run_name": "long", "max_train_steps": 5000,
                   "save_every_n_steps": 5000, "validate_every_n_steps": None},
         "data": {"source": str(image_folder), "resolution": 64, "batch_size": 1},

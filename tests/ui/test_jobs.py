@@ -35,11 +35,11 @@ def workspace(tmp_path, image_folder):
 
 @pytest.fixture
 def make_config(tiny_models, image_folder):
-    """A tiny sd_textual_inversion config whose runs go to the workspace's runs/ (output_dir left at `runs`)."""
+    """A tiny textual_inversion config whose runs go to the workspace's runs/ (output_dir left at `runs`)."""
 
     def make(steps=6, **basic):
         return {
-            "type": "sd_textual_inversion",
+            "type": "textual_inversion",
             "basic": {"base_model": str(tiny_models("sd1")), "max_train_steps": steps, "save_every_n_steps": 3,
                       "validate_every_n_steps": 3, "seed": 3, **basic},
             "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2},
@@ -87,7 +87,7 @@ def test_a_job_runs_and_the_monitor_shows_it(workspace, make_config, tmp_path):
         until(lambda: job_of(client, jid)["status"] not in ("queued", "running"), every=0.2)
         job = job_of(client, jid)
         assert job["status"] == "completed", client.get(f"/api/jobs/{jid}/log").json()
-        run = workspace.runs / f"sd_textual_inversion-{jid}"
+        run = workspace.runs / f"textual_inversion-{jid}"
         assert job["run_dir"] == str(run) and job["step"] == job["max_steps"] == 6
         assert isinstance(job["loss"], float) and job["error"] is None and job["resumable"] is False
         assert job["started"] and job["ended"] and job["eta_seconds"] is None

@@ -32,9 +32,9 @@ def ws(app):
 
 
 def config(**sections):
-    """A valid sd_textual_inversion config (nothing here runs it)."""
+    """A valid textual_inversion config (nothing here runs it)."""
     data = {
-        "type": "sd_textual_inversion",
+        "type": "textual_inversion",
         "basic": {"base_model": "/models/sd15", "max_train_steps": 6},
         "data": {"source": "data/images"},  # in the workspace: a web job reads data there or in opened folders
         "textual_inversion": {"placeholder_token": "<zq-thing>", "initializer": "dog"},
@@ -55,26 +55,27 @@ def test_methods_list_every_config_type(client):
     methods = client.get("/api/methods").json()["methods"]
     assert [m["type"] for m in methods] == list(CONFIG_TYPES)
     by_type = {m["type"]: m for m in methods}
-    assert by_type["sd_lora"]["families"] == ["sd1", "sd2"]
-    assert by_type["sdxl_textual_inversion"]["families"] == ["sdxl"]
-    assert by_type["sd_lora"]["title"].startswith("LoRA / DoRA for Stable Diffusion 1.x")
+    assert list(by_type) == ["textual_inversion", "lora", "pivotal"]
+    assert all(m["families"] == ["sd1", "sd2", "sdxl"] for m in methods)  # basic.family picks one (auto: the model)
+    assert by_type["lora"]["title"].startswith("LoRA / DoRA: a concept model")
 
 
 def test_schema(client):
-    schema = client.get("/api/config/schema", params={"type": "sd_lora"}).json()
+    schema = client.get("/api/config/schema", params={"type": "lora"}).json()
     assert {"basic", "data", "lora", "optimizer"} <= set(schema["properties"])
     basic = schema["$defs"]["BasicConfig"]["properties"]
     assert basic["save_every_n_steps"]["default"] == 100 and basic["save_every_n_steps"]["description"]
-    answer = client.get("/api/config/schema", params={"type": "sd_lorra"})
-    assert answer.status_code == 400 and "did you mean 'sd_lora'" in answer.json()["error"]
+    answer = client.get("/api/config/schema", params={"type": "lorra"})
+    assert answer.status_code == 400 and "did you mean 'lora'" in answer.json()["error"]
+    assert client.get("/api/config/schema", params={"type": "sdxl_lora"}).json() == schema  # a version 1 name
     answer = client.get("/api/config/schema")
     assert answer.status_code == 400 and answer.json()["error"] == "type: Field required"
 
 
 def test_new_config_is_the_starter_with_the_workspace_runs(client, ws):
-    answer = client.post("/api/config/new", json={"type": "sd_lora"}).json()
+    answer = client.post("/api/config/new", json={"type": "lora"}).json()
     cfg = answer["config"]
-    assert cfg["type"] == "sd_lora" and cfg["basic"]["output_dir"] == str(ws.runs)
+    assert cfg["type"] == "lora" and cfg["version"] == 2 and cfg["basic"]["output_dir"] == str(ws.runs)
     assert cfg["basic"]["base_model"] == "path/to/model" and cfg["data"]["source"] == "path/to/images"
     assert client.post("/api/config/validate", json={"config": cfg}).json()["ok"]
     answer = client.post("/api/config/new", json={"type": "nope"})
@@ -137,22 +138,35 @@ def test_yaml_both_ways(client, ws):
     assert back["errors"] == [] and back["config"]["textual_inversion"] == full["textual_inversion"]
     assert back["config"]["basic"]["output_dir"] == str(ws.runs)
     # a half-filled form still becomes YAML, with its problems
-    half = {"type": "sd_textual_inversion", "basic": {"base_model": "m"}}
+    half = {"type": "textual_inversion", "basic": {"base_model": "m"}}
     answer = client.post("/api/config/to-yaml", json={"config": half}).json()
     assert yaml.safe_load(answer["yaml"]) == half and "data" in fields(answer)
 
 
 def test_from_yaml_problems(client):
-    broken = client.post("/api/config/from-yaml", json={"yaml": "type: sd_lora\nbasic: [1,\n"}).json()
+    broken = client.post("/api/config/from-yaml", json={"yaml": "type: lora\nbasic: [1,\n"}).json()
     assert broken["config"] is None and broken["errors"][0]["message"].startswith("invalid YAML at line")
     listed = client.post("/api/config/from-yaml", json={"yaml": "- a\n- b\n"}).json()
     assert listed["config"] is None and "mapping" in listed["errors"][0]["message"]
     empty = client.post("/api/config/from-yaml", json={"yaml": ""}).json()
     assert empty["config"] is None and "empty" in empty["errors"][0]["message"]
     # an invalid config comes back as written, so the form can show it next to its errors
-    invalid = client.post("/api/config/from-yaml", json={"yaml": "type: sd_lora\nbasic: {seed: 1}\n"}).json()
-    assert invalid["config"] == {"type": "sd_lora", "basic": {"seed": 1}}
+    invalid = client.post("/api/config/from-yaml", json={"yaml": "type: lora\nbasic: {seed: 1}\n"}).json()
+    assert invalid["config"] == {"type": "lora", "basic": {"seed": 1}}
     assert fields(invalid)["basic.base_model"] == "required, but missing"
+    # a rule spanning fields comes with the field it is about (ConfigError.problems: nothing parses its text)
+    crossed = client.post("/api/config/validate", json={"config": config(
+        data={"cache_latents": "memory", "center_crop": False}, basic={"max_train_epochs": 2})}).json()
+    assert set(fields(crossed)) == {"basic", "data.cache_latents"}
+    assert fields(crossed)["basic"].startswith("set exactly one of basic.max_train_steps")
+
+
+def test_a_version_1_config_comes_back_in_the_current_form(client):
+    old = yaml.safe_dump({**config(), "type": "sdxl_textual_inversion"})
+    answer = client.post("/api/config/from-yaml", json={"yaml": old}).json()
+    assert answer["errors"] == []
+    got = answer["config"]
+    assert (got["type"], got["version"], got["basic"]["family"]) == ("textual_inversion", 2, "sdxl")
 
 
 def test_saved_configs(client, ws):
@@ -160,13 +174,13 @@ def test_saved_configs(client, ws):
     text = yaml.safe_dump(config())
     assert client.put("/api/configs/my-style_v1.2", json={"yaml": text}).json() == {"name": "my-style_v1.2"}
     assert (ws.configs / "my-style_v1.2.yaml").read_text() == text
-    assert client.put("/api/configs/draft.yaml", json={"yaml": "type: sd_lora\n"}).json() == {"name": "draft"}
+    assert client.put("/api/configs/draft.yaml", json={"yaml": "type: lora\n"}).json() == {"name": "draft"}
     assert client.get("/api/configs").json() == {"configs": ["draft", "my-style_v1.2"]}
     saved = client.get("/api/configs/my-style_v1.2").json()
     assert saved["name"] == "my-style_v1.2" and saved["yaml"] == text and saved["errors"] == []
     assert saved["config"]["textual_inversion"]["placeholder_token"] == "<zq-thing>"
     draft = client.get("/api/configs/draft").json()
-    assert draft["config"] == {"type": "sd_lora"} and draft["errors"]
+    assert draft["config"] == {"type": "lora"} and draft["errors"]
     # replacing one
     client.put("/api/configs/draft", json={"yaml": text})
     assert client.get("/api/configs/draft").json()["yaml"] == text
@@ -174,7 +188,7 @@ def test_saved_configs(client, ws):
 
 @pytest.mark.parametrize("name", [".hidden", "a b", "x;rm", "..", "a" * 101, "%2e%2e"])
 def test_saved_config_names_are_safe(client, ws, name):
-    answer = client.put(f"/api/configs/{name}", json={"yaml": "type: sd_lora\n"})
+    answer = client.put(f"/api/configs/{name}", json={"yaml": "type: lora\n"})
     assert answer.status_code in (400, 403, 404)  # 404: the client resolved `..` before sending it
     assert [p for p in ws.root.rglob("*.yaml")] == []
 
@@ -193,8 +207,8 @@ def test_saved_config_errors(client):
 
 def test_submitted_jobs_are_queued(client, ws):
     first = client.post("/api/jobs", json={"config": config()}).json()["job"]
-    assert first["status"] == "queued" and first["type"] == "sd_textual_inversion"
-    assert first["run_name"] == f"sd_textual_inversion-{first['id']}" and first["run_dir"] is None
+    assert first["status"] == "queued" and first["type"] == "textual_inversion"
+    assert first["run_name"] == f"textual_inversion-{first['id']}" and first["run_dir"] is None
     assert first["max_steps"] == 6 and first["step"] == 0 and first["resumable"] is False
     assert first["created"] and first["started"] is None and first["ended"] is None
     second = client.post("/api/jobs", json={"yaml": yaml.safe_dump(config(basic={"run_name": "mine"}))}).json()["job"]
@@ -215,7 +229,7 @@ def test_invalid_jobs_are_refused_with_their_errors(client):
     assert answer.status_code == 400 and answer.json()["errors"][0]["message"].startswith("invalid YAML")
     answer = client.post("/api/jobs", json={"config": config(basic={"output_dir": "/elsewhere"})})
     assert answer.status_code == 400 and "basic.output_dir" in fields(answer.json())
-    for body in ({}, {"yaml": "type: sd_lora\n", "config": config()}):
+    for body in ({}, {"yaml": "type: lora\n", "config": config()}):
         answer = client.post("/api/jobs", json=body)
         assert answer.status_code == 400 and "one of the two" in answer.json()["error"]
     assert client.get("/api/jobs").json() == {"jobs": []}
@@ -409,7 +423,7 @@ def test_files_are_served_only_through_the_gate(client, ws, tmp_path):
 def _alias_bomb() -> str:
     """7 levels of 9 aliases (4.8 million strings, a 24 MB answer): past the bound, yet small enough not to
     hurt the machine when the bound is missing; the review's 9 levels are the same refusal."""
-    lines = ["type: sd_textual_inversion", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines = ["type: textual_inversion", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 7)]
     return "\n".join(lines) + "\n"
 
@@ -429,7 +443,7 @@ def test_an_alias_bomb_is_refused_everywhere_yaml_is_read(client, ws):
 
 
 def test_duplicate_keys_are_named_with_their_line(client):
-    text = "type: sd_textual_inversion\nbasic:\n  seed: 1\n  seed: 2\n"
+    text = "type: textual_inversion\nbasic:\n  seed: 1\n  seed: 2\n"
     answer = client.post("/api/config/from-yaml", json={"yaml": text}).json()
     assert answer["config"] is None
     assert answer["errors"] == [{"field": "", "message":
@@ -442,10 +456,10 @@ def test_request_bodies_are_bounded(client):
 
     answer = client.post("/api/config/from-yaml", json={"yaml": "x" * (MAX_BODY_BYTES + 1)})
     assert answer.status_code == 413 and "request too large" in answer.json()["error"]
-    chunks = iter([b'{"yaml": "', b"type: sd_lora", b'"}'])
+    chunks = iter([b'{"yaml": "', b"type: lora", b'"}'])
     answer = client.post("/api/config/from-yaml", content=chunks, headers={"Content-Type": "application/json"})
     assert answer.status_code == 411
-    assert client.post("/api/config/from-yaml", json={"yaml": "type: sd_lora\n"}).status_code == 200
+    assert client.post("/api/config/from-yaml", json={"yaml": "type: lora\n"}).status_code == 200
 
 
 # --- every path of a job's config passes the gate (issue 21, D9) -------------------------------------------

@@ -10,26 +10,20 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from conjure.config.lora import SdLoraConfig, SdxlLoraConfig
-from conjure.config.pivotal import SdPivotalConfig, SdxlPivotalConfig
-from conjure.config.textual_inversion import SdTextualInversionConfig, SdxlTextualInversionConfig
-from conjure.errors import ConjureError
+from conjure.config.base import RunConfigBase
+from conjure.config.lora import LoraConfig
+from conjure.config.migrate import LEGACY_TYPES, migrate
+from conjure.config.pivotal import PivotalConfig
+from conjure.config.problems import ConfigError, FieldProblem, Problem
+from conjure.config.textual_inversion import TextualInversionConfig
 
-CONFIG_TYPES: dict[str, type[BaseModel]] = {
-    "sd_textual_inversion": SdTextualInversionConfig,
-    "sdxl_textual_inversion": SdxlTextualInversionConfig,
-    "sd_lora": SdLoraConfig,
-    "sdxl_lora": SdxlLoraConfig,
-    "sd_lora_and_textual_inversion": SdPivotalConfig,
-    "sdxl_lora_and_textual_inversion": SdxlPivotalConfig,
+CONFIG_TYPES: dict[str, type[RunConfigBase]] = {
+    "textual_inversion": TextualInversionConfig,
+    "lora": LoraConfig,
+    "pivotal": PivotalConfig,
 }
-RunConfig = (SdTextualInversionConfig | SdxlTextualInversionConfig | SdLoraConfig | SdxlLoraConfig | SdPivotalConfig
-             | SdxlPivotalConfig)
+RunConfig = TextualInversionConfig | LoraConfig | PivotalConfig
 """Any validated config that trains: what `parse_config` returns and `conjure.train.loop.train` takes."""
-
-
-class ConfigError(ConjureError):
-    """A config that cannot be used; the message lists every problem, one per line."""
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -37,13 +31,16 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def config_class(type_name: Any) -> type[BaseModel]:
+def config_class(type_name: Any) -> type[RunConfigBase]:
+    """The config class of `type_name` (a version 1 name gives its method's class)."""
+    if isinstance(type_name, str) and type_name in LEGACY_TYPES:
+        type_name = LEGACY_TYPES[type_name][0]
     if not isinstance(type_name, str) or type_name not in CONFIG_TYPES:
         known = ", ".join(CONFIG_TYPES)
         if type_name is None:
-            raise ConfigError(f"type: missing; set it to one of: {known}")
-        hint = _suggest(str(type_name), list(CONFIG_TYPES))
-        raise ConfigError(f"type: unknown config type {type_name!r}{hint}; known: {known}")
+            raise ConfigError([Problem("type", f"missing; set it to one of: {known}")])
+        hint = _suggest(str(type_name), list(CONFIG_TYPES) + list(LEGACY_TYPES))
+        raise ConfigError([Problem("type", f"unknown config type {type_name!r}{hint}; known: {known}")])
     return CONFIG_TYPES[type_name]
 
 
@@ -174,33 +171,37 @@ def _field_names_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(cls: type[BaseModel], err: dict[str, Any]) -> str:
+def _problem(cls: type[BaseModel], err: dict[str, Any]) -> Problem:
     loc = tuple(err["loc"])
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    dotted = ".".join(str(p) for p in loc)
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, FieldProblem):  # a rule spanning fields names the one to change itself
+        return Problem(cause.field, cause.message)
     if err["type"] == "extra_forbidden":
         valid = _field_names_at(cls, loc[:-1])
-        return f"{dotted}: unknown key{_suggest(str(loc[-1]), valid)}"
+        return Problem(dotted, f"unknown key{_suggest(str(loc[-1]), valid)}")
     if err["type"] == "missing":
-        return f"{dotted}: required, but missing"
+        return Problem(dotted, "required, but missing")
     msg = err["msg"].removeprefix("Value error, ")
-    if not loc or msg.startswith(f"{dotted}:") or msg.startswith(f"{dotted}."):
-        return msg  # a whole-config or section check; its message names the field itself
     if err["type"].endswith("_type") or err["type"].endswith("_parsing") or err["type"] == "literal_error":
         msg += f" (got {err.get('input')!r})"
-    return f"{dotted}: {msg}"
+    return Problem(dotted, msg)
 
 
-def parse_config(data: dict[str, Any], source: str = "config") -> BaseModel:
-    """Validate a raw mapping into its typed config; every problem is reported, one line each."""
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw mapping (of any version: `migrate`) into its typed config; every problem is reported, one
+    line each. The config's `migration_notes` say what a migration changed."""
+    data, notes = migrate(data)
     cls = config_class(data.get("type"))
     try:
-        return cls.model_validate(data)
+        config = cls.model_validate(data)
     except ValidationError as exc:
-        lines = [_format_error(cls, e) for e in exc.errors()]
-        raise ConfigError(f"{source} is not valid:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError([_problem(cls, e) for e in exc.errors()], heading=f"{source} is not valid") from None
+    config._migration_notes = notes
+    return config
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseModel:
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     data = apply_overrides(read_yaml(Path(path)), overrides or [])
     return parse_config(data, source=str(path))
 
@@ -218,7 +219,7 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
 
 
-def _starter_lines(model: type[BaseModel], indent: str) -> list[str]:
+def _starter_lines(model: type[BaseModel], indent: str, values: dict[str, Any], prefix: str = "") -> list[str]:
     lines: list[str] = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
@@ -228,11 +229,13 @@ def _starter_lines(model: type[BaseModel], indent: str) -> list[str]:
             if annotation.__doc__:
                 lines.append(f"{indent}# {annotation.__doc__.strip().splitlines()[0]}")
             lines.append(f"{indent}{name}:")
-            lines.extend(_starter_lines(annotation, indent + "  "))
+            lines.extend(_starter_lines(annotation, indent + "  ", values, f"{prefix}{name}."))
             lines.append("")
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if field.is_required():
+        if f"{prefix}{name}" in values:
+            lines.append(f"{indent}{name}: {_yaml_scalar(values[f'{prefix}{name}'])}")
+        elif field.is_required():
             value = extra.get("example", "")
             lines.append(f"{indent}{name}: {_yaml_scalar(value)}  # required")
         elif "starter" in extra:  # optional in the schema, but one of a pair the user must fill in
@@ -243,7 +246,12 @@ def _starter_lines(model: type[BaseModel], indent: str) -> list[str]:
 
 
 def starter_yaml(type_name: str) -> str:
-    """A commented config with every field at its default and examples for the required ones."""
+    """A commented config with every field at its default and examples for the required ones. A version 1 type
+    name gives its method's config, with `basic.family: sdxl` for an `sdxl_*` one (migrate's rule)."""
     cls = config_class(type_name)
+    families = LEGACY_TYPES.get(type_name, ("", ("auto",)))[1]
+    values = {"type": cls.model_fields["type"].default}
+    if len(families) == 1:
+        values["basic.family"] = families[0]
     head = [f"# conjure config: {cls.__doc__.strip().splitlines()[0]}", "# Edit the values marked 'required'.", ""]
-    return "\n".join(head + _starter_lines(cls, "")) + "\n"
+    return "\n".join(head + _starter_lines(cls, "", values)) + "\n"

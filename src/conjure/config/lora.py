@@ -1,23 +1,14 @@
-"""Configs of `sd_lora` (SD 1.x / 2.x) and `sdxl_lora`: a LoRA or DoRA concept model from captioned images."""
+"""The `lora` config: a LoRA or DoRA concept model from captioned images."""
 
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from conjure.config.sections import (
-    AdvancedConfig,
-    BasicConfig,
-    DataConfig,
-    OptimizerConfig,
-    Section,
-    ValidationConfig,
-    check_clip_skip,
-    check_family,
-    type_for,
-)
+from conjure.config.base import RunConfigBase
+from conjure.config.sections import OptimizerConfig, Section
 
 UNET_PRESETS = ("attention", "attention_ff", "all")
 
@@ -100,41 +91,12 @@ def default_prompts(trigger: str | None) -> list[str]:
     return [f"a photo of {trigger}", f"{trigger}, a painting"]
 
 
-class _LoraConfigBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class LoraConfig(RunConfigBase):
+    """LoRA / DoRA: a concept model from captioned images (SDXL: size/crop conditioning, both text encoders)."""
 
-    type: str  # each subclass pins its own name (declared here so that it comes first in YAML)
-    FAMILIES: ClassVar[tuple[str, ...]]  # the model families this type trains (the methods registry reads it too)
-    basic: BasicConfig
-    data: DataConfig
+    type: Literal["lora"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     optimizer: LoraOptimizerConfig = Field(default_factory=LoraOptimizerConfig)
-    advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> _LoraConfigBase:
-        check_family(self.type, self.FAMILIES, self.basic.family, lora_type_for)
-        check_clip_skip(self.type, self.FAMILIES, self.advanced.clip_skip)
-        if not self.validation.prompts:
-            self.validation.prompts = default_prompts(self.lora.trigger_word)
-        return self
-
-
-class SdLoraConfig(_LoraConfigBase):
-    """LoRA / DoRA for Stable Diffusion 1.x and 2.x."""
-
-    type: Literal["sd_lora"] = "sd_lora"
-    FAMILIES = ("sd1", "sd2")
-
-
-class SdxlLoraConfig(_LoraConfigBase):
-    """LoRA / DoRA for Stable Diffusion XL (both text encoders, size/crop conditioning)."""
-
-    type: Literal["sdxl_lora"] = "sdxl_lora"
-    FAMILIES = ("sdxl",)
-
-
-def lora_type_for(family: str) -> str:
-    """The LoRA config type that trains `family` ('sd1' -> 'sd_lora', 'sdxl' -> 'sdxl_lora')."""
-    return type_for(family, SdLoraConfig, SdxlLoraConfig)
+    def default_prompts(self) -> list[str]:
+        return default_prompts(self.lora.trigger_word)

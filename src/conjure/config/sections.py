@@ -9,10 +9,11 @@ the web app's path gate walks these (conjure.ui.training), and a test keeps ever
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from conjure.config.problems import FieldProblem
 
 SEED_MAX = 2**32 - 1
 """Largest `basic.seed`: the 32-bit range apps and numpy use. The noise generator's seed is derived from it
@@ -51,7 +52,9 @@ class BasicConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base_model.")
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16'.")
     family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
-        "auto", description="Model family; 'auto' reads it from the model's own configs."
+        "auto",
+        description="Model family; 'auto' reads it from the model's own configs. Naming one also checks that the "
+        "model is one, and checks settings that depend on it (advanced.clip_skip) before anything loads.",
     )
     output_dir: str = Field("runs", description="Folder that holds run folders.", json_schema_extra={"path": "output"})
     run_name: str | None = Field(
@@ -94,8 +97,8 @@ class BasicConfig(Section):
     @model_validator(mode="after")
     def _one_length(self) -> BasicConfig:
         if (self.max_train_steps is None) == (self.max_train_epochs is None):
-            raise ValueError(
-                "set exactly one of basic.max_train_steps and basic.max_train_epochs (the other to null)"
+            raise FieldProblem(
+                "basic", "set exactly one of basic.max_train_steps and basic.max_train_epochs (the other to null)"
             )
         return self
 
@@ -202,19 +205,19 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _one_kind_of_source(self) -> DataConfig:
         if self.source is None and not self.sources:
-            raise ValueError("data.source: required: a folder of images or a .jsonl file (or list data.sources)")
+            raise FieldProblem("data.source", "required: a folder of images or a .jsonl file (or list data.sources)")
         if self.source is not None and self.sources:
-            raise ValueError("data: set data.source or data.sources, not both")
+            raise FieldProblem("data", "set data.source or data.sources, not both")
         if self.cache_latents != "off" and not self.center_crop:
-            raise ValueError(
-                "data.cache_latents: a random crop (center_crop: false) differs every epoch, so its encoding "
+            raise FieldProblem(
+                "data.cache_latents", "a random crop (center_crop: false) differs every epoch, so its encoding "
                 "cannot be kept; set center_crop: true or cache_latents: off"
             )
         if self.cache_text_encoder_outputs and self.shuffle_caption_delimiter is not None:
             # Every shuffled order is a new caption text, so the cache would grow all run long (kohya refuses the
             # same: train_util.py is_text_encoder_output_cacheable). Dropout only adds "" and is fine.
-            raise ValueError(
-                "data.cache_text_encoder_outputs: shuffled captions (data.shuffle_caption_delimiter) give a new text "
+            raise FieldProblem(
+                "data.cache_text_encoder_outputs", "shuffled captions (data.shuffle_caption_delimiter) give a new text "
                 "almost every step, which the cache would keep without end; set one of them to false/null"
             )
         return self
@@ -312,28 +315,3 @@ class AdvancedConfig(Section):
         description="Offset noise: 0.05-0.1 helps the model learn very dark or very bright images; 0: off.",
     )
 
-
-def check_family(config_type: str, families: tuple[str, ...], family: str, type_for: Callable[[str], str]) -> None:
-    """Refuse a `basic.family` that the config type does not train, naming the type that does."""
-    if family != "auto" and family not in families:
-        raise ValueError(
-            f"basic.family: {config_type} trains {' and '.join(families)} models, not {family}; "
-            f"use type: {type_for(family)}"
-        )
-
-
-def check_clip_skip(config_type: str, families: tuple[str, ...], clip_skip: int) -> None:
-    """Refuse `advanced.clip_skip` for a config type whose families read fixed text-encoder layers (SDXL)."""
-    from conjure.families import get
-
-    fixed = [get(f).title for f in families if not get(f).clip_skip]
-    if clip_skip != 1 and fixed:
-        raise ValueError(
-            f"advanced.clip_skip: {config_type} trains {' and '.join(fixed)}, which reads fixed text-encoder layers "
-            "(kohya ignores clip skip there too); set it to 1"
-        )
-
-
-def type_for(family: str, *config_classes: type) -> str:
-    """The `type` of the first of `config_classes` whose FAMILIES include `family`."""
-    return next(cls.model_fields["type"].default for cls in config_classes if family in cls.FAMILIES)

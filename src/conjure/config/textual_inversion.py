@@ -1,24 +1,14 @@
-"""Configs of `sd_textual_inversion` (SD 1.x / 2.x) and `sdxl_textual_inversion` (both SDXL encoders):
-new token(s) learned from a few images."""
+"""The `textual_inversion` config: new token(s) learned from a few images."""
 
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from conjure.config.sections import (
-    AdvancedConfig,
-    BasicConfig,
-    DataConfig,
-    OptimizerConfig,
-    Section,
-    ValidationConfig,
-    check_clip_skip,
-    check_family,
-    type_for,
-)
+from conjure.config.base import RunConfigBase
+from conjure.config.sections import Section
 
 OBJECT_PROMPTS = ("a photo of {}", "a close-up photo of {} on a table")
 STYLE_PROMPTS = ("a painting of a house in the style of {}", "a portrait of a woman in the style of {}")
@@ -72,42 +62,11 @@ def default_ti_prompts(ti: TextualInversionSection) -> list[str]:
     return [t.format(ti.placeholder_token) for t in templates]
 
 
-class _TextualInversionConfigBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class TextualInversionConfig(RunConfigBase):
+    """Textual inversion: new token(s) learned from a few images (SDXL: in both text encoders together)."""
 
-    type: str  # each subclass pins its own name (declared here so that it comes first in YAML)
-    FAMILIES: ClassVar[tuple[str, ...]]  # the model families this type trains (the methods registry reads it too)
-    basic: BasicConfig
-    data: DataConfig
+    type: Literal["textual_inversion"] = "textual_inversion"
     textual_inversion: TextualInversionSection
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> _TextualInversionConfigBase:
-        check_family(self.type, self.FAMILIES, self.basic.family, ti_type_for)
-        check_clip_skip(self.type, self.FAMILIES, self.advanced.clip_skip)
-        # Written into the resolved config, so the run folder says exactly what was rendered.
-        if not self.validation.prompts:
-            self.validation.prompts = default_ti_prompts(self.textual_inversion)
-        return self
-
-
-class SdTextualInversionConfig(_TextualInversionConfigBase):
-    """Textual inversion for Stable Diffusion 1.x and 2.x."""
-
-    type: Literal["sd_textual_inversion"] = "sd_textual_inversion"
-    FAMILIES = ("sd1", "sd2")
-
-
-class SdxlTextualInversionConfig(_TextualInversionConfigBase):
-    """Textual inversion for Stable Diffusion XL: the token is learned in both text encoders together."""
-
-    type: Literal["sdxl_textual_inversion"] = "sdxl_textual_inversion"
-    FAMILIES = ("sdxl",)
-
-
-def ti_type_for(family: str) -> str:
-    """The textual-inversion config type that trains `family`."""
-    return type_for(family, SdTextualInversionConfig, SdxlTextualInversionConfig)
+    def default_prompts(self) -> list[str]:
+        return default_ti_prompts(self.textual_inversion)

@@ -1,4 +1,4 @@
-"""Training methods: each config type maps to a recipe (what trains, how captions are made, what is saved).
+"""Training methods: each config type maps to a recipe (what trains, its token in the captions, what is saved).
 
 A recipe is any object with the `Recipe` interface below; the loop knows nothing else about methods.
 """
@@ -13,10 +13,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from conjure.config.lora import SdLoraConfig, SdxlLoraConfig
-from conjure.config.pivotal import SdPivotalConfig, SdxlPivotalConfig
-from conjure.config.textual_inversion import SdTextualInversionConfig, SdxlTextualInversionConfig
-from conjure.data.captions import CaptionTransform
+from conjure.config.base import RunConfigBase
+from conjure.config.lora import LoraConfig
+from conjure.config.pivotal import PivotalConfig
+from conjure.config.textual_inversion import TextualInversionConfig
+from conjure.data.captions import TokenRule
 from conjure.errors import ConjureError
 from conjure.models.loading import LoadedModel
 
@@ -68,7 +69,7 @@ class Recipe(Protocol):
 class MethodSpec:
     families: tuple[str, ...]
     build: Callable[[Any, LoadedModel], Recipe]
-    caption_transform: Callable[[Any], CaptionTransform]
+    token: Callable[[Any], TokenRule | None]  # how the method's token gets into captions (data.captions)
     trigger: Callable[[Any], str | None]  # the word captions must contain (None: no such word)
     trigger_hint: Callable[[Any], str] = lambda config: ""  # how to get it into captions, when none has it
 
@@ -82,19 +83,10 @@ def _build_ti(config: Any, model: LoadedModel) -> Recipe:
     )
 
 
-def _ti_captions(config: Any) -> CaptionTransform:
+def _ti_token(config: Any) -> TokenRule:
     """Templates for images without a caption; the token replaces `replace_word`, or goes in front."""
-    ti, data = config.textual_inversion, config.data
-    return CaptionTransform(
-        prefix=data.caption_prefix,
-        shuffle_delimiter=data.shuffle_caption_delimiter,
-        keep_tokens=data.keep_tokens,
-        preset=ti.caption_preset,
-        placeholder=ti.placeholder_token,
-        replace_word=ti.replace_word,
-        ensure_placeholder=ti.replace_word is None,
-        dropout=data.caption_dropout,
-    )
+    ti = config.textual_inversion
+    return TokenRule(ti.placeholder_token, replace_word=ti.replace_word, preset=ti.caption_preset)
 
 
 def _build_lora(config: Any, model: LoadedModel) -> Recipe:
@@ -111,12 +103,8 @@ def _build_pivotal(config: Any, model: LoadedModel) -> Recipe:
                          clip_skip=config.advanced.clip_skip)
 
 
-def _lora_captions(config: Any) -> CaptionTransform:
-    data = config.data
-    return CaptionTransform(
-        prefix=data.caption_prefix, shuffle_delimiter=data.shuffle_caption_delimiter, keep_tokens=data.keep_tokens,
-        dropout=data.caption_dropout,
-    )
+def _no_token(config: Any) -> None:
+    return None  # a LoRA's trigger word is the user's own caption text
 
 
 def _placeholder(config: Any) -> str:
@@ -132,20 +120,17 @@ def _replace_word_hint(config: Any) -> str:
     return f"no caption contains textual_inversion.replace_word {word!r}; fix it, or set it to null" if word else ""
 
 
-def _spec(config_class: Any, build: Callable[[Any, LoadedModel], Recipe], captions: Callable[[Any], CaptionTransform],
-          trigger: Callable[[Any], str | None]) -> MethodSpec:
+def _spec(config_class: type[RunConfigBase], build: Callable[[Any, LoadedModel], Recipe],
+          token: Callable[[Any], TokenRule | None], trigger: Callable[[Any], str | None]) -> MethodSpec:
     hint = _replace_word_hint if trigger is _placeholder else MethodSpec.trigger_hint
-    return MethodSpec(config_class.FAMILIES, build, captions, trigger, hint)
+    return MethodSpec(config_class.FAMILIES, build, token, trigger, hint)
 
 
 METHODS: dict[str, MethodSpec] = {
-    "sd_textual_inversion": _spec(SdTextualInversionConfig, _build_ti, _ti_captions, _placeholder),
-    "sdxl_textual_inversion": _spec(SdxlTextualInversionConfig, _build_ti, _ti_captions, _placeholder),
-    "sd_lora": _spec(SdLoraConfig, _build_lora, _lora_captions, _trigger_word),
-    "sdxl_lora": _spec(SdxlLoraConfig, _build_lora, _lora_captions, _trigger_word),
+    "textual_inversion": _spec(TextualInversionConfig, _build_ti, _ti_token, _placeholder),
+    "lora": _spec(LoraConfig, _build_lora, _no_token, _trigger_word),
     # Pivotal tuning: the token goes into captions exactly as for textual inversion.
-    "sd_lora_and_textual_inversion": _spec(SdPivotalConfig, _build_pivotal, _ti_captions, _placeholder),
-    "sdxl_lora_and_textual_inversion": _spec(SdxlPivotalConfig, _build_pivotal, _ti_captions, _placeholder),
+    "pivotal": _spec(PivotalConfig, _build_pivotal, _ti_token, _placeholder),
 }
 
 

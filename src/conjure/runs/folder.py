@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from conjure.config.migrate import LEGACY_TYPES
 from conjure.errors import ConjureError
 from conjure.runs.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint
 
@@ -79,7 +80,9 @@ def find_resume_checkpoint(resume: str, *, output_dir: str, run_name: str | None
     runs = []
     for run in root.glob("*/config.yaml") if root.is_dir() else []:
         try:
-            same_type = (yaml.safe_load(run.read_text()) or {}).get("type") == config_type
+            raw_type = (yaml.safe_load(run.read_text()) or {}).get("type")
+            # A run of a version 1 config (sd_lora, ...) continues under its version 2 type.
+            same_type = isinstance(raw_type, str) and LEGACY_TYPES.get(raw_type, (raw_type,))[0] == config_type
         except (OSError, yaml.YAMLError):
             continue
         found = list_checkpoints(run.parent)

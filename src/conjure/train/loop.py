@@ -92,12 +92,12 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
         session = TrainingSession(parts, model, recipe, accelerator, run_dir, reading)
         if checkpoint is not None:
             session.restore(checkpoint)
-        for warning in start_warnings(skipped, changed, too_long, reading.max_tokens):
+        for warning in start_warnings(config, skipped, changed, too_long, reading.max_tokens):
             say(f"warning: {warning}")
         say(describe(chosen))
         atomic_write_text(run_dir / "config.yaml", dump_config(resolved))  # a resume rewrites the one it reads
         session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=list(changed),
-                      long_captions=too_long,
+                      long_captions=too_long, migrated=config.migration_notes,
                       chosen={name: {"value": fact.value, "from": fact.source} for name, fact in chosen.items()})
         return session.run(control or TrainControl())
 

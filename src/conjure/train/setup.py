@@ -9,7 +9,6 @@ nothing below the recipe depends on the config's shape.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import math
 import random
@@ -125,10 +124,11 @@ def disk_full_as_one_line(run_dir: Path) -> Iterator[None]:
 
 def scan_data(config: RunConfig, spec: MethodSpec) -> tuple[list[Example], list[tuple[Path, str]], list[str]]:
     """Examples, skipped files, and each example's caption as training would first see it."""
+    from conjure.data.captions import caption_transform
     from conjure.data.sources import scan_sources
 
     scan = scan_sources(config.data.all_sources())
-    captions = dataclasses.replace(spec.caption_transform(config), dropout=0.0)  # what a caption is, undropped
+    captions = caption_transform(config.data, spec.token(config), dropout=False)  # what a caption is, undropped
     probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples if not ex.is_class]
     trigger = spec.trigger(config)
     if not probe:
@@ -258,10 +258,11 @@ def count_long_captions(tokenizer: PreTrainedTokenizerBase, captions: list[str],
     return sum(len(ids) > max_tokens + 2 for ids in tokenizer(captions).input_ids) if captions else 0
 
 
-def start_warnings(skipped: list[tuple[Path, str]], changed: dict[str, tuple[Any, Any]], long_captions: int,
-                   max_tokens: int) -> list[str]:
-    """What the person starting the run should know: files skipped, settings a resume changed, long captions."""
-    return ([f"skipping {p}: {why}" for p, why in skipped]
+def start_warnings(config: RunConfig, skipped: list[tuple[Path, str]], changed: dict[str, tuple[Any, Any]],
+                   long_captions: int, max_tokens: int) -> list[str]:
+    """What the person starting the run should know: what a config migration changed, files skipped, settings a
+    resume changed, long captions."""
+    return (config.migration_notes + [f"skipping {p}: {why}" for p, why in skipped]
             + (["resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
                if changed else [])
             + ([f"{long_captions} caption(s) are longer than the text encoder's limit (data.max_token_length: "
@@ -332,14 +333,15 @@ def set_global_rng(states: dict[str, Any] | None, device: torch.device) -> None:
 
 
 def _dataset(config: RunConfig, spec: MethodSpec, examples: list[Example], resolution: int) -> TrainDataset:
-    from conjure.data.captions import CaptionTransform
+    from conjure.data.captions import caption_transform
     from conjure.data.dataset import TrainDataset
 
     data = config.data
     dataset = TrainDataset(
         examples, resolution=resolution, center_crop=data.center_crop, random_flip=data.random_flip,
-        keep_in_memory=data.keep_in_memory, caption_transform=spec.caption_transform(config), seed=config.basic.seed,
-        class_caption_transform=CaptionTransform(dropout=data.caption_dropout), buckets=_buckets(data, resolution),
+        keep_in_memory=data.keep_in_memory, caption_transform=caption_transform(data, spec.token(config)),
+        class_caption_transform=caption_transform(data, None, class_images=True), seed=config.basic.seed,
+        buckets=_buckets(data, resolution),
     )
     small = dataset.upscaled()
     if small:

@@ -40,7 +40,6 @@ from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 SHUTDOWN_WAIT_SECONDS = 60.0
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-_ERROR_LINE = re.compile(r"^(\(top level\)|[A-Za-z_][\w.-]*): (.*)$", re.S)
 
 
 router = APIRouter(prefix="/api", tags=["training"])
@@ -76,16 +75,8 @@ def _jobs(request: Request) -> JobQueue:
 
 
 def config_errors(exc: ConfigError) -> list[dict[str, str]]:
-    """A ConfigError's problems as [{"field": "data.source", "message": ...}] (its message has one
-    `field: message` line per problem, after a heading line when there are several)."""
-    text = str(exc)
-    lines = text.split("\n  ")[1:] if "\n  " in text else [text]
-    out = []
-    for line in lines:
-        m = _ERROR_LINE.match(line)
-        field, message = (m.group(1), m.group(2)) if m else ("", line)
-        out.append({"field": "" if field == "(top level)" else field, "message": message})
-    return out
+    """A ConfigError's problems as [{"field": "data.source", "message": ...}] ("": the config as a whole)."""
+    return [{"field": problem.field, "message": problem.message} for problem in exc.problems]
 
 
 def check_config(ws: Workspace, data: Any) -> tuple[Any, list[dict[str, str]]]:
@@ -176,7 +167,7 @@ def _from_yaml(ws: Workspace, text: str) -> tuple[dict[str, Any] | None, list[di
 
 
 class TypeBody(BaseModel):
-    type: str = Field(description="A config type, e.g. sd_textual_inversion (GET /api/methods lists them).")
+    type: str = Field(description="A config type, e.g. lora (GET /api/methods lists them).")
 
 
 class ConfigBody(BaseModel):

@@ -1,0 +1,67 @@
+"""`RunConfigBase`: what every config type shares (the type and format version, the basic, data, validation,
+optimizer and advanced sections) and the checks of those sections against `basic.family`.
+
+A config type names a training method; the model family is a setting of its own (`basic.family`, 'auto': read
+from the model), so one type trains every family its method supports (`FAMILIES`). Settings that apply to some
+families only are checked here when the family is named, and by the loop once it is detected
+(conjure.train.conditioning for clip skip).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from conjure.config.problems import FieldProblem
+from conjure.config.sections import AdvancedConfig, BasicConfig, DataConfig, OptimizerConfig, ValidationConfig
+
+CONFIG_VERSION = 2
+"""Version 1: the config types named the family too (sd_lora, sdxl_lora, ...); conjure.config.migrate reads them."""
+
+
+class RunConfigBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    type: str  # each config type pins its own name (declared here so that it comes first in YAML)
+    version: Literal[2] = Field(
+        CONFIG_VERSION, description="Config format version; configs of older versions are migrated when loaded."
+    )
+    FAMILIES: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")  # the families the method trains
+    basic: BasicConfig
+    data: DataConfig
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
+    _migration_notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def migration_notes(self) -> list[str]:
+        """What conjure.config.migrate changed to load this config (empty for a current one)."""
+        return self._migration_notes
+
+    def __eq__(self, other: object) -> bool:
+        # The settings alone: a config loaded from version 1 equals its version 2 form (pydantic would compare the
+        # migration notes too).
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    def default_prompts(self) -> list[str]:
+        """Validation prompts when none are set."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _check_family(self) -> RunConfigBase:
+        family = self.basic.family
+        if family != "auto" and family not in self.FAMILIES:
+            raise FieldProblem("basic.family", f"{self.type} trains {' and '.join(self.FAMILIES)} models, not {family}")
+        from conjure.families import get
+
+        if family != "auto" and not get(family).clip_skip and self.advanced.clip_skip != 1:
+            raise FieldProblem(
+                "advanced.clip_skip",
+                f"{get(family).title} reads fixed text-encoder layers (kohya ignores clip skip there too); set it to 1",
+            )
+        # Written into the resolved config, so the run folder says exactly what was rendered.
+        if not self.validation.prompts:
+            self.validation.prompts = self.default_prompts()
+        return self
