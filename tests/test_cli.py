@@ -321,7 +321,7 @@ def test_demo_pivotal_with_a_tiny_model(capsys, tmp_path, family):
     assert len(list((tmp_path / "data-lora").glob("*.png"))) == 32
     assert (tmp_path / "runs" / "demo" / "validation" / "step-000001" / "grid.png").is_file()
     config = (tmp_path / "runs" / "demo" / "config.yaml").read_text()
-    assert "replace_word: zwx" in config and "_lora_and_textual_inversion" in config
+    assert "replace_word: zwx" in config and "type: pivotal" in config
 
 
 def test_demo_refuses_what_is_not_there_yet(capsys, tmp_path):

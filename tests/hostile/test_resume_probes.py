@@ -40,7 +40,7 @@ def template_run(tiny_models, tmp_path_factory):
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
     raw = {
-        "type": "sd_textual_inversion",
+        "type": "textual_inversion",
         "basic": {"base_model": str(tiny_models("sd1")), "output_dir": str(root / "runs"), "run_name": "run",
                   "max_train_steps": 4, "save_every_n_steps": 100, "validate_every_n_steps": None, "seed": 3},
         "data": {"source": str(images), "resolution": 64, "batch_size": 2},

@@ -277,6 +277,6 @@ def test_a_named_family_refuses_another_model_before_loading_weights(lora_config
 def test_bad_lora_configs_name_the_field(lora_config, change, message):
     raw = lora_config("sd1")
     for section, values in change.items():
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         parse_config(raw)

@@ -252,6 +252,6 @@ def test_export_takes_the_chosen_steps_files(pivotal_config, tmp_path):
 def test_bad_pivotal_configs_name_the_field(pivotal_config, change, message):
     raw = pivotal_config()
     for section, values in change.items():
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         parse_config(raw)
