@@ -249,9 +249,7 @@ def starter_yaml(type_name: str) -> str:
     """A commented config with every field at its default and examples for the required ones. A version 1 type
     name gives its method's config, with `basic.family: sdxl` for an `sdxl_*` one (migrate's rule)."""
     cls = config_class(type_name)
-    families = LEGACY_TYPES.get(type_name, ("", ("auto",)))[1]
-    values = {"type": cls.model_fields["type"].default}
-    if len(families) == 1:
-        values["basic.family"] = families[0]
+    families = LEGACY_TYPES.get(type_name, ("", ()))[1]
+    values = {"basic.family": families[0]} if len(families) == 1 else {}
     head = [f"# conjure config: {cls.__doc__.strip().splitlines()[0]}", "# Edit the values marked 'required'.", ""]
     return "\n".join(head + _starter_lines(cls, "", values)) + "\n"
