@@ -160,7 +160,7 @@ def test_a_run_whose_config_has_a_version_1_type_resumes(capsys, tmp_path, ti_co
     assert code == 0, err
     assert "done: 5 steps" in out
     assert "warning: type: sd_textual_inversion is now type: textual_inversion with basic.family: auto" in err
-    start = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "start"][-1]
+    start = [e for e in read_events(run_dir / "events.jsonl").events if e["event"] == "start"][-1]
     assert start["type"] == "textual_inversion" and start["start_step"] == 3
     assert start["migrated"][0].startswith("type: sd_textual_inversion is now")
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["version"] == 2
