@@ -224,28 +224,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from conjure import __version__
-    from conjure.data.check_settings import CheckSettings
-    from conjure.families import FAMILIES
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optimizer.learning_rate=1e-3 (repeatable)",
+    )
 
-    parser = argparse.ArgumentParser(prog="conjure", description="Teach Stable Diffusion models new things.")
-    parser.add_argument("--version", action="version", version=f"conjure {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
-            help="override a config field, e.g. --set optimizer.learning_rate=1e-3 (repeatable)",
-        )
-
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument("config", nargs="?", help="config YAML (optional with --resume: the run's own config)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (a run or checkpoint folder, or 'latest')")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cfg = sub.add_parser("config", help="write, check and describe configs")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = cfg_sub.add_parser("new", help="write a commented starter config")
@@ -260,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg_sub.add_parser("check", help="validate a config file")
     p.add_argument("config")
     p.add_argument("--show", action="store_true", help="print the config with every default filled in")
-    overrides(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_config_check)
 
+
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="copy a checkpoint's files out of a run (pick the best step)")
     p.add_argument("run_dir")
     p.add_argument("--step", required=True, help="step number, or 'latest'")
@@ -270,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="file name stem to use instead of the trained token's name")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_export)
+
+
+def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conjure.families import FAMILIES
 
     p = sub.add_parser(
         "convert", help="convert a LoRA file between the kohya (every app) and diffusers/PEFT formats",
@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite OUT")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_tiny_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conjure.families import FAMILIES
+
     p = sub.add_parser("tiny-model", help="write a small random-weight model (for tests and trying things out)")
     p.add_argument("family", choices=list(FAMILIES))
     p.add_argument("dir")
@@ -294,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty (files of the same "
                    "names are overwritten)")
     p.set_defaults(func=cmd_tiny_model)
+
+
+def _add_dataset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conjure.data.check_settings import CheckSettings
 
     ds = sub.add_parser("dataset", help="check a data set, or list a folder as a .jsonl source")
     ds_sub = ds.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
@@ -315,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite OUT.jsonl")
     p.set_defaults(func=cmd_dataset_jsonl)
 
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from conjure.families import FAMILIES
+
     p = sub.add_parser("demo", help="train a small example end to end on the CPU")
     p.add_argument("--method", default="ti", help="training method: ti, lora, dora or pivotal (default: ti)")
     p.add_argument("--family", default="sd1", help=f"model family: {', '.join(list(FAMILIES)[:-1])} or {list(FAMILIES)[-1]} (default: sd1)")
@@ -323,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_ui(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "ui", help="the web app: edit data sets, configure and queue training runs, watch them",
         description="Serve conjure's web app (one page, no internet needed) and print its address; it opens "
@@ -336,6 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require this token (at least 16 characters) from the browser (default: none "
                    "on 127.0.0.1/localhost; a random one, printed in the address, on any other host)")
     p.set_defaults(func=cmd_ui)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from conjure import __version__
+
+    parser = argparse.ArgumentParser(prog="conjure", description="Teach Stable Diffusion models new things.")
+    parser.add_argument("--version", action="version", version=f"conjure {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_config, _add_export, _add_convert, _add_tiny_model, _add_dataset, _add_demo, _add_ui):
+        add(sub)
     return parser
 
 
