@@ -122,34 +122,7 @@ def _prodigy_class() -> type[torch.optim.Optimizer]:
                 ((1 - beta2 ** (k + 1)) ** 0.5) / (1 - beta1 ** (k + 1)) if first["use_bias_correction"] else 1
             )
             d_numerator = first["d_numerator"] * beta3
-            delta_numerator = d_denom = 0.0
-            for group in self.param_groups:
-                dlr, d0, slice_p = d * group["lr"] * bias_correction, group["d0"], group.get("slice_p", 1)
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    grad = p.grad
-                    if group["weight_decay"] != 0 and not group["decouple"]:
-                        grad.add_(p, alpha=group["weight_decay"])  # in place, as prodigyopt does
-                    state = self.state[p]
-                    if "step" not in state:
-                        state["step"] = 0
-                        state["s"] = torch.zeros_like(p.flatten()[::slice_p])
-                        zero = torch.tensor(0, device=p.device, dtype=p.dtype)  # all-zero p: no copy
-                        state["p0"] = p.flatten()[::slice_p].clone() if p.any() else zero
-                        if beta1 > 0:
-                            state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    if group["lr"] <= 0.0:
-                        continue
-                    sliced = grad.flatten()[::slice_p]
-                    delta_numerator += (d / d0) * dlr * torch.dot(sliced, state["p0"] - p.flatten()[::slice_p]).item()
-                    if beta1 > 0:
-                        state["exp_avg"].mul_(beta1).add_(grad, alpha=d * (1 - beta1))
-                    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))
-                    weight = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
-                    state["s"].mul_(beta3).add_(sliced, alpha=weight)
-                    d_denom += state["s"].abs().sum().item()
+            delta_numerator, d_denom = _prodigy_gather(self, d, bias_correction, (beta1, beta2, beta3))
             if d_denom == 0:
                 return loss  # no gradient yet (or every lr is 0, e.g. the first warmup step)
             global_numerator = d_numerator + delta_numerator
@@ -159,22 +132,74 @@ def _prodigy_class() -> type[torch.optim.Optimizer]:
                 d = max(d, d_hat)
             d_max = max(d_max, d_hat)
             d = min(d_max, d * growth_rate)
-            for group in self.param_groups:
-                group.update(d_numerator=global_numerator, d_denom=d_denom, d=d, d_max=d_max, d_hat=d_hat)
-                dlr = step_d * group["lr"] * bias_correction
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    state = self.state[p]
-                    state["step"] += 1
-                    denom = state["exp_avg_sq"].sqrt().add_(d * group["eps"])
-                    if group["weight_decay"] != 0 and group["decouple"]:
-                        p.add_(p, alpha=-group["weight_decay"] * dlr)
-                    if beta1 > 0:
-                        p.addcdiv_(state["exp_avg"], denom, value=-dlr)
-                    else:
-                        p.addcdiv_(p.grad, denom, value=-dlr * d)
-                group["k"] = group["k"] + 1
+            estimate = {"d_numerator": global_numerator, "d_denom": d_denom, "d": d, "d_max": d_max, "d_hat": d_hat}
+            _prodigy_apply(self, estimate, step_d, bias_correction, beta1)
             return loss
 
     return GroupLRProdigy
+
+
+def _prodigy_init_state(state: dict[str, Any], p: torch.Tensor, slice_p: int, beta1: float) -> None:
+    state["step"] = 0
+    state["s"] = torch.zeros_like(p.flatten()[::slice_p])
+    zero = torch.tensor(0, device=p.device, dtype=p.dtype)  # all-zero p: no copy
+    state["p0"] = p.flatten()[::slice_p].clone() if p.any() else zero
+    if beta1 > 0:
+        state["exp_avg"] = torch.zeros_like(p)
+    state["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _prodigy_gather(
+    opt: torch.optim.Optimizer, d: float, bias_correction: float, betas: tuple[float, float, float]
+) -> tuple[float, float]:
+    """GroupLRProdigy's first pass: move every parameter's moments and sum its share of the estimate of d, in
+    prodigyopt's order (the sums are floats: the order is part of the result). Returns (delta numerator,
+    denominator)."""
+    beta1, beta2, beta3 = betas
+    delta_numerator = d_denom = 0.0
+    for group in opt.param_groups:
+        dlr, d0, slice_p = d * group["lr"] * bias_correction, group["d0"], group.get("slice_p", 1)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if group["weight_decay"] != 0 and not group["decouple"]:
+                grad.add_(p, alpha=group["weight_decay"])  # in place, as prodigyopt does
+            state = opt.state[p]
+            if "step" not in state:
+                _prodigy_init_state(state, p, slice_p, beta1)
+            if group["lr"] <= 0.0:
+                continue
+            sliced = grad.flatten()[::slice_p]
+            delta_numerator += (d / d0) * dlr * torch.dot(sliced, state["p0"] - p.flatten()[::slice_p]).item()
+            if beta1 > 0:
+                state["exp_avg"].mul_(beta1).add_(grad, alpha=d * (1 - beta1))
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))
+            weight = (d / d0) * d if group["safeguard_warmup"] else (d / d0) * dlr
+            state["s"].mul_(beta3).add_(sliced, alpha=weight)
+            d_denom += state["s"].abs().sum().item()
+    return delta_numerator, d_denom
+
+
+def _prodigy_apply(
+    opt: torch.optim.Optimizer, estimate: dict[str, float], step_d: float, bias_correction: float, beta1: float
+) -> None:
+    """GroupLRProdigy's second pass: record the new estimate in every group and step each parameter with the d
+    this step started from (`step_d`), as prodigyopt does."""
+    d = estimate["d"]
+    for group in opt.param_groups:
+        group.update(estimate)
+        dlr = step_d * group["lr"] * bias_correction
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = opt.state[p]
+            state["step"] += 1
+            denom = state["exp_avg_sq"].sqrt().add_(d * group["eps"])
+            if group["weight_decay"] != 0 and group["decouple"]:
+                p.add_(p, alpha=-group["weight_decay"] * dlr)
+            if beta1 > 0:
+                p.addcdiv_(state["exp_avg"], denom, value=-dlr)
+            else:
+                p.addcdiv_(p.grad, denom, value=-dlr * d)
+        group["k"] = group["k"] + 1
