@@ -174,22 +174,26 @@ def _diffusers_unet_path(s: str) -> str | None:
     return None
 
 
+def _ldm_input_path(index: int, part: int, rest: str, layout: UnetLayout) -> str | None:
+    """`input_blocks_{index}_{part}_{rest}` -> dotted diffusers down-block path (None: not a UNet module)."""
+    if index < 1:
+        return None
+    level, layer = divmod(index - 1, layout.layers_per_block + 1)
+    if layer == layout.layers_per_block:  # the level's downsampler slot
+        return f"down_blocks.{level}.downsamplers.0.conv" if (part, rest) == (0, "op") else None
+    if part == 0 and rest in _LDM_RESNET_PARTS:
+        return f"down_blocks.{level}.resnets.{layer}.{_LDM_RESNET_PARTS[rest]}"
+    inner = _attention_rest(rest) if part == 1 else None
+    return None if inner is None else f"down_blocks.{level}.attentions.{layer}.{inner}"
+
+
 def _ldm_unet_path(s: str, layout: UnetLayout) -> str | None:
     if s in _LDM_TOP:
         return _LDM_TOP[s]
     per_level = layout.layers_per_block + 1
     m = re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", s)
     if m:
-        index, part, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-        if index < 1:
-            return None
-        level, layer = divmod(index - 1, per_level)
-        if layer == layout.layers_per_block:  # the level's downsampler slot
-            return f"down_blocks.{level}.downsamplers.0.conv" if (part, rest) == (0, "op") else None
-        if part == 0 and rest in _LDM_RESNET_PARTS:
-            return f"down_blocks.{level}.resnets.{layer}.{_LDM_RESNET_PARTS[rest]}"
-        inner = _attention_rest(rest) if part == 1 else None
-        return None if inner is None else f"down_blocks.{level}.attentions.{layer}.{inner}"
+        return _ldm_input_path(int(m.group(1)), int(m.group(2)), m.group(3), layout)
     m = re.fullmatch(r"middle_block_(\d+)_(.+)", s)
     if m:
         part, rest = int(m.group(1)), m.group(2)
@@ -326,6 +330,22 @@ def module_path_from_kohya(
     return component, default_module_path(component, canonical, family)
 
 
+def _ldm_block_name(blocks: str, level: int, kind: str, layer: int, rest: str, layout: UnetLayout) -> str | None:
+    """`{down|up}_blocks.{level}.{resnets|attentions}.{layer}.{rest}` -> LDM underscore form (None: no LDM name)."""
+    per_level = layout.layers_per_block + 1
+    if blocks == "down_blocks":
+        if layer >= layout.layers_per_block:
+            return None
+        block = f"input_blocks_{1 + per_level * level + layer}"
+    else:
+        if layer > layout.layers_per_block:
+            return None
+        block = f"output_blocks_{per_level * level + layer}"
+    if kind == "resnets":
+        return f"{block}_0_{_RESNET_TO_LDM[rest]}" if rest in _RESNET_TO_LDM else None
+    return f"{block}_1_{rest.replace('.', '_')}"
+
+
 def _ldm_name(path: str, layout: UnetLayout) -> str | None:
     """Dotted diffusers UNet path -> LDM underscore form (None: no LDM name)."""
     if path in _TOP_TO_LDM:
@@ -333,18 +353,7 @@ def _ldm_name(path: str, layout: UnetLayout) -> str | None:
     per_level = layout.layers_per_block + 1
     m = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", path)
     if m:
-        level, layer, rest = int(m.group(2)), int(m.group(4)), m.group(5)
-        if m.group(1) == "down_blocks":
-            if layer >= layout.layers_per_block:
-                return None
-            block = f"input_blocks_{1 + per_level * level + layer}"
-        else:
-            if layer > layout.layers_per_block:
-                return None
-            block = f"output_blocks_{per_level * level + layer}"
-        if m.group(3) == "resnets":
-            return f"{block}_0_{_RESNET_TO_LDM[rest]}" if rest in _RESNET_TO_LDM else None
-        return f"{block}_1_{rest.replace('.', '_')}"
+        return _ldm_block_name(m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5), layout)
     m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path)
     if m:
         return f"input_blocks_{per_level * (int(m.group(1)) + 1)}_0_op"
