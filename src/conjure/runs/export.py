@@ -33,34 +33,27 @@ def _destination_folder(to: Path) -> Path:
     return to
 
 
-def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = None, force: bool = False) -> list[Path]:
-    found = dict(list_checkpoints(run_dir))
-    if not found:
-        raise ConjureError(f"no checkpoints in {run_dir} (is it a conjure run folder?)")
+def _chosen_step(found: dict[int, Path], step: str | int, run_dir: Path) -> int:
     if str(step) == "latest":
-        chosen = max(found)
-    else:
-        try:
-            chosen = int(step)
-        except ValueError:
-            raise ConjureError(f"--step must be a number or 'latest', not {step!r}") from None
-        if chosen not in found:
-            raise ConjureError(f"no checkpoint at step {chosen} in {run_dir}; available: {', '.join(map(str, sorted(found)))}")
-    if name is not None:
-        check_file_stem(name)
-    files = sorted(p for p in found[chosen].iterdir() if p.is_file() and p.name != STATE_FILE)
-    if name and len(files) > 1:
-        raise ConjureError(
-            f"--name works for a checkpoint with one file; this one has {len(files)} "
-            f"({', '.join(p.name for p in files)}), which keep their names (an embedding's name is what prompts type)"
-        )
-    to = _destination_folder(Path(to))
-    plan = [(src, to / (f"{name}{src.suffix}" if name else src.name)) for src in files]
+        return max(found)
+    try:
+        chosen = int(step)
+    except ValueError:
+        raise ConjureError(f"--step must be a number or 'latest', not {step!r}") from None
+    if chosen not in found:
+        raise ConjureError(f"no checkpoint at step {chosen} in {run_dir}; available: {', '.join(map(str, sorted(found)))}")
+    return chosen
+
+
+def _check_destinations(plan: list[tuple[Path, Path]], force: bool) -> None:
     for _, dest in plan:
         if dest.is_dir():
             raise ConjureError(f"cannot export to {dest}: it is a folder")
         if dest.exists() and not force:
             raise ConjureError(f"{dest} exists; overwrite it (--force) or give another name (--name)")
+
+
+def _copy_to_temporaries(plan: list[tuple[Path, Path]], to: Path) -> list[Path]:
     copies: list[Path] = []
     try:
         for src, dest in plan:
@@ -71,6 +64,10 @@ def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = 
         problem = f"disk full while writing {dest}" if exc.errno == errno.ENOSPC else (
             f"cannot write {dest}: {exc.strerror or exc}")
         raise ConjureError(f"{problem}; nothing was exported (existing files are unchanged)") from None
+    return copies
+
+
+def _publish_all(copies: list[Path], plan: list[tuple[Path, Path]]) -> None:
     done = 0
     try:
         for tmp, (_, dest) in zip(copies, plan):
@@ -80,4 +77,23 @@ def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = 
         for tmp in copies[done:]:
             tmp.unlink(missing_ok=True)
         raise ConjureError(f"cannot write {plan[done][1]}: {exc.strerror or exc}") from None
+
+
+def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = None, force: bool = False) -> list[Path]:
+    found = dict(list_checkpoints(run_dir))
+    if not found:
+        raise ConjureError(f"no checkpoints in {run_dir} (is it a conjure run folder?)")
+    chosen = _chosen_step(found, step, run_dir)
+    if name is not None:
+        check_file_stem(name)
+    files = sorted(p for p in found[chosen].iterdir() if p.is_file() and p.name != STATE_FILE)
+    if name and len(files) > 1:
+        raise ConjureError(
+            f"--name works for a checkpoint with one file; this one has {len(files)} "
+            f"({', '.join(p.name for p in files)}), which keep their names (an embedding's name is what prompts type)"
+        )
+    to = _destination_folder(Path(to))
+    plan = [(src, to / (f"{name}{src.suffix}" if name else src.name)) for src in files]
+    _check_destinations(plan, force)
+    _publish_all(_copy_to_temporaries(plan, to), plan)
     return [dest for _, dest in plan]
