@@ -12,15 +12,22 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 EVENTS_FILE = "events.jsonl"
 
 
-class Event(StrEnum):
+class Event(str, Enum):
     """The `event` of each line of events.jsonl."""
+
+    # enum.StrEnum's behaviour (str() and format() give the value); StrEnum itself is Python 3.11+, conjure 3.10+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
 
     START = "start"  # run folder, type, family, max_train_steps, start_step, ...
     STEP = "step"  # step, loss, lr
