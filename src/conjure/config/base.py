@@ -9,14 +9,14 @@ families only are checked here when the family is named, and by the loop once it
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from conjure.config.problems import FieldProblem
 from conjure.config.sections import AdvancedConfig, BasicConfig, DataConfig, OptimizerConfig, ValidationConfig
 
-CONFIG_VERSION = 2
+CONFIG_VERSION: Final = 2
 """Version 1: the config types named the family too (sd_lora, sdxl_lora, ...); conjure.config.migrate reads them."""
 
 

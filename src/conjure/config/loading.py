@@ -9,15 +9,15 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
-from conjure.config.base import RunConfigBase
 from conjure.config.lora import LoraConfig
 from conjure.config.migrate import LEGACY_TYPES, migrate
 from conjure.config.pivotal import PivotalConfig
 from conjure.config.problems import ConfigError, FieldProblem, Problem
 from conjure.config.textual_inversion import TextualInversionConfig
 
-CONFIG_TYPES: dict[str, type[RunConfigBase]] = {
+CONFIG_TYPES: dict[str, type[RunConfig]] = {
     "textual_inversion": TextualInversionConfig,
     "lora": LoraConfig,
     "pivotal": PivotalConfig,
@@ -31,7 +31,7 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def config_class(type_name: Any) -> type[RunConfigBase]:
+def config_class(type_name: Any) -> type[RunConfig]:
     """The config class of `type_name` (a version 1 name gives its method's class)."""
     if isinstance(type_name, str) and type_name in LEGACY_TYPES:
         type_name = LEGACY_TYPES[type_name][0]
@@ -171,7 +171,7 @@ def _field_names_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _problem(cls: type[BaseModel], err: dict[str, Any]) -> Problem:
+def _problem(cls: type[BaseModel], err: ErrorDetails) -> Problem:
     loc = tuple(err["loc"])
     dotted = ".".join(str(p) for p in loc)
     cause = err.get("ctx", {}).get("error")
@@ -251,5 +251,5 @@ def starter_yaml(type_name: str) -> str:
     cls = config_class(type_name)
     families = LEGACY_TYPES.get(type_name, ("", ()))[1]
     values = {"basic.family": families[0]} if len(families) == 1 else {}
-    head = [f"# conjure config: {cls.__doc__.strip().splitlines()[0]}", "# Edit the values marked 'required'.", ""]
+    head = [f"# conjure config: {(cls.__doc__ or '').strip().splitlines()[0]}", "# Edit the values marked 'required'.", ""]
     return "\n".join(head + _starter_lines(cls, "", values)) + "\n"

@@ -80,7 +80,7 @@ class PivotalTuning:
         if f"{name}.safetensors" == embedding_path.name:
             name += "-lora"  # the embedding keeps the token's name: it is what users type
         facts = {"conjure.pivotal_token": token, "conjure.pivotal_embedding": embedding_path.name}
-        facts_of_run = dict(step=step, resolution=resolution, base_model=base_model, prediction_type=prediction_type)
+        facts_of_run: dict[str, Any] = dict(step=step, resolution=resolution, base_model=base_model, prediction_type=prediction_type)
         meta = {**self.lora.metadata(name, **facts_of_run), **facts}
         meta["conjure.method"] = "pivotal"
         files = [self.lora.write(folder / f"{name}.safetensors", meta)]

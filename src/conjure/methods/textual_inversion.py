@@ -138,7 +138,7 @@ class TextualInversion:
 
     def metadata(
         self, *, step: int, resolution: int, base_model: str, prediction_type: str, method: str = "textual_inversion"
-    ) -> dict:
+    ) -> dict[str, str]:
         metadata = modelspec(self.model.family, self.kind, title=self.placeholder, resolution=resolution,
                              prediction_type=prediction_type)
         metadata.update(

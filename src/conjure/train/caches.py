@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -115,7 +115,8 @@ class LatentCache:
             for j, i in enumerate(missing):
                 self._store(keys[i], mean[j], std[j])
                 found[i] = self.memory[keys[i]]
-        return torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
+        complete = cast(list[tuple[torch.Tensor, torch.Tensor]], found)  # every None was filled above
+        return torch.stack([f[0] for f in complete]), torch.stack([f[1] for f in complete])
 
 
 class TextCache:
