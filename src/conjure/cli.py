@@ -160,7 +160,7 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset_jsonl(args: argparse.Namespace) -> int:
-    from conjure.data.check import write_jsonl
+    from conjure.data.sources import write_jsonl
 
     count = write_jsonl(Path(args.folder), Path(args.out), force=args.force)
     print(f"wrote {args.out} ({count} images)")

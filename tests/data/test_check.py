@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conjure.data.buckets import assign_bucket, make_buckets
-from conjure.data.check import KINDS, check_source, write_jsonl
+from conjure.data.check import KINDS, check_source
+from conjure.data.sources import write_jsonl
 from conjure.data.sources import scan_source
 from conjure.errors import ConjureError
 from conjure.models.tokenizer import clip_tokenizer

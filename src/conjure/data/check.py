@@ -12,14 +12,13 @@ A source is read exactly as training reads it (`conjure.data.sources.scan_source
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -31,7 +30,6 @@ from conjure.data.hf import is_hf_source
 from conjure.data.example import PROGRESS_MIN_IMAGES, Example
 from conjure.data.sources import scan_source, within
 from conjure.errors import ConjureError
-from conjure.files import atomic_write_text
 
 ERROR, WARNING = "error", "warning"
 
@@ -385,42 +383,3 @@ def _range_text(size_range: dict[str, Any]) -> str:
 
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def write_jsonl(folder: Path, out: Path, *, force: bool = False, confine: Path | None = None) -> int:
-    """Write the `.jsonl` source for an image folder; returns how many images it lists.
-
-    One `{"image": ..., "text": ...}` line per image, in the folder's order; the image path relative to the
-    `.jsonl` file's folder with `/` separators (absolute where no relative path exists, e.g. another Windows
-    drive), "text" the caption or null. `scan_source(out)` reads back the same images and captions as
-    `scan_source(folder)`. Images are listed without decoding them (`conjure dataset check` finds broken ones).
-    Refuses an existing `out` unless `force`; the file appears complete or not at all (temporary file + rename).
-    `confine`: as `scan_source`'s (the web app's rule: images and captions linking out are left out).
-    """
-    folder, out = Path(folder), Path(out)
-    if not folder.is_dir():
-        raise ConjureError(f"{folder}: not a folder" if folder.exists() else f"folder not found: {folder}")
-    if out.suffix.lower() != ".jsonl":
-        raise ConjureError(f"{out}: the file name must end in .jsonl (how training recognises the format)")
-    if out.is_dir():
-        raise ConjureError(f"{out} is a folder")
-    if out.exists() and not force:
-        raise ConjureError(f"{out} exists; use --force to overwrite")
-    examples = scan_source(folder, check_images=False, confine=confine).examples
-    base = out.parent.absolute()
-    lines = [
-        json.dumps({"image": _relative_posix(example.image, base), "text": example.caption}, ensure_ascii=False)
-        for example in examples
-    ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "\n".join(lines) + "\n")
-    return len(lines)
-
-
-def _relative_posix(path: Path, base: Path) -> str:
-    """`path` relative to the folder `base`, with `/` separators; absolute when there is no relative path."""
-    try:
-        relative = os.path.relpath(path.absolute(), base)
-    except ValueError:  # Windows: another drive
-        relative = str(path.absolute())
-    return PurePath(relative).as_posix()

@@ -4,7 +4,8 @@ Owns the two source formats (a folder of images with optional same-stem `.txt` c
 file of {"image": ..., "text": ...} lines), the order examples come in, and the up-front check that every
 image decodes, so that a broken file is reported once at the start instead of failing a run midway.
 Hugging Face data sets are a third kind of source, read by `conjure.data.hf`.
-Sources are only ever read: nothing is written into the user's data folder.
+Training only reads sources: nothing is written into the user's data folder. `write_jsonl`, the `.jsonl`
+format's inverse, writes a folder's listing where the user asks (`conjure dataset jsonl`).
 """
 
 import errno
@@ -13,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from tqdm import tqdm
@@ -22,6 +23,7 @@ from conjure.data import hf
 from conjure.data.example import PROGRESS_MIN_IMAGES, Example, caption_of
 from conjure.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image, load_mask
 from conjure.errors import ConjureError
+from conjure.files import atomic_write_text
 
 MASK_SUFFIX = "-masklabel.png"
 """A folder image `x.jpg` takes its loss mask from `x-masklabel.png` beside it (OneTrainer's convention);
@@ -224,3 +226,42 @@ def _check_exist(examples: list[Example]) -> ScanResult:
         else:
             result.skipped.append((example.image, _missing(example.image)))
     return result
+
+
+def write_jsonl(folder: Path, out: Path, *, force: bool = False, confine: Path | None = None) -> int:
+    """Write the `.jsonl` source for an image folder; returns how many images it lists.
+
+    One `{"image": ..., "text": ...}` line per image, in the folder's order; the image path relative to the
+    `.jsonl` file's folder with `/` separators (absolute where no relative path exists, e.g. another Windows
+    drive), "text" the caption or null. `scan_source(out)` reads back the same images and captions as
+    `scan_source(folder)`. Images are listed without decoding them (`conjure dataset check` finds broken ones).
+    Refuses an existing `out` unless `force`; the file appears complete or not at all (temporary file + rename).
+    `confine`: as `scan_source`'s (the web app's rule: images and captions linking out are left out).
+    """
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise ConjureError(f"{folder}: not a folder" if folder.exists() else f"folder not found: {folder}")
+    if out.suffix.lower() != ".jsonl":
+        raise ConjureError(f"{out}: the file name must end in .jsonl (how training recognises the format)")
+    if out.is_dir():
+        raise ConjureError(f"{out} is a folder")
+    if out.exists() and not force:
+        raise ConjureError(f"{out} exists; use --force to overwrite")
+    examples = scan_source(folder, check_images=False, confine=confine).examples
+    base = out.parent.absolute()
+    lines = [
+        json.dumps({"image": _relative_posix(example.image, base), "text": example.caption}, ensure_ascii=False)
+        for example in examples
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return len(lines)
+
+
+def _relative_posix(path: Path, base: Path) -> str:
+    """`path` relative to the folder `base`, with `/` separators; absolute when there is no relative path."""
+    try:
+        relative = os.path.relpath(path.absolute(), base)
+    except ValueError:  # Windows: another drive
+        relative = str(path.absolute())
+    return PurePath(relative).as_posix()

@@ -20,7 +20,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 
-from conjure.data.check import check_source, write_jsonl
+from conjure.data.check import check_source
+from conjure.data.sources import write_jsonl
 from conjure.data.check_settings import CheckSettings
 from conjure.data.hf import is_hf_source
 from conjure.data.images import ImageError, image_size
