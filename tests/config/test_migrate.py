@@ -131,3 +131,13 @@ def test_problems_are_structured_and_the_text_renders_them():
 ])
 def test_cross_field_rules_name_their_field(data, field):
     assert [p.field for p in problems_of(data)] == [field]
+
+
+def test_the_method_sections_come_after_data_as_before():
+    """YAML, the schema and the web form list the method's sections where the version 1 types had them."""
+    common = ["type", "version", "basic", "data"], ["validation", "optimizer", "advanced"]
+    for type_name, sections in [("textual_inversion", ["textual_inversion"]), ("lora", ["lora"]),
+                                ("pivotal", ["textual_inversion", "lora"])]:
+        cls = CONFIG_TYPES[type_name]
+        assert list(cls.model_fields) == common[0] + sections + common[1]
+        assert list(cls.model_json_schema()["properties"]) == list(cls.model_fields)

@@ -291,6 +291,7 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_p
     page.click("#tr-new")
     field(page, "basic.base_model").wait_for()
     page.wait_for_function("() => document.querySelector('#tr-yaml').value.includes('type: textual_inversion')")
+    assert page.locator(".type-line").all_inner_texts() == ["type: textual_inversion", "version: 2"]
 
     # sections are fieldsets of the schema; inputs by type, with help text and defaults
     assert page.locator("details.section").evaluate_all("(ds) => ds.map((d) => d.dataset.section)") == [

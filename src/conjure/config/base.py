@@ -20,16 +20,23 @@ CONFIG_VERSION: Final = 2
 """Version 1: the config types named the family too (sd_lora, sdxl_lora, ...); conjure.config.migrate reads them."""
 
 
-class RunConfigBase(BaseModel):
+class RunConfigHead(BaseModel):
+    """The first keys of every config. A method declares its own sections on a subclass of this, which its config
+    class then lists after RunConfigBase: pydantic orders fields along the MRO, so YAML, the schema and the web
+    form show the method's sections after `data` and before `validation`."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     type: str  # each config type pins its own name (declared here so that it comes first in YAML)
     version: Literal[2] = Field(
         CONFIG_VERSION, description="Config format version; configs of older versions are migrated when loaded."
     )
-    FAMILIES: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")  # the families the method trains
     basic: BasicConfig
     data: DataConfig
+
+
+class RunConfigBase(RunConfigHead):
+    FAMILIES: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")  # the families the method trains
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)

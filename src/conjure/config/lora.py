@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from conjure.config.base import RunConfigBase
+from conjure.config.base import RunConfigBase, RunConfigHead
 from conjure.config.sections import OptimizerConfig, Section
 
 UNET_PRESETS = ("attention", "attention_ff", "all")
@@ -91,11 +91,14 @@ def default_prompts(trigger: str | None) -> list[str]:
     return [f"a photo of {trigger}", f"{trigger}, a painting"]
 
 
-class LoraConfig(RunConfigBase):
+class _LoraSections(RunConfigHead):
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class LoraConfig(RunConfigBase, _LoraSections):
     """LoRA / DoRA: a concept model from captioned images (SDXL: size/crop conditioning, both text encoders)."""
 
     type: Literal["lora"] = "lora"
-    lora: LoraSection = Field(default_factory=LoraSection)
     optimizer: LoraOptimizerConfig = Field(default_factory=LoraOptimizerConfig)
 
     def default_prompts(self) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from conjure.config.base import RunConfigBase
+from conjure.config.base import RunConfigBase, RunConfigHead
 from conjure.config.lora import LoraAdapterSection, LoraOptimizerConfig
 from conjure.config.problems import FieldProblem
 from conjure.config.textual_inversion import TextualInversionSection
@@ -40,12 +40,15 @@ def default_pivotal_prompts(token: str) -> list[str]:
     return [f"a photo of {token}", f"{token}, a painting"]
 
 
-class PivotalConfig(RunConfigBase):
+class _PivotalSections(RunConfigHead):
+    textual_inversion: PivotalTextualInversionSection
+    lora: LoraAdapterSection = Field(default_factory=LoraAdapterSection)
+
+
+class PivotalConfig(RunConfigBase, _PivotalSections):
     """Pivotal tuning: a LoRA or DoRA and its own new token, trained together (SDXL: the token in both encoders)."""
 
     type: Literal["pivotal"] = "pivotal"
-    textual_inversion: PivotalTextualInversionSection
-    lora: LoraAdapterSection = Field(default_factory=LoraAdapterSection)
     optimizer: LoraOptimizerConfig = Field(default_factory=LoraOptimizerConfig)
 
     def default_prompts(self) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from conjure.config.base import RunConfigBase
+from conjure.config.base import RunConfigBase, RunConfigHead
 from conjure.config.sections import Section
 
 OBJECT_PROMPTS = ("a photo of {}", "a close-up photo of {} on a table")
@@ -62,11 +62,14 @@ def default_ti_prompts(ti: TextualInversionSection) -> list[str]:
     return [t.format(ti.placeholder_token) for t in templates]
 
 
-class TextualInversionConfig(RunConfigBase):
+class _TextualInversionSections(RunConfigHead):
+    textual_inversion: TextualInversionSection
+
+
+class TextualInversionConfig(RunConfigBase, _TextualInversionSections):
     """Textual inversion: new token(s) learned from a few images (SDXL: in both text encoders together)."""
 
     type: Literal["textual_inversion"] = "textual_inversion"
-    textual_inversion: TextualInversionSection
 
     def default_prompts(self) -> list[str]:
         return default_ti_prompts(self.textual_inversion)

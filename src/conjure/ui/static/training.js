@@ -119,7 +119,7 @@ export const training = {
     for (const [name, raw] of Object.entries(this.schema.properties)) {
       const field = shape(this.schema, raw);
       if (field.kind === "const") {
-        parts.push(el("p", { class: "type-line" }, "type: ", el("code", { text: field.prop.const ?? field.inner.const })));
+        parts.push(el("p", { class: "type-line" }, `${name}: `, el("code", { text: field.prop.const ?? field.inner.const })));
         continue;
       }
       if (field.kind !== "object") {
