@@ -76,3 +76,39 @@ def ti_config(tiny_models, image_folder, tmp_path):
         return data
 
     return make
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`run_cli(*args)` runs `conjure ARGS` in this process and returns (exit code, stdout, stderr)."""
+    from conjure.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def assert_one_line_error():
+    """`assert_one_line_error(code, err, *needles)`: a refusal the user can fix is exit 2 and exactly one
+    `error: ...` line on stderr, holding every needle, with no traceback (STYLE.md). Only the notes a run printed
+    before it may precede it, and only its indented details (a config's problems, one a line) follow it.
+    Returns the message."""
+
+    def check(code: int, err: str, *needles: str) -> str:
+        assert code == 2, err
+        assert "Traceback" not in err, err
+        lines = err.rstrip().splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+        assert len(starts) == 1, err
+        message = lines[starts[0]:]
+        assert all(line.startswith("  ") for line in message[1:]), err
+        message = "\n".join(message)
+        for needle in needles:
+            assert needle in message, err
+        return message
+
+    return check

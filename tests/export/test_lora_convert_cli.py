@@ -5,24 +5,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conjure.adapters import LoraModule
-from conjure.cli import main
 from conjure.export.kohya import save_kohya
 
 NAME = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    for needle in needles:
-        assert needle in err, err
 
 
 def write_lora(path, dora=False):
@@ -33,47 +18,47 @@ def write_lora(path, dora=False):
     return save_kohya(path, {("unet", NAME): m}, {"ss_output_name": "x"}, "sd1")
 
 
-def test_convert_both_ways_and_overwrite_only_with_force(capsys, tmp_path):
+def test_convert_both_ways_and_overwrite_only_with_force(tmp_path, run_cli, assert_one_line_error):
     src = write_lora(tmp_path / "k.safetensors")
-    code, out, _ = run_cli(capsys, "convert", src, tmp_path / "p.safetensors", "--to", "peft")
+    code, out, _ = run_cli("convert", src, tmp_path / "p.safetensors", "--to", "peft")
     assert code == 0 and "p.safetensors" in out
     with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
         assert list(f.keys()) and all(k.startswith("unet.") for k in f.keys())
-    code, _, _ = run_cli(capsys, "convert", tmp_path / "p.safetensors", tmp_path / "k2.safetensors", "--to", "kohya")
+    code, _, _ = run_cli("convert", tmp_path / "p.safetensors", tmp_path / "k2.safetensors", "--to", "kohya")
     assert code == 0
     with safe_open(str(src), "pt") as a, safe_open(str(tmp_path / "k2.safetensors"), "pt") as b:
         assert a.metadata() == b.metadata() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
     before = (tmp_path / "p.safetensors").read_bytes()
-    code, _, err = run_cli(capsys, "convert", src, tmp_path / "p.safetensors", "--to", "peft")
+    code, _, err = run_cli("convert", src, tmp_path / "p.safetensors", "--to", "peft")
     assert_one_line_error(code, err, "exists", "--force")
     assert (tmp_path / "p.safetensors").read_bytes() == before
-    code, _, _ = run_cli(capsys, "convert", src, tmp_path / "p.safetensors", "--to", "peft", "--force")
+    code, _, _ = run_cli("convert", src, tmp_path / "p.safetensors", "--to", "peft", "--force")
     assert code == 0
 
 
-def test_convert_refusals_are_one_line(capsys, tmp_path):
+def test_convert_refusals_are_one_line(tmp_path, run_cli, assert_one_line_error):
     dora = write_lora(tmp_path / "d.safetensors", dora=True)
-    code, _, err = run_cli(capsys, "convert", dora, tmp_path / "o.safetensors", "--to", "peft")
+    code, _, err = run_cli("convert", dora, tmp_path / "o.safetensors", "--to", "peft")
     assert_one_line_error(code, err, "DoRA files cannot change format")
 
-    code, _, err = run_cli(capsys, "convert", tmp_path / "missing.safetensors", tmp_path / "o.safetensors", "--to", "peft")
+    code, _, err = run_cli("convert", tmp_path / "missing.safetensors", tmp_path / "o.safetensors", "--to", "peft")
     assert_one_line_error(code, err, "no such file")
 
     plain = write_lora(tmp_path / "k.safetensors")
-    code, _, err = run_cli(capsys, "convert", plain, tmp_path / "o.safetensors", "--to", "kohya")
+    code, _, err = run_cli("convert", plain, tmp_path / "o.safetensors", "--to", "kohya")
     assert_one_line_error(code, err, "already a kohya file")
 
     emb = tmp_path / "emb.safetensors"
     save_file({"emb_params": torch.zeros(1, 768)}, str(emb))
-    code, _, err = run_cli(capsys, "convert", emb, tmp_path / "o.safetensors", "--to", "peft")
+    code, _, err = run_cli("convert", emb, tmp_path / "o.safetensors", "--to", "peft")
     assert_one_line_error(code, err, "neither a kohya LoRA")
 
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
-    code, _, err = run_cli(capsys, "convert", text, tmp_path / "o.safetensors", "--to", "peft")
+    code, _, err = run_cli("convert", text, tmp_path / "o.safetensors", "--to", "peft")
     assert_one_line_error(code, err, "safetensors")
 
-    code, _, err = run_cli(capsys, "convert", plain, tmp_path / "no-such-dir" / "o.safetensors", "--to", "peft")
+    code, _, err = run_cli("convert", plain, tmp_path / "no-such-dir" / "o.safetensors", "--to", "peft")
     assert_one_line_error(code, err, "does not exist")
     assert not (tmp_path / "o.safetensors").exists()
