@@ -50,6 +50,12 @@ def image_folder(tmp_path):
     return folder
 
 
+def _with_sections(data: dict, sections: dict) -> dict:
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return data
+
+
 @pytest.fixture
 def ti_config(tiny_models, image_folder, tmp_path):
     """A small valid textual_inversion config (raw mapping) on a tiny model (SD1 by default)."""
@@ -71,11 +77,65 @@ def ti_config(tiny_models, image_folder, tmp_path):
             "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0},
             "optimizer": {"learning_rate": 0.05},
         }
-        for name, values in sections.items():
-            data.setdefault(name, {}).update(values)
-        return data
+        return _with_sections(data, sections)
 
     return make
+
+
+@pytest.fixture
+def lora_config(tiny_models, image_folder, tmp_path):
+    """A small valid lora config (raw mapping) on a tiny model."""
+
+    def make(family: str = "sd1", real_layout: bool = False, **sections) -> dict:
+        return _with_sections({
+            "type": "lora",
+            "basic": {
+                "base_model": str(tiny_models(family, real_layout)), "output_dir": str(tmp_path / "runs"),
+                "run_name": "run", "max_train_steps": 6, "save_every_n_steps": 3, "validate_every_n_steps": 3,
+                "seed": 3,
+            },
+            "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2, "caption_prefix": "zwx"},
+            "lora": {"trigger_word": "zwx", "rank": 4, "alpha": 2.0, "save_dtype": "fp32"},
+            "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0},
+            "optimizer": {"learning_rate": 0.02},
+        }, sections)
+
+    return make
+
+
+@pytest.fixture
+def pivotal_config(tiny_models, image_folder, tmp_path):
+    """A small valid pivotal config (raw mapping) on a tiny model; the images have no captions, so the token
+    comes from the object templates."""
+
+    def make(family: str = "sd1", real_layout: bool = False, **sections) -> dict:
+        return _with_sections({
+            "type": "pivotal",
+            "basic": {
+                "base_model": str(tiny_models(family, real_layout)), "output_dir": str(tmp_path / "runs"),
+                "run_name": "run", "max_train_steps": 6, "save_every_n_steps": 3, "validate_every_n_steps": None,
+                "seed": 3,
+            },
+            "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2},
+            "textual_inversion": {"placeholder_token": "<zq-thing>", "initializer": "dog", "learning_rate": 0.05},
+            "lora": {"rank": 4, "alpha": 2.0, "save_dtype": "fp32"},
+            "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0, "at_start": False},
+            "optimizer": {"learning_rate": 0.02},
+        }, sections)
+
+    return make
+
+
+@pytest.fixture
+def run_config():
+    """`run_config(raw, **kwargs)`: validate a raw config mapping and train it (kwargs: resume, control)."""
+    from conjure.config import parse_config
+    from conjure.train.loop import train
+
+    def run(raw: dict, **kwargs):
+        return train(parse_config(raw), **kwargs)
+
+    return run
 
 
 @pytest.fixture

@@ -10,35 +10,6 @@ from conjure.config import ConfigError, parse_config
 from conjure.errors import ConjureError
 from conjure.toy.learning import load_pipeline  # the model's own pipeline class, float32
 from conjure.train.control import TrainControl
-from conjure.train.loop import train
-
-
-
-@pytest.fixture
-def lora_config(tiny_models, image_folder, tmp_path):
-    """A small valid lora config (raw mapping) on a tiny model."""
-
-    def make(family: str = "sd1", real_layout: bool = False, **sections) -> dict:
-        data = {
-            "type": "lora",
-            "basic": {
-                "base_model": str(tiny_models(family, real_layout)), "output_dir": str(tmp_path / "runs"), "run_name": "run",
-                "max_train_steps": 6, "save_every_n_steps": 3, "validate_every_n_steps": 3, "seed": 3,
-            },
-            "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2, "caption_prefix": "zwx"},
-            "lora": {"trigger_word": "zwx", "rank": 4, "alpha": 2.0, "save_dtype": "fp32"},
-            "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0},
-            "optimizer": {"learning_rate": 0.02},
-        }
-        for name, values in sections.items():
-            data.setdefault(name, {}).update(values)
-        return data
-
-    return make
-
-
-def run(raw, **kwargs):
-    return train(parse_config(raw), **kwargs)
 
 
 def unet_output(unet, family, text_width_seed=0):
@@ -76,13 +47,13 @@ def file_keys(path):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_kohya_lora_loads_in_diffusers_and_reproduces_the_trained_unet(lora_config, tiny_models, family, tmp_path):
+def test_kohya_lora_loads_in_diffusers_and_reproduces_the_trained_unet(lora_config, tiny_models, family, tmp_path, run_config):
     from conjure.methods.lora import Lora
     from conjure.models.loading import load_base_model
 
     # 2 layers per block, as the real UNets: the layout the kohya (SDXL: LDM) names are defined on
     raw = lora_config(family, real_layout=True, lora={"unet_targets": "all", "train_text_encoder": True})
-    result = run(raw)
+    result = run_config(raw)
     path = result.checkpoints[-1] / "run.safetensors"
     keys, meta = file_keys(path)
     prefix = ("lora_te1_", "lora_te2_", "lora_unet_") if family == "sdxl" else ("lora_te_", "lora_unet_")
@@ -123,14 +94,14 @@ def _with_components(model):
     return View
 
 
-def test_kohya_dora_file_layout_and_conjures_reader_reproduce_the_trained_unet(lora_config, tiny_models):
+def test_kohya_dora_file_layout_and_conjures_reader_reproduce_the_trained_unet(lora_config, tiny_models, run_config):
     from conjure.export.convert import apply_lora
     from conjure.export.kohya import load_kohya
     from conjure.methods.lora import Lora
     from conjure.models.loading import load_base_model
 
     raw = lora_config("sd1", real_layout=True, lora={"dora": True, "unet_targets": "all"})
-    result = run(raw)
+    result = run_config(raw)
     path = result.checkpoints[-1] / "run.safetensors"
     keys, meta = file_keys(path)
     with safe_open(str(path), "pt") as f:
@@ -156,14 +127,14 @@ def test_kohya_dora_file_layout_and_conjures_reader_reproduce_the_trained_unet(l
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_peft_format_loads_in_diffusers(lora_config, tiny_models, dora):
+def test_peft_format_loads_in_diffusers(lora_config, tiny_models, dora, run_config):
     from conjure.methods.lora import Lora
     from conjure.models.loading import load_base_model
 
     # DoRA on every preset loads in diffusers, convolutions included ("all")
     raw = lora_config("sd1", real_layout=True, lora={"dora": dora, "save_format": "peft", "alpha": 8.0,
                                                      "train_text_encoder": True, "unet_targets": "all"})
-    result = run(raw)
+    result = run_config(raw)
     path = result.checkpoints[-1] / "run.safetensors"
     keys, _ = file_keys(path)
     assert any(".lora_A." in k for k in keys) and not any(k.startswith("lora_unet") for k in keys)
@@ -178,11 +149,11 @@ def test_peft_format_loads_in_diffusers(lora_config, tiny_models, dora):
     torch.testing.assert_close(text_output(pipe), text_output(_with_components(model)), atol=1e-5, rtol=1e-4)
 
 
-def test_validation_images_show_the_lora(lora_config):
+def test_validation_images_show_the_lora(lora_config, run_config):
     """Step 0 renders the base model (the LoRA starts at zero); a later step, same prompt and seed, differs."""
     from PIL import Image
 
-    result = run(lora_config("sd1", basic={"max_train_steps": 3}))
+    result = run_config(lora_config("sd1", basic={"max_train_steps": 3}))
     first, last = (sorted(p for p in g.parent.glob("*.png") if p.name != "grid.png")[0]
                    for g in (result.validations[0], result.validations[-1]))
     assert first.parent.name == "step-000000" and last.parent.name == "step-000003" and first.name == last.name
@@ -190,43 +161,43 @@ def test_validation_images_show_the_lora(lora_config):
     assert np.abs(a - b).max() > 0
 
 
-def test_resume_matches_an_uninterrupted_run(lora_config):
+def test_resume_matches_an_uninterrupted_run(lora_config, run_config):
     raw = lora_config("sdxl", lora={"dora": True, "train_text_encoder": True},
                       data={"random_flip": True, "center_crop": False},
                       optimizer={"scheduler": "cosine", "warmup_steps": 2},
                       validation={"at_start": False}, basic={"validate_every_n_steps": None})
-    straight = run(raw)
+    straight = run_config(raw)
     control = TrainControl()
     control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
     raw["basic"]["run_name"] = "stopped"
-    stopped = run(raw, control=control)
+    stopped = run_config(raw, control=control)
     assert stopped.status == "interrupted" and stopped.step == 2
-    resumed = run(raw, resume=str(stopped.run_dir))
+    resumed = run_config(raw, resume=str(stopped.run_dir))
     a, b = trained_model(straight), trained_model(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_dropout_runs_repeat_and_resume_bit_for_bit(lora_config, dora):
+def test_dropout_runs_repeat_and_resume_bit_for_bit(lora_config, dora, run_config):
     """Dropout draws from torch's global RNG: seeded from basic.seed and checkpointed (issue 21 D3, issue 13
     #11). The validation at step 2 happens in the straight runs only: it must not move the training RNG."""
     raw = lora_config("sd1", lora={"dropout": 0.1, "dora": dora}, validation={"at_start": False},
                       basic={"max_train_steps": 4, "save_every_n_steps": 100, "validate_every_n_steps": 2})
-    first, second = run(raw), run(dict(raw, basic=dict(raw["basic"], run_name="again")))
+    first, second = run_config(raw), run_config(dict(raw, basic=dict(raw["basic"], run_name="again")))
     a, b = trained_model(first), trained_model(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
     control = TrainControl()
     control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
     raw["basic"].update(run_name="stopped", validate_every_n_steps=None)
-    stopped = run(raw, control=control)
+    stopped = run_config(raw, control=control)
     assert stopped.step == 2
     torch.manual_seed(12345)  # whatever the process did in between
-    c = trained_model(run(raw, resume=str(stopped.run_dir)))
+    c = trained_model(run_config(raw, resume=str(stopped.run_dir)))
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_validation_renders_with_dropout_off(lora_config, monkeypatch):
+def test_validation_renders_with_dropout_off(lora_config, monkeypatch, run_config):
     """Issue 13 #10: validation shows what the saved file does: the adapters' dropout is off while rendering
     (the same images as the model in eval mode) and on again for the next training step."""
     from conjure.train import validation
@@ -248,7 +219,7 @@ def test_validation_renders_with_dropout_off(lora_config, monkeypatch):
     monkeypatch.setattr(validation, "render", render)
     raw = lora_config("sd1", lora={"dropout": 0.5}, validation={"at_start": False},
                       basic={"max_train_steps": 4, "validate_every_n_steps": 2, "save_every_n_steps": 100})
-    run(raw)
+    run_config(raw)
     assert len(renders) == 2
     for modes, images, eval_images, dropouts in renders:
         assert modes and not any(modes)
@@ -257,7 +228,7 @@ def test_validation_renders_with_dropout_off(lora_config, monkeypatch):
             assert np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(eval_image)))
 
 
-def test_a_named_family_refuses_another_model_before_loading_weights(lora_config, tiny_models, monkeypatch):
+def test_a_named_family_refuses_another_model_before_loading_weights(lora_config, tiny_models, monkeypatch, run_config):
     import diffusers
 
     raw = lora_config("sd1")
@@ -265,7 +236,7 @@ def test_a_named_family_refuses_another_model_before_loading_weights(lora_config
     monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained",
                         lambda *a, **k: pytest.fail("weights loaded before the family check"))
     with pytest.raises(ConjureError, match="basic.family is 'sd1' but the model looks like sdxl"):
-        run(raw)
+        run_config(raw)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -12,39 +12,8 @@ from safetensors.torch import load_file
 from conjure.config import ConfigError, parse_config
 from conjure.toy.learning import load_pipeline  # the model's own pipeline class, float32
 from conjure.train.control import TrainControl
-from conjure.train.loop import train
 
-TOKEN = "<zq-thing>"
-
-
-@pytest.fixture
-def pivotal_config(tiny_models, image_folder, tmp_path):
-    """A small valid pivotal config (raw mapping) on a tiny model; the images have no captions, so the token
-    comes from the object templates."""
-
-    def make(family: str = "sd1", real_layout: bool = False, **sections) -> dict:
-        data = {
-            "type": "pivotal",
-            "basic": {
-                "base_model": str(tiny_models(family, real_layout)), "output_dir": str(tmp_path / "runs"),
-                "run_name": "run", "max_train_steps": 6, "save_every_n_steps": 3, "validate_every_n_steps": None,
-                "seed": 3,
-            },
-            "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2},
-            "textual_inversion": {"placeholder_token": TOKEN, "initializer": "dog", "learning_rate": 0.05},
-            "lora": {"rank": 4, "alpha": 2.0, "save_dtype": "fp32"},
-            "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0, "at_start": False},
-            "optimizer": {"learning_rate": 0.02},
-        }
-        for name, values in sections.items():
-            data.setdefault(name, {}).update(values)
-        return data
-
-    return make
-
-
-def run(raw, **kwargs):
-    return train(parse_config(raw), **kwargs)
+TOKEN = "<zq-thing>"  # the placeholder of conftest's pivotal_config
 
 
 def training_state(checkpoint):
@@ -93,10 +62,10 @@ def pipe_pairs(pipe):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_the_two_files_reproduce_the_trained_model_in_diffusers(pivotal_config, family):
+def test_the_two_files_reproduce_the_trained_model_in_diffusers(pivotal_config, family, run_config):
     raw = pivotal_config(family, real_layout=True, textual_inversion={"num_vectors": 2, "bundle": True},
                          lora={"unet_targets": "all", "train_text_encoder": True})
-    result = run(raw)
+    result = run_config(raw)
     checkpoint = result.checkpoints[-1]
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "run.bundle.safetensors", "run.safetensors", "training_state.pt", "zq-thing.safetensors"]
@@ -118,7 +87,7 @@ def test_the_two_files_reproduce_the_trained_model_in_diffusers(pivotal_config, 
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_bundle_file_layout(pivotal_config):
+def test_bundle_file_layout(pivotal_config, run_config):
     """The bundle = the LoRA file's tensors + the embedding under `bundle_emb.<name>.<part>` (FORMATS.md)."""
     from conjure.export.embeddings import unbundle
     from conjure.export.kohya import load_kohya
@@ -126,7 +95,7 @@ def test_bundle_file_layout(pivotal_config):
     for family, parts in (("sd1", {"string_to_param.*"}), ("sdxl", {"clip_l", "clip_g"})):
         raw = pivotal_config(family, textual_inversion={"bundle": True}, basic={"max_train_steps": 2,
                                                                                 "run_name": f"run-{family}"})
-        checkpoint = run(raw).checkpoints[-1]
+        checkpoint = run_config(raw).checkpoints[-1]
         lora = load_file(str(checkpoint / f"run-{family}.safetensors"))
         bundle = load_file(str(checkpoint / f"run-{family}.bundle.safetensors"))
         embedding = load_file(str(checkpoint / "zq-thing.safetensors"))
@@ -149,7 +118,7 @@ def test_bundle_file_layout(pivotal_config):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_only_the_new_rows_of_the_text_encoders_change(pivotal_config, family, monkeypatch):
+def test_only_the_new_rows_of_the_text_encoders_change(pivotal_config, family, monkeypatch, run_config):
     """Without a text-encoder LoRA, each text encoder ends bitwise as it started except for the new rows."""
     import conjure.methods as methods
     from conjure.models.loading import load_base_model
@@ -165,7 +134,7 @@ def test_only_the_new_rows_of_the_text_encoders_change(pivotal_config, family, m
         return seen["recipe"]
 
     monkeypatch.setitem(methods.METHODS, config_type, dataclasses.replace(spec, build=build_and_keep))
-    run(raw)
+    run_config(raw)
     fresh = load_base_model(raw["basic"]["base_model"])
     model, recipe = seen["model"], seen["recipe"]
     for (_, trained), (tokenizer, original) in zip(model.text_encoders(), fresh.text_encoders()):
@@ -180,10 +149,10 @@ def test_only_the_new_rows_of_the_text_encoders_change(pivotal_config, family, m
     assert any(p.abs().sum() > 0 for _, p in recipe.lora._named_parameters() if "lora_B" in _ or "lora_up" in _)
 
 
-def test_the_embedding_freezes_after_its_fraction_and_the_lora_goes_on(pivotal_config):
+def test_the_embedding_freezes_after_its_fraction_and_the_lora_goes_on(pivotal_config, run_config):
     raw = pivotal_config(textual_inversion={"freeze_after": 0.5},
                          basic={"max_train_steps": 6, "save_every_n_steps": 1})
-    result = run(raw)
+    result = run_config(raw)
     states = [training_state(c) for c in result.checkpoints]
     rows = [s["ti.new_rows.0"] for s in states]
     lora = [torch.cat([v.flatten() for k, v in s.items() if k.startswith("lora.")]) for s in states]
@@ -193,18 +162,18 @@ def test_the_embedding_freezes_after_its_fraction_and_the_lora_goes_on(pivotal_c
     assert all(not torch.equal(a, b) for a, b in zip(lora[2:], lora[3:]))
 
 
-def test_resume_matches_an_uninterrupted_run(pivotal_config):
+def test_resume_matches_an_uninterrupted_run(pivotal_config, run_config):
     raw = pivotal_config("sdxl", textual_inversion={"freeze_after": 0.5, "num_vectors": 2},
                          lora={"dora": True, "train_text_encoder": True},
                          data={"random_flip": True, "center_crop": False},
                          optimizer={"scheduler": "cosine", "warmup_steps": 2})
-    straight = run(raw)
+    straight = run_config(raw)
     control = TrainControl()
     control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
     raw["basic"]["run_name"] = "stopped"
-    stopped = run(raw, control=control)
+    stopped = run_config(raw, control=control)
     assert stopped.status == "interrupted" and stopped.step == 2
-    resumed = run(raw, resume=str(stopped.run_dir))
+    resumed = run_config(raw, resume=str(stopped.run_dir))
     a, b = training_state(straight.checkpoints[-1]), training_state(resumed.checkpoints[-1])
     assert a.keys() == b.keys() and any(k.startswith("ti.") for k in a) and any(k.startswith("lora.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -214,7 +183,7 @@ def test_resume_matches_an_uninterrupted_run(pivotal_config):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_token_replaces_a_word_and_leaves_other_captions(pivotal_config, image_folder, monkeypatch):
+def test_token_replaces_a_word_and_leaves_other_captions(pivotal_config, image_folder, monkeypatch, run_config):
     """replace_word: captions with the word get the token; regularisation captions without it stay as they are."""
     import conjure.train.conditioning as conditioning
 
@@ -225,15 +194,15 @@ def test_token_replaces_a_word_and_leaves_other_captions(pivotal_config, image_f
     real = conditioning.encode_captions
     monkeypatch.setattr(conditioning, "encode_captions", lambda pairs, captions, *a, **k: (
         seen.extend(captions), real(pairs, captions, *a, **k))[1])
-    run(pivotal_config(textual_inversion={"replace_word": "sks"}, basic={"max_train_steps": 3}))
+    run_config(pivotal_config(textual_inversion={"replace_word": "sks"}, basic={"max_train_steps": 3}))
     assert set(seen) == {f"a {TOKEN} toy on a table", "a red square"}
 
 
-def test_export_takes_the_chosen_steps_files(pivotal_config, tmp_path):
+def test_export_takes_the_chosen_steps_files(pivotal_config, tmp_path, run_config):
     from conjure.errors import ConjureError
     from conjure.runs.export import export_step
 
-    result = run(pivotal_config(textual_inversion={"bundle": True}))
+    result = run_config(pivotal_config(textual_inversion={"bundle": True}))
     out = export_step(result.run_dir, 3, tmp_path / "app")
     assert sorted(p.name for p in out) == ["run.bundle.safetensors", "run.safetensors", "zq-thing.safetensors"]
     assert (tmp_path / "app" / "zq-thing.safetensors").read_bytes() == \

@@ -8,11 +8,6 @@ from conjure.config import parse_config
 from conjure.export.embeddings import load_embedding
 from conjure.runs.events import read_events
 from conjure.train.control import TrainControl
-from conjure.train.loop import train
-
-
-def run(raw, **kwargs):
-    return train(parse_config(raw), **kwargs)
 
 
 def embedding_of(checkpoint):
@@ -21,8 +16,8 @@ def embedding_of(checkpoint):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_run_folder_and_embedding_file(ti_config, family):
-    result = run(ti_config(family))
+def test_run_folder_and_embedding_file(ti_config, family, run_config):
+    result = run_config(ti_config(family))
     run_dir = result.run_dir
     assert result.status == "completed" and result.step == 6
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
@@ -45,21 +40,21 @@ def test_run_folder_and_embedding_file(ti_config, family):
     assert resolved.basic.resume is None
 
 
-def test_resolved_config_reproduces_the_run(ti_config):
-    first = run(ti_config(validation={"at_start": False}, basic={"validate_every_n_steps": None}))
+def test_resolved_config_reproduces_the_run(ti_config, run_config):
+    first = run_config(ti_config(validation={"at_start": False}, basic={"validate_every_n_steps": None}))
     raw = yaml.safe_load((first.run_dir / "config.yaml").read_text())
-    second = run(raw)
+    second = run_config(raw)
     assert second.run_dir != first.run_dir and second.run_dir.name == "run_2"  # never overwrites
     a, _ = embedding_of(first.checkpoints[-1])
     b, _ = embedding_of(second.checkpoints[-1])
     assert torch.equal(a["emb_params"], b["emb_params"])
 
 
-def test_diffusers_loads_the_embedding_and_it_changes_the_image(ti_config):
+def test_diffusers_loads_the_embedding_and_it_changes_the_image(ti_config, run_config):
     from diffusers import StableDiffusionPipeline
 
     raw = ti_config(textual_inversion={"num_vectors": 2})
-    result = run(raw)
+    result = run_config(raw)
     path = result.checkpoints[-1] / "zq-thing.safetensors"
     assert load_embedding(path)[0]["emb_params"].shape == (2, 32)
 
@@ -83,7 +78,7 @@ def test_diffusers_loads_the_embedding_and_it_changes_the_image(ti_config):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_only_new_rows_change(ti_config, family, monkeypatch):
+def test_only_new_rows_change(ti_config, family, monkeypatch, run_config):
     import dataclasses
 
     import conjure.methods as methods
@@ -99,7 +94,7 @@ def test_only_new_rows_change(ti_config, family, monkeypatch):
         return spec.build(config, model)
 
     monkeypatch.setitem(methods.METHODS, raw["type"], dataclasses.replace(spec, build=build_and_keep))
-    run(raw)
+    run_config(raw)
     fresh = load_base_model(raw["basic"]["base_model"])
     pairs = list(zip(seen["model"].text_encoders(), fresh.text_encoders()))
     assert len(pairs) == (2 if family == "sdxl" else 1)
@@ -117,13 +112,13 @@ def test_only_new_rows_change(ti_config, family, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), fresh.unet.state_dict().values()))
 
 
-def test_sdxl_embedding_loads_in_diffusers_once_per_encoder_and_changes_the_image(ti_config):
+def test_sdxl_embedding_loads_in_diffusers_once_per_encoder_and_changes_the_image(ti_config, run_config):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
     raw = ti_config("sdxl", textual_inversion={"num_vectors": 2})
     assert parse_config(raw).type == "textual_inversion"
-    result = run(raw)
+    result = run_config(raw)
     path = result.checkpoints[-1] / "zq-thing.safetensors"
     tensors, meta = load_embedding(path)
     assert set(tensors) == {"clip_l", "clip_g"} and all(t.shape == (2, 32) for t in tensors.values())
@@ -172,7 +167,7 @@ def test_added_tokens_do_not_move_the_pooled_embedding_of_legacy_encoders(tiny_m
     torch.testing.assert_close(out.text_embeds[0], expected)
 
 
-def test_resume_matches_uninterrupted_run(ti_config, tmp_path):
+def test_resume_matches_uninterrupted_run(ti_config, tmp_path, run_config):
     settings = dict(
         basic={"max_train_steps": 8, "save_every_n_steps": 100, "validate_every_n_steps": None},
         data={"random_flip": True, "center_crop": False},
@@ -180,16 +175,16 @@ def test_resume_matches_uninterrupted_run(ti_config, tmp_path):
         advanced={"gradient_accumulation_steps": 2},
         validation={"at_start": False},
     )
-    full = run(ti_config(**settings))
+    full = run_config(ti_config(**settings))
     raw = ti_config(**settings)
     raw["basic"]["run_name"] = "stopped"
 
     control = TrainControl()
     control.on_step = lambda step, loss: control.request_stop("test") if step == 3 else None
-    stopped = run(raw, control=control)
+    stopped = run_config(raw, control=control)
     assert stopped.status == "interrupted" and stopped.step == 3
     assert stopped.checkpoints[-1].name == "step-000003"
-    resumed = run(raw, resume=str(stopped.run_dir))
+    resumed = run_config(raw, resume=str(stopped.run_dir))
     assert resumed.run_dir == stopped.run_dir and resumed.step == 8
     a, _ = embedding_of(full.checkpoints[-1])
     b, _ = embedding_of(resumed.checkpoints[-1])
@@ -200,33 +195,33 @@ def test_resume_matches_uninterrupted_run(ti_config, tmp_path):
     assert [e["loss"] for e in steps] == [e["loss"] for e in full_steps]
 
 
-def test_resume_latest_by_run_name(ti_config):
+def test_resume_latest_by_run_name(ti_config, run_config):
     raw = ti_config(basic={"validate_every_n_steps": None}, validation={"at_start": False})
     control = TrainControl()
     control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
-    stopped = run(raw, control=control)
+    stopped = run_config(raw, control=control)
     raw["basic"]["resume"] = "latest"
-    assert run(raw).run_dir == stopped.run_dir
+    assert run_config(raw).run_dir == stopped.run_dir
 
 
-def test_keep_last_checkpoints(ti_config):
+def test_keep_last_checkpoints(ti_config, run_config):
     raw = ti_config(basic={"save_every_n_steps": 1, "keep_last_n_checkpoints": 2, "validate_every_n_steps": None})
-    result = run(raw)
+    result = run_config(raw)
     assert sorted(p.name for p in (result.run_dir / "checkpoints").iterdir()) == ["step-000005", "step-000006"]
 
 
-def test_epochs_set_the_step_count(ti_config):
+def test_epochs_set_the_step_count(ti_config, run_config):
     raw = ti_config(basic={"max_train_steps": None, "max_train_epochs": 2, "validate_every_n_steps": None})
-    assert run(raw).step == 6  # 6 images, batch 2 -> 3 steps per epoch
+    assert run_config(raw).step == 6  # 6 images, batch 2 -> 3 steps per epoch
 
 
-def test_runs_with_different_precisions_in_one_process(ti_config):
+def test_runs_with_different_precisions_in_one_process(ti_config, run_config):
     """accelerate's process-wide state must not leak from one run into the next (found on a GPU)."""
     short = dict(basic={"max_train_steps": 2, "validate_every_n_steps": None}, validation={"at_start": False})
-    first = run(ti_config(advanced={"mixed_precision": "bf16"}, **short))
+    first = run_config(ti_config(advanced={"mixed_precision": "bf16"}, **short))
     raw = ti_config(advanced={"mixed_precision": "no"}, **short)
     raw["basic"]["run_name"] = "second"
-    second = run(raw)
+    second = run_config(raw)
     assert first.status == second.status == "completed"
     events = read_events(second.run_dir / "events.jsonl").events
     assert events[0]["mixed_precision"] == "no"
