@@ -18,15 +18,6 @@ from conjure.train.loop import train
 STEPS = 4
 TOKEN = "<zq-thing>"
 
-# The config type names as of 2026-12; the old names keep loading after the switch to method types + basic.family.
-TYPE_NAMES = {
-    "textual_inversion": {"sd1": "sd_textual_inversion", "sd2": "sd_textual_inversion",
-                          "sdxl": "sdxl_textual_inversion"},
-    "lora": {"sd1": "sd_lora", "sd2": "sd_lora", "sdxl": "sdxl_lora"},
-    "pivotal": {"sd1": "sd_lora_and_textual_inversion", "sd2": "sd_lora_and_textual_inversion",
-                "sdxl": "sdxl_lora_and_textual_inversion"},
-}
-
 PINNED = {  # (method, family): the losses of steps 1-4
     ("textual_inversion", "sd1"): [1.487130, 1.157346, 0.983210, 1.057947],
     ("lora", "sd1"): [1.479599, 1.153446, 0.927857, 0.956362],
@@ -57,9 +48,9 @@ def pinned_config(method: str, family: str, base_model, images, out_dir) -> dict
     """A raw config of `method` on `family`'s tiny model: 4 steps of batch 1 at 64 px, no validation grid
     beyond the final one (1 seed, 1 denoising step)."""
     data = {
-        "type": TYPE_NAMES[method][family],
-        "basic": {"base_model": str(base_model), "output_dir": str(out_dir), "run_name": "run", "seed": 7,
-                  "max_train_steps": STEPS, "save_every_n_steps": STEPS, "validate_every_n_steps": None},
+        "type": method,
+        "basic": {"base_model": str(base_model), "family": family, "output_dir": str(out_dir), "run_name": "run",
+                  "seed": 7, "max_train_steps": STEPS, "save_every_n_steps": STEPS, "validate_every_n_steps": None},
         "data": {"source": str(images), "resolution": 64, "batch_size": 1},
         "validation": {"seeds": [0], "num_inference_steps": 1, "guidance_scale": 1.0, "at_start": False},
     }
