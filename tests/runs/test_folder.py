@@ -35,3 +35,25 @@ def test_an_empty_folder_is_used_and_a_used_one_is_not(tmp_path):
     assert create_run_dir(str(tmp_path), "mine") == tmp_path / "mine"
     assert create_run_dir(str(tmp_path), "mine") == tmp_path / "mine_2"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["checkpoints", "logs", "validation"]
+
+
+def test_a_run_config_that_is_an_alias_bomb_is_not_expanded(tmp_path):
+    # A run folder may come from someone else ("please continue this"): its config.yaml is read with the config
+    # loader's rules, so an alias bomb is refused instead of being walked key by key (about 9**7 keys here; the
+    # review's web probe, issue 21 D7, expanded 9**9 to 1.85 GB).
+    import time
+
+    import yaml
+
+    from conjure.config import parse_config, starter_yaml
+    from conjure.runs.folder import resume_changes
+
+    lines = ["a0: &a0 {" + ", ".join(f"k{i}: x" for i in range(9)) + "}"]
+    for level in range(1, 7):
+        refs = ", ".join(f"k{i}: *a{level - 1}" for i in range(9))
+        lines.append(f"a{level}: &a{level} {{{refs}}}")
+    (tmp_path / "config.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = parse_config(yaml.safe_load(starter_yaml("textual_inversion")))
+    started = time.monotonic()
+    assert resume_changes(tmp_path / "config.yaml", config) == {}
+    assert time.monotonic() - started < 2

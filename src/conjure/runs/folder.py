@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from conjure.config.loading import load_yaml
 from conjure.config.migrate import LEGACY_TYPES
 from conjure.errors import ConjureError
 from conjure.runs.checkpoints import STATE_FILE, list_checkpoints, resolve_checkpoint
@@ -80,7 +81,7 @@ def find_resume_checkpoint(resume: str, *, output_dir: str, run_name: str | None
     runs = []
     for run in root.glob("*/config.yaml") if root.is_dir() else []:
         try:
-            raw_type = (yaml.safe_load(run.read_text()) or {}).get("type")
+            raw_type = (load_yaml(run.read_text()) or {}).get("type")
             # A run of a version 1 config (sd_lora, ...) continues under its version 2 type.
             same_type = isinstance(raw_type, str) and LEGACY_TYPES.get(raw_type, (raw_type,))[0] == config_type
         except (OSError, yaml.YAMLError):
@@ -180,7 +181,8 @@ def resume_changes(saved_config: Path, resolved: Any) -> dict[str, tuple[Any, An
     from conjure.config import parse_config
 
     try:
-        raw = yaml.safe_load(saved_config.read_text(encoding="utf-8")) or {}
+        # The config loader's rules (no alias bombs, no duplicate keys): a run folder may come from someone else.
+        raw = load_yaml(saved_config.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}  # nothing to compare with; the training state's own checks still apply
     try:
