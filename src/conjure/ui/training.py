@@ -14,7 +14,7 @@ paths are taken from the workspace folder, the runs' working directory, and `~` 
 - "model" (`basic.base_model`, `base_model_config`, `vae`): read from anywhere, or a hub id: models live in
   the apps' folders, and are loaded, never served or written;
 - "run" (`basic.resume`) must be empty: a job continues its own run with `POST /api/jobs/{id}/resume`;
-- `basic.run_name`: a plain folder name (default `<type>-<id>`, conjure.ui.queue).
+- `basic.run_name`: a plain folder name, as the config itself requires (default `<type>-<id>`, conjure.ui.queue).
 """
 
 from __future__ import annotations
@@ -95,9 +95,6 @@ def check_config(ws: Workspace, data: Any) -> tuple[Any, list[dict[str, str]]]:
             setattr(section, name, str(problem))  # an output folder as the run will use it: absolute, real
         elif problem:
             errors.append({"field": dotted, "message": problem})
-    name = config.basic.run_name
-    if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\x00")):
-        errors.append({"field": "basic.run_name", "message": f"a folder name without '/', not {name!r}"})
     return (None, errors) if errors else (config, [])
 
 
