@@ -38,7 +38,7 @@ from conjure.models.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, _by
 from conjure.toy.world import vocabulary
 
 if TYPE_CHECKING:  # importing transformers costs seconds; do it only when a tokenizer is built
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5Tokenizer
 
 __all__ = [
     "BOS_TOKEN",
@@ -46,8 +46,10 @@ __all__ = [
     "EXTRA_WORDS",
     "MODEL_MAX_LENGTH",
     "TOY_WORDS",
+    "toy_t5_tokenizer",
     "toy_tokenizer",
     "toy_vocab_size",
+    "write_toy_t5_tokenizer",
     "write_toy_tokenizer",
 ]
 
@@ -151,3 +153,34 @@ def write_toy_tokenizer(directory: Path, pad_token: str = EOS_TOKEN) -> None:
     `model_max_length` 77."""
     save_tokenizer_folder(toy_tokenizer(pad_token), *_vocab_and_merges(), directory)
 
+
+
+# The toy T5 tokenizer (FLUX's second text encoder). T5's is a SentencePiece Unigram model: whitespace splits
+# words, each word gets a leading "▁", and the segmentation with the highest total score wins. Giving every toy
+# word "▁word" a score far above any split into single characters (which are there so that any other text still
+# tokenizes, and never as `unk` for printable ASCII) makes each toy word exactly one token. Ids as T5's:
+# <pad> 0, </s> 1, <unk> 2. No sentinel (<extra_id_N>) tokens: nothing here does span corruption.
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+T5_MODEL_MAX_LENGTH = 16  # toy captions are at most 13 tokens with </s>; FLUX.1-dev reads 512, schnell 256
+
+
+@lru_cache(maxsize=1)
+def _t5_vocab() -> tuple[tuple[str, float], ...]:
+    words = [("▁" + w, -1.0) for w in TOY_WORDS]
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    pieces = [("▁", -5.0)] + [(c, -10.0) for c in chars] + [("▁" + c, -10.0) for c in chars]
+    known = {piece for piece, _ in words}  # "a" is a word: its "▁a" stays the word's piece
+    return ((T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), *words, *(p for p in pieces if p[0] not in known))
+
+
+def toy_t5_tokenizer() -> T5Tokenizer:
+    """A new toy T5 tokenizer (`model_max_length` 16, pads with `<pad>`, ends with `</s>`)."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0, model_max_length=T5_MODEL_MAX_LENGTH)
+
+
+def write_toy_t5_tokenizer(directory: Path) -> None:
+    """Save `toy_t5_tokenizer()` into `directory` (tokenizer.json + tokenizer_config.json), so that
+    `T5TokenizerFast.from_pretrained(directory)` (what FluxPipeline's model_index names) loads it offline."""
+    toy_t5_tokenizer().save_pretrained(Path(directory))
