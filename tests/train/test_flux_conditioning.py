@@ -9,6 +9,7 @@ import torch
 from conjure.train.flux import FluxConditioning, build_flux_conditioning
 
 T5_TOKENS = 12
+CPU = torch.device("cpu")
 
 
 def _tiny_flux(guidance_embeds: bool = True):
@@ -62,7 +63,7 @@ CAPTIONS = ["a red circle on a white background", "a large blue square in the to
 
 @torch.no_grad()
 def test_encode_is_flux_pipelines_encode_prompt(pipe):
-    text = FluxConditioning(t5_tokens=T5_TOKENS).encode(_pairs(pipe), CAPTIONS, torch.device("cpu"))
+    text = FluxConditioning(t5_tokens=T5_TOKENS).encode(_pairs(pipe), CAPTIONS, CPU)
     prompt_embeds, pooled, _ = pipe.encode_prompt(CAPTIONS, CAPTIONS, max_sequence_length=T5_TOKENS)
     assert text["encoder_hidden_states"].shape == (2, T5_TOKENS, 32)
     assert text["pooled_projections"].shape == (2, 32)
@@ -75,10 +76,12 @@ def test_prediction_is_the_transformer_call_of_flux_pipeline(pipe):
     """Our predictor on [B, C, H, W] latents at sigma equals what FluxPipeline's loop computes at timestep
     t = 1000 sigma on its packed latents, unpacked with its own helper."""
     conditioning = FluxConditioning(t5_tokens=T5_TOKENS, guidance=3.5)
-    text = conditioning.encode(_pairs(pipe), CAPTIONS, torch.device("cpu"))
+    text = conditioning.encode(_pairs(pipe), CAPTIONS, CPU)
     latents = torch.randn(2, 1, 8, 6)
     sigmas = torch.tensor([0.3, 0.9])
-    ours = conditioning.predictor(pipe.transformer, text, {})(latents, sigmas)
+    ours = conditioning.predictor(pipe.transformer, [], [], CPU, {}, text=text)(latents, sigmas)
+    # without cached text it encodes the captions itself
+    assert torch.equal(conditioning.predictor(pipe.transformer, _pairs(pipe), CAPTIONS, CPU, {})(latents, sigmas), ours)
 
     prompt_embeds, pooled, txt_ids = pipe.encode_prompt(CAPTIONS, CAPTIONS, max_sequence_length=T5_TOKENS)
     packed = pipe._pack_latents(latents, 2, 1, 8, 6)
@@ -96,20 +99,21 @@ def test_prediction_is_the_transformer_call_of_flux_pipeline(pipe):
 
 @torch.no_grad()
 def test_guidance_reaches_only_a_guidance_distilled_transformer(pipe):
-    text = FluxConditioning(t5_tokens=T5_TOKENS).encode(_pairs(pipe), CAPTIONS, torch.device("cpu"))
+    text = FluxConditioning(t5_tokens=T5_TOKENS).encode(_pairs(pipe), CAPTIONS, CPU)
     latents, sigmas = torch.randn(2, 1, 4, 4), torch.tensor([0.5, 0.5])
-    at = {g: FluxConditioning(t5_tokens=T5_TOKENS, guidance=g).predictor(pipe.transformer, text, {})(latents, sigmas)
-          for g in (1.0, 4.0)}
+    at = {g: FluxConditioning(t5_tokens=T5_TOKENS, guidance=g).predictor(pipe.transformer, [], [], CPU, {}, text=text)(
+        latents, sigmas) for g in (1.0, 4.0)}
     assert not torch.equal(at[1.0], at[4.0])
     schnell = _tiny_flux(guidance_embeds=False).transformer
-    out = FluxConditioning(t5_tokens=T5_TOKENS, guidance=4.0).predictor(schnell, text, {})(latents, sigmas)
+    out = FluxConditioning(t5_tokens=T5_TOKENS, guidance=4.0).predictor(schnell, [], [], CPU, {}, text=text)(
+        latents, sigmas)
     assert out.shape == latents.shape
 
 
 @torch.no_grad()
 def test_prompt_embeds_give_flux_pipelines_images(pipe):
     """Validation passes our prompt embeddings: the images are the ones FluxPipeline makes from the prompt."""
-    embeds = FluxConditioning(t5_tokens=T5_TOKENS).prompt_embeds(_pairs(pipe), CAPTIONS[0], "blurry", torch.device("cpu"))
+    embeds = FluxConditioning(t5_tokens=T5_TOKENS).prompt_embeds(_pairs(pipe), CAPTIONS[0], "blurry", CPU)
     assert set(embeds) == {"prompt_embeds", "pooled_prompt_embeds"}
     common = dict(num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=3.5)
     ours = pipe(**embeds, generator=torch.Generator().manual_seed(0), **common).images

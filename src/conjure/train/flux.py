@@ -47,8 +47,14 @@ class FluxConditioning:
         hidden = t5(t5_ids.to(t5.device), output_hidden_states=False)[0]
         return {"encoder_hidden_states": hidden.to(device), "pooled_projections": pooled.to(device)}
 
-    def predictor(self, denoiser: Any, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> Predict:
-        """The transformer's prediction for [B, C, H, W] noisy latents at sigmas [B], unpacked to [B, C, H, W]."""
+    def predictor(
+        self, denoiser: Any, pairs: list[tuple[Any, Any]], captions: list[str], device: torch.device,
+        batch: dict[str, Any], text: dict[str, torch.Tensor] | None = None,
+    ) -> Predict:
+        """The transformer's prediction for [B, C, H, W] noisy latents at sigmas [B], unpacked to [B, C, H, W];
+        `text`: `encode`'s result for `captions` when at hand (a cache), else they are encoded here."""
+        if text is None:
+            text = self.encode(pairs, captions, device)
         hidden, pooled = text["encoder_hidden_states"], text["pooled_projections"]
 
         def predict(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
