@@ -288,7 +288,7 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _add_tiny_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from conjure.families import FAMILIES
+    from conjure.models.tiny import FAMILIES
 
     p = sub.add_parser("tiny-model", help="write a small random-weight model (for tests and trying things out)")
     p.add_argument("family", choices=list(FAMILIES))

@@ -213,7 +213,7 @@ def test_paths_that_have_no_name_raise():
     with pytest.raises(ConjureError, match="no component"):
         kohya_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1", "sd1")
     with pytest.raises(ConjureError, match="unknown model family"):
-        kohya_name("unet", "conv_in", "flux")
+        kohya_name("unet", "conv_in", "sd3")
     with pytest.raises(ConjureError, match="layers per block"):
         unet_layout({"layers_per_block": [1, 2, 2]})
     with pytest.raises(ConjureError):

@@ -10,8 +10,6 @@ from pydantic import Field, field_validator, model_validator
 from conjure.config.base import RunConfigBase, RunConfigHead
 from conjure.config.sections import OptimizerConfig, Section
 
-UNET_PRESETS = ("attention", "attention_ff", "all")
-
 
 class LoraAdapterSection(Section):
     """The adapter: which layers, how big, how it is saved."""
@@ -24,11 +22,15 @@ class LoraAdapterSection(Section):
     dora: bool = Field(
         False, description="Train a DoRA (weight-decomposed LoRA): a learned magnitude per input column as well."
     )
-    unet_targets: Literal["attention", "attention_ff", "all"] = Field(
-        "attention_ff",
-        description="UNet layers to adapt: 'attention' (q, k, v, out of self- and cross-attention), "
-        "'attention_ff' (+ feed-forward and the transformer's in/out projections, kohya's default), "
-        "'all' (+ every ResNet convolution, time-embedding projection and down/upsampler: LoCon).",
+    unet_targets: Literal["auto", "attention", "attention_ff", "attention_mlp", "all"] = Field(
+        "auto",
+        description="Denoiser layers to adapt (kohya calls every denoiser 'unet'). 'auto': the family's default, "
+        "'attention_ff' for SD/SDXL and 'attention_mlp' for FLUX.1. SD/SDXL UNet: 'attention' (q, k, v, out of "
+        "self- and cross-attention), 'attention_ff' (+ feed-forward and the transformer's in/out projections, "
+        "kohya's default), 'all' (+ every ResNet convolution, time-embedding projection and down/upsampler: "
+        "LoCon). FLUX.1 transformer: 'attention' (q, k, v, out of both streams of the double blocks, the single "
+        "blocks' q, k, v), 'attention_mlp' (+ both streams' feed-forward, the single blocks' MLP and output "
+        "projections), 'all' (+ the modulation layers); never the final output layer.",
     )
     train_text_encoder: bool = Field(
         False, description="Also train a LoRA on the text encoder(s) (both of them for SDXL)."

@@ -141,15 +141,16 @@ def _marks(family: Family) -> set[str]:
     """Key fragments a LoRA of `family` may hold: its encoders' kohya prefixes and PEFT names, and the UNet's
     add-embedding (diffusers `add_embedding`, LDM `label_emb`) when it has one."""
     marks = {m for s in family.text_encoders for m in (s.kohya_prefix, s.encoder + ".")}
-    if family.reference.addition_time_embed_dim:
+    if getattr(family.reference, "addition_time_embed_dim", None):
         marks |= {"add_embedding", "label_emb"}
     return marks
 
 
 # family -> the fragments no other family's file holds (SDXL: lora_te1_/lora_te2_, text_encoder_2., add-embedding)
+_UNET_FAMILIES = families.unet_families()
 _OWN_MARKS = {
-    name: tuple(sorted(_marks(f).difference(*(_marks(o) for o in families.FAMILIES.values() if o is not f))))
-    for name, f in families.FAMILIES.items()
+    name: tuple(sorted(_marks(f).difference(*(_marks(o) for o in _UNET_FAMILIES.values() if o is not f))))
+    for name, f in _UNET_FAMILIES.items()
 }
 _LDM_NAMED = [name for name, f in families.FAMILIES.items() if f.unet_naming == "ldm"]
 

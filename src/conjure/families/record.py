@@ -26,6 +26,13 @@ class TextEncoderSlot:
     # kohya's name prefix for this encoder's modules (sd-scripts networks/lora.py LORA_PREFIX_TEXT_ENCODER*):
     # "lora_te_" for a family's only encoder, "lora_te1_" / "lora_te2_" for SDXL's two.
     kohya_prefix: str = "lora_te_"
+    # "clip": a CLIP text model read in 77-token windows (CLIPTokenizer); "t5": a T5 encoder (T5TokenizerFast)
+    # read as one sequence of the family variant's length (FLUX.1's T5-XXL).
+    kind: str = "clip"
+    # What the denoiser reads of this encoder: "hidden" (hidden states, per `hidden_layer`, and the projected
+    # pooled embedding where `pooled`) or "pooled" (only a CLIPTextModel's `pooler_output`: FLUX.1's CLIP-L,
+    # FluxPipeline._get_clip_prompt_embeds).
+    output: str = "hidden"
 
     def read_layer(self, clip_skip: int = 1) -> int:
         """The hidden state read with `clip_skip` (1: none), counted from the end (`hidden_states[-n]`)."""
@@ -79,11 +86,59 @@ class ReferenceArchitecture:
 
 
 @dataclass(frozen=True)
+class T5Architecture:
+    """A full-size T5 encoder (FLUX.1's text_encoder_2/config.json: T5-XXL v1.1)."""
+
+    d_model: int
+    d_ff: int
+    layers: int
+    heads: int
+    d_kv: int
+    vocab_size: int
+    feed_forward_proj: str = "gated-gelu"
+
+
+@dataclass(frozen=True)
+class TransformerArchitecture:
+    """A full-size flow-matching transformer family's model (FLUX.1-dev's published configs: transformer/,
+    vae/, text_encoder*/). `models/reference.py` builds it on the meta device; tiny and toy models scale it down."""
+
+    resolution: int  # native size in pixels
+    num_layers: int  # double-stream (MM-DiT) blocks
+    num_single_layers: int  # single-stream blocks
+    attention_head_dim: int
+    num_attention_heads: int
+    joint_attention_dim: int  # the text states' width (T5-XXL's d_model)
+    pooled_projection_dim: int  # the pooled text embedding's width (CLIP-L's)
+    axes_dims_rope: tuple[int, ...]  # RoPE dimensions per position-id axis (they sum to attention_head_dim)
+    latent_channels: int  # the VAE's; the transformer reads 2x2 patches of them (in_channels = 4 x this)
+    vae_scale: float  # the VAE's scaling_factor
+    vae_shift: float  # the VAE's shift_factor: latents are (z - shift) * scale
+    encoders: tuple[EncoderArchitecture | T5Architecture, ...]  # in slot order
+    patch: int = 2  # latents are packed in patch x patch squares
+
+    @property
+    def in_channels(self) -> int:
+        return self.latent_channels * self.patch * self.patch
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of a family that a model's own config tells apart (FLUX.1 dev and schnell)."""
+
+    name: str  # "dev", "schnell"
+    title: str
+    modelspec_prefix: str  # modelspec.architecture before "/lora"
+    guidance: bool  # the transformer takes a guidance value (config `guidance_embeds`: guidance-distilled dev)
+    text_tokens: int  # T5 tokens the model was trained with (BFL/diffusers: dev 512, schnell 256)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # "sd1", "sd2", "sdxl"
     title: str
     text_encoders: tuple[TextEncoderSlot, ...]
-    reference: ReferenceArchitecture
+    reference: ReferenceArchitecture | TransformerArchitecture
     ss_base_model_version: str  # kohya metadata value
     # kohya's `ss_v2`, written "True"/"False" (train_network.py): A1111's Lora extension (network.py
     # detect_version) takes a file for SD 2.x only when it reads "True", whatever ss_base_model_version says.
@@ -113,11 +168,39 @@ class Family:
     # advanced.clip_skip applies (kohya's --clip_skip, A1111's "Clip skip": SD 1.x/2.x). SDXL is conditioned on fixed
     # layers; kohya ignores clip skip there ("clip_skip will be unexpected", sdxl_train_util.py).
     clip_skip: bool = True
+    # The denoiser's pipeline attribute ("unet", "transformer"), the training objective ("ddpm": epsilon or
+    # v-prediction on the DDPM forward process; "flow": rectified flow) and the conditioning (how captions become
+    # the denoiser's inputs and how it is called: "clip" for the SD families, "flux"); the loop looks the last two
+    # up in conjure.train.objectives and never branches on a family.
+    denoiser: str = "unet"
+    objective: str = "ddpm"
+    conditioning: str = "clip"
+    # Models of the family that their configs tell apart (FLUX.1 dev, schnell); empty: one kind of model.
+    variants: tuple[Variant, ...] = ()
+    # LoRA target presets: name -> regular expressions over the denoiser's module paths (a Linear/Conv2d whose
+    # path one of them `search`es is adapted), and the preset `lora.unet_targets: auto` means.
+    lora_presets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    default_lora_preset: str = ""
 
-    def modelspec_architecture(self, kind: str, prediction_type: str) -> str:
-        """`prediction_type`: diffusers' name of what the trained model predicts, "epsilon" or "v_prediction"."""
+    def modelspec_architecture(self, kind: str, prediction_type: str, variant: str | None = None) -> str:
+        """`prediction_type`: diffusers' name of what the trained model predicts, "epsilon" or "v_prediction"
+        (a flow family's is "flow_matching", and its `variant` names the architecture)."""
+        if self.variants:
+            return f"{self.variant(variant).modelspec_prefix}/{kind}"
         prefix = {"epsilon": self.modelspec_prefix, "v_prediction": self.modelspec_prefix_v}[prediction_type]
         return f"{prefix}/{kind}"
+
+    def variant(self, name: str | None) -> Variant:
+        """The variant named `name`; None: the first (FLUX.1: dev)."""
+        for v in self.variants:
+            if name is None or v.name == name:
+                return v
+        raise ValueError(f"{self.title} has no variant {name!r}")
+
+    def lora_preset(self, name: str) -> tuple[str, ...]:
+        """The patterns of preset `name` ("auto": the family's default); KeyError for one the family lacks."""
+        presets = dict(self.lora_presets)
+        return presets[self.default_lora_preset if name == "auto" else name]
 
     @property
     def pad_tokens(self) -> tuple[str, ...]:
@@ -129,4 +212,5 @@ class Family:
 
     def kohya_prefixes(self) -> dict[str, str]:
         """component -> kohya module-name prefix."""
-        return {"unet": "lora_unet_", **{s.encoder: s.kohya_prefix for s in self.text_encoders}}
+        # kohya names every denoiser "unet" (FLUX.1's transformer too: sd-scripts networks/lora_flux.py)
+        return {self.denoiser: "lora_unet_", **{s.encoder: s.kohya_prefix for s in self.text_encoders}}

@@ -1,6 +1,7 @@
 """Stable Diffusion 1.x (reference: stable-diffusion-v1-5)."""
 
 from conjure.families.encoders import CLIP_L
+from conjure.families.unet_presets import UNET_PRESETS
 from conjure.families.record import Family, ReferenceArchitecture, TextEncoderSlot
 
 # four levels, cross-attention in the first three (SD 2.x keeps this layout)
@@ -23,4 +24,6 @@ SD1 = Family(
     ss_version_prefix="sd_v1",
     modelspec_family="stable-diffusion-v1",
     pipeline_class="StableDiffusionPipeline",
+    lora_presets=UNET_PRESETS,
+    default_lora_preset="attention_ff",
 )

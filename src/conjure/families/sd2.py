@@ -1,6 +1,7 @@
 """Stable Diffusion 2.x (reference: stable-diffusion-2-1, the 768-v model; 2.x-base differs in target and size)."""
 
 from conjure.families.encoders import OPENCLIP_H
+from conjure.families.unet_presets import UNET_PRESETS
 from conjure.families.record import Family, ReferenceArchitecture, TextEncoderSlot
 from conjure.families.sd1 import DOWN_BLOCKS, UP_BLOCKS
 
@@ -24,4 +25,6 @@ SD2 = Family(
     prediction_probe="output_blocks.11.1.transformer_blocks.0.norm1.bias",
     prediction_probe_threshold=0.09,
     resolution_by_prediction=(("epsilon", 512), ("v_prediction", 768)),
+    lora_presets=UNET_PRESETS,
+    default_lora_preset="attention_ff",
 )

@@ -1,6 +1,7 @@
 """Stable Diffusion XL (reference: stable-diffusion-xl-base-1.0)."""
 
 from conjure.families.encoders import CLIP_L, OPENCLIP_BIGG
+from conjure.families.unet_presets import UNET_PRESETS
 from conjure.families.record import Family, ReferenceArchitecture, TextEncoderSlot
 
 SDXL = Family(
@@ -30,4 +31,6 @@ SDXL = Family(
     unet_naming="ldm",
     safety_checker=False,
     clip_skip=False,
+    lora_presets=UNET_PRESETS,
+    default_lora_preset="attention_ff",
 )

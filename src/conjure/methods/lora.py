@@ -24,24 +24,24 @@ from conjure.adapters import LoraModule, LoraWeights
 from conjure.adapters.dora import InputColumnDora
 from conjure.errors import ConjureError
 from conjure.export.modelspec import conjure_keys, modelspec
+from conjure.families import Family
 from conjure.models.loading import LoadedModel
 
-ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
-FEED_FORWARD = re.compile(r"\.(ff\.net\.0\.proj|ff\.net\.2)$|attentions\.\d+\.(proj_in|proj_out)$")
-RESNET_ETC = re.compile(
-    r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)$|(downsamplers|upsamplers)\.0\.conv$"
-)
 TEXT_ENCODER = re.compile(r"layers\.(\d+)\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
 ADAPTED_TYPES = (nn.Linear, nn.Conv2d)
 ADAPTER_NAME = "default"
 
 
-def unet_targets(unet: nn.Module, preset: str) -> list[str]:
-    """Module paths of the UNet layers a preset adapts (only layers inside the down/mid/up blocks)."""
-    patterns = {"attention": [ATTENTION], "attention_ff": [ATTENTION, FEED_FORWARD],
-                "all": [ATTENTION, FEED_FORWARD, RESNET_ETC]}[preset]
+def denoiser_targets(family: Family, denoiser: nn.Module, preset: str) -> list[str]:
+    """Module paths of the denoiser layers a preset of `family` adapts (`Family.lora_presets`; "auto": the
+    family's default); a preset the family does not have is refused naming the field."""
+    try:
+        patterns = [re.compile(p) for p in family.lora_preset(preset)]
+    except KeyError:
+        names = ", ".join(name for name, _ in family.lora_presets)
+        raise ConjureError(f"lora.unet_targets: {family.title} has the presets {names} (or auto), not {preset!r}") from None
     return [
-        name for name, module in unet.named_modules()
+        name for name, module in denoiser.named_modules()
         if isinstance(module, ADAPTED_TYPES) and any(p.search(name) for p in patterns)
     ]
 
@@ -81,13 +81,15 @@ class Lora:
         self.model, self.section, self.trigger, self.clip_skip = model, section, trigger, clip_skip
         self.own_dora = section.dora and section.save_format == "kohya"
         slots = {s.encoder: s for s in model.family.text_encoders} if section.train_text_encoder else {}
-        self.modules: dict[str, nn.Module] = {name: model.components[name] for name in ["unet", *slots]}
+        self.denoiser = model.family.denoiser
+        self.preset = model.family.default_lora_preset if section.unet_targets == "auto" else section.unet_targets
+        self.modules: dict[str, nn.Module] = {name: model.components[name] for name in [self.denoiser, *slots]}
         self.targets: dict[str, list[str]] = {}
         for name, module in self.modules.items():
-            targets = (unet_targets(module, section.unet_targets) if name == "unet"
+            targets = (denoiser_targets(model.family, module, self.preset) if name == self.denoiser
                        else text_encoder_targets(module, slots[name].unread_layers(clip_skip)))
             if not targets:
-                raise ConjureError(f"lora: no layers of the {name} match the preset {section.unet_targets!r}")
+                raise ConjureError(f"lora: no layers of the {name} match the preset {self.preset!r}")
             self.targets[name] = targets
             module.requires_grad_(False)  # only the adapters train (the loop freezes too; a recipe stands alone)
             # The random start of `down` comes from the run's seed, not the process's RNG state: the same config
@@ -130,7 +132,7 @@ class Lora:
     def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         s, groups = self.section, []
         for component in self.modules:
-            lr = (s.unet_learning_rate if component == "unet" else s.text_encoder_learning_rate) or learning_rate
+            lr = (s.unet_learning_rate if component == self.denoiser else s.text_encoder_learning_rate) or learning_rate
             params = [p for c, _, p in self._params if c == component]
             groups.append({"params": params, "lr": lr, "name": component})
         return groups
@@ -202,8 +204,8 @@ class Lora:
             meta["ss_tag_frequency"] = '{"conjure": {"%s": 1}}' % trigger.replace('"', '\\"')
         meta.update(conjure_keys(
             method="dora" if s.dora else "lora", step=step, base_model=base_model, rank=s.rank, alpha=s.alpha,
-            unet_targets=s.unet_targets, text_encoder=s.train_text_encoder, trigger_words=trigger or "",
-            unet_layers_per_block=self.model.unet.config.layers_per_block,
+            unet_targets=self.preset, text_encoder=s.train_text_encoder, trigger_words=trigger or "",
+            unet_layers_per_block=getattr(self.model.denoiser.config, "layers_per_block", None),
         ))
         return meta
 
@@ -227,7 +229,8 @@ class Lora:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.section.save_dtype]
         weights, family = self.lora_weights(), self.model.family
         if self.section.save_format == "kohya":
-            return save_kohya(path, weights, metadata, family, self.model.unet.config, dtype=dtype, bundle=bundle)
+            return save_kohya(path, weights, metadata, family, self.model.denoiser.config, dtype=dtype,
+                              bundle=bundle)
         if bundle:
             raise ConjureError("lora.save_format: peft cannot carry a bundled embedding; use kohya")
         return save_peft(path, weights, metadata, family, dtype=dtype)

@@ -51,6 +51,11 @@ class LoadedModel:
         return self.components["unet"]
 
     @property
+    def denoiser(self) -> Any:
+        """The model that denoises: the UNet, or a transformer family's transformer (`Family.denoiser`)."""
+        return self.components[self.family.denoiser]
+
+    @property
     def vae(self) -> Any:
         return self.components["vae"]
 

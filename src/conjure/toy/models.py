@@ -14,7 +14,7 @@ from conjure import families
 from conjure.errors import ConjureError
 from conjure.toy import world
 
-VARIANTS = tuple(families.FAMILIES)  # one toy model per family, named after it
+VARIANTS = tuple(families.unet_families())  # one toy model per UNet family, named after it
 
 
 def toy_model(variant: str) -> Path:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from conjure import families
 from conjure.toy import world
 
-VARIANTS = tuple(families.FAMILIES)  # one toy model per family, named after it
+VARIANTS = tuple(families.unet_families())  # one toy model per UNet family, named after it
 
 
 def render_batch(scenes: list[world.Scene]) -> torch.Tensor:

@@ -32,6 +32,7 @@ from conjure.runs.checkpoints import (
 from conjure.runs.events import EVENTS_FILE, Event, EventLog
 from conjure.runs.folder import VALIDATION_DIR, lock_run, resume_changes
 from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
+from conjure.train.objectives import build_conditioning, build_objective
 from conjure.train.setup import (
     WEIGHT_DTYPES,
     SessionParts,
@@ -121,7 +122,7 @@ class TrainingSession:
         self.settings, self.dataset, self.params = parts.settings, parts.dataset, parts.params
         self.latent_cache, self.text_cache = parts.latent_cache, parts.text_cache
         self.model, self.recipe, self.accelerator = model, recipe, accelerator
-        self.run_dir, self.reading = run_dir, reading
+        self.run_dir = run_dir
         self.max_steps = self.settings.max_steps
         self.accum = self.settings.gradient_accumulation_steps
         self.lr_scheduler = parts.lr_scheduler
@@ -135,11 +136,14 @@ class TrainingSession:
             module.train()  # CLIP has no dropout; train mode turns gradient checkpointing on in transformers
         # What the step calls: the prepared (possibly DDP-wrapped) module where it trains, else the frozen one.
         forward = dict(zip(trainable, prepared))
-        self.unet = forward.get("unet", model.unet)
+        self.denoiser = forward.get(model.family.denoiser, model.denoiser)
         self.text_encoders = [
             (model.components[slot.tokenizer], forward.get(slot.encoder, model.components[slot.encoder]))
             for slot in model.family.text_encoders
         ]
+        # What the family's denoiser reads and how it trains (conjure.train.objectives)
+        self.conditioning = build_conditioning(model, self.settings, reading)
+        self.objective = build_objective(model, self.settings)
         seed = self.settings.seed
         self.generator = torch.Generator("cpu").manual_seed(seed * 7919 + accelerator.process_index)
         # Dropout (PEFT's lora_dropout, InputColumnDora's) draws from the global CPU/CUDA RNG; seeding and
@@ -248,10 +252,7 @@ class TrainingSession:
     def step(self, batch: dict[str, Any]) -> float:
         """One micro-batch: its loss (averaged over processes), with an optimizer step where accumulation
         completes (accelerate's `sync_gradients`)."""
-        from conjure.train.conditioning import encode_captions, encode_text
-        from conjure.train.loss import denoising_loss
-
-        acc, model, settings = self.accelerator, self.model, self.settings
+        acc, settings = self.accelerator, self.settings
         with acc.accumulate(*self.trainable):
             with torch.no_grad():
                 latents = self._latents(batch).to(WEIGHT_DTYPES[settings.mixed_precision])
@@ -261,19 +262,11 @@ class TrainingSession:
                 if self.text_cache is not None:
                     with torch.no_grad():
                         text = self.text_cache.get(
-                            texts, lambda new: encode_text(self.text_encoders, new, acc.device, zero_empty=True,
-                                                           reading=self.reading)
+                            texts, lambda new: self.conditioning.encode(self.text_encoders, new, acc.device)
                         )
-                cond = encode_captions(
-                    self.text_encoders, texts, acc.device, resolution=settings.resolution, zero_empty=True,
-                    original_sizes=batch.get("original_size"), crops_top_left=batch.get("crop_top_left"),
-                    target_sizes=batch.get("target_size"), text=text, reading=self.reading,
-                )
-                loss = denoising_loss(
-                    self.unet, model.noise_scheduler, latents, cond, self.generator,
-                    prediction_type=settings.prediction_type, min_snr_gamma=settings.min_snr_gamma,
-                    noise_offset=settings.noise_offset,
-                    weights=batch.get("loss_weight"), mask=batch.get("mask"),
+                predict = self.conditioning.predictor(self.denoiser, self.text_encoders, texts, acc.device, batch, text)
+                loss = self.objective.loss(
+                    predict, latents, self.generator, weights=batch.get("loss_weight"), mask=batch.get("mask")
                 )
             acc.backward(loss)
             for param in self.recipe.frozen_parameters(self.global_step, self.max_steps):
@@ -329,10 +322,8 @@ class TrainingSession:
 
     def save(self) -> None:
         """A checkpoint of the current step: the training state for an exact resume and the recipe's files."""
-        from conjure.train.loss import resolve_prediction_type
-
         at, settings = self.global_step, self.settings
-        target = resolve_prediction_type(self.model.noise_scheduler, settings.prediction_type)
+        target = self.model.facts["prediction_type"].value  # what loading settled (a setting or the model's)
         state = {
             "step": at,
             "method": self.recipe.state_dict(),
@@ -358,7 +349,6 @@ class TrainingSession:
 
     def validate(self, at: int) -> None:
         """The validation images of step `at` and their grid, as the files saved at that step render them."""
-        from conjure.train.conditioning import prompt_embeds
         from conjure.train.validation import as_array, build_pipeline, render
 
         val = self.settings.validation
@@ -376,9 +366,9 @@ class TrainingSession:
                     seeds=list(val.seeds), negative_prompt=val.negative_prompt,
                     num_inference_steps=val.num_inference_steps, guidance_scale=val.guidance_scale,
                     resolution=self.settings.resolution,
-                    embed=lambda prompt, negative: prompt_embeds(  # as training encodes (clip skip, long captions)
+                    embed=lambda prompt, negative: self.conditioning.prompt_embeds(  # as training encodes them
                         self.model.text_encoders(), self.recipe.expand_caption(prompt),
-                        self.recipe.expand_caption(negative), device, reading=self.reading),
+                        self.recipe.expand_caption(negative), device),
                 )
         finally:
             for module in self.trainable:

@@ -279,9 +279,9 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
 
     basic, data, adv, opt = config.basic, config.data, config.advanced, config.optimizer
     if adv.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+        model.denoiser.enable_gradient_checkpointing()
         for name, module in recipe.trainable_modules().items():
-            if name != "unet":
+            if name != model.family.denoiser:
                 module.gradient_checkpointing_enable()  # type: ignore[operator]  # a transformers model
     dataset = _dataset(config, spec, examples, resolution)
     per_epoch = batches_per_epoch(dataset.sizes, data.batch_size * accelerator.num_processes)

@@ -1,0 +1,133 @@
+"""The seam between the training loop and a family's model: a conditioning and an objective per family.
+
+A family record names both (`Family.conditioning`, `Family.objective`); the loop asks them, and never a family
+name, for what a step needs:
+
+- the **conditioning** turns captions into the text tensors the denoiser reads (`encode`, what the text cache
+  keeps), gives the denoiser's call for a batch (`predictor`: SD's UNet with its hidden states and SDXL's
+  size/crop ids; FLUX.1's transformer with packed latents, position ids, pooled text and guidance), and a
+  validation prompt's pipeline arguments (`prompt_embeds`);
+- the **objective** draws noise and a noise level from the run's generator, noises the latents, calls the
+  predictor and returns the loss against its target (`loss`): "ddpm" (epsilon or v-prediction on the DDPM
+  forward process, `conjure.train.loss`), "flow" (rectified flow, `conjure.train.flow`).
+
+Adding a family with a known objective and another text side (Chroma: FLUX.1 with T5 only) is a record and a
+conditioning class registered in `CONDITIONINGS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from conjure.models.loading import LoadedModel
+    from conjure.train.conditioning import TextReading
+    from conjure.train.setup import LoopSettings
+
+# (noisy latents [B, C, H, W] in the VAE's latent layout, noise level [B] in the objective's units: DDPM timesteps
+# or flow sigmas in [0, 1]) -> the denoiser's prediction, in the latents' layout
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Conditioning(Protocol):
+    def encode(self, pairs: list[tuple[Any, Any]], captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-caption tensors, batch first, that depend on nothing but the caption (the text cache keeps them)."""
+        ...
+
+    def predictor(self, denoiser: Any, pairs: list[tuple[Any, Any]], captions: list[str], device: torch.device,
+                  batch: dict[str, Any], text: dict[str, torch.Tensor] | None = None) -> Predict:
+        """The denoiser's call for this batch; `text`: `encode`'s result for `captions` when at hand (a cache)."""
+        ...
+
+    def prompt_embeds(self, pairs: list[tuple[Any, Any]], prompt: str, negative: str,
+                      device: torch.device) -> dict[str, Any]:
+        """The pipeline call's keyword arguments for a validation prompt, encoded as training encodes captions."""
+        ...
+
+
+class Objective(Protocol):
+    def loss(self, predict: Predict, latents: torch.Tensor, generator: torch.Generator, *,
+             mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw noise and noise levels from `generator` (CPU: all of a step's randomness comes from it, for exact
+        resume), noise the latents, predict, and return the loss: per-pixel `mask` weights and per-sample
+        `weights` as `conjure.train.loss.denoising_loss` applies them; the plain MSE when neither is given."""
+        ...
+
+
+class ClipConditioning:
+    """SD 1.x, 2.x and SDXL: CLIP hidden states (and SDXL's pooled embedding and size/crop ids) into the UNet's
+    cross-attention (`conjure.train.conditioning`). Empty captions encode as zeros where the family's pipeline
+    does so (SDXL's `force_zeros_for_empty_prompt`), so caption dropout trains the unconditional input."""
+
+    def __init__(self, reading: TextReading, resolution: int):
+        self.reading, self.resolution = reading, resolution
+
+    def encode(self, pairs: list[tuple[Any, Any]], captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        from conjure.train import conditioning
+
+        return conditioning.encode_text(pairs, captions, device, zero_empty=True, reading=self.reading)
+
+    def predictor(self, denoiser: Any, pairs: list[tuple[Any, Any]], captions: list[str], device: torch.device,
+                  batch: dict[str, Any], text: dict[str, torch.Tensor] | None = None) -> Predict:
+        from conjure.train import conditioning
+
+        kwargs = conditioning.encode_captions(
+            pairs, captions, device, resolution=self.resolution, zero_empty=True,
+            original_sizes=batch.get("original_size"), crops_top_left=batch.get("crop_top_left"),
+            target_sizes=batch.get("target_size"), text=text, reading=self.reading,
+        )
+        return lambda noisy, t: denoiser(noisy, t, **kwargs).sample
+
+    def prompt_embeds(self, pairs: list[tuple[Any, Any]], prompt: str, negative: str,
+                      device: torch.device) -> dict[str, Any]:
+        from conjure.train import conditioning
+
+        return conditioning.prompt_embeds(pairs, prompt, negative, device, reading=self.reading)
+
+
+class DdpmObjective:
+    """Epsilon or v-prediction on the model's DDPM forward process, with min-SNR weighting and offset noise
+    (`conjure.train.loss.denoising_loss`, whose draws and result are the loop's from before this seam)."""
+
+    def __init__(self, scheduler: Any, *, prediction_type: str, min_snr_gamma: float | None, noise_offset: float):
+        self.scheduler, self.prediction_type = scheduler, prediction_type
+        self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
+
+    def loss(self, predict: Predict, latents: torch.Tensor, generator: torch.Generator, *,
+             mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        from conjure.train import loss
+
+        # denoising_loss keeps diffusers' UNet call (an output with `.sample`): its tests and the toy
+        # pre-training call it with a UNet
+        def unet(noisy: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(sample=predict(noisy, t))
+
+        return loss.denoising_loss(
+            unet, self.scheduler, latents, {}, generator, prediction_type=self.prediction_type,
+            min_snr_gamma=self.min_snr_gamma, noise_offset=self.noise_offset, mask=mask, weights=weights,
+        )
+
+
+def _clip(model: LoadedModel, settings: LoopSettings, reading: TextReading) -> Conditioning:
+    return ClipConditioning(reading, settings.resolution)
+
+
+def _ddpm(model: LoadedModel, settings: LoopSettings) -> Objective:
+    return DdpmObjective(model.noise_scheduler, prediction_type=settings.prediction_type,
+                         min_snr_gamma=settings.min_snr_gamma, noise_offset=settings.noise_offset)
+
+
+CONDITIONINGS: dict[str, Callable[[LoadedModel, LoopSettings, TextReading], Conditioning]] = {"clip": _clip}
+OBJECTIVES: dict[str, Callable[[LoadedModel, LoopSettings], Objective]] = {"ddpm": _ddpm}
+
+
+def build_conditioning(model: LoadedModel, settings: LoopSettings, reading: TextReading) -> Conditioning:
+    return CONDITIONINGS[model.family.conditioning](model, settings, reading)
+
+
+def build_objective(model: LoadedModel, settings: LoopSettings) -> Objective:
+    return OBJECTIVES[model.family.objective](model, settings)
