@@ -16,7 +16,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from conjure import families
+from conjure.toy.models import VARIANTS
 from conjure.errors import ConjureError
 
 DEMO_METHODS = ("ti", "lora", "dora", "pivotal")
@@ -111,8 +111,8 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
 
     if method not in DEMO_METHODS:
         raise ConjureError(f"demo --method {method!r} is not available yet (available: {', '.join(DEMO_METHODS)})")
-    if family not in families.FAMILIES:
-        *first, last = families.FAMILIES
+    if family not in VARIANTS:  # the families with a toy model
+        *first, last = VARIANTS
         raise ConjureError(f"demo --family {family!r}: choose {', '.join(first)} or {last}")
     if steps is not None and steps < 1:
         raise ConjureError(f"demo --steps must be at least 1, not {steps}")
