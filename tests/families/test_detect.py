@@ -97,5 +97,8 @@ def test_the_flux_variant_is_read_from_the_transformer_config(guidance, variant)
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES.values()), ids=list(families.FAMILIES))
-def test_each_family_has_its_default_lora_preset(family):
+def test_each_family_has_its_default_lora_preset_conditioning_and_objective(family):
+    from conjure.train.objectives import CONDITIONINGS, OBJECTIVES
+
     assert family.default_lora_preset in dict(family.lora_presets)
+    assert family.conditioning in CONDITIONINGS and family.objective in OBJECTIVES

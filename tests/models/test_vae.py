@@ -57,9 +57,9 @@ def test_the_run_trains_and_validates_with_basic_vae_and_records_it(ti_config, o
     wanted, used = build_tiny_components("sd1", seed=7)["vae"], {}
     build = validation.build_pipeline
 
-    def keep(cls, components):
+    def keep(cls, components, *args):
         used["validation"] = components["vae"]
-        return build(cls, components)
+        return build(cls, components, *args)
 
     monkeypatch.setattr(validation, "build_pipeline", keep)
     result = train(parse_config(raw))

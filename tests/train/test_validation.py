@@ -70,3 +70,18 @@ def test_decode_undoes_the_vaes_scaling_shift_and_per_channel_statistics():
     Config.latents_mean, Config.latents_std = [1.0, 2.0, 3.0, 4.0], [2.0] * 4  # SDXL pipeline's rule
     expected = torch.ones(1, 4, 2, 2) * 2.0 / 0.5 + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
     assert torch.equal(decode_latents(vae, latents), expected)
+
+
+@pytest.mark.parametrize("configured, family_default, expected", [(None, 7.5, 7.5), (None, 3.5, 3.5), (2.0, 3.5, 2.0)])
+def test_validation_guidance_is_the_familys_unless_set(lora_config, configured, family_default, expected):
+    """validation.guidance_scale null: the family's usual value (SD 7.5; FLUX.1-dev's distilled guidance 3.5,
+    where SD's 7.5 would overcook every image); a set value wins."""
+    from conjure.config import parse_config
+    from conjure.families import FLUX, SD1
+    from conjure.train.setup import LoopSettings
+
+    raw = lora_config(validation={"seeds": [0], "guidance_scale": configured})
+    settings = LoopSettings.of(parse_config(raw), resolution=64, mixed_precision="no", max_steps=1,
+                               guidance_scale=family_default)
+    assert settings.validation.guidance_scale == expected
+    assert (SD1.guidance_scale, FLUX.guidance_scale) == (7.5, 3.5)

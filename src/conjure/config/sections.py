@@ -241,7 +241,11 @@ class ValidationConfig(Section):
         description="One image per seed for each prompt; fixed, so a prompt/seed is comparable across steps.",
     )
     num_inference_steps: int = Field(25, ge=1, description="Denoising steps per validation image.")
-    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(
+        None, ge=0,
+        description="Guidance scale of the validation images; null: the family's usual value (SD/SDXL: 7.5, "
+        "classifier-free guidance; FLUX.1-dev: 3.5, the distilled guidance it takes as an input; schnell ignores it).",
+    )
     at_start: bool = Field(True, description="Also render before training (step 0), as the baseline.")
 
 

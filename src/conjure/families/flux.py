@@ -40,6 +40,7 @@ FLUX = Family(
     pipeline_class="FluxPipeline",
     safety_checker=False,
     clip_skip=False,
+    guidance_scale=3.5,  # FluxPipeline's default: dev's distilled guidance
     denoiser="transformer",
     objective="flow",
     conditioning="flux",

@@ -172,6 +172,8 @@ class Family:
     # v-prediction on the DDPM forward process; "flow": rectified flow) and the conditioning (how captions become
     # the denoiser's inputs and how it is called: "clip" for the SD families, "flux"); the loop looks the last two
     # up in conjure.train.objectives and never branches on a family.
+    # The guidance scale a pipeline of the family is usually run with (validation.guidance_scale: null)
+    guidance_scale: float = 7.5
     denoiser: str = "unet"
     objective: str = "ddpm"
     conditioning: str = "clip"

@@ -191,6 +191,12 @@ class FlowObjective:
         return per_sample.mean()
 
 
+    def sampler(self, scheduler: Any) -> Any:
+        """Validation samples with the model's own flow-matching scheduler (FlowMatchEulerDiscreteScheduler, whose
+        resolution-dependent shift FluxPipeline sets)."""
+        return scheduler
+
+
 def build_flow_objective(model: Any, settings: Any) -> FlowObjective:
     """The flow objective for a loaded model and the loop's settings (`advanced.timestep_sampling`,
     `logit_mean`, `logit_std`, `loss_weighting`); the shift settings come from the model's own scheduler."""

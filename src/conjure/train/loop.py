@@ -352,7 +352,8 @@ class TrainingSession:
         from conjure.train.validation import as_array, build_pipeline, render
 
         val = self.settings.validation
-        self._pipe = self._pipe or build_pipeline(self.model.family.pipeline_class, dict(self.model.components))
+        self._pipe = self._pipe or build_pipeline(self.model.family.pipeline_class, dict(self.model.components),
+                                                 self.objective.sampler)
         started = time.perf_counter()
         device = self.accelerator.device
         # Eval mode: the images show what the saved files do, without dropout. A forked RNG: whether and how

@@ -57,6 +57,10 @@ class Objective(Protocol):
         `weights` as `conjure.train.loss.denoising_loss` applies them; the plain MSE when neither is given."""
         ...
 
+    def sampler(self, scheduler: Any) -> Any:
+        """The scheduler validation samples with, made from the model's own."""
+        ...
+
 
 class ClipConditioning:
     """SD 1.x, 2.x and SDXL: CLIP hidden states (and SDXL's pooled embedding and size/crop ids) into the UNet's
@@ -111,6 +115,11 @@ class DdpmObjective:
             min_snr_gamma=self.min_snr_gamma, noise_offset=self.noise_offset, mask=mask, weights=weights,
         )
 
+    def sampler(self, scheduler: Any) -> Any:
+        from conjure.train.validation import dpm_solver
+
+        return dpm_solver(scheduler)
+
 
 def _clip(model: LoadedModel, settings: LoopSettings, reading: TextReading) -> Conditioning:
     return ClipConditioning(reading, settings.resolution)
@@ -121,8 +130,22 @@ def _ddpm(model: LoadedModel, settings: LoopSettings) -> Objective:
                          min_snr_gamma=settings.min_snr_gamma, noise_offset=settings.noise_offset)
 
 
-CONDITIONINGS: dict[str, Callable[[LoadedModel, LoopSettings, TextReading], Conditioning]] = {"clip": _clip}
-OBJECTIVES: dict[str, Callable[[LoadedModel, LoopSettings], Objective]] = {"ddpm": _ddpm}
+def _flux(model: LoadedModel, settings: LoopSettings, reading: TextReading) -> Conditioning:
+    from conjure.train.flux import build_flux_conditioning
+
+    return build_flux_conditioning(model, settings)
+
+
+def _flow(model: LoadedModel, settings: LoopSettings) -> Objective:
+    from conjure.train.flow import build_flow_objective
+
+    return build_flow_objective(model, settings)
+
+
+CONDITIONINGS: dict[str, Callable[[LoadedModel, LoopSettings, TextReading], Conditioning]] = {
+    "clip": _clip, "flux": _flux,
+}
+OBJECTIVES: dict[str, Callable[[LoadedModel, LoopSettings], Objective]] = {"ddpm": _ddpm, "flow": _flow}
 
 
 def build_conditioning(model: LoadedModel, settings: LoopSettings, reading: TextReading) -> Conditioning:

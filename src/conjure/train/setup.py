@@ -80,7 +80,9 @@ class LoopSettings:
     validation: ValidationSettings
 
     @classmethod
-    def of(cls, config: RunConfig, *, resolution: int, mixed_precision: str, max_steps: int) -> LoopSettings:
+    def of(cls, config: RunConfig, *, resolution: int, mixed_precision: str, max_steps: int,
+           guidance_scale: float = 7.5) -> LoopSettings:
+        """`guidance_scale`: the family's, for a validation section that leaves it null."""
         basic, data, adv, val = config.basic, config.data, config.advanced, config.validation
         return cls(
             config_type=config.type, base_model=basic.base_model, seed=basic.seed, resolution=resolution,
@@ -91,7 +93,8 @@ class LoopSettings:
             save_every_n_steps=basic.save_every_n_steps, keep_last_n_checkpoints=basic.keep_last_n_checkpoints,
             validation=ValidationSettings(
                 prompts=tuple(val.prompts), seeds=tuple(val.seeds), negative_prompt=val.negative_prompt,
-                num_inference_steps=val.num_inference_steps, guidance_scale=val.guidance_scale,
+                num_inference_steps=val.num_inference_steps,
+                guidance_scale=guidance_scale if val.guidance_scale is None else val.guidance_scale,
                 at_start=val.at_start, every=basic.validate_every_n_steps,
             ),
         )
@@ -291,7 +294,8 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
     else:
         assert basic.max_train_epochs is not None  # BasicConfig sets exactly one of the two
         max_steps = math.ceil(basic.max_train_epochs * per_epoch / accum)
-    settings = LoopSettings.of(config, resolution=resolution, mixed_precision=mixed_precision, max_steps=max_steps)
+    settings = LoopSettings.of(config, resolution=resolution, mixed_precision=mixed_precision, max_steps=max_steps,
+                               guidance_scale=model.family.guidance_scale)
     groups = recipe.parameter_groups(opt.learning_rate)
     optimizer = build_optimizer(groups, opt, device=accelerator.device)
     for warning in optimizer_warnings(opt, groups):

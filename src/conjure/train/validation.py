@@ -2,8 +2,10 @@
 
 Writes `validation/step-NNNNNN/<prompt index>-seed<seed>.png` and `grid.png` (rows: prompts, columns: seeds;
 the names: conjure.runs.folder).
-The pipeline is built from the training components (with the new tokens), using a multistep DPM-Solver
-configured from the model's own scheduler (prediction type, betas) so few steps give clean images.
+The pipeline is built from the training components (with the new tokens), sampling with the objective's choice
+(`Objective.sampler`): for DDPM models a multistep DPM-Solver configured from the model's own scheduler
+(prediction type, betas) so few steps give clean images; for flow models the model's own flow-matching Euler
+scheduler.
 
 The pipeline denoises under the run's autocast but stops at the latents: `decode_latents` decodes them
 outside autocast in float32. Under fp16 autocast every convolution runs in fp16 whatever the weights' dtype,
@@ -25,16 +27,26 @@ from conjure.files import atomic_write
 from conjure.runs.folder import VALIDATION_GRID, validation_image_name
 
 
-def build_pipeline(family_pipeline_class: str, components: dict[str, Any]) -> Any:
+def dpm_solver(scheduler: Any) -> Any:
+    """A multistep DPM-Solver configured from a DDPM model's scheduler (prediction type, betas): clean images in
+    few steps."""
     import diffusers
 
-    cls = getattr(diffusers, family_pipeline_class)
-    config = components["scheduler"].config
+    config = scheduler.config
     # Zero-terminal-SNR models sample from pure noise: "trailing" spacing starts at the last timestep
     # (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.3).
     spacing = {"timestep_spacing": "trailing"} if config.get("rescale_betas_zero_snr") else {}
-    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config, **spacing)
-    kwargs = dict(components, scheduler=scheduler)
+    return diffusers.DPMSolverMultistepScheduler.from_config(config, **spacing)
+
+
+def build_pipeline(family_pipeline_class: str, components: dict[str, Any],
+                   sampler: Callable[[Any], Any] = dpm_solver) -> Any:
+    """The family's pipeline over the training components, sampling with `sampler(the model's scheduler)` (the
+    objective's choice: `Objective.sampler`)."""
+    import diffusers
+
+    cls = getattr(diffusers, family_pipeline_class)
+    kwargs = dict(components, scheduler=sampler(components["scheduler"]))
     expected = set(cls._get_signature_keys(cls)[0])
     for optional in ("safety_checker", "feature_extractor", "image_encoder"):
         if optional in expected:
@@ -107,6 +119,8 @@ def render(
                 generator=torch.Generator("cpu").manual_seed(seed),
                 output_type="latent",
             ).images
+            if latents.ndim == 3:  # a transformer pipeline's packed tokens (FluxPipeline): back to [B, C, H, W]
+                latents = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
             image = pipe.image_processor.postprocess(decode_latents(pipe.vae, latents), output_type="pil")[0]
             path = out_dir / validation_image_name(p, seed)
             atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
