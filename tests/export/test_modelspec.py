@@ -37,6 +37,17 @@ def test_modelspec_values_per_family_and_prediction_type(family, prediction_type
     assert dt.datetime.fromisoformat(date).utcoffset() == dt.timedelta(0)
 
 
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_a_flux_lora_is_named_by_its_variant_without_a_prediction_type(variant):
+    """kohya's sai_model_spec.py: flux-1-dev / flux-1-schnell, the FLUX implementation, and no
+    modelspec.prediction_type (a flow model has none of the spec's epsilon/v values)."""
+    keys = modelspec(families.FLUX, "lora", title="zq", resolution=1024, prediction_type="flow_matching",
+                     variant=variant)
+    assert keys["modelspec.architecture"] == f"flux-1-{variant}/lora"
+    assert keys["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert "modelspec.prediction_type" not in keys
+
+
 def test_conjure_keys_are_strings_and_leave_out_none():
     keys = conjure_keys(family="sd2", steps=12, trigger_words=None, clip_skip=2.0)
     assert keys == {"conjure.version": __version__, "conjure.family": "sd2", "conjure.steps": "12",

@@ -12,13 +12,18 @@ from conjure.families import Family
 SPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
-def modelspec(family: Family, kind: str, *, title: str, resolution: int, prediction_type: str) -> dict[str, str]:
+def modelspec(family: Family, kind: str, *, title: str, resolution: int, prediction_type: str,
+              variant: str | None = None) -> dict[str, str]:
     """`kind` is the architecture suffix: 'textual-inversion' or 'lora'. `prediction_type` ("epsilon" or
-    "v_prediction") is what the run trained the model to predict: the scheduler's, after advanced.prediction_type."""
+    "v_prediction") is what the run trained the model to predict: the scheduler's, after advanced.prediction_type;
+    a flow model's ("flow_matching") has no modelspec value and is left out, as kohya's sai_model_spec.py leaves it
+    out for FLUX. `variant`: the family variant the model is (FLUX.1 "dev" or "schnell"), which names the
+    architecture."""
+    spec_prediction = SPEC_PREDICTION_TYPES.get(prediction_type)
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture(kind, prediction_type),
-        "modelspec.prediction_type": SPEC_PREDICTION_TYPES[prediction_type],
+        "modelspec.architecture": family.modelspec_architecture(kind, prediction_type, variant),
+        **({"modelspec.prediction_type": spec_prediction} if spec_prediction else {}),
         "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",

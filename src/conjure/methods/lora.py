@@ -183,7 +183,9 @@ class Lora:
         self, name: str, *, step: int, resolution: int, base_model: str, prediction_type: str
     ) -> dict[str, str]:
         s, family, trigger = self.section, self.model.family, self.trigger
-        meta = modelspec(family, self.kind, title=name, resolution=resolution, prediction_type=prediction_type)
+        variant = self.model.facts.get("variant")
+        meta = modelspec(family, self.kind, title=name, resolution=resolution, prediction_type=prediction_type,
+                         variant=variant.value if variant else None)
         meta.update({
             "ss_network_module": "lycoris.kohya" if self.own_dora else "networks.lora",
             "ss_network_dim": str(s.rank),
