@@ -136,3 +136,11 @@ def test_build_reads_the_variant_the_tokenizer_cap_and_guidance(pipe):
     dev = build_flux_conditioning(model("dev", big), SimpleNamespace(guidance=3.5))
     assert (dev.t5_tokens, dev.guidance) == (512, 3.5)
     assert build_flux_conditioning(model("dev", pipe.tokenizer_2), SimpleNamespace()).t5_tokens == 16  # the toy's
+
+
+def test_long_captions_are_counted_against_the_t5_length(pipe):
+    """The start warning counts captions T5 cuts off (its tokenizer adds only the end token), not CLIP-L's 77."""
+    conditioning = FluxConditioning(t5_tokens=5)
+    four, five = "a red circle on", "a red circle on a"  # toy words: one token each, + </s>
+    assert conditioning.long_captions(_pairs(pipe), [four, five, five]) == (2, "T5 reads 5 tokens")
+    assert conditioning.long_captions(_pairs(pipe), []) == (0, "")

@@ -82,6 +82,15 @@ class FluxConditioning:
         return {"prompt_embeds": text["encoder_hidden_states"], "pooled_prompt_embeds": text["pooled_projections"]}
 
 
+    def long_captions(self, pairs: list[tuple[Any, Any]], captions: list[str]) -> tuple[int, str]:
+        """Captions longer than the T5 length (CLIP-L's 77 tokens cut the pooled embedding's input too, but T5
+        reads the caption itself); T5's tokenizer adds only the end token."""
+        if not captions:
+            return 0, ""
+        ids = pairs[1][0](captions).input_ids
+        return sum(len(i) > self.t5_tokens for i in ids), f"T5 reads {self.t5_tokens} tokens"
+
+
 def t5_tokens(model: Any) -> int:
     """The T5 length of a loaded FLUX model: its variant's (`Variant.text_tokens`; dev 512, schnell 256), capped
     by the T5 tokenizer's `model_max_length` (the toy's is 32)."""

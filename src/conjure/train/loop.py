@@ -39,7 +39,6 @@ from conjure.train.setup import (
     assemble,
     chosen_facts,
     completed_at,
-    count_long_captions,
     data_loader,
     describe,
     disk_full_as_one_line,
@@ -86,14 +85,14 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
         # run folder as it was, still resumable with its own config.
         resolved = resolved_config(config, run_dir, resolution)
         changed = resume_changes(run_dir / "config.yaml", resolved) if checkpoint else {}
-        too_long = count_long_captions(model.text_encoders()[0][0], [recipe.expand_caption(c) for c in probe],
-                                       reading.max_tokens)
         parts = assemble(config, spec, model, recipe, accelerator, examples, resolution=resolution,
                          mixed_precision=precision.value)
         session = TrainingSession(parts, model, recipe, accelerator, run_dir, reading)
+        too_long, limit = session.conditioning.long_captions(model.text_encoders(),
+                                                             [recipe.expand_caption(c) for c in probe])
         if checkpoint is not None:
             session.restore(checkpoint)
-        for warning in start_warnings(config, skipped, changed, too_long, reading.max_tokens):
+        for warning in start_warnings(config, skipped, changed, too_long, limit):
             say(f"warning: {warning}")
         say(describe(chosen))
         atomic_write_text(run_dir / "config.yaml", dump_config(resolved))  # a resume rewrites the one it reads

@@ -48,6 +48,10 @@ class Conditioning(Protocol):
         """The pipeline call's keyword arguments for a validation prompt, encoded as training encodes captions."""
         ...
 
+    def long_captions(self, pairs: list[tuple[Any, Any]], captions: list[str]) -> tuple[int, str]:
+        """How many `captions` are cut off before the denoiser reads them, and that limit in words."""
+        ...
+
 
 class Objective(Protocol):
     def loss(self, predict: Predict, latents: torch.Tensor, generator: torch.Generator, *,
@@ -91,6 +95,12 @@ class ClipConditioning:
         from conjure.train import conditioning
 
         return conditioning.prompt_embeds(pairs, prompt, negative, device, reading=self.reading)
+
+    def long_captions(self, pairs: list[tuple[Any, Any]], captions: list[str]) -> tuple[int, str]:
+        from conjure.train.setup import count_long_captions
+
+        tokens = self.reading.max_tokens
+        return count_long_captions(pairs[0][0], captions, tokens), f"data.max_token_length: {tokens} tokens"
 
 
 class DdpmObjective:

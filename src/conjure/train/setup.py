@@ -262,14 +262,14 @@ def count_long_captions(tokenizer: PreTrainedTokenizerBase, captions: list[str],
 
 
 def start_warnings(config: RunConfig, skipped: list[tuple[Path, str]], changed: dict[str, tuple[Any, Any]],
-                   long_captions: int, max_tokens: int) -> list[str]:
+                   long_captions: int, limit: str) -> list[str]:
     """What the person starting the run should know: what a config migration changed, files skipped, settings a
     resume changed, long captions."""
     return (config.migration_notes + [f"skipping {p}: {why}" for p, why in skipped]
             + (["resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
                if changed else [])
-            + ([f"{long_captions} caption(s) are longer than the text encoder's limit (data.max_token_length: "
-                f"{max_tokens} tokens) and will be cut off"] if long_captions else []))
+            + ([f"{long_captions} caption(s) are longer than the text encoder's limit ({limit}) and will be cut off"]
+               if long_captions else []))
 
 
 def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Recipe, accelerator: Accelerator,
