@@ -3,7 +3,10 @@ applier (the reference for what apps compute from a file). Facts: shared FORMATS
 
 `convert_lora` changes a plain LoRA file between the two layouts without changing a value (kohya -> peft -> kohya
 gives back every tensor bit for bit and the metadata). DoRA files cannot change layout: kohya DoRA normalises input
-columns, PEFT DoRA output rows; the same numbers are a different function.
+columns, PEFT DoRA output rows; the same numbers are a different function. FLUX.1's kohya layout fuses q/k/v
+(export/kohya_flux.py): to peft splits the fused layers, back fuses them, both exactly for the files conjure writes;
+a layer another tool trained fused (dense `lora_up`) splits into parts that share its `lora_down`, the same update,
+which fuses back at k times the rank (the same function, a bigger file).
 """
 
 from __future__ import annotations
@@ -113,8 +116,8 @@ def convert_lora(src: Path, dst: Path, to: str, *, family: Any = None) -> Path:
         return dst
     if not certain:
         raise ConjureError(
-            f"cannot tell whether {src} is for SD 1.x/2.x or SDXL (no metadata, no SDXL-only modules); "
-            "give the family (conjure convert ... --family sd1|sd2|sdxl)"
+            f"cannot tell which model family {src} is for (no metadata, no modules only one family has); "
+            f"give the family (conjure convert ... --family {'|'.join(families.FAMILIES)})"
         )
     weights, meta = load_peft(src)
     alpha_dtype = file_dtype(meta.pop(ALPHA_DTYPE_KEY, "float32"))

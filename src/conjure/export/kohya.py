@@ -16,6 +16,7 @@ import torch
 from conjure import families
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
+from conjure.export.kohya_flux import flux_kohya_modules, flux_module_paths
 from conjure.export.kohya_names import UnetLayout, kohya_name, module_path_from_kohya, unet_layout
 from conjure.export.lora import (
     check_module,
@@ -63,6 +64,34 @@ def layout_from_metadata(metadata: Mapping[str, str] | None) -> UnetLayout | Non
     return UnetLayout(layers, attention)
 
 
+def _named_modules(weights: LoraWeights, family: Any, unet_config: Any) -> dict[str, tuple[str, LoraModule]]:
+    """kohya name -> (where, module): each module under its name, FLUX's transformer fused (export/kohya_flux.py)."""
+    fam = families.get(family)
+    out: dict[str, tuple[str, LoraModule]] = {}
+    owners: dict[str, tuple[str, str]] = {}
+    fused: dict[str, LoraModule] = {}
+    for (component, path), m in weights.items():
+        where = f"{component} module {path!r}"
+        check_module(where, m)
+        if m.magnitude is not None:
+            raise ConjureError(
+                f"{where} carries a PEFT DoRA magnitude (output-row decomposition): apps read kohya DoRA as "
+                "input-column `dora_scale` [1, in], so this would load wrongly; save it with save_peft, or train "
+                "the kohya (input-column) DoRA"
+            )
+        if fam.unet_naming == "bfl" and component == fam.denoiser:
+            fused[path] = m
+            continue
+        name = kohya_name(component, path, fam.name, unet_config)
+        if name in owners:
+            raise ConjureError(f"{where} and {owners[name][0]} module {owners[name][1]!r} share the kohya name {name}")
+        owners[name] = (component, path)
+        out[name] = (where, m)
+    for name, m in flux_kohya_modules(fused).items():
+        out[name] = (f"{fam.denoiser} module {name}", m)
+    return out
+
+
 def kohya_state_dict(
     weights: LoraWeights,
     family: Any,
@@ -74,20 +103,7 @@ def kohya_state_dict(
     """The tensors of a kohya file (see the module docstring); dtype None keeps each tensor's own."""
     dtype = file_dtype(dtype)
     out: dict[str, torch.Tensor] = {}
-    owners: dict[str, tuple[str, str]] = {}
-    for (component, path), m in weights.items():
-        where = f"{component} module {path!r}"
-        check_module(where, m)
-        if m.magnitude is not None:
-            raise ConjureError(
-                f"{where} carries a PEFT DoRA magnitude (output-row decomposition): apps read kohya DoRA as "
-                "input-column `dora_scale` [1, in], so this would load wrongly; save it with save_peft, or train "
-                "the kohya (input-column) DoRA"
-            )
-        name = kohya_name(component, path, family, unet_config)
-        if name in owners:
-            raise ConjureError(f"{where} and {owners[name][0]} module {owners[name][1]!r} share the kohya name {name}")
-        owners[name] = (component, path)
+    for name, (where, m) in _named_modules(weights, family, unet_config).items():
         out[f"{name}.lora_down.weight"] = file_tensor(m.down, dtype)
         out[f"{name}.lora_up.weight"] = file_tensor(m.up, dtype)
         out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=alpha_dtype)
@@ -173,16 +189,24 @@ def parse_kohya(
     for name, parts in groups.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ConjureError(f"{where}: module {name} lacks lora_down.weight or lora_up.weight")
-        key = module_path_from_kohya(name, fam, layout)
-        if key in names:
-            raise ConjureError(f"{where}: {name} and {names[key]} are the same module ({key[0]} {key[1]})")
-        names[key] = name
         down = parts["lora_down.weight"]
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         module = LoraModule(down=down, up=parts["lora_up.weight"], alpha=alpha, dora_scale=parts.get("dora_scale"))
         check_module(f"{where}: {name}", module)
-        weights[key] = module
+        for key, part in _module_paths(name, module, fam, layout):
+            if key in names:
+                raise ConjureError(f"{where}: {name} and {names[key]} are the same module ({key[0]} {key[1]})")
+            names[key] = name
+            weights[key] = part
     return weights, fam
+
+
+def _module_paths(name: str, module: LoraModule, family: str, layout: UnetLayout) -> list[tuple[tuple[str, str], LoraModule]]:
+    """The (component, module path) keys of kohya module `name`; a fused FLUX layer gives one per part."""
+    fam = families.get(family)
+    if fam.unet_naming == "bfl" and name.startswith(fam.kohya_prefixes()[fam.denoiser]):
+        return [((fam.denoiser, path), part) for path, part in flux_module_paths(name, module)]
+    return [(module_path_from_kohya(name, family, layout), module)]
 
 
 def load_kohya(path: Path, family: Any = None, unet_config: Any = None) -> tuple[LoraWeights, dict[str, str]]:

@@ -234,7 +234,7 @@ def _text_path(s: str) -> str | None:
 def canonical_module_path(component: str, module_path: str) -> str:
     """The spelling kohya names are built from: UNet paths as they are; text-encoder paths under `text_model.`
     (except the top-level `text_projection` of CLIPTextModelWithProjection)."""
-    if component == "unet" or module_path.startswith(_TEXT_MODEL) or module_path.startswith("text_projection"):
+    if not component.startswith("text_encoder") or module_path.startswith((_TEXT_MODEL, "text_projection")):
         return module_path
     return _TEXT_MODEL + module_path
 
@@ -275,7 +275,7 @@ def _clip_keeps_text_model(with_projection: bool) -> bool:
 def default_module_path(component: str, canonical: str, family: Any) -> str:
     """The spelling the installed transformers gives `canonical` in `family`'s encoder class (SDXL's second
     encoder is a CLIPTextModelWithProjection, every other one a CLIPTextModel)."""
-    if component == "unet" or not canonical.startswith(_TEXT_MODEL):
+    if not canonical.startswith(_TEXT_MODEL):
         return canonical
     slot = families.get(family).slot(component)
     with_projection = slot is not None and slot.pooled

@@ -40,13 +40,14 @@ from conjure.export.lora import (
 __all__ = ["ADAPTER_METADATA_KEY", "PEFT_PREFIXES", "load_peft", "save_peft", "write_peft"]
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key (diffusers.loaders.lora_base)
-PEFT_PREFIXES = ("text_encoder_2", "text_encoder", "unet")  # longest first
+# the pipeline attributes a file names (the denoisers "unet" / "transformer" and the text encoders), longest first
+PEFT_PREFIXES = tuple(sorted({c for f in families.FAMILIES.values() for c in f.kohya_prefixes()}, key=len, reverse=True))
 
 
 def _peft_target(component: str, canonical: str) -> str:
     """The module name for LoraConfig.target_modules / rank_pattern / alpha_pattern: without `text_model.`, so
     PEFT's suffix match finds it both in CLIPTextModel (transformers 5) and under `text_model.`."""
-    if component != "unet" and canonical.startswith("text_model."):
+    if canonical.startswith("text_model."):
         return canonical[len("text_model."):]
     return canonical
 
@@ -81,7 +82,7 @@ def _adapter_config(component: str, modules: dict[str, LoraModule]) -> dict[str,
     }
 
 
-def _peft_layers(modules: dict[str, LoraModule], component: str, dtype) -> dict[str, torch.Tensor]:
+def _peft_layers(modules: dict[str, LoraModule], component: str, denoiser: str, dtype) -> dict[str, torch.Tensor]:
     out = {}
     for canonical, m in modules.items():
         out[f"{canonical}.lora_A.weight"] = file_tensor(m.down, dtype)
@@ -96,7 +97,7 @@ def _peft_layers(modules: dict[str, LoraModule], component: str, dtype) -> dict[
             shape = (1, n_out, 1, 1) if is_conv(m) else (n_out,)  # PEFT's own parameter shapes
             # PEFT writes `.lora_magnitude_vector` and appends `.weight` when it loads; transformers 5's
             # load_adapter (diffusers' text-encoder path) does not, and drops the bare key. `.weight` loads in both.
-            suffix = "lora_magnitude_vector" if component == "unet" else "lora_magnitude_vector.weight"
+            suffix = "lora_magnitude_vector" if component == denoiser else "lora_magnitude_vector.weight"
             out[f"{canonical}.{suffix}"] = file_tensor(m.magnitude.reshape(shape), dtype)
     return out
 
@@ -135,7 +136,7 @@ def write_peft(path, weights, metadata, family, dtype, add_format=True) -> None:
 
     kwargs: dict[str, Any] = {}
     for component, modules in per_component.items():
-        kwargs[f"{component}_lora_layers"] = _peft_layers(modules, component, dtype)
+        kwargs[f"{component}_lora_layers"] = _peft_layers(modules, component, families.get(fam).denoiser, dtype)
         kwargs[f"{component}_lora_adapter_metadata"] = _adapter_config(component, modules)
     pipeline = getattr(diffusers, families.get(fam).pipeline_class)
     path = Path(path)
@@ -189,7 +190,7 @@ def _group(tensors: Mapping[str, torch.Tensor], where: str) -> dict[tuple[str, s
         if component is None or m is None:
             raise ConjureError(
                 f"{where}: {key!r} is not a diffusers/PEFT LoRA tensor "
-                "(expected unet./text_encoder./text_encoder_2. + path + .lora_A.weight / .lora_B.weight / "
+                f"(expected {'./'.join(PEFT_PREFIXES)}. + path + .lora_A.weight / .lora_B.weight / "
                 ".lora_magnitude_vector)"
             )
         groups[(component, m.group(1)[len(component) + 1:])][m.group(2).split(".")[0]] = value
@@ -224,7 +225,7 @@ def load_peft(path: Path) -> tuple[LoraWeights, dict[str, str]]:
         raise ConjureError(f"{where}: unreadable {ADAPTER_METADATA_KEY} in the header: {exc}") from None
     groups = _group(tensors, where)
     # the first family whose encoders cover the file's: the one whose encoder classes spell the paths
-    encoders = {c for c, _ in groups} - {"unet"}
+    encoders = {c for c, _ in groups} - {f.denoiser for f in families.FAMILIES.values()}
     family = next(f for f in families.FAMILIES.values() if encoders <= {s.encoder for s in f.text_encoders})
 
     weights: LoraWeights = {}
