@@ -193,15 +193,17 @@ def parse_kohya(
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         module = LoraModule(down=down, up=parts["lora_up.weight"], alpha=alpha, dora_scale=parts.get("dora_scale"))
         check_module(f"{where}: {name}", module)
-        for key, part in _module_paths(name, module, fam, layout):
-            if key in names:
-                raise ConjureError(f"{where}: {name} and {names[key]} are the same module ({key[0]} {key[1]})")
-            names[key] = name
-            weights[key] = part
+        for target, piece in _module_paths(name, module, fam, layout):
+            if target in names:
+                raise ConjureError(f"{where}: {name} and {names[target]} are the same module ({target[0]} {target[1]})")
+            names[target] = name
+            weights[target] = piece
     return weights, fam
 
 
-def _module_paths(name: str, module: LoraModule, family: str, layout: UnetLayout) -> list[tuple[tuple[str, str], LoraModule]]:
+def _module_paths(
+    name: str, module: LoraModule, family: str, layout: UnetLayout | None
+) -> list[tuple[tuple[str, str], LoraModule]]:
     """The (component, module path) keys of kohya module `name`; a fused FLUX layer gives one per part."""
     fam = families.get(family)
     if fam.unet_naming == "bfl" and name.startswith(fam.kohya_prefixes()[fam.denoiser]):

@@ -111,13 +111,13 @@ def _fuse(name: str, group: FusedGroup, present: dict[str, LoraModule]) -> LoraM
     unit = first.up.shape[0] // group.units[group.members.index(next(iter(present)))]
     downs, ups = [], []
     for member, units in zip(group.members, group.units):
-        m = present.get(member)
+        part = present.get(member)
         out = units * unit
-        if m is not None and m.up.shape[0] != out:
-            raise ConjureError(f"{name}: {member!r} has {m.up.shape[0]} outputs, expected {out} beside its group")
+        if part is not None and part.up.shape[0] != out:
+            raise ConjureError(f"{name}: {member!r} has {part.up.shape[0]} outputs, expected {out} beside its group")
         # an absent member is a zero block of the same rank: the layer stays block-diagonal in equal chunks
-        downs.append(m.down if m is not None else first.down.new_zeros(first.down.shape))
-        ups.append(m.up if m is not None else first.up.new_zeros((out, rank)))
+        downs.append(part.down if part is not None else first.down.new_zeros(first.down.shape))
+        ups.append(part.up if part is not None else first.up.new_zeros((out, rank)))
     return LoraModule(down=torch.cat(downs, 0), up=torch.block_diag(*ups), alpha=alpha * len(group.members))
 
 
