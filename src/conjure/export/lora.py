@@ -137,20 +137,26 @@ _LDM_MARKS = ("input_blocks", "middle_block", "output_blocks")  # kohya's LDM UN
 _CROSS_WIDTHS = {sum(slot.width for slot in f.text_encoders): name for name, f in families.FAMILIES.items()}
 
 
+# kohya names of a denoiser naming scheme that no other scheme writes (FLUX.1: BFL's double and single blocks)
+_NAMING_MARKS = {"bfl": ("lora_unet_double_blocks_", "lora_unet_single_blocks_")}
+
+
 def _marks(family: Family) -> set[str]:
-    """Key fragments a LoRA of `family` may hold: its encoders' kohya prefixes and PEFT names, and the UNet's
-    add-embedding (diffusers `add_embedding`, LDM `label_emb`) when it has one."""
-    marks = {m for s in family.text_encoders for m in (s.kohya_prefix, s.encoder + ".")}
+    """Key fragments a LoRA of `family` may hold: its CLIP encoders' kohya prefixes and PEFT names (conjure never
+    adapts a T5, and other tools name T5 modules their own ways), its denoiser's PEFT name and kohya block names,
+    and the UNet's add-embedding (diffusers `add_embedding`, LDM `label_emb`) when it has one."""
+    marks = {m for s in family.text_encoders if s.kind == "clip" for m in (s.kohya_prefix, s.encoder + ".")}
+    marks |= {family.denoiser + ".", *_NAMING_MARKS.get(family.unet_naming, ())}
     if getattr(family.reference, "addition_time_embed_dim", None):
         marks |= {"add_embedding", "label_emb"}
     return marks
 
 
-# family -> the fragments no other family's file holds (SDXL: lora_te1_/lora_te2_, text_encoder_2., add-embedding)
-_UNET_FAMILIES = families.unet_families()
+# family -> the fragments no other family's file holds (SDXL: lora_te2_, text_encoder_2., add-embedding; FLUX.1:
+# `transformer.`, double/single blocks; CLIP-L's lora_te1_ is both SDXL's and FLUX.1's)
 _OWN_MARKS = {
-    name: tuple(sorted(_marks(f).difference(*(_marks(o) for o in _UNET_FAMILIES.values() if o is not f))))
-    for name, f in _UNET_FAMILIES.items()
+    name: tuple(sorted(_marks(f).difference(*(_marks(o) for o in families.FAMILIES.values() if o is not f))))
+    for name, f in families.FAMILIES.items()
 }
 _LDM_NAMED = [name for name, f in families.FAMILIES.items() if f.unet_naming == "ldm"]
 
@@ -187,5 +193,6 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, 
 
 
 def detect_lora_family(path: Path) -> str:
-    """'sd1', 'sd2' or 'sdxl' for a LoRA file; 'sd1' when nothing tells (SD 1.x and 2.x names are the same)."""
+    """The family of a LoRA file ('sd1', 'sd2', 'sdxl', 'flux'); 'sd1' when nothing tells (SD 1.x and 2.x names are
+    the same)."""
     return detect_family(*read_shapes(path))[0]

@@ -38,6 +38,8 @@ FLUX = Family(
     ss_version_prefix="flux1",
     modelspec_family="flux-1",
     pipeline_class="FluxPipeline",
+    # kohya names FLUX.1 modules after BFL's model, with q/k/v fused (export/kohya_flux.py)
+    unet_naming="bfl",
     safety_checker=False,
     clip_skip=False,
     guidance_scale=3.5,  # FluxPipeline's default: dev's distilled guidance

@@ -154,8 +154,9 @@ class Family:
     ss_version_prefix: str
     modelspec_family: str
     pipeline_class: str  # diffusers pipeline class name
-    # kohya's UNet module names: "diffusers" paths (SD 1.x/2.x) or the original "ldm" ones (SDXL: sd-scripts'
-    # sdxl_model_util converts the UNet to SGM's layout before naming its modules).
+    # kohya's denoiser module names: "diffusers" paths (SD 1.x/2.x), the original "ldm" ones (SDXL: sd-scripts'
+    # sdxl_model_util converts the UNet to SGM's layout before naming its modules) or Black Forest Labs' "bfl" ones
+    # with q/k/v fused (FLUX.1: sd-scripts trains library/flux_models.py; export/kohya_flux.py).
     unet_naming: str = "diffusers"
     # The pipeline class takes a safety checker (diffusers' SD pipelines; SDXL's has an invisible watermarker
     # instead), passed as None since conjure never loads it.
