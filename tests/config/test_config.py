@@ -174,3 +174,50 @@ def test_run_name_is_a_plain_folder_name(name):
 
 def test_run_name_may_hold_spaces_dots_and_unicode():
     assert parse_config(minimal(basic={"run_name": "rün 1.5 ⭐"})).basic.run_name == "rün 1.5 ⭐"
+
+
+def lora_minimal(family="auto", **advanced):
+    return {"type": "lora", "basic": {"base_model": "m", "family": family}, "data": {"source": "d"},
+            "advanced": advanced}
+
+
+@pytest.mark.parametrize("setting, value", [("prediction_type", "v_prediction"), ("min_snr_gamma", 5.0),
+                                            ("noise_offset", 0.05)])
+def test_ddpm_settings_are_refused_on_a_named_flow_family(setting, value):
+    msg = error_of(lora_minimal("flux", **{setting: value}))
+    assert f"advanced.{setting}: is for SD 1.x, 2.x and SDXL (the DDPM objective), and FLUX.1 trains with flow " \
+        "matching; set it to" in msg
+    parse_config(lora_minimal("sd1", **{setting: value}))  # where it applies
+
+
+@pytest.mark.parametrize("setting, value", [("timestep_sampling", "uniform"), ("logit_mean", 0.5),
+                                            ("logit_std", 2.0), ("loss_weighting", "cosmap"), ("guidance", 3.5),
+                                            ("base_weights_dtype", "float8")])
+def test_flow_settings_are_refused_on_a_named_ddpm_family(setting, value):
+    for family in ("sd1", "sd2", "sdxl"):
+        assert f"advanced.{setting}: is for FLUX.1 (flow matching), and" in error_of(lora_minimal(family, **{setting: value}))
+    parse_config(lora_minimal("flux", **{setting: value}))
+    parse_config(lora_minimal("auto", **{setting: value}))  # checked at load, once the family is known
+
+
+def test_clip_skip_is_refused_on_flux():
+    assert "advanced.clip_skip: FLUX.1 reads fixed text-encoder layers" in error_of(lora_minimal("flux", clip_skip=2))
+
+
+def test_flux_is_a_lora_family_only():
+    assert parse_config(lora_minimal("flux")).basic.family == "flux"
+    assert "basic.family: textual_inversion trains sd1 and sd2 and sdxl models, not flux" in error_of(
+        minimal(basic={"family": "flux"}))
+
+
+def test_flow_settings_defaults_and_help():
+    advanced = parse_config(lora_minimal()).advanced
+    assert (advanced.timestep_sampling, advanced.logit_mean, advanced.logit_std, advanced.loss_weighting,
+            advanced.guidance, advanced.base_weights_dtype) == ("logit_normal", 0.0, 1.0, "none", 1.0, "auto")
+    fields = json.loads(config_schema("lora"))["$defs"]["AdvancedConfig"]["properties"]
+    assert "de-distilled" in fields["guidance"]["description"]
+    assert "conjure[float8]" in fields["base_weights_dtype"]["description"]
+    assert "conjure[bnb]" in fields["base_weights_dtype"]["description"]
+    for name, value in (("logit_std", 0), ("guidance", -1), ("timestep_sampling", "normal"),
+                        ("base_weights_dtype", "int8")):
+        assert f"advanced.{name}" in error_of(lora_minimal(**{name: value}))

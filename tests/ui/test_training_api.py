@@ -56,7 +56,10 @@ def test_methods_list_every_config_type(client):
     assert [m["type"] for m in methods] == list(CONFIG_TYPES)
     by_type = {m["type"]: m for m in methods}
     assert list(by_type) == ["textual_inversion", "lora", "pivotal"]
-    assert all(m["families"] == ["sd1", "sd2", "sdxl"] for m in methods)  # basic.family picks one (auto: the model)
+    # basic.family picks one (auto: the model); FLUX.1 trains LoRAs only
+    assert {t: m["families"] for t, m in by_type.items()} == {
+        "textual_inversion": ["sd1", "sd2", "sdxl"], "lora": ["sd1", "sd2", "sdxl", "flux"],
+        "pivotal": ["sd1", "sd2", "sdxl"]}
     assert by_type["lora"]["title"].startswith("LoRA / DoRA: a concept model")
 
 

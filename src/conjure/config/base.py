@@ -3,8 +3,8 @@ optimizer and advanced sections) and the checks of those sections against `basic
 
 A config type names a training method; the model family is a setting of its own (`basic.family`, 'auto': read
 from the model), so one type trains every family its method supports (`FAMILIES`). Settings that apply to some
-families only are checked here when the family is named, and by the loop once it is detected
-(conjure.train.conditioning for clip skip).
+families only are checked here when the family is named, and once it is detected from the model's configs
+(conjure.models.loading, before any weights load).
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class RunConfigBase(RunConfigHead):
             raise FieldProblem("basic.family", f"{self.type} trains {' and '.join(self.FAMILIES)} models, not {family}")
         from conjure.families import get
 
+        misplaced = self.advanced.misplaced(get(family).objective, get(family).title) if family != "auto" else None
+        if misplaced:
+            raise FieldProblem(*misplaced)
         if family != "auto" and not get(family).clip_skip and self.advanced.clip_skip != 1:
             raise FieldProblem(
                 "advanced.clip_skip",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -101,6 +101,7 @@ class LoraConfig(RunConfigBase, _LoraSections):
     """LoRA / DoRA: a concept model from captioned images (SDXL: size/crop conditioning, both text encoders)."""
 
     type: Literal["lora"] = "lora"
+    FAMILIES: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl", "flux")
     optimizer: LoraOptimizerConfig = Field(default_factory=LoraOptimizerConfig)
 
     def default_prompts(self) -> list[str]:

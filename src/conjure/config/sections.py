@@ -9,6 +9,7 @@ the web app's path gate walks these (conjure.ui.training), and a test keeps ever
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,8 +32,9 @@ class BasicConfig(Section):
     """Base model, where the run goes, how long it trains, and when it saves and validates."""
 
     base_model: str = Field(
-        description="Hub id (e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5'), a diffusers model folder, "
-        "or a single-file .safetensors checkpoint.",
+        description="Hub id (e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5' or "
+        "'black-forest-labs/FLUX.1-dev'), a diffusers model folder, or a single-file .safetensors checkpoint "
+        "(for FLUX.1: a transformer file, with basic.base_model_config).",
         json_schema_extra={"example": "path/to/model", "path": "model"},
     )
     base_model_config: str | None = Field(
@@ -40,7 +42,9 @@ class BasicConfig(Section):
         description="Only for a single-file checkpoint: a diffusers model folder or hub id whose configs "
         "describe it (needed offline, where diffusers cannot fetch them). Its scheduler's prediction type and "
         "its resolution apply unless the file has a 'v_pred' marker (e.g. an SD 2.x file: point this at "
-        "stable-diffusion-2-1 for 768-v or stable-diffusion-2-1-base for 512 epsilon).",
+        "stable-diffusion-2-1 for 768-v or stable-diffusion-2-1-base for 512 epsilon). A FLUX.1 transformer "
+        "file (e.g. flux1-dev.safetensors) holds the transformer alone: this model (e.g. "
+        "'black-forest-labs/FLUX.1-dev') gives its config and the VAE, text encoders and scheduler.",
         json_schema_extra={"path": "model"},
     )
     vae: str | None = Field(
@@ -51,10 +55,11 @@ class BasicConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base_model.")
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16'.")
-    family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
+    family: Literal["auto", "sd1", "sd2", "sdxl", "flux"] = Field(
         "auto",
-        description="Model family; 'auto' reads it from the model's own configs. Naming one also checks that the "
-        "model is one, and checks settings that depend on it (advanced.clip_skip) before anything loads.",
+        description="Model family; 'auto' reads it from the model's own configs (FLUX.1 dev or schnell too). "
+        "Naming one also checks that the model is one, and checks settings that depend on it (advanced.clip_skip, "
+        "the DDPM-only and flow-only settings of advanced) before anything loads.",
     )
     output_dir: str = Field("runs", description="Folder that holds run folders.", json_schema_extra={"path": "output"})
     run_name: str | None = Field(
@@ -281,7 +286,8 @@ class OptimizerConfig(Section):
 
 
 class AdvancedConfig(Section):
-    """Memory against speed, numerical safety, and the loss (prediction type, min-SNR, noise offset)."""
+    """Memory against speed, numerical safety, and the loss: prediction type, min-SNR and noise offset for the
+    DDPM (SD) families, timestep sampling, loss weighting and guidance for the flow-matching ones (FLUX.1)."""
 
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto",
@@ -302,20 +308,84 @@ class AdvancedConfig(Section):
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto",
-        description="What the UNet predicts: 'auto' reads the model's scheduler config, or for a single file its "
-        "'v_pred' marker (SD 2.x files without one: basic.base_model_config or ComfyUI's weight test); set it "
-        "when that is wrong. Applies to training and validation.",
+        description="SD families: what the UNet predicts. 'auto' reads the model's scheduler config, or for a "
+        "single file its 'v_pred' marker (SD 2.x files without one: basic.base_model_config or ComfyUI's weight "
+        "test); set it when that is wrong. Applies to training and validation. FLUX.1 trains with flow matching: "
+        "leave it at auto.",
     )
     min_snr_gamma: float | None = Field(
         None,
         gt=0,
-        description="Min-SNR loss weighting (Hang et al. 2023): down-weights easy low-noise timesteps; 5.0 is the "
-        "usual value; null: off.",
+        description="SD families: Min-SNR loss weighting (Hang et al. 2023), down-weights easy low-noise "
+        "timesteps; 5.0 is the usual value; null: off. FLUX.1: see loss_weighting.",
     )
     noise_offset: float = Field(
         0.0,
         ge=0,
         le=1,
-        description="Offset noise: 0.05-0.1 helps the model learn very dark or very bright images; 0: off.",
+        description="SD families: offset noise, 0.05-0.1 helps the model learn very dark or very bright images; "
+        "0: off. (Not for FLUX.1: flow matching does not have the DDPM schedule's brightness bias it corrects.)",
+    )
+    timestep_sampling: Literal["logit_normal", "sigmoid", "uniform", "shift"] = Field(
+        "logit_normal",
+        description="FLUX.1 (flow matching): how each sample's noise level sigma in [0, 1] is drawn. 'logit_normal': "
+        "the sigmoid of a normal draw with logit_mean and logit_std (SD3's default; favours the middle noise "
+        "levels); 'sigmoid': the same with mean 0 (kohya's sigmoid); 'uniform': every level alike; 'shift': "
+        "shifted toward more noise by the amount FLUX.1 samples with at the image's size (from the scheduler's "
+        "base_shift/max_shift: bigger images, more noise), as kohya's flux_shift.",
+    )
+    logit_mean: float = Field(
+        0.0, description="FLUX.1 with timestep_sampling logit_normal: the normal draw's mean (> 0: more noise)."
+    )
+    logit_std: float = Field(
+        1.0, gt=0,
+        description="FLUX.1 with timestep_sampling logit_normal, sigmoid or shift: the normal draw's spread (larger: "
+        "more of the very low and very high noise levels).",
+    )
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none",
+        description="FLUX.1: weight each sample's loss by its noise level, as SD3's training scripts can: 'none' "
+        "(plain mean squared error, what FLUX.1 LoRA trainers use by default), 'sigma_sqrt' (1/sigma^2), "
+        "'cosmap' (the cosine-map weighting of the SD3 paper).",
+    )
+    guidance: float = Field(
+        1.0, ge=0,
+        description="FLUX.1-dev: the guidance value fed to the transformer's guidance input while training. dev "
+        "is guidance-distilled: instead of classifier-free guidance it takes the guidance scale as an input (3.5 "
+        "is typical for generating). 1.0 trains the adapter on dev's unguided prediction, which is also what "
+        "de-distilled bases (dev retrained to use real classifier-free guidance) were trained with and expect; "
+        "other values train it for one guidance scale. schnell has no guidance input: leave it at 1.0.",
+    )
+    base_weights_dtype: Literal["auto", "float8", "nf4"] = Field(
+        "auto",
+        description="How the frozen FLUX.1 transformer is stored on the GPU: 'auto' in mixed_precision's dtype "
+        "(bf16: 2 bytes a weight, ~24 GB for FLUX.1-dev); 'float8' (1 byte: torchao's weight-only float8, "
+        "computed in bf16; needs a CUDA GPU and pip install 'conjure[float8]'); 'nf4' (about half a byte: "
+        "bitsandbytes' 4-bit NormalFloat, as QLoRA; needs a CUDA GPU and pip install 'conjure[bnb]'). Only "
+        "the base weights shrink: the LoRA trains in float32 either way, slightly less exact under nf4.",
     )
 
+
+    def misplaced(self, objective: str, title: str) -> tuple[str, str] | None:
+        """The first setting changed from its default that belongs to another training objective than
+        `objective` (the family's: "ddpm" or "flow"), as (field, why); `title` names the family."""
+        for other, fields in OBJECTIVE_SETTINGS.items():
+            changed = [(name, default) for name, default in fields.items() if getattr(self, name) != default]
+            if other != objective and changed:
+                name, default = changed[0]
+                models, kind = OBJECTIVES[other]
+                return f"advanced.{name}", (f"is for {models} ({kind}), and {title} trains with "
+                                            f"{OBJECTIVES[objective][1]}; set it to {json.dumps(default)}")
+        return None
+
+
+# Settings of one training objective only ("ddpm": the SD families' epsilon / v-prediction on the DDPM schedule;
+# "flow": FLUX.1's rectified flow), with their defaults. Changed on a family of the other objective they would do
+# nothing, silently (min-SNR has no SNR to read under flow matching; a UNet has no guidance input), so they are
+# refused. base_weights_dtype quantises the frozen FLUX.1 transformer only.
+OBJECTIVE_SETTINGS: dict[str, dict[str, object]] = {
+    "ddpm": {"prediction_type": "auto", "min_snr_gamma": None, "noise_offset": 0.0},
+    "flow": {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "loss_weighting": "none",
+             "guidance": 1.0, "base_weights_dtype": "auto"},
+}
+OBJECTIVES = {"ddpm": ("SD 1.x, 2.x and SDXL", "the DDPM objective"), "flow": ("FLUX.1", "flow matching")}

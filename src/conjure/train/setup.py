@@ -75,6 +75,13 @@ class LoopSettings:
     prediction_type: str  # as configured ("auto": the model's own)
     min_snr_gamma: float | None
     noise_offset: float
+    # flow matching (FLUX.1): advanced.timestep_sampling, logit_mean, logit_std, loss_weighting, guidance
+    timestep_sampling: str
+    logit_mean: float
+    logit_std: float
+    loss_weighting: str
+    guidance: float
+    base_weights_dtype: str  # "auto", "float8" or "nf4": how the frozen transformer is stored
     save_every_n_steps: int
     keep_last_n_checkpoints: int | None
     validation: ValidationSettings
@@ -90,6 +97,8 @@ class LoopSettings:
             dataloader_num_workers=data.dataloader_num_workers,
             gradient_accumulation_steps=adv.gradient_accumulation_steps, max_grad_norm=adv.max_grad_norm,
             prediction_type=adv.prediction_type, min_snr_gamma=adv.min_snr_gamma, noise_offset=adv.noise_offset,
+            timestep_sampling=adv.timestep_sampling, logit_mean=adv.logit_mean, logit_std=adv.logit_std,
+            loss_weighting=adv.loss_weighting, guidance=adv.guidance, base_weights_dtype=adv.base_weights_dtype,
             save_every_n_steps=basic.save_every_n_steps, keep_last_n_checkpoints=basic.keep_last_n_checkpoints,
             validation=ValidationSettings(
                 prompts=tuple(val.prompts), seeds=tuple(val.seeds), negative_prompt=val.negative_prompt,
