@@ -1,4 +1,4 @@
-"""Tiny random-weight SD1/SD2/SDXL models: folder layout, loading back, generation, determinism, real widths."""
+"""Tiny random-weight SD1/SD2/SDXL/FLUX models: folder layout, loading back, generation, determinism, real widths."""
 
 import numpy as np
 import pytest
@@ -6,17 +6,23 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from safetensors import safe_open
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from conjure.errors import ConjureError
+from conjure.families import unet_families
 from conjure.models.tiny import FAMILIES, build_tiny_components, write_tiny_model
 
-PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,
+             "flux": FluxPipeline}
+UNET_FAMILIES = tuple(unet_families())
 PROMPT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP vocabulary
 
 
@@ -51,7 +57,7 @@ def test_folder_loads_as_pipeline_and_generates(tiny_model_dirs, family):
     assert pipe.tokenizer("a photo of a cat").input_ids == PROMPT_IDS
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", UNET_FAMILIES)
 def test_parts_load_individually(tiny_model_dirs, family):
     path = tiny_model_dirs[family]
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
@@ -78,16 +84,56 @@ def test_parts_load_individually(tiny_model_dirs, family):
         assert unet.config.addition_embed_type == "text_time"
 
 
+def test_flux_parts_load_individually(tiny_model_dirs):
+    path = tiny_model_dirs["flux"]
+    transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    t5_tokenizer = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2")
+
+    assert transformer.config.guidance_embeds  # dev-like by default
+    assert transformer.config.in_channels == 4 * vae.config.latent_channels  # 2x2 packing
+    assert transformer.config.joint_attention_dim == t5.config.d_model
+    assert transformer.config.pooled_projection_dim == text_encoder.config.hidden_size
+    assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
+    # FLUX.1's VAE traits: its scale and shift, no quant convolutions
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
+    assert not vae.config.use_quant_conv and not vae.config.use_post_quant_conv
+    assert scheduler.config.use_dynamic_shifting and scheduler.config.max_shift == 1.15
+    assert tokenizer.pad_token == "<|endoftext|>"
+    # T5's special ids, and a caption ends with </s>
+    assert (t5_tokenizer.pad_token_id, t5_tokenizer.eos_token_id, t5_tokenizer.unk_token_id) == (0, 1, 2)
+    ids = t5_tokenizer("a photo of a cat").input_ids
+    assert ids[-1] == 1 and len(ids) == 6 and 2 not in ids  # every word one token
+    assert t5.config.vocab_size == len(t5_tokenizer) and t5.config.feed_forward_proj == "gated-gelu"
+
+
+def test_flux_schnell_has_no_guidance_input():
+    components = build_tiny_components("flux", variant="schnell")
+    assert not components["transformer"].config.guidance_embeds
+    assert not components["scheduler"].config.use_dynamic_shifting  # schnell samples unshifted
+    pipe = FluxPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    assert _generate(pipe).shape == (1, 64, 64, 3)
+
+
+PARTS = {
+    "sd1": {"unet", "text_encoder", "tokenizer", "safety_checker"},
+    "sd2": {"unet", "text_encoder", "tokenizer", "safety_checker"},
+    "sdxl": {"unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"},
+    "flux": {"transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"},
+}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_components_build_a_pipeline_in_memory(family):
     components = build_tiny_components(family)
-    expected = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "feature_extractor"}
-    expected |= {"text_encoder_2", "tokenizer_2"} if family == "sdxl" else {"safety_checker"}
-    assert set(components) == expected
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(**components)
-    else:
-        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    assert set(components) == PARTS[family] | {"vae", "scheduler", "image_encoder", "feature_extractor"}
+    pipe = PIPELINES[family](**components, **({"requires_safety_checker": False} if "safety_checker" in components
+                                              else {}))
     pipe.set_progress_bar_config(disable=True)
     assert _generate(pipe).shape == (1, 64, 64, 3)
 
@@ -95,11 +141,17 @@ def test_components_build_a_pipeline_in_memory(family):
 def test_same_seed_same_weights_and_caller_rng_untouched():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a = build_tiny_components("sdxl", seed=0)
+    for family, parts in (("sdxl", ("unet", "vae", "text_encoder", "text_encoder_2")),
+                          ("flux", ("transformer", "vae", "text_encoder", "text_encoder_2"))):
+        _assert_seeded(family, parts, before)
+
+
+def _assert_seeded(family, parts, before):
+    a = build_tiny_components(family, seed=0)
     assert torch.equal(torch.random.get_rng_state(), before)
-    b = build_tiny_components("sdxl", seed=0)
-    c = build_tiny_components("sdxl", seed=1)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    b = build_tiny_components(family, seed=0)
+    c = build_tiny_components(family, seed=1)
+    for name in parts:
         sa, sb, sc = a[name].state_dict(), b[name].state_dict(), c[name].state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
@@ -131,7 +183,12 @@ REAL_WIDTHS = {  # family -> (text-encoder hidden sizes, UNet cross_attention_di
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def test_flux_has_no_real_widths_tiny_model():
+    with pytest.raises(ConjureError, match="build_reference_components on the meta device"):
+        build_tiny_components("flux", real_widths=True)
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES)
 def test_real_widths_components(family):
     components = build_tiny_components(family, real_widths=True)  # 1.5-3.5 s
     hidden, cross = REAL_WIDTHS[family]
@@ -156,7 +213,7 @@ def test_real_widths_components(family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", UNET_FAMILIES)
 def test_real_widths_write_and_load(tmp_path, family):
     # 4-9 s and 0.2-0.7 GB on disk each.
     path = write_tiny_model(family, tmp_path / family, real_widths=True)

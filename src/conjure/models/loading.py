@@ -17,11 +17,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conjure import families
 from conjure.errors import ConjureError
-from conjure.families import Family
+from conjure.families import Family, Variant
+
+if TYPE_CHECKING:
+    from conjure.config.sections import AdvancedConfig
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -68,7 +71,7 @@ class LoadedModel:
         return [(self.components[s.tokenizer], self.components[s.encoder]) for s in self.family.text_encoders]
 
 
-def _fail(source: str, exc: BaseException) -> ConjureError:
+def fail(source: str, exc: BaseException) -> ConjureError:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -80,19 +83,36 @@ def _fail(source: str, exc: BaseException) -> ConjureError:
     return ConjureError(f"cannot load base model {source!r}: {reason}")
 
 
-def _pick_family(requested: str, detected: Family, allowed: tuple[str, ...] | None = None, method: str = "") -> Family:
-    if requested != "auto" and requested != detected.name:
-        raise ConjureError(
-            f"basic.family is {requested!r} but the model looks like {detected.name} ({detected.title}); "
-            "set basic.family: auto or check basic.base_model"
-        )
-    if allowed is not None and detected.name not in allowed:
-        # Checked from the configs, before any weights load.
-        raise ConjureError(
-            f"{method or 'this method'} trains {' and '.join(allowed)} models, but the base model is "
-            f"{detected.name} ({detected.title})"
-        )
-    return detected
+@dataclass(frozen=True)
+class Wanted:
+    """What the run asks of the model, checked once the configs say its family, before any weights load:
+    `family` (basic.family), the families the method trains, and the advanced settings (those of the other
+    objective are refused, naming the field)."""
+
+    family: str = "auto"
+    allowed: tuple[str, ...] | None = None
+    method: str = ""
+    advanced: AdvancedConfig | None = None
+
+    def pick(self, detected: Family) -> Family:
+        if self.family != "auto" and self.family != detected.name:
+            raise ConjureError(
+                f"basic.family is {self.family!r} but the model looks like {detected.name} ({detected.title}); "
+                "set basic.family: auto or check basic.base_model"
+            )
+        if self.allowed is not None and detected.name not in self.allowed:
+            raise ConjureError(
+                f"{self.method or 'this method'} trains {' and '.join(self.allowed)} models, but the base model is "
+                f"{detected.name} ({detected.title})"
+            )
+        misplaced = self.advanced.misplaced(detected.objective, detected.title) if self.advanced else None
+        if misplaced:
+            raise ConjureError(": ".join(misplaced))
+        return detected
+
+    def check_variant(self, variant: Variant) -> None:
+        if self.advanced and not variant.guidance and self.advanced.guidance != 1.0:
+            raise ConjureError(f"advanced.guidance: {variant.title} has no guidance input; set it to 1.0")
 
 
 def load_base_model(
@@ -106,24 +126,26 @@ def load_base_model(
     method: str = "",
     prediction_type: str = "auto",
     vae: str | None = None,
+    advanced: AdvancedConfig | None = None,
 ) -> LoadedModel:
     """`allowed_families`: refuse (from the configs, before weights load) a model of another family.
-    `prediction_type`: "auto" (from the model) or the user's setting, which wins. `vae`: a VAE to use instead."""
-    check = {"allowed": allowed_families, "method": method}
+    `prediction_type`: "auto" (from the model) or the user's setting, which wins. `vae`: a VAE to use instead.
+    `advanced`: the run's advanced settings, refused (before weights load) where the family cannot use them."""
+    wanted = Wanted(family, allowed_families, method, advanced)
     path = Path(base_model).expanduser()
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ConjureError(f"base model {base_model!r} is a file but not a .safetensors/.ckpt checkpoint")
-        model = _load_single_file(path, family, base_model_config, prediction_type, **check)
+        model = _load_file(path, wanted, base_model_config, prediction_type)
     elif path.is_dir():
-        if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
+        if not (path / "model_index.json").is_file() or not any((path / d).is_dir() for d in ("unet", "transformer")):
             raise ConjureError(
-                f"base model folder {base_model!r} is not a diffusers model (no model_index.json and unet/); "
-                "give a diffusers folder, a .safetensors checkpoint or a hub id"
+                f"base model folder {base_model!r} is not a diffusers model (no model_index.json with unet/ or "
+                "transformer/); give a diffusers folder, a .safetensors checkpoint or a hub id"
             )
-        model = _load_diffusers(str(path), family, revision=None, variant=variant, **check)
+        model = _load_diffusers(str(path), wanted, revision=None, variant=variant)
     elif HUB_ID.match(base_model) and not base_model.startswith((".", "/", "~")):
-        model = _load_diffusers(base_model, family, revision=revision, variant=variant, **check)
+        model = _load_diffusers(base_model, wanted, revision=revision, variant=variant)
     else:
         raise ConjureError(f"base model not found: {base_model!r} is not a folder, a checkpoint file or a hub id")
     if not model.facts:  # a diffusers model: its configs state everything
@@ -143,6 +165,19 @@ def load_base_model(
     return model
 
 
+def _load_file(path: Path, wanted: Wanted, base_model_config: str | None, prediction_type: str) -> LoadedModel:
+    """A single file: a FLUX.1 transformer (its keys say so) or a whole SD model."""
+    from conjure.models import transformer_loading as flow
+
+    try:
+        keys = _file_keys(path, None)[0] if path.suffix.lower() == ".safetensors" else set()
+    except Exception as exc:
+        raise ConjureError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if flow.is_flux_file(keys):
+        return flow.load_flux_file(path, keys, base_model_config, wanted)
+    return _load_single_file(path, wanted, base_model_config, prediction_type)
+
+
 def _native_resolution(unet: Any, vae: Any) -> int:
     """The resolution the model was trained at: UNet sample size times the VAE's downscale."""
     return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
@@ -158,28 +193,34 @@ def _settle(model: LoadedModel, prediction: Fact, zero_snr: Fact, resolution: Fa
     )
 
 
-def _load_diffusers(
-    source: str, family: str, *, revision: str | None, variant: str | None, allowed: tuple[str, ...] | None = None,
-    method: str = "",
-) -> LoadedModel:
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+def _load_diffusers(source: str, wanted: Wanted, *, revision: str | None, variant: str | None) -> LoadedModel:
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     import torch
 
+    from conjure.models import transformer_loading as flow
+
     common = {"revision": revision}
+    try:
+        index = DiffusionPipeline.load_config(source, **common)
+    except Exception as exc:  # diffusers raises OSError, ValueError or hub errors here
+        raise fail(source, exc) from None
+    if "transformer" in index:  # a flow-matching transformer model (FLUX.1)
+        return flow.load_flow_diffusers(source, wanted, revision=revision, variant=variant)
     # Load in float32 whatever the files hold (fp16 files are common): training keeps fp32 masters and casts
     # frozen parts to the run's precision itself. transformers 5 keeps a file's dtype unless told.
     fp32 = {"torch_dtype": torch.float32}
     try:
-        index = DiffusionPipeline.load_config(source, **common)
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
-    except Exception as exc:  # diffusers raises OSError, ValueError or hub errors here
-        raise _fail(source, exc) from None
+    except Exception as exc:
+        raise fail(source, exc) from None
     detected = families.detect(unet_config, has_text_encoder_2=bool(index.get("text_encoder_2", [None])[0]))
-    fam = _pick_family(family, detected, allowed, method)
+    fam = wanted.pick(detected)
     encoder_classes = {"CLIPTextModelWithProjection": CLIPTextModelWithProjection}
     try:
+        from diffusers import AutoencoderKL, DDPMScheduler
+
         components: dict[str, Any] = {
             "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **fp32, **common),
             "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **fp32, **common),
@@ -195,7 +236,7 @@ def _load_diffusers(
                 source, subfolder=slot.encoder, variant=variant, dtype=torch.float32, **common
             )
     except Exception as exc:
-        raise _fail(source, exc) from None
+        raise fail(source, exc) from None
     return LoadedModel(family=fam, source=source, components=components)
 
 
@@ -271,10 +312,8 @@ def _single_file_facts(
     return prediction, zero_snr, resolution
 
 
-def _load_single_file(
-    path: Path, family: str, base_model_config: str | None, prediction_type: str = "auto", *,
-    allowed: tuple[str, ...] | None = None, method: str = "",
-) -> LoadedModel:
+def _load_single_file(path: Path, wanted: Wanted, base_model_config: str | None, prediction_type: str = "auto"
+                      ) -> LoadedModel:
     import diffusers
 
     try:
@@ -285,7 +324,7 @@ def _load_single_file(
     # from the UNet config diffusers loads them with.
     two_encoders = any(k.startswith("conditioner.embedders.1.") for k in keys)
     if two_encoders:
-        _pick_family(family, families.SDXL, allowed, method)
+        wanted.pick(families.SDXL)
     try:
         candidate = families.SDXL if two_encoders else families.SD1
         pipeline_cls = getattr(diffusers, candidate.pipeline_class)
@@ -298,7 +337,7 @@ def _load_single_file(
             " (offline, set basic.base_model_config to a diffusers folder of its family)")
         raise ConjureError(f"cannot load checkpoint {str(path)!r}: {str(exc).splitlines()[0]}{hint}") from None
     detected = families.detect(pipe.unet.config, has_text_encoder_2=getattr(pipe, "text_encoder_2", None) is not None)
-    fam = _pick_family(family, detected, allowed, method)
+    fam = wanted.pick(detected)
     components = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": pipe.scheduler}
     for slot in fam.text_encoders:
         components[slot.tokenizer] = getattr(pipe, slot.tokenizer)

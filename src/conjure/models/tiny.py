@@ -1,4 +1,6 @@
-"""Small random-weight Stable Diffusion models (SD1, SD2, SDXL layouts) for tests, demos and benchmarks.
+"""Small random-weight Stable Diffusion and FLUX.1 models (SD1, SD2, SDXL, FLUX layouts) for tests, demos and
+benchmarks. FLUX.1 (dev-like by default, `variant="schnell"` without the guidance input) is built by
+`conjure.models.tiny_flux`, which says its widths; the rest of this docstring is about the SD families.
 
 They are real diffusers pipelines in the standard folder layout (model_index.json + unet/, vae/, text_encoder/,
 tokenizer/, scheduler/, and text_encoder_2/, tokenizer_2/ for SDXL): everything that loads, trains or exports a
@@ -47,7 +49,7 @@ from typing import Any, Iterator
 
 from conjure import families
 from conjure.errors import ConjureError
-from conjure.families import Family
+from conjure.families import Family, TransformerArchitecture
 from conjure.models.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer
 
 __all__ = ["FAMILIES", "build_tiny_components", "save_model_folder", "write_tiny_model"]
@@ -123,7 +125,7 @@ def _unet_config(
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Seed torch's CPU RNG for one module build without disturbing the caller's RNG state."""
     import torch
 
@@ -133,7 +135,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def build_tiny_components(
-    family: str, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0
+    family: str, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0, variant: str | None = None
 ) -> dict[str, Any]:
     """Random-weight pipeline components for `family` ("sd1", "sd2" or "sdxl"), deterministic for `seed`.
 
@@ -143,17 +145,28 @@ def build_tiny_components(
     feature_extractor=None -> `StableDiffusionXLPipeline(**components)`.
     Each module is built under its own seed (seed, seed+1, ...) in a forked RNG: the caller's torch RNG is untouched.
     real_layout: the real UNet block layout (layers_per_block=2) with the default small widths (module docstring).
+    flux: transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler, image_encoder=None,
+    feature_extractor=None -> `FluxPipeline(**components)`; `variant`: "dev" (default) or "schnell".
     """
     fam = families.get(family)
+    if isinstance(fam.reference, TransformerArchitecture):
+        if real_widths or real_layout:
+            # one real-width FLUX.1 block pair and a 2-layer T5-XXL are already ~4 GB: use models.reference on meta
+            raise ConjureError(f"{fam.title} has no real_widths/real_layout tiny model; use "
+                               "conjure.models.reference.build_reference_components on the meta device")
+        from conjure.models.tiny_flux import build_tiny_flux_components
+
+        return build_tiny_flux_components(fam, fam.reference, variant=variant, seed=seed)
+    arch = fam.reference
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizers = [clip_tokenizer(pad) for pad in fam.pad_tokens]
     text_specs = _text_encoder_specs(fam, real_widths)
 
-    with _seeded(seed):
+    with seeded(seed):
         unet = UNet2DConditionModel(**_unet_config(fam, real_widths, text_specs, real_layout))
-    with _seeded(seed + 1):
+    with seeded(seed + 1):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -164,7 +177,7 @@ def build_tiny_components(
             norm_num_groups=4,
             latent_channels=4,
             sample_size=64,
-            scaling_factor=fam.reference.vae_scale,  # the real VAE's factor
+            scaling_factor=arch.vae_scale,  # the real VAE's factor
         )
     text_encoders = []
     for i, (spec, tokenizer) in enumerate(zip(text_specs, tokenizers)):
@@ -183,7 +196,7 @@ def build_tiny_components(
             pad_token_id=tokenizer.pad_token_id,
         )
         model_cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
-        with _seeded(seed + 2 + i):
+        with seeded(seed + 2 + i):
             text_encoders.append(model_cls(config).eval())
 
     scheduler = DDPMScheduler(
@@ -193,7 +206,7 @@ def build_tiny_components(
         beta_schedule="scaled_linear",
         steps_offset=1,
         clip_sample=False,
-        prediction_type=fam.reference.prediction_type,
+        prediction_type=arch.prediction_type,
     )
     components: dict[str, Any] = {
         "unet": unet.eval(),
@@ -211,7 +224,8 @@ def build_tiny_components(
 
 
 def write_tiny_model(
-    family: str, out_dir: Path, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0
+    family: str, out_dir: Path, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0,
+    variant: str | None = None,
 ) -> Path:
     """Write a random-weight diffusers model folder for `family` into `out_dir` and return `out_dir`.
 
@@ -224,22 +238,30 @@ def write_tiny_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConjureError(f"cannot write a model to {out_dir}: it is a file, not a folder")
-    components = build_tiny_components(family, real_widths=real_widths, real_layout=real_layout, seed=seed)
+    components = build_tiny_components(family, real_widths=real_widths, real_layout=real_layout, seed=seed,
+                                       variant=variant)
     return save_model_folder(family, components, out_dir)
 
 
 def save_model_folder(family: str, components: dict[str, Any], out_dir: Path) -> Path:
     """Save pipeline components as a standard diffusers model folder (also used for full-size models)."""
+    import inspect
+
     import diffusers
 
     fam = families.get(family)
+    pipeline_class = getattr(diffusers, fam.pipeline_class)
     # no output filter: SD pipelines would warn about the missing safety checker, SDXL's adds a watermarker
-    quiet = {"requires_safety_checker": False} if fam.safety_checker else {"add_watermarker": False}
-    pipe = getattr(diffusers, fam.pipeline_class)(**components, **quiet)
+    quiet = {k: False for k in ("requires_safety_checker", "add_watermarker")
+             if k in inspect.signature(pipeline_class).parameters}
+    pipe = pipeline_class(**components, **quiet)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    # save_pretrained writes only tokenizer.json + tokenizer_config.json in transformers 5; rewrite the tokenizer
-    # folders with vocab.json/merges.txt/special_tokens_map.json too, like real SD folders (and transformers 4).
+    # save_pretrained writes only tokenizer.json + tokenizer_config.json in transformers 5; rewrite the CLIP
+    # tokenizer folders with vocab.json/merges.txt/special_tokens_map.json too, like real SD folders (and
+    # transformers 4). (A T5 tokenizer keeps its tokenizer.json: it has no SentencePiece model to write.)
     for slot in fam.text_encoders:
+        if slot.kind != "clip":
+            continue
         write_clip_tokenizer(out_dir / slot.tokenizer, slot.pad_token)
         _prefix_text_model_keys(out_dir / slot.encoder / "model.safetensors")
     return out_dir

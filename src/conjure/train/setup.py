@@ -158,7 +158,7 @@ def load_model(config: RunConfig, spec: MethodSpec) -> LoadedModel:
     return load_base_model(
         basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
         base_model_config=basic.base_model_config, allowed_families=spec.families, method=config.type,
-        prediction_type=config.advanced.prediction_type, vae=basic.vae,
+        prediction_type=config.advanced.prediction_type, vae=basic.vae, advanced=config.advanced,
     )
 
 
@@ -196,12 +196,19 @@ def chosen_facts(model: LoadedModel, resolution: int | None, precision: Fact) ->
 
 
 def describe(chosen: dict[str, Fact]) -> str:
-    prediction, zero_snr, resolution = chosen["prediction_type"], chosen["zero_terminal_snr"], chosen["resolution"]
+    prediction, resolution = chosen["prediction_type"], chosen["resolution"]
     precision = chosen["mixed_precision"]
-    schedule = "zero-terminal-SNR" if zero_snr.value else "standard"
     vae = chosen["vae"]
-    return (f"training target: {prediction.value} (from {prediction.source}), {schedule} noise schedule "
-            f"(from {zero_snr.source}), {resolution.value} px (from {resolution.source}), "
+    if "zero_terminal_snr" in chosen:  # a DDPM family
+        zero_snr = chosen["zero_terminal_snr"]
+        schedule = "zero-terminal-SNR" if zero_snr.value else "standard"
+        target = (f"training target: {prediction.value} (from {prediction.source}), {schedule} noise schedule "
+                  f"(from {zero_snr.source})")
+    else:  # a flow family: its variant instead of a noise schedule
+        variant = chosen["variant"]
+        target = (f"training objective: flow matching (from {prediction.source}), variant {variant.value} "
+                  f"(from {variant.source})")
+    return (f"{target}, {resolution.value} px (from {resolution.source}), "
             f"precision {precision.value} (from {precision.source}), VAE {vae.value} (from {vae.source})")
 
 

@@ -1,0 +1,159 @@
+"""Load a flow-matching transformer family's model (FLUX.1): a diffusers folder or hub id, or a single-file
+transformer checkpoint with the rest of the model from `basic.base_model_config`.
+
+The family comes from the pipeline class in model_index.json (`_class_name`: FluxPipeline) and the variant
+from the transformer's own config: FLUX.1-dev was guidance-distilled and takes the guidance value as an input
+(`guidance_embeds: true`), schnell does not. A single file (BFL's flux1-dev.safetensors, with the original
+`double_blocks.N...` names, with or without ComfyUI's `model.diffusion_model.` prefix, or a diffusers-named
+transformer) holds the transformer alone; its variant is read from its keys as diffusers reads it
+(`loaders/single_file_utils.py` infer_diffusers_model_type: a `guidance_in` embedder is dev) and must agree with
+the base_model_config's, and diffusers' own converter (`FluxTransformer2DModel.from_single_file`) renames it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from conjure import families
+from conjure.errors import ConjureError
+from conjure.families import Family
+from conjure.models.loading import Fact, LoadedModel, Wanted, fail
+
+# Marker keys of a FLUX.1 transformer file: BFL's names (diffusers' CHECKPOINT_KEY_NAMES["flux"]) and diffusers'
+# own; each family's guidance embedder. ComfyUI saves BFL's names under `model.diffusion_model.`.
+COMFY_PREFIX = "model.diffusion_model."
+FLUX_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "transformer_blocks.0.attn.norm_added_k.weight")
+GUIDANCE_KEYS = ("guidance_in.in_layer.bias", "time_text_embed.guidance_embedder.linear_1.bias")
+FLOW_CLASSES = {"clip": ("CLIPTextModel", "CLIPTokenizer"), "t5": ("T5EncoderModel", "T5TokenizerFast")}
+
+
+def flow_family(pipeline_class: str) -> Family | None:
+    """The transformer family whose pipeline class is `pipeline_class` (model_index.json's `_class_name`)."""
+    return next((f for f in families.FAMILIES.values() if f.denoiser == "transformer"
+                 and f.pipeline_class == pipeline_class), None)
+
+
+def is_flux_file(keys: set[str]) -> bool:
+    return any(k in keys or COMFY_PREFIX + k in keys for k in FLUX_MARKERS)
+
+
+def file_has_guidance(keys: set[str]) -> bool:
+    return any(k in keys or COMFY_PREFIX + k in keys for k in GUIDANCE_KEYS)
+
+
+def load_transformer_config(source: str, revision: str | None) -> tuple[Family, dict[str, Any]]:
+    """The family and the transformer config of a diffusers model whose model_index.json names a transformer."""
+    from diffusers import DiffusionPipeline, FluxTransformer2DModel
+
+
+    try:
+        index = DiffusionPipeline.load_config(source, revision=revision)
+        config = FluxTransformer2DModel.load_config(source, subfolder="transformer", revision=revision)
+    except Exception as exc:  # diffusers raises OSError, ValueError or hub errors here
+        raise fail(source, exc) from None
+    fam = flow_family(index.get("_class_name", ""))
+    if fam is None:
+        raise ConjureError(
+            f"base model {source!r} is a {index.get('_class_name')} model; conjure trains "
+            + ", ".join(f"{f.title} ({f.pipeline_class})" for f in families.FAMILIES.values())
+        )
+    return fam, dict(config)
+
+
+def load_parts(source: str, fam: Family, *, revision: str | None, variant: str | None,
+               transformer: Any = None) -> dict[str, Any]:
+    """The pipeline's parts in float32 (as loading.py loads the SD families'), `transformer` if given."""
+    import diffusers
+    import torch
+    import transformers
+
+
+    common = {"revision": revision}
+    try:
+        components: dict[str, Any] = {
+            fam.denoiser: transformer if transformer is not None else diffusers.FluxTransformer2DModel.from_pretrained(
+                source, subfolder=fam.denoiser, variant=variant, torch_dtype=torch.float32, **common),
+            "vae": diffusers.AutoencoderKL.from_pretrained(
+                source, subfolder="vae", variant=variant, torch_dtype=torch.float32, **common),
+            # FLUX.1's sampler: its config (base_shift, max_shift, use_dynamic_shifting) is what the flow
+            # objective's "shift" sampling and validation read
+            "scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler",
+                                                                                   **common),
+        }
+        for slot in fam.text_encoders:
+            model_class, tokenizer_class = (getattr(transformers, name) for name in FLOW_CLASSES[slot.kind])
+            components[slot.tokenizer] = tokenizer_class.from_pretrained(source, subfolder=slot.tokenizer, **common)
+            components[slot.encoder] = model_class.from_pretrained(
+                source, subfolder=slot.encoder, variant=variant, dtype=torch.float32, **common)
+    except Exception as exc:
+        raise fail(source, exc) from None
+    return components
+
+
+def load_single_transformer(path: Path, keys: set[str], base_model_config: str | None,
+                            pick: Callable[[Family], Family]) -> tuple[Family, Any, str]:
+    """A FLUX.1 transformer file: (family, the transformer, the variant's source); the other parts come from
+    `base_model_config`, whose transformer config must be of the file's variant. `pick` checks the family
+    (loading.Wanted.pick) before the weights load."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    if not base_model_config:
+        raise ConjureError(
+            f"{path.name} is a FLUX.1 transformer file, which holds the transformer alone; set basic.base_model_config "
+            "to the diffusers folder or hub id of the model it belongs to (e.g. black-forest-labs/FLUX.1-dev), "
+            "for its config, VAE, text encoders and scheduler"
+        )
+    fam, config = load_transformer_config(base_model_config, None)
+    pick(fam)
+    guidance = file_has_guidance(keys)
+    if guidance != bool(config.get("guidance_embeds")):
+        file_kind = fam.variant(None) if guidance else next(v for v in fam.variants if not v.guidance)
+        raise ConjureError(
+            f"{path.name} is a {file_kind.title} transformer ({'a' if guidance else 'no'} guidance input), but "
+            f"basic.base_model_config {base_model_config!r} is a {families.detect_variant(fam, config).title} model; "
+            f"point it at a {file_kind.title} model"
+        )
+    try:
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(path), config=base_model_config, subfolder=fam.denoiser, torch_dtype=torch.float32)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConjureError(f"cannot load checkpoint {str(path)!r}: {reason}") from None
+    found = next((k for k in keys if k.removeprefix(COMFY_PREFIX) in GUIDANCE_KEYS), None)
+    return fam, transformer, f"file key {found!r}" if found else "no guidance embedder in the file"
+
+
+def load_flow_diffusers(source: str, wanted: Wanted, *, revision: str | None, variant: str | None) -> LoadedModel:
+    """A diffusers folder or hub id whose model_index.json names a transformer."""
+    fam = wanted.pick(load_transformer_config(source, revision)[0])
+    model = LoadedModel(family=fam, source=source,
+                        components=load_parts(source, fam, revision=revision, variant=variant))
+    _settle(model, wanted, "the transformer config (guidance_embeds)")
+    return model
+
+
+def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wanted: Wanted) -> LoadedModel:
+    """A FLUX.1 transformer file and the other parts from `base_model_config`."""
+    fam, transformer, variant_source = load_single_transformer(path, keys, base_model_config, wanted.pick)
+    assert base_model_config is not None  # load_single_transformer refuses a file without it
+    components = load_parts(base_model_config, fam, revision=None, variant=None, transformer=transformer)
+    model = LoadedModel(family=fam, source=str(path), components=components)
+    _settle(model, wanted, variant_source)
+    return model
+
+
+def _settle(model: LoadedModel, wanted: Wanted, variant_source: str) -> None:
+    """A flow family's facts: its variant, the objective in place of the DDPM prediction type, the native size
+    (the VAE config's sample_size: FLUX.1's says 1024, a tiny model's its own)."""
+    fam = model.family
+    variant = families.detect_variant(fam, model.denoiser.config)
+    wanted.check_variant(variant)
+    sample_size = model.vae.config.get("sample_size")
+    model.facts.update(
+        variant=Fact(variant.name, variant_source),
+        prediction_type=Fact("flow_matching", f"the family ({fam.title})"),
+        resolution=Fact(sample_size, "the model's VAE config (sample_size)") if isinstance(sample_size, int)
+        else Fact(fam.reference.resolution, f"{variant.title}'s native size"),
+    )
