@@ -74,7 +74,7 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
     model = load_model(config, spec)
     reading = text_reading(config, model)
     accelerator, precision = make_accelerator(config.advanced)
-    place_model(model, accelerator.device, precision.value)
+    place_model(model, accelerator.device, precision.value, config.advanced.base_weights_dtype)
     recipe = spec.build(config, model)
     chosen = chosen_facts(model, config.data.resolution, precision)
     resolution = chosen["resolution"].value

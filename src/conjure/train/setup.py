@@ -153,8 +153,10 @@ def scan_data(config: RunConfig, spec: MethodSpec) -> tuple[list[Example], list[
 
 def load_model(config: RunConfig, spec: MethodSpec) -> LoadedModel:
     from conjure.models.loading import load_base_model
+    from conjure.models.quantize import check_base_weights_dtype
 
     basic = config.basic
+    check_base_weights_dtype(config.advanced.base_weights_dtype, cpu=config.advanced.cpu)
     return load_base_model(
         basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
         base_model_config=basic.base_model_config, allowed_families=spec.families, method=config.type,
@@ -231,14 +233,19 @@ def make_accelerator(adv: AdvancedConfig) -> tuple[Accelerator, Fact]:
     return accelerator, precision
 
 
-def place_model(model: LoadedModel, device: torch.device, precision: str) -> None:
-    """Freeze every part and cast it to the training precision (methods then add trainable fp32 parts)."""
+def place_model(model: LoadedModel, device: torch.device, precision: str, base_weights: str = "auto") -> None:
+    """Freeze every part and cast it to the training precision (methods then add trainable fp32 parts);
+    `base_weights` (advanced.base_weights_dtype) "float8" or "nf4" then stores the denoiser's Linear weights so."""
+    from conjure.models.quantize import quantize_frozen
+
     for name, part in model.components.items():
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
             # fp16 VAEs overflow on some models (SDXL's is the known case); fp32 costs little here.
             keep_fp32 = name == "vae" and precision == "fp16"
             part.to(device, torch.float32 if keep_fp32 else WEIGHT_DTYPES[precision])
+    if base_weights != "auto":  # before the method adds its adapters: only the base layers convert
+        quantize_frozen(model.denoiser, base_weights, device)
 
 
 def open_run_dir(config: RunConfig, resume: str | None) -> tuple[Path | None, Path]:

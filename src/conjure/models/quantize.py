@@ -1,0 +1,75 @@
+"""`advanced.base_weights_dtype`: the frozen FLUX.1 transformer's Linear weights stored in float8 or nf4.
+
+- "float8": torchao's weight-only float8 (`quantize_(module, Float8WeightOnlyConfig())`, torchao 0.18): each
+  weight becomes a Float8Tensor (e4m3, one scale per row) that is upcast to the weight's own dtype (the run's
+  bf16) for every matmul. No float8 matmul runs, so it needs no Ada/Hopper GPU (torchao checks compute
+  capability 8.9 only for its float8 *activation* configs); it halves bf16's 2 bytes a weight.
+- "nf4": bitsandbytes' 4-bit NormalFloat (QLoRA), each nn.Linear replaced by `bnb.nn.Linear4bit` whose weight is
+  quantised when it moves to the GPU (bitsandbytes' documented use: build the layer, set `Params4bit`, `.cuda()`),
+  with matmuls in the run's dtype. PEFT wraps Linear4bit layers with its bnb LoRA layer.
+
+Every nn.Linear of the module is converted, as diffusers' quantizers do when they load FLUX.1 (its
+`_keep_in_fp32_modules` excepted: none for FluxTransformer2DModel); the blocks hold 99.9% of its 11.9B
+weights. Both run before the adapters are added, so only the base layers are converted. Both are for a CUDA GPU's
+memory, so they are refused (one line, before the model loads) on the CPU or without the library.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from conjure.errors import ConjureError
+
+LIBRARIES = {"float8": ("torchao", "conjure[float8]"), "nf4": ("bitsandbytes", "conjure[bnb]")}
+
+
+def check_base_weights_dtype(choice: str, *, cpu: bool) -> None:
+    """Refuse a `choice` this machine cannot run: any but "auto" on the CPU, or without its library."""
+    if choice == "auto":
+        return
+    if cpu or not torch.cuda.is_available():
+        where = "advanced.cpu is set" if cpu else "there is no CUDA GPU"
+        raise ConjureError(f"advanced.base_weights_dtype: {choice} stores the frozen transformer to save a CUDA GPU's "
+                           f"memory, and {where}; set it to auto")
+    library, extra = LIBRARIES[choice]
+    if importlib.util.find_spec(library) is None:
+        raise ConjureError(f"advanced.base_weights_dtype: {choice} needs {library}; pip install '{extra}'")
+
+
+def linear_layers(module: torch.nn.Module) -> list[str]:
+    """The paths of the nn.Linear layers to convert (module docstring)."""
+    keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return [name for name, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and not any(k in name.split(".") for k in keep)]
+
+
+def quantize_frozen(module: torch.nn.Module, choice: str, device: torch.device) -> int:
+    """Convert `module`'s Linear layers (frozen, already on `device` in the run's dtype) to `choice`; returns how
+    many were converted."""
+    names = linear_layers(module)
+    if choice == "float8":
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+        chosen = set(names)
+        quantize_(module, Float8WeightOnlyConfig(), filter_fn=lambda m, name: name in chosen, device=device)
+    elif choice == "nf4":
+        for name in names:
+            parent, _, attr = name.rpartition(".")
+            holder = module.get_submodule(parent) if parent else module
+            setattr(holder, attr, _nf4_linear(getattr(holder, attr), device))
+    return len(names) if choice in LIBRARIES else 0
+
+
+def _nf4_linear(linear: torch.nn.Linear, device: torch.device) -> Any:
+    import bitsandbytes as bnb
+
+    dtype = linear.weight.dtype
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=dtype, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.to(device)  # Params4bit quantises on its way to the GPU

@@ -1,0 +1,146 @@
+"""advanced.base_weights_dtype: refusals where it cannot work, and which layers float8/nf4 convert (the libraries
+and the GPU are stood in for where this machine has none; the real torchao path runs where torchao is installed)."""
+
+import importlib.util
+import re
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+from conjure.errors import ConjureError
+from conjure.models import quantize
+from conjure.models.loading import LoadedModel
+from conjure.models.quantize import check_base_weights_dtype, linear_layers, quantize_frozen
+from conjure.models.tiny import build_tiny_components
+from conjure.train.setup import place_model
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return build_tiny_components("flux")["transformer"]
+
+
+def _fresh(transformer):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_config(transformer.config)
+    model.load_state_dict(transformer.state_dict())
+    return model.requires_grad_(False).to(torch.bfloat16)
+
+
+def test_auto_is_never_refused():
+    check_base_weights_dtype("auto", cpu=True)
+
+
+@pytest.mark.parametrize("choice", ["float8", "nf4"])
+def test_refused_on_the_cpu(choice, monkeypatch):
+    with pytest.raises(ConjureError, match=rf"^advanced.base_weights_dtype: {choice} stores the frozen transformer to "
+                                           r"save a CUDA GPU's memory, and advanced.cpu is set; set it to auto$"):
+        check_base_weights_dtype(choice, cpu=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConjureError, match="and there is no CUDA GPU; set it to auto"):
+        check_base_weights_dtype(choice, cpu=False)
+
+
+@pytest.mark.parametrize("choice, library, extra", [("float8", "torchao", "conjure[float8]"),
+                                                    ("nf4", "bitsandbytes", "conjure[bnb]")])
+def test_refused_without_its_library(choice, library, extra, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(quantize.importlib.util, "find_spec",
+                        lambda name, *a: None if name == library else find_spec(name, *a))
+    message = f"advanced.base_weights_dtype: {choice} needs {library}; pip install '{extra}'"
+    with pytest.raises(ConjureError, match=f"^{re.escape(message)}$"):
+        check_base_weights_dtype(choice, cpu=False)
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name, *a: object())
+    check_base_weights_dtype(choice, cpu=False)  # a GPU and the library: accepted
+
+
+def test_every_linear_layer_is_chosen_but_those_kept_in_fp32(transformer):
+    names = linear_layers(transformer)
+    assert len(names) == sum(isinstance(m, torch.nn.Linear) for m in transformer.modules()) == 50
+    assert {"transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_mlp", "proj_out"} <= set(names)
+    model = _fresh(transformer)
+    model._keep_in_fp32_modules = ["proj_out"]
+    kept = linear_layers(model)
+    assert "proj_out" not in kept and "single_transformer_blocks.1.proj_out" not in kept and len(kept) == 47
+
+
+class _FakeParams4bit(torch.nn.Parameter):
+    def __new__(cls, data, requires_grad=False, quant_type="fp4"):
+        param = super().__new__(cls, data, requires_grad)
+        param.quant_type = quant_type
+        return param
+
+
+class _FakeLinear4bit(torch.nn.Linear):
+    moved_to: list = []
+
+    def __init__(self, in_features, out_features, bias=True, compute_dtype=None, quant_type="fp4", device=None):
+        super().__init__(in_features, out_features, bias=bias, device=device)
+        self.compute_dtype, self.quant_type = compute_dtype, quant_type
+
+    def to(self, *args, **kwargs):
+        self.moved_to.append(args[0])
+        return self
+
+
+def test_nf4_replaces_each_linear_with_a_4bit_layer_of_the_same_weights(transformer, monkeypatch):
+    fake = ModuleType("bitsandbytes")
+    fake.nn = SimpleNamespace(Linear4bit=_FakeLinear4bit, Params4bit=_FakeParams4bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    model = _fresh(transformer)
+    before = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert quantize_frozen(model, "nf4", torch.device("cuda")) == 50
+    for name, weight in before.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, _FakeLinear4bit) and layer.quant_type == "nf4", name
+        assert layer.compute_dtype == torch.bfloat16  # matmuls in the run's dtype
+        assert isinstance(layer.weight, _FakeParams4bit) and layer.weight.quant_type == "nf4"
+        assert not layer.weight.requires_grad and torch.equal(layer.weight.data, weight)
+    assert _FakeLinear4bit.moved_to == [torch.device("cuda")] * 50  # quantised on its way to the GPU
+
+
+def test_float8_converts_the_chosen_layers(transformer, monkeypatch):
+    calls = []
+    fake = ModuleType("torchao.quantization")
+    fake.Float8WeightOnlyConfig = lambda: "float8 weight-only"
+    fake.quantize_ = lambda module, config, filter_fn, device: calls.append(
+        (config, device, [n for n, m in module.named_modules() if filter_fn(m, n)]))
+    monkeypatch.setitem(sys.modules, "torchao", ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake)
+    model = _fresh(transformer)
+    assert quantize_frozen(model, "float8", torch.device("cuda")) == 50
+    (config, device, chosen), = calls
+    assert (config, device, chosen) == ("float8 weight-only", torch.device("cuda"), linear_layers(model))
+
+
+def test_place_model_quantises_the_denoiser_only(transformer, monkeypatch):
+    from conjure.families import get
+
+    seen = []
+    monkeypatch.setattr(quantize, "quantize_frozen", lambda module, choice, device: seen.append((module, choice)))
+    model = LoadedModel(get("flux"), "tiny", {"transformer": _fresh(transformer), "vae": torch.nn.Linear(2, 2)})
+    place_model(model, torch.device("cpu"), "bf16")
+    assert not seen
+    place_model(model, torch.device("cpu"), "bf16", "float8")
+    assert seen == [(model.denoiser, "float8")]
+
+
+def test_float8_with_torchao(transformer):
+    """The real conversion where torchao is installed (pip install 'conjure[float8]'; it runs on the CPU too)."""
+    pytest.importorskip("torchao")
+    model = _fresh(transformer)
+    inputs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 8, 32),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                  txt_ids=torch.zeros(8, 3), guidance=torch.tensor([1.0]))
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() and k.endswith(("states", "projections")) else v
+              for k, v in inputs.items()}
+    expected = model(**inputs).sample.float()
+    assert quantize_frozen(model, "float8", torch.device("cpu")) == 50
+    weight = model.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ == "Float8Tensor" and weight.qdata.dtype == torch.float8_e4m3fn
+    got = model(**inputs).sample.float()
+    assert (got - expected).norm() / expected.norm() < 0.1
