@@ -330,17 +330,17 @@ class AdvancedConfig(Section):
         "logit_normal",
         description="FLUX.1 (flow matching): how each sample's noise level sigma in [0, 1] is drawn. 'logit_normal': "
         "the sigmoid of a normal draw with logit_mean and logit_std (SD3's default; favours the middle noise "
-        "levels); 'sigmoid': the same with mean 0 (kohya's sigmoid); 'uniform': every level alike; 'shift': "
-        "shifted toward more noise by the amount FLUX.1 samples with at the image's size (from the scheduler's "
-        "base_shift/max_shift: bigger images, more noise), as kohya's flux_shift.",
+        "levels); 'sigmoid': the sigmoid of a standard normal draw (kohya's sigmoid); 'uniform': every level "
+        "alike; 'shift': the sigmoid draw moved toward more noise by the shift FLUX.1 samples with at the "
+        "image's size (from the scheduler's base_shift/max_shift: bigger images, more noise; kohya's flux_shift).",
     )
     logit_mean: float = Field(
         0.0, description="FLUX.1 with timestep_sampling logit_normal: the normal draw's mean (> 0: more noise)."
     )
     logit_std: float = Field(
         1.0, gt=0,
-        description="FLUX.1 with timestep_sampling logit_normal, sigmoid or shift: the normal draw's spread (larger: "
-        "more of the very low and very high noise levels).",
+        description="FLUX.1 with timestep_sampling logit_normal: the normal draw's spread (larger: more of the "
+        "very low and very high noise levels).",
     )
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         "none",

@@ -6,8 +6,8 @@ module tree without allocating memory (FLUX.1 is 12B parameters in its transform
 in float32, so build it on "meta", or on a GPU to benchmark). The configs are copied from the models' published
 config.json files (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-xl-base-1.0, FLUX.1-dev and
 FLUX.1-schnell); the CLIP text encoders keep the real models' legacy token ids (bos 0 / eos 2 / pad 1) as their
-configs do. FLUX.1's T5 tokenizer is not shipped (its SentencePiece model is 792 kB of Google's): the reference
-gets `tiny_t5_tokenizer`'s, with T5's special-token ids and 512 tokens.
+configs do. FLUX.1's T5 tokenizer is not shipped (a SentencePiece model of Google's): the reference gets the
+toy FLUX's (`conjure.toy.tokenizer`), with T5's special-token ids, at 512 tokens.
 """
 
 from __future__ import annotations
@@ -110,10 +110,12 @@ def _build_flow_components(fam: Family, arch: TransformerArchitecture, variant: 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
 
-    from conjure.models.tiny_flux import tiny_t5_tokenizer
+    from conjure.toy.tokenizer import toy_t5_tokenizer
     from conjure.models.tokenizer import clip_tokenizer
 
     chosen = fam.variant(variant)
+    t5_tokenizer = toy_t5_tokenizer()
+    t5_tokenizer.model_max_length = 512  # FLUX.1-dev's T5 length
     clip, t5 = arch.encoders
     assert isinstance(t5, T5Architecture) and not isinstance(clip, T5Architecture)
     clip_config = CLIPTextConfig(
@@ -128,7 +130,7 @@ def _build_flow_components(fam: Family, arch: TransformerArchitecture, variant: 
         clip_slot.encoder: CLIPTextModel(clip_config),
         clip_slot.tokenizer: clip_tokenizer(clip_slot.pad_token),
         t5_slot.encoder: T5EncoderModel(t5_config(t5, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
-        t5_slot.tokenizer: tiny_t5_tokenizer(max_length=512),
+        t5_slot.tokenizer: t5_tokenizer,
         "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[chosen.name]),
         "image_encoder": None, "feature_extractor": None,
     }

@@ -1,4 +1,4 @@
-"""The tiny random-weight FLUX.1 (`conjure.models.tiny` builds it for family "flux"), and its T5 tokenizer.
+"""The tiny random-weight FLUX.1 (`conjure.models.tiny` builds it for family "flux").
 
 FLUX.1-dev's layout scaled down, as tiny.py scales the SD families: FluxTransformer2DModel with 2 double- and
 2 single-stream blocks, 2 heads of 16 (RoPE axes 4/6/6 for the reference's 16/56/56; each axis must be even),
@@ -9,15 +9,14 @@ tiny twin (tiny.py's 32-wide CLIP text model with the real CLIP tokenizer) and a
 (gated-gelu, 32 wide, 2 layers, 4 heads of 8); the variant's FlowMatchEulerDiscreteScheduler config
 (`reference.FLUX_SCHEDULERS`). Builds in ~0.3 s; a folder is ~8 MB, mostly CLIP's 49,408-row embedding.
 
-T5's real tokenizer is a SentencePiece model that is not shipped here, so `tiny_t5_tokenizer` is a small
-Unigram vocabulary with T5's special tokens at T5's ids (pad 0, eos 1, unk 2) and T5's pre-tokenization
-(`T5Tokenizer` of transformers 5 builds it from the vocabulary): a few common words are one token, anything
-else falls back to single characters. (The toy FLUX in src/conjure/assets/toy/flux has its own toy vocabulary.)
+T5's real tokenizer is a SentencePiece model that is not shipped here, so the T5 tokenizer is the toy FLUX's
+(`conjure.toy.tokenizer.toy_t5_tokenizer`): a Unigram vocabulary with T5's special tokens at T5's ids (pad 0,
+eos 1, unk 2) in which every toy word is one token and any other printable text falls back to characters;
+16 tokens long (FLUX reads min(the variant's T5 length, the tokenizer's)).
 """
 
 from __future__ import annotations
 
-import string
 from typing import Any
 
 from conjure.families import Family, T5Architecture, TransformerArchitecture
@@ -28,19 +27,6 @@ _TRANSFORMER = dict(num_layers=2, num_single_layers=2, attention_head_dim=16, nu
 _WIDTH = 32  # both text encoders' hidden size
 _T5 = dict(d_model=_WIDTH, d_ff=64, d_kv=8, layers=2, heads=4)  # T5 v1.1: gated-gelu
 _LATENT_CHANNELS = 4
-_T5_TOKENS = 32  # model_max_length of the tiny T5 tokenizer: FLUX reads min(variant's text_tokens, this)
-_WORDS = ("a", "an", "the", "of", "and", "in", "on", "with", "photo", "painting", "picture", "cat", "dog", "star",
-          "yellow", "red", "blue", "green", "landscape", "person", "style")
-
-
-def tiny_t5_tokenizer(max_length: int = _T5_TOKENS) -> Any:
-    """A T5TokenizerFast over a small Unigram vocabulary (module docstring); `max_length`: model_max_length."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    pieces += [(f"\u2581{w}", -4.0) for w in _WORDS]
-    pieces += [(c, -8.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
 def build_tiny_flux_components(fam: Family, arch: TransformerArchitecture, *, variant: str | None,
@@ -52,10 +38,11 @@ def build_tiny_flux_components(fam: Family, arch: TransformerArchitecture, *, va
     from conjure.models.reference import FLUX_SCHEDULERS, t5_config
     from conjure.models.tiny import seeded
     from conjure.models.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, clip_tokenizer
+    from conjure.toy.tokenizer import toy_t5_tokenizer
 
     chosen = fam.variant(variant)
     clip_slot, t5_slot = fam.text_encoders
-    clip_tok, t5_tok = clip_tokenizer(clip_slot.pad_token), tiny_t5_tokenizer()
+    clip_tok, t5_tok = clip_tokenizer(clip_slot.pad_token), toy_t5_tokenizer()
     with seeded(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=_LATENT_CHANNELS * arch.patch ** 2, joint_attention_dim=_WIDTH,
