@@ -108,6 +108,8 @@ class Wanted:
         misplaced = self.advanced.misplaced(detected.objective, detected.title) if self.advanced else None
         if misplaced:
             raise ConjureError(": ".join(misplaced))
+        if self.advanced and not detected.clip_skip and self.advanced.clip_skip != 1:
+            raise ConjureError(f"advanced.clip_skip: {detected.title} reads fixed text-encoder layers; set it to 1")
         return detected
 
     def check_variant(self, variant: Variant) -> None:
