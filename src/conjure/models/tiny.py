@@ -54,7 +54,7 @@ from conjure.models.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, clip_tokenize
 
 __all__ = ["FAMILIES", "build_tiny_components", "save_model_folder", "write_tiny_model"]
 
-FAMILIES = tuple(families.unet_families())  # the families with a UNet
+FAMILIES = tuple(families.FAMILIES)  # every family has a tiny model (FLUX.1: models/tiny_flux.py)
 
 # The default size: every encoder 32 wide with 4 heads; the UNet's two levels are 32 and 64 channels wide.
 _SMALL_ENCODER = dict(hidden=32, heads=4, intermediate=64, projection_dim=32)
