@@ -144,3 +144,53 @@ def test_float8_with_torchao(transformer):
     assert type(weight).__name__ == "Float8Tensor" and weight.qdata.dtype == torch.float8_e4m3fn
     got = model(**inputs).sample.float()
     assert (got - expected).norm() / expected.norm() < 0.1
+
+
+class _Packed4bit(torch.nn.Parameter):
+    """Stands in for bitsandbytes' Params4bit: packed bytes of another shape, and the quant_state to unpack them."""
+
+    def __new__(cls, weight):
+        param = super().__new__(cls, torch.zeros(weight.numel() // 2, 1, dtype=torch.uint8), False)
+        param.quant_state = weight
+        return param
+
+
+def test_dora_reads_a_4bit_base_weight_unpacked(monkeypatch):
+    from conjure.adapters.dora import InputColumnDora, column_norm, merged_weight
+
+    functional = ModuleType("bitsandbytes.functional")
+    functional.dequantize_4bit = lambda packed, state: state.to(torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", ModuleType("bitsandbytes"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", functional)
+    plain = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    weight = plain.weight.detach().clone()
+    packed = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    packed.weight = _Packed4bit(weight)
+    dora = InputColumnDora(packed, 4, 4.0)
+    assert dora.weight_shape == (8, 16)
+    assert torch.equal(dora.dora_scale.detach(), column_norm(weight.float()))  # not the packed bytes'
+    with torch.no_grad():
+        dora.lora_up.weight.normal_()
+    assert torch.allclose(merged_weight(dora), merged_weight(_like(dora, plain)))
+
+
+def _like(dora, base):
+    from conjure.adapters.dora import InputColumnDora
+
+    twin = InputColumnDora(base, dora.rank, dora.alpha)
+    twin.load_state_dict({k: v for k, v in dora.state_dict().items() if not k.startswith("base.")}, strict=False)
+    return twin
+
+
+def test_dora_on_a_float8_base_with_torchao():
+    pytest.importorskip("torchao")
+    from conjure.adapters.dora import InputColumnDora
+
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32)).to(torch.bfloat16).requires_grad_(False)
+    plain = layer[0].weight.detach().float().clone()
+    quantize_frozen(layer, "float8", torch.device("cpu"))
+    dora = InputColumnDora(layer[0], 4, 4.0)
+    assert (dora.base_weight() - plain).norm() / plain.norm() < 0.05
+    out = dora(torch.randn(2, 64, dtype=torch.bfloat16))
+    out.float().sum().backward()
+    assert dora.lora_down.weight.grad is not None and dora.dora_scale.grad is not None

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from conjure.models.quantize import dequantized
+
 
 def column_norm(weight: torch.Tensor) -> torch.Tensor:
     """||W||_col: [1, in] for a linear weight [out, in], [1, in, 1, 1] for a conv weight [out, in, kh, kw]."""
@@ -58,17 +60,23 @@ class InputColumnDora(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         with torch.no_grad():
-            self.dora_scale = nn.Parameter(column_norm(base.weight.float()))
+            weight = self.base_weight()
+            self.weight_shape = weight.shape
+            self.dora_scale = nn.Parameter(column_norm(weight))
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight in float32, unpacked where advanced.base_weights_dtype stores it quantised."""
+        return dequantized(self.base.weight).float()
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) * up @ down in float32, shaped like the base weight."""
         up = self.lora_up.weight.float().flatten(1)
         down = self.lora_down.weight.float().flatten(1)
-        return (self.scale * (up @ down)).reshape(self.base.weight.shape)
+        return (self.scale * (up @ down)).reshape(self.weight_shape)
 
     def input_scale(self) -> torch.Tensor:
         with torch.no_grad():
-            norm = column_norm(self.base.weight.float() + self.delta_weight())
+            norm = column_norm(self.base_weight() + self.delta_weight())
         return self.dora_scale / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +91,6 @@ class InputColumnDora(nn.Module):
 
 def merged_weight(layer: InputColumnDora) -> torch.Tensor:
     """W'' as the apps compute it (for tests and merging)."""
-    w = layer.base.weight.float() + layer.delta_weight()
+    w = layer.base_weight() + layer.delta_weight()
     return layer.dora_scale.detach() * w / column_norm(w)
 

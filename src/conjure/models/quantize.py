@@ -10,8 +10,10 @@
 
 Every nn.Linear of the module is converted, as diffusers' quantizers do when they load FLUX.1 (its
 `_keep_in_fp32_modules` excepted: none for FluxTransformer2DModel); the blocks hold 99.9% of its 11.9B
-weights. Both run before the adapters are added, so only the base layers are converted. Both are for a CUDA GPU's
-memory, so they are refused (one line, before the model loads) on the CPU or without the library.
+weights. Both run before the adapters are added, so only the base layers are converted; PEFT's LoRA layers
+call the converted layers, and conjure's own DoRA layer (kohya layout) reads their weights through
+`dequantized` for its column norms (QDoRA). Both are for a CUDA GPU's memory, so they are refused (one line,
+before the model loads) on the CPU or without the library.
 """
 
 from __future__ import annotations
@@ -61,6 +63,20 @@ def quantize_frozen(module: torch.nn.Module, choice: str, device: torch.device) 
             holder = module.get_submodule(parent) if parent else module
             setattr(holder, attr, _nf4_linear(getattr(holder, attr), device))
     return len(names) if choice in LIBRARIES else 0
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A frozen weight as a plain tensor of its real shape, for code that reads the weight itself (DoRA's column
+    norms) rather than calling its layer: bitsandbytes' Params4bit (packed bytes with a `quant_state`) and torchao's
+    quantised tensors (Float8Tensor) are unpacked; any other weight is returned as it is."""
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, state)
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "dequantize"):
+        return weight.dequantize()
+    return weight
 
 
 def _nf4_linear(linear: torch.nn.Linear, device: torch.device) -> Any:
