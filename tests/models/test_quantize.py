@@ -117,16 +117,21 @@ def test_float8_converts_the_chosen_layers(transformer, monkeypatch):
     assert (config, device, chosen) == ("float8 weight-only", torch.device("cuda"), linear_layers(model))
 
 
-def test_place_model_quantises_the_denoiser_only(transformer, monkeypatch):
+def test_place_model_quantises_the_denoiser_only_before_it_moves(transformer, monkeypatch):
     from conjure.families import get
 
-    seen = []
-    monkeypatch.setattr(quantize, "quantize_frozen", lambda module, choice, device: seen.append((module, choice)))
     model = LoadedModel(get("flux"), "tiny", {"transformer": _fresh(transformer), "vae": torch.nn.Linear(2, 2)})
+    events = []
+    monkeypatch.setattr(quantize, "quantize_frozen", lambda module, choice, device: events.append(
+        ("quantize", module, choice, device)))
     place_model(model, torch.device("cpu"), "bf16")
-    assert not seen
-    place_model(model, torch.device("cpu"), "bf16", "float8")
-    assert seen == [(model.denoiser, "float8")]
+    assert not events
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: events.append(("to", self, *a)) or self)
+    place_model(model, torch.device("cuda"), "no", "float8")
+    denoiser = [e[2:] for e in events if e[1] is model.denoiser]
+    # cast to the run's dtype where it is, converted layer by layer onto the device, then the rest moved
+    assert denoiser == [(torch.float32,), ("float8", torch.device("cuda")), (torch.device("cuda"),)]
+    assert ("to", model.vae, torch.device("cuda"), torch.float32) in events
 
 
 def test_float8_with_torchao(transformer):

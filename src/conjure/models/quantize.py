@@ -49,8 +49,9 @@ def linear_layers(module: torch.nn.Module) -> list[str]:
 
 
 def quantize_frozen(module: torch.nn.Module, choice: str, device: torch.device) -> int:
-    """Convert `module`'s Linear layers (frozen, already on `device` in the run's dtype) to `choice`; returns how
-    many were converted."""
+    """Convert `module`'s Linear layers (frozen, in the run's dtype, on the CPU or already on `device`) to
+    `choice`, each moved to `device` as it is converted (the rest of `module` stays where it is); returns how many
+    were converted."""
     names = linear_layers(module)
     if choice == "float8":
         from torchao.quantization import Float8WeightOnlyConfig, quantize_
@@ -85,7 +86,7 @@ def _nf4_linear(linear: torch.nn.Linear, device: torch.device) -> Any:
     dtype = linear.weight.dtype
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=dtype, quant_type="nf4", device="meta")
-    layer.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.to(device)  # Params4bit quantises on its way to the GPU
