@@ -107,6 +107,10 @@ def run_one(base: torch.nn.Module, choice: str, device: torch.device, *, resolut
             "finite": all(torch.isfinite(torch.tensor(losses)).tolist())}
 
 
+def gib(value: float) -> str:
+    return f"{value:.1f} GiB" if value == value else "n/a (CPU)"  # NaN: no CUDA memory to count
+
+
 def available(choice: str, device: torch.device) -> str:
     """Why `choice` cannot run here ("" when it can)."""
     library = {"float8": "torchao", "nf4": "bitsandbytes"}.get(choice)
@@ -154,7 +158,6 @@ def main() -> int:
         if r is None:
             table.append(f"| {choice} | skipped: {why} | | | | | |")
             continue
-        gib = (lambda v: f"{v:.1f} GiB" if v == v else "n/a (CPU)")  # noqa: E731 - NaN on the CPU
         table.append(f"| {choice} | {gib(r['resident_gib'])} | {gib(r['peak_gib'])} | {r['step_s']:.3f} | "
                      f"{1 / r['step_s']:.2f} | {r['placed_s']:.0f} s | {'yes' if r['finite'] else 'NO'} |")
     publish("\n".join(table) + "\n", args.write)
