@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end at their smallest size, so they cannot rot between the rare runs on a GPU."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmark(monkeypatch):
+    """Import a script of benchmarks/ (which imports bench_common from its own folder); the scripts pin torch's
+    threads for CPU figures, which must not leak into the tests after this one."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+    yield importlib.import_module
+    torch.set_num_threads(threads)
+
+
+def test_flux_memory_runs_on_the_tiny_flux(benchmark, tmp_path):
+    flux_memory = benchmark("flux_memory")
+    out = tmp_path / "bench.md"
+    assert flux_memory.main(["--size", "tiny", "--steps", "2", "--write", str(out)]) == 0
+    text = out.read_text()
+    assert "### FLUX.1 LoRA memory and speed, tiny transformer" in text
+    assert "The text encoders and the VAE are not on the GPU" in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["bf16"].endswith("| yes |"), rows["bf16"]  # trained, with a finite loss
+    assert "in 34 layers" in rows["bf16"]  # attention_mlp on 2 double + 2 single blocks: 2 x 12 + 2 x 5
+    if not torch.cuda.is_available():
+        for mode in ("float8", "nf4"):
+            assert f"| {mode} | not run: needs a CUDA GPU | <= 12 GiB (full size) |" in rows[mode]
