@@ -1,12 +1,14 @@
 """Training speed and memory of each method, through the real `train()` entry point.
 
-Builds a model folder (full-size random-weight SD 1.5 / 2.1 / SDXL architectures, or the tiny test models), a
-small image set, and times training steps from the run's own events (median step time after warm-up); on CUDA it
-also reports peak GPU memory. Methods: textual inversion (`ti`), LoRA, DoRA and pivotal tuning (rank 16, kohya's
-attention + feed-forward preset). Prints a markdown table and, with --write, appends it to docs/benchmarks.md with
-the machine that produced it. Not a test: figures depend on the machine.
+Builds a model folder (full-size random-weight SD 1.5 / 2.1 / SDXL architectures, or the tiny test models; FLUX.1
+as `--families flux`, LoRA and DoRA only) or takes the shipped toy model (`--size toy`), makes a small image set,
+and times training steps from the run's own events (median step time after warm-up); on CUDA it also reports peak
+GPU memory. Methods: textual inversion (`ti`), LoRA, DoRA and pivotal tuning (rank 16, the family's default
+preset: kohya's attention + feed-forward, FLUX.1's attention_mlp). Prints a markdown table and, with --write,
+appends it to docs/benchmarks.md with the machine that produced it. Not a test: figures depend on the machine.
 
     python benchmarks/train_speed.py --size tiny --families sd1 --write docs/benchmarks.md          # CPU, seconds
+    python benchmarks/train_speed.py --size toy --families sd1,flux --methods lora                  # CPU, the toys
     python benchmarks/train_speed.py --size full --families sd1,sd2 --write docs/benchmarks.md      # GPU (TI)
     python benchmarks/train_speed.py --size full --families sd1,sdxl --methods lora,pivotal --optimizers adamw,adamw8bit
 """
@@ -34,10 +36,16 @@ from bench_common import machine, median_step_seconds, publish  # benchmarks/ben
 
 
 def make_model(family: str, size: str, folder: Path) -> Path:
+    """The model folder to train: a tiny random-weight model written to `folder`, the shipped toy model (trained
+    weights, read in place), or a full-size random-weight architecture written to `folder`."""
     from conjure.models.tiny import save_model_folder, write_tiny_model
 
     if size == "tiny":
         return write_tiny_model(family, folder)
+    if size == "toy":
+        from conjure.toy.models import toy_model
+
+        return toy_model(family)
     from conjure.models.reference import build_reference_components
 
     return save_model_folder(family, build_reference_components(family), folder)
@@ -97,7 +105,7 @@ def run_one(model: Path, images: Path, out: Path, *, method="ti", family="sd1", 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "toy", "full"], default="tiny")
     parser.add_argument("--families", default="sd1")
     parser.add_argument("--methods", default="ti", help="comma list of ti, lora, dora, pivotal (default: ti)")
     parser.add_argument("--optimizers", default="adamw", help="comma list of adamw, adamw8bit (CUDA), prodigy")
@@ -115,9 +123,10 @@ def main() -> int:
     for family in args.families.split(","):
         t0 = time.perf_counter()
         model = make_model(family, args.size, work / f"model-{family}")
-        from diffusers import UNet2DConditionModel
+        from diffusers import AutoencoderKL
 
-        res = UNet2DConditionModel.load_config(model, subfolder="unet")["sample_size"] * 8
+        # the native size: the VAE's sample_size (a UNet's sample_size is in latents; FLUX.1 has none)
+        res = AutoencoderKL.load_config(model, subfolder="vae")["sample_size"]
         print(f"[{family}] model written in {time.perf_counter() - t0:.0f} s; resolution {res}", flush=True)
         images = make_images(work / f"images-{res}", res)
         settings = [(p, False) for p in precisions] + [(precisions[0], True)]
@@ -139,7 +148,8 @@ def main() -> int:
         "",
         f"`python benchmarks/train_speed.py --size {args.size} --families {args.families} --methods {args.methods} "
         f"--optimizers {args.optimizers} --batch {args.batch} --steps {args.steps}`; median step time after 5 warm-up "
-        "steps; peak = torch.cuda.max_memory_allocated; LoRA/DoRA/pivotal at rank 16 on attention + feed-forward.",
+        "steps; peak = torch.cuda.max_memory_allocated; LoRA/DoRA/pivotal at rank 16 on the family's default "
+        "preset (attention + feed-forward; FLUX.1: attention_mlp).",
         "",
         "| family | method | optimizer | model | resolution | batch | precision | grad. checkpointing | ms/step | images/s | peak GPU memory | loss finite | validation (2 prompts x 2 seeds, 25 steps) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
