@@ -169,3 +169,18 @@ def test_single_file_family_checks_come_first(flux_dirs, tmp_path):
     with pytest.raises(ConjureError, match="^pivotal trains sd1 and sd2 and sdxl models, but the base model is flux"):
         load_base_model(str(path), base_model_config=str(flux_dirs["dev"]), allowed_families=SD_ONLY,
                         method="pivotal")
+
+
+@pytest.mark.parametrize("advanced, needle", [
+    ({"noise_offset": 0.05}, "advanced.noise_offset: is for SD 1.x, 2.x and SDXL"),
+    ({"base_weights_dtype": "nf4"}, "advanced.base_weights_dtype: nf4 stores the frozen transformer"),
+])
+def test_train_refuses_in_one_line(flux_dirs, lora_config, tmp_path, run_cli, assert_one_line_error, advanced, needle):
+    """basic.family auto: the FLUX.1-only refusals come once the model's configs are read (or, for the machine,
+    before), through the CLI as one line."""
+    import yaml
+
+    raw = lora_config(basic={"base_model": str(flux_dirs["dev"])}, advanced=advanced)
+    path = tmp_path / "flux.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert_one_line_error(*run_cli("train", path)[::2], needle)
