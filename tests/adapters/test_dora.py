@@ -52,3 +52,33 @@ def test_gradients_reach_down_up_and_magnitude_only():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.lora_down.weight, layer.lora_up.weight,
                                                                         layer.dora_scale))
     assert base.weight.grad is None
+
+
+def test_shared_decomposition_is_the_fused_weights_and_trains_one_scale():
+    """q, k, v decomposed as the one fused weight apps hold (FLUX.1's qkv): each part's forward is its rows of
+    scale * W'_fused / ||W'_fused||_col, and the one shared scale gets every part's gradient."""
+    from conjure.adapters.dora import share_decomposition
+
+    torch.manual_seed(2)
+    bases = [nn.Linear(8, out).requires_grad_(False) for out in (8, 8, 32)]
+    layers = [InputColumnDora(base, rank=2, alpha=3.0) for base in bases]
+    share_decomposition(layers, "single_transformer_blocks.0.linear1")
+    assert all(layer.dora_scale is layers[0].dora_scale and layer.group == "single_transformer_blocks.0.linear1"
+               for layer in layers)
+    x = torch.randn(3, 8)
+    for layer, base in zip(layers, bases):
+        assert torch.allclose(layer(x), base(x), atol=1e-6)  # untrained: the base layers
+    for i, layer in enumerate(layers):
+        _randomise(layer, seed=i)
+    fused = torch.cat([layer.base.weight + layer.scale * layer.lora_up.weight @ layer.lora_down.weight
+                       for layer in layers])
+    merged = layers[0].dora_scale * fused / fused.norm(dim=0, keepdim=True)
+    rows = torch.split(merged, [8, 8, 32])
+    for layer, base, part in zip(layers, bases, rows):
+        assert torch.allclose(layer(x), F.linear(x, part, base.bias), atol=1e-5)
+        assert torch.allclose(merged_weight(layer), part, atol=1e-6)
+    sum(layer(x).square().sum() for layer in layers).backward()
+    assert layers[0].dora_scale.grad is not None
+    assert len({id(p) for layer in layers for p in layer.parameters() if p.requires_grad}) == 3 * 2 + 1
+    with pytest.raises(ValueError, match="same input"):
+        share_decomposition([InputColumnDora(nn.Linear(8, 4), 1, 1.0), InputColumnDora(nn.Linear(6, 4), 1, 1.0)], "x")

@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from conjure.adapters import LoraModule
 from conjure.errors import ConjureError
 from conjure.export.convert import convert_lora, detect_lora_format
-from conjure.export.kohya import kohya_state_dict, load_kohya, parse_kohya, save_kohya
+from conjure.export.kohya import kohya_fused_parts, kohya_state_dict, load_kohya, parse_kohya, save_kohya
 from conjure.export.kohya_flux import flux_kohya_modules, flux_module_paths
 from conjure.export.lora import detect_lora_family
 from conjure.export.peft import load_peft, save_peft
@@ -300,15 +300,18 @@ def test_fusion_and_reading_refusals():
         down=torch.zeros(2, 8), up=torch.zeros(8, 2), alpha=5.0)
     with pytest.raises(ConjureError, match="one rank and alpha"):
         kohya_state_dict(mixed, FLUX)
-    dora = dict(weights)
-    dora[("transformer", "transformer_blocks.0.attn.to_q")].dora_scale = torch.ones(1, 8)
-    with pytest.raises(ConjureError, match="cannot be written fused"):
-        kohya_state_dict(dora, FLUX)
+    # a fused layer's DoRA is one decomposition of all its parts: not per part, not on some parts only
+    qkv = [("transformer", f"transformer_blocks.0.attn.to_{x}") for x in "qkv"]
+    for scales, group, drop in (([torch.ones(1, 8)], "g", None), ([torch.ones(1, 8) * (i + 1) for i in range(3)], "g", None),
+                                ([torch.ones(1, 8)] * 3, None, None), ([torch.ones(1, 8)] * 3, "g", qkv[2])):
+        dora = {k: LoraModule(m.down, m.up, m.alpha) for k, m in _block_weights().items() if k != drop}
+        for key, scale in zip(qkv, scales):
+            if key in dora:
+                dora[key].dora_scale, dora[key].dora_group = scale, group
+        with pytest.raises(ConjureError, match="one decomposition shared by all its parts"):
+            kohya_state_dict(dora, FLUX)
     with pytest.raises(ConjureError, match="no kohya FLUX name"):
         kohya_state_dict({("transformer", "proj_out"): LoraModule(torch.zeros(1, 8), torch.zeros(4, 1), 1.0)}, FLUX)
-    with pytest.raises(ConjureError, match="no per-module form"):
-        flux_module_paths("lora_unet_single_blocks_0_linear1",
-                          LoraModule(torch.zeros(4, 8), torch.zeros(56, 4), 1.0, dora_scale=torch.ones(1, 8)))
     with pytest.raises(ConjureError, match="do not split"):
         flux_module_paths("lora_unet_single_blocks_0_linear1", LoraModule(torch.zeros(4, 8), torch.zeros(50, 4), 1.0))
     for name in ("lora_unet_final_layer_linear", "lora_unet_double_blocks_0_img_attn_norm"):
@@ -368,3 +371,55 @@ def _state(path):
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_fused_dora_reads_as_what_apps_compute_on_the_fused_weight(dense, tmp_path):
+    """ComfyUI's weight_decompose on BFL's fused linear1 (scale * W' / (||W'||_col + eps)) == conjure's reader on
+    the split parts; a file conjure writes from a shared decomposition reads back bit for bit."""
+    from conjure.export.convert import apply_lora
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+    parts = [f"single_transformer_blocks.0.{p}" for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    base = torch.cat([transformer.get_submodule(p).weight.detach() for p in parts])  # BFL linear1: [7 x 32, 32]
+    g = torch.Generator().manual_seed(3)
+    if dense:  # trained fused, as kohya/LyCORIS do on BFL's model
+        fused = LoraModule(torch.randn(4, 32, generator=g) * 0.1, torch.randn(224, 4, generator=g) * 0.1, 3.0)
+    else:
+        fused = flux_kohya_modules({p: LoraModule(torch.randn(2, 32, generator=g) * 0.1,
+                                                  torch.randn(w, 2, generator=g) * 0.1, 3.0)
+                                    for p, w in zip(parts, (32, 32, 32, 128))})["lora_unet_single_blocks_0_linear1"]
+    fused.dora_scale = (base.norm(dim=0, keepdim=True) * (1 + 0.3 * torch.rand(1, 32, generator=g)))
+    new = base + fused.scale * fused.up @ fused.down
+    comfy = fused.dora_scale * new / (new.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps)
+
+    path = tmp_path / "dora.safetensors"
+    from safetensors.torch import save_file
+
+    name = "lora_unet_single_blocks_0_linear1"
+    save_file({f"{name}.lora_down.weight": fused.down, f"{name}.lora_up.weight": fused.up,
+               f"{name}.alpha": torch.tensor(fused.alpha), f"{name}.dora_scale": fused.dora_scale}, str(path))
+    weights, _ = load_kohya(path, "flux")
+    assert {p for _, p in weights} == set(parts)
+    assert all(m.dora_group == "single_transformer_blocks.0.linear1" for m in weights.values())
+    apply_lora({"transformer": transformer}, weights)
+    got = torch.cat([transformer.get_submodule(p).weight.detach() for p in parts])
+    torch.testing.assert_close(got, comfy, rtol=1e-5, atol=1e-6)
+    again = kohya_state_dict(weights, FLUX)
+    assert torch.equal(again[f"{name}.dora_scale"], fused.dora_scale)
+    if not dense:
+        assert torch.equal(again[f"{name}.lora_up.weight"], fused.up) and torch.equal(again[f"{name}.lora_down.weight"], fused.down)
+
+
+def test_fused_parts_name_every_part_of_the_layers_a_dora_must_decompose_as_one(full_size):
+    transformer, _ = full_size
+    targets = denoiser_targets(FLUX, transformer, "attention")
+    groups = kohya_fused_parts(FLUX, "transformer", targets)
+    assert len(groups) == 19 * 2 + 38
+    assert groups["transformer_blocks.4.txt_attn_qkv"] == tuple(f"transformer_blocks.4.attn.add_{x}_proj" for x in "qkv")
+    # under `attention` the single block's proj_mlp is no target, but a part of linear1 all the same
+    assert groups["single_transformer_blocks.0.linear1"][-1] == "single_transformer_blocks.0.proj_mlp"
+    assert kohya_fused_parts("sdxl", "unet", ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]) == {}
+    assert kohya_fused_parts(FLUX, "text_encoder", ["encoder.layers.0.self_attn.q_proj"]) == {}

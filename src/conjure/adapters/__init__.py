@@ -13,6 +13,8 @@ The applied update (what every app computes, and what conjure trains):
         W'' = dora_scale * W' / ||W'||_col   (norm of each input column over the output dim and kernel dims)
     DoRA, output-row (PEFT, `magnitude` [out]):
         W'' = magnitude[:, None] * W' / ||W'||_row
+    Input-column DoRA of a fused layer (`dora_group`: FLUX.1's q|k|v, export/kohya_flux.py): the modules of one
+    group share one `dora_scale`, and ||W'||_col is taken over all their rows stacked (the fused weight apps hold).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class LoraModule:
     alpha: float
     dora_scale: torch.Tensor | None = None  # input-column DoRA (kohya/LyCORIS layout): [1, in] / [1, in, 1, 1]
     magnitude: torch.Tensor | None = None  # output-row DoRA (PEFT layout): [out]
+    dora_group: str | None = None  # the fused layer this module's dora_scale decomposes with its peers
 
     @property
     def rank(self) -> int:

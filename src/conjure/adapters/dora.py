@@ -15,6 +15,11 @@ same factor on the input channels, so the forward never materialises W'':
 
 The norm is treated as a constant for the gradient, as the DoRA paper (sec. 4.3) and PEFT do; it is computed
 in float32 without autograd, so no extra activations are kept.
+
+Fused layers (`share_decomposition`): where the apps hold several of the model's Linears as one weight (FLUX.1's
+q|k|v and single-block q|k|v|mlp, export/kohya_flux.py), they decompose that fused weight: one `dora_scale` [1, in]
+and one norm per input column over all the parts' rows. The parts read the same input, so the same input scale
+applies to each; they share one scale parameter and each computes the norm over the whole group.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ class InputColumnDora(nn.Module):
             weight = self.base_weight()
             self.weight_shape = weight.shape
             self.dora_scale = nn.Parameter(column_norm(weight))
+        # the layers decomposed together with this one (itself included) and the fused layer's name
+        # (`share_decomposition`); a plain tuple, so the peers are not registered as submodules
+        self.peers: tuple[InputColumnDora, ...] = (self,)
+        self.group: str | None = None
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight in float32, unpacked where advanced.base_weights_dtype stores it quantised."""
@@ -74,9 +83,13 @@ class InputColumnDora(nn.Module):
         down = self.lora_down.weight.float().flatten(1)
         return (self.scale * (up @ down)).reshape(self.weight_shape)
 
+    def new_weight(self) -> torch.Tensor:
+        """W' = W + (alpha/r) up @ down in float32."""
+        return self.base_weight() + self.delta_weight()
+
     def input_scale(self) -> torch.Tensor:
         with torch.no_grad():
-            norm = column_norm(self.base_weight() + self.delta_weight())
+            norm = group_column_norm([peer.new_weight() for peer in self.peers])
         return self.dora_scale / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +102,24 @@ class InputColumnDora(nn.Module):
         return out + (self.scale * update).to(out.dtype)
 
 
+def group_column_norm(weights: list[torch.Tensor]) -> torch.Tensor:
+    """||W||_col of the weights stacked on the output dim (the fused weight apps decompose)."""
+    return torch.sqrt(sum(column_norm(w).square() for w in weights))
+
+
+def share_decomposition(layers: list[InputColumnDora], group: str) -> None:
+    """Decompose `layers` as the one fused weight apps hold them as (`group`: its name): one shared `dora_scale`,
+    starting at the fused weight's column norms (W'' == W at step 0), and the norm over all their rows."""
+    for layer in layers[1:]:
+        if layer.weight_shape[1:] != layers[0].weight_shape[1:]:
+            raise ValueError(f"{group}: the parts of a fused layer read the same input")
+    with torch.no_grad():
+        scale = nn.Parameter(group_column_norm([layer.base_weight() for layer in layers]))
+    for layer in layers:
+        layer.dora_scale, layer.peers, layer.group = scale, tuple(layers), group
+
+
 def merged_weight(layer: InputColumnDora) -> torch.Tensor:
     """W'' as the apps compute it (for tests and merging)."""
-    w = layer.base_weight() + layer.delta_weight()
-    return layer.dora_scale.detach() * w / column_norm(w)
+    return layer.dora_scale.detach() * layer.new_weight() / group_column_norm([p.new_weight() for p in layer.peers])
 

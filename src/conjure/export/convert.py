@@ -11,6 +11,7 @@ which fuses back at k times the rank (the same function, a bigger file).
 
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -19,6 +20,7 @@ import torch
 
 from conjure import families
 from conjure.adapters import LoraModule, LoraWeights
+from conjure.adapters.dora import group_column_norm
 from conjure.errors import ConjureError
 from conjure.export.kohya import KOHYA_PARTS, layout_from_metadata, parse_kohya, write_kohya
 from conjure.export.kohya_names import resolve_module_path
@@ -140,13 +142,11 @@ def _delta(m: LoraModule, weight: torch.Tensor, where: str) -> torch.Tensor:
     return (up @ down).reshape(weight.shape)
 
 
-def _decomposed(m: LoraModule, new: torch.Tensor, eps: float, where: str) -> torch.Tensor:
-    """`new` (W') with the module's DoRA applied: input-column (`dora_scale`) or output-row (`magnitude`)."""
+def _decomposed(m: LoraModule, new: torch.Tensor, norm: torch.Tensor, eps: float, where: str) -> torch.Tensor:
+    """`new` (W') with the module's DoRA applied: input-column (`dora_scale`, `norm` = ||W'||_col of its
+    decomposition) or output-row (`magnitude`)."""
     if m.dora_scale is not None:
-        n_in = new.shape[1]
-        shape = (1, n_in) + (1,) * (new.dim() - 2)
-        scale = dora_scale_tensor(where, m).to(new.device, torch.float32).reshape(shape)
-        norm = new.transpose(0, 1).reshape(n_in, -1).norm(dim=1).reshape(shape)
+        scale = dora_scale_tensor(where, m).to(new.device, torch.float32).reshape(norm.shape)
         return new * (scale / (norm + eps))
     if m.magnitude is not None:
         n_out = new.shape[0]
@@ -156,6 +156,19 @@ def _decomposed(m: LoraModule, new: torch.Tensor, eps: float, where: str) -> tor
         magnitude = m.magnitude.detach().to(new.device, torch.float32).reshape(shape)
         return new * (magnitude / new.reshape(n_out, -1).norm(dim=1).reshape(shape))
     return new
+
+
+def _target(components: Mapping[str, Any], names: dict[str, set[str]], component: str, path: str) -> Any:
+    where = f"{component} module {path!r}"
+    model = components.get(component)
+    if model is None:
+        raise ConjureError(f"{where}: no {component} among the components")
+    if component not in names:
+        names[component] = {name for name, _ in model.named_modules()}
+    module = model.get_submodule(resolve_module_path(path, names[component]))
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise ConjureError(f"{where} is a {type(module).__name__}, not a Linear or Conv2d")
+    return module
 
 
 def apply_lora(components: Mapping[str, Any], weights: LoraWeights, multiplier: float = 1.0) -> int:
@@ -168,27 +181,30 @@ def apply_lora(components: Mapping[str, Any], weights: LoraWeights, multiplier: 
         output-row (PEFT) DoRA: W'' = magnitude * W' / ||W'||_row        (as PEFT, no eps)
         W_new = W + multiplier * (W'' - W)
 
-    Text-encoder paths match with or without `text_model.`.
+    The parts of a fused layer's DoRA (`dora_group`, FLUX.1's q|k|v) share its ||W'||_col, over all their rows, as
+    apps decompose the fused weight. Text-encoder paths match with or without `text_model.`.
     """
     names: dict[str, set[str]] = {}
-    changed = 0
-    for (component, module_path), m in weights.items():
+
+    def updated(component: str, module_path: str, m: LoraModule) -> tuple[str, torch.Tensor, torch.Tensor]:
         where = f"{component} module {module_path!r}"
-        model = components.get(component)
-        if model is None:
-            raise ConjureError(f"{where}: no {component} among the components")
-        if component not in names:
-            names[component] = {name for name, _ in model.named_modules()}
-        module = model.get_submodule(resolve_module_path(module_path, names[component]))
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise ConjureError(f"{where} is a {type(module).__name__}, not a Linear or Conv2d")
+        weight = _target(components, names, component, module_path).weight
         check_module(where, m)
-        weight = module.weight
         w = weight.detach().to(torch.float32)
-        new = _decomposed(m, w + m.scale * _delta(m, w, where), torch.finfo(weight.dtype).eps, where)
+        return where, weight, w + m.scale * _delta(m, w, where)
+
+    # W' of every part of a fused DoRA layer first: each part's norm spans them all
+    groups: dict[tuple[str, str], list[torch.Tensor]] = collections.defaultdict(list)
+    for (component, module_path), m in weights.items():
+        if m.dora_group is not None:
+            groups[(component, m.dora_group)].append(updated(component, module_path, m)[2])
+    for (component, module_path), m in weights.items():
+        where, weight, new = updated(component, module_path, m)
+        norm = group_column_norm(groups[(component, m.dora_group)] if m.dora_group is not None else [new])
+        new = _decomposed(m, new, norm, torch.finfo(weight.dtype).eps, where)
         if multiplier != 1.0:
-            new = w + multiplier * (new - w)
+            new = weight.detach().to(torch.float32) + multiplier * (new - weight.detach().to(torch.float32))
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype))
-        changed += 1
-    return changed
+    return len(weights)
+

@@ -16,7 +16,7 @@ import torch
 from conjure import families
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
-from conjure.export.kohya_flux import flux_kohya_modules, flux_module_paths
+from conjure.export.kohya_flux import flux_kohya_modules, flux_module_paths, fused_parts
 from conjure.export.kohya_names import UnetLayout, kohya_name, module_path_from_kohya, unet_layout
 from conjure.export.lora import (
     check_module,
@@ -30,8 +30,8 @@ from conjure.export.lora import (
 )
 
 __all__ = [
-    "KOHYA_PARTS", "kohya_state_dict", "layout_from_metadata", "layout_metadata", "load_kohya", "parse_kohya",
-    "save_kohya", "write_kohya",
+    "KOHYA_PARTS", "kohya_fused_parts", "kohya_state_dict", "layout_from_metadata", "layout_metadata", "load_kohya",
+    "parse_kohya", "save_kohya", "write_kohya",
 ]
 
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
@@ -62,6 +62,16 @@ def layout_from_metadata(metadata: Mapping[str, str] | None) -> UnetLayout | Non
             f"bad {META_LAYERS_PER_BLOCK} in the file's metadata: {metadata[META_LAYERS_PER_BLOCK]!r}"
         ) from None
     return UnetLayout(layers, attention)
+
+
+def kohya_fused_parts(family: Any, component: str, paths: list[str]) -> dict[str, tuple[str, ...]]:
+    """The layers `family`'s kohya layout fuses, for the modules `paths` of `component`: fused layer name -> all its
+    parts' paths (a kohya DoRA decomposes each as one: adapters/dora.py share_decomposition, `dora_group`). Empty
+    where kohya names modules one to one (SD 1.x/2.x/SDXL)."""
+    fam = families.get(family)
+    if fam.unet_naming != "bfl" or component != fam.denoiser:
+        return {}
+    return fused_parts(paths)
 
 
 def _named_modules(weights: LoraWeights, family: Any, unet_config: Any) -> dict[str, tuple[str, LoraModule]]:

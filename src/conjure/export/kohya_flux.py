@@ -27,9 +27,14 @@ block-diagonal in equal chunks: the layout diffusers' converter splits back into
 Reading (fused -> split): a block-diagonal layer in equal chunks splits exactly (rank / k, alpha / k each; an
 all-zero chunk is padding and is dropped). A dense fused layer (trained fused, as kohya does) gives every member the
 whole `lora_down` and its rows of `lora_up` at the fused rank and alpha: the same update, so exact too, but writing
-it back fuses k copies (rank k x R): the same function, not the same file. A `dora_scale` on a fused layer is refused
-both ways: apps decompose the fused weight (one norm per input column over all of q, k, v(, mlp): ComfyUI
-weight_decompose on the whole qkv weight, InvokeAI's DoRALayer likewise), which no per-module scale can express.
+it back fuses k copies (rank k x R): the same function, not the same file.
+
+DoRA: apps apply a fused layer's `dora_scale` [1, in] to the fused weight (ComfyUI comfy/weight_adapter/base.py
+weight_decompose on the whole qkv / linear1 weight, InvokeAI's DoRALayer likewise): one norm per input column over
+all of q, k, v(, mlp). Separate decompositions of the parts (a scale and a norm each) have no such form, so the
+parts of a fused DoRA layer are one decomposition (`LoraModule.dora_group`, trained by adapters/dora.py
+share_decomposition): written as one `dora_scale`, read back as that scale on every part. Parts with scales of
+their own, or a DoRA on only some parts, are refused.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch
 from conjure.adapters import LoraModule
 from conjure.errors import ConjureError
 
-__all__ = ["FusedGroup", "flux_kohya_modules", "flux_module_paths", "fused_groups"]
+__all__ = ["FusedGroup", "flux_kohya_modules", "flux_module_paths", "fused_groups", "fused_parts"]
 
 PREFIX = "lora_unet_"
 
@@ -80,6 +85,19 @@ def fused_groups() -> dict[str, tuple[FusedGroup, ...]]:
     return {blocks: groups for blocks, (_, groups, _) in _BLOCKS.items()}
 
 
+def fused_parts(paths: list[str]) -> dict[str, tuple[str, ...]]:
+    """Fused layer (its `dora_group` name, e.g. "transformer_blocks.0.img_attn_qkv") -> all its parts' diffusers
+    paths, for every fused layer one of `paths` is part of (parts not in `paths` included)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for path in paths:
+        m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", path)
+        group = None if m is None else next((g for g in _BLOCKS[m.group(1)][1] if m.group(3) in g.members), None)
+        if group is not None:
+            prefix = f"{m.group(1)}.{int(m.group(2))}."
+            out[prefix + group.suffix] = tuple(prefix + member for member in group.members)
+    return out
+
+
 def _split_path(path: str) -> tuple[str, int, str]:
     m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", path)
     if m is None:
@@ -102,12 +120,7 @@ def _fuse(name: str, group: FusedGroup, present: dict[str, LoraModule]) -> LoraM
                 f"{name}: fusing needs one rank and alpha across {', '.join(group.members)} (found rank "
                 f"{m.rank} alpha {m.alpha:g} beside rank {rank} alpha {alpha:g})"
             )
-        if m.dora_scale is not None or m.magnitude is not None:
-            raise ConjureError(
-                f"{name}: a DoRA scale on {member!r} cannot be written fused: apps normalise the fused "
-                f"{group.suffix} weight as one ({', '.join(group.members)} together), not each part; save DoRA "
-                "for FLUX with lora.save_format: peft, or leave the fused layers out"
-            )
+    dora_scale = _fused_dora_scale(name, group, present)
     unit = first.up.shape[0] // group.units[group.members.index(next(iter(present)))]
     downs, ups = [], []
     for member, units in zip(group.members, group.units):
@@ -118,7 +131,28 @@ def _fuse(name: str, group: FusedGroup, present: dict[str, LoraModule]) -> LoraM
         # an absent member is a zero block of the same rank: the layer stays block-diagonal in equal chunks
         downs.append(part.down if part is not None else first.down.new_zeros(first.down.shape))
         ups.append(part.up if part is not None else first.up.new_zeros((out, rank)))
-    return LoraModule(down=torch.cat(downs, 0), up=torch.block_diag(*ups), alpha=alpha * len(group.members))
+    return LoraModule(down=torch.cat(downs, 0), up=torch.block_diag(*ups), alpha=alpha * len(group.members),
+                      dora_scale=dora_scale)
+
+
+def _fused_dora_scale(name: str, group: FusedGroup, present: dict[str, LoraModule]) -> torch.Tensor | None:
+    """The fused layer's `dora_scale`: apps decompose the fused weight as one, so the parts must all be there and
+    share one decomposition (`LoraModule.dora_group`, adapters/dora.py share_decomposition); None without DoRA."""
+    scales = [m.dora_scale for m in present.values() if m.dora_scale is not None]
+    if not scales:
+        return None
+    first = next(iter(present.values()))
+    shared = (
+        len(scales) == len(group.members) == len(present)
+        and first.dora_group is not None
+        and all(m.dora_group == first.dora_group and torch.equal(m.dora_scale, scales[0]) for m in present.values())
+    )
+    if not shared:
+        raise ConjureError(
+            f"{name}: apps normalise the fused {group.suffix} weight as one ({', '.join(group.members)} together), "
+            "so a DoRA there must be one decomposition shared by all its parts (dora_group), not one per part"
+        )
+    return scales[0]
 
 
 def flux_kohya_modules(modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
@@ -159,12 +193,16 @@ def _block_diagonal(up: torch.Tensor, rows: list[int], k: int) -> bool:
     return True
 
 
+def _with_dora(parts: list[tuple[str, LoraModule]], m: LoraModule, group: str) -> list[tuple[str, LoraModule]]:
+    """The parts of a fused DoRA layer: each carries the shared scale, decomposed together as `group`."""
+    if m.dora_scale is None:
+        return parts
+    for _, part in parts:
+        part.dora_scale, part.dora_group = m.dora_scale.clone(), group
+    return parts
+
+
 def _unfuse(name: str, prefix: str, group: FusedGroup, m: LoraModule) -> list[tuple[str, LoraModule]]:
-    if m.dora_scale is not None:
-        raise ConjureError(
-            f"{name}: a dora_scale on a fused layer decomposes {', '.join(group.members)} as one weight; it has "
-            "no per-module form (diffusers' FLUX reader drops it too)"
-        )
     total = m.up.shape[0]
     if m.down.dim() != 2 or total % sum(group.units):
         raise ConjureError(
@@ -179,13 +217,15 @@ def _unfuse(name: str, prefix: str, group: FusedGroup, m: LoraModule) -> list[tu
         r = m.up.shape[1] // k
         for i, (member, up) in enumerate(zip(group.members, ups)):
             down, up = m.down[i * r:(i + 1) * r], up[:, i * r:(i + 1) * r]
-            if down.any() or up.any():  # an all-zero chunk is a member the writer padded in
+            # an all-zero chunk is a member the writer padded in (a DoRA scales every part: all are kept)
+            if down.any() or up.any() or m.dora_scale is not None:
                 out.append((f"{prefix}{member}", LoraModule(down=down.clone(), up=up.clone(), alpha=m.alpha / k)))
-        return out
-    return [
-        (f"{prefix}{member}", LoraModule(down=m.down.clone(), up=up.clone(), alpha=m.alpha))
-        for member, up in zip(group.members, ups)
-    ]
+    else:
+        out = [
+            (f"{prefix}{member}", LoraModule(down=m.down.clone(), up=up.clone(), alpha=m.alpha))
+            for member, up in zip(group.members, ups)
+        ]
+    return _with_dora(out, m, prefix + group.suffix)
 
 
 def flux_module_paths(name: str, m: LoraModule) -> list[tuple[str, LoraModule]]:
