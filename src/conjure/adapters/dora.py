@@ -104,6 +104,8 @@ class InputColumnDora(nn.Module):
 
 def group_column_norm(weights: list[torch.Tensor]) -> torch.Tensor:
     """||W||_col of the weights stacked on the output dim (the fused weight apps decompose)."""
+    if len(weights) == 1:
+        return column_norm(weights[0])  # bit for bit what a lone layer computed before groups existed
     return torch.sqrt(sum(column_norm(w).square() for w in weights))
 
 
