@@ -423,3 +423,51 @@ def test_fused_parts_name_every_part_of_the_layers_a_dora_must_decompose_as_one(
     assert groups["single_transformer_blocks.0.linear1"][-1] == "single_transformer_blocks.0.proj_mlp"
     assert kohya_fused_parts("sdxl", "unet", ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]) == {}
     assert kohya_fused_parts(FLUX, "text_encoder", ["encoder.layers.0.self_attn.q_proj"]) == {}
+
+
+def test_shared_dora_layers_saved_as_kohya_reproduce_the_adapted_transformer(tmp_path):
+    """InputColumnDora layers on every preset-`all` Linear, the fused ones decomposed together
+    (share_decomposition over kohya_fused_parts): the kohya file, read back and merged as apps merge it, gives the
+    adapted transformer's output."""
+    import copy
+
+    from conjure.adapters.dora import InputColumnDora, share_decomposition
+    from conjure.export.convert import apply_lora
+
+    torch.manual_seed(0)
+    base = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)).eval()
+    adapted = copy.deepcopy(base)
+    targets = denoiser_targets(FLUX, adapted, "all")
+    g = torch.Generator().manual_seed(5)
+    for path in targets:
+        parent, _, child = path.rpartition(".")
+        layer = InputColumnDora(adapted.get_submodule(path), rank=2, alpha=3.0)
+        with torch.no_grad():
+            layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=g) * 0.2)
+        setattr(adapted.get_submodule(parent), child, layer)
+    for group, parts in kohya_fused_parts(FLUX, "transformer", targets).items():
+        share_decomposition([adapted.get_submodule(p) for p in parts], group)
+    with torch.no_grad():
+        for path in targets:
+            adapted.get_submodule(path).dora_scale.mul_(1.1)  # a trained magnitude (shared ones grow more)
+    weights = {}
+    for path in targets:
+        layer = adapted.get_submodule(path)
+        weights[("transformer", path)] = LoraModule(
+            layer.lora_down.weight.detach().clone(), layer.lora_up.weight.detach().clone(), layer.alpha,
+            dora_scale=layer.dora_scale.detach().clone(), dora_group=layer.group)
+    path = save_kohya(tmp_path / "dora.safetensors", weights, META, FLUX)
+    with safe_open(str(path), "pt") as f:
+        scales = [k for k in f.keys() if k.endswith(".dora_scale")]
+    assert "lora_unet_single_blocks_1_linear1.dora_scale" in scales and len(scales) == 10 + 2 * 3  # one per named (fused or not) layer
+
+    loaded, _ = load_kohya(path)
+    apply_lora({"transformer": base}, loaded)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 4, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.6]),
+        img_ids=torch.rand(16, 3, generator=g) * 4, txt_ids=torch.zeros(5, 3), guidance=None)
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).sample, adapted(**inputs).sample, rtol=1e-4, atol=1e-5)
