@@ -61,9 +61,10 @@ def load_transformer_config(source: str, revision: str | None) -> tuple[Family, 
     return fam, dict(config)
 
 
-def load_parts(source: str, fam: Family, *, revision: str | None, variant: str | None,
+def load_parts(source: str, fam: Family, *, revision: str | None, variant: str | None, dtype: Any,
                transformer: Any = None) -> dict[str, Any]:
-    """The pipeline's parts in float32 (as loading.py loads the SD families'), `transformer` if given."""
+    """The pipeline's parts (`transformer` if given): the transformer and text encoders in `dtype` (the run's
+    frozen dtype: loading.Wanted.frozen_dtype), the VAE in float32 (place_model keeps it so under fp16)."""
     import diffusers
     import torch
     import transformers
@@ -73,7 +74,7 @@ def load_parts(source: str, fam: Family, *, revision: str | None, variant: str |
     try:
         components: dict[str, Any] = {
             fam.denoiser: transformer if transformer is not None else diffusers.FluxTransformer2DModel.from_pretrained(
-                source, subfolder=fam.denoiser, variant=variant, torch_dtype=torch.float32, **common),
+                source, subfolder=fam.denoiser, variant=variant, torch_dtype=dtype, **common),
             "vae": diffusers.AutoencoderKL.from_pretrained(
                 source, subfolder="vae", variant=variant, torch_dtype=torch.float32, **common),
             # FLUX.1's sampler: its config (base_shift, max_shift, use_dynamic_shifting) is what the flow
@@ -85,18 +86,17 @@ def load_parts(source: str, fam: Family, *, revision: str | None, variant: str |
             model_class, tokenizer_class = (getattr(transformers, name) for name in FLOW_CLASSES[slot.kind])
             components[slot.tokenizer] = tokenizer_class.from_pretrained(source, subfolder=slot.tokenizer, **common)
             components[slot.encoder] = model_class.from_pretrained(
-                source, subfolder=slot.encoder, variant=variant, dtype=torch.float32, **common)
+                source, subfolder=slot.encoder, variant=variant, dtype=dtype, **common)
     except Exception as exc:
         raise fail(source, exc) from None
     return components
 
 
 def load_single_transformer(path: Path, keys: set[str], base_model_config: str | None,
-                            pick: Callable[[Family], Family]) -> tuple[Family, Any, str]:
+                            pick: Callable[[Family], Family], dtype: Any) -> tuple[Family, Any, str]:
     """A FLUX.1 transformer file: (family, the transformer, the variant's source); the other parts come from
     `base_model_config`, whose transformer config must be of the file's variant. `pick` checks the family
-    (loading.Wanted.pick) before the weights load."""
-    import torch
+    (loading.Wanted.pick) before the weights load; `dtype`: the transformer's."""
     from diffusers import FluxTransformer2DModel
 
     if not base_model_config:
@@ -117,7 +117,7 @@ def load_single_transformer(path: Path, keys: set[str], base_model_config: str |
         )
     try:
         transformer = FluxTransformer2DModel.from_single_file(
-            str(path), config=base_model_config, subfolder=fam.denoiser, torch_dtype=torch.float32)
+            str(path), config=base_model_config, subfolder=fam.denoiser, torch_dtype=dtype)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConjureError(f"cannot load checkpoint {str(path)!r}: {reason}") from None
@@ -128,20 +128,28 @@ def load_single_transformer(path: Path, keys: set[str], base_model_config: str |
 def load_flow_diffusers(source: str, wanted: Wanted, *, revision: str | None, variant: str | None) -> LoadedModel:
     """A diffusers folder or hub id whose model_index.json names a transformer."""
     fam = wanted.pick(load_transformer_config(source, revision)[0])
-    model = LoadedModel(family=fam, source=source,
-                        components=load_parts(source, fam, revision=revision, variant=variant))
+    parts = load_parts(source, fam, revision=revision, variant=variant, dtype=_dtype(wanted))
+    model = LoadedModel(family=fam, source=source, components=parts)
     _settle(model, wanted, "the transformer config (guidance_embeds)")
     return model
 
 
 def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wanted: Wanted) -> LoadedModel:
     """A FLUX.1 transformer file and the other parts from `base_model_config`."""
-    fam, transformer, variant_source = load_single_transformer(path, keys, base_model_config, wanted.pick)
+    fam, transformer, variant_source = load_single_transformer(path, keys, base_model_config, wanted.pick,
+                                                               _dtype(wanted))
     assert base_model_config is not None  # load_single_transformer refuses a file without it
-    components = load_parts(base_model_config, fam, revision=None, variant=None, transformer=transformer)
+    components = load_parts(base_model_config, fam, revision=None, variant=None, dtype=_dtype(wanted),
+                            transformer=transformer)
     model = LoadedModel(family=fam, source=str(path), components=components)
     _settle(model, wanted, variant_source)
     return model
+
+
+def _dtype(wanted: Wanted) -> Any:
+    import torch
+
+    return wanted.frozen_dtype or torch.float32
 
 
 def _settle(model: LoadedModel, wanted: Wanted, variant_source: str) -> None:

@@ -155,12 +155,13 @@ def load_model(config: RunConfig, spec: MethodSpec) -> LoadedModel:
     from conjure.models.loading import load_base_model
     from conjure.models.quantize import check_base_weights_dtype
 
-    basic = config.basic
-    check_base_weights_dtype(config.advanced.base_weights_dtype, cpu=config.advanced.cpu)
+    basic, adv = config.basic, config.advanced
+    check_base_weights_dtype(adv.base_weights_dtype, cpu=adv.cpu)
     return load_base_model(
         basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
         base_model_config=basic.base_model_config, allowed_families=spec.families, method=config.type,
-        prediction_type=config.advanced.prediction_type, vae=basic.vae, advanced=config.advanced,
+        prediction_type=adv.prediction_type, vae=basic.vae, advanced=adv,
+        frozen_dtype=WEIGHT_DTYPES[resolve_precision(adv.mixed_precision, cpu=adv.cpu).value],
     )
 
 
