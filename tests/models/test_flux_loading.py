@@ -122,6 +122,16 @@ def test_a_folder_that_is_neither_is_refused(tmp_path):
         load_base_model(str(tmp_path))
 
 
+def test_another_transformer_pipeline_is_refused(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline", "transformer": '
+                                               '["diffusers", "SD3Transformer2DModel"]}')
+    (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "SD3Transformer2DModel"}')
+    with pytest.raises(ConjureError, match=r"is a StableDiffusion3Pipeline model; conjure trains .*FLUX.1 "
+                                           r"\(FluxPipeline\)"):
+        load_base_model(str(tmp_path))
+
+
 def test_hub_id_offline_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

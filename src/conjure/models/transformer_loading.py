@@ -21,9 +21,10 @@ from conjure.families import Family
 from conjure.models.loading import Fact, LoadedModel, Wanted, fail
 
 # Marker keys of a FLUX.1 transformer file: BFL's names (diffusers' CHECKPOINT_KEY_NAMES["flux"]) and diffusers'
-# own; each family's guidance embedder. ComfyUI saves BFL's names under `model.diffusion_model.`.
+# own (the single-stream blocks' MLP input: SD3's diffusers transformer has double-stream blocks only); each
+# layout's guidance embedder. ComfyUI saves BFL's names under `model.diffusion_model.`.
 COMFY_PREFIX = "model.diffusion_model."
-FLUX_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "transformer_blocks.0.attn.norm_added_k.weight")
+FLUX_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight")
 GUIDANCE_KEYS = ("guidance_in.in_layer.bias", "time_text_embed.guidance_embedder.linear_1.bias")
 FLOW_CLASSES = {"clip": ("CLIPTextModel", "CLIPTokenizer"), "t5": ("T5EncoderModel", "T5TokenizerFast")}
 
@@ -46,7 +47,6 @@ def load_transformer_config(source: str, revision: str | None) -> tuple[Family, 
     """The family and the transformer config of a diffusers model whose model_index.json names a transformer."""
     from diffusers import DiffusionPipeline, FluxTransformer2DModel
 
-
     try:
         index = DiffusionPipeline.load_config(source, revision=revision)
         config = FluxTransformer2DModel.load_config(source, subfolder="transformer", revision=revision)
@@ -68,7 +68,6 @@ def load_parts(source: str, fam: Family, *, revision: str | None, variant: str |
     import diffusers
     import torch
     import transformers
-
 
     common = {"revision": revision}
     try:
