@@ -225,3 +225,18 @@ def test_a_run_loads_in_its_frozen_dtype(monkeypatch, lora_config, precision, dt
     config = parse_config(lora_config(advanced={"mixed_precision": precision}))
     load_model(config, method_spec(config.type))
     assert seen["frozen_dtype"] == dtype
+
+
+def test_basic_vae_takes_a_bfl_ae_file(flux_dirs, tmp_path, ldm):
+    """FLUX.1's VAE ships as BFL's ae.safetensors (LDM names without a prefix); it takes the base VAE's config,
+    shift factor included."""
+    from conjure.models.tiny import build_tiny_components
+
+    other = build_tiny_components("flux", seed=5)["vae"]
+    path = tmp_path / "ae.safetensors"
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in ldm.vae(other).items()}, str(path))
+    model = load_base_model(str(flux_dirs["dev"]), vae=str(path))
+    assert model.facts["vae"] == Fact(str(path), "basic.vae")
+    loaded, written = model.vae.state_dict(), other.state_dict()
+    assert all(torch.equal(loaded[k], written[k]) for k in written)
+    assert (model.vae.config.shift_factor, model.vae.config.use_quant_conv) == (0.1159, False)
