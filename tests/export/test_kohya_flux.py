@@ -471,3 +471,21 @@ def test_shared_dora_layers_saved_as_kohya_reproduce_the_adapted_transformer(tmp
         img_ids=torch.rand(16, 3, generator=g) * 4, txt_ids=torch.zeros(5, 3), guidance=None)
     with torch.no_grad():
         torch.testing.assert_close(base(**inputs).sample, adapted(**inputs).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_other_tools_embedder_layers_read_as_diffusers_reads_them_and_are_never_written():
+    g = torch.Generator().manual_seed(2)
+    names = ["lora_unet_img_in", "lora_unet_txt_in", "lora_unet_time_in_in_layer", "lora_unet_time_in_out_layer",
+             "lora_unet_vector_in_in_layer", "lora_unet_vector_in_out_layer", "lora_unet_guidance_in_in_layer",
+             "lora_unet_guidance_in_out_layer"]
+    state = {}
+    for name in names:
+        state.update({f"{name}.lora_down.weight": torch.randn(2, 8, generator=g),
+                      f"{name}.lora_up.weight": torch.randn(8, 2, generator=g), f"{name}.alpha": torch.tensor(2.0)})
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(state))
+    expected = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in converted if "lora_A" in k}
+    ours = {path: m for name in names for path, m in flux_module_paths(name, LoraModule(
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"], 2.0))}
+    assert set(ours) == expected
+    with pytest.raises(ConjureError, match="InvokeAI reads block modules only"):
+        kohya_state_dict({("transformer", "x_embedder"): ours["x_embedder"]}, FLUX)

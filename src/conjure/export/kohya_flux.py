@@ -78,6 +78,19 @@ _BLOCKS = {
     "single_transformer_blocks": ("single_blocks", _SINGLE_GROUPS, _SINGLE_PLAIN),
 }
 _KOHYA_BLOCKS = {kohya: diffusers for diffusers, (kohya, _, _) in _BLOCKS.items()}
+# Top-level modules other tools adapt (kohya's --network_args train_blocks / in_dims, ai-toolkit), read as diffusers'
+# converter reads them; never written: InvokeAI's kohya FLUX reader (flux_kohya_lora_conversion_utils.py) takes
+# block names only and would not recognise the file. The final layer (norm_out / proj_out) is read by none of the
+# apps alike (InvokeAI skips it; diffusers swaps norm_out's halves): refused.
+_TOP_LEVEL = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+}
 
 
 def fused_groups() -> dict[str, tuple[FusedGroup, ...]]:
@@ -101,7 +114,8 @@ def fused_parts(paths: list[str]) -> dict[str, tuple[str, ...]]:
 def _split_path(path: str) -> tuple[str, int, str]:
     m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", path)
     if m is None:
-        raise ConjureError(f"transformer module {path!r} has no kohya FLUX name that apps load")
+        why = " (InvokeAI reads block modules only)" if path in _TOP_LEVEL.values() else ""
+        raise ConjureError(f"transformer module {path!r} has no kohya FLUX name that apps load{why}")
     return m.group(1), int(m.group(2)), m.group(3)
 
 
@@ -231,7 +245,9 @@ def _unfuse(name: str, prefix: str, group: FusedGroup, m: LoraModule) -> list[tu
 def flux_module_paths(name: str, m: LoraModule) -> list[tuple[str, LoraModule]]:
     """(diffusers path, module) pairs of the kohya FLUX module `name` (a fused layer gives several). Raises
     ConjureError for names that are not FLUX transformer modules apps load."""
-    refusal = f"{name!r} is not a FLUX.1 module conjure reads (LoRA on the double/single blocks' linear layers only)"
+    refusal = f"{name!r} is not a FLUX.1 module conjure reads (LoRA on the blocks' and embedders' linear layers)"
+    if name.removeprefix(PREFIX) in _TOP_LEVEL:
+        return [(_TOP_LEVEL[name.removeprefix(PREFIX)], m)]
     hit = re.fullmatch(rf"{PREFIX}(double_blocks|single_blocks)_(\d+)_(.+)", name)
     if hit is None:
         raise ConjureError(refusal)
