@@ -16,7 +16,8 @@ where one Linear computes q, k and v together, so its LoRA files name BFL module
 
 The table is ComfyUI's (comfy/utils.py flux_to_diffusers) and diffusers' (loaders/lora_conversion_utils.py
 _convert_kohya_flux_lora_to_diffusers); InvokeAI reads the same names (flux_kohya_lora_conversion_utils.py). The
-model's final `proj_out` / `norm_out` (BFL `final_layer`) are never adapted and have no name here.
+model's final `proj_out` / `norm_out` (BFL `final_layer`) are never adapted and have no name here; the embedders
+other tools adapt (`img_in`, `txt_in`, `time_in`, ...) are read, never written (see `_TOP_LEVEL`).
 
 Fusion (split -> fused, exact): the members' `lora_down` stacked on dim 0, their `lora_up` block-diagonal, rank and
 alpha multiplied by the number of members, so alpha / rank and every member's update stay the same (kohya's
@@ -47,7 +48,7 @@ import torch
 from conjure.adapters import LoraModule
 from conjure.errors import ConjureError
 
-__all__ = ["FusedGroup", "flux_kohya_modules", "flux_module_paths", "fused_groups", "fused_parts"]
+__all__ = ["FusedGroup", "flux_kohya_modules", "flux_module_paths", "fused_parts"]
 
 PREFIX = "lora_unet_"
 
@@ -91,11 +92,6 @@ _TOP_LEVEL = {
     "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
     "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
 }
-
-
-def fused_groups() -> dict[str, tuple[FusedGroup, ...]]:
-    """diffusers block list -> its fused groups (for tests and docs)."""
-    return {blocks: groups for blocks, (_, groups, _) in _BLOCKS.items()}
 
 
 def fused_parts(paths: list[str]) -> dict[str, tuple[str, ...]]:
