@@ -106,7 +106,7 @@ def test_nf4_replaces_each_linear_with_a_4bit_layer_of_the_same_weights(transfor
 def test_float8_converts_the_chosen_layers(transformer, monkeypatch):
     calls = []
     fake = ModuleType("torchao.quantization")
-    fake.Float8WeightOnlyConfig = lambda: "float8 weight-only"
+    fake.Float8WeightOnlyConfig = lambda **kwargs: ("float8 weight-only", kwargs)
     fake.quantize_ = lambda module, config, filter_fn, device: calls.append(
         (config, device, [n for n, m in module.named_modules() if filter_fn(m, n)]))
     monkeypatch.setitem(sys.modules, "torchao", ModuleType("torchao"))
@@ -114,7 +114,8 @@ def test_float8_converts_the_chosen_layers(transformer, monkeypatch):
     model = _fresh(transformer)
     assert quantize_frozen(model, "float8", torch.device("cuda")) == 50
     (config, device, chosen), = calls
-    assert (config, device, chosen) == ("float8 weight-only", torch.device("cuda"), linear_layers(model))
+    assert config == ("float8 weight-only", {"set_inductor_config": False})
+    assert (device, chosen) == (torch.device("cuda"), linear_layers(model))
 
 
 def test_place_model_quantises_the_denoiser_only_before_it_moves(transformer, monkeypatch):

@@ -57,7 +57,9 @@ def quantize_frozen(module: torch.nn.Module, choice: str, device: torch.device) 
         from torchao.quantization import Float8WeightOnlyConfig, quantize_
 
         chosen = set(names)
-        quantize_(module, Float8WeightOnlyConfig(), filter_fn=lambda m, name: name in chosen, device=device)
+        # set_inductor_config would retune torch.compile's global settings; nothing here compiles
+        quantize_(module, Float8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, name: name in chosen,
+                  device=device)
     elif choice == "nf4":
         for name in names:
             parent, _, attr = name.rpartition(".")
