@@ -10,6 +10,7 @@ from PIL import Image
 from conjure.config import ConfigError, parse_config
 from conjure.errors import ConjureError
 from conjure.train.loop import train
+from conjure.train.text_ahead import encode_ahead as real_ahead
 
 
 @pytest.fixture
@@ -68,6 +69,37 @@ def test_cached_runs_train_exactly_what_uncached_runs_do(tiny_models, folder, tm
     # (validation encodes its prompts through encode_text too, uncached)
     assert sum(len(args[1]) for args in encodes) <= 8
     assert sorted(c for args in texts for c in args[1] if "item" in c) == ["zwx picture, item 0", "zwx picture, item 1"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_text_encoded_ahead_trains_what_the_step_by_step_cache_does(tiny_models, folder, tmp_path, family,
+                                                                     monkeypatch):
+    """On a GPU the captions and validation prompts are encoded before the denoiser is placed and the encoders
+    leave for the CPU (train/text_ahead.py); forced here on the CPU: every caption and prompt is encoded once, up
+    front, none during the steps or the validations, and the run trains what the step-by-step cache trains."""
+    import conjure.train.conditioning as conditioning
+    import conjure.train.loop as loop
+
+    def run(name):
+        raw = config(tiny_models, folder, tmp_path, name, family, cache_text_encoder_outputs=True,
+                     caption_dropout=0.3)
+        raw.basic.validate_every_n_steps = 3
+        raw.validation.prompts = ["a zwx photo", "a painting"]
+        return final_state(train(raw))
+
+    step_by_step = run("lazy")
+    texts = counting(monkeypatch, conditioning, "encode_text")
+    prompts = counting(monkeypatch, conditioning, "prompt_embeds")
+    monkeypatch.setattr(loop, "offloads", lambda device: True)
+    monkeypatch.setattr(loop, "encode_ahead", lambda *a, **k: texts.append(("ahead",)) or real_ahead(*a, **k))
+    ahead = run("ahead")
+    assert texts[0] == ("ahead",)
+    encoded = [c for args in texts[1:] for c in args[1]]
+    assert sorted(encoded) == sorted(["zwx picture, item 0", "zwx picture, item 1", ""] + ["a zwx photo", "a painting"]
+                                     + [""] * 2)  # two prompts, each with its empty negative
+    assert len(prompts) == 2  # once each, though the run validated twice (steps 3 and 6)
+    for key in step_by_step:
+        torch.testing.assert_close(ahead[key], step_by_step[key], atol=1e-6, rtol=1e-5)
 
 
 def test_disk_cache_is_reused_and_recomputes_exactly_the_changed_image(tiny_models, folder, tmp_path, monkeypatch):

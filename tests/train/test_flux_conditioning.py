@@ -132,10 +132,10 @@ def test_build_reads_the_variant_the_tokenizer_cap_and_guidance(pipe):
         return SimpleNamespace(family=family, facts={"variant": SimpleNamespace(value=variant)},
                                components={"tokenizer_2": tokenizer})
 
-    assert build_flux_conditioning(model("schnell", big), SimpleNamespace()).t5_tokens == 256
-    dev = build_flux_conditioning(model("dev", big), SimpleNamespace(guidance=3.5))
+    assert build_flux_conditioning(model("schnell", big)).t5_tokens == 256
+    dev = build_flux_conditioning(model("dev", big), guidance=3.5)
     assert (dev.t5_tokens, dev.guidance) == (512, 3.5)
-    assert build_flux_conditioning(model("dev", pipe.tokenizer_2), SimpleNamespace()).t5_tokens == 16  # the toy's
+    assert build_flux_conditioning(model("dev", pipe.tokenizer_2)).t5_tokens == 16  # the toy's
 
 
 def test_long_captions_are_counted_against_the_t5_length(pipe):

@@ -120,15 +120,18 @@ class LatentCache:
 
 
 class TextCache:
-    """Conditioning per caption text for frozen text encoders: `encode(captions)` computes only the new ones."""
+    """Conditioning per caption text for frozen text encoders: `encode(captions)` computes only the new ones.
+    Entries are kept in CPU memory (FLUX.1's T5 output is 4-8 MB a caption) and handed out on `device`."""
 
     def __init__(self) -> None:
         self.entries: dict[str, dict[str, torch.Tensor]] = {}
 
-    def get(self, captions: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def get(self, captions: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]],
+            device: torch.device | None = None) -> dict[str, torch.Tensor]:
         new = list(dict.fromkeys(c for c in captions if c not in self.entries))
         if new:
             out = encode(new)
             for i, caption in enumerate(new):
-                self.entries[caption] = {k: v[i].detach() for k, v in out.items()}
-        return {k: torch.stack([self.entries[c][k] for c in captions]) for k in self.entries[captions[0]]}
+                self.entries[caption] = {k: v[i].detach().cpu() for k, v in out.items()}
+        stacked = {k: torch.stack([self.entries[c][k] for c in captions]) for k in self.entries[captions[0]]}
+        return stacked if device is None else {k: v.to(device) for k, v in stacked.items()}

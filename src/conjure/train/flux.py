@@ -103,6 +103,6 @@ def t5_tokens(model: Any) -> int:
     return min(tokens, int(tokenizer.model_max_length))
 
 
-def build_flux_conditioning(model: Any, settings: Any) -> FluxConditioning:
-    """The FLUX conditioning of a loaded model and the loop's settings (`advanced.guidance`)."""
-    return FluxConditioning(t5_tokens=t5_tokens(model), guidance=float(getattr(settings, "guidance", 1.0)))
+def build_flux_conditioning(model: Any, guidance: float = 1.0) -> FluxConditioning:
+    """The FLUX conditioning of a loaded model with `advanced.guidance`."""
+    return FluxConditioning(t5_tokens=t5_tokens(model), guidance=float(guidance))

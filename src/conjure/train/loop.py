@@ -33,6 +33,7 @@ from conjure.runs.events import EVENTS_FILE, Event, EventLog
 from conjure.runs.folder import VALIDATION_DIR, lock_run, resume_changes
 from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
 from conjure.train.objectives import build_conditioning, build_objective
+from conjure.train.text_ahead import EncodedAhead, captions_ahead, encode_ahead, offloads, prompt_inputs
 from conjure.train.setup import (
     WEIGHT_DTYPES,
     SessionParts,
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from conjure.config import RunConfig
     from conjure.methods import Recipe
     from conjure.models.loading import LoadedModel
-    from conjure.train.conditioning import TextReading
+    from conjure.train.objectives import Conditioning
 
 
 def train(config: RunConfig, *, resume: str | None = None, control: TrainControl | None = None) -> RunResult:
@@ -74,10 +75,17 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
     model = load_model(config, spec)
     reading = text_reading(config, model)
     accelerator, precision = make_accelerator(config.advanced)
-    place_model(model, accelerator.device, precision.value, config.advanced.base_weights_dtype)
-    recipe = spec.build(config, model)
     chosen = chosen_facts(model, config.data.resolution, precision)
     resolution = chosen["resolution"].value
+    conditioning = build_conditioning(model, reading, resolution=resolution, guidance=config.advanced.guidance)
+    ahead = None
+    if config.data.cache_text_encoder_outputs and offloads(accelerator.device):
+        prompts = [(p, config.validation.negative_prompt) for p in config.validation.prompts]
+        ahead = encode_ahead(model, conditioning, captions_ahead(config, spec, examples), prompts, accelerator,
+                             WEIGHT_DTYPES[precision.value])
+    place_model(model, accelerator.device, precision.value, config.advanced.base_weights_dtype,
+                on_cpu=ahead.on_cpu if ahead else ())
+    recipe = spec.build(config, model)
     checkpoint, run_dir = open_run_dir(config, resume or config.basic.resume)
     # The main process holds the run (under DDP every rank resumes the same folder; only the main one writes it).
     with disk_full_as_one_line(run_dir), lock_run(run_dir) if accelerator.is_main_process else nullcontext():
@@ -86,8 +94,8 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
         resolved = resolved_config(config, run_dir, resolution)
         changed = resume_changes(run_dir / "config.yaml", resolved) if checkpoint else {}
         parts = assemble(config, spec, model, recipe, accelerator, examples, resolution=resolution,
-                         mixed_precision=precision.value)
-        session = TrainingSession(parts, model, recipe, accelerator, run_dir, reading)
+                         mixed_precision=precision.value, text_cache=ahead.cache if ahead else None)
+        session = TrainingSession(parts, model, recipe, accelerator, run_dir, conditioning, ahead)
         too_long, limit = session.conditioning.long_captions(model.text_encoders(),
                                                              [recipe.expand_caption(c) for c in probe])
         if checkpoint is not None:
@@ -117,7 +125,7 @@ class TrainingSession:
     It reads no config: `conjure.train.setup.assemble` unpacked the settings and built the parts."""
 
     def __init__(self, parts: SessionParts, model: LoadedModel, recipe: Recipe, accelerator: Accelerator,
-                 run_dir: Path, reading: TextReading):
+                 run_dir: Path, conditioning: Conditioning, ahead: EncodedAhead | None = None):
         self.settings, self.dataset, self.params = parts.settings, parts.dataset, parts.params
         self.latent_cache, self.text_cache = parts.latent_cache, parts.text_cache
         self.model, self.recipe, self.accelerator = model, recipe, accelerator
@@ -140,9 +148,11 @@ class TrainingSession:
             (model.components[slot.tokenizer], forward.get(slot.encoder, model.components[slot.encoder]))
             for slot in model.family.text_encoders
         ]
-        # What the family's denoiser reads and how it trains (conjure.train.objectives)
-        self.conditioning = build_conditioning(model, self.settings, reading)
+        # What the family's denoiser reads and how it trains (conjure.train.objectives); text encoded ahead, and
+        # where the text encoders are (the CPU once they were moved off the GPU: train/text_ahead.py)
+        self.conditioning, self.ahead = conditioning, ahead
         self.objective = build_objective(model, self.settings)
+        self.text_device = torch.device("cpu") if ahead and ahead.on_cpu else accelerator.device
         seed = self.settings.seed
         self.generator = torch.Generator("cpu").manual_seed(seed * 7919 + accelerator.process_index)
         # Dropout (PEFT's lora_dropout, InputColumnDora's) draws from the global CPU/CUDA RNG; seeding and
@@ -261,7 +271,8 @@ class TrainingSession:
                 if self.text_cache is not None:
                     with torch.no_grad():
                         text = self.text_cache.get(
-                            texts, lambda new: self.conditioning.encode(self.text_encoders, new, acc.device)
+                            texts, lambda new: self.conditioning.encode(self.text_encoders, new, self.text_device),
+                            acc.device,
                         )
                 predict = self.conditioning.predictor(self.denoiser, self.text_encoders, texts, acc.device, batch, text)
                 loss = self.objective.loss(
@@ -275,6 +286,16 @@ class TrainingSession:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return acc.reduce(loss.detach(), "mean").item()
+
+    def _prompt_inputs(self, prompt: str, negative: str) -> dict[str, Any]:
+        """A validation prompt's pipeline inputs, encoded as training encodes captions (clip skip, long captions,
+        the T5 length): encoded ahead, or now where the text encoders are."""
+        device = self.accelerator.device
+        kept = prompt_inputs(self.ahead, prompt, negative, device)
+        if kept is not None:
+            return kept
+        embeds = self.conditioning.prompt_embeds(self.model.text_encoders(), prompt, negative, self.text_device)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in embeds.items()}
 
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
         from conjure.train.loss import encode_latents, sample_latents, vae_posterior
@@ -366,9 +387,8 @@ class TrainingSession:
                     seeds=list(val.seeds), negative_prompt=val.negative_prompt,
                     num_inference_steps=val.num_inference_steps, guidance_scale=val.guidance_scale,
                     resolution=self.settings.resolution,
-                    embed=lambda prompt, negative: self.conditioning.prompt_embeds(  # as training encodes them
-                        self.model.text_encoders(), self.recipe.expand_caption(prompt),
-                        self.recipe.expand_caption(negative), device),
+                    embed=lambda prompt, negative: self._prompt_inputs(
+                        self.recipe.expand_caption(prompt), self.recipe.expand_caption(negative)),
                 )
         finally:
             for module in self.trainable:

@@ -131,8 +131,8 @@ class DdpmObjective:
         return dpm_solver(scheduler)
 
 
-def _clip(model: LoadedModel, settings: LoopSettings, reading: TextReading) -> Conditioning:
-    return ClipConditioning(reading, settings.resolution)
+def _clip(model: LoadedModel, reading: TextReading, resolution: int, guidance: float) -> Conditioning:
+    return ClipConditioning(reading, resolution)
 
 
 def _ddpm(model: LoadedModel, settings: LoopSettings) -> Objective:
@@ -140,10 +140,10 @@ def _ddpm(model: LoadedModel, settings: LoopSettings) -> Objective:
                          min_snr_gamma=settings.min_snr_gamma, noise_offset=settings.noise_offset)
 
 
-def _flux(model: LoadedModel, settings: LoopSettings, reading: TextReading) -> Conditioning:
+def _flux(model: LoadedModel, reading: TextReading, resolution: int, guidance: float) -> Conditioning:
     from conjure.train.flux import build_flux_conditioning
 
-    return build_flux_conditioning(model, settings)
+    return build_flux_conditioning(model, guidance)
 
 
 def _flow(model: LoadedModel, settings: LoopSettings) -> Objective:
@@ -152,14 +152,16 @@ def _flow(model: LoadedModel, settings: LoopSettings) -> Objective:
     return build_flow_objective(model, settings)
 
 
-CONDITIONINGS: dict[str, Callable[[LoadedModel, LoopSettings, TextReading], Conditioning]] = {
+# builder(model, reading, training resolution, advanced.guidance): built before the model is placed, since text
+# may be encoded ahead of training (conjure.train.text_ahead)
+CONDITIONINGS: dict[str, Callable[[LoadedModel, TextReading, int, float], Conditioning]] = {
     "clip": _clip, "flux": _flux,
 }
 OBJECTIVES: dict[str, Callable[[LoadedModel, LoopSettings], Objective]] = {"ddpm": _ddpm, "flow": _flow}
 
 
-def build_conditioning(model: LoadedModel, settings: LoopSettings, reading: TextReading) -> Conditioning:
-    return CONDITIONINGS[model.family.conditioning](model, settings, reading)
+def build_conditioning(model: LoadedModel, reading: TextReading, *, resolution: int, guidance: float) -> Conditioning:
+    return CONDITIONINGS[model.family.conditioning](model, reading, resolution, guidance)
 
 
 def build_objective(model: LoadedModel, settings: LoopSettings) -> Objective:

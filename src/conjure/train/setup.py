@@ -234,9 +234,11 @@ def make_accelerator(adv: AdvancedConfig) -> tuple[Accelerator, Fact]:
     return accelerator, precision
 
 
-def place_model(model: LoadedModel, device: torch.device, precision: str, base_weights: str = "auto") -> None:
+def place_model(model: LoadedModel, device: torch.device, precision: str, base_weights: str = "auto",
+                on_cpu: tuple[str, ...] = ()) -> None:
     """Freeze every part and cast it to the training precision (methods then add trainable fp32 parts);
-    `base_weights` (advanced.base_weights_dtype) "float8" or "nf4" then stores the denoiser's Linear weights so."""
+    `base_weights` (advanced.base_weights_dtype) "float8" or "nf4" then stores the denoiser's Linear weights so.
+    `on_cpu`: parts that stay on the CPU (text encoders whose outputs were encoded ahead: train/text_ahead.py)."""
     from conjure.models.quantize import quantize_frozen
 
     for name, part in model.components.items():
@@ -252,7 +254,7 @@ def place_model(model: LoadedModel, device: torch.device, precision: str, base_w
                 quantize_frozen(part.to(dtype), base_weights, device)
                 part.to(device)  # the rest (norms, embedders); converted weights keep their form
             else:
-                part.to(device, dtype)
+                part.to("cpu" if name in on_cpu else device, dtype)
 
 
 def open_run_dir(config: RunConfig, resume: str | None) -> tuple[Path | None, Path]:
@@ -303,9 +305,10 @@ def start_warnings(config: RunConfig, skipped: list[tuple[Path, str]], changed: 
 
 
 def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Recipe, accelerator: Accelerator,
-             examples: list[Example], *, resolution: int, mixed_precision: str) -> SessionParts:
+             examples: list[Example], *, resolution: int, mixed_precision: str,
+             text_cache: TextCache | None = None) -> SessionParts:
     """The data set, the settings, the optimizer and its schedule, and the caches (none of it draws a random
-    number: what a run trains does not depend on where they are built)."""
+    number: what a run trains does not depend on where they are built); `text_cache`: one filled ahead."""
     from diffusers.optimization import get_scheduler
 
     from conjure.data.dataset import batches_per_epoch
@@ -333,9 +336,9 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
     lr_scheduler = get_scheduler(
         SCHEDULES[opt.scheduler], optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=max_steps
     )
-    latent_cache, text_cache = _caches(config, model, recipe.trainable_modules())
+    latent_cache, fresh_text_cache = _caches(config, model, recipe.trainable_modules())
     return SessionParts(settings, dataset, [p for g in groups for p in g["params"]], optimizer, lr_scheduler,
-                        latent_cache, text_cache)
+                        latent_cache, text_cache or fresh_text_cache)
 
 
 def data_loader(dataset: TrainDataset, settings: LoopSettings, *, first: int, end: int, rank: int,
