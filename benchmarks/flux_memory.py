@@ -152,7 +152,8 @@ def measure(mode: str, parts: dict[str, Any], master: dict[str, torch.Tensor], *
     denoiser.train()
     settings = LoopSettings.of(config, resolution=resolution, mixed_precision="bf16", max_steps=steps)
     # FLUX's conditioning reads no TextReading (CLIP's clip skip and token limit): None stands for it
-    conditioning, objective = build_conditioning(model, settings, None), build_objective(model, settings)
+    conditioning = build_conditioning(model, None, resolution=resolution, guidance=config.advanced.guidance)
+    objective = build_objective(model, settings)
     text, latents = cached_inputs(model, conditioning.t5_tokens, resolution, accelerator.device)
     generator = torch.Generator("cpu").manual_seed(config.basic.seed)
     times, losses = [], []
