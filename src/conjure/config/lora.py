@@ -33,7 +33,8 @@ class LoraAdapterSection(Section):
         "projections), 'all' (+ the modulation layers); never the final output layer.",
     )
     train_text_encoder: bool = Field(
-        False, description="Also train a LoRA on the text encoder(s) (both of them for SDXL)."
+        False, description="Also train a LoRA on the text encoder(s): both of them for SDXL, CLIP-L for FLUX.1 (its "
+        "T5 stays frozen)."
     )
     unet_learning_rate: float | None = Field(
         None, gt=0, description="Learning rate of the UNet adapter; null: optimizer.learning_rate."

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from conjure.adapters import LoraModule, LoraWeights
-from conjure.adapters.dora import InputColumnDora
+from conjure.adapters.dora import InputColumnDora, share_decomposition
 from conjure.errors import ConjureError
 from conjure.export.modelspec import conjure_keys, modelspec
 from conjure.families import Family
@@ -80,7 +80,10 @@ class Lora:
                  clip_skip: int = 1):
         self.model, self.section, self.trigger, self.clip_skip = model, section, trigger, clip_skip
         self.own_dora = section.dora and section.save_format == "kohya"
-        slots = {s.encoder: s for s in model.family.text_encoders} if section.train_text_encoder else {}
+        # The CLIP encoders train with lora.train_text_encoder; a T5 stays frozen (FLUX.1's T5-XXL, as kohya's
+        # FLUX LoRA leaves it unless asked, and as the apps' FLUX LoRA files hold CLIP-L only: lora_te1_)
+        slots = ({s.encoder: s for s in model.family.text_encoders if s.kind == "clip"}
+                 if section.train_text_encoder else {})
         self.denoiser = model.family.denoiser
         self.preset = model.family.default_lora_preset if section.unet_targets == "auto" else section.unet_targets
         self.modules: dict[str, nn.Module] = {name: model.components[name] for name in [self.denoiser, *slots]}
@@ -90,6 +93,8 @@ class Lora:
                        else text_encoder_targets(module, slots[name].unread_layers(clip_skip)))
             if not targets:
                 raise ConjureError(f"lora: no layers of the {name} match the preset {self.preset!r}")
+            groups = self._fused_groups(name, targets)
+            targets = list(dict.fromkeys(targets + [p for members in groups.values() for p in members]))
             self.targets[name] = targets
             module.requires_grad_(False)  # only the adapters train (the loop freezes too; a recipe stands alone)
             # The random start of `down` comes from the run's seed, not the process's RNG state: the same config
@@ -97,6 +102,8 @@ class Lora:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + sum(map(ord, name)))
                 self._inject(module, targets)
+            for group, members in groups.items():
+                share_decomposition([module.get_submodule(p) for p in members], group)
         # The adapters' parameters, fixed now: a recipe that adds more trainable parts to the same modules
         # afterwards (pivotal tuning's token rows) keeps them out of the LoRA's groups, state and files.
         self._params: list[tuple[str, str, nn.Parameter]] = [
@@ -105,6 +112,22 @@ class Lora:
         ]
         for p in self.parameters():
             p.data = p.data.float()  # trained parameters are float32 masters
+        if section.save_format == "kohya":
+            # What the file layout cannot hold is refused now, before the first step, not at the first checkpoint.
+            from conjure.export.kohya import kohya_state_dict
+
+            kohya_state_dict(self.lora_weights(), model.family, model.denoiser.config)
+
+    def _fused_groups(self, component: str, targets: list[str]) -> dict[str, tuple[str, ...]]:
+        """A kohya-layout DoRA of a family whose kohya layout fuses layers (FLUX.1's q|k|v, and the single blocks'
+        q|k|v|proj_mlp: export/kohya_flux.py): fused layer -> all its parts. Apps decompose the fused weight as one,
+        so its parts train one shared decomposition, and a preset that adapts some parts (FLUX's `attention`: the
+        single blocks' q, k, v) brings the others along (proj_mlp), as kohya's own FLUX LoRA adapts `linear1` whole."""
+        if not self.own_dora or component != self.denoiser or self.model.family.unet_naming != "bfl":
+            return {}
+        from conjure.export.kohya_flux import fused_parts
+
+        return fused_parts(targets)
 
     def _inject(self, module: nn.Module, targets: list[str]) -> None:
         s = self.section
@@ -172,7 +195,7 @@ class Lora:
 
         if isinstance(layer, InputColumnDora):
             return LoraModule(down=copy(layer.lora_down.weight), up=copy(layer.lora_up.weight), alpha=layer.alpha,
-                              dora_scale=copy(layer.dora_scale))
+                              dora_scale=copy(layer.dora_scale), dora_group=layer.group)
         magnitude = copy(layer.lora_magnitude_vector[ADAPTER_NAME].weight) if self.section.dora else None
         return LoraModule(
             down=copy(layer.lora_A[ADAPTER_NAME].weight), up=copy(layer.lora_B[ADAPTER_NAME].weight),
