@@ -166,3 +166,13 @@ def test_settings_a_flux_model_cannot_use_are_refused_naming_the_field(lora_conf
 
     with pytest.raises(ConjureError, match=field.replace(".", r"\.")):
         train(parse_config(flux_config(lora_config, **section)))
+
+
+def test_a_bucket_step_flux_cannot_pack_is_refused_naming_the_field(lora_config, run_config):
+    """FLUX.1 packs 2x2 patches of 8x-downscaled latents: sides must be multiples of 16 px (FluxPipeline too)."""
+    raw = flux_config(lora_config, data={"aspect_ratio_buckets": True, "bucket_step": 8})
+    with pytest.raises(ConjureError, match=r"data\.bucket_step: FLUX\.1 needs image sides in multiples of 16 px"):
+        run_config(raw)
+    run_config(flux_config(lora_config, data={"aspect_ratio_buckets": True, "bucket_step": 16},
+                           basic={"max_train_steps": 1, "validate_every_n_steps": None},
+                           validation={"at_start": False}))

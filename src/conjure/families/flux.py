@@ -42,6 +42,7 @@ FLUX = Family(
     unet_naming="bfl",
     safety_checker=False,
     clip_skip=False,
+    pixel_multiple=16,
     guidance_scale=3.5,  # FluxPipeline's default: dev's distilled guidance
     denoiser="transformer",
     objective="flow",

@@ -173,6 +173,9 @@ class Family:
     # v-prediction on the DDPM forward process; "flow": rectified flow) and the conditioning (how captions become
     # the denoiser's inputs and how it is called: "clip" for the SD families, "flux"); the loop looks the last two
     # up in conjure.train.objectives and never branches on a family.
+    # Image sides must be multiples of this many pixels: the VAE's 8x downscale, times the 2x2 patches a FLUX.1
+    # transformer packs (FluxPipeline rounds its sizes to vae_scale_factor * 2 = 16)
+    pixel_multiple: int = 8
     # The guidance scale a pipeline of the family is usually run with (validation.guidance_scale: null)
     guidance_scale: float = 7.5
     denoiser: str = "unet"

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from conjure.data.dataset import TrainDataset
     from conjure.data.example import Example
     from conjure.methods import MethodSpec, Recipe
+    from conjure.families import Family
     from conjure.train.caches import LatentCache, TextCache
     from conjure.train.conditioning import TextReading
 
@@ -319,7 +320,7 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
         for name, module in recipe.trainable_modules().items():
             if name != model.family.denoiser:
                 module.gradient_checkpointing_enable()  # type: ignore[operator]  # a transformers model
-    dataset = _dataset(config, spec, examples, resolution)
+    dataset = _dataset(config, spec, examples, resolution, model.family)
     per_epoch = batches_per_epoch(dataset.sizes, data.batch_size * accelerator.num_processes)
     accum = adv.gradient_accumulation_steps
     if basic.max_train_steps:
@@ -369,7 +370,8 @@ def set_global_rng(states: dict[str, Any] | None, device: torch.device) -> None:
             torch.cuda.set_rng_state(state, index)
 
 
-def _dataset(config: RunConfig, spec: MethodSpec, examples: list[Example], resolution: int) -> TrainDataset:
+def _dataset(config: RunConfig, spec: MethodSpec, examples: list[Example], resolution: int,
+             family: Family) -> TrainDataset:
     from conjure.data.captions import caption_transform
     from conjure.data.dataset import TrainDataset
 
@@ -378,7 +380,7 @@ def _dataset(config: RunConfig, spec: MethodSpec, examples: list[Example], resol
         examples, resolution=resolution, center_crop=data.center_crop, random_flip=data.random_flip,
         keep_in_memory=data.keep_in_memory, caption_transform=caption_transform(data, spec.token(config)),
         class_caption_transform=caption_transform(data, None, class_images=True), seed=config.basic.seed,
-        buckets=_buckets(data, resolution),
+        buckets=_buckets(data, resolution, family),
     )
     small = dataset.upscaled()
     if small:
@@ -408,10 +410,13 @@ def _caches(config: RunConfig, model: LoadedModel, trainable: dict[str, torch.nn
     return latent, text
 
 
-def _buckets(data: DataConfig, resolution: int) -> list[tuple[int, int]] | None:
+def _buckets(data: DataConfig, resolution: int, family: Family) -> list[tuple[int, int]] | None:
     """The aspect-ratio buckets `data` asks for at `resolution`, or None; bad settings name their field."""
     if not data.aspect_ratio_buckets:
         return None
+    if data.bucket_step % family.pixel_multiple:
+        raise ConjureError(f"data.bucket_step: {family.title} needs image sides in multiples of "
+                           f"{family.pixel_multiple} px, not {data.bucket_step}")
     from conjure.data.buckets import make_buckets
 
     try:
