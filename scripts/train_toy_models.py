@@ -2,6 +2,7 @@
 
     python scripts/train_toy_models.py vae --out build/toy            # shared VAE
     python scripts/train_toy_models.py unet --variant sd1 --out build/toy   # per variant (sd1, sd2, sdxl)
+    python scripts/train_toy_models.py flux --out build/toy            # toy FLUX.1 (shifted shared VAE)
     python scripts/train_toy_models.py assemble --out build/toy --to src/conjure/assets/toy
 
 Seeds and step counts default to the ones that made the committed models (README: "Toy models").
@@ -34,6 +35,11 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("flux")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", type=Path, help="the shared toy VAE (default: the committed one, assets/toy/sd1/vae)")
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("assemble")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--to", type=Path, required=True)
@@ -50,8 +56,19 @@ def main() -> int:
 
         vae = AutoencoderKL.from_pretrained(args.out / "vae")
         pretrain.train_variant(args.variant, vae, args.steps, seed=args.seed, out=args.out / args.variant)
+    elif args.stage == "flux":
+        from conjure.toy import pretrain_flux
+        from conjure.toy.models import toy_model
+
+        vae = pretrain_flux.shifted_shared_vae(args.vae or toy_model("sd1") / "vae")
+        pretrain_flux.train_flux(vae, args.steps, seed=args.seed, out=args.out / "flux")
     else:
-        pretrain.assemble(args.out, args.to)
+        if (args.out / "vae").is_dir():  # the UNet variants share the VAE trained in this build
+            pretrain.assemble(args.out, args.to)
+        if (args.out / "flux" / "transformer").is_dir():
+            from conjure.toy import pretrain_flux
+
+            pretrain_flux.assemble_flux(args.out, args.to)
     print(f"{args.stage} done in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 

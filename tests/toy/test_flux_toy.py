@@ -36,3 +36,82 @@ def test_t5_tokenizer_loads_offline_as_t5_tokenizer_fast(tmp_path, t5):
     batch = loaded([SAMPLE, "a star"], padding="max_length", max_length=T5_MODEL_MAX_LENGTH).input_ids
     assert batch[0] == t5(SAMPLE, padding="max_length", max_length=T5_MODEL_MAX_LENGTH).input_ids
     assert batch[1][3:] == [loaded.pad_token_id] * (T5_MODEL_MAX_LENGTH - 3)
+
+
+# The shipped toy FLUX.1 (src/conjure/assets/toy/flux, made by scripts/train_toy_models.py flux + assemble)
+
+
+@pytest.fixture(scope="module")
+def toy_flux():
+    import torch
+    from diffusers import FluxPipeline
+
+    from conjure.toy.models import toy_model
+
+    return FluxPipeline.from_pretrained(toy_model("flux"), torch_dtype=torch.float32)
+
+
+def test_toy_flux_loads_offline_in_flux_pipeline_and_draws(toy_flux):
+    import torch
+
+    config = toy_flux.transformer.config
+    assert (config.in_channels, config.guidance_embeds) == (4 * toy_flux.vae.config.latent_channels, True)
+    assert type(toy_flux.tokenizer_2).__name__ == "T5Tokenizer" and toy_flux.tokenizer_2.model_max_length == 16
+    assert toy_flux.scheduler.config.use_dynamic_shifting
+    toy_flux.set_progress_bar_config(disable=True)
+    image = toy_flux("a red circle", num_inference_steps=2, height=64, width=64, max_sequence_length=16,
+                     generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_toy_vae_shift_is_registered_and_far_from_zero(toy_flux):
+    from conjure.toy.pretrain_flux import SHIFT_FACTOR, latent_stats
+
+    vae = toy_flux.vae
+    assert vae.config.shift_factor == SHIFT_FACTOR
+    means, std = latent_stats(vae, n=32)
+    assert float(means.abs().max()) < 0.15  # (z - shift) * scale is centred
+    unshifted, _ = latent_stats(vae, n=32, shifted=False)
+    assert float(unshifted.min()) > 3 * std  # forgetting the shift puts every channel >3 std off
+
+
+def test_build_flux_is_what_ships():
+    import json
+
+    from conjure.toy.models import toy_model
+    from conjure.toy.pretrain_flux import MODEL_INDEX, build_flux
+
+    folder, parts = toy_model("flux"), build_flux()
+    ignored = {"_class_name", "_diffusers_version", "_name_or_path", "architectures", "transformers_version",
+               "dtype", "torch_dtype", "_use_default_values"}
+    for name, file in (("transformer", "config.json"), ("text_encoder", "config.json"),
+                       ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json")):
+        shipped = json.loads((folder / name / file).read_text())
+        built = json.loads(json.dumps(dict(parts[name].config.to_dict() if hasattr(parts[name].config, "to_dict")
+                                           else parts[name].config), default=list))
+        assert {k: built.get(k) for k in shipped if k not in ignored} == {
+            k: v for k, v in shipped.items() if k not in ignored}, name
+    index = json.loads((folder / "model_index.json").read_text())
+    assert {k: v for k, v in index.items() if k != "_diffusers_version"} == MODEL_INDEX
+
+
+def test_shift_keeps_reconstructions_and_a_short_run_saves_the_parts(tmp_path):
+    import random
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from conjure.toy import pretrain, pretrain_flux
+    from conjure.toy.models import toy_model
+
+    vae = AutoencoderKL.from_pretrained(toy_model("sd1") / "vae", torch_dtype=torch.float32)
+    pixels = pretrain.render_batch(pretrain._scenes(random.Random(1), 4, with_new_concepts=True))
+    with torch.no_grad():
+        before = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        pretrain_flux.shift_vae(vae, n=8)
+        after = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    torch.testing.assert_close(after, before, atol=1e-3, rtol=0)
+    parts = pretrain_flux.train_flux(vae, 2, out=tmp_path, images=4, batch=4, distill_from=0.5, log_every=1)
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        assert (tmp_path / name / "config.json").is_file(), name
+    assert parts["transformer"].config.guidance_embeds

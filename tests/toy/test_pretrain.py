@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conjure.toy import pretrain
-from conjure.toy.models import VARIANTS, toy_model
+from conjure.toy.models import toy_model
 
 IGNORED = {
     "architectures", "_class_name", "_diffusers_version", "_name_or_path", "transformers_version",
@@ -25,7 +25,7 @@ def _shipped(path) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if k not in IGNORED}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", pretrain.VARIANTS)
 def test_variants_are_built_as_the_shipped_toy_models_are(variant):
     folder = toy_model(variant)
     parts = pretrain.build_variant(variant)

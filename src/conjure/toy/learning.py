@@ -7,6 +7,7 @@ into a diffusers pipeline with the apps' loaders and measured the same way.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,16 @@ from conjure.toy.evaluate import Reading, read_scene
 
 
 def load_pipeline(model_dir: Path) -> Any:
-    """A diffusers pipeline of a toy model in float32 with a few-step multistep sampler."""
+    """A diffusers pipeline of a toy model in float32 with a few-step multistep sampler where its scheduler
+    allows one (DDPM models; a flow-matching model keeps its own Euler sampler)."""
     import diffusers
 
     index = diffusers.DiffusionPipeline.load_config(str(model_dir))
     cls = getattr(diffusers, index["_class_name"])
     kwargs = {"safety_checker": None} if "safety_checker" in index else {}
     pipe = cls.from_pretrained(str(model_dir), torch_dtype=torch.float32, **kwargs)
-    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if diffusers.DPMSolverMultistepScheduler in pipe.scheduler.compatibles:
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -33,9 +36,14 @@ def load_pipeline(model_dir: Path) -> Any:
 @torch.no_grad()
 def generate(pipe: Any, prompt: str, seeds: list[int], *, steps: int = 20, guidance: float = 4.0) -> list[Image.Image]:
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    extra = {}
+    if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        # a T5-reading pipeline pads to max_sequence_length (FluxPipeline: 512) with no attention mask: read the
+        # prompt at the length the model was trained with (the toy FLUX: its T5 tokenizer's 16)
+        extra["max_sequence_length"] = pipe.tokenizer_2.model_max_length
     return pipe(
         [prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-        height=64, width=64,
+        height=64, width=64, **extra,
     ).images
 
 

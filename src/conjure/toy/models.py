@@ -1,7 +1,8 @@
 """Where the pre-trained toy base models live (package data), and the concept sets that teach them.
 
-`toy_model(variant)` is a diffusers folder: sd1 (epsilon), sd2 (v-prediction, linear projections) and
-sdxl (two text encoders, pooled embedding, size/crop ids), all 64x64, made by scripts/train_toy_models.py.
+`toy_model(variant)` is a diffusers folder: sd1 (epsilon), sd2 (v-prediction, linear projections), sdxl (two
+text encoders, pooled embedding, size/crop ids) and flux (FLUX.1-dev-like: flow matching, CLIP pooled + T5,
+guidance input), all 64x64, made by scripts/train_toy_models.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from conjure import families
 from conjure.errors import ConjureError
 from conjure.toy import world
 
-VARIANTS = tuple(families.unet_families())  # one toy model per UNet family, named after it
+VARIANTS = tuple(families.FAMILIES)  # one toy model per family, named after it
 
 
 def toy_model(variant: str) -> Path:

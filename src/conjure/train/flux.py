@@ -93,7 +93,7 @@ class FluxConditioning:
 
 def t5_tokens(model: Any) -> int:
     """The T5 length of a loaded FLUX model: its variant's (`Variant.text_tokens`; dev 512, schnell 256), capped
-    by the T5 tokenizer's `model_max_length` (the toy's is 32)."""
+    by the T5 tokenizer's `model_max_length` (the toy's is 16)."""
     variant = model.facts.get("variant")
     tokens = next(
         (v.text_tokens for v in getattr(model.family, "variants", ()) if variant and v.name == variant.value),
