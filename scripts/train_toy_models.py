@@ -36,7 +36,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("flux")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", type=Path, help="the shared toy VAE (default: the committed one, assets/toy/sd1/vae)")
     p.add_argument("--out", type=Path, required=True)
