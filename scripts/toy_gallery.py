@@ -1,11 +1,13 @@
 """Render the toy models' own images for a few prompts (docs/images/toy-<variant>.png) and print how often
 the evaluator reads back what each prompt asked for. Rows: prompts; columns: seeds 0-7.
 
-    python scripts/toy_gallery.py            # all variants present in src/conjure/assets/toy
+    python scripts/toy_gallery.py                                # all variants in src/conjure/assets/toy
+    python scripts/toy_gallery.py --variant flux --guidance 3.5  # one, at FluxPipeline's default guidance
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -29,9 +31,13 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", choices=VARIANTS, help="(repeatable; default: all)")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    args = parser.parse_args()
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
-    for variant in VARIANTS:
+    for variant in args.variant or VARIANTS:
         try:
             pipe = load_pipeline(toy_model(variant))
         except Exception as exc:  # noqa: BLE001 - a missing variant is reported, not fatal
@@ -39,7 +45,7 @@ def main() -> int:
             continue
         rows = []
         for prompt, expected in PROMPTS:
-            images = generate(pipe, prompt, list(range(8)))
+            images = generate(pipe, prompt, list(range(8)), guidance=args.guidance)
             readings = [read_scene(im) for im in images]
             scores = ", ".join(f"{k} {score(readings, **{k: v}):.2f}" for k, v in expected.items())
             print(f"{variant}: {prompt!r}: {scores}")
