@@ -58,6 +58,8 @@ def test_toy_flux_loads_offline_in_flux_pipeline_and_draws(toy_flux):
     assert (config.in_channels, config.guidance_embeds) == (4 * toy_flux.vae.config.latent_channels, True)
     assert type(toy_flux.tokenizer_2).__name__ == "T5Tokenizer" and toy_flux.tokenizer_2.model_max_length == 16
     assert toy_flux.scheduler.config.use_dynamic_shifting
+    for tokenizer in (toy_flux.tokenizer, toy_flux.tokenizer_2):  # the shipped folders: one token per toy word
+        assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in TOY_WORDS)
     toy_flux.set_progress_bar_config(disable=True)
     image = toy_flux("a red circle", num_inference_steps=2, height=64, width=64, max_sequence_length=16,
                      generator=torch.Generator().manual_seed(0), output_type="np").images
