@@ -16,8 +16,9 @@ What is measured, per `advanced.base_weights_dtype` ("bf16" = auto, the bf16 wei
 
 What is not: the text encoders (CLIP-L, T5-XXL) and the VAE are NOT on the GPU here: the step gets cached text
 tensors of the real shapes (T5 hidden states [1, 512, 4096], CLIP-L pooled [1, 768]) and cached latents, as a
-run with `data.cache_latents` and `data.cache_text_encoder_outputs` reads them; the output says how much the
-encoders would add if they stayed on the GPU. No data loading, no validation, no checkpoint saving.
+run with `data.cache_latents` and `data.cache_text_encoder_outputs` reads them. Such a run keeps its text encoders
+on the CPU too (`train/text_ahead.py`), but its VAE stays on the GPU (0.2 GiB in bf16); the output says what each
+would add there. No data loading, no validation, no checkpoint saving.
 
     python benchmarks/flux_memory.py --size tiny --steps 4                 # CPU, seconds: checks the harness
     python benchmarks/flux_memory.py --size full --write docs/benchmarks.md  # a CUDA GPU (scripts/gpu_flux_bench.sh)
@@ -215,8 +216,9 @@ def table(rows: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, part
         f"built and initialised in {build_s:.0f} s), LoRA rank 16 (attention_mlp), {args.resolution} px, batch 1, "
         "gradient checkpointing, AdamW, bf16 mixed precision; median step time after 2 warm-up steps; peak = "
         "torch.cuda.max_memory_allocated (reserved: max_memory_reserved) over the training steps. The text "
-        "encoders and the VAE are not on the GPU (cached text and latents of the real shapes); in bf16 they would "
-        f"add: {off_device(parts)}.",
+        "encoders and the VAE are not on the GPU (cached text and latents of the real shapes; a run with "
+        "data.cache_text_encoder_outputs keeps its text encoders on the CPU too, its VAE on the GPU); in bf16 they "
+        f"would add: {off_device(parts)}.",
         "",
         "| base weights | peak GPU memory (allocated / reserved) | target | weights placed | peak while placing "
         "| s/step | steps/s | LoRA parameters | loss finite |",
