@@ -12,7 +12,8 @@
 # its C++ ops on another torch); bitsandbytes 0.50.2 ships CUDA 13.0/13.2 libraries (the others are cut from the
 # wheel: the 9 wheels are 20 MB, the repository ~27 MB, under the 64 MiB a call carries; BNB_CUDA_VERSION=130
 # points a CUDA 12 torch at the 13.0 one). Checked here (CPU, Python 3.11) with the image's transformers 5.17,
-# accelerate 1.15 and huggingface_hub 1.33 beside these wheels: the tiny harness runs bf16, float8 and nf4.
+# accelerate 1.15 and huggingface_hub 1.33 beside these wheels: the tiny harness runs bf16, and float8 and nf4 with
+# the CPU refusal (check_base_weights_dtype) bypassed.
 # Estimated time (2026-12-05, measured here at reduced scale): the 11.9B-parameter transformer builds on the meta
 # device in ~5 s; its bf16 master copy (23.8 GB of CPU RAM) is drawn on the GPU in seconds (on one CPU core it would
 # take ~90 s: 4.2 s for a 546M-parameter 1+1-block slice); each mode moves it to the GPU (~5 s; float8/nf4 convert
