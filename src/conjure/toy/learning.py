@@ -57,6 +57,8 @@ def fixed_noise_loss(
 ) -> float:
     """Mean denoising loss of `prompt` (one for all, or one per image) on `images` at noise and timesteps
     fixed by `seed`: lower means the prompt describes the images better to the model."""
+    if getattr(pipe, "transformer", None) is not None:
+        return fixed_noise_flow_loss(pipe, images, prompt, seed=seed, repeats=repeats)
     from diffusers import DDPMScheduler
 
     from conjure.train.conditioning import encode_captions
@@ -79,4 +81,32 @@ def fixed_noise_loss(
         t = torch.randint(50, 950, (len(images),), generator=g)
         pred = pipe.unet(scheduler.add_noise(latents, noise, t), t, **cond).sample
         losses.append(torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, latents, noise, t)).item())
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def fixed_noise_flow_loss(
+    pipe: Any, images: list[Image.Image], prompt: str | list[str], *, seed: int = 0, repeats: int = 4
+) -> float:
+    """`fixed_noise_loss` of a flow-matching pipeline (FluxPipeline): the velocity error at noise levels fixed by
+    `seed` (sigmas in [0.05, 0.95]), the latents shifted and scaled by the VAE's factors, the transformer called
+    through conjure's FLUX conditioning at the T5 length the model reads (its tokenizer's) and guidance 1."""
+    from conjure.train.flow import flow_target, noisy_latents
+    from conjure.train.flux import FluxConditioning
+
+    pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images])
+    pixels = pixels.permute(0, 3, 1, 2) / 127.5 - 1
+    config = pipe.vae.config
+    latents = (pipe.vae.encode(pixels).latent_dist.mean - (config.shift_factor or 0.0)) * config.scaling_factor
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    conditioning = FluxConditioning(t5_tokens=pipe.tokenizer_2.model_max_length, guidance=1.0)
+    pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+    predict = conditioning.predictor(pipe.transformer, pairs, prompts, latents.device, {})
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(repeats):
+        noise = torch.randn(latents.shape, generator=g)
+        sigmas = 0.05 + 0.9 * torch.rand(len(images), generator=g)
+        pred = predict(noisy_latents(latents, noise, sigmas), sigmas)
+        losses.append(torch.nn.functional.mse_loss(pred, flow_target(latents, noise)).item())
     return float(np.mean(losses))
