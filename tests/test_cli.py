@@ -284,7 +284,7 @@ def test_demo_ti_on_sdxl_with_a_tiny_model(tmp_path, run_cli):
     assert (written["type"], written["version"], written["basic"]["family"]) == ("textual_inversion", 2, "sdxl")
 
 
-@pytest.mark.parametrize("method, family", [("dora", "sdxl"), ("lora", "sd2")])
+@pytest.mark.parametrize("method, family", [("dora", "sdxl"), ("lora", "sd2"), ("dora", "flux")])
 def test_lora_demos_with_a_tiny_model(tmp_path, method, family, run_cli):
     code, out, err = run_cli("demo", "--method", method, "--family", family, "--model", "tiny", "--out",
                              tmp_path, "--steps", 3)
@@ -312,4 +312,6 @@ def test_demo_pivotal_with_a_tiny_model(tmp_path, family, run_cli):
 def test_demo_refuses_what_is_not_there_yet(tmp_path, run_cli, assert_one_line_error):
     assert_one_line_error(*run_cli("demo", "--method", "loha", "--out", tmp_path)[::2], "not available yet")
     assert_one_line_error(*run_cli("demo", "--family", "sd3", "--method", "lora", "--out", tmp_path)[::2],
-                          "sd1, sd2 or sdxl")
+                          "sd1, sd2, sdxl or flux")
+    assert_one_line_error(*run_cli("demo", "--family", "flux", "--method", "ti", "--out", tmp_path)[::2],
+                          "for flux use --method lora or dora")

@@ -16,6 +16,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from conjure.families import unet_families
 from conjure.toy.models import VARIANTS
 from conjure.errors import ConjureError
 
@@ -42,6 +43,18 @@ def lora_demo_images(folder: Path, *, trigger: str = TRIGGER) -> Path:
     return write_concept_set(folder, trigger, name_prefix="concept-", world_images=16)
 
 
+def _families(method: str) -> tuple[str, ...]:
+    from conjure.methods import method_spec
+
+    return method_spec({"ti": "textual_inversion", "dora": "lora"}.get(method, method)).families
+
+
+def _preset(family: str) -> str:
+    """The LoRA preset of the demo: attention alone on the SD toys (what their learning tests measure), the
+    family's default elsewhere (the toy FLUX learns shapes in its MLPs too: tests/toy/test_learning_flux.py)."""
+    return "attention" if family in unet_families() else "auto"
+
+
 def demo_config(model: str, out: Path, *, method: str, family: str, steps: int) -> dict:
     """`family`: basic.family ('auto' for a model the demo did not make)."""
     every = max(steps // 6, 1)
@@ -59,7 +72,7 @@ def demo_config(model: str, out: Path, *, method: str, family: str, steps: int) 
     else:
         config_type = "lora"
         source, word = str(lora_demo_images(out / "data-lora")), TRIGGER
-        section = {"lora": {"trigger_word": TRIGGER, "rank": 4, "unet_targets": "attention", "dora": method == "dora"}}
+        section = {"lora": {"trigger_word": TRIGGER, "rank": 4, "unet_targets": _preset(family), "dora": method == "dora"}}
     return {
         "type": config_type,
         "basic": {
@@ -114,6 +127,10 @@ def run_demo(*, method: str, family: str, model: str | None, out: Path, steps: i
     if family not in VARIANTS:  # the families with a toy model
         *first, last = VARIANTS
         raise ConjureError(f"demo --family {family!r}: choose {', '.join(first)} or {last}")
+    trains = _families(method)
+    if model in (None, "tiny") and family not in trains:
+        raise ConjureError(f"demo --method {method} trains {', '.join(trains)} models; for {family} use --method "
+                           f"{' or '.join(m for m in DEMO_METHODS if family in _families(m))}")
     if steps is not None and steps < 1:
         raise ConjureError(f"demo --steps must be at least 1, not {steps}")
     started = time.perf_counter()
