@@ -300,6 +300,13 @@ class AdvancedConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Batches summed per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null: no clipping.")
+    max_consecutive_skipped_steps: int = Field(
+        25, ge=1,
+        description="A step whose loss or gradients are not finite (inf/nan) is skipped: no update, the "
+        "learning-rate schedule waits, and the step events count it (skipped_steps). After this many in a row the "
+        "run stops, keeping its last checkpoint. fp16's loss scale starts at 2^16 and halves at each overflow, so "
+        "its first steps may skip a few times by design; 1: stop at the first.",
+    )
     cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
     clip_skip: int = Field(
         1,

@@ -30,12 +30,12 @@ class Event(str, Enum):
         return str.__format__(self, format_spec)
 
     START = "start"  # run folder, type, family, max_train_steps, start_step, ...
-    STEP = "step"  # step, loss, lr
+    STEP = "step"  # step, loss (null: not finite), lr, skipped_steps (so far), skipped (true on a skipped step)
     CHECKPOINT = "checkpoint"  # step, path, files
     CHECKPOINT_REMOVED = "checkpoint_removed"  # path (pruned by basic.keep_last_n_checkpoints)
     VALIDATION = "validation"  # step, prompts, seeds, images, grid
     STOPPED = "stopped"  # step, reason (a stop asked for: signal, web app)
-    END = "end"  # status (completed | interrupted | failed), step, error
+    END = "end"  # status (completed | interrupted | failed), step, skipped_steps, error
 
 
 def _named(exc: OSError, path: Path | None) -> OSError:

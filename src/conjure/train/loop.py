@@ -159,7 +159,9 @@ class TrainingSession:
         # checkpointing it is what makes such runs repeat and resume exactly (accelerate's save_state does the same).
         torch.manual_seed(seed + accelerator.process_index)
         self.result = RunResult(run_dir=run_dir, status="completed", step=0)
-        self.global_step = self.last_saved = 0  # optimizer steps taken
+        self.global_step = self.last_saved = 0  # optimizer steps taken, skipped ones included (a skip uses its batch)
+        self.finite = True  # whether the current step's loss and gradients are finite
+        self.skipped_steps = self.skipped_in_a_row = 0  # steps skipped for a non-finite loss or gradients
         self.rescue = True  # whether a failing run may save its unsaved steps
         self._pipe: DiffusionPipeline | None = None  # built at the first validation
 
@@ -186,6 +188,7 @@ class TrainingSession:
             if self.accelerator.scaler is not None and state.get("scaler"):
                 self.accelerator.scaler.load_state_dict(state["scaler"])
             self.global_step = self.last_saved = self.result.step = int(state["step"])
+            self.skipped_steps, self.skipped_in_a_row = state.get("skipped", (0, 0))
         except (AttributeError, KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConjureError(f"training state {checkpoint / STATE_FILE} does not fit this run: {why}") from None
@@ -221,7 +224,8 @@ class TrainingSession:
                 if self.global_step == self.max_steps and main:  # a run killed after its last checkpoint: finish it
                     self.validate(self.global_step)
                 self._steps(bar, control)
-                self.events.emit(Event.END, status=self.result.status, step=self.global_step)
+                self.events.emit(Event.END, status=self.result.status, step=self.global_step,
+                                 skipped_steps=self.skipped_steps)
             except BaseException as exc:
                 self._fail(exc)
                 raise
@@ -254,7 +258,8 @@ class TrainingSession:
             except Exception:  # noqa: BLE001 - the original error matters more than a failed rescue
                 pass
         try:
-            self.events.emit(Event.END, status="failed", step=self.global_step, error=str(exc) or type(exc).__name__)
+            self.events.emit(Event.END, status="failed", step=self.global_step, skipped_steps=self.skipped_steps,
+                             error=str(exc) or type(exc).__name__)
         except OSError:  # the disk that failed the run may not take this line either
             pass
 
@@ -281,11 +286,23 @@ class TrainingSession:
             acc.backward(loss)
             for param in self.recipe.frozen_parameters(self.global_step, self.max_steps):
                 param.grad = None  # the optimizers skip a parameter without a gradient: no update, no decay
-            if acc.sync_gradients and settings.max_grad_norm:
-                acc.clip_grad_norm_(self.params, settings.max_grad_norm)
-            self.optimizer.step()
+            if acc.sync_gradients:
+                self.finite = self._finite(loss)
+            if self.finite or acc.scaler is not None:  # the GradScaler skips a non-finite step itself (and backs off)
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return acc.reduce(loss.detach(), "mean").item()
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Whether the step's loss (all processes') and gradients are finite, clipping them where
+        advanced.max_grad_norm is set. One answer for every process: the gradients are already reduced."""
+        acc, max_norm = self.accelerator, self.settings.max_grad_norm
+        checks = [acc.reduce(loss.detach(), "mean").float()]
+        if max_norm:  # unscales fp16 gradients first, as the GradScaler's own check does
+            checks.append(acc.clip_grad_norm_(self.params, max_norm).float())
+        elif acc.scaler is None:
+            checks.append(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).float())
+        return bool(torch.isfinite(torch.stack([c.to(checks[0].device) for c in checks])).all())
 
     def _prompt_inputs(self, prompt: str, negative: str) -> dict[str, Any]:
         """A validation prompt's pipeline inputs, encoded as training encodes captions (clip skip, long captions,
@@ -312,20 +329,21 @@ class TrainingSession:
         return sample_latents(vae, mean.to(vae.device), std.to(vae.device), self.generator)
 
     def _after_step(self, loss: float, bar: tqdm, control: TrainControl) -> None:
-        # A step the fp16 GradScaler skipped (inf/nan gradients) moved nothing; the schedule waits for it, as
-        # accelerate's AcceleratedScheduler does (accelerate/scheduler.py), so warmup is not cut short.
-        if not self.optimizer.step_was_skipped:
+        # A skipped step (non-finite loss or gradients; under fp16 the GradScaler's own skips) moved nothing; the
+        # schedule waits for it, as accelerate's AcceleratedScheduler does (accelerate/scheduler.py), so warmup is
+        # not cut short. It still counts as a step: its batch and noise were drawn, so the data order and a resume
+        # stay those of a run without the skip.
+        skipped = not self.finite or self.optimizer.step_was_skipped
+        if not skipped:
             self.lr_scheduler.step()
         self.global_step += 1
         self.result.step = self.global_step
         lr = float(self.lr_scheduler.get_last_lr()[0])
-        if not math.isfinite(loss):
-            self.rescue = False  # the step's update is not finite either: nothing worth saving
-            raise ConjureError(
-                f"loss became {loss} at step {self.global_step}; lower optimizer.learning_rate or use "
-                f"advanced.mixed_precision: bf16/no ({kept_checkpoint(self.run_dir)})"
-            )
-        self.events.emit(Event.STEP, step=self.global_step, loss=loss, lr=lr)
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if skipped:
+            self._skipped(loss)
+        self.events.emit(Event.STEP, step=self.global_step, loss=loss if math.isfinite(loss) else None, lr=lr,
+                         skipped_steps=self.skipped_steps, **({"skipped": True} if skipped else {}))
         self.events.scalars(self.global_step, **{"train/loss": loss, "train/lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -340,6 +358,20 @@ class TrainingSession:
         if (every and self.global_step % every == 0) or final:
             self.validate(self.global_step)
 
+    def _skipped(self, loss: float) -> None:
+        """Count a skipped step; stop the run once advanced.max_consecutive_skipped_steps were skipped in a row."""
+        self.skipped_steps += 1
+        what = f"loss became {loss}" if not math.isfinite(loss) else "gradients became inf/nan"
+        limit = self.settings.max_consecutive_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            self.rescue = False  # skipped steps changed nothing since the last good one: the kept checkpoint is it
+            raise ConjureError(
+                f"{what} at step {self.global_step} ({self.skipped_in_a_row} step(s) in a row skipped, "
+                f"advanced.max_consecutive_skipped_steps: {limit}); lower optimizer.learning_rate or use "
+                f"advanced.mixed_precision: bf16/no ({kept_checkpoint(self.run_dir)})"
+            )
+        say(f"warning: step {self.global_step} skipped, {what} ({self.skipped_in_a_row} in a row)")
+
     def save(self) -> None:
         """A checkpoint of the current step: the training state for an exact resume and the recipe's files."""
         at, settings = self.global_step, self.settings
@@ -352,6 +384,7 @@ class TrainingSession:
             "generator": self.generator.get_state(),
             "rng": global_rng_state(self.accelerator.device),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+            "skipped": (self.skipped_steps, self.skipped_in_a_row),
         }
         folder = write_checkpoint(
             self.run_dir, at, state,

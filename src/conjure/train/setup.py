@@ -73,6 +73,7 @@ class LoopSettings:
     dataloader_num_workers: int
     gradient_accumulation_steps: int
     max_grad_norm: float | None
+    max_consecutive_skipped_steps: int
     prediction_type: str  # as configured ("auto": the model's own)
     min_snr_gamma: float | None
     noise_offset: float
@@ -97,6 +98,7 @@ class LoopSettings:
             mixed_precision=mixed_precision, max_steps=max_steps, batch_size=data.batch_size,
             dataloader_num_workers=data.dataloader_num_workers,
             gradient_accumulation_steps=adv.gradient_accumulation_steps, max_grad_norm=adv.max_grad_norm,
+            max_consecutive_skipped_steps=adv.max_consecutive_skipped_steps,
             prediction_type=adv.prediction_type, min_snr_gamma=adv.min_snr_gamma, noise_offset=adv.noise_offset,
             timestep_sampling=adv.timestep_sampling, logit_mean=adv.logit_mean, logit_std=adv.logit_std,
             loss_weighting=adv.loss_weighting, guidance=adv.guidance, base_weights_dtype=adv.base_weights_dtype,

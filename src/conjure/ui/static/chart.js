@@ -65,9 +65,11 @@ export function drawLossChart(chart, points, maxSteps) {
   line(points.map(([s, p]) => [s, p.lr]), yLr, "lr-line");
   line(points.map(([s, p]) => [s, p.loss]), yLoss, points.length > 10 ? "loss-raw" : "loss-line");
   if (points.length > 10) {
-    // exponential moving average, as TensorBoard's smoothing (weight 0.9)
+    // exponential moving average, as TensorBoard's smoothing (weight 0.9); a skipped step's loss (null: it was
+    // not finite) leaves it as it was
     let ema = null;
-    line(points.map(([s, p]) => [s, (ema = ema === null ? p.loss : 0.9 * ema + 0.1 * p.loss)]), yLoss, "loss-line");
+    const smooth = (v) => (Number.isFinite(v) ? (ema = ema === null ? v : 0.9 * ema + 0.1 * v) : ema);
+    line(points.map(([s, p]) => [s, smooth(p.loss)]), yLoss, "loss-line");
   }
   if (points.length <= 60) {
     for (const [s, p] of points) if (Number.isFinite(p.loss)) chart.append(svg("circle", { cx: x(s), cy: yLoss(p.loss), r: 2.5, class: "loss-dot" }));
