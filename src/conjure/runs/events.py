@@ -76,17 +76,21 @@ class EventLog:
         self._file = self.path.open("a", encoding="utf-8")
         if ends_mid_line:  # a run killed mid-write: the resumed run's first event starts on a line of its own
             self._file.write("\n")
-        self._tb = None
+        self._tb: Any = None
         self._tb_dir = tensorboard_dir
-        if tensorboard_dir is not None:
+
+    def _tensorboard(self) -> Any:
+        """The TensorBoard writer, made at the first scalar or image: importing TensorBoard (protobuf, absl) and
+        starting its writer thread cost ~0.3 s, which would otherwise come before a run's first step."""
+        if self._tb is None and self._tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             _quiet_tensorboard_writer_threads()
             try:
-                self._tb = SummaryWriter(str(tensorboard_dir))
+                self._tb = SummaryWriter(str(self._tb_dir))
             except OSError as exc:
-                self._file.close()
-                raise _named(exc, tensorboard_dir) from None
+                raise _named(exc, self._tb_dir) from None
+        return self._tb
 
     def emit(self, event: Event, **fields: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **fields}
@@ -97,17 +101,17 @@ class EventLog:
             raise _named(exc, self.path) from None
 
     def scalars(self, step: int, **values: float) -> None:
-        if self._tb is not None:
+        if (writer := self._tensorboard()) is not None:
             try:
                 for name, value in values.items():
-                    self._tb.add_scalar(name, value, step)
+                    writer.add_scalar(name, value, step)
             except OSError as exc:
                 raise _named(exc, self._tb_dir) from None
 
     def image(self, tag: str, step: int, array_hwc: Any) -> None:
-        if self._tb is not None:
+        if (writer := self._tensorboard()) is not None:
             try:
-                self._tb.add_image(tag, array_hwc, step, dataformats="HWC")
+                writer.add_image(tag, array_hwc, step, dataformats="HWC")
             except OSError as exc:
                 raise _named(exc, self._tb_dir) from None
 
