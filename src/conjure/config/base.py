@@ -9,10 +9,11 @@ families only are checked here when the family is named, and once it is detected
 
 from __future__ import annotations
 
-from typing import ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from conjure.config.presets import apply_to_config
 from conjure.config.problems import FieldProblem
 from conjure.config.sections import AdvancedConfig, BasicConfig, DataConfig, OptimizerConfig, ValidationConfig
 
@@ -41,11 +42,21 @@ class RunConfigBase(RunConfigHead):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
     _migration_notes: list[str] = PrivateAttr(default_factory=list)
+    _preset_choices: dict[str, tuple[Any, str]] = PrivateAttr(default_factory=dict)
 
     @property
     def migration_notes(self) -> list[str]:
         """What conjure.config.migrate changed to load this config (empty for a current one)."""
         return self._migration_notes
+
+    @property
+    def preset_choices(self) -> dict[str, tuple[Any, str]]:
+        """What basic.memory_preset set, or left, and why: option name -> (value, reason) (conjure.config.presets)."""
+        return self._preset_choices
+
+    def trains_text_encoder(self) -> bool:
+        """Whether a text encoder (or its embeddings) trains, so its outputs cannot be cached."""
+        return True
 
     def __eq__(self, other: object) -> bool:
         # The settings alone: a config loaded from version 1 equals its version 2 form (pydantic would compare the
@@ -71,6 +82,7 @@ class RunConfigBase(RunConfigHead):
                 "advanced.clip_skip",
                 f"{get(family).title} reads fixed text-encoder layers (kohya ignores clip skip there too); set it to 1",
             )
+        apply_to_config(self)
         # Written into the resolved config, so the run folder says exactly what was rendered.
         if not self.validation.prompts:
             self.validation.prompts = self.default_prompts()

@@ -107,3 +107,6 @@ class LoraConfig(RunConfigBase, _LoraSections):
 
     def default_prompts(self) -> list[str]:
         return default_prompts(self.lora.trigger_word)
+
+    def trains_text_encoder(self) -> bool:
+        return self.lora.train_text_encoder

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from conjure.config.presets import MemoryPreset
 from conjure.config.problems import FieldProblem
 
 SEED_MAX = 2**32 - 1
@@ -60,6 +61,15 @@ class BasicConfig(Section):
         description="Model family; 'auto' reads it from the model's own configs (FLUX.1 dev or schnell too). "
         "Naming one also checks that the model is one, and checks settings that depend on it (advanced.clip_skip, "
         "the DDPM-only and flow-only settings of advanced) before anything loads.",
+    )
+    memory_preset: MemoryPreset | None = Field(
+        None,
+        description="Sets the memory options together; any of them you set yourself wins. 'fast': no gradient "
+        "checkpointing, latents and (where no text encoder trains) text-encoder outputs cached. 'balanced': the "
+        "same with gradient checkpointing (less memory, ~30% slower; training is unchanged). 'low_memory': also, on "
+        "an NVIDIA GPU, 8-bit AdamW and, for FLUX.1, the frozen transformer in nf4 (else float8): what an 8 GB card "
+        "trains an SDXL LoRA with. What this machine cannot run keeps its default (one warning at the start). null: "
+        "the options as set. README: 'Memory presets'.",
     )
     output_dir: str = Field("runs", description="Folder that holds run folders.", json_schema_extra={"path": "output"})
     run_name: str | None = Field(

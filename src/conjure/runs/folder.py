@@ -147,6 +147,7 @@ RESUME_MAY_CHANGE = (
     "data.cache_latents", "data.cache_text_encoder_outputs", "data.cache_dir", "data.keep_in_memory",
     "data.dataloader_num_workers", "advanced.gradient_checkpointing", "advanced.max_grad_norm",
     "advanced.max_consecutive_skipped_steps",
+    "basic.memory_preset",  # a name: the config.yaml records the options it set, and those are compared one by one
     "advanced.min_snr_gamma", "advanced.noise_offset", "lora.dropout",
 )
 """Settings a resume may change (a prefix ending in '.' covers a section): each takes effect from the resumed

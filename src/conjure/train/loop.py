@@ -45,6 +45,7 @@ from conjure.train.setup import (
     disk_full_as_one_line,
     global_rng_state,
     load_model,
+    machine_preset,
     make_accelerator,
     open_run_dir,
     place_model,
@@ -75,7 +76,8 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
     model = load_model(config, spec)
     reading = text_reading(config, model)
     accelerator, precision = make_accelerator(config.advanced)
-    chosen = chosen_facts(model, config.data.resolution, precision)
+    config = machine_preset(config, model, accelerator.device)  # basic.memory_preset's machine-dependent options
+    chosen = chosen_facts(model, config.data.resolution, precision, config.preset_choices)
     resolution = chosen["resolution"].value
     conditioning = build_conditioning(model, reading, resolution=resolution, guidance=config.advanced.guidance)
     ahead = None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from conjure.config.presets import summary as preset_summary
 from conjure.errors import ConjureError
 from conjure.models.loading import Fact, LoadedModel
 from conjure.runs.checkpoints import kept_checkpoint
@@ -193,12 +194,27 @@ def resolve_precision(requested: str, *, cpu: bool) -> Fact:
     return Fact("fp16", f"auto: {card} has no bf16 hardware")
 
 
-def chosen_facts(model: LoadedModel, resolution: int | None, precision: Fact) -> dict[str, Fact]:
-    """What this run trains with and why: the model's facts, the resolution and the precision."""
+def machine_preset(config: RunConfig, model: LoadedModel, device: torch.device) -> RunConfig:
+    """`config` with basic.memory_preset's options that depend on this machine and model set where they can
+    apply (conjure.config.presets); what cannot is said in one warning."""
+    from conjure.config.presets import apply_to_machine
+    from conjure.config.sections import OBJECTIVE_SETTINGS
+
+    resolved, warning = apply_to_machine(config, objective_settings=OBJECTIVE_SETTINGS[model.family.objective],
+                                         device=device)
+    if warning:
+        say(f"warning: {warning}")
+    return resolved  # type: ignore[return-value]  # a copy of `config`, of its type
+
+
+def chosen_facts(model: LoadedModel, resolution: int | None, precision: Fact,
+                 preset: dict[str, tuple[Any, str]] | None = None) -> dict[str, Fact]:
+    """What this run trains with and why: the model's facts, the resolution, the precision, and the options
+    basic.memory_preset set or left (`preset`: option -> (value, why))."""
     facts = dict(model.facts)
     if resolution:
         facts["resolution"] = Fact(resolution, "data.resolution")
-    return {**facts, "mixed_precision": precision}
+    return {**facts, "mixed_precision": precision, **{name: Fact(*choice) for name, choice in (preset or {}).items()}}
 
 
 def describe(chosen: dict[str, Fact]) -> str:
@@ -214,8 +230,11 @@ def describe(chosen: dict[str, Fact]) -> str:
         variant = chosen["variant"]
         target = (f"training objective: flow matching (from {prediction.source}), variant {variant.value} "
                   f"(from {variant.source})")
+    preset = {name: (fact.value, fact.source) for name, fact in chosen.items()
+              if fact.source.startswith("basic.memory_preset")}
     return (f"{target}, {resolution.value} px (from {resolution.source}), "
-            f"precision {precision.value} (from {precision.source}), VAE {vae.value} (from {vae.source})")
+            f"precision {precision.value} (from {precision.source}), VAE {vae.value} (from {vae.source})"
+            + (f"; {preset_summary(preset)} (from basic.memory_preset)" if preset else ""))
 
 
 def make_accelerator(adv: AdvancedConfig) -> tuple[Accelerator, Fact]:
