@@ -105,6 +105,22 @@ def test_adamw_uses_the_config_betas_eps_and_decay():
     assert (group["betas"], group["eps"], group["weight_decay"], group["lr"]) == ((0.8, 0.99), 1e-6, 0.01, 0.2)
 
 
+def test_adamw_steps_with_the_fused_kernel_as_the_loop_would():
+    a, b, groups = two_groups(0.1, 0.05)
+    optimizer = build_optimizer(groups, OptimizerConfig(weight_decay=0.01))
+    assert optimizer.defaults["fused"] is True  # one kernel for all tensors (train/optimizers.py: _fused_kernel)
+    ref_a, ref_b, ref_groups = two_groups(0.1, 0.05)
+    loop = torch.optim.AdamW(ref_groups, lr=1e-4, weight_decay=0.01, foreach=False)
+    linear_steps(optimizer, a, b, 20)
+    linear_steps(loop, ref_a, ref_b, 20)
+    assert torch.allclose(a, ref_a, rtol=0, atol=1e-12) and torch.allclose(b, ref_b, rtol=0, atol=1e-12)
+
+
+def test_adamw_keeps_torchs_choice_where_the_fused_kernel_cannot_run():
+    groups = [{"params": [torch.nn.Parameter(torch.ones(3, device="meta"))], "lr": 0.1}]
+    assert build_optimizer(groups, OptimizerConfig()).defaults["fused"] is None
+
+
 def test_adamw8bit_without_cuda_says_to_use_adamw(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _, _, groups = two_groups(0.1, 0.2)

@@ -23,6 +23,20 @@ PRODIGY_MIN_LR = 0.1
 multiplier of its own estimate, normally 1.0)."""
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+"""Where torch's fused AdamW kernel runs (torch/optim/adamw.py, `fused`; CPU since torch 2.4)."""
+
+
+def _fused_kernel(groups: list[dict[str, Any]]) -> bool | None:
+    """Whether AdamW steps with torch's fused kernel: one kernel over every parameter, against a Python loop of
+    ~10 ops per tensor in the default single-tensor path. A LoRA's many small tensors (192 at rank 4 on the tiny
+    UNet's attention) stepped in 0.8 ms instead of 9 ms on one CPU thread. Its updates agree with the loop's to the
+    last float32 bit or so (max 4e-9 after 60 steps); None (torch's default choice) where the kernel cannot run."""
+    params = [p for group in groups for p in group["params"]]
+    fits = all(p.device.type in FUSED_DEVICES and torch.is_floating_point(p) for p in params)
+    return True if params and fits else None
+
+
 def build_optimizer(
     groups: list[dict[str, Any]], config: Any, *, device: torch.device | str | None = None
 ) -> torch.optim.Optimizer:
@@ -33,7 +47,7 @@ def build_optimizer(
     betas = (config.adam_beta1, config.adam_beta2)
     common = dict(lr=config.learning_rate, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)
     if kind == "adamw":
-        return torch.optim.AdamW(groups, **common)
+        return torch.optim.AdamW(groups, **common, fused=_fused_kernel(groups))
     if kind == "adamw8bit":
         return _adamw8bit(groups, common, device)
     if kind == "prodigy":
