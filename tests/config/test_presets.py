@@ -125,3 +125,44 @@ def test_a_run_records_what_its_preset_chose(ti_config, capsys):
     other = parse_config({**raw, "basic": {**raw["basic"], "memory_preset": "fast"}})
     changed = resume_changes(result.run_dir / "config.yaml", other)
     assert set(changed) >= {"basic.memory_preset", "advanced.gradient_checkpointing"}
+
+
+def _fake_gpu_with_bitsandbytes(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("bitsandbytes", "torchao") else real(name, *a))
+    return torch.device("cuda")
+
+
+@pytest.mark.parametrize("type_name", ["lora", "textual_inversion", "pivotal"])
+def test_a_preset_named_in_a_starter_config_applies(type_name, monkeypatch):
+    """`conjure config new` writes every field, which would make each the user's: it leaves the preset's options
+    commented out, and a config's dump (the web app's YAML, `config check --show`) leaves out the machine
+    options a preset sets at run start."""
+    from conjure.config import starter_yaml
+
+    raw = yaml.safe_load(starter_yaml(type_name))
+    raw["basic"]["memory_preset"] = "low_memory"
+    if "textual_inversion" in raw:
+        raw["textual_inversion"].update(placeholder_token="<t>", initializer="dog")
+    config = parse_config(raw)
+    assert config.advanced.gradient_checkpointing and config.data.cache_latents == "memory"
+    dumped = yaml.safe_load(dump_config(config))
+    assert "optimizer" not in dumped["optimizer"] and "base_weights_dtype" not in dumped["advanced"]
+    again = parse_config(dumped)
+    out, _ = apply_to_machine(again, objective_settings=OBJECTIVE_SETTINGS["ddpm"],
+                              device=_fake_gpu_with_bitsandbytes(monkeypatch))
+    assert out.optimizer.optimizer == "adamw8bit"
+    assert yaml.safe_load(dump_config(out))["optimizer"]["optimizer"] == "adamw8bit"  # the run's config.yaml
+
+
+def test_what_a_machine_could_not_run_is_pinned_for_a_resume_elsewhere(monkeypatch):
+    config = lora(basic={"memory_preset": "low_memory"})
+    on_cpu, _ = apply_to_machine(config, objective_settings=OBJECTIVE_SETTINGS["flow"], device=torch.device("cpu"))
+    saved = yaml.safe_load(dump_config(on_cpu))  # as the run's config.yaml
+    assert saved["optimizer"]["optimizer"] == "adamw" and saved["advanced"]["base_weights_dtype"] == "auto"
+    later, _ = apply_to_machine(parse_config(saved), objective_settings=OBJECTIVE_SETTINGS["flow"],
+                                device=_fake_gpu_with_bitsandbytes(monkeypatch))
+    assert (later.optimizer.optimizer, later.advanced.base_weights_dtype) == ("adamw", "auto")

@@ -14,6 +14,8 @@ from pydantic_core import ErrorDetails
 from conjure.config.lora import LoraConfig
 from conjure.config.migrate import LEGACY_TYPES, migrate
 from conjure.config.pivotal import PivotalConfig
+from conjure.config.presets import OPTIONS as PRESET_OPTIONS
+from conjure.config.presets import unset_machine_options
 from conjure.config.problems import ConfigError, FieldProblem, Problem
 from conjure.config.textual_inversion import TextualInversionConfig
 
@@ -208,7 +210,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def dump_config(config: BaseModel) -> str:
     """YAML of the full config (every field, defaults included) that parses back to an equal config."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(config_data(config), sort_keys=False, allow_unicode=True)
+
+
+def config_data(config: BaseModel) -> dict[str, Any]:
+    """The config as plain data, every field but the machine options a memory preset sets at run start
+    (conjure.config.presets.unset_machine_options): written at their defaults they would be the user's."""
+    return config.model_dump(mode="json", exclude=unset_machine_options(config))
 
 
 def config_schema(type_name: str) -> str:
@@ -240,6 +248,9 @@ def _starter_lines(model: type[BaseModel], indent: str, values: dict[str, Any], 
             lines.append(f"{indent}{name}: {_yaml_scalar(value)}  # required")
         elif "starter" in extra:  # optional in the schema, but one of a pair the user must fill in
             lines.append(f"{indent}{name}: {_yaml_scalar(extra['starter'])}  # {extra.get('note', 'example')}")
+        elif f"{prefix}{name}" in PRESET_OPTIONS:  # written, it would be the user's: basic.memory_preset could not set it
+            default = _yaml_scalar(field.get_default(call_default_factory=True))
+            lines.append(f"{indent}# {name}: {default}  (unset: basic.memory_preset's choice, else {default})")
         else:
             lines.append(f"{indent}{name}: {_yaml_scalar(field.get_default(call_default_factory=True))}")
     return lines

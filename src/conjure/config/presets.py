@@ -13,6 +13,10 @@ written in the YAML wins, even at its default value) and only where it can apply
   `base_weights_dtype`, a CUDA GPU, torchao/bitsandbytes). What cannot apply here keeps its default, said in one
   start-line warning; the run's config.yaml records what ran, so a resume compares the effective values.
 
+Configs are often written whole (the starter of `conjure config new`, the web app's YAML, a dump), which would
+make every option the user's: the starter writes the preset's options commented out (`OPTIONS`), and a dump
+leaves out the machine options still unset (`unset_machine_options`).
+
 Each step records what it chose and why (`RunConfigBase.preset_choices`); the run's start event lists them
 under `chosen`. mixed_precision is left to its own `auto` (bf16 where the GPU has it, else fp16; the CPU: fp32).
 """
@@ -52,6 +56,25 @@ PRESETS: dict[str, Preset] = {
     "low_memory": Preset(True, "memory", True, True, ("nf4", "float8")),
 }
 BASE_WEIGHT_LIBRARIES = {"float8": "torchao", "nf4": "bitsandbytes"}  # conjure.models.quantize.LIBRARIES
+OPTIONS = ("advanced.gradient_checkpointing", "data.cache_latents", "data.cache_text_encoder_outputs",
+           "optimizer.optimizer", "advanced.base_weights_dtype")
+"""What a preset sets. `conjure config new` writes them commented out, so that a preset in a starter config applies."""
+MACHINE_OPTIONS = ("optimizer.optimizer", "advanced.base_weights_dtype")
+"""Set at run start: left unset, a config's dump leaves them out (`unset_machine_options`), so the YAML that the web
+app launches or `conjure config check --show` writes still lets the run's machine choose them."""
+
+
+def unset_machine_options(config: Any) -> dict[str, set[str]]:
+    """The machine options (by section) a config with a preset leaves for the run start to set: a dump leaves them
+    out, since written at their default they would be the user's (and the preset could not set them)."""
+    if config.basic.memory_preset is None:
+        return {}
+    out: dict[str, set[str]] = {}
+    for option in MACHINE_OPTIONS:
+        section, name = option.split(".")
+        if name not in getattr(config, section).model_fields_set:
+            out.setdefault(section, set()).add(name)
+    return out
 
 
 def apply_to_config(config: RunConfigBase) -> None:
@@ -95,7 +118,8 @@ def apply_to_machine(config: RunConfigBase, *, objective_settings: dict[str, obj
         if cuda and importlib.util.find_spec("bitsandbytes") is not None:
             out.optimizer.optimizer = "adamw8bit"
             out.preset_choices["optimizer"] = ("adamw8bit", source)
-        else:
+        else:  # written as kept (set, so a dump records it): a resume elsewhere keeps what ran
+            out.optimizer.optimizer = out.optimizer.optimizer
             missing.append(f"8-bit AdamW (needs an NVIDIA GPU and bitsandbytes; kept {out.optimizer.optimizer})")
             out.preset_choices["optimizer"] = (out.optimizer.optimizer, f"{source}: no NVIDIA GPU with bitsandbytes")
     wants_base = preset.base_weights and "base_weights_dtype" in objective_settings
@@ -106,6 +130,7 @@ def apply_to_machine(config: RunConfigBase, *, objective_settings: dict[str, obj
             out.advanced.base_weights_dtype = runnable[0]
             out.preset_choices["base_weights_dtype"] = (runnable[0], source)
         else:
+            out.advanced.base_weights_dtype = "auto"
             kinds = "/".join(preset.base_weights)
             missing.append(f"{kinds} base weights (need a CUDA GPU and bitsandbytes or torchao; kept auto)")
             out.preset_choices["base_weights_dtype"] = ("auto", f"{source}: no CUDA GPU with bitsandbytes or torchao")

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
-from conjure.config.loading import config_class, load_yaml, yaml_problem
+from conjure.config.loading import config_class, config_data, load_yaml, yaml_problem
 from conjure.data.hf import HUB_PREFIX
 from conjure.errors import ConjureError
 from conjure.files import atomic_write_text
@@ -138,7 +138,7 @@ def _path_problem(ws: Workspace, role: str, value: str) -> str | Path | None:
 
 
 def _resolved(config: Any) -> dict[str, Any]:
-    return config.model_dump(mode="json")
+    return config_data(config)  # without the machine options a memory preset leaves to the run's start
 
 
 def _yaml_mapping(text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
