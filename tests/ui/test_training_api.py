@@ -552,3 +552,16 @@ def test_job_ids_beyond_sqlite_are_no_job(client, job_id):
         assert answer.status_code == 404 and answer.json() == {"error": f"no job {int(job_id)}"}, (path, answer.text)
     answer = client.post(f"/api/jobs/{job_id}/export", json={"step": "latest", "to": "/tmp/x"})
     assert answer.status_code == 404
+
+
+def test_the_form_round_trip_leaves_a_memory_presets_machine_options_to_the_run(client):
+    """basic.memory_preset sets 8-bit AdamW where the run's machine has it (conjure.config.presets): the form's
+    data and the YAML it launches leave the unset option out, or it would be the user's 'adamw'."""
+    text = client.post("/api/config/to-yaml", json={"config": config(basic={"memory_preset": "low_memory"})}).json()
+    assert "optimizer" not in yaml.safe_load(text["yaml"])["optimizer"]
+    back = client.post("/api/config/from-yaml", json={"yaml": text["yaml"]}).json()
+    assert back["errors"] == [] and "optimizer" not in back["config"]["optimizer"]
+    assert back["config"]["advanced"]["gradient_checkpointing"] is True  # set by the preset when validated
+    mine = client.post("/api/config/from-yaml", json={"yaml": yaml.safe_dump(
+        config(basic={"memory_preset": "low_memory"}, optimizer={"optimizer": "adamw"}))}).json()
+    assert mine["config"]["optimizer"]["optimizer"] == "adamw"  # written by the user: kept
