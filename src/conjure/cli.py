@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_config, _add_export, _add_convert, _add_tiny_model, _add_dataset, _add_demo, _add_ui):
         add(sub)
+    from conjure.estimate.command import add_estimate
+
+    add_estimate(sub, _add_overrides)
     return parser
 
 

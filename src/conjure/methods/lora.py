@@ -112,8 +112,9 @@ class Lora:
         ]
         for p in self.parameters():
             p.data = p.data.float()  # trained parameters are float32 masters
-        if section.save_format == "kohya":
+        if section.save_format == "kohya" and model.denoiser.device.type != "meta":
             # What the file layout cannot hold is refused now, before the first step, not at the first checkpoint.
+            # (On the meta device, where `conjure estimate` counts the adapters, there are no values to lay out.)
             from conjure.export.kohya import kohya_state_dict
 
             kohya_state_dict(self.lora_weights(), model.family, model.denoiser.config)

@@ -1,0 +1,220 @@
+"""The base model read from its configs and built on the meta device; its weights and trained parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from conjure import families
+from conjure.errors import ConjureError
+from conjure.models.loading import HUB_ID, LoadedModel, Wanted, fail
+
+if TYPE_CHECKING:
+    from conjure.config import RunConfig
+    from conjure.families import Family
+    from conjure.methods import MethodSpec, Recipe
+
+GIB = 1024**3
+# Resident set of a `conjure train` process before the model loads (python, torch, diffusers, transformers,
+# accelerate, peft imported; measured with ru_maxrss on this project's CPU runs, see docs/benchmarks.md).
+PROCESS_BASELINE = 0.62 * GIB
+# CUDA's own context and kernels (not in max_memory_allocated, but in what the card must have free)
+CUDA_CONTEXT = 0.5 * GIB
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "prodigy": 16.0}
+QUANTIZED_BYTES = {"float8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
+
+
+@dataclass(frozen=True)
+class Term:
+    """One line of the breakdown: what it is, its bytes, and whether it is counted, modelled or measured."""
+
+    name: str
+    bytes: float
+    basis: str
+
+
+@dataclass
+class Estimate:
+    family: str
+    method: str
+    device: str  # "cuda" or "cpu": where the run trains
+    precision: str
+    resolution: int
+    batch_size: int
+    parameters: dict[str, int]  # component -> parameters
+    trainable: int
+    accelerator: list[Term] = field(default_factory=list)  # at the training peak (empty on the CPU)
+    encoding: list[Term] = field(default_factory=list)  # text encoded ahead: the encoders alone on the accelerator
+    ram: list[Term] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def peak_accelerator(self) -> float:
+        return max(sum(t.bytes for t in self.accelerator), sum(t.bytes for t in self.encoding))
+
+    @property
+    def peak_ram(self) -> float:
+        return sum(t.bytes for t in self.ram)
+
+    def as_json(self) -> dict[str, Any]:
+        def terms(ts: list[Term]) -> list[dict[str, Any]]:
+            return [{"name": t.name, "bytes": int(t.bytes), "basis": t.basis} for t in ts]
+
+        return {
+            "family": self.family, "method": self.method, "device": self.device, "precision": self.precision,
+            "resolution": self.resolution, "batch_size": self.batch_size, "parameters": self.parameters,
+            "trainable_parameters": self.trainable, "peak_accelerator_bytes": int(self.peak_accelerator),
+            "peak_ram_bytes": int(self.peak_ram), "accelerator": terms(self.accelerator),
+            "encoding": terms(self.encoding), "ram": terms(self.ram), "assumptions": self.assumptions,
+        }
+
+
+# --- the model, from its configs ---------------------------------------------------------------------------
+def meta_model(config: RunConfig, spec: MethodSpec) -> LoadedModel:
+    """The base model's parts built on the meta device from its configs (tokenizers are read for real: they hold
+    no weights); the family is checked as loading checks it (`Wanted.pick`)."""
+    basic = config.basic
+    wanted = Wanted(basic.family, spec.families, config.type, config.advanced)
+    path = Path(basic.base_model).expanduser()
+    if path.is_file():
+        if basic.base_model_config:
+            return _from_configs(basic.base_model_config, None, wanted)
+        return _reference_for_file(path, wanted)
+    if path.is_dir() or (HUB_ID.match(basic.base_model) and not basic.base_model.startswith((".", "/", "~"))):
+        return _from_configs(basic.base_model, basic.revision, wanted)
+    raise ConjureError(f"base model not found: {basic.base_model!r} is not a folder, a checkpoint file or a hub id")
+
+
+def _family_of(source: str, revision: str | None, index: dict[str, Any], wanted: Wanted) -> tuple[Family, Any]:
+    from diffusers import UNet2DConditionModel
+
+    from conjure.models.transformer_loading import load_transformer_config
+
+    if "transformer" in index:
+        fam, config = load_transformer_config(source, revision)
+        fam = wanted.pick(fam)
+        wanted.check_variant(families.detect_variant(fam, config))
+        return fam, config
+    try:
+        config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
+    except Exception as exc:  # diffusers raises OSError, ValueError or hub errors here
+        raise fail(source, exc) from None
+    return wanted.pick(families.detect(config, has_text_encoder_2=bool(index.get("text_encoder_2", [None])[0]))), config
+
+
+def _from_configs(source: str, revision: str | None, wanted: Wanted) -> LoadedModel:
+    import diffusers
+    import transformers
+
+    try:
+        index = diffusers.DiffusionPipeline.load_config(source, revision=revision)
+    except Exception as exc:
+        raise fail(source, exc) from None
+    fam, denoiser_config = _family_of(source, revision, index, wanted)
+    parts: dict[str, Any] = {}
+    try:
+        vae_config = diffusers.AutoencoderKL.load_config(source, subfolder="vae", revision=revision)
+        encoder_configs = {s.encoder: transformers.AutoConfig.from_pretrained(source, subfolder=s.encoder,
+                                                                              revision=revision)
+                           for s in fam.text_encoders}
+        for slot in fam.text_encoders:
+            tokenizer_class = getattr(transformers, index[slot.tokenizer][1])
+            parts[slot.tokenizer] = tokenizer_class.from_pretrained(source, subfolder=slot.tokenizer, revision=revision)
+    except Exception as exc:
+        raise fail(source, exc) from None
+    with torch.device("meta"):
+        parts[fam.denoiser] = getattr(diffusers, index[fam.denoiser][1]).from_config(denoiser_config)
+        parts["vae"] = diffusers.AutoencoderKL.from_config(vae_config)
+        for slot in fam.text_encoders:
+            parts[slot.encoder] = getattr(transformers, index[slot.encoder][1])(encoder_configs[slot.encoder])
+    return LoadedModel(family=fam, source=source, components=parts)
+
+
+def _reference_for_file(path: Path, wanted: Wanted) -> LoadedModel:
+    """A single SD file without basic.base_model_config: its family's published configs (diffusers' own default
+    for a single file), the family told from the text encoders' key names as `_load_single_file` tells it."""
+    from conjure.models.loading import _file_keys
+    from conjure.models.reference import build_reference_components
+    from conjure.models.transformer_loading import is_flux_file
+
+    try:
+        keys = _file_keys(path, None)[0]
+    except Exception as exc:
+        raise ConjureError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if is_flux_file(keys):
+        raise ConjureError(f"{path.name} is a FLUX.1 transformer file, which holds the transformer alone; set "
+                           "basic.base_model_config to the diffusers folder or hub id of the model it belongs to")
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        fam = families.SDXL
+    else:  # SD 2.x files hold OpenCLIP's text model (`cond_stage_model.model.`), SD 1.x files OpenAI's
+        fam = families.SD2 if any(k.startswith("cond_stage_model.model.") for k in keys) else families.SD1
+    fam = wanted.pick(fam)
+    return LoadedModel(family=fam, source=str(path), components=build_reference_components(fam.name, device="meta"))
+
+
+# --- what is where -------------------------------------------------------------------------------------------
+def _frozen_bytes(module: torch.nn.Module, dtype: torch.dtype, quantized: str) -> float:
+    """A frozen part's weights in `dtype`, its Linear weights in `quantized` form ("auto": not)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if quantized not in QUANTIZED_BYTES:
+        return float(sum(p.numel() for p in module.parameters()) * size)
+    from conjure.models.quantize import linear_layers
+
+    linears = [module.get_submodule(n) for n in linear_layers(module)]
+    converted = {id(m.weight) for m in linears}
+    rest = sum(p.numel() for p in module.parameters() if id(p) not in converted)
+    packed = sum(m.weight.numel() * QUANTIZED_BYTES[quantized] for m in linears)
+    scales = sum(m.out_features * 4 for m in linears) if quantized == "float8" else 0
+    return float(rest * size + packed + scales)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def weight_terms(model: LoadedModel, precision: str, base_weights: str) -> dict[str, Term]:
+    """Each frozen part's weights as the run keeps them (`setup.place_model`)."""
+    from conjure.train.setup import WEIGHT_DTYPES
+
+    terms = {}
+    for name, part in model.components.items():
+        if not isinstance(part, torch.nn.Module):
+            continue
+        dtype = torch.float32 if name == "vae" and precision == "fp16" else WEIGHT_DTYPES[precision]
+        form = base_weights if part is model.denoiser and base_weights != "auto" else _dtype_name(dtype)
+        terms[name] = Term(f"{name} weights ({form})", _frozen_bytes(part, dtype, base_weights if
+                                                                      part is model.denoiser else "auto"), "counted")
+    return terms
+
+
+def trained_parameters(recipe: Recipe) -> int:
+    seen: dict[int, int] = {}
+    for group in recipe.parameter_groups(1.0):
+        seen.update((id(p), p.numel()) for p in group["params"])
+    return sum(seen.values())
+
+
+def training_terms(trainable: int, optimizer: str, beta1: float) -> list[Term]:
+    state = OPTIMIZER_BYTES[optimizer] - (4.0 if optimizer == "prodigy" and beta1 == 0 else 0.0)
+    return [Term("trained parameters (float32)", trainable * 4.0, "counted"),
+            Term("gradients (float32)", trainable * 4.0, "counted"),
+            Term(f"optimizer state ({optimizer})", trainable * state, "counted")]
+
+
+
+
+def loaded_bytes(model: LoadedModel, frozen: torch.dtype) -> list[tuple[str, str, float]]:
+    """(part, dtype, bytes) as loading reads each part: float32 for a UNet family (`loading._load_diffusers`), the
+    run's frozen dtype for a transformer family's denoiser and text encoders (`transformer_loading.load_parts`,
+    `Wanted.frozen_dtype`), float32 for every VAE."""
+    transformer_family = model.family.denoiser != "unet"
+    rows = []
+    for name, part in model.components.items():
+        if isinstance(part, torch.nn.Module):
+            dtype = frozen if transformer_family and name != "vae" else torch.float32
+            size = torch.empty((), dtype=dtype).element_size()
+            rows.append((name, _dtype_name(dtype), float(sum(p.numel() for p in part.parameters()) * size)))
+    return rows
