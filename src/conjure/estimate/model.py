@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 GIB = 1024**3
 # Resident set of a `conjure train` process before the model loads (python, torch, diffusers, transformers,
 # accelerate, peft imported; measured with ru_maxrss on this project's CPU runs, see docs/benchmarks.md).
-PROCESS_BASELINE = 0.62 * GIB
+PROCESS_BASELINE = 450 * 2**20
 # CUDA's own context and kernels (not in max_memory_allocated, but in what the card must have free)
 CUDA_CONTEXT = 0.5 * GIB
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "prodigy": 16.0}

@@ -1,0 +1,107 @@
+"""`conjure estimate`: the counts it builds on the meta device equal the real model's and the real recipe's, its
+refusals are one line, its output has the promised shape, and a real CPU run's peak RSS is within 15% of it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conjure.cli import main
+from conjure.config import parse_config
+from conjure.errors import ConjureError
+from conjure.estimate import estimate
+from conjure.estimate.model import meta_model, trained_parameters
+from conjure.methods import method_spec
+from conjure.models.loading import load_base_model
+
+
+def counts(model):
+    return {n: sum(p.numel() for p in m.parameters()) for n, m in model.components.items()
+            if isinstance(m, torch.nn.Module)}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
+def test_meta_model_has_the_real_models_parameters_and_no_data(lora_config, family):
+    config = parse_config(lora_config(family))
+    meta = meta_model(config, method_spec("lora"))
+    assert all(p.is_meta for n, m in meta.components.items() if isinstance(m, torch.nn.Module) for p in m.parameters())
+    real = load_base_model(config.basic.base_model)
+    assert counts(meta) == counts(real) and meta.family is real.family
+
+
+@pytest.mark.parametrize(("maker", "family", "sections"), [
+    ("lora_config", "sd1", {"lora": {"train_text_encoder": True}}),
+    ("lora_config", "sdxl", {"lora": {"dora": True}}),  # kohya-layout DoRA: input-column magnitudes
+    ("lora_config", "sd1", {"lora": {"dora": True, "save_format": "peft"}}),  # PEFT's output-row magnitudes
+    ("lora_config", "flux", {"lora": {"dora": True}}),  # fused q|k|v groups share one decomposition
+    ("ti_config", "sdxl", {"textual_inversion": {"num_vectors": 3}}),
+    ("pivotal_config", "sd1", {}),
+])
+def test_trained_parameters_are_the_real_recipes(request, maker, family, sections):
+    config = parse_config(request.getfixturevalue(maker)(family, **sections))
+    spec = method_spec(config.type)
+    real = trained_parameters(spec.build(config, load_base_model(config.basic.base_model)))
+    assert real > 0 and estimate(config).trainable == real
+
+
+def test_gradient_checkpointing_and_caches_move_the_terms(lora_config):
+    plain = estimate(parse_config(lora_config("sd1", data={"resolution": 256})), assume_gpu=True)
+    saving = estimate(parse_config(lora_config(
+        "sd1", data={"resolution": 256, "cache_text_encoder_outputs": True, "cache_latents": "memory"},
+        advanced={"gradient_checkpointing": True})), assume_gpu=True)
+
+    def term(result, start):
+        return next(t.bytes for t in result.accelerator + result.ram if t.name.startswith(start))
+
+    assert term(saving, "activations") < term(plain, "activations") / 2
+    assert "text_encoder weights (bfloat16)" in [t.name for t in plain.accelerator]
+    assert [t.name for t in saving.encoding] == ["text_encoder weights (bfloat16)"]  # encoded ahead, then gone
+    assert "text_encoder weights (bfloat16)" not in [t.name for t in saving.accelerator]
+    # 6 images (no random flip) x (mean, std) x 4 channels x 32 x 32 latents (the tiny VAE downscales 8x), bf16
+    assert term(saving, "latent cache") == 6 * 2 * 4 * 32 * 32 * 2
+
+
+def test_estimate_refuses_in_one_line(lora_config, tmp_path, capsys):
+    with pytest.raises(ConjureError, match="base model not found"):
+        estimate(parse_config(lora_config("sd1", basic={"base_model": str(tmp_path / "nowhere")})))
+    with pytest.raises(ConjureError, match="basic.family is 'sdxl'"):
+        estimate(parse_config(lora_config("sd1", basic={"family": "sdxl"})))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(lora_config("sd1", basic={"base_model": str(tmp_path / "nowhere")})))
+    assert main(["estimate", str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_prints_a_table_and_json(lora_config, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(lora_config("sdxl")))
+    assert main(["estimate", str(path), "--gpu", "--set", "lora.rank=8"]) == 0
+    out = capsys.readouterr().out
+    assert "lora on sdxl, a CUDA GPU, bf16, 64 px, batch 2" in out
+    assert "peak accelerator memory:" in out and "peak system RAM:" in out
+    assert "unet weights (bfloat16)" in out and "optimizer state (adamw)" in out and "assumes: " in out
+    assert main(["estimate", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"] == "cpu" and data["peak_ram_bytes"] == sum(t["bytes"] for t in data["ram"])
+    assert {t["basis"] for t in data["ram"]} <= {"counted", "modelled", "measured"}
+
+
+@pytest.mark.slow  # a real run in a fresh process: ~15 s on a quiet machine
+def test_a_real_runs_peak_rss_is_within_15_percent(lora_config, tmp_path):
+    """A 2-step LoRA on the tiny SD 1.x at 128 px in a fresh process (ru_maxrss of a child: KiB on Linux)."""
+    raw = lora_config("sd1", basic={"max_train_steps": 2, "validate_every_n_steps": None, "save_every_n_steps": 2},
+                      data={"resolution": 128}, validation={"at_start": False}, advanced={"cpu": True})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    predicted = estimate(parse_config(raw)).peak_ram
+    script = ("import resource, subprocess, sys; subprocess.run([sys.executable, '-m', 'conjure', 'train', "
+              f"{str(path)!r}], check=True, stdout=subprocess.DEVNULL); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    measured = int(out.split()[-1]) * 1024
+    assert abs(predicted - measured) / measured < 0.15, (predicted / 2**20, measured / 2**20)
