@@ -3,6 +3,7 @@ refusals are one line, its output has the promised shape, and a real CPU run's p
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -105,3 +106,27 @@ def test_a_real_runs_peak_rss_is_within_15_percent(lora_config, tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
     measured = int(out.split()[-1]) * 1024
     assert abs(predicted - measured) / measured < 0.15, (predicted / 2**20, measured / 2**20)
+
+
+def test_web_app_estimates_the_forms_config_with_a_jobs_path_rules(tiny_models, image_folder, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from conjure.ui.app import create_app
+
+    app = create_app(tmp_path / "workspace", start_runner=False)
+    client = TestClient(app, base_url="http://127.0.0.1:7860")
+    ws = app.state.workspace
+    data = ws.root / "data" / "images"
+    data.parent.mkdir(parents=True)
+    shutil.copytree(image_folder, data)
+    raw = {"type": "lora", "basic": {"base_model": str(tiny_models("sd1")), "max_train_steps": 2},
+           "data": {"source": "data/images", "resolution": 64}, "lora": {"trigger_word": "zwx"},
+           "advanced": {"cpu": True}}
+    answer = client.post("/api/config/estimate", json={"yaml": yaml.safe_dump(raw)})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["estimate"]["family"] == "sd1" and body["estimate"]["trainable_parameters"] > 0
+    assert "peak system RAM" in body["text"]
+    raw["data"]["source"] = str(image_folder)  # outside the workspace and every opened folder
+    answer = client.post("/api/config/estimate", json={"yaml": yaml.safe_dump(raw)})
+    assert answer.status_code == 400 and answer.json()["errors"][0]["field"] == "data.source"

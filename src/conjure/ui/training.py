@@ -260,6 +260,21 @@ def config_put(name: str, body: YamlBody, request: Request) -> dict[str, Any]:
     return {"name": stem}
 
 
+@router.post("/config/estimate")
+def config_estimate(body: YamlBody, request: Request) -> Any:
+    """`conjure estimate` of the form's config (its YAML, as a job would run it): the JSON and the CLI's table;
+    refused (400, every problem listed) when the config is not valid, paths gated as for a job."""
+    from conjure.estimate import estimate
+    from conjure.estimate.command import render
+
+    data, errors = _yaml_mapping(body.yaml)
+    config, errors = check_config(_ws(request), data) if data is not None else (None, errors)
+    if errors:
+        return JSONResponse({"error": "the config is not valid", "errors": errors}, status_code=400)
+    result = estimate(config)
+    return {"estimate": result.as_json(), "text": render(result)}
+
+
 # --- jobs --------------------------------------------------------------------------------------------
 
 

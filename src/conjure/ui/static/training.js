@@ -384,6 +384,27 @@ export const training = {
     }
   },
 
+  async estimate() {
+    say("tr-launch-msg", "estimating (reads the model's configs, loads no weights)...");
+    if (document.activeElement === $("tr-yaml")) await this.fromYamlSoon.flush();
+    else if (this.config) await this.syncSoon.flush();
+    if (!$("tr-yaml").value.trim()) return say("tr-launch-msg", "make or load a config first", "error");
+    const out = $("tr-estimate-out");
+    try {
+      const data = await api("POST", "/api/config/estimate", { yaml: $("tr-yaml").value });
+      out.textContent = data.text;
+      out.hidden = false;
+      say("tr-launch-msg", "");
+    } catch (exc) {
+      if (Array.isArray(exc.data?.errors)) {
+        this.errors = exc.data.errors;
+        this.showErrors();
+      }
+      out.hidden = true;
+      say("tr-launch-msg", exc.message, "error");
+    }
+  },
+
   setup() {
     this.syncSoon = debounce(() => attempt("tr-yaml-msg", () => this.sync()), 300);
     this.fromYamlSoon = debounce(() => attempt("tr-yaml-msg", () => this.fromYaml()), 500);
@@ -391,6 +412,7 @@ export const training = {
     $("tr-save").addEventListener("click", () => attempt("tr-config-msg", () => this.save()));
     $("tr-load").addEventListener("click", () => attempt("tr-config-msg", () => this.load()));
     $("tr-launch").addEventListener("click", () => this.launch());
+    $("tr-estimate").addEventListener("click", () => this.estimate());
     $("tr-yaml").addEventListener("input", () => { say("tr-yaml-msg", "..."); this.fromYamlSoon(); });
     $("tr-form").addEventListener("submit", (event) => event.preventDefault());
   },
