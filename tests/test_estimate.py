@@ -14,7 +14,7 @@ import yaml
 from conjure.cli import main
 from conjure.config import parse_config
 from conjure.errors import ConjureError
-from conjure.estimate import estimate
+from conjure.estimate.peaks import estimate
 from conjure.estimate.model import meta_model, trained_parameters
 from conjure.methods import method_spec
 from conjure.models.loading import load_base_model
@@ -130,3 +130,13 @@ def test_web_app_estimates_the_forms_config_with_a_jobs_path_rules(tiny_models, 
     raw["data"]["source"] = str(image_folder)  # outside the workspace and every opened folder
     answer = client.post("/api/config/estimate", json={"yaml": yaml.safe_dump(raw)})
     assert answer.status_code == 400 and answer.json()["errors"][0]["field"] == "data.source"
+
+
+def test_memory_preset_options_are_the_ones_estimated(lora_config):
+    """basic.memory_preset sets gradient checkpointing and the caches as the run would (conjure.config.presets)."""
+    plain = estimate(parse_config(lora_config("sd1", data={"resolution": 256})), assume_gpu=True)
+    preset = estimate(parse_config(lora_config("sd1", data={"resolution": 256}, basic={"memory_preset": "balanced"})),
+                      assume_gpu=True)
+    assert any(a.startswith("gradient_checkpointing true") for a in preset.assumptions)
+    assert [t.name for t in preset.encoding] == ["text_encoder weights (bfloat16)"]
+    assert preset.peak_accelerator < plain.peak_accelerator

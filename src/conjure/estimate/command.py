@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 
-from conjure.estimate import Estimate, Term
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from conjure.estimate.model import Estimate, Term
 
 GIB = 1024**3
 
@@ -23,7 +26,7 @@ def add_estimate(sub: argparse._SubParsersAction[argparse.ArgumentParser], add_o
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from conjure.config import load_config
-    from conjure.estimate import estimate
+    from conjure.estimate.peaks import estimate
 
     config = load_config(args.config, args.set)
     result = estimate(config, assume_gpu=args.gpu)

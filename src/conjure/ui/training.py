@@ -264,7 +264,7 @@ def config_put(name: str, body: YamlBody, request: Request) -> dict[str, Any]:
 def config_estimate(body: YamlBody, request: Request) -> Any:
     """`conjure estimate` of the form's config (its YAML, as a job would run it): the JSON and the CLI's table;
     refused (400, every problem listed) when the config is not valid, paths gated as for a job."""
-    from conjure.estimate import estimate
+    from conjure.estimate.peaks import estimate
     from conjure.estimate.command import render
 
     data, errors = _yaml_mapping(body.yaml)

@@ -1,0 +1,114 @@
+"""The whole estimate: each term where the run holds it, in each phase, and the assumptions behind it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from conjure.estimate.model import CUDA_CONTEXT, PROCESS_BASELINE, Estimate, Term
+
+if TYPE_CHECKING:
+    from conjure.config import RunConfig
+
+def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
+    """The run's peaks and their breakdown; `assume_gpu`: as on a CUDA GPU, on a machine without one."""
+    from conjure.config.presets import apply_to_machine
+    from conjure.config.sections import OBJECTIVE_SETTINGS
+    from conjure.estimate.activations import trace_activations
+    from conjure.estimate.data import data_terms, native_resolution, where
+    from conjure.estimate.model import meta_model, trained_parameters, training_terms, weight_terms
+    from conjure.methods import method_spec
+    from conjure.train.objectives import build_conditioning
+    from conjure.train.setup import WEIGHT_DTYPES, text_reading
+
+    spec = method_spec(config.type)
+    adv, data = config.advanced, config.data
+    place = where(config, assume_gpu=assume_gpu)
+    model = meta_model(config, spec)
+    config, preset_warning = apply_to_machine(config, objective_settings=OBJECTIVE_SETTINGS[model.family.objective],
+                                              device=torch.device("cuda" if place.cuda else "cpu"))
+    resolution = data.resolution or native_resolution(model)
+    frozen = WEIGHT_DTYPES[place.precision]
+    weights = weight_terms(model, place.precision, adv.base_weights_dtype)
+    loaded = _loaded_terms(model, frozen)
+    for name, part in model.components.items():  # as place_model leaves them, for the trace
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False).to(torch.float32 if name == "vae" and place.precision == "fp16" else frozen)
+    recipe = spec.build(config, model)
+    trainable = trained_parameters(recipe)
+    training = training_terms(trainable, config.optimizer.optimizer, config.optimizer.adam_beta1)
+    traced = trace_activations(config, model, resolution=resolution, dtype=frozen)
+    activations = Term("activations" + (" (gradient checkpointing)" if adv.gradient_checkpointing else ""),
+                       traced.saved + 2 * traced.largest + traced.recomputed, "modelled")
+    conditioning = build_conditioning(model, text_reading(config, model), resolution=resolution, guidance=adv.guidance)
+    cached, notes = data_terms(config, model, conditioning, resolution, frozen)
+    ahead = place.cuda and data.cache_text_encoder_outputs  # train/text_ahead.py: encoders leave the GPU first
+    encoders = {s.encoder for s in model.family.text_encoders}
+    on_device = [t for name, t in weights.items() if not (ahead and name in encoders)]
+    result = Estimate(
+        family=model.family.name, method=config.type, device="cuda" if place.cuda else "cpu",
+        precision=place.precision, resolution=resolution, batch_size=data.batch_size,
+        parameters={n: sum(p.numel() for p in m.parameters()) for n, m in model.components.items()
+                    if isinstance(m, torch.nn.Module)},
+        trainable=trainable,
+    )
+    baseline = Term("python, torch and libraries", PROCESS_BASELINE, "measured")
+    if place.cuda:
+        result.accelerator = [*on_device, *training, activations]
+        if ahead:
+            result.encoding = [t for name, t in weights.items() if name in encoders]
+        result.ram = [baseline, *loaded, *cached]
+    else:
+        result.ram = [baseline, *_larger(loaded, list(weights.values())), *training, activations, *cached]
+    result.assumptions = (_assumptions(config, place.source, place.precision, resolution, ahead, place.cuda) + notes
+                          + _preset_lines(config, preset_warning))
+    return result
+
+
+def _loaded_terms(model: object, frozen: torch.dtype) -> list[Term]:
+    """The parts as loading reads them into RAM (`models/loading.py`: an SD family's in float32; a transformer
+    family's denoiser and text encoders in the run's frozen dtype, `transformer_loading.load_parts`, its VAE in
+    float32), before they move to the accelerator."""
+    from conjure.estimate.model import loaded_bytes
+
+    return [Term(f"{name} as loaded ({dtype})", size, "counted") for name, dtype, size in loaded_bytes(model, frozen)]
+
+
+def _preset_lines(config: RunConfig, warning: str | None) -> list[str]:
+    """basic.memory_preset's choices (`config.preset_choices`, as the run's start line says them) and what this
+    machine cannot run of it."""
+    from conjure.config.presets import summary
+
+    choices = config.preset_choices
+    return ([f"{summary(choices)} (from basic.memory_preset {config.basic.memory_preset})"] if choices else []) + (
+        [warning] if warning else [])
+
+
+def _larger(first: list[Term], second: list[Term]) -> list[Term]:
+    return first if sum(t.bytes for t in first) >= sum(t.bytes for t in second) else second
+
+
+def _assumptions(config: RunConfig, precision_source: str, precision: str, resolution: int, ahead: bool,
+                 cuda: bool) -> list[str]:
+    adv, data = config.advanced, config.data
+    lines = [
+        f"precision {precision} (from {precision_source}); trained parameters, their gradients and optimizer "
+        "state in float32",
+        f"{data.batch_size} image(s) of {resolution} x {resolution} px per step"
+        + ("; aspect-ratio buckets hold about as many pixels" if data.aspect_ratio_buckets else ""),
+        "activations: modelled from the tensors autograd saves in one forward, traced on the meta device with "
+        "memory-efficient attention, plus twice the largest for backward's working set"
+        + ("; checkpointed blocks' inputs plus one block recomputed" if adv.gradient_checkpointing else ""),
+        f"the process baseline ({PROCESS_BASELINE / 2**30:.2f} GiB) is measured on this project's CPU runs",
+    ]
+    if cuda:
+        lines.append(f"accelerator figures are what torch allocates (max_memory_allocated); the CUDA context and "
+                     f"allocator slack need about {CUDA_CONTEXT / 2**30:.1f} GiB more")
+    if ahead:
+        lines.append("data.cache_text_encoder_outputs on a GPU: the text encoders are used and leave before the "
+                     "denoiser arrives (train/text_ahead.py); the peak is the larger of the two phases")
+    if data.cache_latents == "off":
+        lines.append("the VAE encodes each batch under no_grad before the denoiser runs; its working set is not "
+                     "modelled")
+    return lines
