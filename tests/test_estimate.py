@@ -46,7 +46,9 @@ def test_trained_parameters_are_the_real_recipes(request, maker, family, section
     config = parse_config(request.getfixturevalue(maker)(family, **sections))
     spec = method_spec(config.type)
     real = trained_parameters(spec.build(config, load_base_model(config.basic.base_model)))
-    assert real > 0 and estimate(config).trainable == real
+    result = estimate(config)
+    assert real > 0 and result.trainable == real
+    assert result.parameters == counts(load_base_model(config.basic.base_model))  # the base model's, adapters apart
 
 
 def test_gradient_checkpointing_and_caches_move_the_terms(lora_config):
@@ -140,3 +142,16 @@ def test_memory_preset_options_are_the_ones_estimated(lora_config):
     assert any(a.startswith("gradient_checkpointing true") for a in preset.assumptions)
     assert [t.name for t in preset.encoding] == ["text_encoder weights (bfloat16)"]
     assert preset.peak_accelerator < plain.peak_accelerator
+
+
+def test_float8_and_nf4_base_weights_shrink_the_transformer_as_stored(lora_config):
+    """advanced.base_weights_dtype: 1 byte (float8) or ~0.52 byte (nf4) per Linear weight instead of bf16's 2."""
+    from conjure.estimate.model import weight_terms
+
+    model = meta_model(parse_config(lora_config("flux")), method_spec("lora"))
+    size = {kind: weight_terms(model, "bf16", kind)["transformer"] for kind in ("auto", "float8", "nf4")}
+    assert size["auto"].name == "transformer weights (bfloat16)" and size["nf4"].name == "transformer weights (nf4)"
+    assert 0.45 < size["float8"].bytes / size["auto"].bytes < 0.6
+    assert 0.2 < size["nf4"].bytes / size["auto"].bytes < size["float8"].bytes / size["auto"].bytes
+    # only the denoiser is stored so
+    assert weight_terms(model, "bf16", "float8")["vae"].bytes == weight_terms(model, "bf16", "auto")["vae"].bytes

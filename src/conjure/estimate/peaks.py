@@ -23,11 +23,12 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     from conjure.train.setup import WEIGHT_DTYPES, text_reading
 
     spec = method_spec(config.type)
-    adv, data = config.advanced, config.data
     place = where(config, assume_gpu=assume_gpu)
     model = meta_model(config, spec)
+    # basic.memory_preset's machine options, as the run sets them at its start (train/setup.py machine_preset)
     config, preset_warning = apply_to_machine(config, objective_settings=OBJECTIVE_SETTINGS[model.family.objective],
                                               device=torch.device("cuda" if place.cuda else "cpu"))
+    adv, data = config.advanced, config.data
     resolution = data.resolution or native_resolution(model)
     frozen = WEIGHT_DTYPES[place.precision]
     weights = weight_terms(model, place.precision, adv.base_weights_dtype)
@@ -35,6 +36,8 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     for name, part in model.components.items():  # as place_model leaves them, for the trace
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False).to(torch.float32 if name == "vae" and place.precision == "fp16" else frozen)
+    base_parameters = {n: sum(p.numel() for p in m.parameters()) for n, m in model.components.items()
+                       if isinstance(m, torch.nn.Module)}  # before the recipe adds its own
     recipe = spec.build(config, model)
     trainable = trained_parameters(recipe)
     training = training_terms(trainable, config.optimizer.optimizer, config.optimizer.adam_beta1)
@@ -49,8 +52,7 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     result = Estimate(
         family=model.family.name, method=config.type, device="cuda" if place.cuda else "cpu",
         precision=place.precision, resolution=resolution, batch_size=data.batch_size,
-        parameters={n: sum(p.numel() for p in m.parameters()) for n, m in model.components.items()
-                    if isinstance(m, torch.nn.Module)},
+        parameters=base_parameters,
         trainable=trainable,
     )
     baseline = Term("python, torch and libraries", PROCESS_BASELINE, "measured")
