@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at their smallest size, so they cannot rot between the rare runs on a GPU."""
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,17 @@ def test_flux_memory_runs_on_the_tiny_flux(benchmark, tmp_path):
     if not torch.cuda.is_available():
         for mode in ("float8", "nf4"):
             assert f"| {mode} | not run: needs a CUDA GPU | <= 12 GiB (full size) |" in rows[mode]
+
+
+def test_versus_diffusers_times_a_conjure_run_through_the_optimizer_hook(benchmark, tiny_models, tmp_path):
+    """The side-by-side's conjure half (the diffusers scripts are fetched only for a benchmark run): its config
+    trains, and the runner's global optimizer hook sees every step."""
+    versus = benchmark("versus_diffusers")
+    folders = versus.make_images(tmp_path / "images")
+    out = tmp_path / "out"
+    out.mkdir()
+    config = versus.conjure_config("lora", tiny_models("sd1"), folders["lora"], out, steps=30, cached=True)
+    result = versus.timed(["conjure", "train", str(config)], None, out / "log.txt")
+    assert set(result) == {"startup_s", "steps_s", "wall_s"}, result
+    assert 0 < result["startup_s"] < result["wall_s"] and result["steps_s"] > 0
+    assert len(json.loads((out / "log.json").read_text())) == 30

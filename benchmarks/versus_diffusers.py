@@ -1,0 +1,191 @@
+"""conjure side by side with the diffusers example scripts, on the CPU (issue 16's setting).
+
+Runs diffusers' `examples/textual_inversion/textual_inversion.py` and `examples/text_to_image/
+train_text_to_image_lora.py` and `conjure train` on one tiny SD1-layout model folder (`conjure tiny-model sd1`) and
+one image folder: 64 px, batch 2, 200 steps, AdamW 1e-4 (weight decay 1e-2, the scripts' default) constant, LoRA
+rank 4 on the UNet's attention (the script's to_q/to_k/to_v/to_out.0; conjure's `unet_targets: attention`), one
+thread. Each run is a fresh process; one hook (torch's global optimizer step hook) times every optimizer step in
+all of them, so start-up (spawn to the first step's end) and steps/s (median step interval after 20 steps) are
+measured the same way. conjure's LoRA runs twice: as is, and with `cache_latents: memory` and
+`cache_text_encoder_outputs: true`.
+
+The scripts are not part of conjure: fetch them for the run (diffusers' GitHub repository, the version installed)
+into a folder given as --scripts, never committed. They import torchvision (transforms only); where the one
+installed for them cannot load its compiled detection ops (a CUDA build beside a CPU torch), the runner skips
+torchvision's meta registrations of those ops, which the scripts never call. Packages installed only for the
+scripts go in a folder given as --extra-path.
+
+    python benchmarks/versus_diffusers.py --scripts /tmp/diffusers-examples --extra-path /tmp/pydeps \\
+        --write docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from bench_common import publish  # benchmarks/bench_common.py (this script's folder)
+
+RUNNER = """
+import atexit, json, os, runpy, sys, time, types
+import torch
+torch.set_num_threads(1)
+from torch.optim.optimizer import register_optimizer_step_post_hook
+times = []
+register_optimizer_step_post_hook(lambda optimizer, args, kwargs: times.append(time.time()))
+atexit.register(lambda: open(os.environ["BENCH_STEPS"], "w").write(json.dumps(times)))
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+target = sys.argv[1]
+sys.argv = sys.argv[1:]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+"""
+
+CAPTION = "a photo of zwx dog"
+
+
+def make_images(folder: Path, count: int = 8) -> dict[str, Path]:
+    """The same images twice: with same-name .txt captions (conjure) and a metadata.jsonl (the LoRA script's
+    `imagefolder` loader), for LoRA; alone, for textual inversion (its script opens every file of the folder)."""
+    captioned, alone = folder / "captioned", folder / "alone"
+    captioned.mkdir(parents=True)
+    alone.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        image.save(captioned / f"{i}.png")
+        image.save(alone / f"{i}.png")
+        (captioned / f"{i}.txt").write_text(CAPTION)
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": CAPTION}))
+    (captioned / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return {"lora": captioned, "ti": alone}
+
+
+def conjure_config(kind: str, model: Path, images: Path, out: Path, steps: int, cached: bool) -> Path:
+    method = ({"lora": {"rank": 4, "unet_targets": "attention", "trigger_word": "zwx"}} if kind == "lora"
+              else {"textual_inversion": {"placeholder_token": "<zwx>", "initializer": "dog"}})
+    raw = {
+        "type": "lora" if kind == "lora" else "textual_inversion",
+        "basic": {"base_model": str(model), "output_dir": str(out), "max_train_steps": steps, "seed": 0,
+                  "save_every_n_steps": steps, "validate_every_n_steps": None},
+        "data": {"source": str(images), "resolution": 64, "batch_size": 2,
+                 **({"cache_latents": "memory", "cache_text_encoder_outputs": True} if cached else {})},
+        **method,
+        "validation": {"at_start": False, "prompts": []},
+        "optimizer": {"optimizer": "adamw", "learning_rate": 1e-4, "scheduler": "constant", "weight_decay": 1e-2},
+        "advanced": {"mixed_precision": "no"},
+    }
+    path = out / f"{kind}{'-cached' if cached else ''}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def script_args(kind: str, scripts: Path, model: Path, images: Path, out: Path, steps: int) -> list[str]:
+    common = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(images), "--resolution", "64",
+              "--train_batch_size", "2", "--max_train_steps", str(steps), "--learning_rate", "1e-4",
+              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--output_dir", str(out),
+              "--dataloader_num_workers", "0"]
+    if kind == "lora":
+        return [str(scripts / "train_text_to_image_lora.py"), *common, "--rank", "4", "--caption_column", "text",
+                "--checkpointing_steps", str(10 * steps)]
+    return [str(scripts / "textual_inversion.py"), *common, "--placeholder_token", "<zwx>",
+            "--initializer_token", "dog", "--save_steps", str(10 * steps), "--checkpointing_steps", str(10 * steps)]
+
+
+def timed(args: list[str], extra_path: Path | None, log: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", BENCH_STEPS=str(log.with_suffix(".json")))
+    paths = [str(extra_path)] if extra_path else []
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    spawned = time.time()
+    with log.open("w") as out:
+        code = subprocess.run([sys.executable, "-c", RUNNER, *args], stdout=out, stderr=subprocess.STDOUT,
+                              env=env).returncode
+    wall = time.time() - spawned
+    times = json.loads(log.with_suffix(".json").read_text()) if log.with_suffix(".json").exists() else []
+    if code != 0 or len(times) < 30:
+        return {"error": f"exit {code}, {len(times)} steps; see {log}"}
+    step = statistics.median(np.diff(times[20:]))
+    return {"startup_s": times[0] - spawned, "steps_s": 1 / step, "wall_s": wall}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scripts", type=Path, required=True,
+                        help="folder with diffusers' textual_inversion.py and train_text_to_image_lora.py")
+    parser.add_argument("--extra-path", type=Path, help="folder of packages installed only for the scripts")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each; every figure is reported")
+    parser.add_argument("--methods", default="ti,lora")
+    parser.add_argument("--conjure-src", type=Path, help="run conjure from this src folder (e.g. an older version's, "
+                        "exported with `git archive`) instead of the installed one")
+    parser.add_argument("--write", type=Path, help="append the table to this markdown file")
+    args = parser.parse_args()
+    from conjure.models.tiny import write_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="versus-diffusers-"))
+    model = write_tiny_model("sd1", work / "model")
+    folders = make_images(work / "images")
+    rows = []
+    for kind in args.methods.split(","):
+        images = folders[kind]
+        runs = {"diffusers": [], "conjure": []}
+        if kind == "lora":
+            runs["conjure, cached latents + text"] = []
+        for r in range(args.repeats):
+            for name in runs:
+                out = work / f"{kind}-{name.split(',')[0]}-{r}{'-cached' if 'cached' in name else ''}"
+                out.mkdir()
+                command = (script_args(kind, args.scripts, model, images, out, args.steps) if name == "diffusers"
+                           else ["conjure", "train", str(conjure_config(kind, model, images, out, args.steps,
+                                                                        "cached" in name))])
+                result = timed(command, args.extra_path if name == "diffusers" else args.conjure_src, out / "log.txt")
+                print(kind, name, r, result, flush=True)
+                runs[name].append(result)
+        rows.append((kind, runs))
+    publish(table(rows, args), args.write)
+    return 0
+
+
+def table(rows: list, args: argparse.Namespace) -> str:
+    import platform
+
+    import torch
+
+    def figures(results: list[dict], key: str, fmt: str) -> str:
+        return " / ".join(format(r[key], fmt) if key in r else r.get("error", "?") for r in results)
+
+    machine = (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} core(s), 1 thread, "
+               f"torch {torch.__version__}")
+    lines = [f"### Side by side with the diffusers example scripts: {machine} ({dt.date.today()})", "",
+             f"`python benchmarks/versus_diffusers.py --steps {args.steps} --repeats {args.repeats}`: tiny SD1-layout "
+             "model, 64 px, batch 2, AdamW 1e-4 constant (weight decay 1e-2), LoRA rank 4 on UNet attention; "
+             "steps/s = 1 / median step interval after 20 steps; start-up = spawn to the end of the first step. "
+             "Each figure of a run, separated by /.", "",
+             "| method | trainer | steps/s | ratio to diffusers (median) | start-up s |", "|---|---|---|---|---|"]
+    for kind, runs in rows:
+        base = [r["steps_s"] for r in runs["diffusers"] if "steps_s" in r]
+        for name, results in runs.items():
+            mine = [r["steps_s"] for r in results if "steps_s" in r]
+            ratio = f"{statistics.median(mine) / statistics.median(base):.2f}x" if base and mine else "n/a"
+            lines.append(f"| {kind} | {name} | {figures(results, 'steps_s', '.2f')} | {ratio} | "
+                         f"{figures(results, 'startup_s', '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
