@@ -81,7 +81,7 @@ class EventLog:
 
     def _tensorboard(self) -> Any:
         """The TensorBoard writer, made at the first scalar or image: importing TensorBoard (protobuf, absl) and
-        starting its writer thread cost ~0.3 s, which would otherwise come before a run's first step."""
+        starting its writer thread cost 0.1-0.3 s, which would otherwise come before a run's first step."""
         if self._tb is None and self._tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
