@@ -119,7 +119,8 @@ def measure(mode: str, parts: dict[str, Any], master: dict[str, torch.Tensor], *
     from conjure.models.quantize import check_base_weights_dtype
     from conjure.train.objectives import build_conditioning, build_objective
     from conjure.train.optimizers import build_optimizer
-    from conjure.train.setup import LoopSettings, make_accelerator, place_model
+    from conjure.train.settings import LoopSettings
+    from conjure.train.setup import make_accelerator, place_model
 
     config = run_config(mode, resolution, steps)
     try:

@@ -78,7 +78,7 @@ def test_validation_guidance_is_the_familys_unless_set(lora_config, configured, 
     where SD's 7.5 would overcook every image); a set value wins."""
     from conjure.config import parse_config
     from conjure.families import FLUX, SD1
-    from conjure.train.setup import LoopSettings
+    from conjure.train.settings import LoopSettings
 
     raw = lora_config(validation={"seeds": [0], "guidance_scale": configured})
     settings = LoopSettings.of(parse_config(raw), resolution=64, mixed_precision="no", max_steps=1,

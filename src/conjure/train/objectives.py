@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from conjure.models.loading import LoadedModel
     from conjure.train.conditioning import TextReading
-    from conjure.train.setup import LoopSettings
+    from conjure.train.settings import LoopSettings
 
 # (noisy latents [B, C, H, W] in the VAE's latent layout, noise level [B] in the objective's units: DDPM timesteps
 # or flow sigmas in [0, 1]) -> the denoiser's prediction, in the latents' layout
