@@ -124,11 +124,11 @@ class Lora:
         q|k|v|proj_mlp: export/kohya_flux.py): fused layer -> all its parts. Apps decompose the fused weight as one,
         so its parts train one shared decomposition, and a preset that adapts some parts (FLUX's `attention`: the
         single blocks' q, k, v) brings the others along (proj_mlp), as kohya's own FLUX LoRA adapts `linear1` whole."""
-        if not self.own_dora or component != self.denoiser or self.model.family.unet_naming != "bfl":
+        if not self.own_dora:
             return {}
-        from conjure.export.kohya_flux import fused_parts
+        from conjure.export.kohya import kohya_fused_parts
 
-        return fused_parts(targets)
+        return kohya_fused_parts(self.model.family, component, targets)
 
     def _inject(self, module: nn.Module, targets: list[str]) -> None:
         s = self.section
