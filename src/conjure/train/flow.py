@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from conjure.train.loss import _mask_to
+from conjure.train.loss import weighted_mse
 
 SAMPLINGS = ("logit_normal", "sigmoid", "uniform", "shift")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -172,23 +172,8 @@ class FlowObjective:
         sigmas = self.sigmas(generator, latents)
         prediction = predict(noisy_latents(latents, noise, sigmas), sigmas.to(latents.device))
         target = flow_target(latents, noise)
-        if weights is not None and tuple(weights.shape) != (latents.shape[0],):
-            raise ValueError(f"weights must be [batch] = [{latents.shape[0]}], got {tuple(weights.shape)}")
-        if weights is not None and bool((weights == 1).all()):
-            weights = None
-        if self.weighting == "none" and mask is None and weights is None:
-            return torch.nn.functional.mse_loss(prediction.float(), target.float())
-        error = (prediction.float() - target.float()) ** 2
-        dims = tuple(range(1, error.ndim))
-        if mask is None:
-            per_sample = error.mean(dim=dims)
-        else:
-            pixel_weights = _mask_to(mask, error).expand_as(error)
-            per_sample = (pixel_weights * error).sum(dim=dims) / pixel_weights.sum(dim=dims).clamp(min=1e-8)
-        per_sample = per_sample * loss_weighting(self.weighting, sigmas).to(per_sample.device)
-        if weights is not None:
-            per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
-        return per_sample.mean()
+        sample_weights = None if self.weighting == "none" else loss_weighting(self.weighting, sigmas)
+        return weighted_mse(prediction, target, mask=mask, weights=weights, sample_weights=sample_weights)
 
 
     def sampler(self, scheduler: Any) -> Any:

@@ -128,11 +128,27 @@ def denoising_loss(
     # The four-argument call is kept for the scheduler's own type: the learning tests patch this function.
     override = {} if prediction_type in (None, "auto") else {"prediction_type": prediction_type}
     target = diffusion_target(scheduler, latents, noise, timesteps, **override)
-    if weights is not None and tuple(weights.shape) != (latents.shape[0],):
-        raise ValueError(f"weights must be [batch] = [{latents.shape[0]}], got {tuple(weights.shape)}")
+    snr_weights = None
+    if min_snr_gamma is not None:
+        kind = resolve_prediction_type(scheduler, prediction_type)
+        snr_weights = min_snr_weights(scheduler, timesteps, min_snr_gamma, kind)
+    return weighted_mse(prediction, target, mask=mask, weights=weights, sample_weights=snr_weights)
+
+
+def weighted_mse(
+    prediction: torch.Tensor, target: torch.Tensor, *, mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The batch's mean squared error, computed in float32, as every objective weights it: `mask` per pixel (each
+    sample's error is sum(w * err) / sum(w)), `sample_weights` [B] from the objective (min-SNR, SD3 weighting), then
+    `weights` [B] from the data (a source's `loss_weight`; all ones is the same as None). With none of them: exactly
+    the plain MSE over the whole batch."""
+    batch = target.shape[0]
+    if weights is not None and tuple(weights.shape) != (batch,):
+        raise ValueError(f"weights must be [batch] = [{batch}], got {tuple(weights.shape)}")
     if weights is not None and bool((weights == 1).all()):
         weights = None
-    if min_snr_gamma is None and mask is None and weights is None:
+    if sample_weights is None and mask is None and weights is None:
         return F.mse_loss(prediction.float(), target.float())
     error = (prediction.float() - target.float()) ** 2
     dims = tuple(range(1, error.ndim))
@@ -141,9 +157,8 @@ def denoising_loss(
     else:
         pixel_weights = _mask_to(mask, error).expand_as(error)
         per_sample = (pixel_weights * error).sum(dim=dims) / pixel_weights.sum(dim=dims).clamp(min=1e-8)
-    if min_snr_gamma is not None:
-        kind = resolve_prediction_type(scheduler, prediction_type)
-        per_sample = per_sample * min_snr_weights(scheduler, timesteps, min_snr_gamma, kind).to(per_sample.device)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample.device)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
     return per_sample.mean()
