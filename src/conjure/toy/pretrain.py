@@ -238,18 +238,25 @@ def train_variant(
         target = diffusion_target(scheduler, latents, noise, t)
         per_item = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_item * min_snr_weights(scheduler, t)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            for live, avg in zip(modules, ema):
-                for p_avg, p in zip(avg.parameters(), live.parameters()):
-                    p_avg.lerp_(p, 1 - decay)
+        update(opt, loss, params, modules, ema, step=step, ema_decay=ema_decay)
         if step % log_every == 0 or step == steps - 1:
             print(f"{variant} {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - started:.0f} s", flush=True)
     return _save_trained(parts, ema, Path(out))
+
+
+def update(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], modules: list[Any],
+           ema: list[Any], *, step: int, ema_decay: float) -> None:
+    """One pre-training update: backward, clip to norm 1, step, then move each EMA copy towards its live module
+    (the decay warms up as (1 + step) / (10 + step), capped at `ema_decay`)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    with torch.no_grad():
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        for live, avg in zip(modules, ema):
+            for p_avg, p in zip(avg.parameters(), live.parameters()):
+                p_avg.lerp_(p, 1 - decay)
 
 
 def _save_trained(parts: dict[str, Any], ema: list[Any], out: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from conjure.toy import world
-from conjure.toy.pretrain import _cosine, _scenes, encode_dataset, render_batch
+from conjure.toy.pretrain import _cosine, _scenes, encode_dataset, render_batch, update
 from conjure.toy.tokenizer import T5_MODEL_MAX_LENGTH as T5_TOKENS
 
 SHIFT_FACTOR = 20.0  # raw latent units; x scaling_factor 0.18215 = 3.6 std of the scaled latents
@@ -177,15 +177,7 @@ def train_flux(
         if plain < batch:
             tail = {k: v[plain:] for k, v in text.items()}
             loss = (plain * loss + distilled * _distill_loss(parts, tail, latents[plain:], g)) / batch
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            for live, avg in zip(modules, ema):
-                for p_avg, p in zip(avg.parameters(), live.parameters()):
-                    p_avg.lerp_(p, 1 - decay)
+        update(opt, loss, params, modules, ema, step=step, ema_decay=ema_decay)
         if step % log_every == 0 or step == steps - 1:
             print(f"flux {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - started:.0f} s", flush=True)
     parts["transformer"], parts["text_encoder"], parts["text_encoder_2"] = ema
