@@ -139,6 +139,24 @@ def run_config():
 
 
 @pytest.fixture
+def straight_and_resumed(run_config):
+    """`straight_and_resumed(raw)`: train `raw` straight through, and again as a run stopped after step 2 (checked
+    to be interrupted there) and resumed; returns (straight result, resumed result) for the caller to compare."""
+    from conjure.train.control import TrainControl
+
+    def run(raw: dict):
+        straight = run_config(raw)
+        control = TrainControl()
+        control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
+        raw["basic"]["run_name"] = "stopped"
+        stopped = run_config(raw, control=control)
+        assert stopped.status == "interrupted" and stopped.step == 2
+        return straight, run_config(raw, resume=str(stopped.run_dir))
+
+    return run
+
+
+@pytest.fixture
 def run_cli(capsys):
     """`run_cli(*args)` runs `conjure ARGS` in this process and returns (exit code, stdout, stderr)."""
     from conjure.cli import main

@@ -8,7 +8,6 @@ from safetensors import safe_open
 
 from conjure.config import parse_config
 from conjure.errors import ConjureError
-from conjure.train.control import TrainControl
 
 ADAPTER = ".lora_A.default.weight"
 
@@ -102,17 +101,11 @@ def test_the_flux_peft_file_reproduces_the_trained_transformer_in_diffusers(lora
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_a_flux_run_resumes_exactly(lora_config, run_config):
+def test_a_flux_run_resumes_exactly(lora_config, straight_and_resumed):
     raw = flux_config(lora_config, lora={"dora": True}, data={"random_flip": True},
                       optimizer={"scheduler": "cosine", "warmup_steps": 2}, validation={"at_start": False},
                       basic={"validate_every_n_steps": None})
-    straight = run_config(raw)
-    control = TrainControl()
-    control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
-    raw["basic"]["run_name"] = "stopped"
-    stopped = run_config(raw, control=control)
-    assert stopped.status == "interrupted" and stopped.step == 2
-    resumed = run_config(raw, resume=str(stopped.run_dir))
+    straight, resumed = straight_and_resumed(raw)
     a, b = trained_state(straight), trained_state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

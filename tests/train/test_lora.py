@@ -161,18 +161,12 @@ def test_validation_images_show_the_lora(lora_config, run_config):
     assert np.abs(a - b).max() > 0
 
 
-def test_resume_matches_an_uninterrupted_run(lora_config, run_config):
+def test_resume_matches_an_uninterrupted_run(lora_config, straight_and_resumed):
     raw = lora_config("sdxl", lora={"dora": True, "train_text_encoder": True},
                       data={"random_flip": True, "center_crop": False},
                       optimizer={"scheduler": "cosine", "warmup_steps": 2},
                       validation={"at_start": False}, basic={"validate_every_n_steps": None})
-    straight = run_config(raw)
-    control = TrainControl()
-    control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
-    raw["basic"]["run_name"] = "stopped"
-    stopped = run_config(raw, control=control)
-    assert stopped.status == "interrupted" and stopped.step == 2
-    resumed = run_config(raw, resume=str(stopped.run_dir))
+    straight, resumed = straight_and_resumed(raw)
     a, b = trained_model(straight), trained_model(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from conjure.config import ConfigError, parse_config
 from conjure.toy.learning import load_pipeline  # the model's own pipeline class, float32
-from conjure.train.control import TrainControl
 
 TOKEN = "<zq-thing>"  # the placeholder of conftest's pivotal_config
 
@@ -162,18 +161,12 @@ def test_the_embedding_freezes_after_its_fraction_and_the_lora_goes_on(pivotal_c
     assert all(not torch.equal(a, b) for a, b in zip(lora[2:], lora[3:]))
 
 
-def test_resume_matches_an_uninterrupted_run(pivotal_config, run_config):
+def test_resume_matches_an_uninterrupted_run(pivotal_config, straight_and_resumed):
     raw = pivotal_config("sdxl", textual_inversion={"freeze_after": 0.5, "num_vectors": 2},
                          lora={"dora": True, "train_text_encoder": True},
                          data={"random_flip": True, "center_crop": False},
                          optimizer={"scheduler": "cosine", "warmup_steps": 2})
-    straight = run_config(raw)
-    control = TrainControl()
-    control.on_step = lambda step, loss: control.request_stop("test") if step == 2 else None
-    raw["basic"]["run_name"] = "stopped"
-    stopped = run_config(raw, control=control)
-    assert stopped.status == "interrupted" and stopped.step == 2
-    resumed = run_config(raw, resume=str(stopped.run_dir))
+    straight, resumed = straight_and_resumed(raw)
     a, b = training_state(straight.checkpoints[-1]), training_state(resumed.checkpoints[-1])
     assert a.keys() == b.keys() and any(k.startswith("ti.") for k in a) and any(k.startswith("lora.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
