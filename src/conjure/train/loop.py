@@ -21,40 +21,18 @@ import torch
 from conjure.config import dump_config
 from conjure.errors import ConjureError
 from conjure.files import atomic_write_text
-from conjure.runs.checkpoints import (
-    STATE_FILE,
-    kept_checkpoint,
-    load_state,
-    prune_checkpoints,
-    step_dir_name,
-    write_checkpoint,
-)
+from conjure.runs.checkpoints import STATE_FILE, load_state, prune_checkpoints, step_dir_name, write_checkpoint
 from conjure.runs.events import EVENTS_FILE, Event, EventLog
 from conjure.runs.folder import VALIDATION_DIR, lock_run, resume_changes
 from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
 from conjure.train.objectives import build_conditioning, build_objective
-from conjure.train.text_ahead import EncodedAhead, captions_ahead, encode_ahead, offloads, prompt_inputs
 from conjure.train.setup import (
-    WEIGHT_DTYPES,
-    SessionParts,
-    assemble,
-    chosen_facts,
-    completed_at,
-    data_loader,
-    describe,
-    disk_full_as_one_line,
-    global_rng_state,
-    load_model,
-    machine_preset,
-    make_accelerator,
-    open_run_dir,
-    place_model,
-    resolved_config,
-    scan_data,
-    set_global_rng,
-    start_warnings,
-    text_reading,
+    WEIGHT_DTYPES, SessionParts, assemble, chosen_facts, completed_at, data_loader, describe, disk_full_as_one_line,
+    global_rng_state, load_model, machine_preset, make_accelerator, open_run_dir, place_model, resolved_config,
+    scan_data, set_global_rng, start_warnings, text_reading,
 )
+from conjure.train.skips import SkippedSteps, TooManySkipped, finite_step
+from conjure.train.text_ahead import EncodedAhead, captions_ahead, encode_ahead, offloads, prompt_inputs
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -163,8 +141,7 @@ class TrainingSession:
         self.result = RunResult(run_dir=run_dir, status="completed", step=0)
         self.global_step = self.last_saved = 0  # optimizer steps taken, skipped ones included (a skip uses its batch)
         self.finite = True  # whether the current step's loss and gradients are finite
-        self.skipped_steps = self.skipped_in_a_row = 0  # steps skipped for a non-finite loss or gradients
-        self.rescue = True  # whether a failing run may save its unsaved steps
+        self.skips = SkippedSteps(self.settings.max_consecutive_skipped_steps)
         self._pipe: DiffusionPipeline | None = None  # built at the first validation
 
     def start(self, checkpoint: Path | None, **facts: Any) -> None:
@@ -190,7 +167,7 @@ class TrainingSession:
             if self.accelerator.scaler is not None and state.get("scaler"):
                 self.accelerator.scaler.load_state_dict(state["scaler"])
             self.global_step = self.last_saved = self.result.step = int(state["step"])
-            self.skipped_steps, self.skipped_in_a_row = state.get("skipped", (0, 0))
+            self.skips.load(state.get("skipped"))
         except (AttributeError, KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConjureError(f"training state {checkpoint / STATE_FILE} does not fit this run: {why}") from None
@@ -227,7 +204,7 @@ class TrainingSession:
                     self.validate(self.global_step)
                 self._steps(bar, control)
                 self.events.emit(Event.END, status=self.result.status, step=self.global_step,
-                                 skipped_steps=self.skipped_steps)
+                                 skipped_steps=self.skips.total)
             except BaseException as exc:
                 self._fail(exc)
                 raise
@@ -253,14 +230,16 @@ class TrainingSession:
                 break
 
     def _fail(self, exc: BaseException) -> None:
-        # Keep the work: a step that completed after the last checkpoint is saved before the error surfaces.
-        if self.rescue and self.global_step > self.last_saved and self.accelerator.is_main_process:
+        # Keep the work: a step that completed after the last checkpoint is saved before the error surfaces
+        # (skips in a row moved nothing since the last good step: the kept checkpoint is already that state).
+        rescue = not isinstance(exc, TooManySkipped)
+        if rescue and self.global_step > self.last_saved and self.accelerator.is_main_process:
             try:
                 self.save()
             except Exception:  # noqa: BLE001 - the original error matters more than a failed rescue
                 pass
         try:
-            self.events.emit(Event.END, status="failed", step=self.global_step, skipped_steps=self.skipped_steps,
+            self.events.emit(Event.END, status="failed", step=self.global_step, skipped_steps=self.skips.total,
                              error=str(exc) or type(exc).__name__)
         except OSError:  # the disk that failed the run may not take this line either
             pass
@@ -289,22 +268,11 @@ class TrainingSession:
             for param in self.recipe.frozen_parameters(self.global_step, self.max_steps):
                 param.grad = None  # the optimizers skip a parameter without a gradient: no update, no decay
             if acc.sync_gradients:
-                self.finite = self._finite(loss)
+                self.finite = finite_step(acc, loss, self.params, settings.max_grad_norm)
             if self.finite or acc.scaler is not None:  # the GradScaler skips a non-finite step itself (and backs off)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return acc.reduce(loss.detach(), "mean").item()
-
-    def _finite(self, loss: torch.Tensor) -> bool:
-        """Whether the step's loss (all processes') and gradients are finite, clipping them where
-        advanced.max_grad_norm is set. One answer for every process: the gradients are already reduced."""
-        acc, max_norm = self.accelerator, self.settings.max_grad_norm
-        checks = [acc.reduce(loss.detach(), "mean").float()]
-        if max_norm:  # unscales fp16 gradients first, as the GradScaler's own check does
-            checks.append(acc.clip_grad_norm_(self.params, max_norm).float())
-        elif acc.scaler is None:
-            checks.append(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).float())
-        return bool(torch.isfinite(torch.stack([c.to(checks[0].device) for c in checks])).all())
 
     def _prompt_inputs(self, prompt: str, negative: str) -> dict[str, Any]:
         """A validation prompt's pipeline inputs, encoded as training encodes captions (clip skip, long captions,
@@ -341,11 +309,9 @@ class TrainingSession:
         self.global_step += 1
         self.result.step = self.global_step
         lr = float(self.lr_scheduler.get_last_lr()[0])
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
-        if skipped:
-            self._skipped(loss)
+        self.skips.count(skipped, loss, self.global_step, self.run_dir)
         self.events.emit(Event.STEP, step=self.global_step, loss=loss if math.isfinite(loss) else None, lr=lr,
-                         skipped_steps=self.skipped_steps, **({"skipped": True} if skipped else {}))
+                         skipped_steps=self.skips.total, **({"skipped": True} if skipped else {}))
         self.events.scalars(self.global_step, **{"train/loss": loss, "train/lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -360,20 +326,6 @@ class TrainingSession:
         if (every and self.global_step % every == 0) or final:
             self.validate(self.global_step)
 
-    def _skipped(self, loss: float) -> None:
-        """Count a skipped step; stop the run once advanced.max_consecutive_skipped_steps were skipped in a row."""
-        self.skipped_steps += 1
-        what = f"loss became {loss}" if not math.isfinite(loss) else "gradients became inf/nan"
-        limit = self.settings.max_consecutive_skipped_steps
-        if self.skipped_in_a_row >= limit:
-            self.rescue = False  # skipped steps changed nothing since the last good one: the kept checkpoint is it
-            raise ConjureError(
-                f"{what} at step {self.global_step} ({self.skipped_in_a_row} step(s) in a row skipped, "
-                f"advanced.max_consecutive_skipped_steps: {limit}); lower optimizer.learning_rate or use "
-                f"advanced.mixed_precision: bf16/no ({kept_checkpoint(self.run_dir)})"
-            )
-        say(f"warning: step {self.global_step} skipped, {what} ({self.skipped_in_a_row} in a row)")
-
     def save(self) -> None:
         """A checkpoint of the current step: the training state for an exact resume and the recipe's files."""
         at, settings = self.global_step, self.settings
@@ -386,7 +338,7 @@ class TrainingSession:
             "generator": self.generator.get_state(),
             "rng": global_rng_state(self.accelerator.device),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-            "skipped": (self.skipped_steps, self.skipped_in_a_row),
+            "skipped": self.skips.state(),
         }
         folder = write_checkpoint(
             self.run_dir, at, state,
