@@ -148,3 +148,26 @@ def test_a_skipped_step_resumes_exactly(ti_config, monkeypatch):
     for name, tensor in _embedding(whole.run_dir, 6).items():
         assert torch.equal(tensor, _embedding(resumed.run_dir, 6)[name]), name
     assert _steps(resumed.run_dir)[-1]["skipped_steps"] == _steps(whole.run_dir)[-1]["skipped_steps"] == 1
+
+
+def test_checkpointing_a_text_encoder_uses_transformers_current_call(ti_config, monkeypatch):
+    """Issue 16: transformers 5.x renamed gradient_checkpointing_enable (the old name warns FutureWarning). A run
+    that checkpoints a trained text encoder calls the new name: no warning, and the encoder's layers recompute."""
+    import warnings
+
+    import transformers.modeling_utils
+
+    recomputed = []
+    real = transformers.modeling_utils.checkpoint
+
+    def checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", checkpoint)
+    raw = ti_config(basic={"max_train_steps": 1, "validate_every_n_steps": None}, validation={"at_start": False},
+                    advanced={"gradient_checkpointing": True})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing_enable", category=FutureWarning)
+        train(parse_config(raw))
+    assert recomputed  # the text encoder (what textual inversion trains) was checkpointed

@@ -273,8 +273,10 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
     if adv.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
         for name, module in recipe.trainable_modules().items():
-            if name != model.family.denoiser:
-                module.gradient_checkpointing_enable()  # type: ignore[operator]  # a transformers model
+            if name != model.family.denoiser:  # a transformers model: 5.x renamed the call (the old name warns
+                # FutureWarning until v6 removes it: modeling_utils.py, 5.25.0); earlier 5.x have only the old one
+                enable = getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
+                enable()
     dataset = _dataset(config, spec, examples, resolution, model.family)
     per_epoch = batches_per_epoch(dataset.sizes, data.batch_size * accelerator.num_processes)
     accum = adv.gradient_accumulation_steps
