@@ -71,7 +71,7 @@ class LoadedModel:
         return [(self.components[s.tokenizer], self.components[s.encoder]) for s in self.family.text_encoders]
 
 
-def fail(source: str, exc: BaseException) -> ConjureError:
+def fail(source: str, exc: BaseException, what: str = "base model") -> ConjureError:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -80,7 +80,7 @@ def fail(source: str, exc: BaseException) -> ConjureError:
         cause = cause.__cause__ or cause.__context__
     if cause is not None:  # diffusers words an unreachable Hub as "does not appear to have a file named ..."
         reason = "not in the local cache, and the Hub could not be reached (offline, or no network?)"
-    return ConjureError(f"cannot load base model {source!r}: {reason}")
+    return ConjureError(f"cannot load {what} {source!r}: {reason}")
 
 
 @dataclass(frozen=True)
