@@ -16,6 +16,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def conjure_cache(tmp_path_factory):
+    """conjure's user cache folder (tokenizers it built, HF data set images) in the session's temporary folder,
+    never the machine's ~/.cache."""
+    folder = tmp_path_factory.mktemp("conjure-cache")
+    os.environ["CONJURE_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """family -> folder of a tiny random model, built once per test session. `real_layout`: the real UNet block

@@ -8,6 +8,9 @@ one; the `.part` ending keeps it out of the apps' model lists), flushed to the d
 removed if anything fails. Its mode is what a plain write would leave: the replaced file's, or for a new file
 0666 less the umask (`tempfile.mkstemp` makes 0600 files, which an app running as another user, a ComfyUI
 container or a shared A1111, cannot read).
+
+`cache_dir()` is the user-level folder of conjure's caches (a Hugging Face data set's images, the tokenizers
+`models/tokenizer_cache.py` built).
 """
 
 from __future__ import annotations
@@ -98,6 +101,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_safetensors_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write `tensors` with string `metadata` as a safetensors file at `path`."""
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def cache_dir() -> Path:
+    """conjure's cache folder: `$CONJURE_CACHE_DIR`, else `$XDG_CACHE_HOME/conjure`, else `~/.cache/conjure`."""
+    if os.environ.get("CONJURE_CACHE_DIR"):
+        return Path(os.environ["CONJURE_CACHE_DIR"]).expanduser()
+    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "conjure"
 
 
 def atomic_folder(path: Path, write: Callable[[Path], Any]) -> None:

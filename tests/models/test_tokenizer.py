@@ -89,3 +89,71 @@ def test_vocab_files_alone_load_the_same(tmp_path):
     kwargs = dict(padding="max_length", truncation=True, max_length=77)
     assert loaded(TRICKY, **kwargs).input_ids == clip_tokenizer("!")(TRICKY, **kwargs).input_ids
     assert loaded.pad_token == "!"
+
+
+# Cases, spacing, unicode, emoji, special and added tokens, digits, punctuation, and a caption past 77 tokens.
+PROMPTS = [TRICKY, "a photo of a cat", "A PHOTO OF <zwx> IN Paris", "  lots   of\twhite\nspace ", "日本語のテキスト",
+           "<|startoftext|><zwx><|endoftext|>", "(masterpiece:1.2), best quality, [a|b], 8k uhd, f/1.8",
+           "ß ÿ Ω ∑ ≠ 🙂🐱 naïve", "they'll we've she'd I'm", "cat " * 100, ""]
+
+
+def _ids(tokenizer):
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+def _entries(kind):
+    import os
+    from pathlib import Path
+
+    return sorted((Path(os.environ["CONJURE_CACHE_DIR"]) / "tokenizers").glob(f"{kind}-*"))
+
+
+@pytest.mark.parametrize("pad", [EOT, "!"])
+def test_the_cached_clip_tokenizer_is_the_built_one(pad, monkeypatch):
+    """Issue 16: the vocab.json and merges.txt written once to conjure's cache load the tokenizer that the
+    dicts build, and a second call reads them instead of building."""
+    from conjure.models import tokenizer as module
+
+    vocab, merges = module._vocab_and_merges()
+    built = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad, model_max_length=77)
+    clip_tokenizer(pad)  # writes the entry where an earlier test did not
+    monkeypatch.setattr(module, "bpe_files", lambda *a: pytest.fail("built again instead of read from the cache"))
+    cached = clip_tokenizer(pad)
+    assert _entries("clip-bpe") and _ids(cached) == _ids(built) and cached.get_vocab() == built.get_vocab()
+    assert (cached.pad_token_id, cached.model_max_length) == (built.pad_token_id, 77)
+
+
+def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch):
+    clip_tokenizer()
+    entry = _entries("clip-bpe")[0]
+    vocab = json.loads((entry / "vocab.json").read_text(encoding="utf-8"))
+    vocab["cat</w>"], vocab["photo</w>"] = vocab["photo</w>"], vocab["cat</w>"]  # still a valid vocabulary
+    (entry / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    assert clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert json.loads((entry / "vocab.json").read_text(encoding="utf-8"))["cat</w>"] == 2368  # written again
+    (entry / "merges.txt").write_bytes(b"\xff\xfe not merges")
+    (entry / "manifest.json").write_text("{", encoding="utf-8")
+    assert clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("CONJURE_CACHE_DIR", str(blocked))
+    assert _ids(clip_tokenizer()) == _ids(CLIPTokenizer.from_pretrained(entry, pad_token=EOT, model_max_length=77))
+
+
+def test_a_model_folders_tokenizer_loads_through_the_cache_unchanged(tmp_path):
+    """A folder with a tokenizer.json (which transformers 5 parses in Python at every load) loads from the cache
+    with the same ids, vocabulary, added tokens and settings."""
+    from conjure.models.tokenizer_cache import clip_tokenizer_from
+
+    folder = tmp_path / "tokenizer"
+    with_token = clip_tokenizer()
+    with_token.add_tokens(["<zwx>"])
+    with_token.save_pretrained(folder)  # as transformers 5 saves a folder: the added token is in tokenizer.json only
+    reference = CLIPTokenizer.from_pretrained(folder)
+    first, second = clip_tokenizer_from(folder), clip_tokenizer_from(folder)
+    entries = _entries("clip-folder")
+    for loaded in (first, second):
+        assert _ids(loaded) == _ids(reference) and loaded.get_vocab() == reference.get_vocab()
+        assert loaded.added_tokens_decoder == reference.added_tokens_decoder and len(loaded) == 49409
+        assert (loaded.pad_token, loaded.model_max_length, loaded.name_or_path) == (EOT, 77, str(folder))
+    assert len(entries) == 1 and "tokenizer.json" not in {p.name for p in entries[0].iterdir()}

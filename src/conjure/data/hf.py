@@ -38,7 +38,7 @@ from tqdm import tqdm
 from conjure.data.example import PROGRESS_MIN_IMAGES, Example, caption_of
 from conjure.data.images import IMAGE_EXTENSIONS
 from conjure.errors import ConjureError
-from conjure.files import atomic_write_bytes
+from conjure.files import atomic_write_bytes, cache_dir
 
 HUB_PREFIX = "hf:"
 """`hf:owner/name` (or `hf:owner/name:split`) names a data set on the Hugging Face Hub."""
@@ -118,14 +118,6 @@ def pick_columns(features: dict[str, Any], label: str) -> Columns:
         raise ConjureError(f"{label}: mask column {mask!r} holds {_describe_feature(features[mask])}, "
                            "not images (cast it with datasets.Image())")
     return Columns(image=image, caption=caption, mask=mask)
-
-
-def cache_dir() -> Path:
-    """conjure's cache folder: `$CONJURE_CACHE_DIR`, else `$XDG_CACHE_HOME/conjure`, else `~/.cache/conjure`."""
-    if os.environ.get("CONJURE_CACHE_DIR"):
-        return Path(os.environ["CONJURE_CACHE_DIR"]).expanduser()
-    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "conjure"
 
 
 # --- recognising and loading ------------------------------------------------------------------------------

@@ -208,6 +208,7 @@ def _load_diffusers(source: str, wanted: Wanted, *, revision: str | None, varian
     import torch
 
     from conjure.models import transformer_loading as flow
+    from conjure.models.tokenizer_cache import clip_tokenizer_from
 
     common = {"revision": revision}
     try:
@@ -239,7 +240,9 @@ def _load_diffusers(source: str, wanted: Wanted, *, revision: str | None, varian
         for slot in fam.text_encoders:
             class_name = index.get(slot.encoder, [None, "CLIPTextModel"])[1]
             cls = encoder_classes.get(class_name, CLIPTextModel)
-            components[slot.tokenizer] = CLIPTokenizer.from_pretrained(source, subfolder=slot.tokenizer, **common)
+            folder = Path(source, slot.tokenizer)
+            components[slot.tokenizer] = (clip_tokenizer_from(folder) if folder.is_dir() else
+                                          CLIPTokenizer.from_pretrained(source, subfolder=slot.tokenizer, **common))
             components[slot.encoder] = cls.from_pretrained(
                 source, subfolder=slot.encoder, variant=variant, dtype=torch.float32, **common
             )
