@@ -112,8 +112,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from conjure.runs.apps import install_lines
     from conjure.runs.export import export_step
 
+    if args.to_app or args.invokeai_url or args.app_dir:
+        print("\n".join(install_lines(Path(args.run_dir), args.step, app=args.to_app, app_dir=args.app_dir,
+                                      invokeai_url=args.invokeai_url, name=args.name, force=args.force)))
+        return 0
     for path in export_step(Path(args.run_dir), args.step, Path(args.to), name=args.name, force=args.force):
         print(f"exported {path}")
     return 0
@@ -278,10 +283,20 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("export", help="copy a checkpoint's files out of a run (pick the best step)")
+    from conjure.runs.apps import APPS
+
+    p = sub.add_parser("export", help="copy a checkpoint's files out of a run (pick the best step), or install "
+                       "them into your app")
     p.add_argument("run_dir")
     p.add_argument("--step", required=True, help="step number, or 'latest'")
-    p.add_argument("--to", required=True, metavar="DIR", help="folder to copy to (e.g. your app's embeddings folder)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="DIR", help="folder to copy to (e.g. your app's embeddings folder)")
+    where.add_argument("--to-app", choices=list(APPS), help="install into this app's folders under --app-dir, "
+                       "each file where the app reads its kind, and print what to type in the app")
+    where.add_argument("--invokeai-url", metavar="URL", help="install through a running InvokeAI's model manager "
+                       "(e.g. http://127.0.0.1:9090; InvokeAI must run on this machine)")
+    p.add_argument("--app-dir", metavar="DIR", help="the app's own folder (ComfyUI's, the one with webui.py, "
+                   "InvokeAI's root with invokeai.yaml)")
     p.add_argument("--name", help="file name stem to use instead of the trained token's name")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_export)

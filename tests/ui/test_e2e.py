@@ -392,6 +392,17 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_p
     page.click("#job-export button[type=submit]")  # again: the file exists, the message says so
     page.locator("#exp-msg.error", has_text="exists").wait_for()
 
+    # into an app: the embedding lands in ComfyUI's embeddings folder and the page says what to type
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "models" / "checkpoints").mkdir(parents=True)
+    page.select_option("#exp-app", "comfyui")
+    assert page.inner_text("#exp-to-label") == "ComfyUI folder"
+    page.fill("#exp-to", str(comfy))
+    page.click("#job-export button[type=submit]")
+    page.locator("#exp-msg .usage", has_text="ComfyUI: type embedding:").wait_for()
+    installed = page.locator("#exp-msg code.exported").all_inner_texts()
+    assert installed and all(Path(p).is_file() and Path(p).parent == comfy / "models" / "embeddings" for p in installed)
+
 
 def api_post(server, path: str, body: dict) -> dict:
     request = urllib.request.Request(

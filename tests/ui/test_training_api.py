@@ -565,3 +565,46 @@ def test_the_form_round_trip_leaves_a_memory_presets_machine_options_to_the_run(
     mine = client.post("/api/config/from-yaml", json={"yaml": yaml.safe_dump(
         config(basic={"memory_preset": "low_memory"}, optimizer={"optimizer": "adamw"}))}).json()
     assert mine["config"]["optimizer"]["optimizer"] == "adamw"  # written by the user: kept
+
+
+def real_app_files(run, step):
+    """Replace the checkpoint's placeholder bytes with a real SD 1.x embedding file (app installs read its kind)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = run / "checkpoints" / f"step-{step:06d}" / "zq-thing.safetensors"
+    save_file({"emb_params": torch.full((1, 768), float(step))}, path)
+    return path
+
+
+@pytest.mark.parametrize("app_name, marker, folder, usage", [
+    ("comfyui", "comfy", "models/embeddings", "ComfyUI: type embedding:zq-thing in a prompt (CLIP Text Encode)"),
+    ("a1111", "webui.py", "embeddings", "AUTOMATIC1111/Forge: type zq-thing in the prompt"),
+    ("invokeai", "invokeai.yaml", "conjure", "InvokeAI: type <zq-thing> in the prompt"),
+])
+def test_export_into_an_app(client, stopped_job, tmp_path, app_name, marker, folder, usage):
+    jid, run = stopped_job
+    source = real_app_files(run, 4)
+    app_dir = tmp_path / app_name
+    (app_dir / marker).parent.mkdir(parents=True, exist_ok=True)
+    (app_dir / marker).write_text("")
+    answer = client.post(f"/api/jobs/{jid}/export", json={"step": 4, "to": str(app_dir), "app": app_name}).json()
+    installed = app_dir / folder / "zq-thing.safetensors"
+    assert answer["files"] == [str(installed)] and installed.read_bytes() == source.read_bytes()
+    assert answer["usage"][0] == f"{usage} (Stable Diffusion 1.x embedding, zq-thing.safetensors)"
+    answer = client.post(f"/api/jobs/{jid}/export", json={"step": 4, "to": str(app_dir), "app": app_name})
+    assert answer.status_code == 400 and "exists; overwrite it" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"step": 4, "to": "{tmp}", "app": "comfyui"}, "does not look like a ComfyUI folder"),
+    ({"step": 4, "to": "{tmp}", "app": "krita"}, "app: one of invokeai, comfyui, a1111, not 'krita'"),
+    ({"step": 4, "to": "relative/ComfyUI", "app": "comfyui"}, "full path"),
+])
+def test_export_into_an_app_refusals(client, stopped_job, tmp_path, body, message):
+    jid, run = stopped_job
+    real_app_files(run, 4)
+    body = {**body, "to": body["to"].replace("{tmp}", str(tmp_path))}
+    answer = client.post(f"/api/jobs/{jid}/export", json=body)
+    assert answer.status_code == 400 and message in answer.json()["error"]
+    assert not (tmp_path / "models").exists()

@@ -53,11 +53,11 @@ def _check_destinations(plan: list[tuple[Path, Path]], force: bool) -> None:
             raise ConjureError(f"{dest} exists; overwrite it (--force) or give another name (--name)")
 
 
-def _copy_to_temporaries(plan: list[tuple[Path, Path]], to: Path) -> list[Path]:
+def _copy_to_temporaries(plan: list[tuple[Path, Path]]) -> list[Path]:
     copies: list[Path] = []
     try:
         for src, dest in plan:
-            copies.append(copy_to_temporary(src, to, dest.name))
+            copies.append(copy_to_temporary(src, dest.parent, dest.name))
     except OSError as exc:
         for tmp in copies:
             tmp.unlink(missing_ok=True)
@@ -79,7 +79,9 @@ def _publish_all(copies: list[Path], plan: list[tuple[Path, Path]]) -> None:
         raise ConjureError(f"cannot write {plan[done][1]}: {exc.strerror or exc}") from None
 
 
-def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = None, force: bool = False) -> list[Path]:
+def checkpoint_files(run_dir: Path, step: str | int, name: str | None = None) -> list[tuple[Path, str]]:
+    """The app files of the run's checkpoint at `step` (a number or 'latest'), each with the name it is exported
+    under: its own, or `name` + its suffix for a one-file checkpoint."""
     found = dict(list_checkpoints(run_dir))
     if not found:
         raise ConjureError(f"no checkpoints in {run_dir} (is it a conjure run folder?)")
@@ -92,8 +94,19 @@ def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = 
             f"--name works for a checkpoint with one file; this one has {len(files)} "
             f"({', '.join(p.name for p in files)}), which keep their names (an embedding's name is what prompts type)"
         )
-    to = _destination_folder(Path(to))
-    plan = [(src, to / (f"{name}{src.suffix}" if name else src.name)) for src in files]
+    return [(src, f"{name}{src.suffix}" if name else src.name) for src in files]
+
+
+def copy_files(plan: list[tuple[Path, Path]], *, force: bool = False) -> list[Path]:
+    """Copy each (source, destination) pair, making the destinations' folders: every copy or none (module
+    docstring); an existing destination is replaced only with `force`."""
+    for folder in dict.fromkeys(dest.parent for _, dest in plan):
+        _destination_folder(folder)
     _check_destinations(plan, force)
-    _publish_all(_copy_to_temporaries(plan, to), plan)
+    _publish_all(_copy_to_temporaries(plan), plan)
     return [dest for _, dest in plan]
+
+
+def export_step(run_dir: Path, step: str | int, to: Path, *, name: str | None = None, force: bool = False) -> list[Path]:
+    files = checkpoint_files(run_dir, step, name)
+    return copy_files([(src, Path(to) / dest) for src, dest in files], force=force)

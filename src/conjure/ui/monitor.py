@@ -29,7 +29,10 @@ router = APIRouter(prefix="/api", tags=["training"])
 
 class ExportBody(BaseModel):
     step: int | str = Field(description="A checkpoint's step, or 'latest'.")
-    to: str = Field(description="The folder to copy the files to (a full path; created if missing).")
+    to: str = Field(description="The folder to copy the files to (a full path; created if missing), or with `app` "
+                    "the app's own folder.")
+    app: str | None = Field(None, description="Install into this app's folders under `to` (invokeai, comfyui or "
+                            "a1111: conjure.runs.apps), as `conjure export --to-app`.")
     name: str | None = Field(None, description="File name stem instead of the trained one (one-file checkpoints).")
     force: bool = Field(False, description="Overwrite files that exist in `to`.")
 
@@ -107,8 +110,10 @@ def job_checkpoints(job_id: int, request: Request) -> dict[str, Any]:
 
 @router.post("/jobs/{job_id}/export")
 def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any]:
-    """Copy a checkpoint's files to a folder of the user's choice (`conjure export`): e.g. an app's LoRA or
-    embeddings folder, so it is not bound to the workspace; existing files are kept unless `force`."""
+    """Copy a checkpoint's files to a folder of the user's choice (`conjure export`), or into an app's folders
+    (`--to-app`, with what to type in the app as `usage`): not bound to the workspace, as the CLI is not; existing
+    files are kept unless `force`."""
+    from conjure.runs.apps import app_named, install_step, usage_lines
     from conjure.runs.export import check_file_stem, export_step
 
     run_dir = _run_dir(_jobs(request).get(job_id))
@@ -122,10 +127,13 @@ def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any
     if body.name is not None:
         check_file_stem(body.name, "name")
     try:
-        files = export_step(run_dir, body.step, to, name=body.name, force=body.force)
+        if body.app is None:
+            return {"files": [str(p) for p in export_step(run_dir, body.step, to, name=body.name, force=body.force)]}
+        app = app_named(body.app, "app")
+        installed = install_step(run_dir, body.step, app, to, name=body.name, force=body.force)
     except OSError as exc:
         raise ConjureError(f"cannot write to {to}: {exc.strerror or exc}") from None
-    return {"files": [str(p) for p in files]}
+    return {"files": [str(f.path) for f in installed], "usage": usage_lines(app, installed)}
 
 
 @router.get("/files")

@@ -194,7 +194,7 @@ export const jobs = {
     $("exp-step").value = String(step);
     $("job-export").scrollIntoView({ behavior: "smooth", block: "center" });
     $("exp-to").focus();
-    say("exp-msg", `step ${step} chosen: give a folder and press Export`);
+    say("exp-msg", `step ${step} chosen: pick a folder or an app and press Export`);
   },
 
   async exportStep(event) {
@@ -202,6 +202,7 @@ export const jobs = {
     const id = this.selected;
     const raw = $("exp-step").value;
     const body = { step: raw === "latest" ? "latest" : Number(raw), to: $("exp-to").value.trim() };
+    if ($("exp-app").value) body.app = $("exp-app").value;
     if ($("exp-name").value.trim()) body.name = $("exp-name").value.trim();
     if ($("exp-force").checked) body.force = true;
     say("exp-msg", "exporting...");
@@ -209,12 +210,21 @@ export const jobs = {
       const data = await api("POST", `/api/jobs/${id}/export`, body);
       const box = $("exp-msg");
       box.replaceChildren(el("span", { text: `exported ${plural(data.files.length, "file")}: ` }),
-        ...data.files.map((f) => el("code", { class: "exported", text: f })));
+        ...data.files.map((f) => el("code", { class: "exported", text: f })),
+        ...(data.usage || []).map((line) => el("span", { class: "usage", text: line })));
       box.className = "msg ok";
     });
   },
 
+  // The same targets as `conjure export --to/--to-app`: a plain folder, or an app's own folder
+  chooseTarget() {
+    const app = $("exp-app").value;
+    $("exp-to-label").textContent = app ? `${$("exp-app").selectedOptions[0].text} folder` : "Export to folder";
+    $("exp-to").placeholder = app ? "/full/path/to/the/app" : "/full/path/to/your/app/embeddings";
+  },
+
   setup() {
+    $("exp-app").addEventListener("change", () => this.chooseTarget());
     $("job-cancel").addEventListener("click", () => this.action(this.selected, "cancel"));
     $("job-resume").addEventListener("click", () => this.action(this.selected, "resume"));
     $("job-export").addEventListener("submit", (event) => this.exportStep(event));

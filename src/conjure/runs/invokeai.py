@@ -1,0 +1,154 @@
+"""Install a checkpoint's files through a running InvokeAI's model-install API (`conjure export --invokeai-url`).
+
+Followed: InvokeAI 6.13.8 (tag v6.13.8, commit eb721633), invokeai/app/api/routers/model_manager.py, mounted
+under /api (app/api_app.py):
+- `POST /api/v2/models/install?source=PATH&inplace=false`, JSON body a ModelRecordChanges (`{}`: InvokeAI probes
+  every field) -> 201 and a ModelInstallJob; 409 when that source is installed or installing, 415 when the file
+  is not a model it recognises, 401 in multi-user mode without a login (app/api/auth_dependencies.py).
+- `GET /api/v2/models/install/{id}` -> the job: `status` waiting, downloading, downloads_done, running, paused,
+  then completed (`config_out`: the model's key, name, type, base), error (`error_reason`, `error`) or cancelled
+  (app/services/model_install/model_install_common.py InstallStatus, ModelInstallJob).
+A local source installed with inplace=false is *moved* into InvokeAI's models folder (model_install_default.py
+install_path), so each file is copied to a folder of its own first: the run's checkpoint stays whole. InvokeAI
+reads that path itself, so it must run on this machine (or see the same disk at the same path).
+
+Only the standard library: this is two requests and a poll.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conjure.errors import ConjureError
+from conjure.runs.export import checkpoint_files, copy_files
+
+INSTALL_PATH = "/api/v2/models/install"
+FINISHED = ("completed", "error", "cancelled")
+REQUEST_TIMEOUT_S = 30.0
+# A local install only probes and moves the file; a minute covers the hashing of a large LoRA on a slow disk.
+INSTALL_TIMEOUT_S = 120.0
+POLL_FIRST_S, POLL_MAX_S = 0.05, 1.0
+
+
+@dataclass(frozen=True)
+class InvokeModel:
+    """A model InvokeAI created (its config_out), and the file it came from."""
+
+    file: str
+    key: str
+    name: str
+    type: str
+    base: str
+
+
+def check_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConjureError(f"--invokeai-url: InvokeAI's address, e.g. http://127.0.0.1:9090, not {url!r}")
+    return url.rstrip("/")
+
+
+def _refusal(url: str, code: int, detail: str, file: str) -> str:
+    if code in (401, 403):
+        return (f"InvokeAI at {url} asks for a login (multi-user mode), which conjure cannot give; install with "
+                f"--to-app invokeai --app-dir DIR and its Model Manager's Scan Folder instead")
+    what = {409: "is installed or being installed already", 415: "is not a model InvokeAI recognises",
+            404: "cannot be installed there: no model-install API (is it InvokeAI 4 or later?)"}.get(code, "was refused")
+    return f"InvokeAI at {url}: {file} {what} (HTTP {code}{f': {detail}' if detail else ''})"
+
+
+def _call(url: str, method: str, path: str, file: str, query: dict[str, str] | None = None) -> dict[str, Any]:
+    """One JSON request about installing `file`; every failure becomes one ConjureError line."""
+    address = f"{url}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    body = b"{}" if method == "POST" else None
+    request = urllib.request.Request(address, data=body, method=method,
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as answer:
+            data = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = str(json.loads(exc.read()).get("detail") or "")
+        except (ValueError, AttributeError, OSError):
+            detail = ""
+        raise ConjureError(_refusal(url, exc.code, detail, file)) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ConjureError(f"cannot reach InvokeAI at {url}: {getattr(reason, 'strerror', None) or reason} (is it "
+                           f"running? check --invokeai-url)") from None
+    except ValueError:
+        raise ConjureError(f"{url} answered {path} with something other than JSON: is it InvokeAI?") from None
+    if not isinstance(data, dict) or "status" not in data:
+        raise ConjureError(f"{url} answered {path} without an install job: is it InvokeAI?")
+    return data
+
+
+def _finished_job(url: str, job: dict[str, Any], source: str, timeout: float) -> dict[str, Any]:
+    """Poll the job until it ends: soon at first (a local file installs in well under a second), then every
+    POLL_MAX_S."""
+    deadline, wait = time.monotonic() + timeout, POLL_FIRST_S
+    while job["status"] not in FINISHED:
+        if time.monotonic() > deadline:
+            raise ConjureError(f"InvokeAI at {url} has not finished installing {source} after {timeout:.0f} s (install "
+                               f"job {job.get('id')}: {job['status']}); see its Model Manager")
+        time.sleep(wait)
+        wait = min(2 * wait, POLL_MAX_S)
+        job = _call(url, "GET", f"{INSTALL_PATH}/{job.get('id')}", source)
+    return job
+
+
+def _model(job: dict[str, Any], url: str, source: str) -> InvokeModel:
+    if job["status"] != "completed":
+        why = job.get("error") or job.get("error_reason") or job["status"]
+        raise ConjureError(f"InvokeAI at {url} could not install {source}: {why}")
+    config = job.get("config_out") or {}
+    return InvokeModel(source, *(str(config.get(k, "?")) for k in ("key", "name", "type", "base")))
+
+
+def install_via_api(
+    run_dir: Path, step: str | int, url: str, *, name: str | None = None,
+    timeout: float = INSTALL_TIMEOUT_S,
+) -> list[InvokeModel]:
+    """Install each of the checkpoint's files into the InvokeAI at `url`, one after the other; returns the models
+    it created. Stops at the first file InvokeAI refuses, saying which (the models before it stay installed)."""
+    url = check_url(url)
+    files = checkpoint_files(run_dir, step, name)
+    staging = Path(tempfile.mkdtemp(prefix="conjure-invokeai-"))
+    staging.chmod(0o755)  # InvokeAI may run as another user; mkdtemp's folder is the owner's only
+    waiting = False  # on a job that did not finish in time, which may still read its file
+    try:
+        models: list[InvokeModel] = []
+        for src, dest in files:
+            # one folder per file: InvokeAI moves the file out, and a source it installed before is refused (409)
+            [staged] = copy_files([(src, staging / f"{len(models)}" / dest)])
+            staged.parent.chmod(0o755)
+            job = _call(url, "POST", INSTALL_PATH, dest, {"source": str(staged), "inplace": "false"})
+            waiting = True
+            job = _finished_job(url, job, dest, timeout)
+            waiting = False
+            models.append(_model(job, url, dest))
+        return models
+    finally:
+        if not waiting:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def report_lines(url: str, models: list[InvokeModel]) -> list[str]:
+    from conjure.runs.apps import INVOKEAI
+
+    lines = []
+    for model in models:
+        lines.append(f"installed {model.file} in InvokeAI at {url}: {model.type} {model.name!r} for {model.base} "
+                     f"(key {model.key})")
+        kind = "embedding" if model.type == "embedding" else "lora"
+        lines.append(f"  {INVOKEAI.title}: {INVOKEAI.usage[kind].format(name=model.name, file=model.file)}")
+    return lines
