@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from conjure.adapters import LoraModule
 from conjure.errors import ConjureError
-from conjure.export.convert import apply_lora, convert_lora, detect_lora_format
+from conjure.export.convert import ConvertOptions, apply_lora, convert, convert_lora, detect_lora_format
 from conjure.export.kohya import load_kohya, save_kohya
 from conjure.export.kohya_names import resolve_module_path
 from conjure.export.lora import detect_lora_family
@@ -408,3 +408,18 @@ def test_converting_a_peft_file_of_unknown_family_needs_the_family(base, tmp_pat
     assert set(weights) == set(unet_only)
     with safe_open(str(out), "pt") as f:
         assert any(k.startswith("lora_unet_input_blocks_") for k in f.keys())
+
+
+@pytest.mark.parametrize("to", ["kohya", "peft"])
+def test_resized_files_load_completely_in_diffusers(base, tmp_path, to):
+    """`conjure convert --resize-rank`: the file holds every module at rank <= R (the lower ones as they were) and
+    loads completely in diffusers, as conjure's reader applies it."""
+    components = base("sd1")
+    weights = random_weights(components, alphas="uniform")  # ranks 2-4, one alpha (diffusers' kohya reader)
+    src = save_kohya(tmp_path / "k.safetensors", weights, META, "sd1")
+    done = convert(src, tmp_path / "r.safetensors", ConvertOptions(to=to, resize_rank=3))
+    assert {r.copied for r in done.resized} == {True, False}
+    resized = (load_kohya if to == "kohya" else load_peft)(done.path)[0]
+    assert set(resized) == set(weights) and max(m.rank for m in resized.values()) == 3
+    pipe = load_in_diffusers("sd1", components, done.path, resized)
+    assert_outputs_close(outputs(pipe.components, "sd1"), applied(base, "sd1", resized))

@@ -1,18 +1,26 @@
-"""Which layout a LoRA file has, conversion between the kohya and diffusers/PEFT layouts, and conjure's own
+"""Which layout a LoRA file has, `conjure convert` (layout, dtype, rank, embedding bundles), and conjure's own
 applier (the reference for what apps compute from a file). Facts: shared FORMATS.md.
 
-`convert_lora` changes a plain LoRA file between the two layouts without changing a value (kohya -> peft -> kohya
-gives back every tensor bit for bit and the metadata). DoRA files cannot change layout: kohya DoRA normalises input
+`convert` changes a plain LoRA file between the two layouts without changing a value (kohya -> peft -> kohya gives
+back every tensor bit for bit and the metadata). DoRA files cannot change layout: kohya DoRA normalises input
 columns, PEFT DoRA output rows; the same numbers are a different function. FLUX.1's kohya layout fuses q/k/v
 (export/kohya_flux.py): to peft splits the fused layers, back fuses them, both exactly for the files conjure writes;
 a layer another tool trained fused (dense `lora_up`) splits into parts that share its `lora_down`, the same update,
-which fuses back at k times the rank (the same function, a bigger file).
+which fuses back at k times the rank (the same function, a bigger file). LyCORIS LoCon files are kohya files (conv
+layers included); LoHa and LoKr have no LoRA form of their rank and are refused.
+
+Without a layout change or a resize, the file's tensors are rewritten key for key (`--dtype`, bundles); otherwise
+they go through `LoraWeights` (export/resize.py for `--resize-rank`, the only change that is not exact). `--dtype`
+casts everything but the alphas and refuses values a float16 cannot hold; `--merge-embedding` / `--split-bundle`
+move an embedding into and out of the `bundle_emb` keys (export/embeddings.py), tensor-equal.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -22,20 +30,26 @@ from conjure import families
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.adapters.dora import group_column_norm
 from conjure.errors import ConjureError
-from conjure.export.kohya import KOHYA_PARTS, layout_from_metadata, parse_kohya, write_kohya
+from conjure.export.embeddings import BUNDLE_PREFIX, bundle_from_file, save_embedding, split_targets
+from conjure.export.kohya import KOHYA_PARTS, kohya_fused_parts, layout_from_metadata, parse_kohya, write_kohya
 from conjure.export.kohya_names import resolve_module_path
 from conjure.export.lora import (
     FORMATS,
+    cast_checked,
     check_module,
     detect_family,
     dora_scale_tensor,
     file_dtype,
     read_lora_file,
     read_shapes,
+    save_lora_file,
 )
-from conjure.export.peft import PEFT_PREFIXES, load_peft, write_peft
+from conjure.export.peft import PEFT_PREFIXES, parse_peft, write_peft
+from conjure.export.resize import Resized, resize_weights
 
-__all__ = ["ALPHA_DTYPE_KEY", "apply_lora", "convert_lora", "detect_lora_format"]
+__all__ = [
+    "ALPHA_DTYPE_KEY", "ConvertOptions", "Converted", "apply_lora", "convert", "convert_lora", "detect_lora_format",
+]
 
 ALPHA_DTYPE_KEY = "conjure.kohya_alpha_dtype"  # set by convert_lora when a kohya file's alphas were not float32
 
@@ -55,11 +69,36 @@ def _format_of_keys(keys: Iterable[str]) -> str | None:
     return None
 
 
+# LyCORIS modules whose update is not up @ down (LyCORIS lycoris/modules/loha.py, lokr.py; applied as ComfyUI
+# comfy/weight_adapter/loha.py, lokr.py calculate_weight does): the part that marks each, and why no LoRA of the
+# file's rank is the same function
+_NOT_LORA = {
+    "hada_w1_a": "LoHa: its update (w1_a @ w1_b) * (w2_a @ w2_b), an elementwise product, has rank up to r^2",
+    "lokr_w1": "LoKr: its update kron(w1, w2) has rank rank(w1) * rank(w2), up to the full width",
+    "lokr_w1_a": "LoKr: its update kron(w1_a @ w1_b, w2) has rank rank(w1) * rank(w2), up to the full width",
+    "lora_mid.weight": "LoCon with a Tucker core (lora_mid), which conjure does not read",
+}
+
+
+def _not_lora_refusal(path: Path, keys: Iterable[str]) -> str | None:
+    for key in sorted(keys):
+        name, _, part = key.partition(".")
+        if part in _NOT_LORA:
+            return (
+                f"{path} is a LyCORIS file, not a LoRA ({name} is {_NOT_LORA[part]}), so it has no exact LoRA form "
+                "to convert to; apps with LyCORIS support (ComfyUI, A1111/Forge, InvokeAI) load it as it is"
+            )
+    return None
+
+
 def detect_lora_format(path: Path) -> str:
     """'kohya' or 'peft'; ConjureError for anything else (LyCORIS LoHa/LoKr, unprefixed PEFT, not a LoRA)."""
     shapes, _ = read_shapes(Path(path))
     fmt = _format_of_keys(shapes)
     if fmt is None:
+        refusal = _not_lora_refusal(path, shapes)
+        if refusal:
+            raise ConjureError(refusal)
         sample = ", ".join(sorted(shapes)[:3])
         raise ConjureError(
             f"{path} is neither a kohya LoRA (lora_unet_*/lora_te*_ .lora_down/.lora_up/.alpha) nor a diffusers/PEFT "
@@ -75,15 +114,150 @@ _DORA_REFUSAL = (
 )
 
 
-def _to_peft(src: Path, dst: Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], fam: str) -> None:
-    weights, _ = parse_kohya(tensors, header, fam, None, str(src))
-    meta = dict(header)
-    alpha_dtypes = {v.dtype for k, v in tensors.items() if k.endswith(".alpha")}
-    if alpha_dtypes and alpha_dtypes != {torch.float32}:
-        if len(alpha_dtypes) > 1:
-            raise ConjureError(f"{src}: alphas of several dtypes ({alpha_dtypes}); cannot keep them exactly")
-        meta[ALPHA_DTYPE_KEY] = str(alpha_dtypes.pop()).removeprefix("torch.")
-    write_peft(dst, weights, meta, fam, None, add_format=False)
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What `conjure convert` changes; the defaults change nothing (see the CLI's help for each)."""
+
+    to: str | None = None  # "kohya" / "peft"; None: the input's own layout
+    family: str | None = None  # None: from the file
+    dtype: str | None = None  # "fp16" / "bf16" / "fp32" (or torch names); None: each tensor's own
+    resize_rank: int | None = None
+    energy: float | None = None
+    merge_embedding: Path | None = None
+    split_bundle: bool = False
+    force: bool = False  # overwrite the embedding files split_bundle writes (the caller checks `dst`)
+
+
+@dataclass
+class Converted:
+    path: Path
+    format: str
+    resized: list[Resized] = field(default_factory=list)
+    embeddings: dict[str, Path] = field(default_factory=dict)  # name users type -> file written
+
+
+def _alpha_dtype(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], src: Path) -> torch.dtype:
+    """The dtype of a kohya file's alphas (kohya sd-scripts writes them in its save_precision), kept both ways."""
+    dtypes = {v.dtype for k, v in tensors.items() if k.endswith(".alpha")}
+    if len(dtypes) > 1:
+        raise ConjureError(f"{src}: alphas of several dtypes ({dtypes}); cannot keep them exactly")
+    return dtypes.pop() if dtypes else file_dtype(meta.get(ALPHA_DTYPE_KEY, "float32"))
+
+
+def _family(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], family: Any) -> tuple[str, bool]:
+    if family is not None:
+        return families.get(family).name, True
+    return detect_family({k: tuple(v.shape) for k, v in tensors.items()}, header)
+
+
+def _cast_weights(weights: LoraWeights, dtype: torch.dtype) -> LoraWeights:
+    out: LoraWeights = {}
+    for (component, path), m in weights.items():
+        parts = {}
+        for part in ("down", "up", "dora_scale", "magnitude"):
+            value = getattr(m, part)
+            parts[part] = None if value is None else cast_checked(value, dtype, f"{component} module {path!r} {part}")
+        out[(component, path)] = dataclasses.replace(m, **parts)
+    return out
+
+
+def _fused_groups(weights: LoraWeights, fam: str) -> list[list[tuple[str, str]]]:
+    """The modules the kohya layout of `fam` fuses into one layer (they must keep one rank)."""
+    groups = []
+    for component in {c for c, _ in weights}:
+        paths = [p for c, p in weights if c == component]
+        groups += [[(component, p) for p in parts] for parts in kohya_fused_parts(fam, component, paths).values()]
+    return groups
+
+
+def _resized_metadata(meta: dict[str, str], report: list[Resized], energy: float | None) -> None:
+    """kohya resize_lora.py's metadata: the new dim ("Dynamic" when picked by energy; alphas do not change here)
+    and what was done, in front of the training comment."""
+    meta["ss_network_dim"] = "Dynamic" if energy is not None else str(max(r.new_rank for r in report))
+    how = f"to keep {energy:g} of the energy" if energy is not None else f"to {meta['ss_network_dim']}"
+    old = max(r.old_rank for r in report)
+    meta["ss_training_comment"] = f"dimension is resized from {old} {how}; {meta.get('ss_training_comment', '')}"
+
+
+def _relayout(src: Path, dst: Path, tensors: dict[str, torch.Tensor], header: dict[str, str], source: str,
+              to: str, bundle: dict[str, torch.Tensor], opts: ConvertOptions) -> list[Resized]:
+    """Read the modules, resize / cast them, write them in layout `to`."""
+    if source != to and any(k.endswith((".dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight"))
+                            for k in tensors):
+        raise ConjureError(_DORA_REFUSAL.format(src=src))
+    fam, certain = _family(tensors, header, opts.family)
+    if source == "kohya":
+        weights, _ = parse_kohya(tensors, header, fam, None, str(src))
+        meta = dict(header)
+    else:
+        weights, meta = parse_peft(tensors, header, str(src))
+    alpha_dtype = _alpha_dtype(tensors, meta, src)
+    report: list[Resized] = []
+    if opts.resize_rank is not None or opts.energy is not None:
+        fused = _fused_groups(weights, fam) if to == "kohya" else []
+        weights, report = resize_weights(weights, opts.resize_rank, opts.energy, fused)
+        _resized_metadata(meta, report, opts.energy)
+    if opts.dtype is not None:
+        weights = _cast_weights(weights, file_dtype(opts.dtype))
+    if to == "peft":
+        if alpha_dtype != torch.float32:
+            meta[ALPHA_DTYPE_KEY] = str(alpha_dtype).removeprefix("torch.")
+        write_peft(dst, weights, meta, fam, None, add_format=False)
+        return report
+    if source == "peft" and not certain:
+        raise ConjureError(
+            f"cannot tell which model family {src} is for (no metadata, no modules only one family has); "
+            f"give the family (conjure convert ... --family {'|'.join(families.FAMILIES)})"
+        )
+    meta.pop(ALPHA_DTYPE_KEY, None)
+    write_kohya(dst, weights, meta, fam, layout_from_metadata(meta), None, alpha_dtype=alpha_dtype, bundle=bundle)
+    return report
+
+
+def _recast(tensors: Mapping[str, torch.Tensor], dtype: Any) -> dict[str, torch.Tensor]:
+    """The tensors in `dtype` (None: as they are); alphas keep theirs: every app reads an alpha with .item() (ComfyUI
+    comfy/lora.py, A1111 extensions-builtin/Lora/network.py, kohya networks/lora.py), and float16 would move one such
+    as 0.3, and with it the scale."""
+    if dtype is None:
+        return dict(tensors)
+    return {k: v if k.endswith(".alpha") else cast_checked(v, file_dtype(dtype), k) for k, v in tensors.items()}
+
+
+def convert(src: Path, dst: Path, opts: ConvertOptions) -> Converted:
+    """Write `src` to `dst` changed as `opts` say (`conjure convert`). Exact unless resizing: a layout change or
+    --dtype fp32 keeps every value; the embedding bundle moves tensor-equal both ways. See the module docstring."""
+    src, dst = Path(src), Path(dst)
+    source = detect_lora_format(src)
+    to = opts.to or source
+    if to not in FORMATS:
+        raise ConjureError(f"unknown LoRA format {to!r}: choose {' or '.join(FORMATS)}")
+    resizing = opts.resize_rank is not None or opts.energy is not None
+    if source == to and not (resizing or opts.dtype or opts.merge_embedding or opts.split_bundle):
+        raise ConjureError(f"{src} is already a {to} file (and no --dtype, --resize-rank or embedding option)")
+    if src.resolve() == dst.resolve():
+        raise ConjureError("the output must be another file than the input")
+    tensors, header = read_lora_file(src)
+    bundle = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
+    lora = {k: v for k, v in tensors.items() if k not in bundle}
+    if opts.split_bundle and opts.merge_embedding is not None:
+        raise ConjureError("--merge-embedding and --split-bundle go in separate runs")
+    split = split_targets(bundle, dst, opts.force) if opts.split_bundle else {}
+    if split:
+        bundle = {}
+    if opts.merge_embedding is not None:
+        fam = _family(lora, header, opts.family)[0]
+        bundle.update(bundle_from_file(Path(opts.merge_embedding), families.get(fam), bundle))
+    if bundle and to == "peft":
+        raise ConjureError(f"{src} bundles embeddings (bundle_emb.*), which the diffusers/PEFT format cannot carry; "
+                           "--split-bundle writes them as embedding files")
+    report: list[Resized] = []
+    if source == to and not resizing:
+        save_lora_file({**_recast(lora, opts.dtype), **bundle}, dst, header)
+    else:
+        report = _relayout(src, dst, lora, header, source, to, bundle, opts)
+    for path, embedding in split.values():
+        save_embedding(path, embedding, {})
+    return Converted(dst, to, report, {name: path for name, (path, _) in split.items()})
 
 
 def convert_lora(src: Path, dst: Path, to: str, *, family: Any = None) -> Path:
@@ -95,36 +269,7 @@ def convert_lora(src: Path, dst: Path, to: str, *, family: Any = None) -> Path:
     metadata is ambiguous and needs it. SDXL's LDM numbering follows the layout recorded in the metadata, else the
     real SDXL layout. `dst` is replaced if it exists (the CLI asks for --force first).
     """
-    src, dst = Path(src), Path(dst)
-    if to not in FORMATS:
-        raise ConjureError(f"unknown LoRA format {to!r}: choose {' or '.join(FORMATS)}")
-    source_format = detect_lora_format(src)
-    if source_format == to:
-        raise ConjureError(f"{src} is already a {to} file")
-    if src.resolve() == dst.resolve():
-        raise ConjureError("the output must be another file than the input")
-    tensors, header = read_lora_file(src)
-    if any(k.endswith((".dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")) for k in tensors):
-        raise ConjureError(_DORA_REFUSAL.format(src=src))
-    if any(k.startswith("bundle_emb.") for k in tensors):
-        raise ConjureError(f"{src} bundles embeddings (bundle_emb.*), which the diffusers/PEFT format cannot carry")
-    if family is None:
-        fam, certain = detect_family({k: tuple(v.shape) for k, v in tensors.items()}, header)
-    else:
-        fam, certain = families.get(family).name, True
-
-    if to == "peft":
-        _to_peft(src, dst, tensors, header, fam)
-        return dst
-    if not certain:
-        raise ConjureError(
-            f"cannot tell which model family {src} is for (no metadata, no modules only one family has); "
-            f"give the family (conjure convert ... --family {'|'.join(families.FAMILIES)})"
-        )
-    weights, meta = load_peft(src)
-    alpha_dtype = file_dtype(meta.pop(ALPHA_DTYPE_KEY, "float32"))
-    write_kohya(dst, weights, meta, fam, layout_from_metadata(meta), None, alpha_dtype=alpha_dtype)
-    return dst
+    return convert(src, dst, ConvertOptions(to=to, family=family)).path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from conjure.errors import ConjureError
+from conjure.families import Family
 from conjure.files import save_safetensors_atomically
 
 
@@ -60,6 +62,48 @@ def unbundle(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
     return out
 
 
+def check_embedding(tensors: Mapping[str, torch.Tensor], family: Family, where: str) -> None:
+    """The tensors are an embedding for `family`'s apps: exactly its CLIP encoders' tensor names (FORMATS.md: SD 1.x/2.x
+    `emb_params`, SDXL `clip_l` + `clip_g`), each [n_vectors, the real encoder's width] with one n_vectors."""
+    expected = {slot.embedding_key: slot.width for slot in family.text_encoders if slot.kind == "clip"}
+    found = {key: tuple(value.shape) for key, value in tensors.items()}
+    shaped = all(len(shape) == 2 and shape[1] == expected.get(key) for key, shape in found.items())
+    if set(found) != set(expected) or not shaped or len({shape[0] for shape in found.values()}) != 1:
+        want = " + ".join(f"{key} [n, {width}]" for key, width in expected.items())
+        have = ", ".join(f"{key} {list(shape)}" for key, shape in found.items()) or "no tensors"
+        raise ConjureError(f"{where} is not a {family.name} embedding ({want}); it holds {have}")
+
+
+def bundle_from_file(path: Path, family: Family, bundle: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `bundle_emb` tensors of embedding file `path` for a LoRA of `family` that bundles `bundle` already, named
+    as A1111 names the file (its stem)."""
+    tensors, _ = load_embedding(path)
+    check_embedding(tensors, family, str(path))
+    name = embedding_name(path.stem)
+    if name in unbundle(dict(bundle)):
+        raise ConjureError(f"the LoRA already bundles an embedding named {name!r}")
+    return bundle_tensors(name, tensors)
+
+
+def split_targets(
+    bundle: Mapping[str, torch.Tensor], dst: Path, force: bool
+) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    """name -> (embedding file beside the LoRA file `dst`, tensors) for each embedding in `bundle`, refusing files
+    that exist without force."""
+    embeddings = unbundle(dict(bundle))
+    if not embeddings:
+        raise ConjureError("--split-bundle: the input bundles no embedding (no bundle_emb.* tensors)")
+    out = {}
+    for name, tensors in embeddings.items():
+        path = dst.parent / embedding_file_name(name)
+        if path.resolve() == dst.resolve():
+            raise ConjureError(f"the bundled embedding {name!r} would be written to {path}, the LoRA's own path")
+        if path.exists() and not force:
+            raise ConjureError(f"{path} exists (embedding {name!r}); use --force to overwrite")
+        out[name] = (path, tensors)
+    return out
+
+
 def save_embedding(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write atomically: a crash leaves either the old file or the new one, never half a file."""
     clean = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
@@ -70,5 +114,5 @@ def load_embedding(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ConjureError(f"cannot read embedding file {path}: {exc}") from None

@@ -126,11 +126,12 @@ def kohya_state_dict(
 
 def write_kohya(
     path: Path, weights: LoraWeights, metadata: dict[str, str], family: Any, unet_config: Any, dtype: Any,
-    alpha_dtype: torch.dtype = torch.float32,
+    alpha_dtype: torch.dtype = torch.float32, bundle: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the tensors of `weights` with `metadata` as given (convert_lora's way back: nothing added)."""
+    """Write the tensors of `weights` (and the `bundle_emb.*` tensors of `bundle`) with `metadata` as given
+    (`conjure convert`: nothing added)."""
     tensors = kohya_state_dict(weights, family, unet_config, dtype=dtype, alpha_dtype=alpha_dtype)
-    save_lora_file(tensors, Path(path), metadata)
+    save_lora_file({**tensors, **(bundle or {})}, Path(path), metadata)
 
 
 def save_kohya(

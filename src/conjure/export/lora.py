@@ -54,6 +54,18 @@ def file_tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.contiguous().clone()  # clone: safetensors refuses tensors that share memory
 
 
+def cast_checked(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """`t` in `dtype`; ConjureError naming `where` when a finite value would become inf (beyond float16's +-65504)."""
+    out = t.to(dtype)
+    if out.dtype.is_floating_point and bool((torch.isinf(out) & torch.isfinite(t)).any()):
+        largest = float(t[torch.isfinite(t)].abs().max())
+        raise ConjureError(
+            f"{where}: values up to {largest:.6g} exceed {str(dtype).removeprefix('torch.')}'s range "
+            f"(largest {torch.finfo(dtype).max:.6g}) and would be written as inf; keep float32 or use bf16"
+        )
+    return out
+
+
 def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     out = dict(metadata or {})
     bad = [k for k, v in out.items() if not isinstance(k, str) or not isinstance(v, str)]

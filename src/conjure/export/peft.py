@@ -37,7 +37,7 @@ from conjure.export.lora import (
     save_lora_file,
 )
 
-__all__ = ["ADAPTER_METADATA_KEY", "PEFT_PREFIXES", "load_peft", "save_peft", "write_peft"]
+__all__ = ["ADAPTER_METADATA_KEY", "PEFT_PREFIXES", "load_peft", "parse_peft", "save_peft", "write_peft"]
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key (diffusers.loaders.lora_base)
 # the pipeline attributes a file names (the denoisers "unet" / "transformer" and the text encoders), longest first
@@ -217,7 +217,14 @@ def load_peft(path: Path) -> tuple[LoraWeights, dict[str, str]]:
     without one, alpha = rank (diffusers' convention). DoRA magnitudes come back as [out].
     """
     tensors, header = read_lora_file(path)
-    where = str(path)
+    return parse_peft(tensors, header, str(path))
+
+
+def parse_peft(
+    tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], where: str
+) -> tuple[LoraWeights, dict[str, str]]:
+    """`load_peft` of tensors and a header already read (`where` names them in errors)."""
+    header = dict(header)
     raw_config = header.pop(ADAPTER_METADATA_KEY, None)
     try:
         config = json.loads(raw_config) if raw_config else {}
