@@ -16,7 +16,7 @@ from conjure.errors import ConjureError
 from conjure.models.tiny_captioner import write_tiny_captioner
 
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (250, 250, 250), (0, 0, 0)]
-FAST = ("--max-new-tokens", "6")
+FAST = ("--max-new-tokens", "6", "--device", "cpu")  # the same answers on a machine with a GPU
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_bad_images_are_skipped_with_the_reason(tmp_path, tiny, run_cli):
 
 def test_a_batch_gives_each_image_its_own_caption(tmp_path, tiny):
     images = _folder(tmp_path, 5)
-    captioner = load_captioner(CaptionSettings(model=str(tiny), max_new_tokens=6))
+    captioner = load_captioner(CaptionSettings(model=str(tiny), max_new_tokens=6, device="cpu"))
     one_by_one = [captioner.caption([Image.open(p).convert("RGB")])[0] for p in images]
     assert len(set(one_by_one)) > 1  # the tiny model tells these images apart: a mix-up would show
     written = {}
@@ -120,7 +120,7 @@ def test_a_batch_gives_each_image_its_own_caption(tmp_path, tiny):
 
 
 def test_tags_are_the_detected_objects_once_each(tiny):
-    captioner = load_captioner(CaptionSettings(model=str(tiny), style="tags"))
+    captioner = load_captioner(CaptionSettings(model=str(tiny), style="tags", device="cpu"))
     assert captioner.prompt == "<OD>"
     # An answer as Florence-2 gives it for <OD>: a name, then four box corners, per object.
     answer = "</s><s>car<loc_52><loc_333><loc_932><loc_774>tree<loc_1><loc_2><loc_3><loc_4>car<loc_5><loc_6>" \

@@ -181,7 +181,8 @@ def caption_images(
     progress: Progress | None = None,
 ) -> CaptionReport:
     """Caption `images` in batches of `settings.batch_size`, writing each caption with `write(image, caption)`
-    (default: `<stem>.txt` beside the image, atomically) as soon as its batch is done. Images with a caption keep
+    (default: `<stem>.txt` beside the image, atomically; a ConjureError it raises skips the image with that
+    reason) as soon as its batch is done. Images with a caption keep
     it unless `settings.overwrite` (checked again just before writing: a caption the user wrote meanwhile stays).
     `progress(done, total, report)` is called after each batch; a progress bar shows on a terminal."""
     report = CaptionReport()
@@ -220,5 +221,9 @@ def _keep(image: Path, caption: str, settings: CaptionSettings, report: CaptionR
     elif not settings.overwrite and has_caption(image):
         report.kept.append(image)
     else:
-        write(image, with_prefix(caption, settings.prefix))
+        try:
+            write(image, with_prefix(caption, settings.prefix))
+        except ConjureError as error:  # the web app's writer refuses a caption file linking out of the folder
+            report.skipped.append((image, str(error)))
+            return
         report.written.append(image)

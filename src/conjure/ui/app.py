@@ -37,7 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conjure.errors import ConjureError
-from conjure.ui import datasets, monitor, training
+from conjure.ui import captioning, datasets, monitor, training
 from conjure.ui.workspace import NotFound, PathRefused, Workspace
 
 STATIC = Path(__file__).parent / "static"
@@ -62,6 +62,8 @@ def create_app(workspace: Workspace | Path, *, host: str = "127.0.0.1", port: in
     app.middleware("http")(guard)
     for error_type, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error_type, handler)
+    app.state.captioning = captioning.Captioning()
+    app.include_router(captioning.router)
     app.include_router(datasets.router)
     app.include_router(training.router)
     app.include_router(monitor.router)

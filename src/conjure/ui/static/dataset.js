@@ -1,7 +1,8 @@
 // The data-set tab: open a folder, thumbnails, the large view with its caption, bulk edits, tags, upload,
-// trash, the check and JSONL export (the /api/datasets endpoints of docs/ui.md).
+// trash, the check and JSONL export (the /api/datasets endpoints of docs/ui.md); auto-captions: captioning.js.
 
 import { $, api, attempt, debounce, el, plural, say, toast, url } from "./api.js";
+import { setupCaptioning } from "./captioning.js";
 
 export const ds = {
   folder: null,
@@ -238,6 +239,7 @@ export const ds = {
     $("ds-tags-form").addEventListener("submit", (event) => { event.preventDefault(); attempt(null, () => this.loadTags()); });
     $("ds-check-form").addEventListener("submit", (event) => this.check(event));
     $("ds-jsonl-form").addEventListener("submit", (event) => this.jsonl(event));
+    setupCaptioning(this);
 
     const grid = $("ds-grid");
     grid.addEventListener("dragover", (event) => { event.preventDefault(); grid.classList.add("drop"); });
