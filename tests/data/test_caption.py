@@ -46,7 +46,7 @@ def test_captions_every_image_with_the_trigger_word(tmp_path, tiny, run_cli):
     assert code == 0, err
     captions = _captions(images)
     assert all(c is not None and c.startswith("ohwx, ") and len(c) > len("ohwx, ") for c in captions.values())
-    assert "5 captions written, 0 images kept theirs, 0 skipped" in out
+    assert "5 written, 0 kept (captioned already), 0 skipped" in out
     assert not list((tmp_path / "set").rglob("*.part"))  # atomic writes leave no temporary file
 
 
@@ -59,9 +59,9 @@ def test_existing_captions_stay_unless_overwrite(tmp_path, tiny, run_cli):
     captions = _captions(images)
     assert captions["img1.png"] == "my own words"
     assert captions["img0.png"] and captions["img2.png"].strip()
-    assert "2 captions written, 1 images kept theirs" in out
+    assert "2 written, 1 kept (captioned already)" in out
     code, out, _ = run_cli("caption", tmp_path, "--model", tiny, "--overwrite", "--prefix", "sks", *FAST)
-    assert code == 0 and "3 captions written" in out
+    assert code == 0 and "3 written" in out
     assert all(c.startswith("sks, ") for c in _captions(images).values())
 
 
@@ -84,7 +84,7 @@ def test_a_crash_midway_resumes_where_it_stopped(tmp_path, tiny, monkeypatch, ru
     stamps = {p.name: p.with_suffix(".txt").stat().st_mtime_ns for p in images[:2]}
     monkeypatch.setattr(Captioner, "caption", real)
     code, out, _ = run_cli("caption", tmp_path, "--model", tiny, "--batch-size", "2", *FAST)
-    assert code == 0 and "3 captions written, 2 images kept theirs" in out
+    assert code == 0 and "3 written, 2 kept (captioned already)" in out
     assert all(c is not None for c in _captions(images).values())
     assert {p.name: p.with_suffix(".txt").stat().st_mtime_ns for p in images[:2]} == stamps
 
@@ -103,7 +103,7 @@ def test_bad_images_are_skipped_with_the_reason(tmp_path, tiny, run_cli):
     assert skipped[0].startswith(f"skipped {tmp_path / 'cut.png'}: cannot read image (")
     assert skipped[1] == f"skipped {tmp_path / 'empty.jpg'}: cannot read image (empty file)"
     assert skipped[2] == f"skipped {tmp_path / 'notes.png'}: cannot read image (not an image format PIL recognises)"
-    assert "2 captions written, 0 images kept theirs, 3 skipped" in out
+    assert "2 written, 0 kept (captioned already), 3 skipped" in out
     assert not any(tmp_path.glob("empty.txt")) and not any(tmp_path.glob("notes.txt"))
 
 

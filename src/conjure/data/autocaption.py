@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from conjure.data.caption_settings import CaptionSettings
+from conjure.data.captions import add_prefix
 from conjure.data.example import caption_of
 from conjure.data.images import ImageError, load_image
 from conjure.data.sources import scan_source
@@ -144,7 +145,7 @@ class CaptionReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"{len(self.written)} captions written, {len(self.kept)} images kept theirs, {len(self.skipped)} skipped"
+        return f"{len(self.written)} written, {len(self.kept)} kept (captioned already), {len(self.skipped)} skipped"
 
 
 def folder_images(folder: Path, *, confine: Path | None = None) -> list[Path]:
@@ -161,11 +162,9 @@ def has_caption(image: Path) -> bool:
 
 
 def with_prefix(caption: str, prefix: str) -> str:
-    """`prefix, caption` (the trigger word first, as kohya-style captions have it), unless it starts so already."""
-    prefix = prefix.strip()
-    if not prefix or caption == prefix or caption.startswith(f"{prefix},") or caption.startswith(f"{prefix} "):
-        return caption
-    return f"{prefix}, {caption}"
+    """`prefix, caption` (the trigger word first, as kohya-style captions have it), unless it starts with it
+    as a whole word already (training's rule: `conjure.data.captions.add_prefix`)."""
+    return add_prefix(caption, prefix.strip(), ", ") if prefix.strip() else caption
 
 
 Progress = Callable[[int, int, CaptionReport], None]

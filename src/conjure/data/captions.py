@@ -152,11 +152,17 @@ class CaptionTransform:
         return self.separator.join(kept + rest)
 
     def _add_prefix(self, caption: str, prefix: str) -> str:
-        if not caption:
-            return prefix
-        if caption.startswith(prefix) and not caption[len(prefix) :][:1].isalnum():
-            return caption
-        return prefix + self.separator + caption
+        return add_prefix(caption, prefix, self.separator)
+
+
+def add_prefix(caption: str, prefix: str, separator: str) -> str:
+    """`prefix + separator + caption`; `prefix` alone for an empty caption; the caption as it is when it starts
+    with `prefix` as a whole word (not followed by a letter or digit)."""
+    if not caption:
+        return prefix
+    if caption.startswith(prefix) and not caption[len(prefix) :][:1].isalnum():
+        return caption
+    return prefix + separator + caption
 
 
 @dataclass(frozen=True)
