@@ -452,8 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_ui):
         add(sub)
     from conjure.estimate.command import add_estimate
+    from conjure.inspection.command import add_inspect
 
     add_estimate(sub, _add_overrides)
+    add_inspect(sub)
     return parser
 
 

@@ -48,7 +48,8 @@ import torch
 from conjure.adapters import LoraModule
 from conjure.errors import ConjureError
 
-__all__ = ["FusedGroup", "flux_kohya_modules", "flux_module_paths", "fused_parts"]
+__all__ = ["FusedGroup", "flux_kohya_modules", "flux_module_paths", "flux_path_from_underscores", "flux_targets",
+           "fused_parts"]
 
 PREFIX = "lora_unet_"
 
@@ -238,12 +239,11 @@ def _unfuse(name: str, prefix: str, group: FusedGroup, m: LoraModule) -> list[tu
     return _with_dora(out, m, prefix + group.suffix)
 
 
-def flux_module_paths(name: str, m: LoraModule) -> list[tuple[str, LoraModule]]:
-    """(diffusers path, module) pairs of the kohya FLUX module `name` (a fused layer gives several). Raises
-    ConjureError for names that are not FLUX transformer modules apps load."""
+def _lookup(name: str) -> tuple[str, FusedGroup | None, str]:
+    """(diffusers block prefix, fused group or None, one-to-one inner path) of kohya FLUX name `name`."""
     refusal = f"{name!r} is not a FLUX.1 module conjure reads (LoRA on the blocks' and embedders' linear layers)"
     if name.removeprefix(PREFIX) in _TOP_LEVEL:
-        return [(_TOP_LEVEL[name.removeprefix(PREFIX)], m)]
+        return "", None, _TOP_LEVEL[name.removeprefix(PREFIX)]
     hit = re.fullmatch(rf"{PREFIX}(double_blocks|single_blocks)_(\d+)_(.+)", name)
     if hit is None:
         raise ConjureError(refusal)
@@ -252,8 +252,37 @@ def flux_module_paths(name: str, m: LoraModule) -> list[tuple[str, LoraModule]]:
     _, groups, plain = _BLOCKS[blocks]
     group = next((g for g in groups if g.suffix == hit.group(3)), None)
     if group is not None:
-        return _unfuse(name, prefix, group, m)
+        return prefix, group, ""
     inner = next((path for path, suffix in plain.items() if suffix == hit.group(3)), None)
     if inner is None:
         raise ConjureError(refusal)
+    return prefix, None, inner
+
+
+def flux_targets(name: str) -> tuple[str, ...]:
+    """The diffusers paths kohya FLUX module `name` covers (a fused layer: all its members), without its tensors."""
+    prefix, group, inner = _lookup(name)
+    return tuple(prefix + member for member in group.members) if group is not None else (prefix + inner,)
+
+
+def flux_module_paths(name: str, m: LoraModule) -> list[tuple[str, LoraModule]]:
+    """(diffusers path, module) pairs of the kohya FLUX module `name` (a fused layer gives several). Raises
+    ConjureError for names that are not FLUX transformer modules apps load."""
+    prefix, group, inner = _lookup(name)
+    if group is not None:
+        return _unfuse(name, prefix, group, m)
     return [(prefix + inner, m)]
+
+
+def flux_path_from_underscores(body: str) -> str | None:
+    """A FLUX.1 transformer path from its diffusers path with `.` -> `_` (OneTrainer's `lora_transformer_` and
+    SimpleTuner's `lycoris_` names; comfy/lora.py model_lora_keys_unet maps both), or None."""
+    top = {path.replace(".", "_"): path for path in _TOP_LEVEL.values()}
+    if body in top:
+        return top[body]
+    for blocks, (_, groups, plain) in _BLOCKS.items():
+        hit = re.fullmatch(rf"{blocks}_(\d+)_(.+)", body)
+        inners = {inner.replace(".", "_"): inner for inner in [*plain, *(m for g in groups for m in g.members)]}
+        if hit and hit.group(2) in inners:
+            return f"{blocks}.{int(hit.group(1))}.{inners[hit.group(2)]}"
+    return None

@@ -37,7 +37,10 @@ from conjure.export.lora import (
     save_lora_file,
 )
 
-__all__ = ["ADAPTER_METADATA_KEY", "PEFT_PREFIXES", "load_peft", "parse_peft", "save_peft", "write_peft"]
+__all__ = [
+    "ADAPTER_METADATA_KEY", "PEFT_PREFIXES", "adapter_alpha", "adapter_config", "load_peft", "parse_peft", "save_peft",
+    "write_peft",
+]
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key (diffusers.loaders.lora_base)
 # the pipeline attributes a file names (the denoisers "unet" / "transformer" and the text encoders), longest first
@@ -210,6 +213,23 @@ def _alpha(cfg: Mapping[str, Any], names: list[str], rank: int) -> float:
     return alpha
 
 
+def adapter_config(header: Mapping[str, str], where: str) -> dict[str, Any]:
+    """diffusers' adapter config from a file's header (`lora_adapter_metadata`, JSON), {} when there is none."""
+    raw = header.get(ADAPTER_METADATA_KEY)
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise ConjureError(f"{where}: unreadable {ADAPTER_METADATA_KEY} in the header: {exc}") from None
+
+
+def adapter_alpha(config: Mapping[str, Any], component: str, file_path: str, rank: int) -> float:
+    """The alpha of module `file_path` (as the file spells it) of `component` under diffusers' adapter config
+    `config` (keys `<component>.<LoraConfig field>`); alpha = rank without one."""
+    cfg = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
+    canonical = canonical_module_path(component, file_path)
+    return _alpha(cfg, [file_path, _peft_target(component, canonical), canonical], rank)
+
+
 def load_peft(path: Path) -> tuple[LoraWeights, dict[str, str]]:
     """Read a diffusers/PEFT LoRA file: (weights, header metadata without diffusers' adapter config).
 
@@ -225,11 +245,8 @@ def parse_peft(
 ) -> tuple[LoraWeights, dict[str, str]]:
     """`load_peft` of tensors and a header already read (`where` names them in errors)."""
     header = dict(header)
-    raw_config = header.pop(ADAPTER_METADATA_KEY, None)
-    try:
-        config = json.loads(raw_config) if raw_config else {}
-    except json.JSONDecodeError as exc:
-        raise ConjureError(f"{where}: unreadable {ADAPTER_METADATA_KEY} in the header: {exc}") from None
+    config = adapter_config(header, where)
+    header.pop(ADAPTER_METADATA_KEY, None)
     groups = _group(tensors, where)
     # the first family whose encoders cover the file's: the one whose encoder classes spell the paths
     encoders = {c for c, _ in groups} - {f.denoiser for f in families.FAMILIES.values()}
@@ -240,9 +257,8 @@ def parse_peft(
         if "lora_A" not in parts or "lora_B" not in parts:
             raise ConjureError(f"{where}: {component}.{file_path} lacks lora_A or lora_B")
         down, up = parts["lora_A"], parts["lora_B"]
-        cfg = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
         canonical = canonical_module_path(component, file_path)
-        alpha = _alpha(cfg, [file_path, _peft_target(component, canonical), canonical], down.shape[0])
+        alpha = adapter_alpha(config, component, file_path, down.shape[0])
         magnitude = parts.get("lora_magnitude_vector")
         module = LoraModule(down=down, up=up, alpha=alpha, magnitude=None if magnitude is None else magnitude.flatten())
         check_module(f"{where}: {component}.{file_path}", module)

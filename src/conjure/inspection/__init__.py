@@ -1,0 +1,11 @@
+"""`conjure inspect`: what an adapter or embedding file holds and whether each app applies every tensor of it.
+
+- `reader.py`: `inspect_file(path)` opens any LoRA / DoRA / LoCon / LoHa / LoKr / embedding `.safetensors` (and
+  A1111 `.pt` embeddings through torch's restricted unpickler) from the header and shapes, without loading the
+  weights, into one normalised `Inspection` (`model.py`): its modules, each with its tensors, the file's names
+  for them and the module of the diffusers model they adapt (`keys.py` reads the names).
+- `apps/`: one module per app (InvokeAI, ComfyUI, AUTOMATIC1111/Forge, diffusers) with that app's loader rules as
+  small functions over an `Inspection`, each citing the app's source; `apps.verdicts()` runs them all.
+- `report.py`: the table `conjure inspect` prints and its `--json` form; `command.py`: the subcommand (imports
+  nothing heavy, so `conjure --help` stays instant).
+"""

@@ -1,0 +1,101 @@
+"""diffusers' `load_lora_weights` / `load_textual_inversion`, restated as rules (read from the installed diffusers
+0.42.1: loaders/lora_pipeline.py, loaders/lora_conversion_utils.py, loaders/textual_inversion.py).
+
+- Every pipeline's `lora_state_dict` (StableDiffusion, StableDiffusionXL, Flux LoraLoaderMixin) filters out all
+  `dora_scale` keys with a warning: a kohya DoRA loads as a plain LoRA.
+- SD/SDXL: a file whose every key starts with `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_` goes through
+  `_convert_non_diffusers_lora_to_diffusers`, which reads `lora_down` / `lora_up` / `alpha` only and raises on any
+  other key ("have not been correctly renamed": LoHa, LoKr, lora_mid). Any other file must have "lora" in every key
+  (`load_lora_weights`: "Invalid LoRA checkpoint"), so a kohya file with `bundle_emb.*` keys is refused.
+  `_convert_unet_lora_key` strips the index of names containing "emb" (`add_embedding_linear_1` ->
+  `add.embedding.linear`), so an SDXL add-embedding LoRA under diffusers' names is lost.
+- FLUX.1: any `.lora_down.weight` key sends the file to `_convert_kohya_flux_lora_to_diffusers`, which raises on
+  keys other than BFL block / embedder / `lora_te1_` names ("Incompatible keys detected").
+- PEFT files load per pipeline component (`unet.` / `transformer.` / `text_encoder.` / `text_encoder_2.`); keys of
+  a component the pipeline lacks are never read. LoHa / LoKr have no SD/SDXL/FLUX.1 reader.
+"""
+
+from __future__ import annotations
+
+from conjure.inspection.apps.rules import embedding_widths, family_of, grouped, modules_where, one_tensor_embedding
+from conjure.inspection.keys import KOHYA_PREFIXES
+from conjure.inspection.model import DROPPED, REFUSED, Finding, Inspection, Module
+
+NAME = "diffusers"
+VERSION = "diffusers 0.42.1"
+
+_KOHYA_CONVERTED = {"down", "up", "alpha"}  # what _convert_non_diffusers_lora_to_diffusers reads
+
+
+def _dora_scale(insp: Inspection) -> list[Finding]:
+    keys = tuple(m.parts["dora_scale"] for m in insp.modules if "dora_scale" in m.parts)
+    if not keys:
+        return []
+    return [Finding(DROPPED, "lora_state_dict filters out every dora_scale with a warning: the DoRA loads as a plain "
+                    "LoRA (save the PEFT format for diffusers: lora.save_format: peft)", keys)]
+
+
+def _kohya_file(insp: Inspection) -> bool:
+    return all(k.startswith(KOHYA_PREFIXES) for k in insp.shapes if not k.endswith(".dora_scale"))
+
+
+def _refusals(insp: Inspection) -> list[Finding]:
+    """Whole-file refusals: a converter that meets keys it cannot rename, or keys without "lora"."""
+    if insp.is_embedding:
+        return []
+    kohya_parts = any(m.spelling == "kohya" and "down" in m.parts for m in insp.modules)
+    flux = family_of(insp).unet_naming == "bfl"
+    if flux and kohya_parts:
+        bad = [k for k in insp.shapes if not k.startswith(KOHYA_PREFIXES)]
+        bad += [m.parts[r] for m in insp.modules for r in m.parts if r not in _KOHYA_CONVERTED | {"dora_scale"}]
+        why = "_convert_kohya_flux_lora_to_diffusers raises \"Incompatible keys detected\""
+    elif _kohya_file(insp):
+        bad = [m.parts[r] for m in insp.modules for r in m.parts if r not in _KOHYA_CONVERTED | {"dora_scale"}]
+        why = "_convert_non_diffusers_lora_to_diffusers reads lora_down/lora_up/alpha only and raises on the rest"
+    else:
+        bad = [k for k in insp.shapes if "lora" not in k]
+        why = "load_lora_weights raises \"Invalid LoRA checkpoint\" for keys without 'lora'"
+    return [Finding(REFUSED, why, tuple(bad))] if bad else []
+
+
+def _components(insp: Inspection) -> list[Finding]:
+    fam = family_of(insp)
+    pipeline = set(fam.kohya_prefixes())
+
+    def why(m: Module) -> str | None:
+        if m.component is None:
+            return "no pipeline component reads this name"
+        if m.component not in pipeline:
+            return f"{fam.pipeline_class} has no {m.component}"
+        if m.naming in ("lycoris", "onetrainer", "bfl-dotted"):
+            return f"{m.naming} names are not converted by {fam.pipeline_class}.lora_state_dict"
+        return None
+    return modules_where(insp, DROPPED, why)
+
+
+def _lycoris(insp: Inspection) -> list[Finding]:
+    if _kohya_file(insp):
+        return []  # refused whole by the converter (_refusals)
+    return modules_where(insp, DROPPED, lambda m: (
+        f"{m.algorithm} modules: diffusers loads LoRA layers only" if m.algorithm in ("loha", "lokr") else None))
+
+
+def _add_embedding(insp: Inspection) -> list[Finding]:
+    return grouped(DROPPED, (
+        ("_convert_unet_lora_key strips the layer index of names containing 'emb': add_embedding_linear_N "
+         "becomes add.embedding.linear, which no module has (write LDM names: label_emb_0_N)", m.keys)
+        for m in insp.modules
+        if m.naming == "kohya" and any(t.startswith("add_embedding.") for t in m.targets)
+    ))
+
+
+RULES = (
+    _refusals,
+    _dora_scale,
+    _components,
+    _lycoris,
+    _add_embedding,
+    embedding_widths(NAME),
+    one_tensor_embedding("load_textual_inversion raises \"Loaded state dictionary is incorrect\" for a file of "
+                         "several tensors (one encoder)"),
+)
