@@ -18,7 +18,8 @@ def verdict(app: ModuleType, insp: Inspection) -> Verdict:
     findings = [f for rule in app.RULES for f in rule(insp)]
     total = len(insp.shapes)
     if any(f.outcome == REFUSED for f in findings):
-        findings = [f for f in findings if f.outcome == REFUSED]  # what else it would drop is moot
+        # the rules run in the app's order (probe, then load): it stops at the first refusal
+        findings = [next(f for f in findings if f.outcome == REFUSED)]
         applied = 0
     else:
         lost = {k for f in findings if f.outcome in FAILING or f.outcome == IGNORED for k in f.keys}
