@@ -19,16 +19,16 @@ APP_LAYOUTS = {
 # app -> (embedding's folder, LoRA's folder, the lines printed after the "installed" ones)
 EXPECTED = {
     "comfyui": ("models/embeddings", "models/loras", [
-        "ComfyUI: add a Load LoRA node (LoraLoader) and pick zq-lora.safetensors (Stable Diffusion 1.x lora, zq-lora.safetensors)",
-        "ComfyUI: type embedding:zq-thing in a prompt (CLIP Text Encode) (Stable Diffusion 1.x embedding, zq-thing.safetensors)",
+        "in ComfyUI: add a Load LoRA node (LoraLoader) and pick zq-lora.safetensors",
+        "in ComfyUI: type embedding:zq-thing in a prompt (CLIP Text Encode)",
     ]),
     "a1111": ("embeddings", "models/Lora", [
-        "AUTOMATIC1111/Forge: type <lora:zq-lora:1> in the prompt (Stable Diffusion 1.x lora, zq-lora.safetensors)",
-        "AUTOMATIC1111/Forge: type zq-thing in the prompt (Stable Diffusion 1.x embedding, zq-thing.safetensors)",
+        "in AUTOMATIC1111/Forge: type <lora:zq-lora:1> in the prompt",
+        "in AUTOMATIC1111/Forge: type zq-thing in the prompt",
     ]),
     "invokeai": ("conjure", "conjure", [
-        "InvokeAI: add zq-lora in the LoRA list of the generation settings (Stable Diffusion 1.x lora, zq-lora.safetensors)",
-        "InvokeAI: type <zq-thing> in the prompt (Stable Diffusion 1.x embedding, zq-thing.safetensors)",
+        "in InvokeAI: pick zq-lora under Concepts (Add LoRA) in the Generation settings",
+        "in InvokeAI: type <zq-thing> in the prompt",
         "InvokeAI watches no folder: in its Model Manager, Add Models > Scan Folder, scan {app}/conjure and press "
         "Install All (`conjure export --invokeai-url` installs without this step)",
     ]),
@@ -56,7 +56,8 @@ def test_each_file_goes_where_the_app_reads_its_kind(app, app_files_run, tmp_pat
     assert code == 0, err
     embeddings, loras, usage = EXPECTED[app]
     lora, embedding = folder / loras / "zq-lora.safetensors", folder / embeddings / "zq-thing.safetensors"
-    assert out.splitlines() == [f"installed {lora}", f"installed {embedding}",
+    assert out.splitlines() == [f"installed {lora} (Stable Diffusion 1.x LoRA)",
+                                f"installed {embedding} (Stable Diffusion 1.x embedding)",
                                 *(line.replace("{app}", str(folder)) for line in usage)]
     assert step_of(lora) == step_of(embedding) == 2.0
     assert not [p for p in folder.rglob("*") if p.name.startswith(".tmp-")]
@@ -66,7 +67,8 @@ def test_no_overwrite_without_force(app_files_run, tmp_path, run_cli, assert_one
     folder = fake_app(tmp_path, "comfyui")
     assert run_cli("export", app_files_run, "--step", "2", "--to-app", "comfyui", "--app-dir", folder)[0] == 0
     code, out, err = run_cli("export", app_files_run, "--step", "4", "--to-app", "comfyui", "--app-dir", folder)
-    assert_one_line_error(code, err, "zq-lora.safetensors exists", "--force")
+    message = assert_one_line_error(code, err, "zq-lora.safetensors exists; overwrite it (--force)")
+    assert "--name" not in message  # which renames a one-file checkpoint only
     assert step_of(folder / "models/loras/zq-lora.safetensors") == 2.0
     assert step_of(folder / "models/embeddings/zq-thing.safetensors") == 2.0  # neither file was replaced
     code, out, err = run_cli("export", app_files_run, "--step", "latest", "--to-app", "comfyui", "--app-dir", folder,
@@ -97,13 +99,26 @@ def test_app_options_that_do_not_go_together(args, needle, app_files_run, tmp_pa
     assert_one_line_error(code, err, needle)
 
 
-def test_a_file_that_is_neither_lora_nor_embedding_is_refused(tmp_path):
+def test_what_a_file_is(tmp_path):
     import torch
 
-    path = tmp_path / "vae.safetensors"
-    save_file({"decoder.conv_in.weight": torch.zeros(2, 2)}, path)
+    key = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    dora = {f"{key}.lora_down.weight": torch.zeros(4, 768), f"{key}.lora_up.weight": torch.zeros(768, 4),
+            f"{key}.dora_scale": torch.ones(1, 768)}
+    cases = {
+        "sdxl-embedding": ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)},
+                           {"modelspec.architecture": "stable-diffusion-xl-v1-base/textual-inversion"}),
+        "dora": (dora, {"ss_base_model_version": "sdxl_base_v1-0"}),
+        "bundle": ({**dora, "bundle_emb.zq.clip_l": torch.zeros(1, 768)}, {"ss_base_model_version": "sdxl_base_v1-0"}),
+        "vae": ({"decoder.conv_in.weight": torch.zeros(2, 2)}, {}),
+    }
+    for name, (tensors, metadata) in cases.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors", metadata)
+    assert file_kind(tmp_path / "sdxl-embedding.safetensors") == ("embedding", "Stable Diffusion XL embedding")
+    assert file_kind(tmp_path / "dora.safetensors") == ("lora", "Stable Diffusion XL DoRA")
+    assert file_kind(tmp_path / "bundle.safetensors") == ("lora", "Stable Diffusion XL DoRA with its embedding bundled")
     with pytest.raises(Exception, match="neither a LoRA nor an embedding"):
-        file_kind(path)
+        file_kind(tmp_path / "vae.safetensors")
 
 
 def test_export_help_names_the_app_options(run_cli, capsys):

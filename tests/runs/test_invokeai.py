@@ -42,6 +42,19 @@ class StandIn:
         self.jobs[job["id"]] = job
         return 201, job
 
+    def models_named(self, query: dict) -> tuple[int, dict]:
+        name, kind = query["model_name"][0], query["model_type"][0]
+        found = [job["config_out"] for job in self.jobs.values() if job["config_out"]]
+        return 200, {"models": [m for m in found if m["name"] == name and m["type"] == kind]}
+
+    def delete(self, key: str) -> tuple[int, dict | None]:
+        for job in self.jobs.values():
+            if job["config_out"] and job["config_out"]["key"] == key:
+                job["config_out"] = None
+                shutil.rmtree(self.models / key)
+                return 204, None
+        return 404, {"detail": f"unknown model {key}"}
+
     def get_job(self, job_id: int) -> tuple[int, dict]:
         job = self.jobs.get(job_id)
         if job is None:
@@ -72,8 +85,8 @@ class StandIn:
 
 def serve(state: StandIn) -> tuple[ThreadingHTTPServer, str]:
     class Handler(BaseHTTPRequestHandler):
-        def answer(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
+        def answer(self, code: int, body: dict | None) -> None:
+            data = b"" if body is None else json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -90,6 +103,10 @@ def serve(state: StandIn) -> tuple[ThreadingHTTPServer, str]:
                 return self.answer(*state.post_install(urllib.parse.parse_qs(url.query)))
             if method == "GET" and url.path.startswith("/api/v2/models/install/"):
                 return self.answer(*state.get_job(int(url.path.rsplit("/", 1)[1])))
+            if method == "GET" and url.path == "/api/v2/models/":
+                return self.answer(*state.models_named(urllib.parse.parse_qs(url.query)))
+            if method == "DELETE" and url.path.startswith("/api/v2/models/i/"):
+                return self.answer(*state.delete(url.path.rsplit("/", 1)[1]))
             self.answer(404, {"detail": "Not Found"})
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's names
@@ -97,6 +114,9 @@ def serve(state: StandIn) -> tuple[ThreadingHTTPServer, str]:
 
         def do_GET(self) -> None:  # noqa: N802
             self.route("GET")
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            self.route("DELETE")
 
         def log_message(self, *args) -> None:
             pass
@@ -124,10 +144,11 @@ def test_installs_each_file_and_reports_the_models(invokeai, app_files_run, run_
     assert code == 0, err
     assert out.splitlines() == [
         f"installed zq-lora.safetensors in InvokeAI at {invokeai.url}: lora 'zq-lora' for sd-1 (key key-1)",
-        "  InvokeAI: add zq-lora in the LoRA list of the generation settings",
+        "in InvokeAI: pick zq-lora under Concepts (Add LoRA) in the Generation settings",
         f"installed zq-thing.safetensors in InvokeAI at {invokeai.url}: embedding 'zq-thing' for sd-1 (key key-2)",
-        "  InvokeAI: type <zq-thing> in the prompt",
+        "in InvokeAI: type <zq-thing> in the prompt",
     ]
+    assert [(method, path) for method, path, _, _ in invokeai.requests[:2]] == [("GET", "/api/v2/models/")] * 2
     posts = [r for r in invokeai.requests if r[0] == "POST"]
     assert [(path, query["inplace"], body) for _, path, query, body in posts] == [
         ("/api/v2/models/install", ["false"], b"{}")] * 2
@@ -140,6 +161,20 @@ def test_installs_each_file_and_reports_the_models(invokeai, app_files_run, run_
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_a_second_install_of_a_name_needs_force_and_then_replaces_the_model(invokeai, app_files_run, run_cli,
+                                                                              assert_one_line_error):
+    assert run_cli("export", app_files_run, "--step", "2", "--invokeai-url", invokeai.url)[0] == 0
+    posted = len(invokeai.jobs)
+    code, _, err = run_cli("export", app_files_run, "--step", "4", "--invokeai-url", invokeai.url)
+    assert_one_line_error(code, err, f"InvokeAI at {invokeai.url} has a lora named 'zq-lora' already (key key-1)",
+                          "--force")
+    assert len(invokeai.jobs) == posted  # nothing was installed
+    code, out, err = run_cli("export", app_files_run, "--step", "4", "--invokeai-url", invokeai.url, "--force")
+    assert code == 0, err
+    assert "'zq-lora' for sd-1 (key key-3)" in out and "'zq-thing' for sd-1 (key key-4)" in out
+    assert sorted(p.name for p in invokeai.models.iterdir()) == ["key-3", "key-4"]  # the old models were deleted
+
+
 def test_a_failed_install_job_is_one_line_naming_the_file(invokeai, app_files_run, run_cli, tmp_path,
                                                           assert_one_line_error):
     invokeai.refuse_files_with = "thing"
@@ -150,7 +185,6 @@ def test_a_failed_install_job_is_one_line_naming_the_file(invokeai, app_files_ru
 
 
 def test_a_file_installed_before_is_refused_by_invokeai(invokeai, app_files_run, run_cli, assert_one_line_error):
-    invokeai.installed.add("anything")
     original = invokeai.post_install
     invokeai.post_install = lambda query: (409, {"detail": "already installed"}) if "lora" in query["source"][0] \
         else original(query)

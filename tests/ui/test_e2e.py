@@ -399,7 +399,7 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_p
     assert page.inner_text("#exp-to-label") == "ComfyUI folder"
     page.fill("#exp-to", str(comfy))
     page.click("#job-export button[type=submit]")
-    page.locator("#exp-msg .usage", has_text="ComfyUI: type embedding:").wait_for()
+    page.locator("#exp-msg .usage", has_text="in ComfyUI: type embedding:").wait_for()
     installed = page.locator("#exp-msg code.exported").all_inner_texts()
     assert installed and all(Path(p).is_file() and Path(p).parent == comfy / "models" / "embeddings" for p in installed)
 

@@ -17,7 +17,8 @@ What each app reads, and from where (read from each app's source, late 2026):
   under InvokeAI's root, which the Model Manager's "Scan Folder" installs (GET /api/v2/models/scan_folder), or
   installs through the HTTP API (runs/invokeai.py). A model is named after its file's stem (backend/model_manager/
   model_on_disk.py); an embedding is typed `<NAME>` in a prompt (app/util/ti_utils.py
-  extract_ti_triggers_from_prompt), a LoRA is added in the LoRA list of the generation settings.
+  extract_ti_triggers_from_prompt), a LoRA is picked in the Generation settings' "Concepts" (frontend/web/src/
+  features/lora/components/LoRASelect.tsx, placeholder "Add LoRA").
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ A1111 = App(
 INVOKEAI = App(
     "invokeai", "InvokeAI", ("invokeai.yaml",),
     folders={LORA: "conjure", EMBEDDING: "conjure"},
-    usage={EMBEDDING: "type <{name}> in the prompt", LORA: "add {name} in the LoRA list of the generation settings"},
+    usage={EMBEDDING: "type <{name}> in the prompt", LORA: "pick {name} under Concepts (Add LoRA) in the Generation "
+           "settings"},
     then="InvokeAI watches no folder: in its Model Manager, Add Models > Scan Folder, scan {folder} and press "
     "Install All (`conjure export --invokeai-url` installs without this step)",
 )
@@ -76,7 +78,7 @@ class AppFile:
 
     path: Path
     kind: str  # LORA or EMBEDDING
-    family: str  # the family's title
+    what: str  # e.g. "Stable Diffusion XL LoRA"
 
 
 def app_named(name: str, field: str = "--to-app") -> App:
@@ -87,17 +89,21 @@ def app_named(name: str, field: str = "--to-app") -> App:
 
 
 def file_kind(path: Path) -> tuple[str, str]:
-    """(LORA or EMBEDDING, family title) of a LoRA/DoRA or embedding file, from its tensor names and metadata."""
+    """(LORA or EMBEDDING, what the file is for people, e.g. "Stable Diffusion 1.x DoRA") of a LoRA/DoRA or
+    embedding file, from its tensor names and metadata."""
+    from conjure.export.embeddings import BUNDLE_PREFIX
     from conjure.export.lora import detect_family, read_shapes
 
     shapes, metadata = read_shapes(path)
     if shapes and set(shapes) <= _EMBEDDING_KEYS:
-        kind = EMBEDDING
+        kind, noun = EMBEDDING, "embedding"
     elif any(key.endswith(_LORA_ENDINGS) for key in shapes):
-        kind = LORA
+        kind, noun = LORA, "DoRA" if any(key.endswith(".dora_scale") for key in shapes) else "LoRA"
+        if any(key.startswith(BUNDLE_PREFIX) for key in shapes):
+            noun += " with its embedding bundled"
     else:
         raise ConjureError(f"{path}: neither a LoRA nor an embedding file; copy it with --to DIR instead")
-    return kind, families.get(detect_family(shapes, metadata)[0]).title
+    return kind, f"{families.get(detect_family(shapes, metadata)[0]).title} {noun}"
 
 
 def check_app_dir(app: App, app_dir: Path) -> Path:
@@ -123,16 +129,12 @@ def install_step(
     kinds = [file_kind(src) for src, _ in files]
     plan = [(src, Path(app_dir) / app.folders[kind] / dest) for (src, dest), (kind, _) in zip(files, kinds)]
     copied = copy_files(plan, force=force)
-    return [AppFile(path, kind, family) for path, (kind, family) in zip(copied, kinds)]
+    return [AppFile(path, kind, what) for path, (kind, what) in zip(copied, kinds)]
 
 
 def usage_lines(app: App, installed: list[AppFile]) -> list[str]:
     """What to do in the app with each installed file, one line each (and the app's extra step, if any)."""
-    lines = [
-        f"{app.title}: {app.usage[f.kind].format(name=f.path.stem, file=f.path.name)} "
-        f"({f.family} {f.kind}, {f.path.name})"
-        for f in installed
-    ]
+    lines = [f"in {app.title}: {app.usage[f.kind].format(name=f.path.stem, file=f.path.name)}" for f in installed]
     if app.then:
         folders = dict.fromkeys(str(f.path.parent) for f in installed)
         lines.append(app.then.format(folder=" and ".join(folders)))
@@ -151,9 +153,9 @@ def install_lines(
         from conjure.runs import invokeai
 
         url = invokeai.check_url(invokeai_url)
-        return invokeai.report_lines(url, invokeai.install_via_api(run_dir, step, url, name=name))
+        return invokeai.report_lines(url, invokeai.install_via_api(run_dir, step, url, name=name, force=force))
     chosen = app_named(str(app))
     if not app_dir:
         raise ConjureError(f"--to-app {chosen.name} needs --app-dir DIR, the app's own folder")
     installed = install_step(run_dir, step, chosen, Path(app_dir).expanduser(), name=name, force=force)
-    return [f"installed {f.path}" for f in installed] + usage_lines(chosen, installed)
+    return [f"installed {f.path} ({f.what})" for f in installed] + usage_lines(chosen, installed)

@@ -50,7 +50,8 @@ def _check_destinations(plan: list[tuple[Path, Path]], force: bool) -> None:
         if dest.is_dir():
             raise ConjureError(f"cannot export to {dest}: it is a folder")
         if dest.exists() and not force:
-            raise ConjureError(f"{dest} exists; overwrite it (--force) or give another name (--name)")
+            other_name = " or give another name (--name)" if len(plan) == 1 else ""  # --name renames one file only
+            raise ConjureError(f"{dest} exists; overwrite it (--force){other_name}")
 
 
 def _copy_to_temporaries(plan: list[tuple[Path, Path]]) -> list[Path]:

@@ -8,6 +8,8 @@ under /api (app/api_app.py):
 - `GET /api/v2/models/install/{id}` -> the job: `status` waiting, downloading, downloads_done, running, paused,
   then completed (`config_out`: the model's key, name, type, base), error (`error_reason`, `error`) or cancelled
   (app/services/model_install/model_install_common.py InstallStatus, ModelInstallJob).
+- `GET /api/v2/models/?model_name=NAME&model_type=TYPE` -> {"models": [configs]} (list_model_records), and
+  `DELETE /api/v2/models/i/{key}` -> 204 (delete_model: the record, and the file inside InvokeAI's models folder).
 A local source installed with inplace=false is *moved* into InvokeAI's models folder (model_install_default.py
 install_path), so each file is copied to a folder of its own first: the run's checkpoint stays whole. InvokeAI
 reads that path itself, so it must run on this machine (or see the same disk at the same path).
@@ -31,6 +33,7 @@ from typing import Any
 from conjure.errors import ConjureError
 from conjure.runs.export import checkpoint_files, copy_files
 
+MODELS_PATH = "/api/v2/models/"
 INSTALL_PATH = "/api/v2/models/install"
 FINISHED = ("completed", "error", "cancelled")
 REQUEST_TIMEOUT_S = 30.0
@@ -66,15 +69,17 @@ def _refusal(url: str, code: int, detail: str, file: str) -> str:
     return f"InvokeAI at {url}: {file} {what} (HTTP {code}{f': {detail}' if detail else ''})"
 
 
-def _call(url: str, method: str, path: str, file: str, query: dict[str, str] | None = None) -> dict[str, Any]:
-    """One JSON request about installing `file`; every failure becomes one ConjureError line."""
+def _call(url: str, method: str, path: str, file: str, query: dict[str, str] | None = None) -> Any:
+    """One request about installing `file`, and its JSON answer (None for none); every failure becomes one
+    ConjureError line."""
     address = f"{url}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     body = b"{}" if method == "POST" else None
     request = urllib.request.Request(address, data=body, method=method,
                                      headers={"Content-Type": "application/json", "Accept": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as answer:
-            data = json.loads(answer.read())
+            data = answer.read()
+        return json.loads(data) if data else None
     except urllib.error.HTTPError as exc:
         try:
             detail = str(json.loads(exc.read()).get("detail") or "")
@@ -87,9 +92,21 @@ def _call(url: str, method: str, path: str, file: str, query: dict[str, str] | N
                            f"running? check --invokeai-url)") from None
     except ValueError:
         raise ConjureError(f"{url} answered {path} with something other than JSON: is it InvokeAI?") from None
-    if not isinstance(data, dict) or "status" not in data:
+
+
+def _job(url: str, method: str, path: str, file: str, query: dict[str, str] | None = None) -> dict[str, Any]:
+    job = _call(url, method, path, file, query)
+    if not isinstance(job, dict) or "status" not in job:
         raise ConjureError(f"{url} answered {path} without an install job: is it InvokeAI?")
-    return data
+    return job
+
+
+def _same_named(url: str, name: str, kind: str, file: str) -> list[dict[str, Any]]:
+    """InvokeAI's models named `name` of type `kind` (conjure's kinds are InvokeAI's ModelType values)."""
+    found = _call(url, "GET", MODELS_PATH, file, {"model_name": name, "model_type": kind})
+    if not isinstance(found, dict) or not isinstance(found.get("models"), list):
+        raise ConjureError(f"{url} answered {MODELS_PATH} without a model list: is it InvokeAI?")
+    return [m for m in found["models"] if isinstance(m, dict)]
 
 
 def _finished_job(url: str, job: dict[str, Any], source: str, timeout: float) -> dict[str, Any]:
@@ -102,7 +119,7 @@ def _finished_job(url: str, job: dict[str, Any], source: str, timeout: float) ->
                                f"job {job.get('id')}: {job['status']}); see its Model Manager")
         time.sleep(wait)
         wait = min(2 * wait, POLL_MAX_S)
-        job = _call(url, "GET", f"{INSTALL_PATH}/{job.get('id')}", source)
+        job = _job(url, "GET", f"{INSTALL_PATH}/{job.get('id')}", source)
     return job
 
 
@@ -114,28 +131,51 @@ def _model(job: dict[str, Any], url: str, source: str) -> InvokeModel:
     return InvokeModel(source, *(str(config.get(k, "?")) for k in ("key", "name", "type", "base")))
 
 
+def _replaced(url: str, files: list[tuple[Path, str]], force: bool) -> list[list[str]]:
+    """Per file, the keys of InvokeAI's models of the same name and type, which its install replaces (`force`) or
+    which stop the installs before any starts. InvokeAI keeps two models of one name (it dropped the unique
+    (name, base, type) in migration_22), and then `<name>` in a prompt finds both and applies neither
+    (app/util/ti_utils.py generate_ti_list: "more than one similarly-named textual inversion models")."""
+    from conjure.runs.apps import file_kind
+
+    replaced = []
+    for src, dest in files:
+        name, kind = Path(dest).stem, file_kind(src)[0]
+        found = _same_named(url, name, kind, dest)
+        if found and not force:
+            keys = ", ".join(str(m.get("key")) for m in found)
+            raise ConjureError(f"InvokeAI at {url} has a {kind} named {name!r} already (key {keys}); replace it "
+                               f"(--force) or give another name (--name)")
+        replaced.append([str(m.get("key")) for m in found])
+    return replaced
+
+
 def install_via_api(
-    run_dir: Path, step: str | int, url: str, *, name: str | None = None,
+    run_dir: Path, step: str | int, url: str, *, name: str | None = None, force: bool = False,
     timeout: float = INSTALL_TIMEOUT_S,
 ) -> list[InvokeModel]:
-    """Install each of the checkpoint's files into the InvokeAI at `url`, one after the other; returns the models
-    it created. Stops at the first file InvokeAI refuses, saying which (the models before it stay installed)."""
+    """Install each of the checkpoint's files into the InvokeAI at `url`, one after the other, then remove the
+    models of the same names it replaces (`force`); returns the models it created. Stops at the first file
+    InvokeAI refuses, saying which (the files before it stay installed)."""
     url = check_url(url)
     files = checkpoint_files(run_dir, step, name)
+    replaced = _replaced(url, files, force)
     staging = Path(tempfile.mkdtemp(prefix="conjure-invokeai-"))
     staging.chmod(0o755)  # InvokeAI may run as another user; mkdtemp's folder is the owner's only
     waiting = False  # on a job that did not finish in time, which may still read its file
     try:
         models: list[InvokeModel] = []
-        for src, dest in files:
+        for (src, dest), old_keys in zip(files, replaced):
             # one folder per file: InvokeAI moves the file out, and a source it installed before is refused (409)
             [staged] = copy_files([(src, staging / f"{len(models)}" / dest)])
             staged.parent.chmod(0o755)
-            job = _call(url, "POST", INSTALL_PATH, dest, {"source": str(staged), "inplace": "false"})
+            job = _job(url, "POST", INSTALL_PATH, dest, {"source": str(staged), "inplace": "false"})
             waiting = True
             job = _finished_job(url, job, dest, timeout)
             waiting = False
             models.append(_model(job, url, dest))
+            for key in old_keys:  # after the new one is in: a failed install leaves the old model
+                _call(url, "DELETE", f"{MODELS_PATH}i/{key}", dest)
         return models
     finally:
         if not waiting:
@@ -149,6 +189,7 @@ def report_lines(url: str, models: list[InvokeModel]) -> list[str]:
     for model in models:
         lines.append(f"installed {model.file} in InvokeAI at {url}: {model.type} {model.name!r} for {model.base} "
                      f"(key {model.key})")
-        kind = "embedding" if model.type == "embedding" else "lora"
-        lines.append(f"  {INVOKEAI.title}: {INVOKEAI.usage[kind].format(name=model.name, file=model.file)}")
+        usage = INVOKEAI.usage.get(model.type)  # by the type InvokeAI probed
+        if usage:
+            lines.append(f"in {INVOKEAI.title}: {usage.format(name=model.name, file=model.file)}")
     return lines
