@@ -150,6 +150,8 @@ class CaptionReport:
 
 def folder_images(folder: Path, *, confine: Path | None = None) -> list[Path]:
     """The images of `folder` as training lists them (subfolders too, masks and hidden files left out)."""
+    if not Path(folder).is_dir():  # a .jsonl or Hugging Face source keeps its captions elsewhere than in .txt files
+        raise ConjureError(f"{folder}: not a folder (conjure caption writes .txt captions beside a folder's images)")
     return [example.image for example in scan_source(Path(folder), check_images=False, confine=confine).examples]
 
 
