@@ -63,6 +63,24 @@ def test_each_file_goes_where_the_app_reads_its_kind(app, app_files_run, tmp_pat
     assert not [p for p in folder.rglob("*") if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.parametrize("app", ["a1111", "comfyui", "invokeai"])
+def test_a_bundle_goes_only_to_an_app_that_reads_it(app, bundle_run, tmp_path, run_cli):
+    folder = fake_app(tmp_path, app)
+    code, out, err = run_cli("export", bundle_run, "--step", "2", "--to-app", app, "--app-dir", folder)
+    assert code == 0, err
+    bundles = list(folder.rglob("*.bundle.safetensors"))
+    if app == "a1111":
+        assert bundles == [folder / "models/Lora/zq-lora.bundle.safetensors"]
+        assert (f"installed {bundles[0]} (Stable Diffusion 1.x LoRA with its embedding bundled)" in out.splitlines())
+        assert ("in AUTOMATIC1111/Forge: type <lora:zq-lora.bundle:1> in the prompt (AUTOMATIC1111 loads the "
+                "embedding bundled in it too; Forge does not: there, type the embedding file's name)") in out
+    else:
+        assert bundles == []
+        assert (f"left out zq-lora.bundle.safetensors: {APPS[app].title} does not read an embedding bundled in a "
+                "LoRA (the LoRA and embedding files hold the same)") in out.splitlines()
+    assert len(list(folder.rglob("zq-*.safetensors"))) == (3 if app == "a1111" else 2)
+
+
 def test_no_overwrite_without_force(app_files_run, tmp_path, run_cli, assert_one_line_error):
     folder = fake_app(tmp_path, "comfyui")
     assert run_cli("export", app_files_run, "--step", "2", "--to-app", "comfyui", "--app-dir", folder)[0] == 0
@@ -116,7 +134,7 @@ def test_what_a_file_is(tmp_path):
         save_file(tensors, tmp_path / f"{name}.safetensors", metadata)
     assert file_kind(tmp_path / "sdxl-embedding.safetensors") == ("embedding", "Stable Diffusion XL embedding")
     assert file_kind(tmp_path / "dora.safetensors") == ("lora", "Stable Diffusion XL DoRA")
-    assert file_kind(tmp_path / "bundle.safetensors") == ("lora", "Stable Diffusion XL DoRA with its embedding bundled")
+    assert file_kind(tmp_path / "bundle.safetensors") == ("bundle", "Stable Diffusion XL DoRA with its embedding bundled")
     with pytest.raises(Exception, match="neither a LoRA nor an embedding"):
         file_kind(tmp_path / "vae.safetensors")
 

@@ -175,6 +175,14 @@ def test_a_second_install_of_a_name_needs_force_and_then_replaces_the_model(invo
     assert sorted(p.name for p in invokeai.models.iterdir()) == ["key-3", "key-4"]  # the old models were deleted
 
 
+def test_a_bundle_is_left_out(invokeai, bundle_run, run_cli):
+    code, out, err = run_cli("export", bundle_run, "--step", "2", "--invokeai-url", invokeai.url)
+    assert code == 0, err
+    assert len(invokeai.jobs) == 2 and out.splitlines()[-1] == (
+        "left out zq-lora.bundle.safetensors: InvokeAI does not read an embedding bundled in a LoRA (the LoRA and "
+        "embedding files hold the same)")
+
+
 def test_a_failed_install_job_is_one_line_naming_the_file(invokeai, app_files_run, run_cli, tmp_path,
                                                           assert_one_line_error):
     invokeai.refuse_files_with = "thing"

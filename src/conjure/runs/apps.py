@@ -9,7 +9,10 @@ What each app reads, and from where (read from each app's source, late 2026):
   (extensions-builtin/Lora/preload.py, Forge's sd_forge_lora/preload.py: `--lora-dir`), embeddings in `embeddings`
   (modules/cmd_args.py `--embeddings-dir`); a LoRA is typed `<lora:NAME:1>` with NAME the file's stem
   (ui_extra_networks_lora.py, networks.py process_network_files), an embedding by its file's stem
-  (modules/textual_inversion/textual_inversion.py load_from_file).
+  (modules/textual_inversion/textual_inversion.py load_from_file). A1111 also reads an embedding bundled in a LoRA
+  (`bundle_emb.*`, extensions-builtin/Lora/networks.py load_network); Forge at dfdcbab6 does not (sd_forge_lora
+  keeps an empty `bundle_embeddings` and never fills it). ComfyUI's LoRA loader and InvokeAI skip those keys, so
+  a bundle file is left out there: the checkpoint's LoRA and embedding files hold the same.
 - InvokeAI 6.13.8 (invoke-ai/InvokeAI tag v6.13.8, eb721633): no folder is watched. The `autoimport` folder was
   removed in 4.0 (commit 73c32668, "feat(mm): remove autoimport"; docs/.../troubleshooting/faq.mdx calls it "now
   unused"), and `models/` is managed by InvokeAI ("Do not add, delete or move files in this directory",
@@ -31,6 +34,7 @@ from conjure.errors import ConjureError
 
 LORA = "lora"
 EMBEDDING = "embedding"
+BUNDLE = "bundle"  # a LoRA with its embedding inside (pivotal tuning's `bundle: true`), which A1111/Forge read
 # Tensor name endings of a LoRA / DoRA file (kohya and PEFT layouts, shared FORMATS.md)
 _LORA_ENDINGS = ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", ".alpha", ".dora_scale")
 # The tensors an embedding file holds: one per text encoder of its family (`emb_params`, or `clip_l` + `clip_g`)
@@ -50,6 +54,10 @@ class App:
     then: str = ""  # a step the app needs before it sees the files ({folder}: where they were copied)
 
 
+# Why a file of a kind the app has no folder for is left out
+LEFT_OUT = {BUNDLE: "{app} does not read an embedding bundled in a LoRA (the LoRA and embedding files hold the same)"}
+
+
 COMFYUI = App(
     "comfyui", "ComfyUI", ("comfy", "models/checkpoints"),
     folders={LORA: "models/loras", EMBEDDING: "models/embeddings"},
@@ -58,8 +66,10 @@ COMFYUI = App(
 )
 A1111 = App(
     "a1111", "AUTOMATIC1111/Forge", ("webui.py", "models/Stable-diffusion"),
-    folders={LORA: "models/Lora", EMBEDDING: "embeddings"},
-    usage={EMBEDDING: "type {name} in the prompt", LORA: "type <lora:{name}:1> in the prompt"},
+    folders={LORA: "models/Lora", EMBEDDING: "embeddings", BUNDLE: "models/Lora"},
+    usage={EMBEDDING: "type {name} in the prompt", LORA: "type <lora:{name}:1> in the prompt",
+           BUNDLE: "type <lora:{name}:1> in the prompt (AUTOMATIC1111 loads the embedding bundled in it too; "
+           "Forge does not: there, type the embedding file's name)"},
 )
 INVOKEAI = App(
     "invokeai", "InvokeAI", ("invokeai.yaml",),
@@ -74,11 +84,12 @@ APPS = {app.name: app for app in (INVOKEAI, COMFYUI, A1111)}
 
 @dataclass(frozen=True)
 class AppFile:
-    """A file conjure put in an app's folder, what it is and for which model family."""
+    """A checkpoint's file as conjure put it in an app's folder (or left it out), and what it is."""
 
-    path: Path
-    kind: str  # LORA or EMBEDDING
+    path: Path  # where it went, or the checkpoint's file when left out
+    kind: str  # LORA, EMBEDDING or BUNDLE
     what: str  # e.g. "Stable Diffusion XL LoRA"
+    left_out: bool = False
 
 
 def app_named(name: str, field: str = "--to-app") -> App:
@@ -100,7 +111,7 @@ def file_kind(path: Path) -> tuple[str, str]:
     elif any(key.endswith(_LORA_ENDINGS) for key in shapes):
         kind, noun = LORA, "DoRA" if any(key.endswith(".dora_scale") for key in shapes) else "LoRA"
         if any(key.startswith(BUNDLE_PREFIX) for key in shapes):
-            noun += " with its embedding bundled"
+            kind, noun = BUNDLE, f"{noun} with its embedding bundled"
     else:
         raise ConjureError(f"{path}: neither a LoRA nor an embedding file; copy it with --to DIR instead")
     return kind, f"{families.get(detect_family(shapes, metadata)[0]).title} {noun}"
@@ -121,21 +132,24 @@ def install_step(
     run_dir: Path, step: str | int, app: App, app_dir: Path, *, name: str | None = None, force: bool = False
 ) -> list[AppFile]:
     """Copy the checkpoint's files into `app`'s folders under `app_dir` (every file or none; existing files are
-    replaced only with `force`)."""
+    replaced only with `force`), leaving out the kinds the app does not read."""
     from conjure.runs.export import checkpoint_files, copy_files  # here: `conjure --help` lists the apps without torch
 
     check_app_dir(app, Path(app_dir))
-    files = checkpoint_files(run_dir, step, name)
-    kinds = [file_kind(src) for src, _ in files]
-    plan = [(src, Path(app_dir) / app.folders[kind] / dest) for (src, dest), (kind, _) in zip(files, kinds)]
-    copied = copy_files(plan, force=force)
-    return [AppFile(path, kind, what) for path, (kind, what) in zip(copied, kinds)]
+    found = [(src, dest, *file_kind(src)) for src, dest in checkpoint_files(run_dir, step, name)]
+    taken = [(src, dest, kind, what) for src, dest, kind, what in found if kind in app.folders]
+    copied = copy_files([(src, Path(app_dir) / app.folders[kind] / dest) for src, dest, kind, _ in taken], force=force)
+    return [AppFile(path, kind, what) for path, (_, _, kind, what) in zip(copied, taken)] + [
+        AppFile(src, kind, what, left_out=True) for src, _, kind, what in found if kind not in app.folders]
 
 
-def usage_lines(app: App, installed: list[AppFile]) -> list[str]:
-    """What to do in the app with each installed file, one line each (and the app's extra step, if any)."""
+def usage_lines(app: App, files: list[AppFile]) -> list[str]:
+    """What to do in the app with each installed file, one line each, why a file was left out, and the app's extra
+    step, if any."""
+    installed = [f for f in files if not f.left_out]
     lines = [f"in {app.title}: {app.usage[f.kind].format(name=f.path.stem, file=f.path.name)}" for f in installed]
-    if app.then:
+    lines += [f"left out {f.path.name}: {LEFT_OUT[f.kind].format(app=app.title)}" for f in files if f.left_out]
+    if app.then and installed:
         folders = dict.fromkeys(str(f.path.parent) for f in installed)
         lines.append(app.then.format(folder=" and ".join(folders)))
     return lines
@@ -153,9 +167,9 @@ def install_lines(
         from conjure.runs import invokeai
 
         url = invokeai.check_url(invokeai_url)
-        return invokeai.report_lines(url, invokeai.install_via_api(run_dir, step, url, name=name, force=force))
+        return invokeai.report_lines(url, *invokeai.install_via_api(run_dir, step, url, name=name, force=force))
     chosen = app_named(str(app))
     if not app_dir:
         raise ConjureError(f"--to-app {chosen.name} needs --app-dir DIR, the app's own folder")
-    installed = install_step(run_dir, step, chosen, Path(app_dir).expanduser(), name=name, force=force)
-    return [f"installed {f.path} ({f.what})" for f in installed] + usage_lines(chosen, installed)
+    files = install_step(run_dir, step, chosen, Path(app_dir).expanduser(), name=name, force=force)
+    return [f"installed {f.path} ({f.what})" for f in files if not f.left_out] + usage_lines(chosen, files)

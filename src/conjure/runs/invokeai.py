@@ -131,21 +131,20 @@ def _model(job: dict[str, Any], url: str, source: str) -> InvokeModel:
     return InvokeModel(source, *(str(config.get(k, "?")) for k in ("key", "name", "type", "base")))
 
 
-def _replaced(url: str, files: list[tuple[Path, str]], force: bool) -> list[list[str]]:
-    """Per file, the keys of InvokeAI's models of the same name and type, which its install replaces (`force`) or
-    which stop the installs before any starts. InvokeAI keeps two models of one name (it dropped the unique
-    (name, base, type) in migration_22), and then `<name>` in a prompt finds both and applies neither
-    (app/util/ti_utils.py generate_ti_list: "more than one similarly-named textual inversion models")."""
-    from conjure.runs.apps import file_kind
-
+def _replaced(url: str, files: list[tuple[Path, str, str]], force: bool, one_file: bool) -> list[list[str]]:
+    """Per (source, name, kind), the keys of InvokeAI's models of the same name and type, which its install
+    replaces (`force`) or which stop the installs before any starts. InvokeAI keeps two models of one name (it
+    dropped the unique (name, base, type) in migration_22), and then `<name>` in a prompt finds both and applies
+    neither (app/util/ti_utils.py generate_ti_list: "more than one similarly-named textual inversion models")."""
     replaced = []
-    for src, dest in files:
-        name, kind = Path(dest).stem, file_kind(src)[0]
+    for _, dest, kind in files:
+        name = Path(dest).stem
         found = _same_named(url, name, kind, dest)
         if found and not force:
             keys = ", ".join(str(m.get("key")) for m in found)
+            other_name = " or give another name (--name)" if one_file else ""
             raise ConjureError(f"InvokeAI at {url} has a {kind} named {name!r} already (key {keys}); replace it "
-                               f"(--force) or give another name (--name)")
+                               f"(--force){other_name}")
         replaced.append([str(m.get("key")) for m in found])
     return replaced
 
@@ -153,19 +152,23 @@ def _replaced(url: str, files: list[tuple[Path, str]], force: bool) -> list[list
 def install_via_api(
     run_dir: Path, step: str | int, url: str, *, name: str | None = None, force: bool = False,
     timeout: float = INSTALL_TIMEOUT_S,
-) -> list[InvokeModel]:
-    """Install each of the checkpoint's files into the InvokeAI at `url`, one after the other, then remove the
-    models of the same names it replaces (`force`); returns the models it created. Stops at the first file
-    InvokeAI refuses, saying which (the files before it stay installed)."""
+) -> tuple[list[InvokeModel], list[tuple[str, str]]]:
+    """Install each of the checkpoint's files that InvokeAI reads into the InvokeAI at `url`, one after the other,
+    then remove the models of the same names they replace (`force`); returns the models it created and the files
+    left out (name, kind: those of kinds conjure.runs.apps.INVOKEAI has no folder for). Stops at the first file InvokeAI refuses, saying which (the files
+    before it stay installed)."""
+    from conjure.runs.apps import INVOKEAI, file_kind
+
     url = check_url(url)
-    files = checkpoint_files(run_dir, step, name)
-    replaced = _replaced(url, files, force)
+    found = [(src, dest, file_kind(src)[0]) for src, dest in checkpoint_files(run_dir, step, name)]
+    files = [(src, dest, kind) for src, dest, kind in found if kind in INVOKEAI.folders]
+    replaced = _replaced(url, files, force, one_file=len(found) == 1)
     staging = Path(tempfile.mkdtemp(prefix="conjure-invokeai-"))
     staging.chmod(0o755)  # InvokeAI may run as another user; mkdtemp's folder is the owner's only
     waiting = False  # on a job that did not finish in time, which may still read its file
     try:
         models: list[InvokeModel] = []
-        for (src, dest), old_keys in zip(files, replaced):
+        for (src, dest, _), old_keys in zip(files, replaced):
             # one folder per file: InvokeAI moves the file out, and a source it installed before is refused (409)
             [staged] = copy_files([(src, staging / f"{len(models)}" / dest)])
             staged.parent.chmod(0o755)
@@ -176,14 +179,14 @@ def install_via_api(
             models.append(_model(job, url, dest))
             for key in old_keys:  # after the new one is in: a failed install leaves the old model
                 _call(url, "DELETE", f"{MODELS_PATH}i/{key}", dest)
-        return models
+        return models, [(dest, kind) for _, dest, kind in found if kind not in INVOKEAI.folders]
     finally:
         if not waiting:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def report_lines(url: str, models: list[InvokeModel]) -> list[str]:
-    from conjure.runs.apps import INVOKEAI
+def report_lines(url: str, models: list[InvokeModel], left_out: list[tuple[str, str]]) -> list[str]:
+    from conjure.runs.apps import INVOKEAI, LEFT_OUT
 
     lines = []
     for model in models:
@@ -192,4 +195,4 @@ def report_lines(url: str, models: list[InvokeModel]) -> list[str]:
         usage = INVOKEAI.usage.get(model.type)  # by the type InvokeAI probed
         if usage:
             lines.append(f"in {INVOKEAI.title}: {usage.format(name=model.name, file=model.file)}")
-    return lines
+    return lines + [f"left out {file}: {LEFT_OUT[kind].format(app=INVOKEAI.title)}" for file, kind in left_out]

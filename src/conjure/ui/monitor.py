@@ -133,7 +133,7 @@ def job_export(job_id: int, body: ExportBody, request: Request) -> dict[str, Any
         installed = install_step(run_dir, body.step, app, to, name=body.name, force=body.force)
     except OSError as exc:
         raise ConjureError(f"cannot write to {to}: {exc.strerror or exc}") from None
-    return {"files": [str(f.path) for f in installed], "usage": usage_lines(app, installed)}
+    return {"files": [str(f.path) for f in installed if not f.left_out], "usage": usage_lines(app, installed)}
 
 
 @router.get("/files")
