@@ -91,7 +91,8 @@ class EmbeddingInfo:
 
     @property
     def vectors(self) -> int:
-        return next(iter(self.shapes.values()))[0] if self.shapes else 0
+        shape = next(iter(self.shapes.values()), ())
+        return shape[0] if len(shape) == 2 else len(shape)  # a 1-D tensor is one vector
 
 
 @dataclass

@@ -127,6 +127,9 @@ def _embeddings(rest: list[str], shapes: Mapping[str, Shape]) -> tuple[list[Embe
             info = out.setdefault(BUNDLE_PREFIX + name, EmbeddingInfo(name, {}, {}, bundled=True))
         elif _embedding_key(key) in own_keys and len(shapes[key]) == 2:
             info, part = out.setdefault("", EmbeddingInfo("", {}, {})), key
+        elif len(rest) == 1 and len(shapes) == 1 and len(shapes[key]) in (1, 2):
+            # diffusers' learned_embeds ({token: [width]}): apps take a lone tensor as the embedding
+            info, part = out.setdefault("", EmbeddingInfo(key, {}, {})), "emb_params"
         else:
             unknown.append(key)
             continue
@@ -155,7 +158,7 @@ def _kind(modules: list[Module], embeddings: list[EmbeddingInfo]) -> str:
         if kind not in kinds:
             kinds.append(kind)
     # a file with some plain LoRA modules beside DoRA/LoCon ones is named after the richer kind
-    main = [k for k in kinds if k != "LoRA"] or kinds
+    main = sorted(k for k in kinds if k != "LoRA") or kinds
     return " + ".join(main) + (" + embedding" if embeddings else "")
 
 
