@@ -119,6 +119,7 @@ def _embedding_family(shapes: Mapping[str, Shape]) -> tuple[str | None, bool]:
 def _embeddings(rest: list[str], shapes: Mapping[str, Shape]) -> tuple[list[EmbeddingInfo], list[str]]:
     """The embeddings among the keys no module claimed (a file's own, or bundled), and the unknown keys."""
     own_keys = {slot.embedding_key for f in families.FAMILIES.values() for slot in f.text_encoders}
+    widths = {slot.width for f in families.FAMILIES.values() for slot in f.text_encoders}
     out: dict[str, EmbeddingInfo] = {}
     unknown = []
     for key in rest:
@@ -127,7 +128,7 @@ def _embeddings(rest: list[str], shapes: Mapping[str, Shape]) -> tuple[list[Embe
             info = out.setdefault(BUNDLE_PREFIX + name, EmbeddingInfo(name, {}, {}, bundled=True))
         elif _embedding_key(key) in own_keys and len(shapes[key]) == 2:
             info, part = out.setdefault("", EmbeddingInfo("", {}, {})), key
-        elif len(rest) == 1 and len(shapes) == 1 and len(shapes[key]) in (1, 2):
+        elif len(shapes) == 1 and len(shapes[key]) in (1, 2) and shapes[key][-1] in widths:
             # diffusers' learned_embeds ({token: [width]}): apps take a lone tensor as the embedding
             info, part = out.setdefault("", EmbeddingInfo(key, {}, {})), "emb_params"
         else:
