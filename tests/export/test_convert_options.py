@@ -173,7 +173,7 @@ def test_bundle_refusals_are_one_line(tmp_path, run_cli, assert_one_line_error):
     for family, needles in (("sdxl", ["clip_l [2, 768]", "clip_g [2, 1280]"]), ("sd2", ["emb_params [2, 1024]"])):
         emb, _ = embedding(tmp_path / f"{family}.safetensors", family)
         code, _, err = run_cli("convert", src, out, "--merge-embedding", emb)
-        assert_one_line_error(code, err, "is not a sd1 embedding (emb_params [n, 768])", *needles)
+        assert_one_line_error(code, err, "is not a sd1 embedding (emb_params [n, 768]", *needles)
     emb, _ = embedding(tmp_path / "style.safetensors")
     code, _, err = run_cli("convert", src, out, "--merge-embedding", emb, "--to", "peft")
     assert_one_line_error(code, err, "diffusers/PEFT format cannot carry")
@@ -185,6 +185,14 @@ def test_bundle_refusals_are_one_line(tmp_path, run_cli, assert_one_line_error):
     code, _, err = run_cli("convert", tmp_path / "b.safetensors", out, "--split-bundle")
     assert_one_line_error(code, err, "style.safetensors exists", "--force")
     assert not out.exists()
+
+    # a tiny model's LoRA: the embedding's width is the one its UNet cross-attends to, not the real model's
+    tiny = save_kohya(tmp_path / "tiny.safetensors", {("unet", ATTN): LoraModule(torch.ones(2, 64), torch.ones(32, 2),
+                      1.0)}, {}, "sd1")
+    save_embedding(tmp_path / "tiny-emb.safetensors", {"emb_params": torch.ones(1, 64)}, {})
+    assert run_cli("convert", tiny, out, "--merge-embedding", tmp_path / "tiny-emb.safetensors")[0] == 0
+    code, _, err = run_cli("convert", tiny, out, "--force", "--merge-embedding", emb)
+    assert_one_line_error(code, err, "widths adding up to the LoRA's text width 64", "emb_params [2, 768]")
 
 
 def test_truncated_files_and_lycoris_loha_lokr_are_refused_in_one_line(tmp_path, run_cli, assert_one_line_error):

@@ -37,6 +37,7 @@ from conjure.export.lora import (
     FORMATS,
     cast_checked,
     check_module,
+    cross_attention_width,
     detect_family,
     dora_scale_tensor,
     file_dtype,
@@ -223,11 +224,8 @@ def _recast(tensors: Mapping[str, torch.Tensor], dtype: Any) -> dict[str, torch.
     return {k: v if k.endswith(".alpha") else cast_checked(v, file_dtype(dtype), k) for k, v in tensors.items()}
 
 
-def convert(src: Path, dst: Path, opts: ConvertOptions) -> Converted:
-    """Write `src` to `dst` changed as `opts` say (`conjure convert`). Exact unless resizing: a layout change or
-    --dtype fp32 keeps every value; the embedding bundle moves tensor-equal both ways. See the module docstring."""
-    src, dst = Path(src), Path(dst)
-    source = detect_lora_format(src)
+def _target_format(src: Path, dst: Path, source: str, opts: ConvertOptions) -> str:
+    """The layout to write, once the options are checked against each other and the files."""
     to = opts.to or source
     if to not in FORMATS:
         raise ConjureError(f"unknown LoRA format {to!r}: choose {' or '.join(FORMATS)}")
@@ -236,22 +234,39 @@ def convert(src: Path, dst: Path, opts: ConvertOptions) -> Converted:
         raise ConjureError(f"{src} is already a {to} file (and no --dtype, --resize-rank or embedding option)")
     if src.resolve() == dst.resolve():
         raise ConjureError("the output must be another file than the input")
+    if opts.split_bundle and opts.merge_embedding is not None:
+        raise ConjureError("--merge-embedding and --split-bundle go in separate runs")
+    if opts.merge_embedding is not None and to == "peft":
+        raise ConjureError("--merge-embedding writes bundle_emb.* keys, which the diffusers/PEFT format cannot carry")
+    return to
+
+
+def _merged(lora: Mapping[str, torch.Tensor], header: Mapping[str, str], bundle: dict[str, torch.Tensor],
+            opts: ConvertOptions) -> dict[str, torch.Tensor]:
+    """`bundle` with the embedding of --merge-embedding added (checked against the LoRA's family and width)."""
+    if opts.merge_embedding is None:
+        return bundle
+    fam = families.get(_family(lora, header, opts.family)[0])
+    width = cross_attention_width({k: tuple(v.shape) for k, v in lora.items()})
+    return {**bundle, **bundle_from_file(Path(opts.merge_embedding), fam, width, bundle)}
+
+
+def convert(src: Path, dst: Path, opts: ConvertOptions) -> Converted:
+    """Write `src` to `dst` changed as `opts` say (`conjure convert`). Exact unless resizing: a layout change or
+    --dtype fp32 keeps every value; the embedding bundle moves tensor-equal both ways. See the module docstring."""
+    src, dst = Path(src), Path(dst)
+    source = detect_lora_format(src)
+    to = _target_format(src, dst, source, opts)
     tensors, header = read_lora_file(src)
     bundle = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
     lora = {k: v for k, v in tensors.items() if k not in bundle}
-    if opts.split_bundle and opts.merge_embedding is not None:
-        raise ConjureError("--merge-embedding and --split-bundle go in separate runs")
     split = split_targets(bundle, dst, opts.force) if opts.split_bundle else {}
-    if split:
-        bundle = {}
-    if opts.merge_embedding is not None:
-        fam = _family(lora, header, opts.family)[0]
-        bundle.update(bundle_from_file(Path(opts.merge_embedding), families.get(fam), bundle))
+    bundle = _merged(lora, header, {} if split else bundle, opts)
     if bundle and to == "peft":
         raise ConjureError(f"{src} bundles embeddings (bundle_emb.*), which the diffusers/PEFT format cannot carry; "
                            "--split-bundle writes them as embedding files")
     report: list[Resized] = []
-    if source == to and not resizing:
+    if source == to and opts.resize_rank is None and opts.energy is None:
         save_lora_file({**_recast(lora, opts.dtype), **bundle}, dst, header)
     else:
         report = _relayout(src, dst, lora, header, source, to, bundle, opts)

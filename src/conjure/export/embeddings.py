@@ -62,23 +62,30 @@ def unbundle(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tens
     return out
 
 
-def check_embedding(tensors: Mapping[str, torch.Tensor], family: Family, where: str) -> None:
+def check_embedding(tensors: Mapping[str, torch.Tensor], family: Family, where: str, text_width: int | None) -> None:
     """The tensors are an embedding for `family`'s apps: exactly its CLIP encoders' tensor names (FORMATS.md: SD 1.x/2.x
-    `emb_params`, SDXL `clip_l` + `clip_g`), each [n_vectors, the real encoder's width] with one n_vectors."""
+    `emb_params`, SDXL `clip_l` + `clip_g`), each [n_vectors, width] with one n_vectors, the widths those of the real
+    encoders or, given `text_width` (what a LoRA's UNet cross-attends to), adding up to it (tiny and toy models)."""
     expected = {slot.embedding_key: slot.width for slot in family.text_encoders if slot.kind == "clip"}
     found = {key: tuple(value.shape) for key, value in tensors.items()}
-    shaped = all(len(shape) == 2 and shape[1] == expected.get(key) for key, shape in found.items())
-    if set(found) != set(expected) or not shaped or len({shape[0] for shape in found.values()}) != 1:
+    widths = [shape[-1] for shape in found.values()]
+    fits = sum(widths) == text_width if text_width else all(shape[-1] == expected.get(k) for k, shape in found.items())
+    shaped = all(len(shape) == 2 for shape in found.values()) and len({shape[0] for shape in found.values()}) == 1
+    if set(found) != set(expected) or not shaped or not fits:
         want = " + ".join(f"{key} [n, {width}]" for key, width in expected.items())
+        if text_width:
+            want += f", widths adding up to the LoRA's text width {text_width}"
         have = ", ".join(f"{key} {list(shape)}" for key, shape in found.items()) or "no tensors"
         raise ConjureError(f"{where} is not a {family.name} embedding ({want}); it holds {have}")
 
 
-def bundle_from_file(path: Path, family: Family, bundle: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The `bundle_emb` tensors of embedding file `path` for a LoRA of `family` that bundles `bundle` already, named
-    as A1111 names the file (its stem)."""
+def bundle_from_file(
+    path: Path, family: Family, text_width: int | None, bundle: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The `bundle_emb` tensors of embedding file `path` for a LoRA of `family` (`text_width`: check_embedding) that
+    bundles `bundle` already, named as A1111 names the file (its stem)."""
     tensors, _ = load_embedding(path)
-    check_embedding(tensors, family, str(path))
+    check_embedding(tensors, family, str(path), text_width)
     name = embedding_name(path.stem)
     if name in unbundle(dict(bundle)):
         raise ConjureError(f"the LoRA already bundles an embedding named {name!r}")

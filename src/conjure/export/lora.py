@@ -185,6 +185,15 @@ def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     return None
 
 
+def cross_attention_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The width of the text states a LoRA's UNet cross-attends to (its encoders' widths side by side), from the
+    in-width of a cross-attention to_k / to_v `lora_down`; None without one."""
+    for key, shape in shapes.items():
+        if re.search(r"attn2[._]to_[kv]", key) and key.endswith(("lora_down.weight", "lora_A.weight")):
+            return shape[1]
+    return None
+
+
 def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> tuple[str, bool]:
     """(family, certain). From the metadata, then modules only one family has, then the real models'
     cross-attention widths (InvokeAI's rule), then LDM block names (kohya writes them for SDXL only); otherwise
@@ -195,10 +204,9 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, 
     for name, marks in _OWN_MARKS.items():
         if any(mark in key for key in shapes for mark in marks):
             return name, True
-    for key, shape in shapes.items():
-        if re.search(r"attn2[._]to_[kv]", key) and key.endswith(("lora_down.weight", "lora_A.weight")):
-            if shape[1] in _CROSS_WIDTHS:
-                return _CROSS_WIDTHS[shape[1]], True
+    width = cross_attention_width(shapes)
+    if width in _CROSS_WIDTHS:
+        return _CROSS_WIDTHS[width], True
     if len(_LDM_NAMED) == 1 and any(mark in key for key in shapes for mark in _LDM_MARKS):
         return _LDM_NAMED[0], True
     return families.SD1.name, False
