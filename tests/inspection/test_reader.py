@@ -95,3 +95,15 @@ def test_unknown_module_names_are_kept_and_reported(tmp_path):
     insp = inspect_file(write(tmp_path, {**lora("lora_unet_not_a_module", 8, 8), "extra_tensor": (3,)}))
     (m,) = insp.modules
     assert (m.naming, m.component, m.targets) == ("unknown", None, ()) and insp.unknown == ["extra_tensor"]
+
+
+def test_simpletuner_lycoris_flux_and_sd_names_tell_their_family(tmp_path):
+    flux = inspect_file(write(tmp_path, {"lycoris_transformer_blocks_0_attn_to_q.lokr_w1": (8, 8),
+                                         "lycoris_transformer_blocks_0_attn_to_q.lokr_w2": (384, 384)},
+                              name="f.safetensors"))
+    (m,) = flux.modules
+    assert (flux.family, m.naming, m.targets, m.algorithm) == ("flux", "lycoris", ("transformer_blocks.0.attn.to_q",),
+                                                               "lokr")
+    sd = inspect_file(write(tmp_path, lora(f"lycoris_{Q.replace('.', '_')}".replace("attn1_to_q", "attn2_to_k"),
+                                           320, 1024), name="s.safetensors"))
+    assert (sd.family, sd.family_certain, sd.modules[0].naming) == ("sd2", True, "lycoris")

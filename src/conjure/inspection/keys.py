@@ -126,17 +126,19 @@ def resolve(name: str, family: str, layout: UnetLayout | None) -> tuple[str, str
     return "unknown", None, ()
 
 
-_FOREIGN_PREFIXES = (("lora_transformer_", "transformer."), ("diffusion_model.", "lora_unet_"))
+def _family_key(key: str) -> str:
+    """`key` spelled as conjure's family detection (export/lora.py detect_family) reads names: OneTrainer's
+    `lora_transformer_` and SimpleTuner's `lycoris_` FLUX.1 names as the PEFT `transformer.` paths they are, their
+    UNet names as kohya's, BFL's `diffusion_model.` paths as kohya names, attention processors without `processor`."""
+    for prefix in ("lora_transformer_", "lycoris_"):
+        if key.startswith(prefix):
+            body, _, part = key[len(prefix):].partition(".")
+            path = flux_path_from_underscores(body)
+            return f"transformer.{path}.{part}" if path else f"lora_unet_{body}.{part}"
+    if key.startswith("diffusion_model."):
+        return "lora_unet_" + key[len("diffusion_model."):].replace(".", "_")
+    return re.sub(r"^(.*)\.processor\.", r"\1.", key)
 
 
 def family_keys(keys: list[str]) -> list[str]:
-    """Keys with other tools' prefixes spelled as conjure's family detection reads them (OneTrainer's
-    `lora_transformer_` as the PEFT denoiser prefix, BFL's `diffusion_model.` paths as kohya names)."""
-    out = []
-    for key in keys:
-        for prefix, ours in _FOREIGN_PREFIXES:
-            if key.startswith(prefix):
-                body = key[len(prefix):]
-                key = ours + (body.replace(".", "_") if ours.endswith("_") else body)
-        out.append(re.sub(r"^(.*)\.processor\.", r"\1.", key))
-    return out
+    return [_family_key(k) for k in keys]

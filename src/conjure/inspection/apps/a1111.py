@@ -75,7 +75,8 @@ def _open_clip_attention(insp: Inspection) -> list[Finding]:
 
 def _dora(insp: Inspection) -> list[Finding]:
     return modules_where(insp, WRONG, lambda m: (
-        "dora_scale is not [1, in]: apply_weight_decompose normalises input columns only"
+        "dora_scale is not [1, in]: AUTOMATIC1111's apply_weight_decompose normalises input columns only"
+        + (" (Forge's weight_decompose, ComfyUI's, also reads [out, 1])" if dora_orientation(m) == "out" else "")
         if dora_orientation(m) in ("out", "flat", "bad") else None))
 
 
