@@ -6,6 +6,8 @@
   for them and the module of the diffusers model they adapt (`keys.py` reads the names).
 - `apps/`: one module per app (InvokeAI, ComfyUI, AUTOMATIC1111/Forge, diffusers) with that app's loader rules as
   small functions over an `Inspection`, each citing the app's source; `apps.verdicts()` runs them all.
+- `weights.py`: `lora_weights(inspection)`: the plain LoRA/DoRA modules of any layout read, as conjure's
+  neutral `LoraWeights`, which the kohya/PEFT writers (and `conjure convert`) turn into files apps load.
 - `report.py`: the table `conjure inspect` prints and its `--json` form; `command.py`: the subcommand (imports
   nothing heavy, so `conjure --help` stays instant).
 """
