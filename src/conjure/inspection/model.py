@@ -79,6 +79,28 @@ class Module:
             return None
         return up[0], down[1]
 
+    @property
+    def dora_orientation(self) -> str | None:
+        """How a `dora_scale` is laid out against the LoRA's (out, in): "in" ([1, in], conv [1, in, 1, 1]: kohya /
+        LyCORIS), "out" ([out, 1], conv [out, 1, 1, 1]), "flat" (1-D, PEFT's raw [out] magnitude), "bad", or None
+        without a dora_scale."""
+        shape = self.shapes.get("dora_scale")
+        if shape is None:
+            return None
+        out_in = self.out_in
+        if out_in is None:
+            return "bad"
+        n_out, n_in = out_in
+        tail = shape[2:]
+        if len(shape) == 1:
+            return "flat"
+        if len(shape) in (2, 4) and all(d == 1 for d in tail):
+            if shape[:2] == (1, n_in):
+                return "in"
+            if shape[:2] == (n_out, 1):
+                return "out"
+        return "bad"
+
 
 @dataclass
 class EmbeddingInfo:

@@ -17,7 +17,6 @@ from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
 from conjure.export.kohya_flux import flux_module_paths
 from conjure.export.kohya_names import default_module_path
-from conjure.inspection.apps.rules import dora_orientation
 from conjure.inspection.model import Inspection, Module
 
 __all__ = ["lora_weights", "read_tensors"]
@@ -38,7 +37,7 @@ def _module(m: Module, tensors: Mapping[str, torch.Tensor], where: str) -> LoraM
                            "which has no LoRA form of its rank")
     down, up = tensors[m.parts["down"]], tensors[m.parts["up"]]
     module = LoraModule(down=down, up=up, alpha=m.alpha if m.alpha is not None else float(down.shape[0]))
-    orientation = dora_orientation(m)
+    orientation = m.dora_orientation
     if orientation == "in":
         module.dora_scale = tensors[m.parts["dora_scale"]]
     elif orientation in ("out", "flat"):

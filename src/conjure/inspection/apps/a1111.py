@@ -22,7 +22,6 @@ import re
 
 from conjure.inspection.apps import comfyui
 from conjure.inspection.apps.rules import (
-    dora_orientation,
     embedding_widths,
     family_of,
     modules_where,
@@ -76,8 +75,8 @@ def _open_clip_attention(insp: Inspection) -> list[Finding]:
 def _dora(insp: Inspection) -> list[Finding]:
     return modules_where(insp, WRONG, lambda m: (
         "dora_scale is not [1, in]: AUTOMATIC1111's apply_weight_decompose normalises input columns only"
-        + (" (Forge's weight_decompose, ComfyUI's, also reads [out, 1])" if dora_orientation(m) == "out" else "")
-        if dora_orientation(m) in ("out", "flat", "bad") else None))
+        + (" (Forge's weight_decompose, ComfyUI's, also reads [out, 1])" if m.dora_orientation == "out" else "")
+        if m.dora_orientation in ("out", "flat", "bad") else None))
 
 
 def _magnitude(insp: Inspection) -> list[Finding]:

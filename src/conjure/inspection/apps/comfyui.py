@@ -22,7 +22,6 @@ from __future__ import annotations
 from conjure.inspection.apps.rules import (
     CLIP_LAYER,
     bundles_ignored,
-    dora_orientation,
     embedding_widths,
     family_of,
     modules_where,
@@ -83,10 +82,10 @@ def _magnitude(insp: Inspection) -> list[Finding]:
 def _dora_scale(insp: Inspection) -> list[Finding]:
     out = modules_where(insp, WRONG, lambda m: (
         "1-D dora_scale: weight_decompose broadcasts it over the inputs, not the outputs"
-        if dora_orientation(m) == "flat" else None))
+        if m.dora_orientation == "flat" else None))
     return out + modules_where(insp, DROPPED, lambda m: (
         "dora_scale fits neither [1, in] nor [out, 1]: weight_decompose fails and the layer is skipped"
-        if dora_orientation(m) == "bad" else None))
+        if m.dora_orientation == "bad" else None))
 
 
 def _peft_alpha(insp: Inspection) -> list[Finding]:

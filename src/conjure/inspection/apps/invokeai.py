@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from conjure.inspection.apps.rules import bundles_ignored, dora_orientation, embedding_widths, family_of, modules_where
+from conjure.inspection.apps.rules import bundles_ignored, embedding_widths, family_of, modules_where
 from conjure.inspection.model import DROPPED, REFUSED, WRONG, Finding, Inspection, Module
 
 NAME = "InvokeAI"
@@ -179,9 +179,9 @@ def _unpatched(insp: Inspection) -> list[Finding]:
 def _dora(insp: Inspection) -> list[Finding]:
     out = modules_where(insp, WRONG, lambda m: (
         "dora_scale is not [1, in]: DoRALayer always normalises input columns, so it applies wrongly"
-        if dora_orientation(m) in ("out", "flat") else None))
+        if m.dora_orientation in ("out", "flat") else None))
     out += modules_where(insp, REFUSED, lambda m: (
-        "dora_scale of no usable shape: DoRALayer.get_weight fails" if dora_orientation(m) == "bad" else None))
+        "dora_scale of no usable shape: DoRALayer.get_weight fails" if m.dora_orientation == "bad" else None))
     return out + [Finding(DROPPED, "PEFT DoRA magnitude: InvokeAI's diffusers-format readers take lora_A/lora_B only",
                           (m.parts["magnitude"],)) for m in insp.modules if "magnitude" in m.parts]
 

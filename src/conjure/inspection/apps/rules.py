@@ -28,28 +28,6 @@ def modules_where(insp: Inspection, outcome: str, why: Callable[[Module], str | 
     return grouped(outcome, ((r, m.keys) for m in insp.modules if (r := why(m)) is not None))
 
 
-def dora_orientation(m: Module) -> str | None:
-    """How a `dora_scale` is laid out against the LoRA's (out, in): "in" ([1, in], conv [1, in, 1, 1]: kohya /
-    LyCORIS), "out" ([out, 1], conv [out, 1, 1, 1]), "flat" (1-D, PEFT's raw [out] magnitude), "bad", or None
-    without a dora_scale."""
-    shape = m.shapes.get("dora_scale")
-    if shape is None:
-        return None
-    out_in = m.out_in
-    if out_in is None:
-        return "bad"
-    n_out, n_in = out_in
-    tail = shape[2:]
-    if len(shape) == 1:
-        return "flat"
-    if len(shape) in (2, 4) and all(d == 1 for d in tail):
-        if shape[:2] == (1, n_in):
-            return "in"
-        if shape[:2] == (n_out, 1):
-            return "out"
-    return "bad"
-
-
 def unknown_keys_dropped(app: str) -> Rule:
     def rule(insp: Inspection) -> list[Finding]:
         if not insp.unknown or insp.is_embedding:
