@@ -313,7 +313,8 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--app-dir", metavar="DIR", help="the app's own folder (ComfyUI's, the one with webui.py, "
                    "InvokeAI's root with invokeai.yaml)")
     p.add_argument("--name", help="file name stem to use instead of the trained token's name")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument("--force", action="store_true", help="overwrite existing files (with --invokeai-url: replace "
+                   "InvokeAI's models of the same names)")
     p.set_defaults(func=cmd_export)
 
 

@@ -71,7 +71,7 @@ def test_a_bundle_goes_only_to_an_app_that_reads_it(app, bundle_run, tmp_path, r
     bundles = list(folder.rglob("*.bundle.safetensors"))
     if app == "a1111":
         assert bundles == [folder / "models/Lora/zq-lora.bundle.safetensors"]
-        assert (f"installed {bundles[0]} (Stable Diffusion 1.x LoRA with its embedding bundled)" in out.splitlines())
+        assert (f"installed {bundles[0]} (Stable Diffusion 1.x LoRA + embedding)" in out.splitlines())
         assert ("in AUTOMATIC1111/Forge: type <lora:zq-lora.bundle:1> in the prompt (AUTOMATIC1111 loads the "
                 "embedding bundled in it too; Forge does not: there, type the embedding file's name)") in out
     else:
@@ -134,8 +134,8 @@ def test_what_a_file_is(tmp_path):
         save_file(tensors, tmp_path / f"{name}.safetensors", metadata)
     assert file_kind(tmp_path / "sdxl-embedding.safetensors") == ("embedding", "Stable Diffusion XL embedding")
     assert file_kind(tmp_path / "dora.safetensors") == ("lora", "Stable Diffusion XL DoRA")
-    assert file_kind(tmp_path / "bundle.safetensors") == ("bundle", "Stable Diffusion XL DoRA with its embedding bundled")
-    with pytest.raises(Exception, match="neither a LoRA nor an embedding"):
+    assert file_kind(tmp_path / "bundle.safetensors") == ("bundle", "Stable Diffusion XL DoRA + embedding")
+    with pytest.raises(Exception, match="holds no LoRA/LyCORIS modules and no embedding"):
         file_kind(tmp_path / "vae.safetensors")
 
 

@@ -35,10 +35,6 @@ from conjure.errors import ConjureError
 LORA = "lora"
 EMBEDDING = "embedding"
 BUNDLE = "bundle"  # a LoRA with its embedding inside (pivotal tuning's `bundle: true`), which A1111/Forge read
-# Tensor name endings of a LoRA / DoRA file (kohya and PEFT layouts, shared FORMATS.md)
-_LORA_ENDINGS = ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", ".alpha", ".dora_scale")
-# The tensors an embedding file holds: one per text encoder of its family (`emb_params`, or `clip_l` + `clip_g`)
-_EMBEDDING_KEYS = {slot.embedding_key for f in families.FAMILIES.values() for slot in f.text_encoders}
 
 
 @dataclass(frozen=True)
@@ -100,21 +96,17 @@ def app_named(name: str, field: str = "--to-app") -> App:
 
 
 def file_kind(path: Path) -> tuple[str, str]:
-    """(LORA or EMBEDDING, what the file is for people, e.g. "Stable Diffusion 1.x DoRA") of a LoRA/DoRA or
-    embedding file, from its tensor names and metadata."""
-    from conjure.export.embeddings import BUNDLE_PREFIX
-    from conjure.export.lora import detect_family, read_shapes
+    """(LORA, BUNDLE or EMBEDDING, what the file is for people, e.g. "Stable Diffusion 1.x DoRA"), as `conjure
+    inspect` reads the file."""
+    from conjure.export.lora import detect_family
+    from conjure.inspection.reader import inspect_file
 
-    shapes, metadata = read_shapes(path)
-    if shapes and set(shapes) <= _EMBEDDING_KEYS:
-        kind, noun = EMBEDDING, "embedding"
-    elif any(key.endswith(_LORA_ENDINGS) for key in shapes):
-        kind, noun = LORA, "DoRA" if any(key.endswith(".dora_scale") for key in shapes) else "LoRA"
-        if any(key.startswith(BUNDLE_PREFIX) for key in shapes):
-            kind, noun = BUNDLE, f"{noun} with its embedding bundled"
-    else:
-        raise ConjureError(f"{path}: neither a LoRA nor an embedding file; copy it with --to DIR instead")
-    return kind, f"{families.get(detect_family(shapes, metadata)[0]).title} {noun}"
+    found = inspect_file(path)
+    kind = EMBEDDING if found.is_embedding else BUNDLE if found.bundled() else LORA
+    family, certain = found.family, found.family_certain
+    if not certain:  # an embedding's family is read from its widths; conjure's metadata names it too
+        family, certain = detect_family(found.shapes, found.metadata)
+    return kind, f"{families.get(family).title if certain and family else 'unknown family'} {found.kind}"
 
 
 def check_app_dir(app: App, app_dir: Path) -> Path:
