@@ -97,3 +97,6 @@ def test_allow_pickle_opens_a_trusted_pickle_and_plain_pt_embeddings_need_no_per
     torch.save({"string_to_param": {"*": torch.zeros(2, 768)}, "name": "zq", "step": 100}, tmp_path / "a.pt")
     code, out, _ = run(capsys, tmp_path / "a.pt")
     assert code == 0 and "embedding (file name): 2 vectors; emb_params [2, 768]" in out, out
+    torch.save({"string_to_param": {"*": torch.zeros(1, 1024)}}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    code, out, _ = run(capsys, tmp_path / "old.pt")  # the pre-1.6 pickle, which cannot be memory-mapped
+    assert code == 0 and "Stable Diffusion 2.x" in out, out

@@ -51,8 +51,11 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, Shape], dict[str, str], dict[str, str], dict]:
+    with open(path, "rb") as f:
+        zipped = f.read(4) == _ZIP_OR_PICKLE[0]
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
+        # mmap: a multi-GB .ckpt maps its tensors instead of reading them (torch.save's zip container only)
+        data = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle, mmap=zipped)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "restricted unpickler refused it"
         raise ConjureError(
