@@ -34,7 +34,7 @@ from conjure.errors import ConjureError
 
 LORA = "lora"
 EMBEDDING = "embedding"
-BUNDLE = "bundle"  # a LoRA with its embedding inside (pivotal tuning's `bundle: true`), which A1111/Forge read
+BUNDLE = "bundle"  # a LoRA with its embedding inside (pivotal tuning's `bundle: true`), which AUTOMATIC1111 reads
 
 
 @dataclass(frozen=True)

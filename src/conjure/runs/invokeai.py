@@ -14,7 +14,7 @@ A local source installed with inplace=false is *moved* into InvokeAI's models fo
 install_path), so each file is copied to a folder of its own first: the run's checkpoint stays whole. InvokeAI
 reads that path itself, so it must run on this machine (or see the same disk at the same path).
 
-Only the standard library: this is two requests and a poll.
+Only the standard library: a few JSON requests and a poll.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ MODELS_PATH = "/api/v2/models/"
 INSTALL_PATH = "/api/v2/models/install"
 FINISHED = ("completed", "error", "cancelled")
 REQUEST_TIMEOUT_S = 30.0
-# A local install only probes and moves the file; a minute covers the hashing of a large LoRA on a slow disk.
+# A local install only probes, hashes and moves the file; two minutes cover a large LoRA on a slow disk.
 INSTALL_TIMEOUT_S = 120.0
 POLL_FIRST_S, POLL_MAX_S = 0.05, 1.0
 
