@@ -323,16 +323,18 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = sub.add_parser(
         "convert", help="convert a LoRA file: kohya <-> diffusers/PEFT, dtype, lower rank, embedding bundles",
-        description="Write a LoRA file (kohya or diffusers/PEFT layout) changed as the options say. Without "
-        "--resize-rank every value is kept (kohya -> peft -> kohya gives back the same file contents); DoRA files "
-        "cannot change layout; LyCORIS LoHa/LoKr files are refused (no LoRA is the same function).",
+        description="Write a LoRA file changed as the options say. IN: a kohya or diffusers/PEFT file, or another "
+        "trainer's layout that `conjure inspect` reads (OneTrainer, SimpleTuner, ai-toolkit, diffusers' attention "
+        "processors, LyCORIS LoCon). Without --resize-rank every value is kept (kohya -> peft -> kohya gives back "
+        "the same file contents); DoRA files cannot change between kohya and PEFT; LyCORIS LoHa/LoKr files are "
+        "refused (no LoRA is the same function).",
     )
     p.add_argument("input", metavar="IN", help="LoRA file (.safetensors)")
     p.add_argument("output", metavar="OUT", help="file to write")
     p.add_argument(
         "--to", choices=["kohya", "peft"],
-        help="layout to write (default: IN's): kohya loads in InvokeAI, ComfyUI, A1111/Forge and diffusers; "
-        "peft in diffusers only",
+        help="layout to write (default: IN's, kohya for another trainer's): kohya loads in InvokeAI, ComfyUI, "
+        "A1111/Forge and diffusers; peft in diffusers only",
     )
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="write the LoRA's tensors in this dtype (alphas keep theirs; values beyond fp16's range are "

@@ -7,7 +7,8 @@ columns, PEFT DoRA output rows; the same numbers are a different function. FLUX.
 (export/kohya_flux.py): to peft splits the fused layers, back fuses them, both exactly for the files conjure writes;
 a layer another tool trained fused (dense `lora_up`) splits into parts that share its `lora_down`, the same update,
 which fuses back at k times the rank (the same function, a bigger file). LyCORIS LoCon files are kohya files (conv
-layers included); LoHa and LoKr have no LoRA form of their rank and are refused.
+layers included); LoHa and LoKr have no LoRA form of their rank and are refused. Other trainers' layouts are read
+through `conjure inspect`'s reader (export/foreign.py) and written as kohya unless --to says otherwise.
 
 Without a layout change or a resize, the file's tensors are rewritten key for key (`--dtype`, bundles); otherwise
 they go through `LoraWeights` (export/resize.py for `--resize-rank`, the only change that is not exact). `--dtype`
@@ -45,8 +46,11 @@ from conjure.export.lora import (
     read_shapes,
     save_lora_file,
 )
-from conjure.export.peft import PEFT_PREFIXES, parse_peft, write_peft
+from conjure.export.foreign import foreign_weights, not_lora_refusal
+from conjure.export.peft import ADAPTER_METADATA_KEY, PEFT_PREFIXES, parse_peft, write_peft
 from conjure.export.resize import Resized, resize_weights
+from conjure.inspection.model import Inspection
+from conjure.inspection.reader import inspect_file
 
 __all__ = [
     "ALPHA_DTYPE_KEY", "ConvertOptions", "Converted", "apply_lora", "convert", "convert_lora", "detect_lora_format",
@@ -70,26 +74,12 @@ def _format_of_keys(keys: Iterable[str]) -> str | None:
     return None
 
 
-# LyCORIS modules whose update is not up @ down (LyCORIS lycoris/modules/loha.py, lokr.py; applied as ComfyUI
-# comfy/weight_adapter/loha.py, lokr.py calculate_weight does): the part that marks each, and why no LoRA of the
-# file's rank is the same function
-_NOT_LORA = {
-    "hada_w1_a": "LoHa: its update (w1_a @ w1_b) * (w2_a @ w2_b), an elementwise product, has rank up to r^2",
-    "lokr_w1": "LoKr: its update kron(w1, w2) has rank rank(w1) * rank(w2), up to the full width",
-    "lokr_w1_a": "LoKr: its update kron(w1_a @ w1_b, w2) has rank rank(w1) * rank(w2), up to the full width",
-    "lora_mid.weight": "LoCon with a Tucker core (lora_mid), which conjure does not read",
-}
-
-
-def _not_lora_refusal(path: Path, keys: Iterable[str]) -> str | None:
-    for key in sorted(keys):
-        name, _, part = key.partition(".")
-        if part in _NOT_LORA:
-            return (
-                f"{path} is a LyCORIS file, not a LoRA ({name} is {_NOT_LORA[part]}), so it has no exact LoRA form "
-                "to convert to; apps with LyCORIS support (ComfyUI, A1111/Forge, InvokeAI) load it as it is"
-            )
-    return None
+def _neither(path: Path, keys: Iterable[str]) -> str:
+    sample = ", ".join(sorted(keys)[:3])
+    return (
+        f"{path} is neither a kohya LoRA (lora_unet_*/lora_te*_ .lora_down/.lora_up/.alpha) nor a diffusers/PEFT "
+        f"LoRA (unet./text_encoder. ... .lora_A/.lora_B) file; first keys: {sample or '(none)'}"
+    )
 
 
 def detect_lora_format(path: Path) -> str:
@@ -97,15 +87,23 @@ def detect_lora_format(path: Path) -> str:
     shapes, _ = read_shapes(Path(path))
     fmt = _format_of_keys(shapes)
     if fmt is None:
-        refusal = _not_lora_refusal(path, shapes)
-        if refusal:
-            raise ConjureError(refusal)
-        sample = ", ".join(sorted(shapes)[:3])
-        raise ConjureError(
-            f"{path} is neither a kohya LoRA (lora_unet_*/lora_te*_ .lora_down/.lora_up/.alpha) nor a diffusers/PEFT "
-            f"LoRA (unet./text_encoder. ... .lora_A/.lora_B) file; first keys: {sample or '(none)'}"
-        )
+        raise ConjureError(not_lora_refusal(path, shapes) or _neither(path, shapes))
     return fmt
+
+
+def _layout(path: Path) -> tuple[str, Inspection | None]:
+    """The input's layout: "kohya", "peft", or "foreign" with what `conjure inspect`'s reader makes of it."""
+    shapes, _ = read_shapes(path)
+    fmt = _format_of_keys(shapes)
+    if fmt is not None:
+        return fmt, None
+    refusal = not_lora_refusal(path, shapes)
+    if refusal:
+        raise ConjureError(refusal)
+    inspection = inspect_file(path)
+    if not inspection.modules:
+        raise ConjureError(_neither(path, shapes))
+    return "foreign", inspection
 
 
 _DORA_REFUSAL = (
@@ -137,18 +135,40 @@ class Converted:
     embeddings: dict[str, Path] = field(default_factory=dict)  # name users type -> file written
 
 
-def _alpha_dtype(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], src: Path) -> torch.dtype:
-    """The dtype of a kohya file's alphas (kohya sd-scripts writes them in its save_precision), kept both ways."""
-    dtypes = {v.dtype for k, v in tensors.items() if k.endswith(".alpha")}
-    if len(dtypes) > 1:
-        raise ConjureError(f"{src}: alphas of several dtypes ({dtypes}); cannot keep them exactly")
-    return dtypes.pop() if dtypes else file_dtype(meta.get(ALPHA_DTYPE_KEY, "float32"))
+@dataclass
+class _Source:
+    """The input file, read: its layout (`_layout`), LoRA tensors (bundles apart) and header."""
 
+    path: Path
+    layout: str
+    lora: dict[str, torch.Tensor]
+    header: dict[str, str]
+    inspection: Inspection | None
 
-def _family(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], family: Any) -> tuple[str, bool]:
-    if family is not None:
-        return families.get(family).name, True
-    return detect_family({k: tuple(v.shape) for k, v in tensors.items()}, header)
+    def family(self, given: Any) -> tuple[str, bool]:
+        """(family, certain): the one given, else the file's (a foreign file's as its reader tells it)."""
+        if given is not None:
+            return families.get(given).name, True
+        if self.inspection is not None:
+            return self.inspection.family or families.SD1.name, self.inspection.family_certain
+        return detect_family({k: tuple(v.shape) for k, v in self.lora.items()}, self.header)
+
+    def weights(self, fam: str) -> tuple[LoraWeights, dict[str, str]]:
+        """The modules and the metadata to carry (without diffusers' adapter config, which the writer makes)."""
+        if self.layout == "kohya":
+            return parse_kohya(self.lora, self.header, fam, None, str(self.path))[0], dict(self.header)
+        if self.layout == "peft":
+            return parse_peft(self.lora, self.header, str(self.path))
+        assert self.inspection is not None
+        meta = {k: v for k, v in self.header.items() if k != ADAPTER_METADATA_KEY}
+        return foreign_weights(self.path, self.lora, self.header, fam, self.inspection), meta
+
+    def alpha_dtype(self, meta: Mapping[str, str]) -> torch.dtype:
+        """The dtype of the file's alphas (kohya sd-scripts writes them in its save_precision), kept both ways."""
+        dtypes = {v.dtype for k, v in self.lora.items() if k.endswith(".alpha")}
+        if len(dtypes) > 1:
+            raise ConjureError(f"{self.path}: alphas of several dtypes ({dtypes}); cannot keep them exactly")
+        return dtypes.pop() if dtypes else file_dtype(meta.get(ALPHA_DTYPE_KEY, "float32"))
 
 
 def _cast_weights(weights: LoraWeights, dtype: torch.dtype) -> LoraWeights:
@@ -180,19 +200,15 @@ def _resized_metadata(meta: dict[str, str], report: list[Resized], energy: float
     meta["ss_training_comment"] = f"dimension is resized from {old} {how}; {meta.get('ss_training_comment', '')}"
 
 
-def _relayout(src: Path, dst: Path, tensors: dict[str, torch.Tensor], header: dict[str, str], source: str,
-              to: str, bundle: dict[str, torch.Tensor], opts: ConvertOptions) -> list[Resized]:
+def _relayout(source: _Source, dst: Path, to: str, bundle: dict[str, torch.Tensor], opts: ConvertOptions
+              ) -> list[Resized]:
     """Read the modules, resize / cast them, write them in layout `to`."""
-    if source != to and any(k.endswith((".dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight"))
-                            for k in tensors):
-        raise ConjureError(_DORA_REFUSAL.format(src=src))
-    fam, certain = _family(tensors, header, opts.family)
-    if source == "kohya":
-        weights, _ = parse_kohya(tensors, header, fam, None, str(src))
-        meta = dict(header)
-    else:
-        weights, meta = parse_peft(tensors, header, str(src))
-    alpha_dtype = _alpha_dtype(tensors, meta, src)
+    dora = (".dora_scale", "lora_magnitude_vector", "lora_magnitude_vector.weight")
+    if source.layout in FORMATS and source.layout != to and any(k.endswith(dora) for k in source.lora):
+        raise ConjureError(_DORA_REFUSAL.format(src=source.path))
+    fam, certain = source.family(opts.family)
+    weights, meta = source.weights(fam)
+    alpha_dtype = source.alpha_dtype(meta)
     report: list[Resized] = []
     if opts.resize_rank is not None or opts.energy is not None:
         fused = _fused_groups(weights, fam) if to == "kohya" else []
@@ -205,9 +221,9 @@ def _relayout(src: Path, dst: Path, tensors: dict[str, torch.Tensor], header: di
             meta[ALPHA_DTYPE_KEY] = str(alpha_dtype).removeprefix("torch.")
         write_peft(dst, weights, meta, fam, None, add_format=False)
         return report
-    if source == "peft" and not certain:
+    if source.layout != "kohya" and not certain:
         raise ConjureError(
-            f"cannot tell which model family {src} is for (no metadata, no modules only one family has); "
+            f"cannot tell which model family {source.path} is for (no metadata, no modules only one family has); "
             f"give the family (conjure convert ... --family {'|'.join(families.FAMILIES)})"
         )
     meta.pop(ALPHA_DTYPE_KEY, None)
@@ -225,8 +241,9 @@ def _recast(tensors: Mapping[str, torch.Tensor], dtype: Any) -> dict[str, torch.
 
 
 def _target_format(src: Path, dst: Path, source: str, opts: ConvertOptions) -> str:
-    """The layout to write, once the options are checked against each other and the files."""
-    to = opts.to or source
+    """The layout to write (default: the input's; kohya, the one every app loads, for another trainer's file),
+    once the options are checked against each other and the files."""
+    to = opts.to or (source if source in FORMATS else "kohya")
     if to not in FORMATS:
         raise ConjureError(f"unknown LoRA format {to!r}: choose {' or '.join(FORMATS)}")
     resizing = opts.resize_rank is not None or opts.energy is not None
@@ -241,13 +258,12 @@ def _target_format(src: Path, dst: Path, source: str, opts: ConvertOptions) -> s
     return to
 
 
-def _merged(lora: Mapping[str, torch.Tensor], header: Mapping[str, str], bundle: dict[str, torch.Tensor],
-            opts: ConvertOptions) -> dict[str, torch.Tensor]:
+def _merged(source: _Source, bundle: dict[str, torch.Tensor], opts: ConvertOptions) -> dict[str, torch.Tensor]:
     """`bundle` with the embedding of --merge-embedding added (checked against the LoRA's family and width)."""
     if opts.merge_embedding is None:
         return bundle
-    fam = families.get(_family(lora, header, opts.family)[0])
-    width = cross_attention_width({k: tuple(v.shape) for k, v in lora.items()})
+    fam = families.get(source.family(opts.family)[0])
+    width = cross_attention_width({k: tuple(v.shape) for k, v in source.lora.items()})
     return {**bundle, **bundle_from_file(Path(opts.merge_embedding), fam, width, bundle)}
 
 
@@ -255,21 +271,21 @@ def convert(src: Path, dst: Path, opts: ConvertOptions) -> Converted:
     """Write `src` to `dst` changed as `opts` say (`conjure convert`). Exact unless resizing: a layout change or
     --dtype fp32 keeps every value; the embedding bundle moves tensor-equal both ways. See the module docstring."""
     src, dst = Path(src), Path(dst)
-    source = detect_lora_format(src)
-    to = _target_format(src, dst, source, opts)
+    layout, inspection = _layout(src)
+    to = _target_format(src, dst, layout, opts)
     tensors, header = read_lora_file(src)
     bundle = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
-    lora = {k: v for k, v in tensors.items() if k not in bundle}
+    source = _Source(src, layout, {k: v for k, v in tensors.items() if k not in bundle}, header, inspection)
     split = split_targets(bundle, dst, opts.force) if opts.split_bundle else {}
-    bundle = _merged(lora, header, {} if split else bundle, opts)
+    bundle = _merged(source, {} if split else bundle, opts)
     if bundle and to == "peft":
         raise ConjureError(f"{src} bundles embeddings (bundle_emb.*), which the diffusers/PEFT format cannot carry; "
                            "--split-bundle writes them as embedding files")
     report: list[Resized] = []
-    if source == to and opts.resize_rank is None and opts.energy is None:
-        save_lora_file({**_recast(lora, opts.dtype), **bundle}, dst, header)
+    if layout == to and opts.resize_rank is None and opts.energy is None:
+        save_lora_file({**_recast(source.lora, opts.dtype), **bundle}, dst, header)
     else:
-        report = _relayout(src, dst, lora, header, source, to, bundle, opts)
+        report = _relayout(source, dst, to, bundle, opts)
     for path, embedding in split.values():
         save_embedding(path, embedding, {})
     return Converted(dst, to, report, {name: path for name, (path, _) in split.items()})

@@ -1,0 +1,96 @@
+"""Other trainers' LoRA layouts as `LoraWeights`, for `conjure convert`: OneTrainer (`lora_transformer_`), SimpleTuner
+(`lycoris_`), ai-toolkit and unprefixed PEFT, diffusers' old attention processors (`...processor.to_q_lora.down`),
+ComfyUI's `diffusion_model.` FLUX.1 paths. Every key is named by `conjure inspect`'s reader (inspection/reader.py,
+keys.py): conjure reads foreign layouts in one place, and this module only takes the tensors where it points.
+
+Only what has an exact LoRA form converts: plain LoRA / DoRA modules of a known model module, with every tensor of
+the file placed. LyCORIS LoHa / LoKr, Tucker cores (`lora_mid`), full differences (`diff`), modules of no known
+layer and tensors no module claims are refused with the reason, since writing the rest would drop them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from conjure.adapters import LoraModule, LoraWeights
+from conjure.errors import ConjureError
+from conjure.export.kohya import layout_from_metadata
+from conjure.export.kohya_flux import flux_module_paths
+from conjure.export.kohya_names import default_module_path
+from conjure.export.lora import check_module
+from conjure.inspection.keys import resolve
+from conjure.inspection.model import Inspection, Module
+
+__all__ = ["foreign_weights", "not_lora_refusal"]
+
+# LyCORIS modules whose update is not up @ down (LyCORIS lycoris/modules/loha.py, lokr.py; applied as ComfyUI
+# comfy/weight_adapter/loha.py, lokr.py calculate_weight does): the part that marks each, and why no LoRA of the
+# file's rank is the same function
+_NOT_LORA = {
+    "hada_w1_a": "LoHa: its update (w1_a @ w1_b) * (w2_a @ w2_b), an elementwise product, has rank up to r^2",
+    "lokr_w1": "LoKr: its update kron(w1, w2) has rank rank(w1) * rank(w2), up to the full width",
+    "lokr_w1_a": "LoKr: its update kron(w1_a @ w1_b, w2) has rank rank(w1) * rank(w2), up to the full width",
+    "lora_mid.weight": "LoCon with a Tucker core (lora_mid), which conjure does not read",
+    "diff": "a full weight difference (no low-rank factors)",
+}
+
+
+def not_lora_refusal(path: Path, keys: Iterable[str]) -> str | None:
+    """Why the file at `path` (its tensor names `keys`) is no LoRA, or None when nothing says so."""
+    for key in sorted(keys):
+        part = next((p for p in _NOT_LORA if key.endswith("." + p)), None)
+        if part is not None:
+            name = key[: -len(part) - 1]
+            return (
+                f"{path} is a LyCORIS file, not a LoRA ({name} is {_NOT_LORA[part]}), so it has no exact LoRA form "
+                "to convert to; apps with LyCORIS support (ComfyUI, A1111/Forge, InvokeAI) load it as it is"
+            )
+    return None
+
+
+def _module(m: Module, tensors: Mapping[str, torch.Tensor], where: str) -> LoraModule:
+    if "down" not in m.parts or "up" not in m.parts:
+        raise ConjureError(f"{where}: module {m.name} lacks its down or up tensor")
+    down, up = tensors[m.parts["down"]], tensors[m.parts["up"]]
+    magnitude = tensors[m.parts["magnitude"]].flatten() if "magnitude" in m.parts else None
+    dora_scale = tensors[m.parts["dora_scale"]] if "dora_scale" in m.parts else None
+    # kohya networks/lora.py: an alpha of 0 or none is the rank (no scaling); diffusers reads a missing one so too
+    module = LoraModule(down=down, up=up, alpha=m.alpha or float(down.shape[0]), dora_scale=dora_scale,
+                        magnitude=magnitude)
+    check_module(f"{where}: {m.name}", module)
+    return module
+
+
+def _targets(m: Module, component: str, module: LoraModule, family: str) -> list[tuple[tuple[str, str], LoraModule]]:
+    if len(m.targets) == 1:
+        return [((component, default_module_path(component, m.targets[0], family)), module)]
+    # a layer that computes several diffusers modules (FLUX.1's q|k|v): split as its kohya name is
+    kohya = "lora_unet_" + m.name.removeprefix("diffusion_model.").replace(".", "_")
+    return [((component, path), part) for path, part in flux_module_paths(kohya, module)]
+
+
+def foreign_weights(
+    src: Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], family: str, inspection: Inspection
+) -> LoraWeights:
+    """The modules of foreign file `src` (its LoRA tensors `tensors`, bundles left out) read as `family`'s; the
+    caller has refused LyCORIS files (not_lora_refusal) already."""
+    where = str(src)
+    claimed = {key for m in inspection.modules for key in m.parts.values()}
+    left = sorted(set(tensors) - claimed)
+    if left:
+        raise ConjureError(f"{where}: {len(left)} tensors are no part of a LoRA module ({', '.join(left[:3])}); "
+                           "converting would drop them")
+    layout = layout_from_metadata(header)
+    weights: LoraWeights = {}
+    for m in inspection.modules:
+        m.naming, component, m.targets = resolve(m.name, family, layout)
+        if component is None or not m.targets:
+            raise ConjureError(f"{where}: module {m.name} names no layer of a {family} model that conjure knows")
+        for key, module in _targets(m, component, _module(m, tensors, where), family):
+            if key in weights:
+                raise ConjureError(f"{where}: two modules adapt {key[0]} {key[1]}")
+            weights[key] = module
+    return weights
