@@ -17,7 +17,7 @@ from conjure import families
 from conjure.errors import ConjureError
 from conjure.export.embeddings import BUNDLE_PREFIX, SD_BUNDLE_KEY
 from conjure.export.kohya import layout_from_metadata
-from conjure.export.lora import detect_family
+from conjure.export.lora import detect_family, read_shapes
 from conjure.export.peft import adapter_alpha, adapter_config
 from conjure.inspection.keys import family_keys, group_modules, resolve
 from conjure.inspection.model import EmbeddingInfo, Inspection, Module, Shape
@@ -30,12 +30,12 @@ _ZIP_OR_PICKLE = (b"PK\x03\x04", b"\x80")  # torch.save's zip container, a bare 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Shape], dict[str, str], dict[str, str], dict[str, float]]:
     """(shapes, dtypes, metadata, alphas) from the header; the scalar alphas are the only tensors read."""
+    shapes, metadata = read_shapes(path)
     with safe_open(str(path), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
-        alphas = {k: float(f.get_tensor(k).float().reshape(-1)[0]) for k in f.keys()
+        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in shapes}
+        alphas = {k: float(f.get_tensor(k).float().reshape(-1)[0]) for k in shapes
                   if k.endswith(".alpha") and math.prod(shapes[k]) == 1}
-        return shapes, dtypes, dict(f.metadata() or {}), alphas
+    return shapes, dtypes, metadata, alphas
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
