@@ -47,3 +47,16 @@ def test_versus_diffusers_times_a_conjure_run_through_the_optimizer_hook(benchma
     assert set(result) == {"startup_s", "steps_s", "wall_s"}, result
     assert 0 < result["startup_s"] < result["wall_s"] and result["steps_s"] > 0
     assert len(json.loads((out / "log.json").read_text())) == 30
+
+
+def test_startup_times_each_import_stage_in_a_fresh_process(benchmark):
+    """benchmarks/startup.py's import floor (its real stages import torch, transformers and diffusers: seconds;
+    two light ones here) and its table."""
+    startup = benchmark("startup")
+    stages = (("json", "import json"), ("a second stage", "import fractions"))
+    floor = startup.import_floor(2, stages)
+    assert len(floor) == 2 and all(len(run) == 3 and all(0 <= s < 30 for s in run) for run in floor)
+    text = startup.report(floor, {"this version": [(3.0, 2.5), (2.0, 1.5), (4.0, 3.5)]}, 2, stages)
+    assert "| this version | 3.00 / 2.00 / 4.00 | 3.00 | 2.50 / 1.50 / 3.50 | 2.50 |" in text
+    assert "| a second stage | " in text
+    assert "| all of it | " in text

@@ -9,12 +9,13 @@ import sys
 import yaml
 
 # Imported by the run later (TensorBoard at the first scalar, a pipeline class at the first validation) or never
-# (the web app's server, Hugging Face data sets unless a source is one, the screenshot browser). DiffusionPipeline
-# itself is not here: diffusers' model loading imports it, and conjure reads model_index.json through it.
+# (the web app's server, Hugging Face data sets unless a source is one, the screenshot browser, the tiny models'
+# writer). DiffusionPipeline itself is not here: diffusers' model loading imports it, and conjure reads
+# model_index.json through it.
 NOT_BEFORE_FIRST_STEP = (
     "fastapi", "uvicorn", "starlette", "datasets", "tensorboard", "torch.utils.tensorboard", "playwright",
     "diffusers.pipelines.stable_diffusion", "diffusers.pipelines.stable_diffusion_xl", "diffusers.pipelines.flux",
-    "conjure.train.validation", "conjure.ui",
+    "conjure.train.validation", "conjure.ui", "conjure.models.tiny",
 )
 
 # Runs `conjure train CONFIG` as the command does, and records sys.modules after parsing the command line and
