@@ -326,8 +326,8 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Write a LoRA file changed as the options say. IN: a kohya or diffusers/PEFT file, or another "
         "trainer's layout that `conjure inspect` reads (OneTrainer, SimpleTuner, ai-toolkit, diffusers' attention "
         "processors, LyCORIS LoCon). Without --resize-rank every value is kept (kohya -> peft -> kohya gives back "
-        "the same file contents); DoRA files cannot change between kohya and PEFT; LyCORIS LoHa/LoKr files are "
-        "refused (no LoRA is the same function).",
+        "the same file contents); DoRA files cannot change between kohya and PEFT; LyCORIS LoHa/LoKr files "
+        "convert only with --resize-rank or --energy (no LoRA of their rank is the same function).",
     )
     p.add_argument("input", metavar="IN", help="LoRA file (.safetensors)")
     p.add_argument("output", metavar="OUT", help="file to write")
@@ -341,7 +341,8 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    "refused, not written as inf; default: as they are)")
     p.add_argument("--resize-rank", type=int, metavar="R",
                    help="lower every module of rank > R to rank R by SVD of its update (kohya resize_lora.py's "
-                   "conventions: alpha / rank kept); prints the energy kept per module. DoRA magnitudes are kept")
+                   "conventions, each module's alpha kept); prints the energy kept per module. DoRA magnitudes "
+                   "are kept. LyCORIS LoHa/LoKr: from their exact update, so the approximation is reported too")
     p.add_argument("--energy", type=float, metavar="E",
                    help="with or without --resize-rank: per module, the smallest rank keeping this fraction of the "
                    "update's energy (sum of squared singular values), e.g. 0.9; --resize-rank caps it")

@@ -87,3 +87,57 @@ def test_what_cannot_be_placed_is_refused_in_one_line(tmp_path, run_cli, assert_
     code, _, err = run_cli("convert", tmp_path / "f.safetensors", tmp_path / "o.safetensors")
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def lycoris_file(path):
+    """LoHa (linear; conv without Tucker; conv with Tucker) and LoKr (w2 decomposed; w2 whole) on real SD 1.x layers,
+    and the update each applies as ComfyUI computes it (comfy/weight_adapter/loha.py, lokr.py)."""
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    names = {x: "lora_unet_down_blocks_0_" + x for x in (
+        "attentions_0_transformer_blocks_0_attn1_to_q", "resnets_0_conv1", "resnets_0_conv2",
+        "attentions_0_transformer_blocks_0_attn1_to_k", "attentions_0_transformer_blocks_0_attn1_to_v")}
+    q, c1, c2, k, v = names.values()
+    t, delta = {}, {}
+    t |= {f"{q}.hada_w1_a": r(320, 2), f"{q}.hada_w1_b": r(2, 320), f"{q}.hada_w2_a": r(320, 2),
+          f"{q}.hada_w2_b": r(2, 320), f"{q}.alpha": torch.tensor(1.0)}
+    delta[q] = (t[f"{q}.hada_w1_a"] @ t[f"{q}.hada_w1_b"]) * (t[f"{q}.hada_w2_a"] @ t[f"{q}.hada_w2_b"]) * 0.5
+    t |= {f"{c1}.hada_w1_a": r(320, 2), f"{c1}.hada_w1_b": r(2, 2880), f"{c1}.hada_w2_a": r(320, 2),
+          f"{c1}.hada_w2_b": r(2, 2880)}  # no alpha: scale 1
+    delta[c1] = ((t[f"{c1}.hada_w1_a"] @ t[f"{c1}.hada_w1_b"]) * (t[f"{c1}.hada_w2_a"] @ t[f"{c1}.hada_w2_b"]))
+    t |= {f"{c2}.hada_t1": r(2, 2, 3, 3), f"{c2}.hada_w1_a": r(2, 320), f"{c2}.hada_w1_b": r(2, 320),
+          f"{c2}.hada_t2": r(2, 2, 3, 3), f"{c2}.hada_w2_a": r(2, 320), f"{c2}.hada_w2_b": r(2, 320),
+          f"{c2}.alpha": torch.tensor(4.0)}
+    m1 = torch.einsum("i j k l, j r, i p -> p r k l", t[f"{c2}.hada_t1"], t[f"{c2}.hada_w1_b"], t[f"{c2}.hada_w1_a"])
+    m2 = torch.einsum("i j k l, j r, i p -> p r k l", t[f"{c2}.hada_t2"], t[f"{c2}.hada_w2_b"], t[f"{c2}.hada_w2_a"])
+    delta[c2] = (m1 * m2 * 2.0).flatten(1)
+    t |= {f"{k}.lokr_w1": r(4, 4), f"{k}.lokr_w2_a": r(80, 2), f"{k}.lokr_w2_b": r(2, 80), f"{k}.alpha": torch.tensor(1.0)}
+    delta[k] = torch.kron(t[f"{k}.lokr_w1"], t[f"{k}.lokr_w2_a"] @ t[f"{k}.lokr_w2_b"]) * 0.5
+    t |= {f"{v}.lokr_w1": r(8, 4), f"{v}.lokr_w2": r(40, 80)}
+    delta[v] = torch.kron(t[f"{v}.lokr_w1"], t[f"{v}.lokr_w2"])
+    save_file(t, str(path), {"ss_base_model_version": "sd_v1"})
+    paths = {q: Q, c1: "down_blocks.0.resnets.0.conv1", c2: "down_blocks.0.resnets.0.conv2",
+             k: Q.replace("to_q", "to_k"), v: Q.replace("to_q", "to_v")}
+    return {("unet", paths[n]): d for n, d in delta.items()}
+
+
+def test_lycoris_loha_lokr_convert_only_with_a_resize_and_exactly_at_their_lora_rank(
+        tmp_path, run_cli, assert_one_line_error):
+    deltas = lycoris_file(tmp_path / "ly.safetensors")
+    code, _, err = run_cli("convert", tmp_path / "ly.safetensors", tmp_path / "o.safetensors")
+    assert_one_line_error(code, err, "not a LoRA", "--resize-rank R approximates it")
+
+    code, out, _ = run_cli("convert", tmp_path / "ly.safetensors", tmp_path / "exact.safetensors", "--resize-rank", "320")
+    assert code == 0 and "(5 copied as they were)" in out  # LoHa rank 2 -> LoRA rank 4, LoKr -> 4 x 2 and 4 x 40
+    weights, _ = load_kohya(tmp_path / "exact.safetensors")
+    assert weights[("unet", "down_blocks.0.resnets.0.conv1")].down.shape == (4, 320, 3, 3)
+    for key, delta in deltas.items():
+        m = weights[key]
+        torch.testing.assert_close(m.scale * m.up.flatten(1) @ m.down.flatten(1), delta, atol=1e-4, rtol=1e-4)
+
+    done = run_cli("convert", tmp_path / "ly.safetensors", tmp_path / "r2.safetensors", "--resize-rank", "2")[1]
+    s = torch.linalg.svdvals(deltas[("unet", Q)].double())
+    assert f"{Q}: rank 4 -> 2, energy kept {float((s[:2] ** 2).sum() / (s ** 2).sum()):.2%}" in done

@@ -7,7 +7,8 @@ columns, PEFT DoRA output rows; the same numbers are a different function. FLUX.
 (export/kohya_flux.py): to peft splits the fused layers, back fuses them, both exactly for the files conjure writes;
 a layer another tool trained fused (dense `lora_up`) splits into parts that share its `lora_down`, the same update,
 which fuses back at k times the rank (the same function, a bigger file). LyCORIS LoCon files are kohya files (conv
-layers included); LoHa and LoKr have no LoRA form of their rank and are refused. Other trainers' layouts are read
+layers included); LoHa and LoKr have no LoRA form of their rank and are refused, unless a resize approximates them
+(export/lycoris.py). Other trainers' layouts are read
 through `conjure inspect`'s reader (export/foreign.py) and written as kohya unless --to says otherwise.
 
 Without a layout change or a resize, the file's tensors are rewritten key for key (`--dtype`, bundles); otherwise
@@ -91,13 +92,14 @@ def detect_lora_format(path: Path) -> str:
     return fmt
 
 
-def _layout(path: Path) -> tuple[str, Inspection | None]:
-    """The input's layout: "kohya", "peft", or "foreign" with what `conjure inspect`'s reader makes of it."""
+def _layout(path: Path, approximate: bool) -> tuple[str, Inspection | None]:
+    """The input's layout: "kohya", "peft", or "foreign" with what `conjure inspect`'s reader makes of it
+    (`approximate`: a resize follows, so LyCORIS LoHa / LoKr files may come in)."""
     shapes, _ = read_shapes(path)
     fmt = _format_of_keys(shapes)
     if fmt is not None:
         return fmt, None
-    refusal = not_lora_refusal(path, shapes)
+    refusal = not_lora_refusal(path, shapes, approximate)
     if refusal:
         raise ConjureError(refusal)
     inspection = inspect_file(path)
@@ -153,7 +155,7 @@ class _Source:
             return self.inspection.family or families.SD1.name, self.inspection.family_certain
         return detect_family({k: tuple(v.shape) for k, v in self.lora.items()}, self.header)
 
-    def weights(self, fam: str) -> tuple[LoraWeights, dict[str, str]]:
+    def weights(self, fam: str, approximate: bool) -> tuple[LoraWeights, dict[str, str]]:
         """The modules and the metadata to carry (without diffusers' adapter config, which the writer makes)."""
         if self.layout == "kohya":
             return parse_kohya(self.lora, self.header, fam, None, str(self.path))[0], dict(self.header)
@@ -161,7 +163,7 @@ class _Source:
             return parse_peft(self.lora, self.header, str(self.path))
         assert self.inspection is not None
         meta = {k: v for k, v in self.header.items() if k != ADAPTER_METADATA_KEY}
-        return foreign_weights(self.path, self.lora, self.header, fam, self.inspection), meta
+        return foreign_weights(self.path, self.lora, self.header, fam, self.inspection, approximate), meta
 
     def alpha_dtype(self, meta: Mapping[str, str]) -> torch.dtype:
         """The dtype of the file's alphas (kohya sd-scripts writes them in its save_precision), kept both ways."""
@@ -207,10 +209,11 @@ def _relayout(source: _Source, dst: Path, to: str, bundle: dict[str, torch.Tenso
     if source.layout in FORMATS and source.layout != to and any(k.endswith(dora) for k in source.lora):
         raise ConjureError(_DORA_REFUSAL.format(src=source.path))
     fam, certain = source.family(opts.family)
-    weights, meta = source.weights(fam)
+    resizing = opts.resize_rank is not None or opts.energy is not None
+    weights, meta = source.weights(fam, resizing)
     alpha_dtype = source.alpha_dtype(meta)
     report: list[Resized] = []
-    if opts.resize_rank is not None or opts.energy is not None:
+    if resizing:
         fused = _fused_groups(weights, fam) if to == "kohya" else []
         weights, report = resize_weights(weights, opts.resize_rank, opts.energy, fused)
         _resized_metadata(meta, report, opts.energy)
@@ -271,7 +274,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions) -> Converted:
     """Write `src` to `dst` changed as `opts` say (`conjure convert`). Exact unless resizing: a layout change or
     --dtype fp32 keeps every value; the embedding bundle moves tensor-equal both ways. See the module docstring."""
     src, dst = Path(src), Path(dst)
-    layout, inspection = _layout(src)
+    layout, inspection = _layout(src, opts.resize_rank is not None or opts.energy is not None)
     to = _target_format(src, dst, layout, opts)
     tensors, header = read_lora_file(src)
     bundle = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}

@@ -4,14 +4,15 @@ ComfyUI's `diffusion_model.` FLUX.1 paths. Every key is named by `conjure inspec
 keys.py): conjure reads foreign layouts in one place, and this module only takes the tensors where it points.
 
 Only what has an exact LoRA form converts: plain LoRA / DoRA modules of a known model module, with every tensor of
-the file placed. LyCORIS LoHa / LoKr, Tucker cores (`lora_mid`), full differences (`diff`), modules of no known
-layer and tensors no module claims are refused with the reason, since writing the rest would drop them.
+the file placed. Tucker cores (`lora_mid`), full differences (`diff`), modules of no known layer and tensors no
+module claims are refused with the reason, since writing the rest would drop them; LyCORIS LoHa / LoKr too, unless
+a resize asks for an approximation (export/lycoris.py gives their exact factors, export/resize.py the rank).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -19,8 +20,9 @@ from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
 from conjure.export.kohya import layout_from_metadata
 from conjure.export.kohya_flux import flux_module_paths
-from conjure.export.kohya_names import default_module_path
+from conjure.export.kohya_names import default_module_path, resolve_module_path
 from conjure.export.lora import check_module
+from conjure.export.lycoris import lycoris_module
 from conjure.inspection.keys import resolve
 from conjure.inspection.model import Inspection, Module
 
@@ -38,20 +40,50 @@ _NOT_LORA = {
 }
 
 
-def not_lora_refusal(path: Path, keys: Iterable[str]) -> str | None:
-    """Why the file at `path` (its tensor names `keys`) is no LoRA, or None when nothing says so."""
+_APPROXIMABLE = ("hada_w1_a", "lokr_w1", "lokr_w1_a")  # export/lycoris.py: exact factors, then resize.py's SVD
+
+
+def not_lora_refusal(path: Path, keys: Iterable[str], approximate: bool = False) -> str | None:
+    """Why the file at `path` (its tensor names `keys`) is no LoRA, or None when nothing says so; `approximate`
+    (a resize was asked for): LoHa and LoKr modules are let through."""
     for key in sorted(keys):
         part = next((p for p in _NOT_LORA if key.endswith("." + p)), None)
-        if part is not None:
-            name = key[: -len(part) - 1]
-            return (
-                f"{path} is a LyCORIS file, not a LoRA ({name} is {_NOT_LORA[part]}), so it has no exact LoRA form "
-                "to convert to; apps with LyCORIS support (ComfyUI, A1111/Forge, InvokeAI) load it as it is"
-            )
+        if part is None or (approximate and part in _APPROXIMABLE):
+            continue
+        hint = "; --resize-rank R approximates it by a rank-R LoRA, reporting the energy kept" if (
+            part in _APPROXIMABLE) else ""
+        return (
+            f"{path} is a LyCORIS file, not a LoRA ({key[: -len(part) - 1]} is {_NOT_LORA[part]}), so it has no exact "
+            f"LoRA form to convert to; apps with LyCORIS support (ComfyUI, A1111/Forge, InvokeAI) load it as it is"
+            f"{hint}"
+        )
     return None
 
 
-def _module(m: Module, tensors: Mapping[str, torch.Tensor], where: str) -> LoraModule:
+class _ReferenceShapes:
+    """Weight shapes of the real `family` model's layers (built once, on the meta device: no weights)."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.components: dict[str, Any] | None = None
+        self.names: dict[str, set[str]] = {}
+
+    def __call__(self, component: str, path: str) -> tuple[int, ...]:
+        from conjure.models.reference import build_reference_components
+
+        if self.components is None:
+            self.components = build_reference_components(self.family, device="meta")
+        model = self.components[component]
+        names = self.names.setdefault(component, {name for name, _ in model.named_modules()})
+        return tuple(model.get_submodule(resolve_module_path(path, names)).weight.shape)
+
+
+def _module(m: Module, component: str, tensors: Mapping[str, torch.Tensor], where: str,
+            shapes: _ReferenceShapes | None) -> LoraModule:
+    if m.algorithm in ("loha", "lokr"):
+        if shapes is None or len(m.targets) != 1:
+            raise ConjureError(f"{where}: {m.name} is a LyCORIS {m.algorithm} module on a fused layer, not converted")
+        return lycoris_module(m, tensors, shapes(component, m.targets[0]), where)
     if "down" not in m.parts or "up" not in m.parts:
         raise ConjureError(f"{where}: module {m.name} lacks its down or up tensor")
     down, up = tensors[m.parts["down"]], tensors[m.parts["up"]]
@@ -73,11 +105,14 @@ def _targets(m: Module, component: str, module: LoraModule, family: str) -> list
 
 
 def foreign_weights(
-    src: Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], family: str, inspection: Inspection
+    src: Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], family: str, inspection: Inspection,
+    approximate: bool = False,
 ) -> LoraWeights:
     """The modules of foreign file `src` (its LoRA tensors `tensors`, bundles left out) read as `family`'s; the
-    caller has refused LyCORIS files (not_lora_refusal) already."""
+    caller has refused LyCORIS files (not_lora_refusal) already, except LoHa / LoKr when `approximate` (a resize
+    follows): those come as their exact LoRA factors (export/lycoris.py)."""
     where = str(src)
+    shapes = _ReferenceShapes(family) if approximate else None
     claimed = {key for m in inspection.modules for key in m.parts.values()}
     left = sorted(set(tensors) - claimed)
     if left:
@@ -89,7 +124,7 @@ def foreign_weights(
         m.naming, component, m.targets = resolve(m.name, family, layout)
         if component is None or not m.targets:
             raise ConjureError(f"{where}: module {m.name} names no layer of a {family} model that conjure knows")
-        for key, module in _targets(m, component, _module(m, tensors, where), family):
+        for key, module in _targets(m, component, _module(m, component, tensors, where, shapes), family):
             if key in weights:
                 raise ConjureError(f"{where}: two modules adapt {key[0]} {key[1]}")
             weights[key] = module
