@@ -44,6 +44,7 @@ __all__ = [
     "canonical_module_path",
     "kohya_name",
     "kohya_prefixes",
+    "ldm_unet_path",
     "module_path_from_kohya",
     "resolve_module_path",
     "unet_layout",
@@ -115,11 +116,11 @@ def unet_layout(unet_config: Any = None) -> UnetLayout:
 # name tables (underscore form -> dotted diffusers form)
 
 _RESNET_PARTS = {p: p for p in ("conv1", "conv2", "time_emb_proj", "conv_shortcut", "norm1", "norm2")}
-_LDM_RESNET_PARTS = {
-    "in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
-    "skip_connection": "conv_shortcut", "in_layers_0": "norm1", "out_layers_0": "norm2",
+_RESNET_TO_LDM = {
+    "conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0",
 }
-_RESNET_TO_LDM = {v: k for k, v in _LDM_RESNET_PARTS.items()}
+_LDM_RESNET_PARTS = {v.replace(".", "_"): k for k, v in _RESNET_TO_LDM.items()}
 
 _BLOCK_PARTS = {"ff_net_0_proj": "ff.net.0.proj", "ff_net_2": "ff.net.2"}
 _BLOCK_PARTS.update({f"norm{i}": f"norm{i}" for i in (1, 2, 3)})
@@ -132,12 +133,12 @@ _UNET_TOP = {p.replace(".", "_"): p for p in (
     "conv_in", "conv_out", "conv_norm_out", "time_embedding.linear_1", "time_embedding.linear_2",
     "add_embedding.linear_1", "add_embedding.linear_2",
 )}
-_LDM_TOP = {
-    "input_blocks_0_0": "conv_in", "out_2": "conv_out", "out_0": "conv_norm_out",
-    "time_embed_0": "time_embedding.linear_1", "time_embed_2": "time_embedding.linear_2",
-    "label_emb_0_0": "add_embedding.linear_1", "label_emb_0_2": "add_embedding.linear_2",
+_TOP_TO_LDM = {
+    "conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
 }
-_TOP_TO_LDM = {v: k for k, v in _LDM_TOP.items()}
+_LDM_TOP = {v.replace(".", "_"): k for k, v in _TOP_TO_LDM.items()}
 
 _TE_LAYER_PARTS = {f"self_attn_{p}_proj": f"self_attn.{p}_proj" for p in ("q", "k", "v", "out")}
 _TE_LAYER_PARTS.update(
@@ -331,23 +332,27 @@ def module_path_from_kohya(
 
 
 def _ldm_block_name(blocks: str, level: int, kind: str, layer: int, rest: str, layout: UnetLayout) -> str | None:
-    """`{down|up}_blocks.{level}.{resnets|attentions}.{layer}.{rest}` -> LDM underscore form (None: no LDM name)."""
+    """`{down|up}_blocks.{level}.{resnets|attentions}.{layer}.{rest}` -> LDM module path (None: no LDM name)."""
     per_level = layout.layers_per_block + 1
     if blocks == "down_blocks":
         if layer >= layout.layers_per_block:
             return None
-        block = f"input_blocks_{1 + per_level * level + layer}"
+        block = f"input_blocks.{1 + per_level * level + layer}"
     else:
         if layer > layout.layers_per_block:
             return None
-        block = f"output_blocks_{per_level * level + layer}"
+        block = f"output_blocks.{per_level * level + layer}"
     if kind == "resnets":
-        return f"{block}_0_{_RESNET_TO_LDM[rest]}" if rest in _RESNET_TO_LDM else None
-    return f"{block}_1_{rest.replace('.', '_')}"
+        return f"{block}.0.{_RESNET_TO_LDM[rest]}" if rest in _RESNET_TO_LDM else None
+    return f"{block}.1.{rest}"
 
 
-def _ldm_name(path: str, layout: UnetLayout) -> str | None:
-    """Dotted diffusers UNet path -> LDM underscore form (None: no LDM name)."""
+def ldm_unet_path(path: str, unet_config: Any = None) -> str | None:
+    """Dotted diffusers UNet module path -> the original (LDM / SGM) module path, `down_blocks.0.resnets.1.conv1`
+    -> `input_blocks.2.0.in_layers.2` (None: no LDM name). kohya's SDXL names are these with `.` -> `_`; the
+    single-file checkpoint (export/single_file.py) prefixes them with `model.diffusion_model.`.
+    unet_config: as for `kohya_name`."""
+    layout = unet_layout(unet_config)
     if path in _TOP_TO_LDM:
         return _TOP_TO_LDM[path]
     per_level = layout.layers_per_block + 1
@@ -356,18 +361,18 @@ def _ldm_name(path: str, layout: UnetLayout) -> str | None:
         return _ldm_block_name(m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5), layout)
     m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", path)
     if m:
-        return f"input_blocks_{per_level * (int(m.group(1)) + 1)}_0_op"
+        return f"input_blocks.{per_level * (int(m.group(1)) + 1)}.0.op"
     m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", path)
     if m:
         level = int(m.group(1))
         part = 2 if layout.up_has_attention(level) else 1
-        return f"output_blocks_{per_level * level + layout.layers_per_block}_{part}_conv"
+        return f"output_blocks.{per_level * level + layout.layers_per_block}.{part}.conv"
     m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
     if m:
         index, rest = int(m.group(2)), m.group(3)
         if m.group(1) == "resnets":
-            return f"middle_block_{2 * index}_{_RESNET_TO_LDM[rest]}" if index < 2 and rest in _RESNET_TO_LDM else None
-        return f"middle_block_1_{rest.replace('.', '_')}" if index == 0 else None
+            return f"middle_block.{2 * index}.{_RESNET_TO_LDM[rest]}" if index < 2 and rest in _RESNET_TO_LDM else None
+        return f"middle_block.1.{rest}" if index == 0 else None
     return None
 
 
@@ -385,7 +390,8 @@ def kohya_name(component: str, module_path: str, family_name: Any, unet_config: 
     layout = unet_layout(unet_config)
     canonical = canonical_module_path(component, module_path)
     if component == "unet" and families.get(family).unet_naming == "ldm":
-        body = _ldm_name(canonical, layout)
+        ldm = ldm_unet_path(canonical, layout)
+        body = None if ldm is None else ldm.replace(".", "_")
     else:
         body = canonical.replace(".", "_")
     name = None if body is None else prefixes[component] + body

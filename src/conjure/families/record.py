@@ -33,6 +33,13 @@ class TextEncoderSlot:
     # pooled embedding where `pooled`) or "pooled" (only a CLIPTextModel's `pooler_output`: FLUX.1's CLIP-L,
     # FluxPipeline._get_clip_prompt_embeds).
     output: str = "hidden"
+    # Where this encoder's tensors sit in a single-file checkpoint (the original LDM / SGM layout that A1111/Forge,
+    # ComfyUI and InvokeAI load as a main model; diffusers' single_file_utils.py LDM_CLIP_PREFIX_TO_REMOVE and
+    # create_diffusers_clip_model_from_ldm), and how they are named there: "hf" (transformers' CLIP names under
+    # `text_model.`) or "open_clip" (OpenCLIP's `transformer.resblocks.N` with q/k/v fused into `in_proj_*` and a
+    # transposed `text_projection`). "": the family has no such checkpoint (FLUX.1's files hold the transformer).
+    checkpoint_prefix: str = ""
+    checkpoint_layout: str = "hf"
 
     def read_layer(self, clip_skip: int = 1) -> int:
         """The hidden state read with `clip_skip` (1: none), counted from the end (`hidden_states[-n]`)."""
@@ -187,6 +194,10 @@ class Family:
     # path one of them `search`es is adapted), and the preset `lora.unet_targets: auto` means.
     lora_presets: tuple[tuple[str, tuple[str, ...]], ...] = ()
     default_lora_preset: str = ""
+    # The denoiser's and the VAE's prefixes in a single-file checkpoint (the same for SD 1.x, 2.x and SDXL: diffusers'
+    # single_file_utils.py LDM_UNET_KEY, LDM_VAE_KEYS)
+    checkpoint_unet_prefix: str = "model.diffusion_model."
+    checkpoint_vae_prefix: str = "first_stage_model."
 
     def modelspec_architecture(self, kind: str, prediction_type: str, variant: str | None = None) -> str:
         """`prediction_type`: diffusers' name of what the trained model predicts, "epsilon" or "v_prediction"
@@ -194,7 +205,7 @@ class Family:
         if self.variants:
             return f"{self.variant(variant).modelspec_prefix}/{kind}"
         prefix = {"epsilon": self.modelspec_prefix, "v_prediction": self.modelspec_prefix_v}[prediction_type]
-        return f"{prefix}/{kind}"
+        return f"{prefix}/{kind}" if kind else prefix  # a whole model has no suffix (sai_model_spec.py)
 
     def variant(self, name: str | None) -> Variant:
         """The variant named `name`; None: the first (FLUX.1: dev)."""

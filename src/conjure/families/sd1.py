@@ -11,7 +11,8 @@ UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttn
 SD1 = Family(
     name="sd1",
     title="Stable Diffusion 1.x",
-    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 768, "emb_params", "<|endoftext|>"),),
+    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 768, "emb_params", "<|endoftext|>",
+                                   checkpoint_prefix="cond_stage_model.transformer."),),
     reference=ReferenceArchitecture(
         resolution=512, down_blocks=DOWN_BLOCKS, up_blocks=UP_BLOCKS, block_out_channels=(320, 640, 1280, 1280),
         attention_head_dim=8, encoders=(CLIP_L,), vae_scale=0.18215, prediction_type="epsilon",

@@ -8,7 +8,8 @@ from conjure.families.sd1 import DOWN_BLOCKS, UP_BLOCKS
 SD2 = Family(
     name="sd2",
     title="Stable Diffusion 2.x",
-    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1024, "emb_params", "!"),),
+    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1024, "emb_params", "!",
+                                   checkpoint_prefix="cond_stage_model.model.", checkpoint_layout="open_clip"),),
     reference=ReferenceArchitecture(
         resolution=768, down_blocks=DOWN_BLOCKS, up_blocks=UP_BLOCKS, block_out_channels=(320, 640, 1280, 1280),
         attention_head_dim=(5, 10, 20, 20), encoders=(OPENCLIP_H,), vae_scale=0.18215,

@@ -9,9 +9,10 @@ SDXL = Family(
     title="Stable Diffusion XL",
     text_encoders=(
         TextEncoderSlot("text_encoder", "tokenizer", 768, "clip_l", "<|endoftext|>", hidden_layer=2, final_norm=False,
-                        kohya_prefix="lora_te1_"),
+                        kohya_prefix="lora_te1_", checkpoint_prefix="conditioner.embedders.0.transformer."),
         TextEncoderSlot("text_encoder_2", "tokenizer_2", 1280, "clip_g", "!", hidden_layer=2, final_norm=False,
-                        pooled=True, kohya_prefix="lora_te2_"),
+                        pooled=True, kohya_prefix="lora_te2_", checkpoint_prefix="conditioner.embedders.1.model.",
+                        checkpoint_layout="open_clip"),
     ),
     reference=ReferenceArchitecture(
         resolution=1024, down_blocks=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

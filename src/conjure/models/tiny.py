@@ -75,12 +75,18 @@ class _TextEncoderSpec:
     layers: int = 2
 
 
-def _text_encoder_specs(family: Family, real_widths: bool) -> tuple[_TextEncoderSpec, ...]:
-    """The reference encoders with 2 layers (real_widths), or also 32 wide: activations and projections kept."""
+def _text_encoder_specs(
+    family: Family, real_widths: bool, encoder_widths: tuple[int, ...] | None = None
+) -> tuple[_TextEncoderSpec, ...]:
+    """The reference encoders with 2 layers (real_widths), or also 32 (or `encoder_widths`) wide: activations and
+    projections kept."""
     specs = []
-    for slot, arch in zip(family.text_encoders, family.reference.encoders):
+    for i, (slot, arch) in enumerate(zip(family.text_encoders, family.reference.encoders)):
         widths = dict(hidden=arch.hidden, heads=arch.heads, intermediate=arch.intermediate,
                       projection_dim=arch.projection_dim) if real_widths else _SMALL_ENCODER
+        if encoder_widths:
+            w = encoder_widths[i]
+            widths = dict(hidden=w, heads=4, intermediate=2 * w, projection_dim=w)
         specs.append(_TextEncoderSpec(**widths, act=arch.activation, with_projection=slot.pooled))
     return tuple(specs)
 
@@ -135,7 +141,8 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def build_tiny_components(
-    family: str, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0, variant: str | None = None
+    family: str, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0, variant: str | None = None,
+    encoder_widths: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Random-weight pipeline components for `family` ("sd1", "sd2" or "sdxl"), deterministic for `seed`.
 
@@ -145,6 +152,9 @@ def build_tiny_components(
     feature_extractor=None -> `StableDiffusionXLPipeline(**components)`.
     Each module is built under its own seed (seed, seed+1, ...) in a forked RNG: the caller's torch RNG is untouched.
     real_layout: the real UNet block layout (layers_per_block=2) with the default small widths (module docstring).
+    encoder_widths: the small text encoders' hidden sizes (default 32 each). diffusers' from_single_file tells
+    SDXL's two encoders apart by width (single_file_utils.py create_diffusers_clip_model_from_ldm), so a model
+    that goes through a single file needs them to differ, as the real ones do (768, 1280).
     flux: transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler, image_encoder=None,
     feature_extractor=None -> `FluxPipeline(**components)`; `variant`: "dev" (default) or "schnell".
     """
@@ -162,7 +172,7 @@ def build_tiny_components(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizers = [clip_tokenizer(pad) for pad in fam.pad_tokens]
-    text_specs = _text_encoder_specs(fam, real_widths)
+    text_specs = _text_encoder_specs(fam, real_widths, encoder_widths)
 
     with seeded(seed):
         unet = UNet2DConditionModel(**_unet_config(fam, real_widths, text_specs, real_layout))
@@ -225,7 +235,7 @@ def build_tiny_components(
 
 def write_tiny_model(
     family: str, out_dir: Path, *, real_widths: bool = False, real_layout: bool = False, seed: int = 0,
-    variant: str | None = None,
+    variant: str | None = None, encoder_widths: tuple[int, ...] | None = None,
 ) -> Path:
     """Write a random-weight diffusers model folder for `family` into `out_dir` and return `out_dir`.
 
@@ -239,7 +249,7 @@ def write_tiny_model(
     if out_dir.exists() and not out_dir.is_dir():
         raise ConjureError(f"cannot write a model to {out_dir}: it is a file, not a folder")
     components = build_tiny_components(family, real_widths=real_widths, real_layout=real_layout, seed=seed,
-                                       variant=variant)
+                                       variant=variant, encoder_widths=encoder_widths)
     return save_model_folder(family, components, out_dir)
 
 
