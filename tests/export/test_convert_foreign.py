@@ -118,7 +118,8 @@ def lycoris_file(path):
     delta[k] = torch.kron(t[f"{k}.lokr_w1"], t[f"{k}.lokr_w2_a"] @ t[f"{k}.lokr_w2_b"]) * 0.5
     t |= {f"{v}.lokr_w1": r(8, 4), f"{v}.lokr_w2": r(40, 80)}
     delta[v] = torch.kron(t[f"{v}.lokr_w1"], t[f"{v}.lokr_w2"])
-    save_file(t, str(path), {"ss_base_model_version": "sd_v1"})
+    save_file(t, str(path), {"ss_base_model_version": "sd_v1", "ss_network_module": "lycoris.kohya",
+                             "ss_network_args": '{"algo": "loha"}'})
     paths = {q: Q, c1: "down_blocks.0.resnets.0.conv1", c2: "down_blocks.0.resnets.0.conv2",
              k: Q.replace("to_q", "to_k"), v: Q.replace("to_q", "to_v")}
     return {("unet", paths[n]): d for n, d in delta.items()}
@@ -132,7 +133,8 @@ def test_lycoris_loha_lokr_convert_only_with_a_resize_and_exactly_at_their_lora_
 
     code, out, _ = run_cli("convert", tmp_path / "ly.safetensors", tmp_path / "exact.safetensors", "--resize-rank", "320")
     assert code == 0 and "(5 copied as they were)" in out  # LoHa rank 2 -> LoRA rank 4, LoKr -> 4 x 2 and 4 x 40
-    weights, _ = load_kohya(tmp_path / "exact.safetensors")
+    weights, meta = load_kohya(tmp_path / "exact.safetensors")
+    assert meta["ss_network_module"] == "networks.lora" and "ss_network_args" not in meta
     assert weights[("unet", "down_blocks.0.resnets.0.conv1")].down.shape == (4, 320, 3, 3)
     for key, delta in deltas.items():
         m = weights[key]

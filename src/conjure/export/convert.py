@@ -163,6 +163,10 @@ class _Source:
             return parse_peft(self.lora, self.header, str(self.path))
         assert self.inspection is not None
         meta = {k: v for k, v in self.header.items() if k != ADAPTER_METADATA_KEY}
+        if any(m.algorithm in ("loha", "lokr") for m in self.inspection.modules):
+            # a LoRA now: kohya's network module, not the LyCORIS algorithm the header names
+            meta["ss_network_module"] = "networks.lora"
+            meta.pop("ss_network_args", None)
         return foreign_weights(self.path, self.lora, self.header, fam, self.inspection, approximate), meta
 
     def alpha_dtype(self, meta: Mapping[str, str]) -> torch.dtype:
