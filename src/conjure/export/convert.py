@@ -88,7 +88,7 @@ def detect_lora_format(path: Path) -> str:
     shapes, _ = read_shapes(Path(path))
     fmt = _format_of_keys(shapes)
     if fmt is None:
-        raise ConjureError(not_lora_refusal(path, shapes) or _neither(path, shapes))
+        raise ConjureError(_neither(path, shapes))
     return fmt
 
 
@@ -99,12 +99,12 @@ def _layout(path: Path, approximate: bool) -> tuple[str, Inspection | None]:
     fmt = _format_of_keys(shapes)
     if fmt is not None:
         return fmt, None
-    refusal = not_lora_refusal(path, shapes, approximate)
-    if refusal:
-        raise ConjureError(refusal)
     inspection = inspect_file(path)
     if not inspection.modules:
         raise ConjureError(_neither(path, shapes))
+    refusal = not_lora_refusal(path, inspection.modules, approximate)
+    if refusal:
+        raise ConjureError(refusal)
     return "foreign", inspection
 
 

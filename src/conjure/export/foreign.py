@@ -28,34 +28,30 @@ from conjure.inspection.model import Inspection, Module
 
 __all__ = ["foreign_weights", "not_lora_refusal"]
 
-# LyCORIS modules whose update is not up @ down (LyCORIS lycoris/modules/loha.py, lokr.py; applied as ComfyUI
-# comfy/weight_adapter/loha.py, lokr.py calculate_weight does): the part that marks each, and why no LoRA of the
-# file's rank is the same function
+# What a module is when it is no LoRA (inspection.model.Module.algorithm, or its Tucker core `mid`), and why no
+# LoRA of the file's rank is the same function (LyCORIS lycoris/modules/loha.py, lokr.py; applied as ComfyUI
+# comfy/weight_adapter/loha.py, lokr.py calculate_weight does)
 _NOT_LORA = {
-    "hada_w1_a": "LoHa: its update (w1_a @ w1_b) * (w2_a @ w2_b), an elementwise product, has rank up to r^2",
-    "lokr_w1": "LoKr: its update kron(w1, w2) has rank rank(w1) * rank(w2), up to the full width",
-    "lokr_w1_a": "LoKr: its update kron(w1_a @ w1_b, w2) has rank rank(w1) * rank(w2), up to the full width",
-    "lora_mid.weight": "LoCon with a Tucker core (lora_mid), which conjure does not read",
-    "diff": "a full weight difference (no low-rank factors)",
+    "loha": "LoHa: its update (w1_a @ w1_b) * (w2_a @ w2_b), an elementwise product, has rank up to r^2",
+    "lokr": "LoKr: its update kron(w1, w2) has rank rank(w1) * rank(w2), up to the full width",
+    "mid": "LoCon with a Tucker core (lora_mid), which conjure does not read",
+    "full": "a full weight difference (no low-rank factors)",
 }
+_APPROXIMABLE = ("loha", "lokr")  # export/lycoris.py: exact factors, then resize.py's SVD
 
 
-_APPROXIMABLE = ("hada_w1_a", "lokr_w1", "lokr_w1_a")  # export/lycoris.py: exact factors, then resize.py's SVD
-
-
-def not_lora_refusal(path: Path, keys: Iterable[str], approximate: bool = False) -> str | None:
-    """Why the file at `path` (its tensor names `keys`) is no LoRA, or None when nothing says so; `approximate`
-    (a resize was asked for): LoHa and LoKr modules are let through."""
-    for key in sorted(keys):
-        part = next((p for p in _NOT_LORA if key.endswith("." + p)), None)
-        if part is None or (approximate and part in _APPROXIMABLE):
+def not_lora_refusal(path: Path, modules: Iterable[Module], approximate: bool = False) -> str | None:
+    """Why the file at `path` (its modules as `conjure inspect` reads them) is no LoRA, or None when nothing says so;
+    `approximate` (a resize was asked for): LoHa and LoKr modules are let through."""
+    for m in modules:
+        kind = "mid" if "mid" in m.parts else m.algorithm
+        if kind not in _NOT_LORA or (approximate and kind in _APPROXIMABLE):
             continue
         hint = "; --resize-rank R approximates it by a rank-R LoRA, reporting the energy kept" if (
-            part in _APPROXIMABLE) else ""
+            kind in _APPROXIMABLE) else ""
         return (
-            f"{path} is a LyCORIS file, not a LoRA ({key[: -len(part) - 1]} is {_NOT_LORA[part]}), so it has no exact "
-            f"LoRA form to convert to; apps with LyCORIS support (ComfyUI, A1111/Forge, InvokeAI) load it as it is"
-            f"{hint}"
+            f"{path} is a LyCORIS file, not a LoRA ({m.name} is {_NOT_LORA[kind]}), so it has no exact LoRA form to "
+            f"convert to; apps with LyCORIS support (ComfyUI, A1111/Forge, InvokeAI) load it as it is{hint}"
         )
     return None
 
