@@ -114,6 +114,15 @@ def test_resize_copies_low_rank_modules_bit_for_bit_and_writes_kohya_metadata(tm
     assert meta["ss_training_comment"].startswith("dimension is resized from 8 to 3")
 
 
+def test_resize_settings_are_checked_in_one_line(tmp_path, run_cli, assert_one_line_error):
+    src = lora(tmp_path / "k.safetensors")
+    for args, needle in ((["--resize-rank", "0"], "--resize-rank must be at least 1"),
+                         (["--energy", "1.5"], "--energy must be in (0, 1]")):
+        code, _, err = run_cli("convert", src, tmp_path / "o.safetensors", *args)
+        assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_flux_energy_resize_keeps_fused_layers_at_one_rank(tmp_path):
     g = torch.Generator().manual_seed(1)
     weights = {}
