@@ -282,7 +282,7 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     cfg = sub.add_parser("config", help="write, check and describe configs")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = cfg_sub.add_parser("new", help="write a commented starter config")
-    p.add_argument("type", help="config type: textual_inversion, lora or pivotal (the model family is basic.family; "
+    p.add_argument("type", help="config type: textual_inversion, lora, pivotal or finetune (the model family is basic.family; "
                    "version 1 names such as sdxl_lora still work)")
     p.add_argument("-o", "--out", help="file to write (default: stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")

@@ -6,6 +6,7 @@ import inspect
 import pytest
 
 from conjure.methods import Recipe
+from conjure.methods.finetune import FullFinetune
 from conjure.methods.lora import Lora
 from conjure.methods.pivotal import PivotalTuning
 from conjure.methods.textual_inversion import TextualInversion
@@ -15,11 +16,11 @@ DECLARED = {name: member for name, member in vars(Recipe).items()
 
 
 def test_the_interface_is_what_the_loop_calls():
-    assert set(DECLARED) == {"trainable_modules", "parameter_groups", "frozen_parameters", "expand_caption",
-                             "state_dict", "load_state_dict", "save"}
+    assert set(DECLARED) == {"trainable_modules", "parameter_groups", "frozen_parameters", "after_step",
+                             "validation_weights", "expand_caption", "state_dict", "load_state_dict", "save"}
 
 
-@pytest.mark.parametrize("recipe", [TextualInversion, Lora, PivotalTuning])
+@pytest.mark.parametrize("recipe", [TextualInversion, Lora, PivotalTuning, FullFinetune])
 def test_every_recipe_offers_the_interface(recipe):
     assert isinstance(recipe.kind, str) and recipe.kind
     for name, declared in DECLARED.items():

@@ -188,3 +188,20 @@ def test_optimizer_config_fields():
     for bad in ({"optimizer": "sgd"}, {"prodigy_d_coef": 0}):
         with pytest.raises(ValidationError):
             OptimizerConfig(**bad)
+
+
+def test_adafactor_steps_at_the_configured_rate_of_each_group():
+    """transformers' Adafactor with relative_step and scale_parameter off: the rate is the group's lr, not its own
+    schedule. Its update is RMS-clipped to 1, so the first step of a matrix moves each weight by about lr."""
+    from transformers.optimization import Adafactor
+
+    a = torch.nn.Parameter(torch.zeros(4, 4))
+    b = torch.nn.Parameter(torch.zeros(4, 4))
+    optimizer = build_optimizer([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}],
+                                OptimizerConfig(optimizer="adafactor", learning_rate=0.1))
+    assert isinstance(optimizer, Adafactor) and not optimizer.defaults["relative_step"]
+    ((a + b) * torch.ones(4, 4)).sum().backward()
+    optimizer.step()
+    assert torch.allclose(a.detach(), torch.full((4, 4), -0.1), atol=1e-4)
+    assert torch.allclose(b.detach(), torch.full((4, 4), -0.01), atol=1e-5)
+    assert "state" in optimizer.state_dict()  # its factored state is checkpointed like AdamW's

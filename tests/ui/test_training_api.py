@@ -55,11 +55,11 @@ def test_methods_list_every_config_type(client):
     methods = client.get("/api/methods").json()["methods"]
     assert [m["type"] for m in methods] == list(CONFIG_TYPES)
     by_type = {m["type"]: m for m in methods}
-    assert list(by_type) == ["textual_inversion", "lora", "pivotal"]
+    assert list(by_type) == ["textual_inversion", "lora", "pivotal", "finetune"]
     # basic.family picks one (auto: the model); FLUX.1 trains LoRAs only
     assert {t: m["families"] for t, m in by_type.items()} == {
         "textual_inversion": ["sd1", "sd2", "sdxl"], "lora": ["sd1", "sd2", "sdxl", "flux"],
-        "pivotal": ["sd1", "sd2", "sdxl"]}
+        "pivotal": ["sd1", "sd2", "sdxl"], "finetune": ["sd1", "sd2", "sdxl"]}
     assert by_type["lora"]["title"].startswith("LoRA / DoRA: a concept model")
 
 
@@ -508,6 +508,7 @@ NOT_PATHS = {
     "basic.revision", "basic.variant", "basic.run_name", "data.caption_prefix", "data.shuffle_caption_delimiter",
     "data.sources.caption", "validation.prompts", "validation.negative_prompt", "textual_inversion.placeholder_token",
     "textual_inversion.initializer", "textual_inversion.replace_word", "lora.output_name", "lora.trigger_word",
+    "finetune.output_name",
 }
 """String fields that name no file or folder (run_name and output_name are names, checked on their own)."""
 

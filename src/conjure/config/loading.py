@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from conjure.config.finetune import FinetuneConfig
 from conjure.config.lora import LoraConfig
 from conjure.config.migrate import LEGACY_TYPES, migrate
 from conjure.config.pivotal import PivotalConfig
@@ -23,8 +24,9 @@ CONFIG_TYPES: dict[str, type[RunConfig]] = {
     "textual_inversion": TextualInversionConfig,
     "lora": LoraConfig,
     "pivotal": PivotalConfig,
+    "finetune": FinetuneConfig,
 }
-RunConfig = TextualInversionConfig | LoraConfig | PivotalConfig
+RunConfig = TextualInversionConfig | LoraConfig | PivotalConfig | FinetuneConfig
 """Any validated config that trains: what `parse_config` returns and `conjure.train.loop.train` takes."""
 
 

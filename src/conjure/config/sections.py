@@ -267,13 +267,14 @@ class ValidationConfig(Section):
 
 
 class OptimizerConfig(Section):
-    """The optimizer (AdamW, 8-bit AdamW or Prodigy) and the learning-rate schedule."""
+    """The optimizer (AdamW, 8-bit AdamW, Adafactor or Prodigy) and the learning-rate schedule."""
 
-    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = Field(
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = Field(
         "adamw",
         description="'adamw': PyTorch AdamW. 'adamw8bit': AdamW with 8-bit state from bitsandbytes (less memory; "
-        "NVIDIA GPU only; pip install 'conjure[bnb]'). 'prodigy': finds its own step size; learning_rate then "
-        "multiplies it (use 1.0).",
+        "NVIDIA GPU only; pip install 'conjure[bnb]'). 'adafactor': transformers' Adafactor at learning_rate (its "
+        "factored second moment holds a row and a column per matrix, no first moment: far less memory than AdamW, "
+        "for full fine-tunes). 'prodigy': finds its own step size; learning_rate then multiplies it (use 1.0).",
     )
     learning_rate: float = Field(
         4e-3, gt=0, description="Peak learning rate. With prodigy: a multiplier of its own step size (1.0 is usual)."

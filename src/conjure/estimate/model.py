@@ -23,7 +23,9 @@ GIB = 1024**3
 PROCESS_BASELINE = 450 * 2**20
 # CUDA's own context and kernels (not in max_memory_allocated, but in what the card must have free)
 CUDA_CONTEXT = 0.5 * GIB
-OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "prodigy": 16.0}
+# Adafactor (no first moment) keeps a row and a column per matrix: about nothing for a Linear weight, 2.7 bytes
+# per weight of a 3x3 convolution (rows and columns over its last two dims); a UNet is about half convolutions.
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 2.0, "prodigy": 16.0}
 QUANTIZED_BYTES = {"float8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
 
 

@@ -6,6 +6,7 @@ A recipe is any object with the `Recipe` interface below; the loop knows nothing
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from conjure.config.base import RunConfigBase
+from conjure.config.finetune import FinetuneConfig
 from conjure.config.lora import LoraConfig
 from conjure.config.pivotal import PivotalConfig
 from conjure.config.textual_inversion import TextualInversionConfig
@@ -23,11 +25,11 @@ from conjure.models.loading import LoadedModel
 
 
 class Recipe(Protocol):
-    """What the training loop asks of a method (`TextualInversion`, `Lora`, `PivotalTuning`).
+    """What the training loop asks of a method (`TextualInversion`, `Lora`, `PivotalTuning`, `FullFinetune`).
 
     The loop freezes and casts the whole model first; a recipe then adds its trainable float32 parts and says
-    which they are. Its only say over a step is `frozen_parameters`; everything else runs before the first step
-    (parameters, captions) or at a checkpoint (state, files)."""
+    which they are. Its say over a step is `frozen_parameters` and `after_step`; everything else runs before the
+    first step (parameters, captions), at a validation (its weights) or at a checkpoint (state, files)."""
 
     kind: str  # the modelspec architecture suffix of the recipe's main file ("lora", "textual-inversion")
 
@@ -43,6 +45,15 @@ class Recipe(Protocol):
     def frozen_parameters(self, step: int, max_steps: int) -> list[nn.Parameter]:
         """Parameters that sit out the step about to be taken (counted from 0): their gradients are dropped
         before clipping and the optimizer step, so they neither move nor decay."""
+        ...
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step that moved the weights (`step`: steps taken, counted from 1; the
+        full fine-tune's EMA updates here)."""
+        ...
+
+    def validation_weights(self) -> AbstractContextManager[None]:
+        """The weights validation renders with, in place while it runs (an EMA's); nothing for most methods."""
         ...
 
     def expand_caption(self, caption: str) -> str:
@@ -103,8 +114,14 @@ def _build_pivotal(config: Any, model: LoadedModel) -> Recipe:
                          clip_skip=config.advanced.clip_skip)
 
 
+def _build_finetune(config: Any, model: LoadedModel) -> Recipe:
+    from conjure.methods.finetune import FullFinetune
+
+    return FullFinetune(model, config.finetune)
+
+
 def _no_token(config: Any) -> None:
-    return None  # a LoRA's trigger word is the user's own caption text
+    return None  # a LoRA's trigger word is the user's own caption text; a fine-tune learns the captions as written
 
 
 def _placeholder(config: Any) -> str:
@@ -113,6 +130,10 @@ def _placeholder(config: Any) -> str:
 
 def _trigger_word(config: Any) -> str | None:
     return config.lora.trigger_word
+
+
+def _no_trigger(config: Any) -> None:
+    return None
 
 
 def _replace_word_hint(config: Any) -> str:
@@ -131,6 +152,7 @@ METHODS: dict[str, MethodSpec] = {
     "lora": _spec(LoraConfig, _build_lora, _no_token, _trigger_word),
     # Pivotal tuning: the token goes into captions exactly as for textual inversion.
     "pivotal": _spec(PivotalConfig, _build_pivotal, _ti_token, _placeholder),
+    "finetune": _spec(FinetuneConfig, _build_finetune, _no_token, _no_trigger),
 }
 
 

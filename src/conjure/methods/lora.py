@@ -13,6 +13,7 @@ by default, or diffusers' PEFT format.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 import re
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,12 @@ class Lora:
 
     def frozen_parameters(self, step: int, max_steps: int) -> list[nn.Parameter]:
         return []
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def validation_weights(self) -> AbstractContextManager[None]:
+        return nullcontext()  # the weights as they train
 
     # --- state for resume and files for consumers --------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

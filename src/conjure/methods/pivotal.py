@@ -13,6 +13,7 @@ embedding as `bundle_emb.*` (`<name>.bundle.safetensors`), so an A1111/Forge use
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 import math
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,12 @@ class PivotalTuning:
     def frozen_parameters(self, step: int, max_steps: int) -> list[nn.Parameter]:
         first = self.freeze_step(max_steps)
         return [e.new_rows for e in self.ti.embeddings] if first is not None and step >= first else []
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def validation_weights(self) -> AbstractContextManager[None]:
+        return nullcontext()  # the weights as they train
 
     def expand_caption(self, caption: str) -> str:
         return self.ti.expand_caption(caption)

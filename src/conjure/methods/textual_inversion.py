@@ -10,6 +10,7 @@ prompts, so validation and consumers see the same tokens as training.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 import re
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,12 @@ class TextualInversion:
 
     def frozen_parameters(self, step: int, max_steps: int) -> list[nn.Parameter]:
         return []
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def validation_weights(self) -> AbstractContextManager[None]:
+        return nullcontext()  # the weights as they train
 
     def expand_caption(self, caption: str) -> str:
         """'<tok>' -> '<tok> <tok>_1 ...' as diffusers' pipelines do for multi-vector tokens."""

@@ -307,6 +307,8 @@ class TrainingSession:
         if not skipped:
             self.lr_scheduler.step()
         self.global_step += 1
+        if not skipped:
+            self.recipe.after_step(self.global_step)
         self.result.step = self.global_step
         lr = float(self.lr_scheduler.get_last_lr()[0])
         self.skips.count(skipped, loss, self.global_step, self.run_dir)
@@ -368,7 +370,8 @@ class TrainingSession:
         for module in self.trainable:
             module.eval()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.accelerator.autocast():
+            with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.accelerator.autocast(),
+                  self.recipe.validation_weights()):
                 images, grid_path = render(
                     self._pipe, self.run_dir / VALIDATION_DIR / step_dir_name(at), prompts=list(val.prompts),
                     seeds=list(val.seeds), negative_prompt=val.negative_prompt,

@@ -1,4 +1,4 @@
-"""The optimizer a run steps with: AdamW, 8-bit AdamW (bitsandbytes) or Prodigy, from `OptimizerConfig`.
+"""The optimizer a run steps with: AdamW, 8-bit AdamW (bitsandbytes), Adafactor or Prodigy, from `OptimizerConfig`.
 
 Methods hand over parameter groups that each carry their own "lr" (per-component learning rates, e.g. a
 text encoder slower than the UNet); every optimizer here honours them. With Prodigy a group's lr is a
@@ -17,7 +17,7 @@ import torch
 
 from conjure.errors import ConjureError
 
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 PRODIGY_MIN_LR = 0.1
 """Below this, a Prodigy learning rate is almost certainly an AdamW value carried over (Prodigy's lr is a
 multiplier of its own estimate, normally 1.0)."""
@@ -50,6 +50,15 @@ def build_optimizer(
         return torch.optim.AdamW(groups, **common, fused=_fused_kernel(groups))
     if kind == "adamw8bit":
         return _adamw8bit(groups, common, device)
+    if kind == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # At the configured rate, as transformers' docstring (optimization.py, 5.25) and kohya's train_util.py
+        # (`--optimizer_args scale_parameter=False relative_step=False warmup_init=False`) set it for a given lr:
+        # relative_step would replace it with Adafactor's own schedule, scale_parameter rescale it per tensor.
+        # beta1 None: no first moment (Adafactor's default), the memory saving it is chosen for.
+        return Adafactor(groups, lr=config.learning_rate, weight_decay=config.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
     if kind == "prodigy":
         prodigy = _prodigy_class()
         with contextlib.redirect_stdout(io.StringIO()):  # prodigyopt prints a line when weight_decay > 0

@@ -1,0 +1,130 @@
+"""Full fine-tune: every weight of the UNet trains, and of each text encoder given a learning rate.
+
+The trained components become float32 masters (the loop cast the whole model to the run's precision first; under
+mixed precision their forward runs in autocast, as a LoRA's adapters do). An optional EMA of the trained weights
+(conjure.train.ema) renders the validation images and is saved as the model. A checkpoint's training state holds
+the trained weights and the EMA (the loop saves the optimizer's state beside them); its files are a diffusers model
+folder (`pipeline.save_pretrained`: the trained components and the frozen ones) in `finetune.save_dtype`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from conjure.errors import ConjureError
+from conjure.models.loading import LoadedModel
+from conjure.train.ema import Ema
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@contextmanager
+def cast_to_cpu(modules: list[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """Every floating-point tensor of `modules` as a CPU copy in `dtype` until exit: what is saved is written in
+    the save precision without touching the training weights or holding a second copy on the GPU."""
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.is_floating_point():
+                    kept.append((tensor, tensor.data))
+                    tensor.data = tensor.data.to("cpu", dtype)
+        yield
+    finally:
+        for tensor, data in kept:
+            tensor.data = data
+
+
+class FullFinetune:
+    """The recipe: the chosen components train whole; a diffusers model folder per checkpoint."""
+
+    kind = "finetune"
+
+    def __init__(self, model: LoadedModel, section: Any):
+        self.model, self.section = model, section
+        rates = section.learning_rates()
+        present = {model.family.denoiser, *(slot.encoder for slot in model.family.text_encoders)}
+        for name, lr in rates.items():
+            if lr is not None and name not in present:
+                raise ConjureError(f"finetune.{name}_learning_rate: {model.family.title} has no {name}")
+        self.rates = {name: lr for name, lr in rates.items() if name == model.family.denoiser or lr is not None}
+        self.modules: dict[str, nn.Module] = {name: model.components[name] for name in self.rates}
+        for module in self.modules.values():
+            module.to(torch.float32)  # float32 masters (the loop cast every part to the run's precision)
+            module.requires_grad_(True)
+        self._params = [(f"{component}.{n}", p) for component, module in self.modules.items()
+                        for n, p in module.named_parameters()]
+        ema = section.ema
+        self.ema = Ema([p for _, p in self._params], decay=ema.decay, update_every=ema.update_every,
+                       device=torch.device("cpu") if ema.on_cpu else None) if ema.enabled else None
+
+    # --- what trains -------------------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return dict(self.modules)
+
+    def parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        return [{"params": list(module.parameters()), "lr": self.rates[name] or learning_rate, "name": name}
+                for name, module in self.modules.items()]
+
+    def frozen_parameters(self, step: int, max_steps: int) -> list[nn.Parameter]:
+        return []
+
+    def expand_caption(self, caption: str) -> str:
+        return caption
+
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(step)
+
+    def validation_weights(self) -> AbstractContextManager[None]:
+        use = self.ema is not None and self.section.ema.use_for_validation
+        return self.ema.in_place() if use and self.ema is not None else nullcontext()
+
+    # --- state for resume and files for consumers --------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {name: p.detach().cpu() for name, p in self._params}
+        if self.ema is not None:
+            state.update({f"ema.{name}": a for (name, _), a in zip(self._params, self.ema.state_dict())})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        names = [name for name, _ in self._params]
+        expected = set(names) | ({f"ema.{n}" for n in names} if self.ema is not None else set())
+        if set(state) != expected:
+            first = sorted(expected ^ set(state))[0]
+            raise ConjureError("the checkpoint's weights do not match this config (other text encoders trained, or "
+                               f"finetune.ema.enabled changed?); first difference: {first}")
+        with torch.no_grad():
+            for name, p in self._params:
+                p.copy_(state[name])
+        if self.ema is not None:
+            self.ema.load_state_dict([state[f"ema.{n}"] for n in names])
+
+    def output_name(self, run_name: str) -> str:
+        return self.section.output_name or run_name
+
+    def save(
+        self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str, prediction_type: str
+    ) -> list[Path]:
+        """The diffusers model folder `finetune.output_name` (or the run's name): every component of the model,
+        the trained ones with the EMA weights where `ema.use_for_save`, in `save_dtype`; the scheduler is the one
+        training used (its prediction type is what the run trained)."""
+        from conjure.train.validation import build_pipeline
+
+        target = Path(folder) / self.output_name(run_name)
+        components = dict(self.model.components)
+        pipe = build_pipeline(self.model.family.pipeline_class, components, sampler=lambda scheduler: scheduler)
+        modules = [part for part in components.values() if isinstance(part, nn.Module)]
+        use_ema = self.ema is not None and self.section.ema.use_for_save
+        with ExitStack() as stack:
+            if use_ema and self.ema is not None:
+                stack.enter_context(self.ema.in_place())
+            stack.enter_context(cast_to_cpu(modules, SAVE_DTYPES[self.section.save_dtype]))
+            pipe.save_pretrained(target, safe_serialization=True)
+        return [target]

@@ -1,0 +1,121 @@
+"""The `finetune` method: its config, the EMA's maths against a hand computation, exact resume (weights, EMA,
+optimizer), and the diffusers model folder it saves (loadable, in save_dtype, the EMA's weights)."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conjure.config import ConfigError, parse_config
+from conjure.config.finetune import FinetuneConfig
+from conjure.train.ema import Ema, decay_at
+
+
+@pytest.fixture
+def finetune_config(tiny_models, image_folder, tmp_path):
+    def make(family="sd1", **sections):
+        data = {
+            "type": "finetune",
+            "basic": {"base_model": str(tiny_models(family)), "output_dir": str(tmp_path / "runs"), "run_name": "run",
+                      "max_train_steps": 5, "save_every_n_steps": 5, "validate_every_n_steps": None, "seed": 3},
+            "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2},
+            "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0, "at_start": False},
+            "optimizer": {"learning_rate": 1e-3},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        return data
+
+    return make
+
+
+def state_of(result):
+    return torch.load(result.checkpoints[-1] / "training_state.pt", weights_only=True)
+
+
+# --- config ------------------------------------------------------------------------------------------------
+def test_defaults_are_a_full_fine_tunes(finetune_config):
+    raw = finetune_config()
+    del raw["optimizer"]
+    config = parse_config(raw)
+    assert isinstance(config, FinetuneConfig)
+    assert config.optimizer.learning_rate == 1e-5 and config.finetune.ema.decay == 0.9999
+    assert not config.finetune.ema.enabled and not config.trains_text_encoder()
+    assert parse_config(finetune_config(finetune={"text_encoder_learning_rate": 1e-6})).trains_text_encoder()
+
+
+@pytest.mark.parametrize(("sections", "field"), [
+    ({"basic": {"family": "flux"}}, "basic.family"),
+    ({"basic": {"family": "sd1"}, "finetune": {"text_encoder_2_learning_rate": 1e-6}},
+     "finetune.text_encoder_2_learning_rate"),
+    ({"finetune": {"ema": {"decay": 1.0}}}, "finetune.ema.decay"),
+    ({"finetune": {"output_name": "../x"}}, "finetune.output_name"),
+])
+def test_what_cannot_work_is_refused_naming_the_field(finetune_config, sections, field):
+    with pytest.raises(ConfigError) as error:
+        parse_config(finetune_config(**sections))
+    assert field in str(error.value)
+
+
+# --- EMA ---------------------------------------------------------------------------------------------------
+def test_ema_follows_diffusers_decay_by_hand():
+    assert decay_at(1, 0.9999) == 0.0  # EMAModel.get_decay: the first update copies the weights
+    assert decay_at(2, 0.9999) == pytest.approx(2 / 11) and decay_at(10**6, 0.9) == 0.9
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    ema = Ema([p], decay=0.5, update_every=1)
+    expected = p.detach().clone()
+    for step, value in enumerate([3.0, 5.0, 9.0], start=1):
+        p.data.fill_(value)
+        ema.update(step)
+        d = min(0.5, step / (9 + step)) if step > 1 else 0.0
+        expected = d * expected + (1 - d) * value
+        assert torch.allclose(ema.average[0], expected)
+    # steps 1..3: decay 0, 2/11, 3/12 -> 3; 2/11*3 + 9/11*5 = 4.6364; 0.25*4.6364 + 0.75*9 = 7.9091
+    assert torch.allclose(ema.average[0], torch.tensor(7.909090909))
+
+
+def test_ema_every_n_steps_raises_the_decay_to_n():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = Ema([p], decay=0.9, update_every=4, device=torch.device("cpu"))
+    p.data.fill_(1.0)
+    for step in range(1, 4):
+        ema.update(step)
+    assert torch.equal(ema.average[0], torch.zeros(3))  # no update between the N-th steps
+    ema.update(40)  # decay min(0.9, 40/49) = 0.816..., counted 4 times
+    assert torch.allclose(ema.average[0], torch.full((3,), 1 - (40 / 49) ** 4))
+    with ema.in_place():
+        assert torch.equal(p.detach(), ema.average[0])
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+# --- training, resume, files --------------------------------------------------------------------------------
+def test_resume_matches_an_uninterrupted_run(finetune_config, straight_and_resumed):
+    """The weights, the EMA and AdamW's state come back exactly (a text encoder training too, the EMA every
+    2 steps: steps 2 and 4 update it across the stop at 2)."""
+    raw = finetune_config(finetune={"text_encoder_learning_rate": 1e-4, "ema": {"enabled": True, "update_every": 2}},
+                          optimizer={"scheduler": "cosine", "warmup_steps": 2, "learning_rate": 1e-3})
+    straight, resumed = straight_and_resumed(raw)
+    a, b = state_of(straight), state_of(resumed)
+    assert a["method"].keys() == b["method"].keys()
+    assert any(k.startswith("ema.text_encoder.") for k in a["method"])
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
+    first = next(iter(a["optimizer"]["state"].values()))
+    assert torch.equal(first["exp_avg"], next(iter(b["optimizer"]["state"].values()))["exp_avg"])
+
+
+def test_the_saved_folder_loads_in_diffusers_with_the_ema_weights(finetune_config, run_config):
+    from diffusers import StableDiffusionXLPipeline
+
+    raw = finetune_config("sdxl", finetune={"text_encoder_2_learning_rate": 1e-4, "save_dtype": "bf16",
+                                            "output_name": "mine", "ema": {"enabled": True, "decay": 0.5}},
+                          basic={"max_train_steps": 3, "save_every_n_steps": 3})
+    result = run_config(raw)
+    state = state_of(result)["method"]
+    folder = result.checkpoints[-1] / "mine"
+    for part in ("unet/diffusion_pytorch_model", "text_encoder_2/model", "vae/diffusion_pytorch_model"):
+        with safe_open(folder / f"{part}.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, part
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    name, weight = next((k, v) for k, v in pipe.unet.state_dict().items() if k.endswith("conv_in.weight"))
+    assert torch.equal(weight, state[f"ema.unet.{name}"].bfloat16())  # the EMA's, not the trained weights
+    assert not torch.equal(state[f"ema.unet.{name}"], state[f"unet.{name}"])
+    assert "text_encoder.text_model.embeddings.token_embedding.weight" not in state  # the first encoder is frozen
