@@ -119,3 +119,14 @@ def test_the_saved_folder_loads_in_diffusers_with_the_ema_weights(finetune_confi
     assert torch.equal(weight, state[f"ema.unet.{name}"].bfloat16())  # the EMA's, not the trained weights
     assert not torch.equal(state[f"ema.unet.{name}"], state[f"unet.{name}"])
     assert "text_encoder.text_model.embeddings.token_embedding.weight" not in state  # the first encoder is frozen
+
+
+def test_estimate_counts_every_trained_weight(finetune_config):
+    """`conjure estimate` builds the recipe on the meta device: the whole UNet and the trained encoder count, and
+    the trace (no autocast there) runs the float32 UNet on the run's bf16 inputs."""
+    from conjure.estimate.peaks import estimate
+
+    config = parse_config(finetune_config(finetune={"text_encoder_learning_rate": 1e-6,
+                                                    "ema": {"enabled": True, "on_cpu": True}}))
+    result = estimate(config, assume_gpu=True)
+    assert result.trainable == result.parameters["unet"] + result.parameters["text_encoder"]

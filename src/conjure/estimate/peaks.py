@@ -41,6 +41,10 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     recipe = spec.build(config, model)
     trainable = trained_parameters(recipe)
     training = training_terms(trainable, config.optimizer.optimizer, config.optimizer.adam_beta1)
+    for part in recipe.trainable_modules().values():
+        # The trace has no autocast; in the run, autocast computes the float32 trained parts (a full fine-tune's
+        # UNet, a LoRA's adapters) in the run's precision, so they are traced in it.
+        part.to(frozen)
     traced = trace_activations(config, model, resolution=resolution, dtype=frozen)
     activations = Term("activations" + (" (gradient checkpointing)" if adv.gradient_checkpointing else ""),
                        traced.saved + 2 * traced.largest + traced.recomputed, "modelled")
