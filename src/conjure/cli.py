@@ -457,9 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from conjure.estimate.command import add_estimate
     from conjure.inspection.command import add_inspect
+    from conjure.tools.cli import add_lora
 
     add_estimate(sub, _add_overrides)
     add_inspect(sub)
+    add_lora(sub)
     return parser
 
 

@@ -54,7 +54,8 @@ from conjure.inspection.model import Inspection
 from conjure.inspection.reader import inspect_file
 
 __all__ = [
-    "ALPHA_DTYPE_KEY", "ConvertOptions", "Converted", "apply_lora", "convert", "convert_lora", "detect_lora_format",
+    "ALPHA_DTYPE_KEY", "ConvertOptions", "Converted", "apply_lora", "cast_weights", "convert", "convert_lora",
+    "detect_lora_format", "fused_groups",
 ]
 
 ALPHA_DTYPE_KEY = "conjure.kohya_alpha_dtype"  # set by convert_lora when a kohya file's alphas were not float32
@@ -177,7 +178,7 @@ class _Source:
         return dtypes.pop() if dtypes else file_dtype(meta.get(ALPHA_DTYPE_KEY, "float32"))
 
 
-def _cast_weights(weights: LoraWeights, dtype: torch.dtype) -> LoraWeights:
+def cast_weights(weights: LoraWeights, dtype: torch.dtype) -> LoraWeights:
     out: LoraWeights = {}
     for (component, path), m in weights.items():
         parts = {}
@@ -188,7 +189,7 @@ def _cast_weights(weights: LoraWeights, dtype: torch.dtype) -> LoraWeights:
     return out
 
 
-def _fused_groups(weights: LoraWeights, fam: str) -> list[list[tuple[str, str]]]:
+def fused_groups(weights: LoraWeights, fam: str) -> list[list[tuple[str, str]]]:
     """The modules the kohya layout of `fam` fuses into one layer (they must keep one rank)."""
     groups = []
     for component in {c for c, _ in weights}:
@@ -218,11 +219,11 @@ def _relayout(source: _Source, dst: Path, to: str, bundle: dict[str, torch.Tenso
     alpha_dtype = source.alpha_dtype(meta)
     report: list[Resized] = []
     if resizing:
-        fused = _fused_groups(weights, fam) if to == "kohya" else []
+        fused = fused_groups(weights, fam) if to == "kohya" else []
         weights, report = resize_weights(weights, opts.resize_rank, opts.energy, fused)
         _resized_metadata(meta, report, opts.energy)
     if opts.dtype is not None:
-        weights = _cast_weights(weights, file_dtype(opts.dtype))
+        weights = cast_weights(weights, file_dtype(opts.dtype))
     if to == "peft":
         if alpha_dtype != torch.float32:
             meta[ALPHA_DTYPE_KEY] = str(alpha_dtype).removeprefix("torch.")

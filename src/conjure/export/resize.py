@@ -27,7 +27,7 @@ import torch
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
 
-__all__ = ["Resized", "resize_weights"]
+__all__ = ["Resized", "pad_fused", "rank_for", "resize_weights"]
 
 MIN_SV = 1e-6  # kohya resize_lora.py: an update whose largest singular value is below this is zero (rank 1)
 
@@ -56,7 +56,7 @@ def _core_svd(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q_up @ u, s, vh @ q_down.T
 
 
-def _rank_for(energy_left: torch.Tensor, rank: int | None, energy: float | None) -> int:
+def rank_for(energy_left: torch.Tensor, rank: int | None, energy: float | None) -> int:
     """The new rank: R, or the smallest rank keeping `energy` of the total (capped by R)."""
     if energy is None:
         assert rank is not None
@@ -70,7 +70,7 @@ def resize_module(where: str, m: LoraModule, rank: int | None, energy: float | N
     u, s, vh = _core_svd(m)
     total = float((s * s).sum())
     cumulative = (s * s).cumsum(0) / total if total > 0 else torch.ones_like(s)
-    new = 1 if float(s[0]) <= MIN_SV else min(_rank_for(cumulative, rank, energy), m.rank)
+    new = 1 if float(s[0]) <= MIN_SV else min(rank_for(cumulative, rank, energy), m.rank)
     if new >= m.rank:
         return m, Resized(where, m.rank, m.rank, 1.0)
     up = (u[:, :new] * (s[:new] * new / m.rank)).reshape(m.up.shape[0], new, *m.up.shape[2:])
@@ -105,9 +105,15 @@ def resize_weights(
     for key, m in weights.items():
         out[key], record = resize_module(f"{key[0]}.{key[1]}", m, rank, energy)
         report.append(record)
+    return pad_fused(out, fused), report
+
+
+def pad_fused(weights: LoraWeights, fused: Iterable[Iterable[tuple[str, str]]]) -> LoraWeights:
+    """`weights` with the lower ranks of each fused group padded with zeros to its highest (the same updates)."""
+    out = dict(weights)
     for group in fused:
         present = [key for key in group if key in out]
         top = max((out[key].rank for key in present), default=0)
         for key in present:
             out[key] = _pad(out[key], top)
-    return out, report
+    return out

@@ -1,0 +1,139 @@
+"""`conjure lora extract BASE TUNED --rank R | --energy E [--conv-rank R] --to OUT.safetensors`: a LoRA that
+approximates the difference between a fine-tuned model and its base, in the kohya layout every app loads.
+
+Conventions of kohya sd-scripts networks/extract_lora_from_models.py (read at commit 06e8980, function `svd`): the
+difference TUNED - BASE of each adapted weight in float32, its SVD U S Vh, `lora_up` = U[:, :r] * S[:r],
+`lora_down` = Vh[:r]; a conv's difference flattened to [out, in * kh * kw] (down [r, in, kh, kw], up [out, r, 1, 1],
+the LoCon layout); 3x3 convs take `--conv-rank` (kohya's --conv_dim) and every other layer `--rank` (--dim); the
+rank is at most min(out, in * kh * kw). Where conjure differs, and why:
+- every Linear/Conv2d of the UNet and the text encoders whose weights differ is extracted (kohya: the layers its
+  LoRA network targets, 3x3 convs only with --conv_dim, the text encoders only when some weight differs by more
+  than 0.01); a module whose weights are equal is skipped, so an untouched text encoder adds nothing;
+- no clamping: kohya clamps up and down to their 0.99 quantile, which changes the update (a known low-rank
+  difference would no longer come back exactly); a value float16 cannot hold is refused when written instead;
+- `--energy E` picks per module the smallest rank keeping E of the difference's energy (sum of squared singular
+  values), capped by `--rank` when given, as `conjure convert --energy` does (export/resize.py `rank_for`);
+- one alpha per file (kohya: alpha = each module's rank): the most common rank, the other modules' scale folded
+  into `lora_up` (tools/lora_inputs.py `one_alpha`), the same update, loaded exactly by diffusers too.
+The SVD is torch.linalg.svd of the whole difference (exact; on CPU an SDXL UNet's ~800 layers take minutes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from conjure.adapters import LoraModule, LoraWeights
+from conjure.errors import ConjureError
+from conjure.export.resize import Resized, rank_for
+
+__all__ = ["Extracted", "extract", "extract_module"]
+
+
+@dataclass
+class Extracted:
+    path: Path
+    family: str
+    modules: list[Resized] = field(default_factory=list)  # old_rank: the difference's full rank min(out, in)
+    skipped: int = 0  # modules whose weights were equal
+
+    @property
+    def min_energy(self) -> Resized:
+        return min(self.modules, key=lambda r: r.energy)
+
+    @property
+    def mean_energy(self) -> float:
+        return sum(r.energy for r in self.modules) / len(self.modules)
+
+
+def extract_module(diff: torch.Tensor, rank: int | None, energy: float | None) -> tuple[LoraModule, float]:
+    """The LoRA (alpha = its rank) of one weight difference [out, in] or [out, in, kh, kw], and the energy kept."""
+    mat = diff.detach().to(torch.float32).flatten(1)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    power = s * s
+    total = float(power.sum())
+    cumulative = power.cumsum(0) / total if total > 0 else torch.ones_like(s)
+    keep = max(1, min(rank_for(cumulative, rank, energy), s.numel()))
+    up = (u[:, :keep] * s[:keep]).reshape(diff.shape[0], keep, *(1,) * (diff.dim() - 2))
+    down = vh[:keep].reshape(keep, *diff.shape[1:])
+    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(keep)), min(float(cumulative[keep - 1]), 1.0)
+
+
+def _pairs(base: Any, tuned: Any, component: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(path, base weight, tuned weight) of every Linear/Conv2d of one component."""
+    tuned_modules = dict(tuned.named_modules())
+    for path, module in base.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        other = tuned_modules.get(path)
+        if other is None or other.weight.shape != module.weight.shape:
+            raise ConjureError(f"the tuned model's {component} has no module {path} of shape "
+                               f"{list(module.weight.shape)}: it is not a fine-tune of this base")
+        yield path, module.weight.detach(), other.weight.detach()
+
+
+def _metadata(rank: int | None, energy: float | None, conv_rank: int | None, alpha: float,
+              base: str, tuned: str) -> dict[str, str]:
+    """kohya extract_lora_from_models.py's minimum metadata, and what was extracted from what."""
+    args = {} if conv_rank is None else {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))}
+    how = f"rank {rank}" if energy is None else f"{energy:g} of the energy" + (f", rank <= {rank}" if rank else "")
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank) if energy is None and rank is not None else "Dynamic",
+        "ss_network_alpha": str(alpha),
+        "ss_network_args": str(args).replace("'", '"'),
+        "ss_training_comment": f"extracted by conjure lora extract ({how}): {tuned} minus {base}",
+    }
+
+
+def _check(rank: int | None, energy: float | None, conv_rank: int | None) -> None:
+    if rank is None and energy is None:
+        raise ConjureError("give --rank R or --energy E (or both: the energy's rank capped by R)")
+    for name, value in (("--rank", rank), ("--conv-rank", conv_rank)):
+        if value is not None and value < 1:
+            raise ConjureError(f"{name} must be at least 1, not {value}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ConjureError(f"--energy must be in (0, 1], not {energy}")
+
+
+def extract(base: str, tuned: str, out: Path, *, rank: int | None = None, energy: float | None = None,
+            conv_rank: int | None = None, save_dtype: str = "fp16") -> Extracted:
+    """Extract the LoRA of `tuned` - `base` into `out` (see the module docstring); returns the energy report."""
+    from conjure.export.convert import cast_weights
+    from conjure.export.kohya import save_kohya
+    from conjure.export.lora import file_dtype
+    from conjure.models.loading import load_base_model
+    from conjure.tools.lora_inputs import one_alpha
+
+    _check(rank, energy, conv_rank)
+    base_model = load_base_model(base)
+    fam = base_model.family
+    if fam.denoiser != "unet":
+        raise ConjureError(f"extract reads UNet models (SD 1.x/2.x/SDXL), not {fam.title}")
+    tuned_model = load_base_model(tuned)
+    if tuned_model.family.name != fam.name:
+        raise ConjureError(f"{tuned} is a {tuned_model.family.title} model, the base {base} {fam.title}")
+    result = Extracted(Path(out), fam.name)
+    weights: LoraWeights = {}
+    for component in (fam.denoiser, *(slot.encoder for slot in fam.text_encoders)):
+        for path, w_base, w_tuned in _pairs(base_model.components[component], tuned_model.components[component],
+                                            component):
+            if torch.equal(w_base, w_tuned):
+                result.skipped += 1
+                continue
+            conv3 = w_base.dim() == 4 and tuple(w_base.shape[2:]) != (1, 1)
+            want = conv_rank if conv3 and conv_rank is not None else rank
+            module, kept = extract_module(w_tuned.float() - w_base.float(), want, energy)
+            weights[(component, path)] = module
+            full = min(w_base.shape[0], w_base[0].numel())
+            result.modules.append(Resized(f"{component}.{path}", full, module.rank, kept))
+    if not weights:
+        raise ConjureError(f"{tuned} and {base} have the same weights: nothing to extract")
+    weights, alpha = one_alpha(weights)
+    meta = _metadata(rank, energy, conv_rank, alpha, base, tuned)
+    weights = cast_weights(weights, file_dtype(save_dtype))  # refuses values beyond float16's range
+    save_kohya(Path(out), weights, meta, fam, base_model.unet.config, dtype=None)
+    return result
