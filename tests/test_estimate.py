@@ -155,3 +155,27 @@ def test_float8_and_nf4_base_weights_shrink_the_transformer_as_stored(lora_confi
     assert 0.2 < size["nf4"].bytes / size["auto"].bytes < size["float8"].bytes / size["auto"].bytes
     # only the denoiser is stored so
     assert weight_terms(model, "bf16", "float8")["vae"].bytes == weight_terms(model, "bf16", "auto")["vae"].bytes
+
+
+def test_the_vae_encode_is_its_own_term_and_the_peak_where_it_is_larger(lora_config):
+    """Issue 16: the step encodes its batch before the denoiser's forward, so the peak holds the larger of the
+    VAE's working set and the activations. At 512 px with gradient checkpointing the tiny VAE's full-size feature
+    maps outweigh the tiny UNet's checkpointed activations; at 64 px they do not."""
+    from conjure.estimate.activations import vae_encode_working_set
+
+    big = estimate(parse_config(lora_config("sd1", data={"resolution": 512, "batch_size": 4},
+                                            advanced={"gradient_checkpointing": True})))
+    step = [t for t in big.ram if t.name.startswith(("VAE encode", "activations"))]
+    assert [t.name.split(" (")[0].split(",")[0] for t in step] == ["activations", "VAE encode"]
+    assert any("is the step's peak" in a for a in big.assumptions)
+    small = estimate(parse_config(lora_config("sd1")))
+    assert [t.name for t in small.ram if t.name.startswith(("VAE encode", "activations"))] == ["activations"]
+    assert any("not on top of the activations" in a for a in small.assumptions)
+    # The batch's pixels and the VAE's first full-size feature map (4 x 8 channels x 512 x 512, float32) are alive
+    # at once, at least; twice the pixels gives four times the working set.
+    model = meta_model(parse_config(lora_config("sd1")), method_spec("lora"))
+    model.vae.requires_grad_(False)
+    at_512 = vae_encode_working_set(model, batch=4, resolution=512)
+    assert at_512 >= 4 * (3 + model.vae.config.block_out_channels[0]) * 512**2 * 4
+    assert at_512 == pytest.approx(4 * vae_encode_working_set(model, batch=4, resolution=256), rel=0.05)
+    assert sum(t.bytes for t in step) == at_512  # the activations and what the encode needs beyond them

@@ -16,7 +16,9 @@ family's reference configs) and built on the meta device, so every figure below 
 "Modelled" figures: activations are the tensors autograd saves for backward in one forward of the run's batch
 at its resolution, traced on the meta device (no memory, exact shapes and dtypes), plus twice the largest of them
 for backward's working set; under gradient checkpointing only what autograd keeps outside the checkpointed
-blocks plus the largest block recomputed. "Measured" figures: the Python/torch process baseline.
+blocks plus the largest block recomputed. The VAE's encode of a batch (no_grad, before the denoiser's forward)
+is traced the same way for the peak of the tensors it holds at once; the step's peak holds it or the activations,
+whichever is larger. "Measured" figures: the Python/torch process baseline.
 
 The entry point is `conjure.estimate.peaks.estimate`; this package imports nothing itself, so that `conjure`
 parses its command line (`estimate/command.py`) without torch.

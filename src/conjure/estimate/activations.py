@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 if TYPE_CHECKING:
     from conjure.config import RunConfig
@@ -112,3 +115,46 @@ def trace_activations(config: RunConfig, model: LoadedModel, *, resolution: int,
                   max(checkpointed.blocks, default=0.0))
 
 
+class _Live(TorchDispatchMode):
+    """The bytes of the tensors alive at once while ops run (views and in-place results share their base's
+    memory), and their peak: what a no_grad forward needs beyond its weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0.0
+        self.seen: set[int] = set()
+
+    def add(self, t: torch.Tensor) -> None:
+        if t._is_view() or id(t) in self.seen:
+            return
+        size = float(t.numel() * t.element_size())
+        self.seen.add(id(t))
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._free, id(t), size)
+
+    def _free(self, key: int, size: float) -> None:
+        self.seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+def vae_encode_working_set(model: LoadedModel, *, batch: int, resolution: int) -> float:
+    """The peak bytes of one batch's VAE encode (`train/loss.py vae_posterior`, under no_grad, in the VAE's own
+    dtype; each step without a latent cache, the first epoch with one), pixels and posterior included, traced on
+    the meta device with the memory-efficient attention a GPU runs (the CPU's flash kernel keeps as little)."""
+    from conjure.train.loss import vae_posterior
+
+    vae = model.vae
+    live = _Live()
+    with _memory_efficient_attention(), torch.no_grad(), live:
+        pixels = torch.zeros(batch, 3, resolution, resolution, device="meta")  # as the batch holds them
+        mean, std = vae_posterior(vae, pixels)
+        del pixels, mean, std
+    return live.peak

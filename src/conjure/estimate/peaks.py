@@ -15,7 +15,7 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     """The run's peaks and their breakdown; `assume_gpu`: as on a CUDA GPU, on a machine without one."""
     from conjure.config.presets import apply_to_machine
     from conjure.config.sections import OBJECTIVE_SETTINGS
-    from conjure.estimate.activations import trace_activations
+    from conjure.estimate.activations import trace_activations, vae_encode_working_set
     from conjure.estimate.data import data_terms, native_resolution, where
     from conjure.estimate.model import meta_model, trained_parameters, training_terms, weight_terms
     from conjure.methods import method_spec
@@ -48,6 +48,11 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     traced = trace_activations(config, model, resolution=resolution, dtype=frozen)
     activations = Term("activations" + (" (gradient checkpointing)" if adv.gradient_checkpointing else ""),
                        traced.saved + 2 * traced.largest + traced.recomputed, "modelled")
+    # The step encodes its batch (each step without a latent cache, the first epoch with one) under no_grad before
+    # the denoiser's forward (train/loop.py _latents): the peak holds its working set or the activations.
+    encode = vae_encode_working_set(model, batch=data.batch_size, resolution=resolution)
+    step = [activations] + ([Term(f"VAE encode, beyond the activations ({encode / 2**20:.0f} MiB in all)",
+                                  encode - activations.bytes, "modelled")] if encode > activations.bytes else [])
     conditioning = build_conditioning(model, text_reading(config, model), resolution=resolution, guidance=adv.guidance)
     cached, notes = data_terms(config, model, conditioning, resolution, frozen)
     ahead = place.cuda and data.cache_text_encoder_outputs  # train/text_ahead.py: encoders leave the GPU first
@@ -61,14 +66,14 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     )
     baseline = Term("python, torch and libraries", PROCESS_BASELINE, "measured")
     if place.cuda:
-        result.accelerator = [*on_device, *training, activations]
+        result.accelerator = [*on_device, *training, *step]
         if ahead:
             result.encoding = [t for name, t in weights.items() if name in encoders]
         result.ram = [baseline, *loaded, *cached]
     else:
-        result.ram = [baseline, *_larger(loaded, list(weights.values())), *training, activations, *cached]
-    result.assumptions = (_assumptions(config, place.source, place.precision, resolution, ahead, place.cuda) + notes
-                          + _preset_lines(config, preset_warning))
+        result.ram = [baseline, *_larger(loaded, list(weights.values())), *training, *step, *cached]
+    result.assumptions = (_assumptions(config, place.source, place.precision, resolution, ahead, place.cuda)
+                          + [_encode_line(encode, len(step) > 1)] + notes + _preset_lines(config, preset_warning))
     return result
 
 
@@ -114,7 +119,11 @@ def _assumptions(config: RunConfig, precision_source: str, precision: str, resol
     if ahead:
         lines.append("data.cache_text_encoder_outputs on a GPU: the text encoders are used and leave before the "
                      "denoiser arrives (train/text_ahead.py); the peak is the larger of the two phases")
-    if data.cache_latents == "off":
-        lines.append("the VAE encodes each batch under no_grad before the denoiser runs; its working set is not "
-                     "modelled")
     return lines
+
+
+def _encode_line(size: float, peak: bool) -> str:
+    what = ("is the step's peak, above the activations" if peak
+            else "comes before the denoiser's forward, so it is not on top of the activations")
+    return (f"the VAE encode of a batch (each step without a latent cache, the first epoch with one) needs "
+            f"{size / 2**20:.0f} MiB while it runs, traced on the meta device; it {what}")
