@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import safe_open
 
 from conjure.adapters import LoraModule
 from conjure.export.convert import apply_lora
@@ -108,6 +109,21 @@ def test_files_apply_in_turn_at_their_weights_and_keep_the_models_sampler(tiny_m
     assert_same(outputs(fresh(tmp_path / "baked"), "sd1"), outputs(components, "sd1"), base_out)
     index = json.loads((tmp_path / "baked" / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]  # training loads DDPM; the file keeps its own
+
+
+def test_single_file_checkpoint_loads_in_diffusers_with_the_lora_baked_in(tiny_models, tmp_path):
+    folder = tiny_models("sd1", real_layout=True)
+    components = fresh(folder)
+    base_out = outputs(components, "sd1")
+    weights = lora_for(components, seed=2, dora="scale")
+    save_kohya(tmp_path / "a.safetensors", weights, {}, "sd1")
+    bake(str(folder), [LoraInput(tmp_path / "a.safetensors", 0.8)], tmp_path / "baked.safetensors", "fp32")
+    pipe = StableDiffusionPipeline.from_single_file(str(tmp_path / "baked.safetensors"), config=str(folder),
+                                                    safety_checker=None)
+    apply_lora(components, weights, 0.8)
+    assert_same(outputs(pipe.components, "sd1"), outputs(components, "sd1"), base_out)
+    with safe_open(str(tmp_path / "baked.safetensors"), "pt") as f:
+        assert f.metadata()["conjure.baked_loras"] == "a.safetensors:0.8"
 
 
 def test_refusals_name_the_file_and_the_modules(tiny_models, tmp_path, run_cli, assert_one_line_error):

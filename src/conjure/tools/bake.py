@@ -1,5 +1,5 @@
 """`conjure lora bake BASE LORA[:WEIGHT] ... --to OUT`: LoRAs/DoRAs merged into a base model's weights, saved as a
-diffusers model folder.
+diffusers model folder or, for OUT.safetensors, a single-file checkpoint (export/single_file.py).
 
 Each file is applied in turn at its weight with conjure's applier, `export.convert.apply_lora` (ComfyUI's and
 A1111's formula, float32: W + w * (alpha / rank) * up @ down; DoRA input-column for kohya files, output-row for PEFT
@@ -81,27 +81,39 @@ def _pipeline_parts(family: Any, components: dict[str, Any]) -> dict[str, Any]:
 
 
 def bake(base: str, loras: list[LoraInput], out: Path, save_dtype: str = "fp16") -> Baked:
-    """Merge `loras` (in order, each at its weight) into `base` and save the model as a diffusers folder at `out`
-    (replaced atomically: a failed bake leaves what was there)."""
-    import torch
-
+    """Merge `loras` (in order, each at its weight) into `base` and save the model at `out`: a diffusers folder,
+    or a single-file checkpoint (LDM/SGM layout, what apps load as a main model) when `out` ends in .safetensors."""
     from conjure.export.convert import apply_lora
-    from conjure.export.lora import file_dtype
-    from conjure.files import atomic_folder
     from conjure.models.loading import load_base_model
-    from conjure.models.tiny import save_model_folder
 
     if not loras:
         raise ConjureError("give at least one LoRA file to bake")
     model = load_base_model(base)
-    components = model.components
-    checked = [(lora, _checked(lora, model.family.name, components)) for lora in loras]
+    checked = [(lora, _checked(lora, model.family.name, model.components)) for lora in loras]
     merged = {}
     for lora, weights in checked:
-        merged[str(lora.path)] = apply_lora(components, weights, lora.weight)
-    dtype = file_dtype(save_dtype)
-    parts = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
-    parts["scheduler"] = _own_scheduler(model.source, parts["scheduler"])
-    parts = _pipeline_parts(model.family, parts)
-    atomic_folder(Path(out), lambda tmp: save_model_folder(model.family.name, parts, tmp))
+        merged[str(lora.path)] = apply_lora(model.components, weights, lora.weight)
+    _save(model, out, save_dtype, loras)
     return Baked(Path(out), model.family.name, merged)
+
+
+def _save(model: Any, out: Path, save_dtype: str, loras: list[LoraInput]) -> None:
+    """A single-file checkpoint when `out` ends in .safetensors (export/single_file.py), else a diffusers folder
+    (replaced atomically: a failed bake leaves what was there)."""
+    import torch
+
+    from conjure.export.lora import file_dtype
+    from conjure.export.single_file import save_single_file
+    from conjure.files import atomic_folder
+    from conjure.models.tiny import save_model_folder
+
+    fam = model.family
+    if Path(out).suffix == ".safetensors":
+        baked = "; ".join(f"{lora.path.name}:{lora.weight:g}" for lora in loras)
+        save_single_file(model.components, out, fam, dtype=save_dtype, metadata={"conjure.baked_loras": baked})
+        return
+    dtype = file_dtype(save_dtype)
+    parts = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in model.components.items()}
+    parts["scheduler"] = _own_scheduler(model.source, parts["scheduler"])
+    parts = _pipeline_parts(fam, parts)
+    atomic_folder(Path(out), lambda tmp: save_model_folder(fam.name, parts, tmp))

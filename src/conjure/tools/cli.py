@@ -31,13 +31,11 @@ def cmd_bake(args: argparse.Namespace) -> int:
     from conjure.tools.lora_inputs import parse_input
 
     out = _free(Path(args.to), args.force)
-    if out.suffix == ".safetensors":
-        raise ConjureError("bake writes a diffusers model folder; give --to a folder (a single .safetensors "
-                           "checkpoint is not written yet)")
     done = bake(args.base, [parse_input(t) for t in args.loras], out, args.save_dtype)
     for path, count in done.modules.items():
         print(f"  {path}: {count} modules merged")
-    print(f"wrote {done.path} ({done.family} diffusers model, {args.save_dtype})")
+    kind = "single-file checkpoint" if out.suffix == ".safetensors" else "diffusers model"
+    print(f"wrote {done.path} ({done.family} {kind}, {args.save_dtype})")
     return 0
 
 
@@ -79,13 +77,14 @@ def add_lora(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     spec = "FILE[:WEIGHT] (any LoRA/DoRA file conjure inspect reads; weight default 1)"
 
     p = actions.add_parser(
-        "bake", help="merge LoRAs/DoRAs into a base model's weights (a diffusers model folder)",
+        "bake", help="merge LoRAs/DoRAs into a base model's weights (a diffusers folder or single file)",
         description="Apply each LoRA/DoRA file in turn at its weight to BASE's weights, as ComfyUI and A1111 apply "
         "them, and save the model. A file of another family, or with modules BASE does not have, is refused.",
     )
     p.add_argument("base", metavar="BASE", help="diffusers folder, hub id or .safetensors/.ckpt checkpoint")
     p.add_argument("loras", metavar="LORA", nargs="+", help=spec)
-    _common(p, "the diffusers model folder to write", "fp16")
+    _common(p, "the diffusers model folder to write, or a single-file checkpoint if it ends in .safetensors "
+            "(original LDM/SGM keys: what A1111/Forge, ComfyUI and InvokeAI load as a main model)", "fp16")
     p.set_defaults(func=cmd_bake)
 
     p = actions.add_parser(
