@@ -277,6 +277,31 @@ def open_section(page, name: str):
         section.locator("summary").click()
 
 
+def test_a_preset_chosen_in_the_form_applies_its_options_after_a_yaml_round_trip(page):
+    """Issue 16: basic.memory_preset's options show in their fields without being the user's, so choosing another
+    preset re-applies them, also after the YAML was edited; a field the user changed keeps their value."""
+    page.click("#tab-training")
+    page.select_option("#tr-method", "textual_inversion")
+    page.click("#tr-new")
+    checkpointing = field(page, "advanced.gradient_checkpointing")
+    checkpointing.wait_for(state="attached")
+    open_section(page, "advanced")
+    field(page, "basic.memory_preset").select_option("balanced")
+    page.wait_for_function("() => document.querySelector(\"[data-path='advanced.gradient_checkpointing']\").checked")
+    assert "gradient_checkpointing" not in page.input_value("#tr-yaml")  # left to the preset
+    # YAML -> form (a changed run name), then another preset chosen in the form
+    page.fill("#tr-yaml", page.input_value("#tr-yaml").replace("run_name: null", "run_name: round-trip"))
+    page.wait_for_function("() => document.querySelector(\"[data-path='basic.run_name']\").value === 'round-trip'")
+    field(page, "basic.memory_preset").select_option("fast")
+    page.wait_for_function("() => !document.querySelector(\"[data-path='advanced.gradient_checkpointing']\").checked")
+    field(page, "advanced.gradient_checkpointing").check()  # the user's from now on
+    page.wait_for_function("() => /gradient_checkpointing: true/.test(document.querySelector('#tr-yaml').value)")
+    field(page, "basic.memory_preset").select_option("balanced")
+    field(page, "basic.memory_preset").select_option("fast")
+    page.wait_for_function("() => /memory_preset: fast/.test(document.querySelector('#tr-yaml').value)")
+    assert field(page, "advanced.gradient_checkpointing").is_checked()
+
+
 def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_path):
     from conjure.toy.models import toy_model
 

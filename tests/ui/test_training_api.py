@@ -562,7 +562,8 @@ def test_the_form_round_trip_leaves_a_memory_presets_machine_options_to_the_run(
     assert "optimizer" not in yaml.safe_load(text["yaml"])["optimizer"]
     back = client.post("/api/config/from-yaml", json={"yaml": text["yaml"]}).json()
     assert back["errors"] == [] and "optimizer" not in back["config"]["optimizer"]
-    assert back["config"]["advanced"]["gradient_checkpointing"] is True  # set by the preset when validated
+    # set by the preset when validated: shown apart from the form's config, which leaves it to the preset
+    assert back["preset"]["advanced.gradient_checkpointing"] is True and "gradient_checkpointing" not in back["config"]["advanced"]
     mine = client.post("/api/config/from-yaml", json={"yaml": yaml.safe_dump(
         config(basic={"memory_preset": "low_memory"}, optimizer={"optimizer": "adamw"}))}).json()
     assert mine["config"]["optimizer"]["optimizer"] == "adamw"  # written by the user: kept
@@ -609,3 +610,33 @@ def test_export_into_an_app_refusals(client, stopped_job, tmp_path, body, messag
     answer = client.post(f"/api/jobs/{jid}/export", json=body)
     assert answer.status_code == 400 and message in answer.json()["error"]
     assert not (tmp_path / "models").exists()
+
+
+def test_choosing_another_preset_in_the_form_applies_its_options_after_a_yaml_round_trip(client):
+    """Issue 16: the form's YAML and config leave out what basic.memory_preset filled (the answers say it apart, as
+    `preset`), so that after a YAML round trip choosing another preset in the form still applies that one's
+    options; an option the user set (in the form or the YAML) stays theirs."""
+    text = client.post("/api/config/to-yaml", json={"config": config(basic={"memory_preset": "balanced"})}).json()
+    written = yaml.safe_load(text["yaml"])
+    assert "gradient_checkpointing" not in written["advanced"] and "cache_latents" not in written["data"]
+    back = client.post("/api/config/from-yaml", json={"yaml": text["yaml"]}).json()
+    assert back["errors"] == [] and "gradient_checkpointing" not in back["config"]["advanced"]
+    assert back["preset"] == {"advanced.gradient_checkpointing": True, "data.cache_latents": "memory",
+                              "data.cache_text_encoder_outputs": False}  # textual inversion trains the encoder
+    form = back["config"]
+    form["basic"]["memory_preset"] = "fast"  # chosen in the form
+    answer = client.post("/api/config/validate", json={"config": form}).json()
+    assert answer["ok"] and answer["preset"]["advanced.gradient_checkpointing"] is False
+    again = client.post("/api/config/from-yaml", json={
+        "yaml": client.post("/api/config/to-yaml", json={"config": form}).json()["yaml"]}).json()
+    assert again["preset"]["advanced.gradient_checkpointing"] is False
+    form["advanced"]["gradient_checkpointing"] = True  # edited in the form: the user's, whatever the preset
+    form["basic"]["memory_preset"] = "balanced"
+    answer = client.post("/api/config/validate", json={"config": form}).json()
+    assert "advanced.gradient_checkpointing" not in answer["preset"]
+    assert answer["config"]["advanced"]["gradient_checkpointing"] is True
+    form["basic"]["memory_preset"] = "fast"
+    mine = yaml.safe_load(client.post("/api/config/to-yaml", json={"config": form}).json()["yaml"])
+    assert mine["advanced"]["gradient_checkpointing"] is True and mine["basic"]["memory_preset"] == "fast"
+    unset = client.post("/api/config/validate", json={"config": config()}).json()
+    assert unset["preset"] == {}  # no preset: nothing filled

@@ -6,8 +6,10 @@ written in the YAML wins, even at its default value) and only where it can apply
 
 - when the config is validated (`apply_to_config`), the options that depend on the config alone: gradient
   checkpointing and the caches (the latent cache not with a random crop, the text-encoder cache not when a text
-  encoder trains or captions are shuffled: the config refuses both). The YAML a config check or the web form
-  shows, and the run's config.yaml, hold the values;
+  encoder trains or captions are shuffled: the config refuses both). The YAML a config check shows and the run's
+  config.yaml hold the values; the web form shows them beside its fields and leaves them out of its own config
+  and YAML (`preset_filled`), so that another preset chosen there applies its own (one edited there is the
+  user's, as in a YAML);
 - when the run starts (`apply_to_machine`), the ones that depend on the machine and the model: 8-bit AdamW (an
   NVIDIA GPU with bitsandbytes) and the frozen transformer's float8/nf4 storage (a family whose objective takes
   `base_weights_dtype`, a CUDA GPU, torchao/bitsandbytes). What cannot apply here keeps its default, said in one
@@ -62,6 +64,14 @@ OPTIONS = ("advanced.gradient_checkpointing", "data.cache_latents", "data.cache_
 MACHINE_OPTIONS = ("optimizer.optimizer", "advanced.base_weights_dtype")
 """Set at run start: left unset, a config's dump leaves them out (`unset_machine_options`), so the YAML that the web
 app launches or `conjure config check --show` writes still lets the run's machine choose them."""
+
+
+def preset_filled(config: Any) -> dict[str, Any]:
+    """The options basic.memory_preset filled when the config was validated, because it left them unset (dotted
+    name -> value; `apply_to_config` records each, also one it left at its default). The web form keeps them out
+    of its config and YAML and shows them apart, so that choosing another preset there applies that one's."""
+    return {option: getattr(getattr(config, option.split(".")[0]), option.split(".")[1]) for option in OPTIONS
+            if option not in MACHINE_OPTIONS and option.split(".")[1] in config.preset_choices}
 
 
 def unset_machine_options(config: Any) -> dict[str, set[str]]:

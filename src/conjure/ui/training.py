@@ -30,8 +30,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from conjure.config import CONFIG_TYPES, ConfigError, dump_config, parse_config, starter_yaml
+from conjure.config import CONFIG_TYPES, ConfigError, parse_config, starter_yaml
 from conjure.config.loading import config_class, config_data, load_yaml, yaml_problem
+from conjure.config.presets import preset_filled
 from conjure.data.hf import HUB_PREFIX
 from conjure.errors import ConjureError
 from conjure.files import atomic_write_text
@@ -137,8 +138,15 @@ def _path_problem(ws: Workspace, role: str, value: str) -> str | Path | None:
     return real
 
 
-def _resolved(config: Any) -> dict[str, Any]:
-    return config_data(config)  # without the machine options a memory preset leaves to the run's start
+def _form_data(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config for the form and its YAML, and what its memory preset filled in (dotted name -> value): the form
+    shows those values but keeps them out of its config (and the machine options a preset leaves to the run's
+    start, `config_data`), so that another preset chosen in the form applies its own (conjure.config.presets)."""
+    data, filled = config_data(config), preset_filled(config)
+    for option in filled:
+        section, name = option.split(".")
+        data[section].pop(name, None)
+    return data, filled
 
 
 def _yaml_mapping(text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
@@ -153,14 +161,15 @@ def _yaml_mapping(text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]
     return data, []
 
 
-def _from_yaml(ws: Workspace, text: str) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
-    """(config for the form, errors): the resolved config when valid, else the mapping as written (null when
-    the text is not a YAML mapping)."""
+def _from_yaml(ws: Workspace, text: str) -> dict[str, Any]:
+    """{config for the form, what its memory preset filled, errors}: the resolved config when valid (`_form_data`),
+    else the mapping as written (null when the text is not a YAML mapping)."""
     data, errors = _yaml_mapping(text)
     if data is None:
-        return None, errors
+        return {"config": None, "preset": {}, "errors": errors}
     config, errors = check_config(ws, data)
-    return (_resolved(config) if config is not None else data), errors
+    form, filled = _form_data(config) if config is not None else (data, {})
+    return {"config": form, "preset": filled, "errors": errors}
 
 
 class TypeBody(BaseModel):
@@ -203,15 +212,17 @@ def config_new(body: TypeBody, request: Request) -> dict[str, Any]:
 @router.post("/config/validate")
 def config_validate(body: ConfigBody, request: Request) -> dict[str, Any]:
     config, errors = check_config(_ws(request), body.config)
-    return {"ok": not errors, "errors": errors, "config": _resolved(config) if config is not None else None}
+    form, filled = _form_data(config) if config is not None else (None, {})
+    return {"ok": not errors, "errors": errors, "config": form, "preset": filled}
 
 
 @router.post("/config/to-yaml")
 def config_to_yaml(body: ConfigBody, request: Request) -> dict[str, Any]:
-    """A valid config as the run will see it (every default filled in); an invalid one as given, with its
-    errors (so a half-filled form can still be edited as YAML)."""
+    """A valid config as the run will see it (every default filled in, but what its memory preset fills:
+    `_form_data`); an invalid one as given, with its errors (so a half-filled form can still be edited as YAML)."""
     try:
-        return {"yaml": dump_config(parse_config(body.config)), "errors": []}
+        form = _form_data(parse_config(body.config))[0]
+        return {"yaml": yaml.safe_dump(form, sort_keys=False, allow_unicode=True), "errors": []}
     except ConfigError as exc:
         text = yaml.safe_dump(body.config, sort_keys=False, allow_unicode=True)
         return {"yaml": text, "errors": config_errors(exc)}
@@ -219,8 +230,7 @@ def config_to_yaml(body: ConfigBody, request: Request) -> dict[str, Any]:
 
 @router.post("/config/from-yaml")
 def config_from_yaml(body: YamlBody, request: Request) -> dict[str, Any]:
-    config, errors = _from_yaml(_ws(request), body.yaml)
-    return {"config": config, "errors": errors}
+    return _from_yaml(_ws(request), body.yaml)
 
 
 def _config_file(ws: Workspace, name: str) -> tuple[str, Path]:
@@ -243,8 +253,7 @@ def config_get(name: str, request: Request) -> dict[str, Any]:
     if not path.is_file():
         raise NotFound(f"no saved config {stem!r}")
     text = path.read_text(encoding="utf-8")
-    config, errors = _from_yaml(ws, text)
-    return {"name": stem, "yaml": text, "config": config, "errors": errors}
+    return {"name": stem, "yaml": text, **_from_yaml(ws, text)}
 
 
 @router.put("/configs/{name}")

@@ -76,6 +76,9 @@ export const training = {
   type: null,
   config: null,
   errors: [],
+  // what basic.memory_preset filled (dotted name -> value): shown in its fields, kept out of this.config, so that
+  // another preset chosen here applies its own; a field edited here is the user's (conjure.config.presets)
+  preset: {},
   openSections: null,
   seq: 0, // drops answers to stale requests when edits overtake each other
 
@@ -149,7 +152,8 @@ export const training = {
     // "set" means: differs from the default (a valid config comes back from the server with every default
     // filled in, so presence alone says nothing)
     const given = getPath(this.config, path);
-    const value = given !== undefined ? given : prop.default;
+    const filled = this.preset[path.join(".")];
+    const value = given !== undefined ? given : (filled !== undefined ? filled : prop.default);
     const set = given !== undefined && JSON.stringify(given) !== JSON.stringify(prop.default);
     const helpId = `${id}-help`;
     const errId = `${id}-err`;
@@ -193,7 +197,7 @@ export const training = {
       hidden: !set || required, text: "\u21ba",
       onclick: () => { deletePath(this.config, path); this.buildForm(); this.syncSoon(); },
     });
-    const help = [prop.description, prop.note].filter(Boolean).join(" ");
+    const help = [prop.description, prop.note, given === undefined && filled !== undefined ? "Set by basic.memory_preset." : ""].filter(Boolean).join(" ");
     const shown = typeof prop.default === "string" && prop.default ? prop.default : JSON.stringify(prop.default);
     const defaultText = prop.default !== undefined && prop.default !== null ? ` Default: ${shown}.` : "";
     return el("div", { class: `field kind-${kind}${set ? "" : " is-default"}`, "data-field": path.join("."), "data-required": required ? "1" : null },
@@ -279,7 +283,12 @@ export const training = {
     localStorage.setItem("conjure.draft", yaml.yaml);
     say("tr-yaml-msg", "");
     this.errors = check.errors || [];
-    this.showErrors();
+    if (check.config && JSON.stringify(check.preset) !== JSON.stringify(this.preset)) {
+      this.preset = check.preset; // another preset (or what it can apply to): its values into the fields
+      const focused = document.activeElement?.id;
+      this.buildForm();
+      if (focused) $(focused)?.focus();
+    } else this.showErrors();
   },
 
   syncSoon: null,
@@ -298,6 +307,7 @@ export const training = {
     }
     say("tr-yaml-msg", "");
     this.config = data.config; // the resolved config when valid, else the mapping as written
+    this.preset = data.preset || {};
     const type = data.config.type || this.type;
     if (type) await this.loadSchema(type);
     if (seq !== this.seq) return;
