@@ -137,7 +137,13 @@ def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("CONJURE_CACHE_DIR", str(blocked))
-    assert _ids(clip_tokenizer()) == _ids(CLIPTokenizer.from_pretrained(entry, pad_token=EOT, model_max_length=77))
+    expected = _ids(CLIPTokenizer.from_pretrained(entry, pad_token=EOT, model_max_length=77))
+    assert _ids(clip_tokenizer()) == expected
+    monkeypatch.delenv("CONJURE_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HOME")  # and no home folder for ~/.cache either (pathlib raises RuntimeError)
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    assert _ids(clip_tokenizer()) == expected
 
 
 def test_a_model_folders_tokenizer_loads_through_the_cache_unchanged(tmp_path):

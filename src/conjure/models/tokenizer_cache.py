@@ -62,7 +62,10 @@ def cached_folder(kind: str, sources: Iterable[bytes], make: Callable[[], dict[s
     """The cache folder of `make()`'s files (name -> bytes) for this `kind` and `sources`: the one written before
     if it checks out, else written now (published only if `check(folder)` does not raise). None where the cache
     cannot be written or `check` refused it: the caller builds its tokenizer without it."""
-    entry = cache_dir() / "tokenizers" / f"{kind}-{_key(kind, sources)}"
+    try:
+        entry = cache_dir() / "tokenizers" / f"{kind}-{_key(kind, sources)}"
+    except RuntimeError:  # no home folder (pathlib's Path.home()) and no CONJURE_CACHE_DIR / XDG_CACHE_HOME
+        return None
     if _checked(entry):
         return entry
 
