@@ -457,11 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     from conjure.estimate.command import add_estimate
     from conjure.inspection.command import add_inspect
+    from conjure.merging.command import add_merge
     from conjure.tools.cli import add_lora
 
     add_estimate(sub, _add_overrides)
     add_inspect(sub)
     add_lora(sub)
+    add_merge(sub)
     return parser
 
 

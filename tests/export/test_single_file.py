@@ -45,7 +45,7 @@ def outputs(pipe, family):
     return out
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])  # sd2's keys: the full-size test below
 def test_from_single_file_reproduces_the_model(tmp_path, family):
     fam = families.get(family)
     components = build_tiny_components(family, real_layout=True, encoder_widths=WIDTHS.get(family))

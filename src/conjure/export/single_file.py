@@ -42,7 +42,10 @@ from conjure.export.modelspec import conjure_keys, modelspec
 from conjure.families import Family, ReferenceArchitecture
 from conjure.files import save_safetensors_atomically
 
-__all__ = ["V_PRED_MARKER", "checkpoint_state_dict", "component_state_dicts", "save_single_file"]
+__all__ = [
+    "V_PRED_MARKER", "canonical_text_key", "checkpoint_state_dict", "component_state_dicts", "folder_prediction_type",
+    "save_single_file", "weights_file",
+]
 
 V_PRED_MARKER = "v_pred"
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -96,7 +99,7 @@ def _vae(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return out
 
 
-def _canonical_text_key(key: str) -> str:
+def canonical_text_key(key: str) -> str:
     """transformers 5 saves a CLIPTextModel without `text_model.`; checkpoints always have it."""
     return key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}"
 
@@ -142,7 +145,7 @@ def checkpoint_state_dict(
     out = _unet(states["unet"], unet_config, fam.checkpoint_unet_prefix)
     out.update(_vae(states["vae"], fam.checkpoint_vae_prefix))
     for slot in fam.text_encoders:
-        text = {_canonical_text_key(k): v for k, v in states[slot.encoder].items() if not k.endswith("position_ids")}
+        text = {canonical_text_key(k): v for k, v in states[slot.encoder].items() if not k.endswith("position_ids")}
         if slot.checkpoint_layout == "open_clip":
             out.update(_open_clip(text, slot.checkpoint_prefix))
         else:
@@ -157,7 +160,7 @@ def _single_file_family(family: str | Family) -> Family:
     return fam
 
 
-def _weights_file(folder: Path) -> Path:
+def weights_file(folder: Path) -> Path:
     for name in _WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
@@ -172,7 +175,7 @@ def component_state_dicts(folder: Path, family: str | Family) -> tuple[dict[str,
     folder = Path(folder)
     names = ("unet", "vae", *(s.encoder for s in fam.text_encoders))
     try:
-        states = {name: load_file(_weights_file(folder / name)) for name in names}
+        states = {name: load_file(weights_file(folder / name)) for name in names}
         unet_config = json.loads((folder / "unet" / "config.json").read_text())
     except ConjureError:
         raise
@@ -181,7 +184,7 @@ def component_state_dicts(folder: Path, family: str | Family) -> tuple[dict[str,
     return states, unet_config
 
 
-def _folder_prediction(folder: Path) -> str | None:
+def folder_prediction_type(folder: Path) -> str | None:
     config = folder / "scheduler" / "scheduler_config.json"
     try:
         return json.loads(config.read_text()).get("prediction_type") if config.is_file() else None
@@ -208,9 +211,11 @@ def save_single_file(
     "v_prediction"; default from the folder's or the components' scheduler, else the family's.
     """
     fam = _single_file_family(family)
+    assert isinstance(fam.reference, ReferenceArchitecture)  # _single_file_family made sure
+    states: Mapping[str, Mapping[str, torch.Tensor]]
     if isinstance(model, (str, Path)):
         states, unet_config = component_state_dicts(Path(model), fam)
-        prediction_type = prediction_type or _folder_prediction(Path(model))
+        prediction_type = prediction_type or folder_prediction_type(Path(model))
     else:
         states = {name: part if isinstance(part, Mapping) else part.state_dict() for name, part in model.items()
                   if name in ("unet", "vae") or fam.slot(name) is not None}
