@@ -100,6 +100,22 @@ def test_resume_matches_an_uninterrupted_run(finetune_config, straight_and_resum
     assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
     first = next(iter(a["optimizer"]["state"].values()))
     assert torch.equal(first["exp_avg"], next(iter(b["optimizer"]["state"].values()))["exp_avg"])
+    assert_single_file_is_the_folder(straight.checkpoints[-1], "run")
+
+
+def assert_single_file_is_the_folder(checkpoint, name):
+    """The single-file checkpoint loads in diffusers (from_single_file, configs from the folder) to the folder's
+    weights: UNet, VAE and text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    folder, file = checkpoint / name, checkpoint / f"{name}.safetensors"
+    with safe_open(file, "pt") as f:
+        assert f.metadata()["conjure.method"] == "finetune" and f.metadata()["conjure.ema"] == "True"
+    one = StableDiffusionPipeline.from_single_file(str(file), config=str(folder), safety_checker=None)
+    other = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(one, part).state_dict(), getattr(other, part).state_dict()
+        assert all(torch.equal(a[k].float(), b[k].float()) for k in b), part
 
 
 def test_the_saved_folder_loads_in_diffusers_with_the_ema_weights(finetune_config, run_config):

@@ -1,5 +1,5 @@
 """The `finetune` config: a full fine-tune of an SD 1.x/2.x or SDXL model (every UNet weight trains, and the text
-encoders that are given a learning rate), saved as a diffusers model folder."""
+encoders that are given a learning rate), saved as a diffusers model folder and a single-file checkpoint."""
 
 from __future__ import annotations
 
@@ -54,8 +54,13 @@ class FinetuneSection(Section):
     save_dtype: Literal["fp16", "bf16", "fp32"] = Field(
         "fp16", description="Precision of the saved model (fp16: what apps load; half the size of fp32)."
     )
+    single_file: bool = Field(
+        True,
+        description="Also write the model as one `<name>.safetensors` in the original (LDM/SGM) layout: the "
+        "checkpoint file A1111/Forge, ComfyUI and InvokeAI load as a main model (the same size again on disk).",
+    )
     output_name: str | None = Field(
-        None, description="Folder name of the saved model inside each checkpoint; null: the run's name."
+        None, description="Name of the saved model folder (and file) inside each checkpoint; null: the run's name."
     )
 
     @field_validator("output_name")
@@ -83,7 +88,8 @@ class _FinetuneSections(RunConfigHead):
 
 
 class FinetuneConfig(RunConfigBase, _FinetuneSections):
-    """Full fine-tune: every weight of the UNet (and optionally the text encoders) trains; a diffusers model folder."""
+    """Full fine-tune: every weight of the UNet (and optionally the text encoders) trains; a diffusers model folder
+    and a single-file checkpoint."""
 
     type: Literal["finetune"] = "finetune"
     # FLUX.1 is not built yet: its 12B transformer needs the fused backward pass and block offloading first.

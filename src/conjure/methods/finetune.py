@@ -4,7 +4,8 @@ The trained components become float32 masters (the loop cast the whole model to 
 mixed precision their forward runs in autocast, as a LoRA's adapters do). An optional EMA of the trained weights
 (conjure.train.ema) renders the validation images and is saved as the model. A checkpoint's training state holds
 the trained weights and the EMA (the loop saves the optimizer's state beside them); its files are a diffusers model
-folder (`pipeline.save_pretrained`: the trained components and the frozen ones) in `finetune.save_dtype`.
+folder (`pipeline.save_pretrained`: the trained components and the frozen ones) and the same model as one
+single-file checkpoint (conjure.export.single_file), both in `finetune.save_dtype`.
 """
 
 from __future__ import annotations
@@ -112,19 +113,30 @@ class FullFinetune:
     def save(
         self, folder: Path, *, step: int, resolution: int, base_model: str, run_name: str, prediction_type: str
     ) -> list[Path]:
-        """The diffusers model folder `finetune.output_name` (or the run's name): every component of the model,
-        the trained ones with the EMA weights where `ema.use_for_save`, in `save_dtype`; the scheduler is the one
-        training used (its prediction type is what the run trained)."""
+        """The diffusers model folder `finetune.output_name` (or the run's name) and, with `single_file`, the
+        `.safetensors` of that name: every component of the model, the trained ones with the EMA weights where
+        `ema.use_for_save`, in `save_dtype`; the scheduler is the one training used (its prediction type is what
+        the run trained, which the single file's header and v_pred marker say)."""
+        from conjure.export.modelspec import conjure_keys
+        from conjure.export.single_file import save_single_file
         from conjure.train.validation import build_pipeline
 
-        target = Path(folder) / self.output_name(run_name)
+        name = self.output_name(run_name)
         components = dict(self.model.components)
         pipe = build_pipeline(self.model.family.pipeline_class, components, sampler=lambda scheduler: scheduler)
         modules = [part for part in components.values() if isinstance(part, nn.Module)]
         use_ema = self.ema is not None and self.section.ema.use_for_save
+        written = [Path(folder) / name]
         with ExitStack() as stack:
             if use_ema and self.ema is not None:
                 stack.enter_context(self.ema.in_place())
             stack.enter_context(cast_to_cpu(modules, SAVE_DTYPES[self.section.save_dtype]))
-            pipe.save_pretrained(target, safe_serialization=True)
-        return [target]
+            pipe.save_pretrained(written[0], safe_serialization=True)
+            if self.section.single_file:
+                metadata = {"modelspec.resolution": f"{resolution}x{resolution}", **conjure_keys(
+                    method="finetune", step=step, base_model=base_model, ema=use_ema,
+                    trained=",".join(self.modules))}
+                written.append(save_single_file(components, Path(folder) / f"{name}.safetensors",
+                                                self.model.family, dtype=None, metadata=metadata,
+                                                prediction_type=prediction_type))
+        return written
