@@ -115,7 +115,7 @@ def extract(base: str, tuned: str, out: Path, *, rank: int | None = None, energy
         raise ConjureError(f"extract reads UNet models (SD 1.x/2.x/SDXL), not {fam.title}")
     tuned_model = load_base_model(tuned)
     if tuned_model.family.name != fam.name:
-        raise ConjureError(f"{tuned} is a {tuned_model.family.title} model, the base {base} {fam.title}")
+        raise ConjureError(f"{tuned} is a {tuned_model.family.title} model, but the base {base} is {fam.title}")
     result = Extracted(Path(out), fam.name)
     weights: LoraWeights = {}
     for component in (fam.denoiser, *(slot.encoder for slot in fam.text_encoders)):
