@@ -470,3 +470,16 @@ def test_cancel_and_resume_buttons(page, ui_server, image_folder, tiny_models):
     page.locator(f"#jobs li.job-row[data-job='{job['id']}'] button", has_text="Cancel").click()
     page.locator("#job-status", has_text="cancelled").wait_for(timeout=RUN_TIMEOUT_MS)
     assert "done: " not in page.inner_text("#job-log")
+
+
+def test_a_section_inside_a_section_is_a_fieldset_of_its_fields(page):
+    """finetune.ema (a section of the finetune section) shows its own fields, which write nested YAML."""
+    page.click("#tab-training")
+    page.select_option("#tr-method", "finetune")
+    page.click("#tr-new")
+    enabled = field(page, "finetune.ema.enabled")
+    enabled.wait_for(state="attached")
+    open_section(page, "finetune")
+    assert field(page, "finetune.ema.decay").input_value() == "0.9999"
+    enabled.check()
+    page.wait_for_function("() => /ema:\\n\\s+enabled: true/.test(document.querySelector('#tr-yaml').value)")

@@ -149,6 +149,13 @@ export const training = {
   field(path, field, raw, required = false) {
     const id = pathId(path);
     const { kind, nullable, inner, prop } = field;
+    if (kind === "object") {  // a section inside a section (finetune.ema): its own fields in a fieldset
+      return el("fieldset", { class: "object-item", "data-field": path.join(".") },
+        el("legend", { text: String(path[path.length - 1]) }),
+        el("p", { class: "help", text: inner.description || "" }),
+        Object.entries(inner.properties).map(([key, sub]) =>
+          this.field([...path, key], shape(this.schema, sub), sub, (inner.required || []).includes(key))));
+    }
     // "set" means: differs from the default (a valid config comes back from the server with every default
     // filled in, so presence alone says nothing)
     const given = getPath(this.config, path);
