@@ -58,6 +58,8 @@ def test_refusals(models, tiny_models, tmp_path):
     a, b, base = (str(m) for m in models)
     with pytest.raises(ConjureError, match="different families: .* is Stable Diffusion 1.x, .* is Stable Diffusion XL"):
         merge_models([a, str(tiny_models("sdxl"))], tmp_path / "x", MergeRecipe("lerp"))
+    with pytest.raises(ConjureError, match="their unets differ"):  # 1 vs 2 layers per block
+        merge_models([a, str(tiny_models("sd1", real_layout=True))], tmp_path / "x", MergeRecipe("lerp"))
     with pytest.raises(ConjureError, match="slerp merges exactly 2 models"):
         merge_models([a, b, base], tmp_path / "x", MergeRecipe("slerp"))
     with pytest.raises(ConjureError, match="ties needs base"):

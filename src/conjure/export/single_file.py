@@ -90,12 +90,14 @@ def _vae_key(key: str, up_blocks: int) -> tuple[str, bool]:
     return key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out"), False
 
 
-def _vae(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def ldm_vae_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state dict under the original names, without a prefix (as a VAE file or BFL's
+    FLUX.1 ae.safetensors has them)."""
     levels = {int(m.group(1)) for k in state if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
     out = {}
     for key, tensor in state.items():
         name, to_conv = _vae_key(key, len(levels))
-        out[prefix + name] = tensor.reshape(*tensor.shape, 1, 1) if to_conv and tensor.dim() == 2 else tensor
+        out[name] = tensor.reshape(*tensor.shape, 1, 1) if to_conv and tensor.dim() == 2 else tensor
     return out
 
 
@@ -143,7 +145,7 @@ def checkpoint_state_dict(
     if missing:
         raise ConjureError(f"a {fam.title} single-file checkpoint needs the {', '.join(missing)} too")
     out = _unet(states["unet"], unet_config, fam.checkpoint_unet_prefix)
-    out.update(_vae(states["vae"], fam.checkpoint_vae_prefix))
+    out.update({fam.checkpoint_vae_prefix + k: v for k, v in ldm_vae_state_dict(states["vae"]).items()})
     for slot in fam.text_encoders:
         text = {canonical_text_key(k): v for k, v in states[slot.encoder].items() if not k.endswith("position_ids")}
         if slot.checkpoint_layout == "open_clip":
