@@ -101,6 +101,12 @@ def _ids(tokenizer):
     return [tokenizer(p).input_ids for p in PROMPTS]
 
 
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A cache folder of this test's own (the session's holds what other tests' models wrote)."""
+    monkeypatch.setenv("CONJURE_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def _entries(kind):
     import os
     from pathlib import Path
@@ -109,7 +115,7 @@ def _entries(kind):
 
 
 @pytest.mark.parametrize("pad", [EOT, "!"])
-def test_the_cached_clip_tokenizer_is_the_built_one(pad, monkeypatch):
+def test_the_cached_clip_tokenizer_is_the_built_one(pad, monkeypatch, own_cache):
     """Issue 16: the vocab.json and merges.txt written once to conjure's cache load the tokenizer that the
     dicts build, and a second call reads them instead of building."""
     from conjure.models import tokenizer as module
@@ -123,7 +129,7 @@ def test_the_cached_clip_tokenizer_is_the_built_one(pad, monkeypatch):
     assert (cached.pad_token_id, cached.model_max_length) == (built.pad_token_id, 77)
 
 
-def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch):
+def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch, own_cache):
     clip_tokenizer()
     entry = _entries("clip-bpe")[0]
     vocab = json.loads((entry / "vocab.json").read_text(encoding="utf-8"))
@@ -146,7 +152,7 @@ def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch):
     assert _ids(clip_tokenizer()) == expected
 
 
-def test_a_model_folders_tokenizer_loads_through_the_cache_unchanged(tmp_path):
+def test_a_model_folders_tokenizer_loads_through_the_cache_unchanged(tmp_path, own_cache):
     """A folder with a tokenizer.json (which transformers 5 parses in Python at every load) loads from the cache
     with the same ids, vocabulary, added tokens and settings."""
     from conjure.models.tokenizer_cache import clip_tokenizer_from
