@@ -6,15 +6,21 @@ one image folder: 64 px, batch 2, 200 steps, AdamW 1e-4 (weight decay 1e-2, the 
 rank 4 on the UNet's attention (the script's to_q/to_k/to_v/to_out.0; conjure's `unet_targets: attention`), one
 thread. Each run is a fresh process; one hook (torch's global optimizer step hook) times every optimizer step in
 all of them, so start-up (spawn to the first step's end) and steps/s (median step interval after 20 steps) are
-measured the same way. conjure's LoRA runs twice: as is, and with `cache_latents: memory` and
-`cache_text_encoder_outputs: true`.
+measured the same way: on the wall clock, and in the process's CPU time (what a shared machine's other work
+disturbs least). conjure's LoRA runs twice: as is, and with `cache_latents: memory` and
+`cache_text_encoder_outputs: true`. The runs are interleaved: each round runs every trainer once, in a rotated
+order, so a change of the machine's load spreads over all of them; the table gives each figure's median and range.
 
 The scripts are not part of conjure: fetch them for the run (diffusers' GitHub repository, the version installed)
 into a folder given as --scripts, never committed. They import torchvision (transforms only); where the one
 installed for them cannot load its compiled detection ops (a CUDA build beside a CPU torch), the runner skips
 torchvision's meta registrations of those ops, which the scripts never call. Packages installed only for the
-scripts go in a folder given as --extra-path.
+scripts go in a folder given as --extra-path. The default (3 rounds of 5 runs of 200 steps) takes about 3 minutes
+on a quiet 2-core machine (each run ~5 s of start-up and ~6-7 s of steps), longer under load:
 
+    git -C DIFFUSERS show HEAD:examples/textual_inversion/textual_inversion.py > /tmp/diffusers-examples/textual_inversion.py
+    git -C DIFFUSERS show HEAD:examples/text_to_image/train_text_to_image_lora.py > /tmp/diffusers-examples/train_text_to_image_lora.py
+    pip install --no-deps --target /tmp/pydeps torchvision
     python benchmarks/versus_diffusers.py --scripts /tmp/diffusers-examples --extra-path /tmp/pydeps \\
         --write docs/benchmarks.md
 """
@@ -44,7 +50,7 @@ import torch
 torch.set_num_threads(1)
 from torch.optim.optimizer import register_optimizer_step_post_hook
 times = []
-register_optimizer_step_post_hook(lambda optimizer, args, kwargs: times.append(time.time()))
+register_optimizer_step_post_hook(lambda optimizer, args, kwargs: times.append((time.time(), time.process_time())))
 atexit.register(lambda: open(os.environ["BENCH_STEPS"], "w").write(json.dumps(times)))
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 target = sys.argv[1]
@@ -119,8 +125,12 @@ def timed(args: list[str], extra_path: Path | None, log: Path) -> dict:
     times = json.loads(log.with_suffix(".json").read_text()) if log.with_suffix(".json").exists() else []
     if code != 0 or len(times) < 30:
         return {"error": f"exit {code}, {len(times)} steps; see {log}"}
-    step = statistics.median(np.diff(times[20:]))
-    return {"startup_s": times[0] - spawned, "steps_s": 1 / step, "wall_s": wall}
+    clock, cpu = np.array(times).T
+    return {"startup_s": clock[0] - spawned, "steps_s": 1 / statistics.median(np.diff(clock[20:])),
+            "cpu_steps_s": 1 / statistics.median(np.diff(cpu[20:])), "wall_s": wall}
+
+
+TRAINERS = {"ti": ["diffusers", "conjure"], "lora": ["diffusers", "conjure", "conjure, cached latents + text"]}
 
 
 def main() -> int:
@@ -129,7 +139,7 @@ def main() -> int:
                         help="folder with diffusers' textual_inversion.py and train_text_to_image_lora.py")
     parser.add_argument("--extra-path", type=Path, help="folder of packages installed only for the scripts")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each; every figure is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each runs every trainer once")
     parser.add_argument("--methods", default="ti,lora")
     parser.add_argument("--conjure-src", type=Path, help="run conjure from this src folder (e.g. an older version's, "
                         "exported with `git archive`) instead of the installed one")
@@ -140,50 +150,57 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="versus-diffusers-"))
     model = write_tiny_model("sd1", work / "model")
     folders = make_images(work / "images")
-    rows = []
-    for kind in args.methods.split(","):
-        images = folders[kind]
-        runs = {"diffusers": [], "conjure": []}
-        if kind == "lora":
-            runs["conjure, cached latents + text"] = []
-        for r in range(args.repeats):
-            for name in runs:
-                out = work / f"{kind}-{name.split(',')[0]}-{r}{'-cached' if 'cached' in name else ''}"
-                out.mkdir()
-                command = (script_args(kind, args.scripts, model, images, out, args.steps) if name == "diffusers"
-                           else ["conjure", "train", str(conjure_config(kind, model, images, out, args.steps,
-                                                                        "cached" in name))])
-                result = timed(command, args.extra_path if name == "diffusers" else args.conjure_src, out / "log.txt")
-                print(kind, name, r, result, flush=True)
-                runs[name].append(result)
-        rows.append((kind, runs))
-    publish(table(rows, args), args.write)
+    runs = [(kind, name) for kind in args.methods.split(",") for name in TRAINERS[kind]]
+    results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
+    for r in range(args.repeats):
+        for kind, name in runs[r % len(runs):] + runs[: r % len(runs)]:  # a rotated order each round
+            images = folders[kind]
+            out = work / f"{kind}-{name.split(',')[0]}-{r}{'-cached' if 'cached' in name else ''}"
+            out.mkdir()
+            command = (script_args(kind, args.scripts, model, images, out, args.steps) if name == "diffusers"
+                       else ["conjure", "train", str(conjure_config(kind, model, images, out, args.steps,
+                                                                    "cached" in name))])
+            result = timed(command, args.extra_path if name == "diffusers" else args.conjure_src, out / "log.txt")
+            print(kind, name, r, result, flush=True)
+            results[(kind, name)].append(result)
+    publish(table(results, args), args.write)
     return 0
 
 
-def table(rows: list, args: argparse.Namespace) -> str:
+def table(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace) -> str:
     import platform
 
     import torch
 
-    def figures(results: list[dict], key: str, fmt: str) -> str:
-        return " / ".join(format(r[key], fmt) if key in r else r.get("error", "?") for r in results)
+    def spread(values: list[float], fmt: str) -> str:
+        return (f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+                if values else "n/a")
 
+    def ratio(kind: str, name: str, key: str) -> str:
+        mine = [r[key] for r in results[(kind, name)] if key in r]
+        base = [r[key] for r in results[(kind, "diffusers")] if key in r]
+        return f"{statistics.median(mine) / statistics.median(base):.2f}x" if mine and base else "n/a"
+
+    try:
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
     machine = (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} core(s), 1 thread, "
                f"torch {torch.__version__}")
     lines = [f"### Side by side with the diffusers example scripts: {machine} ({dt.date.today()})", "",
              f"`python benchmarks/versus_diffusers.py --steps {args.steps} --repeats {args.repeats}`: tiny SD1-layout "
              "model, 64 px, batch 2, AdamW 1e-4 constant (weight decay 1e-2), LoRA rank 4 on UNet attention; "
-             "steps/s = 1 / median step interval after 20 steps; start-up = spawn to the end of the first step. "
-             "Each figure of a run, separated by /.", "",
-             "| method | trainer | steps/s | ratio to diffusers (median) | start-up s |", "|---|---|---|---|---|"]
-    for kind, runs in rows:
-        base = [r["steps_s"] for r in runs["diffusers"] if "steps_s" in r]
-        for name, results in runs.items():
-            mine = [r["steps_s"] for r in results if "steps_s" in r]
-            ratio = f"{statistics.median(mine) / statistics.median(base):.2f}x" if base and mine else "n/a"
-            lines.append(f"| {kind} | {name} | {figures(results, 'steps_s', '.2f')} | {ratio} | "
-                         f"{figures(results, 'startup_s', '.1f')} |")
+             "steps/s = 1 / median step interval after 20 steps, on the wall clock and in the process's CPU time; "
+             f"start-up = spawn to the end of the first step. Median (min-max) of {args.repeats} interleaved "
+             f"rounds; load average at the end (1/5/15 min): {load}.", "",
+             "| method | trainer | steps/s (wall) | ratio | steps/s (CPU time) | ratio | start-up s |",
+             "|---|---|---|---|---|---|---|"]
+    for (kind, name), runs in results.items():
+        errors = [r["error"] for r in runs if "error" in r]
+        figures = {key: [r[key] for r in runs if key in r] for key in ("steps_s", "cpu_steps_s", "startup_s")}
+        lines.append(f"| {kind} | {name} | {spread(figures['steps_s'], '.2f')} | {ratio(kind, name, 'steps_s')} | "
+                     f"{spread(figures['cpu_steps_s'], '.2f')} | {ratio(kind, name, 'cpu_steps_s')} | "
+                     f"{spread(figures['startup_s'], '.1f')} |" + (f" {'; '.join(errors)}" if errors else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -138,7 +138,10 @@ class Lora:
                 base = module.get_submodule(path)
                 _set_submodule(module, path, InputColumnDora(base, s.rank, s.alpha, s.dropout))
         else:
+            from conjure.adapters.lean_lora import use_lean_forward
+
             _inject_peft(module, targets, rank=s.rank, alpha=s.alpha, dropout=s.dropout, dora=s.dora)
+            use_lean_forward(module)  # PEFT's layers, without its per-call dispatch (PEFT DoRA keeps PEFT's)
 
     # --- what trains -------------------------------------------------------------------------------
     def _adapted(self, component: str) -> list[tuple[str, nn.Module]]:

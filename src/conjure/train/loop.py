@@ -31,7 +31,7 @@ from conjure.train.setup import (
     global_rng_state, load_model, machine_preset, make_accelerator, open_run_dir, place_model, resolved_config,
     scan_data, set_global_rng, start_warnings, text_reading,
 )
-from conjure.train.skips import SkippedSteps, TooManySkipped, finite_step
+from conjure.train.skips import SkippedSteps, TooManySkipped, read_step
 from conjure.train.text_ahead import EncodedAhead, captions_ahead, encode_ahead, offloads, prompt_inputs
 
 if TYPE_CHECKING:
@@ -267,12 +267,13 @@ class TrainingSession:
             acc.backward(loss)
             for param in self.recipe.frozen_parameters(self.global_step, self.max_steps):
                 param.grad = None  # the optimizers skip a parameter without a gradient: no update, no decay
+            loss_value, finite = read_step(acc, loss, self.params, settings.max_grad_norm)
             if acc.sync_gradients:
-                self.finite = finite_step(acc, loss, self.params, settings.max_grad_norm)
+                self.finite = finite
             if self.finite or acc.scaler is not None:  # the GradScaler skips a non-finite step itself (and backs off)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return acc.reduce(loss.detach(), "mean").item()
+        return loss_value
 
     def _prompt_inputs(self, prompt: str, negative: str) -> dict[str, Any]:
         """A validation prompt's pipeline inputs, encoded as training encodes captions (clip skip, long captions,
@@ -285,7 +286,7 @@ class TrainingSession:
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in embeds.items()}
 
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        from conjure.train.loss import encode_latents, sample_latents, vae_posterior
+        from conjure.train.loss import encode_latents, placed, sample_latents, vae_posterior
 
         vae = self.model.vae
         if self.latent_cache is None:
@@ -296,7 +297,8 @@ class TrainingSession:
                                               batch["flipped"])
         ]
         mean, std = self.latent_cache.posteriors(keys, batch["pixel_values"], lambda px: vae_posterior(vae, px))
-        return sample_latents(vae, mean.to(vae.device), std.to(vae.device), self.generator)
+        device = placed(vae).device
+        return sample_latents(vae, mean.to(device), std.to(device), self.generator)
 
     def _after_step(self, loss: float, bar: tqdm, control: TrainControl) -> None:
         # A skipped step (non-finite loss or gradients; under fp16 the GradScaler's own skips) moved nothing; the
@@ -316,7 +318,7 @@ class TrainingSession:
                          skipped_steps=self.skips.total, **({"skipped": True} if skipped else {}))
         self.events.scalars(self.global_step, **{"train/loss": loss, "train/lr": lr})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's own interval
         if control.on_step:
             control.on_step(self.global_step, loss)
         if not self.accelerator.is_main_process:

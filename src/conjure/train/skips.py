@@ -29,16 +29,19 @@ class TooManySkipped(ConjureError):
     checkpoint kept is that state: the loop saves no rescue checkpoint for it."""
 
 
-def finite_step(accelerator: Accelerator, loss: torch.Tensor, params: Sequence[torch.Tensor],
-                max_grad_norm: float | None) -> bool:
-    """Whether the step's loss (all processes') and gradients are finite, clipping them where
-    advanced.max_grad_norm is set. One answer for every process: the gradients are already reduced."""
+def read_step(accelerator: Accelerator, loss: torch.Tensor, params: Sequence[torch.Tensor],
+              max_grad_norm: float | None) -> tuple[float, bool]:
+    """The micro-batch's loss (all processes' mean) and whether it is finite, with the gradients where accumulation
+    completes (clipping them where advanced.max_grad_norm is set; one answer for every process: the gradients are
+    already reduced). Read from the device in one transfer: on a GPU each read waits for the queued work, and a
+    finite check before the optimizer step and the loss read after it were two."""
     checks = [accelerator.reduce(loss.detach(), "mean").float()]
-    if max_grad_norm:  # unscales fp16 gradients first, as the GradScaler's own check does
+    if accelerator.sync_gradients and max_grad_norm:  # unscales fp16 gradients first, as the GradScaler's check does
         checks.append(accelerator.clip_grad_norm_(params, max_grad_norm).float())
-    elif accelerator.scaler is None:
+    elif accelerator.sync_gradients and accelerator.scaler is None:
         checks.append(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).float())
-    return bool(torch.isfinite(torch.stack([c.to(checks[0].device) for c in checks])).all())
+    values = torch.stack([c.to(checks[0].device) for c in checks]).tolist()
+    return values[0], all(map(math.isfinite, values))
 
 
 @dataclass
