@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conjure.adapters import LoraModule
 from conjure.export.convert import apply_lora
+from conjure.export.embeddings import bundle_tensors
 from conjure.export.kohya import load_kohya, save_kohya
 from conjure.export.peft import save_peft
 from conjure.models.tiny import build_tiny_components
@@ -111,9 +113,18 @@ def test_refusals(sdxl, tmp_path, run_cli, assert_one_line_error):
     code, _, err = run_cli("lora", "combine", tmp_path / "a.safetensors", tmp_path / "sd1.safetensors",
                            "--to", tmp_path / "out.safetensors")
     assert_one_line_error(code, err, "different model families", "sd1.safetensors sd1", "a.safetensors sdxl")
-    code, out, err = run_cli("lora", "combine", tmp_path / "a.safetensors", tmp_path / "b.safetensors:0.5",
+    tensors = load_file(tmp_path / "a.safetensors")
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors")
+    code, _, err = run_cli("lora", "combine", tmp_path / "extra.safetensors", tmp_path / "b.safetensors",
+                           "--to", tmp_path / "out.safetensors")
+    assert_one_line_error(code, err, "extra.safetensors: 1 tensors belong to no LoRA module (first: extra.weight)")
+    bundle = bundle_tensors("star", {"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 32)})
+    save_file({**tensors, **bundle}, tmp_path / "pivotal.safetensors", metadata=safe_open(
+        str(tmp_path / "a.safetensors"), "pt").metadata())
+    code, out, err = run_cli("lora", "combine", tmp_path / "pivotal.safetensors", tmp_path / "b.safetensors:0.5",
                              "--to", tmp_path / "out.safetensors")
     assert code == 0 and "5 modules, rank 2-6" in out, err
+    assert "pivotal.safetensors bundles the embedding(s) star, which this leaves out" in err
     code, _, err = run_cli("lora", "combine", tmp_path / "a.safetensors", tmp_path / "b.safetensors",
                            "--to", tmp_path / "out.safetensors")
     assert_one_line_error(code, err, "exists; use --force")

@@ -11,22 +11,23 @@ is refused in one line that names them.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from conjure.adapters import LoraWeights
 from conjure.errors import ConjureError
-from conjure.tools.lora_inputs import LoraInput, read_input
+from conjure.tools.lora_inputs import LoraFile, LoraInput, bundle_note, read_input
 
 __all__ = ["Baked", "bake"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Baked:
     path: Path
     family: str
     modules: dict[str, int]  # file -> modules merged
+    notes: list[str] = field(default_factory=list)  # what was left out (bundled embeddings)
 
 
 def _missing(components: dict[str, Any], weights: LoraWeights) -> list[str]:
@@ -48,15 +49,15 @@ def _missing(components: dict[str, Any], weights: LoraWeights) -> list[str]:
     return missing
 
 
-def _checked(lora: LoraInput, family: str, components: dict[str, Any]) -> LoraWeights:
-    weights, file_family, _ = read_input(lora)
-    if file_family != family:
-        raise ConjureError(f"{lora.path} is a LoRA for {file_family}, but the base model is {family}")
-    missing = _missing(components, weights)
+def _checked(lora: LoraInput, family: str, components: dict[str, Any]) -> LoraFile:
+    read = read_input(lora)
+    if read.family != family:
+        raise ConjureError(f"{lora.path} is a LoRA for {read.family}, but the base model is {family}")
+    missing = _missing(components, read.weights)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ConjureError(f"{lora.path}: {len(missing)} of its modules are not in the base model: {shown}")
-    return weights
+    return read
 
 
 def _own_scheduler(source: str, scheduler: Any) -> Any:
@@ -90,11 +91,13 @@ def bake(base: str, loras: list[LoraInput], out: Path, save_dtype: str = "fp16")
         raise ConjureError("give at least one LoRA file to bake")
     model = load_base_model(base)
     checked = [(lora, _checked(lora, model.family.name, model.components)) for lora in loras]
-    merged = {}
-    for lora, weights in checked:
-        merged[str(lora.path)] = apply_lora(model.components, weights, lora.weight)
+    baked = Baked(Path(out), model.family.name, {})
+    for lora, read in checked:
+        baked.modules[str(lora.path)] = apply_lora(model.components, read.weights, lora.weight)
+        if read.bundled:
+            baked.notes.append(bundle_note(lora.path, read.bundled))
     _save(model, out, save_dtype, loras)
-    return Baked(Path(out), model.family.name, merged)
+    return baked
 
 
 def _save(model: Any, out: Path, save_dtype: str, loras: list[LoraInput]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from conjure.errors import ConjureError
@@ -26,6 +27,11 @@ def _energy_lines(records: list, what: str) -> list[str]:
                     f"({lowest.module})"]
 
 
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        print(note, file=sys.stderr)
+
+
 def cmd_bake(args: argparse.Namespace) -> int:
     from conjure.tools.bake import bake
     from conjure.tools.lora_inputs import parse_input
@@ -34,6 +40,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
     done = bake(args.base, [parse_input(t) for t in args.loras], out, args.save_dtype)
     for path, count in done.modules.items():
         print(f"  {path}: {count} modules merged")
+    _notes(done.notes)
     kind = "single-file checkpoint" if out.suffix == ".safetensors" else "diffusers model"
     print(f"wrote {done.path} ({done.family} {kind}, {args.save_dtype})")
     return 0
@@ -58,6 +65,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     done = combine([parse_input(t) for t in args.loras], out, rank=args.rank, save_dtype=args.save_dtype)
     if done.resized:
         print("\n".join(_energy_lines(done.resized, "resized")))
+    _notes(done.notes)
     ranks = sorted(set(done.ranks.values()))
     print(f"wrote {done.path} (kohya LoRA, {done.family}; {len(done.ranks)} modules, rank "
           f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'})")

@@ -23,7 +23,7 @@ import torch
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
 from conjure.export.resize import Resized
-from conjure.tools.lora_inputs import LoraInput, one_alpha, read_input
+from conjure.tools.lora_inputs import LoraInput, bundle_note, one_alpha, read_input
 
 __all__ = ["Combined", "combine", "concatenated"]
 
@@ -34,6 +34,7 @@ class Combined:
     family: str
     ranks: dict[str, int] = field(default_factory=dict)  # module -> rank written
     resized: list[Resized] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was left out (bundled embeddings)
 
 
 def _stacked(key: tuple[str, str], parts: list[tuple[float, LoraModule]]) -> LoraModule:
@@ -58,13 +59,16 @@ def concatenated(files: list[tuple[float, LoraWeights]]) -> LoraWeights:
     return {key: _stacked(key, parts) for key, parts in by_module.items()}
 
 
-def _read(loras: list[LoraInput]) -> tuple[list[tuple[float, LoraWeights]], str, dict[str, str]]:
+def _read(loras: list[LoraInput], notes: list[str]) -> tuple[list[tuple[float, LoraWeights]], str, dict[str, str]]:
     """Each file's (weight, weights), the family they share and the first file's metadata."""
     files: list[tuple[float, LoraWeights]] = []
     families_seen: dict[str, str] = {}
     meta: dict[str, str] = {}
     for lora in loras:
-        weights, family, header = read_input(lora)
+        read = read_input(lora)
+        weights, family, header = read.weights, read.family, read.metadata
+        if read.bundled:
+            notes.append(bundle_note(lora.path, read.bundled))
         dora = [f"{c}.{p}" for (c, p), m in weights.items() if m.dora_scale is not None or m.magnitude is not None]
         if dora:
             raise ConjureError(
@@ -89,9 +93,10 @@ def combine(loras: list[LoraInput], out: Path, *, rank: int | None = None, save_
 
     if len(loras) < 2:
         raise ConjureError("give at least two LoRA files to combine")
-    files, family, first_meta = _read(loras)
+    notes: list[str] = []
+    files, family, first_meta = _read(loras, notes)
     weights = concatenated(files)
-    result = Combined(Path(out), family)
+    result = Combined(Path(out), family, notes=notes)
     if rank is not None:
         weights, result.resized = resize_weights(weights, rank, None)
     weights, alpha = one_alpha(pad_fused(weights, fused_groups(weights, family)))
