@@ -16,7 +16,7 @@ def finetune_config(tiny_models, image_folder, tmp_path):
         data = {
             "type": "finetune",
             "basic": {"base_model": str(tiny_models(family)), "output_dir": str(tmp_path / "runs"), "run_name": "run",
-                      "max_train_steps": 5, "save_every_n_steps": 5, "validate_every_n_steps": None, "seed": 3},
+                      "max_train_steps": 4, "save_every_n_steps": 4, "validate_every_n_steps": None, "seed": 3},
             "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2},
             "validation": {"seeds": [0], "num_inference_steps": 2, "guidance_scale": 2.0, "at_start": False},
             "optimizer": {"learning_rate": 1e-3},
@@ -146,3 +146,22 @@ def test_estimate_counts_every_trained_weight(finetune_config):
                                                     "ema": {"enabled": True, "on_cpu": True}}))
     result = estimate(config, assume_gpu=True)
     assert result.trainable == result.parameters["unet"] + result.parameters["text_encoder"]
+
+
+def test_validation_renders_with_the_ema_weights(finetune_config, run_config, monkeypatch):
+    """ema.use_for_validation: the pipeline renders with the average in place, and training goes on with its own
+    weights afterwards (the state saved at the same step holds both, and they differ)."""
+    from conjure.train import validation
+
+    real_render, seen = validation.render, []
+
+    def render(pipe, folder, **kwargs):
+        seen.append(pipe.unet.conv_in.weight.detach().clone())
+        return real_render(pipe, folder, **kwargs)
+
+    monkeypatch.setattr(validation, "render", render)
+    raw = finetune_config(finetune={"ema": {"enabled": True, "decay": 0.5}, "single_file": False},
+                          basic={"max_train_steps": 3, "save_every_n_steps": 3, "validate_every_n_steps": 3})
+    state = state_of(run_config(raw))["method"]
+    assert len(seen) == 1 and torch.equal(seen[0], state["ema.unet.conv_in.weight"])
+    assert not torch.equal(state["ema.unet.conv_in.weight"], state["unet.conv_in.weight"])
