@@ -10,6 +10,10 @@ measured the same way: on the wall clock, and in the process's CPU time (what a 
 disturbs least). conjure's LoRA runs twice: as is, and with `cache_latents: memory` and
 `cache_text_encoder_outputs: true`. The runs are interleaved: each round runs every trainer once, in a rotated
 order, so a change of the machine's load spreads over all of them; the table gives each figure's median and range.
+`--baseline-src DIR` adds conjure from another source tree (`git archive COMMIT src | tar -x -C DIR`) to every
+round, for a before/after. `--pieces` also times, in every trainer alike, the pieces of a step that all of them
+have (data loader, VAE encode, text encoder, UNet forward, backward, clipping, optimizer step) in thread CPU time,
+and prints where each trainer's step goes: what is left beside the models' own calls is each trainer's own work.
 
 The scripts are not part of conjure: fetch them for the run (diffusers' GitHub repository, the version installed)
 into a folder given as --scripts, never committed. They import torchvision (transforms only); where the one
@@ -49,10 +53,43 @@ import atexit, json, os, runpy, sys, time, types
 import torch
 torch.set_num_threads(1)
 from torch.optim.optimizer import register_optimizer_step_post_hook
-times = []
-register_optimizer_step_post_hook(lambda optimizer, args, kwargs: times.append((time.time(), time.process_time())))
-atexit.register(lambda: open(os.environ["BENCH_STEPS"], "w").write(json.dumps(times)))
+times, pieces, inside = [], {}, []
+register_optimizer_step_post_hook(
+    lambda optimizer, args, kwargs: times.append((time.time(), time.process_time(), time.thread_time())))
+atexit.register(lambda: open(os.environ["BENCH_STEPS"], "w").write(json.dumps({"steps": times, "pieces": pieces})))
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+
+
+def piece(owner, name, label):  # the calls' thread CPU time and the step they fell in; a piece inside another once
+    call = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        if inside:
+            return call(*args, **kwargs)
+        inside.append(label)
+        start = time.thread_time()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            inside.pop()
+            pieces.setdefault(label, []).append((len(times), time.thread_time() - start))
+
+    setattr(owner, name, wrapper)
+
+
+if os.environ.get("BENCH_PIECES"):
+    import accelerate, accelerate.optimizer, diffusers, transformers
+    from torch.utils.data import dataloader
+    for owner, name, label in [
+        (dataloader._SingleProcessDataLoaderIter, "__next__", "data loader"),
+        (diffusers.AutoencoderKL, "encode", "VAE encode"),
+        (transformers.CLIPTextModel, "forward", "text encoder forward"),
+        (diffusers.UNet2DConditionModel, "forward", "UNet forward"),
+        (torch.Tensor, "backward", "backward"),
+        (accelerate.Accelerator, "clip_grad_norm_", "gradient clipping"),
+        (accelerate.optimizer.AcceleratedOptimizer, "step", "optimizer step"),
+    ]:
+        piece(owner, name, label)
 target = sys.argv[1]
 sys.argv = sys.argv[1:]
 if target.endswith(".py"):
@@ -60,6 +97,9 @@ if target.endswith(".py"):
 else:
     runpy.run_module(target, run_name="__main__", alter_sys=True)
 """
+PIECES = ("data loader", "VAE encode", "text encoder forward", "UNet forward", "backward", "gradient clipping",
+          "optimizer step")
+WARM_UP = 20  # steps left out of every figure
 
 CAPTION = "a photo of zwx dog"
 
@@ -113,8 +153,9 @@ def script_args(kind: str, scripts: Path, model: Path, images: Path, out: Path, 
             "--initializer_token", "dog", "--save_steps", str(10 * steps), "--checkpointing_steps", str(10 * steps)]
 
 
-def timed(args: list[str], extra_path: Path | None, log: Path) -> dict:
+def timed(args: list[str], extra_path: Path | None, log: Path, pieces: bool = False) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", BENCH_STEPS=str(log.with_suffix(".json")))
+    env.update({"BENCH_PIECES": "1"} if pieces else {})
     paths = [str(extra_path)] if extra_path else []
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
     spawned = time.time()
@@ -122,12 +163,19 @@ def timed(args: list[str], extra_path: Path | None, log: Path) -> dict:
         code = subprocess.run([sys.executable, "-c", RUNNER, *args], stdout=out, stderr=subprocess.STDOUT,
                               env=env).returncode
     wall = time.time() - spawned
-    times = json.loads(log.with_suffix(".json").read_text()) if log.with_suffix(".json").exists() else []
-    if code != 0 or len(times) < 30:
+    saved = json.loads(log.with_suffix(".json").read_text()) if log.with_suffix(".json").exists() else {}
+    times = saved.get("steps", [])
+    if code != 0 or len(times) < WARM_UP + 10:
         return {"error": f"exit {code}, {len(times)} steps; see {log}"}
-    clock, cpu = np.array(times).T
-    return {"startup_s": clock[0] - spawned, "steps_s": 1 / statistics.median(np.diff(clock[20:])),
-            "cpu_steps_s": 1 / statistics.median(np.diff(cpu[20:])), "wall_s": wall}
+    clock, cpu, thread = np.array(times).T
+    result = {"startup_s": clock[0] - spawned, "steps_s": 1 / statistics.median(np.diff(clock[WARM_UP:])),
+              "cpu_steps_s": 1 / statistics.median(np.diff(cpu[WARM_UP:])), "wall_s": wall}
+    if pieces:  # ms per step, over the steps after warm-up (a final validation's calls come after the last step)
+        steps = len(times) - 1 - WARM_UP
+        result["pieces_ms"] = {"step": 1000 * (thread[-1] - thread[WARM_UP]) / steps, **{
+            label: 1000 * sum(d for at, d in saved["pieces"].get(label, []) if WARM_UP < at < len(times)) / steps
+            for label in PIECES}}
+    return result
 
 
 TRAINERS = {"ti": ["diffusers", "conjure"], "lora": ["diffusers", "conjure", "conjure, cached latents + text"]}
@@ -143,6 +191,10 @@ def main() -> int:
     parser.add_argument("--methods", default="ti,lora")
     parser.add_argument("--conjure-src", type=Path, help="run conjure from this src folder (e.g. an older version's, "
                         "exported with `git archive`) instead of the installed one")
+    parser.add_argument("--baseline-src", type=Path, help="also run conjure from this src folder (e.g. `git archive` "
+                        "of an older commit), interleaved with the others, as the rows 'conjure (baseline)'")
+    parser.add_argument("--pieces", action="store_true", help="also time the pieces of a step (the models' calls, "
+                        "backward, clipping, optimizer, data loader) in every trainer, in thread CPU time")
     parser.add_argument("--write", type=Path, help="append the table to this markdown file")
     args = parser.parse_args()
     from conjure.models.tiny import write_tiny_model
@@ -151,16 +203,19 @@ def main() -> int:
     model = write_tiny_model("sd1", work / "model")
     folders = make_images(work / "images")
     runs = [(kind, name) for kind in args.methods.split(",") for name in TRAINERS[kind]]
+    if args.baseline_src:
+        runs += [(kind, name.replace("conjure", "conjure (baseline)")) for kind, name in runs if "conjure" in name]
     results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
     for r in range(args.repeats):
         for kind, name in runs[r % len(runs):] + runs[: r % len(runs)]:  # a rotated order each round
             images = folders[kind]
-            out = work / f"{kind}-{name.split(',')[0]}-{r}{'-cached' if 'cached' in name else ''}"
+            out = work / f"{kind}-{name.split(',')[0].replace(' ', '-')}-{r}{'-cached' if 'cached' in name else ''}"
             out.mkdir()
+            src = args.baseline_src if "baseline" in name else args.conjure_src
             command = (script_args(kind, args.scripts, model, images, out, args.steps) if name == "diffusers"
                        else ["conjure", "train", str(conjure_config(kind, model, images, out, args.steps,
                                                                     "cached" in name))])
-            result = timed(command, args.extra_path if name == "diffusers" else args.conjure_src, out / "log.txt")
+            result = timed(command, args.extra_path if name == "diffusers" else src, out / "log.txt", args.pieces)
             print(kind, name, r, result, flush=True)
             results[(kind, name)].append(result)
     publish(table(results, args), args.write)
@@ -188,7 +243,8 @@ def table(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace) 
     machine = (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} core(s), 1 thread, "
                f"torch {torch.__version__}")
     lines = [f"### Side by side with the diffusers example scripts: {machine} ({dt.date.today()})", "",
-             f"`python benchmarks/versus_diffusers.py --steps {args.steps} --repeats {args.repeats}`: tiny SD1-layout "
+             f"`python benchmarks/versus_diffusers.py --steps {args.steps} --repeats {args.repeats}"
+             f"{' --baseline-src DIR' if args.baseline_src else ''}{' --pieces' if args.pieces else ''}`: tiny SD1-layout "
              "model, 64 px, batch 2, AdamW 1e-4 constant (weight decay 1e-2), LoRA rank 4 on UNet attention; "
              "steps/s = 1 / median step interval after 20 steps, on the wall clock and in the process's CPU time; "
              f"start-up = spawn to the end of the first step. Median (min-max) of {args.repeats} interleaved "
@@ -201,7 +257,27 @@ def table(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace) 
         lines.append(f"| {kind} | {name} | {spread(figures['steps_s'], '.2f')} | {ratio(kind, name, 'steps_s')} | "
                      f"{spread(figures['cpu_steps_s'], '.2f')} | {ratio(kind, name, 'cpu_steps_s')} | "
                      f"{spread(figures['startup_s'], '.1f')} |" + (f" {'; '.join(errors)}" if errors else ""))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + pieces_table(results)) + "\n"
+
+
+def pieces_table(results: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """With --pieces: each trainer's step in thread CPU time ms, split into the pieces every trainer has (median over
+    the rounds); "the rest" is what none of them covers (noise and loss, tokenizing, events, the trainer's own
+    Python)."""
+    timed_runs = {run: [r["pieces_ms"] for r in runs if "pieces_ms" in r] for run, runs in results.items()}
+    timed_runs = {run: found for run, found in timed_runs.items() if found}
+    if not timed_runs:
+        return []
+    names = [f"{kind} {name}" for kind, name in timed_runs]
+    lines = ["", "Where a step's time goes (thread CPU time, ms per step, median of the rounds):", "",
+             "| piece | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label in ("step", *PIECES, "the rest"):
+        cells = []
+        for found in timed_runs.values():
+            values = [f["step"] - sum(f[p] for p in PIECES) if label == "the rest" else f[label] for f in found]
+            cells.append(f"{statistics.median(values):.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -43,10 +43,14 @@ def test_versus_diffusers_times_a_conjure_run_through_the_optimizer_hook(benchma
     out = tmp_path / "out"
     out.mkdir()
     config = versus.conjure_config("lora", tiny_models("sd1"), folders["lora"], out, steps=30, cached=True)
-    result = versus.timed(["conjure", "train", str(config)], None, out / "log.txt")
-    assert set(result) == {"startup_s", "steps_s", "cpu_steps_s", "wall_s"}, result
+    result = versus.timed(["conjure", "train", str(config)], None, out / "log.txt", pieces=True)
+    assert set(result) == {"startup_s", "steps_s", "cpu_steps_s", "wall_s", "pieces_ms"}, result
     assert 0 < result["startup_s"] < result["wall_s"] and result["steps_s"] > 0 and result["cpu_steps_s"] > 0
-    assert len(json.loads((out / "log.json").read_text())) == 30
+    assert len(json.loads((out / "log.json").read_text())["steps"]) == 30
+    pieces = result["pieces_ms"]  # cached text: its one caption was encoded at the first step, before the window
+    assert set(pieces) == {"step", *versus.PIECES}
+    assert 0 < pieces["UNet forward"] < pieces["step"] and pieces["backward"] > 0 and pieces["optimizer step"] > 0
+    assert pieces["text encoder forward"] == 0
 
 
 def test_startup_times_each_import_stage_in_a_fresh_process(benchmark):
