@@ -75,3 +75,15 @@ def test_refusals(models, tiny_models, tmp_path):
     with pytest.raises(ConjureError, match="cannot read .*diffusion_pytorch_model.safetensors"):
         merge_models([a, str(broken)], tmp_path / "x", MergeRecipe("lerp"))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_folder_with_only_fp16_variant_files(models, tmp_path):
+    """Fetched with variant="fp16", a folder holds `*.fp16.safetensors` only; the merge writes the plain names."""
+    variant = tmp_path / "variant"
+    shutil.copytree(models[1], variant)
+    for weights in variant.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    done = merge_models([str(variant), str(models[0])], tmp_path / "out", MergeRecipe("lerp"))
+    assert sorted(p.name for p in (done.path / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    torch.testing.assert_close(unet_tensor(done.path).float(), (0.5 * unet_tensor(models[1]) + 0.5 * unet_tensor(
+        models[0])).half().float())

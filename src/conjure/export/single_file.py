@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 V_PRED_MARKER = "v_pred"
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+# a component's weights in a diffusers folder; a folder fetched with `variant="fp16"` may hold only the variant
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model.fp16.safetensors")
 
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _OPEN_CLIP_TOP = {
@@ -163,6 +165,7 @@ def _single_file_family(family: str | Family) -> Family:
 
 
 def weights_file(folder: Path) -> Path:
+    """The safetensors file of one component folder (the plain name first, else the fp16 variant)."""
     for name in _WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name

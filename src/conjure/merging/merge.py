@@ -140,8 +140,9 @@ def _write_folder(out: Path, recipe: MergeRecipe, sources: list[Source], base: S
         for component in sources[0].components():
             folder = tmp / component
             folder.mkdir(exist_ok=True)
-            name = weights_file(sources[0].folder / component).name if sources[0].folder else None
-            target = folder / (name or weights_file(folder).name)
+            template = sources[0].folder / component if sources[0].folder else folder
+            # the plain name: the merge is in --save-dtype, whichever variant the template had
+            target = folder / weights_file(template).name.replace(".fp16.", ".")
             merged = _merged(recipe, sources, base, component, dtype)
             count += len(merged)
             save_file(merged, str(target), metadata={"format": "pt"})  # transformers reads "format"
