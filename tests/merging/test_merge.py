@@ -68,6 +68,12 @@ def test_refusals(models, tiny_models, tmp_path):
         merge_models([a, b], models[0], MergeRecipe("lerp"), force=True)
     with pytest.raises(ConjureError, match="takes 1 weights"):
         merge_models([a, b], tmp_path / "x", MergeRecipe("add-difference", weights=(1, 1)), base=base)
+    v_model = tmp_path / "v"
+    shutil.copytree(models[1], v_model)
+    scheduler = v_model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace('"epsilon"', '"v_prediction"'))
+    with pytest.raises(ConjureError, match="predicts epsilon, .* v_prediction"):
+        merge_models([a, str(v_model)], tmp_path / "x", MergeRecipe("lerp"))
     broken = tmp_path / "broken"
     shutil.copytree(models[1], broken)
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"

@@ -105,6 +105,9 @@ def check_compatible(sources: list[Source]) -> None:
         if other.family is not first.family:
             raise ConjureError(f"cannot merge models of different families: {first.name} is {first.family.title}, "
                                f"{other.name} is {other.family.title}")
+        if None not in (first.prediction_type, other.prediction_type) and first.prediction_type != other.prediction_type:
+            raise ConjureError(f"cannot merge models trained to predict different things: {first.name} predicts "
+                               f"{first.prediction_type}, {other.name} {other.prediction_type}")
         for component in first.components():
             mine, theirs = first.shapes[component], other.shapes[component]
             if mine == theirs:
