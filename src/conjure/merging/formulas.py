@@ -80,13 +80,18 @@ def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], *,
          density: float = TIES_DENSITY, lam: float = 1.0) -> torch.Tensor:
-    w = torch.tensor(list(weights), dtype=base.dtype).view(-1, *([1] * base.dim()))
-    deltas = torch.stack([_trim(t - base, density) for t in tensors]) * w
-    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
-    agree = deltas.sign() == elected
-    divisor = (w * agree).sum(dim=0)
-    merged = (deltas * agree).sum(dim=0) / torch.where(divisor == 0, 1.0, divisor)
-    return base + lam * merged
+    # model by model rather than stacked: a few tensors of the size of one, not several of n times that
+    deltas = [weight * _trim(tensor - base, density) for tensor, weight in zip(tensors, weights, strict=True)]
+    total = torch.zeros_like(base)
+    for delta in deltas:
+        total += delta
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    merged, divisor = total.zero_(), torch.zeros_like(base)
+    for delta, weight in zip(deltas, weights):
+        agree = delta.sign() == elected
+        merged += delta * agree
+        divisor += weight * agree
+    return base + lam * merged / torch.where(divisor == 0, 1.0, divisor)
 
 
 def _generator(seed: int, name: str, index: int) -> torch.Generator:
