@@ -146,6 +146,11 @@ def test_estimate_counts_every_trained_weight(finetune_config):
                                                     "ema": {"enabled": True, "on_cpu": True}}))
     result = estimate(config, assume_gpu=True)
     assert result.trainable == result.parameters["unet"] + result.parameters["text_encoder"]
+    gradients = next(t for t in result.accelerator if t.name.startswith("gradients"))
+    assert gradients.bytes == result.trainable * 4.0
+    config.optimizer.fused_backward_pass, config.advanced.max_grad_norm = True, None
+    fused = next(t for t in estimate(config, assume_gpu=True).accelerator if t.name.startswith("gradients"))
+    assert "fused" in fused.name and fused.bytes < gradients.bytes  # (the tiny model: its token embedding)
 
 
 def test_validation_renders_with_the_ema_weights(finetune_config, run_config, monkeypatch):
@@ -165,3 +170,62 @@ def test_validation_renders_with_the_ema_weights(finetune_config, run_config, mo
     state = state_of(run_config(raw))["method"]
     assert len(seen) == 1 and torch.equal(seen[0], state["ema.unet.conv_in.weight"])
     assert not torch.equal(state["ema.unet.conv_in.weight"], state["unet.conv_in.weight"])
+
+
+# --- fused backward pass ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("sections", "field"), [
+    ({}, "advanced.max_grad_norm"),  # its default, 1.0, clips over every gradient
+    ({"advanced": {"max_grad_norm": None, "gradient_accumulation_steps": 2}}, "advanced.gradient_accumulation_steps"),
+    ({"advanced": {"max_grad_norm": None}, "optimizer": {"optimizer": "prodigy"}}, "optimizer.fused_backward_pass"),
+    ({"advanced": {"max_grad_norm": None, "mixed_precision": "fp16"}}, "optimizer.fused_backward_pass"),
+])
+def test_fused_backward_pass_refuses_what_needs_every_gradient(finetune_config, sections, field):
+    sections = {**sections, "optimizer": {**sections.get("optimizer", {}), "fused_backward_pass": True}}
+    raw = finetune_config(**sections)
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw)
+    assert field in str(error.value)
+
+
+def test_fused_backward_pass_is_refused_outside_full_fine_tunes(lora_config):
+    with pytest.raises(ConfigError, match="only full fine-tunes"):
+        parse_config(lora_config(optimizer={"fused_backward_pass": True}, advanced={"max_grad_norm": None}))
+
+
+def test_fused_backward_steps_as_the_optimizer_does_and_frees_each_gradient():
+    """Per-parameter AdamW in the backward pass equals one AdamW over the groups, and no gradient is left after
+    the backward pass (each is freed once its parameter stepped)."""
+    from conjure.config.sections import OptimizerConfig
+    from conjure.train.optimizers import FusedBackward, build_optimizer
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+
+    plain, fused = model(), model()
+    config = OptimizerConfig(learning_rate=0.01, weight_decay=0.1)
+    groups = lambda m: [{"params": list(m[0].parameters()), "lr": 0.01}, {"params": list(m[2].parameters()), "lr": 0.003}]  # noqa: E731
+    a = build_optimizer(groups(plain), config)
+    b = build_optimizer(groups(fused), config.model_copy(update={"fused_backward_pass": True}))
+    assert isinstance(b, FusedBackward)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        plain(x).square().mean().backward()
+        a.step()
+        a.zero_grad()
+        fused(x).square().mean().backward()
+        assert all(p.grad is None for p in fused.parameters())
+        b.step()
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        assert torch.allclose(p, q, atol=1e-7)
+
+
+def test_fused_backward_pass_resumes_exactly(finetune_config, straight_and_resumed):
+    raw = finetune_config(optimizer={"fused_backward_pass": True, "learning_rate": 1e-3, "scheduler": "cosine"},
+                          advanced={"max_grad_norm": None}, finetune={"single_file": False})
+    straight, resumed = straight_and_resumed(raw)
+    a, b = state_of(straight), state_of(resumed)
+    assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
+    assert len(a["optimizer"]["per_parameter"]) == len(a["method"])  # one AdamW per weight, each saved
+    first, again = a["optimizer"]["per_parameter"][0]["state"][0], b["optimizer"]["per_parameter"][0]["state"][0]
+    assert int(first["step"]) == 4 and torch.equal(first["exp_avg_sq"], again["exp_avg_sq"])

@@ -38,6 +38,7 @@ class RunConfigHead(BaseModel):
 
 class RunConfigBase(RunConfigHead):
     FAMILIES: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")  # the families the method trains
+    FUSED_BACKWARD: ClassVar[bool] = False  # whether the method can take optimizer.fused_backward_pass
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
@@ -66,6 +67,30 @@ class RunConfigBase(RunConfigHead):
     def default_prompts(self) -> list[str]:
         """Validation prompts when none are set."""
         raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _check_fused_backward(self) -> RunConfigBase:
+        """optimizer.fused_backward_pass steps each weight inside the backward pass: what needs every gradient at
+        once (or a method's own say over a step: pivotal's frozen token) cannot run with it."""
+        opt, adv = self.optimizer, self.advanced
+        if not opt.fused_backward_pass:
+            return self
+        field = "optimizer.fused_backward_pass"
+        if not self.FUSED_BACKWARD:
+            raise FieldProblem(field, f"only full fine-tunes (type: finetune) step this way, not {self.type}")
+        if adv.max_grad_norm is not None:
+            raise FieldProblem("advanced.max_grad_norm", "clipping scales every gradient by their joint norm, and "
+                               f"{field} never holds them all; set it to null")
+        if adv.gradient_accumulation_steps != 1:
+            raise FieldProblem("advanced.gradient_accumulation_steps", f"{field} uses each gradient as it is made, "
+                               "so none is left to add the next batch's to; set it to 1")
+        if opt.optimizer == "prodigy":
+            raise FieldProblem(field, "Prodigy's step size comes from every gradient at once; use adamw, "
+                               "adamw8bit or adafactor")
+        if adv.mixed_precision == "fp16":
+            raise FieldProblem(field, "fp16's gradient scaler checks every gradient before any step; use "
+                               "advanced.mixed_precision: bf16 or no")
+        return self
 
     @model_validator(mode="after")
     def _check_family(self) -> RunConfigBase:

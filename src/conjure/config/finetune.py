@@ -94,6 +94,7 @@ class FinetuneConfig(RunConfigBase, _FinetuneSections):
     type: Literal["finetune"] = "finetune"
     # FLUX.1 is not built yet: its 12B transformer needs the fused backward pass and block offloading first.
     FAMILIES: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")
+    FUSED_BACKWARD: ClassVar[bool] = True
     optimizer: FinetuneOptimizerConfig = Field(default_factory=FinetuneOptimizerConfig)
 
     def default_prompts(self) -> list[str]:

@@ -287,6 +287,14 @@ class OptimizerConfig(Section):
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW-style) weight decay, for every optimizer.")
+    fused_backward_pass: bool = Field(
+        False,
+        description="Full fine-tunes: step each weight as soon as its gradient is complete, during the backward "
+        "pass, and free that gradient (kohya's and OneTrainer's fused_backward_pass): the gradients of the whole "
+        "model never exist at once (SDXL's UNet: 10 GB less in float32). Needs advanced.max_grad_norm: null and "
+        "gradient_accumulation_steps: 1 (both need every gradient at once) and not prodigy or fp16. A step whose "
+        "loss is not finite is still counted as skipped, but its weights have already moved.",
+    )
     prodigy_d_coef: float = Field(
         1.0, gt=0, description="Prodigy only: scales its step-size estimate (0.5-2 are common); the preferred knob."
     )

@@ -199,10 +199,14 @@ def trained_parameters(recipe: Recipe) -> int:
     return sum(seen.values())
 
 
-def training_terms(trainable: int, optimizer: str, beta1: float) -> list[Term]:
+def training_terms(trainable: int, optimizer: str, beta1: float, fused_largest: int | None = None) -> list[Term]:
+    """`fused_largest`: with optimizer.fused_backward_pass, the largest trained tensor's size: each gradient is
+    freed once its weight stepped, so about one (the largest) exists at a time instead of all of them."""
     state = OPTIMIZER_BYTES[optimizer] - (4.0 if optimizer == "prodigy" and beta1 == 0 else 0.0)
-    return [Term("trained parameters (float32)", trainable * 4.0, "counted"),
-            Term("gradients (float32)", trainable * 4.0, "counted"),
+    gradients = (Term("gradients (float32, fused backward pass: the largest weight's)", fused_largest * 4.0,
+                      "modelled") if fused_largest is not None
+                 else Term("gradients (float32)", trainable * 4.0, "counted"))
+    return [Term("trained parameters (float32)", trainable * 4.0, "counted"), gradients,
             Term(f"optimizer state ({optimizer})", trainable * state, "counted")]
 
 

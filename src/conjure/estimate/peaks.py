@@ -40,7 +40,9 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
                        if isinstance(m, torch.nn.Module)}  # before the recipe adds its own
     recipe = spec.build(config, model)
     trainable = trained_parameters(recipe)
-    training = training_terms(trainable, config.optimizer.optimizer, config.optimizer.adam_beta1)
+    largest = (max(p.numel() for g in recipe.parameter_groups(1.0) for p in g["params"])
+               if config.optimizer.fused_backward_pass else None)
+    training = training_terms(trainable, config.optimizer.optimizer, config.optimizer.adam_beta1, largest)
     for part in recipe.trainable_modules().values():
         # The trace has no autocast; in the run, autocast computes the float32 trained parts (a full fine-tune's
         # UNet, a LoRA's adapters) in the run's precision, so they are traced in it.

@@ -37,12 +37,63 @@ def _fused_kernel(groups: list[dict[str, Any]]) -> bool | None:
     return True if params and fits else None
 
 
+class FusedBackward(torch.optim.Optimizer):
+    """optimizer.fused_backward_pass: one optimizer per parameter, stepped by the parameter's post-accumulate-grad
+    hook as soon as its gradient is complete, which then frees that gradient, so the gradients of the whole model
+    never exist at once (torch's tutorial "How to save memory by fusing the optimizer step into the backward pass",
+    which uses register_post_accumulate_grad_hook the same way; kohya sd-scripts' sdxl_train.py
+    --fused_backward_pass steps Adafactor per parameter in such a hook).
+
+    Its own parameter groups carry the learning rates the schedule sets, which each step reads; `step` and
+    `zero_grad` have nothing left to do. Its state is the per-parameter optimizers' states, in parameter order."""
+
+    def __init__(self, groups: list[dict[str, Any]], make: Any):
+        super().__init__(groups, {})
+        self.inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.inner[p] = make([{"params": [p], "lr": group["lr"]}])
+                p.register_post_accumulate_grad_hook(self._stepper(group))
+
+    def _stepper(self, group: dict[str, Any]) -> Any:
+        def step(p: torch.Tensor) -> None:
+            inner = self.inner[p]
+            inner.param_groups[0]["lr"] = group["lr"]
+            inner.step()
+            p.grad = None
+
+        return step
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        return None  # every parameter stepped in the backward pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "per_parameter": [opt.state_dict() for opt in self.inner.values()]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        own = {k: v for k, v in state_dict.items() if k != "per_parameter"}
+        super().load_state_dict(own)
+        saved = state_dict.get("per_parameter", [])
+        if len(saved) != len(self.inner):
+            raise ValueError(f"the state holds {len(saved)} per-parameter optimizers, this run has {len(self.inner)}")
+        for opt, state in zip(self.inner.values(), saved):
+            opt.load_state_dict(state)
+
+
 def build_optimizer(
     groups: list[dict[str, Any]], config: Any, *, device: torch.device | str | None = None
 ) -> torch.optim.Optimizer:
     """The optimizer `config.optimizer` names over `groups` (each group's own "lr" is kept; groups without
-    one get `config.learning_rate`). `device`, when given, is where training runs: 8-bit AdamW needs CUDA.
-    Raises `ConjureError` when the chosen optimizer cannot run here (what to install, or what to use)."""
+    one get `config.learning_rate`), stepped in the backward pass with `config.fused_backward_pass`. `device`,
+    when given, is where training runs: 8-bit AdamW needs CUDA. Raises `ConjureError` when the chosen optimizer
+    cannot run here (what to install, or what to use)."""
+    if config.fused_backward_pass:
+        return FusedBackward(groups, lambda one: _build(one, config, device))
+    return _build(groups, config, device)
+
+
+def _build(groups: list[dict[str, Any]], config: Any, device: torch.device | str | None) -> torch.optim.Optimizer:
     kind = config.optimizer
     betas = (config.adam_beta1, config.adam_beta2)
     common = dict(lr=config.learning_rate, betas=betas, eps=config.adam_epsilon, weight_decay=config.weight_decay)

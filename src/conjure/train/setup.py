@@ -287,6 +287,11 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
         max_steps = math.ceil(basic.max_train_epochs * per_epoch / accum)
     settings = LoopSettings.of(config, resolution=resolution, mixed_precision=mixed_precision, max_steps=max_steps,
                                guidance_scale=model.family.guidance_scale)
+    if opt.fused_backward_pass and (mixed_precision == "fp16" or accelerator.num_processes > 1):
+        # What the config could not know: the precision "auto" chose, the processes. DDP reduces gradients in
+        # buckets after the hooks that would already have stepped on each process's own.
+        why = "fp16's gradient scaler needs every gradient" if mixed_precision == "fp16" else "several processes"
+        raise ConjureError(f"optimizer.fused_backward_pass cannot run with {why}; set it to false")
     groups = recipe.parameter_groups(opt.learning_rate)
     optimizer = build_optimizer(groups, opt, device=accelerator.device)
     for warning in optimizer_warnings(opt, groups):
