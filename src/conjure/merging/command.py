@@ -32,7 +32,7 @@ def add_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "A + w (B - BASE), one weight per model after the first (default 1). ties (Yadav et al. 2023): the task "
         "vectors MODEL - BASE trimmed to their top --density by magnitude (default 0.2), signs elected by sum, "
         "agreeing entries averaged (weighted by --weights, default 1 each), BASE + --lambda x that. dare (Yu et al. "
-        "2023): task-vector entries kept with probability --density (default 0.1, i.e. 90%% dropped) and rescaled by "
+        "2023): task-vector entries kept with probability --density (default 0.1, i.e. 90% dropped) and rescaled by "
         "1/density, BASE + --lambda x their weighted sum; --seed makes the drop masks reproducible. The first MODEL "
         "gives the output its configs, tokenizers and scheduler.",
     )

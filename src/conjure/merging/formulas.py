@@ -10,7 +10,7 @@
   vectors t_i = M_i - base; trim each to its top `density` fraction by magnitude (the paper's k = 20%); elect the
   sign per element as the sign of the sum of the trimmed (weighted) vectors; average only the entries that agree with
   it (disjoint mean, weighted as mergekit's `ties` does with normalize: true); base + lambda * that (the paper's
-  lambda = 1 default). As mergekit (generalized_task_arithmetic.py at 9f9b9d4, sparsify.py `magnitude`), the top-k
+  lambda = 1 default). As mergekit (generalized_task_arithmetic.py at 9f9b9d4, sparsify.py `magnitude` at f76a516), the top-k
   is taken per tensor (the paper's code takes it over the whole flattened model: a streaming merge cannot), a zero
   sum elects +, and an element no vector keeps stays the base's.
 - DARE (Yu et al. 2023, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
