@@ -229,3 +229,11 @@ def test_fused_backward_pass_resumes_exactly(finetune_config, straight_and_resum
     assert len(a["optimizer"]["per_parameter"]) == len(a["method"])  # one AdamW per weight, each saved
     first, again = a["optimizer"]["per_parameter"][0]["state"][0], b["optimizer"]["per_parameter"][0]["state"][0]
     assert int(first["step"]) == 4 and torch.equal(first["exp_avg_sq"], again["exp_avg_sq"])
+
+
+def test_a_text_encoder_the_detected_family_lacks_is_refused(finetune_config, run_config):
+    """basic.family auto: the model says it is SD 1.x (one text encoder) only once it loads."""
+    from conjure.errors import ConjureError
+
+    with pytest.raises(ConjureError, match="finetune.text_encoder_2_learning_rate: Stable Diffusion 1.x has no text_encoder_2"):
+        run_config(finetune_config(finetune={"text_encoder_2_learning_rate": 1e-6}))
