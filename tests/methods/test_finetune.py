@@ -220,20 +220,47 @@ def test_fused_backward_steps_as_the_optimizer_does_and_frees_each_gradient():
         assert torch.allclose(p, q, atol=1e-7)
 
 
-def test_fused_backward_pass_resumes_exactly(finetune_config, straight_and_resumed):
-    raw = finetune_config(optimizer={"fused_backward_pass": True, "learning_rate": 1e-3, "scheduler": "cosine"},
-                          advanced={"max_grad_norm": None}, finetune={"single_file": False})
+# --- bf16 weights with stochastic rounding ------------------------------------------------------------------
+def test_stochastic_rounding_is_unbiased_between_the_two_neighbours():
+    from conjure.train.optimizers import bf16_stochastic_round
+
+    torch.manual_seed(0)
+    x = torch.full((20000,), 1.0 + 2**-10)  # an eighth of the way from 1 to the next bf16, 1 + 2**-7
+    rounded = bf16_stochastic_round(x).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    # 5 standard errors (2**-7 * sqrt(1/8 * 7/8 / 20000) = 1.8e-5); round-to-nearest gives 1.0, 9.8e-4 off
+    assert rounded.mean().item() == pytest.approx(1.0 + 2**-10, abs=1e-4)
+    assert torch.equal(bf16_stochastic_round(torch.tensor([3.0, -0.5])), torch.tensor([3.0, -0.5]).bfloat16())
+
+
+def test_bf16_weights_train_and_resume_exactly(finetune_config, straight_and_resumed):
+    """The fused backward pass with bf16 weights: each per-weight optimizer's float32 state and the stochastic
+    rounding's draws (torch's global RNG, which checkpoints keep) come back exactly."""
+    raw = finetune_config(finetune={"weights_dtype": "bf16", "single_file": False, "ema": {"enabled": True}},
+                          optimizer={"fused_backward_pass": True, "learning_rate": 1e-3},
+                          advanced={"max_grad_norm": None, "mixed_precision": "bf16"})
     straight, resumed = straight_and_resumed(raw)
     a, b = state_of(straight), state_of(resumed)
+    assert a["method"]["unet.conv_in.weight"].dtype == torch.bfloat16
+    assert a["method"]["ema.unet.conv_in.weight"].dtype == torch.float32
     assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
-    assert len(a["optimizer"]["per_parameter"]) == len(a["method"])  # one AdamW per weight, each saved
-    first, again = a["optimizer"]["per_parameter"][0]["state"][0], b["optimizer"]["per_parameter"][0]["state"][0]
-    assert int(first["step"]) == 4 and torch.equal(first["exp_avg_sq"], again["exp_avg_sq"])
+    assert len(a["optimizer"]["per_parameter"]) == sum(not k.startswith("ema.") for k in a["method"])  # one a weight
+    moments = a["optimizer"]["per_parameter"][0]["state"][0]
+    assert moments["exp_avg"].dtype == torch.float32  # the step's state stays float32
+    assert torch.equal(moments["exp_avg"], b["optimizer"]["per_parameter"][0]["state"][0]["exp_avg"])
+
+
+def test_bf16_weights_need_the_fused_pass_and_bf16(finetune_config):
+    with pytest.raises(ConfigError, match="fused_backward_pass: true"):
+        parse_config(finetune_config(finetune={"weights_dtype": "bf16"}))
+    with pytest.raises(ConfigError, match="mixed_precision: bf16"):
+        parse_config(finetune_config(finetune={"weights_dtype": "bf16"}, optimizer={"fused_backward_pass": True},
+                                     advanced={"max_grad_norm": None}))
 
 
 def test_a_text_encoder_the_detected_family_lacks_is_refused(finetune_config, run_config):
     """basic.family auto: the model says it is SD 1.x (one text encoder) only once it loads."""
     from conjure.errors import ConjureError
 
-    with pytest.raises(ConjureError, match="finetune.text_encoder_2_learning_rate: Stable Diffusion 1.x has no text_encoder_2"):
+    with pytest.raises(ConjureError, match="text_encoder_2_learning_rate: Stable Diffusion 1.x has no text_encoder_2"):
         run_config(finetune_config(finetune={"text_encoder_2_learning_rate": 1e-6}))

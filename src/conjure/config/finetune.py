@@ -50,6 +50,13 @@ class FinetuneSection(Section):
     text_encoder_2_learning_rate: float | None = Field(
         None, gt=0, description="SDXL: train the second text encoder (OpenCLIP bigG) at this rate; null: frozen."
     )
+    weights_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="How the trained weights are stored: 'fp32' masters (4 bytes a weight), or 'bf16' (2 bytes: "
+        "SDXL's UNet 5 GB less), each step computed in float32 and rounded back stochastically (OneTrainer's "
+        "bf16 stochastic rounding), so updates below bf16's resolution still count on average. bf16 needs "
+        "optimizer.fused_backward_pass (one weight at a time in float32) and advanced.mixed_precision: bf16.",
+    )
     ema: EmaSection = Field(default_factory=EmaSection)
     save_dtype: Literal["fp16", "bf16", "fp32"] = Field(
         "fp16", description="Precision of the saved model (fp16: what apps load; half the size of fp32)."
@@ -102,6 +109,16 @@ class FinetuneConfig(RunConfigBase, _FinetuneSections):
 
     def trains_text_encoder(self) -> bool:
         return any(lr is not None for name, lr in self.finetune.learning_rates().items() if name != "unet")
+
+    @model_validator(mode="after")
+    def _bf16_weights(self) -> FinetuneConfig:
+        if self.finetune.weights_dtype == "bf16" and not self.optimizer.fused_backward_pass:
+            raise FieldProblem("finetune.weights_dtype", "bf16 weights step in float32 one at a time inside the "
+                               "backward pass: set optimizer.fused_backward_pass: true")
+        if self.finetune.weights_dtype == "bf16" and self.advanced.mixed_precision != "bf16":
+            raise FieldProblem("finetune.weights_dtype", "bf16 weights compute in bf16: set "
+                               "advanced.mixed_precision: bf16")
+        return self
 
     @model_validator(mode="after")
     def _encoders_of_the_family(self) -> FinetuneConfig:

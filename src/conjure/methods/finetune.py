@@ -1,7 +1,8 @@
 """Full fine-tune: every weight of the UNet trains, and of each text encoder given a learning rate.
 
 The trained components become float32 masters (the loop cast the whole model to the run's precision first; under
-mixed precision their forward runs in autocast, as a LoRA's adapters do). An optional EMA of the trained weights
+mixed precision their forward runs in autocast, as a LoRA's adapters do), or bf16 weights with stochastic rounding
+(`weights_dtype`). An optional EMA of the trained weights
 (conjure.train.ema) renders the validation images and is saved as the model. A checkpoint's training state holds
 the trained weights and the EMA (the loop saves the optimizer's state beside them); its files are a diffusers model
 folder (`pipeline.save_pretrained`: the trained components and the frozen ones) and the same model as one
@@ -56,8 +57,11 @@ class FullFinetune:
                 raise ConjureError(f"finetune.{name}_learning_rate: {model.family.title} has no {name}")
         self.rates = {name: lr for name, lr in rates.items() if name == model.family.denoiser or lr is not None}
         self.modules: dict[str, nn.Module] = {name: model.components[name] for name in self.rates}
+        # float32 masters (the loop cast every part to the run's precision), or bf16 weights that the fused
+        # backward pass steps in float32 (conjure.train.optimizers.FusedBackward)
+        dtype = torch.bfloat16 if section.weights_dtype == "bf16" else torch.float32
         for module in self.modules.values():
-            module.to(torch.float32)  # float32 masters (the loop cast every part to the run's precision)
+            module.to(dtype)
             module.requires_grad_(True)
         self._params = [(f"{component}.{n}", p) for component, module in self.modules.items()
                         for n, p in module.named_parameters()]

@@ -59,7 +59,13 @@ class FusedBackward(torch.optim.Optimizer):
         def step(p: torch.Tensor) -> None:
             inner = self.inner[p]
             inner.param_groups[0]["lr"] = group["lr"]
-            inner.step()
+            if p.dtype != torch.bfloat16:
+                inner.step()
+            else:  # finetune.weights_dtype bf16: the step in float32, this weight only, rounded back stochastically
+                p.data, p.grad = p.data.float(), p.grad.float()
+                inner.step()
+                p.grad = None  # before the weight is bf16 again (a float32 gradient would not fit it)
+                p.data = bf16_stochastic_round(p.data)
             p.grad = None
 
         return step
@@ -77,8 +83,22 @@ class FusedBackward(torch.optim.Optimizer):
         saved = state_dict.get("per_parameter", [])
         if len(saved) != len(self.inner):
             raise ValueError(f"the state holds {len(saved)} per-parameter optimizers, this run has {len(self.inner)}")
-        for opt, state in zip(self.inner.values(), saved):
+        for (p, opt), state in zip(self.inner.items(), saved):
+            stored = p.data
+            if p.dtype == torch.bfloat16:  # torch casts the moments to the weight's dtype: they are float32
+                p.data = stored.float()
             opt.load_state_dict(state)
+            p.data = stored
+
+
+def bf16_stochastic_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16, rounding up with the probability of the cut-off part (so an update far below bf16's
+    resolution still moves the weight on average, where round-to-nearest would drop it): a random 16-bit integer
+    added to the float's bits, the low 16 cut. OneTrainer's copy_stochastic_ (modules/util/
+    bf16_stochastic_rounding.py) does the same. Draws from torch's global RNG, which checkpoints keep."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def build_optimizer(
