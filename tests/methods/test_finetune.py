@@ -151,6 +151,9 @@ def test_estimate_counts_every_trained_weight(finetune_config):
     config.optimizer.fused_backward_pass, config.advanced.max_grad_norm = True, None
     fused = next(t for t in estimate(config, assume_gpu=True).accelerator if t.name.startswith("gradients"))
     assert "fused" in fused.name and fused.bytes < gradients.bytes  # (the tiny model: its token embedding)
+    config.finetune.weights_dtype, config.advanced.mixed_precision = "bf16", "bf16"
+    weights = next(t for t in estimate(config, assume_gpu=True).accelerator if t.name.startswith("trained"))
+    assert weights.name == "trained parameters (bfloat16)" and weights.bytes == result.trainable * 2.0
 
 
 def test_validation_renders_with_the_ema_weights(finetune_config, run_config, monkeypatch):

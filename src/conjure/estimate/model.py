@@ -199,14 +199,18 @@ def trained_parameters(recipe: Recipe) -> int:
     return sum(seen.values())
 
 
-def training_terms(trainable: int, optimizer: str, beta1: float, fused_largest: int | None = None) -> list[Term]:
+def training_terms(trainable: int, optimizer: str, beta1: float, fused_largest: int | None = None,
+                   weight_dtype: torch.dtype = torch.float32) -> list[Term]:
     """`fused_largest`: with optimizer.fused_backward_pass, the largest trained tensor's size: each gradient is
-    freed once its weight stepped, so about one (the largest) exists at a time instead of all of them."""
+    freed once its weight stepped, so about one (the largest) exists at a time instead of all of them.
+    `weight_dtype`: how the trained weights are stored (a full fine-tune's bf16 weights), their gradients too;
+    the optimizer's state is float32 either way."""
     state = OPTIMIZER_BYTES[optimizer] - (4.0 if optimizer == "prodigy" and beta1 == 0 else 0.0)
-    gradients = (Term("gradients (float32, fused backward pass: the largest weight's)", fused_largest * 4.0,
+    size, kind = weight_dtype.itemsize, str(weight_dtype).removeprefix("torch.")
+    gradients = (Term(f"gradients ({kind}, fused backward pass: the largest weight's)", fused_largest * size,
                       "modelled") if fused_largest is not None
-                 else Term("gradients (float32)", trainable * 4.0, "counted"))
-    return [Term("trained parameters (float32)", trainable * 4.0, "counted"), gradients,
+                 else Term(f"gradients ({kind})", trainable * size, "counted"))
+    return [Term(f"trained parameters ({kind})", trainable * size, "counted"), gradients,
             Term(f"optimizer state ({optimizer})", trainable * state, "counted")]
 
 

@@ -40,9 +40,10 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
                        if isinstance(m, torch.nn.Module)}  # before the recipe adds its own
     recipe = spec.build(config, model)
     trainable = trained_parameters(recipe)
-    largest = (max(p.numel() for g in recipe.parameter_groups(1.0) for p in g["params"])
-               if config.optimizer.fused_backward_pass else None)
-    training = training_terms(trainable, config.optimizer.optimizer, config.optimizer.adam_beta1, largest)
+    trained = [p for g in recipe.parameter_groups(1.0) for p in g["params"]]
+    largest = max(p.numel() for p in trained) if config.optimizer.fused_backward_pass else None
+    training = training_terms(trainable, config.optimizer.optimizer, config.optimizer.adam_beta1, largest,
+                              trained[0].dtype)
     for part in recipe.trainable_modules().values():
         # The trace has no autocast; in the run, autocast computes the float32 trained parts (a full fine-tune's
         # UNet, a LoRA's adapters) in the run's precision, so they are traced in it.
@@ -106,8 +107,8 @@ def _assumptions(config: RunConfig, precision_source: str, precision: str, resol
                  cuda: bool) -> list[str]:
     adv, data = config.advanced, config.data
     lines = [
-        f"precision {precision} (from {precision_source}); trained parameters, their gradients and optimizer "
-        "state in float32",
+        f"precision {precision} (from {precision_source}); trained parameters and their gradients in the dtype "
+        "named (float32 masters, or a full fine-tune's bf16 weights), optimizer state in float32",
         f"{data.batch_size} image(s) of {resolution} x {resolution} px per step"
         + ("; aspect-ratio buckets hold about as many pixels" if data.aspect_ratio_buckets else ""),
         "activations: modelled from the tensors autograd saves in one forward, traced on the meta device with "
