@@ -119,6 +119,12 @@ def _assumptions(config: RunConfig, precision_source: str, precision: str, resol
     if cuda:
         lines.append(f"accelerator figures are what torch allocates (max_memory_allocated); the CUDA context and "
                      f"allocator slack need about {CUDA_CONTEXT / 2**30:.1f} GiB more")
+    else:
+        # Measured on the tiny SD 1.x at 256-512 px (docs/benchmarks.md, "Where that gap is"): the tensors a CPU
+        # step holds meet the trace; glibc's dynamic mmap threshold keeps the freed ones resident.
+        lines.append("RAM figures are the tensors alive at the peak; glibc's heap keeps freed tensors resident, "
+                     "which measured 15-50% more peak RSS at 256-512 px; MALLOC_MMAP_THRESHOLD_=131072 set before "
+                     "`conjure train` returns them, for 4-9% more CPU time")
     if ahead:
         lines.append("data.cache_text_encoder_outputs on a GPU: the text encoders are used and leave before the "
                      "denoiser arrives (train/text_ahead.py); the peak is the larger of the two phases")
