@@ -57,6 +57,7 @@ def test_a_known_low_rank_difference_comes_back_exactly(tuned, tmp_path):
     assert shapes["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"][2:] == (3, 3)  # LoCon layout
     assert shapes["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"][2:] == (1, 1)
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_training_comment"].endswith(f"{folder.name} minus {base.name}")
     weights, _ = load_kohya(out)
     assert len(weights) == len(CHANGED) and all(m.rank == 4 and m.alpha == 4 for m in weights.values())
     model = load_base_model(str(base))

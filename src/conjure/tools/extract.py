@@ -85,7 +85,8 @@ def _metadata(rank: int | None, energy: float | None, conv_rank: int | None, alp
         "ss_network_dim": str(rank) if energy is None and rank is not None else "Dynamic",
         "ss_network_alpha": str(alpha),
         "ss_network_args": str(args).replace("'", '"'),
-        "ss_training_comment": f"extracted by conjure lora extract ({how}): {tuned} minus {base}",
+        # names, not paths: a shared file should not carry the folders it was made in
+        "ss_training_comment": f"extracted by conjure lora extract ({how}): {Path(tuned).name} minus {Path(base).name}",
     }
 
 
