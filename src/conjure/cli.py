@@ -37,7 +37,7 @@ def _quiet_libraries() -> None:
     )
 
 
-def _quiet_loading_bars(args: argparse.Namespace) -> None:
+def quiet_loading_bars(args: argparse.Namespace) -> None:
     """Per-file "Loading weights" bars of transformers/diffusers hide conjure's own progress bar."""
     if args.debug:
         return
@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConjureError("give a config file, or --resume RUN_DIR to continue a run")
         args.config = str(run_config_path(args.resume))
     config = load_config(args.config, args.set)
-    _quiet_loading_bars(args)
+    quiet_loading_bars(args)
     result = train(config, resume=args.resume)
     last = result.checkpoints[-1] if result.checkpoints else None
     if result.status == "interrupted":
@@ -124,41 +124,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from conjure.export.convert import ConvertOptions, convert
-
-    src, out = Path(args.input), Path(args.output)
-    if not src.is_file():
-        raise ConjureError(f"{src}: no such file")
-    if out.exists() and not args.force:
-        raise ConjureError(f"{out} exists; use --force to overwrite")
-    options = ConvertOptions(
-        to=args.to, family=args.family, dtype=args.dtype, resize_rank=args.resize_rank, energy=args.energy,
-        merge_embedding=args.merge_embedding, split_bundle=args.split_bundle, force=args.force,
-    )
-    done = convert(src, out, options)
-    print(f"wrote {out} ({done.format} format{', ' + args.dtype if args.dtype else ''})")
-    for r in done.resized:
-        change = f"rank {r.old_rank}, copied" if r.copied else f"rank {r.old_rank} -> {r.new_rank}"
-        print(f"  {r.module}: {change}, energy kept {r.energy:.2%}")
-    if done.resized:
-        lowest = min(done.resized, key=lambda r: r.energy)
-        copied = sum(r.copied for r in done.resized)
-        mean = sum(r.energy for r in done.resized) / len(done.resized)
-        print(f"resized {len(done.resized) - copied} of {len(done.resized)} modules ({copied} copied as they were); "
-              f"energy kept: mean {mean:.2%}, min {lowest.energy:.2%} ({lowest.module})")
-    for name, path in done.embeddings.items():
-        print(f"wrote {path} (embedding {name!r}: type {name} in the prompt)")
-    return 0
-
-
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from conjure.models.tiny import write_tiny_model
 
     out_dir = Path(args.dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.force:
         raise ConjureError(f"{out_dir} is not empty; use --force to write the model's files over its files")
-    _quiet_loading_bars(args)
+    quiet_loading_bars(args)
     out = write_tiny_model(args.family, out_dir, real_widths=args.real_widths, seed=args.seed)
     print(f"wrote tiny {args.family} model to {out}")
     return 0
@@ -187,29 +159,10 @@ def cmd_dataset_jsonl(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
-    from conjure.data.autocaption import caption_images, folder_images, load_captioner
-
-    settings = _caption_settings(args)
-    images = folder_images(Path(args.folder))
-    _quiet_loading_bars(args)
-    report = caption_images(images, load_captioner(settings), settings)
-    for image, reason in report.skipped:
-        print(f"skipped {image}: {reason}", file=sys.stderr)
-    print(f"{args.folder}: {report.summary()}")
-    return 0
-
-
-def _caption_settings(args: argparse.Namespace):  # noqa: ANN202 - CaptionSettings, imported lazily
-    from conjure.data.caption_settings import CaptionSettings
-
-    return CaptionSettings(**{name: getattr(args, name) for name in CaptionSettings.model_fields})
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from conjure.demo import run_demo
 
-    _quiet_loading_bars(args)
+    quiet_loading_bars(args)
     return run_demo(method=args.method, family=args.family, model=args.model, out=Path(args.out), steps=args.steps)
 
 
@@ -318,46 +271,6 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=cmd_export)
 
 
-def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from conjure.families import FAMILIES
-
-    p = sub.add_parser(
-        "convert", help="convert a LoRA file: kohya <-> diffusers/PEFT, dtype, lower rank, embedding bundles",
-        description="Write a LoRA file changed as the options say. IN: a kohya or diffusers/PEFT file, or another "
-        "trainer's layout that `conjure inspect` reads (OneTrainer, SimpleTuner, ai-toolkit, diffusers' attention "
-        "processors, LyCORIS LoCon). Without --resize-rank every value is kept (kohya -> peft -> kohya gives back "
-        "the same file contents); DoRA files cannot change between kohya and PEFT; LyCORIS LoHa/LoKr files "
-        "convert only with --resize-rank or --energy (no LoRA of their rank is the same function).",
-    )
-    p.add_argument("input", metavar="IN", help="LoRA file (.safetensors)")
-    p.add_argument("output", metavar="OUT", help="file to write")
-    p.add_argument(
-        "--to", choices=["kohya", "peft"],
-        help="layout to write (default: IN's, kohya for another trainer's): kohya loads in InvokeAI, ComfyUI, "
-        "A1111/Forge and diffusers; peft in diffusers only",
-    )
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
-                   help="write the LoRA's tensors in this dtype (alphas keep theirs; values beyond fp16's range are "
-                   "refused, not written as inf; default: as they are)")
-    p.add_argument("--resize-rank", type=int, metavar="R",
-                   help="lower every module of rank > R to rank R by SVD of its update (kohya resize_lora.py's "
-                   "conventions, each module's alpha kept); prints the energy kept per module. DoRA magnitudes "
-                   "are kept. LyCORIS LoHa/LoKr: from their exact update, so the approximation is reported too")
-    p.add_argument("--energy", type=float, metavar="E",
-                   help="with or without --resize-rank: per module, the smallest rank keeping this fraction of the "
-                   "update's energy (sum of squared singular values), e.g. 0.9; --resize-rank caps it")
-    bundle = p.add_mutually_exclusive_group()
-    bundle.add_argument("--merge-embedding", metavar="EMB", type=Path,
-                        help="bundle this embedding file into the LoRA as bundle_emb.<its file name>.* (A1111/Forge "
-                        "and ComfyUI read it; kohya layout only)")
-    bundle.add_argument("--split-bundle", action="store_true",
-                        help="write the LoRA without its bundled embeddings and each as its own embedding file "
-                        "beside OUT (<name>.safetensors)")
-    p.add_argument("--family", choices=list(FAMILIES), help="model family, when the file does not tell")
-    p.add_argument("--force", action="store_true", help="overwrite OUT and the embedding files --split-bundle writes")
-    p.set_defaults(func=cmd_convert)
-
-
 def _add_tiny_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from conjure.families import FAMILIES  # each has a tiny model; models.tiny loads to write one
 
@@ -395,28 +308,6 @@ def _add_dataset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=cmd_dataset_jsonl)
 
 
-def _add_caption(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from conjure.data.caption_settings import CaptionSettings
-
-    p = sub.add_parser(
-        "caption", help="write .txt captions for a folder's images with an image-to-text model",
-        description="Caption every image of FOLDER (subfolders too) that has no caption yet, writing <name>.txt "
-        "beside it. Run it again after a stop: it goes on with the images still without a caption.",
-    )
-    p.add_argument("folder", metavar="FOLDER", help="a folder of images")
-    for name, setting in CaptionSettings.model_fields.items():
-        flags = [f"--{name.replace('_', '-')}"] + (["--trigger"] if name == "prefix" else [])
-        if setting.annotation is bool:
-            p.add_argument(*flags, dest=name, action="store_true", help=setting.description)
-            continue
-        choices = getattr(setting.annotation, "__args__", None) if name in ("style", "device") else None
-        kind = int if setting.annotation is int else str
-        shown = f" (default: {setting.default})" if setting.default not in (None, "") else ""
-        p.add_argument(*flags, dest=name, type=kind, choices=choices, default=setting.default,
-                       help=setting.description + shown)
-    p.set_defaults(func=cmd_caption)
-
-
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from conjure.families import FAMILIES
 
@@ -452,14 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"conjure {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_config, _add_export, _add_convert, _add_tiny_model, _add_dataset, _add_caption, _add_demo,
-                _add_ui):
+    for add in (_add_train, _add_config, _add_export, _add_tiny_model, _add_dataset, _add_demo, _add_ui):
         add(sub)
+    from conjure.data.caption_command import add_caption
     from conjure.estimate.command import add_estimate
+    from conjure.export.command import add_convert
     from conjure.inspection.command import add_inspect
     from conjure.merging.command import add_merge
     from conjure.tools.cli import add_lora
 
+    add_convert(sub)
+    add_caption(sub)
     add_estimate(sub, _add_overrides)
     add_inspect(sub)
     add_lora(sub)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from conjure.cli import _quiet_loading_bars
+    from conjure.cli import quiet_loading_bars
     from conjure.merging.merge import MergeRecipe, describe, merge_models
 
-    _quiet_loading_bars(args)
+    quiet_loading_bars(args)
     recipe = MergeRecipe(args.method, tuple(args.weights) if args.weights else None, args.density, args.lam, args.seed)
     done = merge_models(args.models, Path(args.to), recipe, base=args.base, config=args.config,
                         save_dtype=args.save_dtype, force=args.force)
