@@ -45,8 +45,10 @@ def outputs(pipe, family):
     return out
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])  # sd2's keys: the full-size test below
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_from_single_file_reproduces_the_model(tmp_path, family):
+    """SD 2.x's file also holds the OpenCLIP layer and projection diffusers drops: they must not disturb its reading
+    (kohya's fixed 1024-wide projection would: diffusers splits in_proj at the projection's width)."""
     fam = families.get(family)
     components = build_tiny_components(family, real_layout=True, encoder_widths=WIDTHS.get(family))
     folder = save_model_folder(family, components, tmp_path / "model")
@@ -100,7 +102,10 @@ REAL_KEYS = {
     "sd2": {
         "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),
         "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight": (3072, 1024),
+        "cond_stage_model.model.transformer.resblocks.23.mlp.c_fc.weight": (4096, 1024),
         "cond_stage_model.model.positional_embedding": (77, 1024),
+        "cond_stage_model.model.text_projection": (1024, 1024),
+        "cond_stage_model.model.logit_scale": (),
     },
     "sdxl": {
         "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
@@ -109,6 +114,7 @@ REAL_KEYS = {
         "conditioner.embedders.0.transformer.text_model.encoder.layers.11.self_attn.q_proj.weight": (768, 768),
         "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
         "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.logit_scale": (),
     },
 }
 
@@ -130,3 +136,40 @@ def test_full_size_keys_read_back_through_diffusers(family):
         ours = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
                 for k, v in states[slot.encoder].items()}
         assert shapes(back) == shapes(ours)
+
+
+# OpenCLIP's text tower as the published files hold it (open_clip CLIP without `visual`, which ldm's
+# FrozenOpenCLIPEmbedder deletes): SD 2.x's ViT-H has 24 residual blocks, SDXL's ViT-bigG 32
+OPEN_CLIP_BLOCK = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                   "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                   "mlp.c_proj.weight", "mlp.c_proj.bias")
+OPEN_CLIP_TOP = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+                 "text_projection", "logit_scale")
+
+
+@pytest.mark.parametrize(("family", "blocks"), [("sd2", 24), ("sdxl", 32)])
+def test_open_clip_tower_has_the_real_key_set(family, blocks):
+    fam = families.get(family)
+    slot = next(s for s in fam.text_encoders if s.checkpoint_layout == "open_clip")
+    parts = build_reference_components(family, device="meta")
+    states = {name: parts[name].state_dict() for name in ("unet", "vae", *(s.encoder for s in fam.text_encoders))}
+    file = checkpoint_state_dict(family, states, parts["unet"].config)
+    tower = {k[len(slot.checkpoint_prefix):] for k in file if k.startswith(slot.checkpoint_prefix)}
+    expected = {*OPEN_CLIP_TOP, *(f"transformer.resblocks.{i}.{n}" for i in range(blocks) for n in OPEN_CLIP_BLOCK)}
+    assert tower == expected
+
+
+def test_sd2_added_layer_is_an_identity_block_and_the_projection_the_identity():
+    """The 24th layer changes nothing (x + 0 + 0): reading the last layer gives the penultimate state SD 2.x reads."""
+    parts = build_tiny_components("sd2")
+    states = {name: parts[name].state_dict() for name in ("unet", "vae", "text_encoder")}
+    file = checkpoint_state_dict("sd2", states, parts["unet"].config)
+    layers = parts["text_encoder"].config.num_hidden_layers
+    added = {k.split(f"resblocks.{layers}.")[1]: v for k, v in file.items() if f"resblocks.{layers}." in k}
+    assert sorted(added) == sorted(OPEN_CLIP_BLOCK)
+    for name, tensor in added.items():
+        fill = 1.0 if name in ("ln_1.weight", "ln_2.weight") else 0.0
+        assert torch.equal(tensor, torch.full_like(tensor, fill)), name
+    width = parts["text_encoder"].config.hidden_size
+    assert torch.equal(file["cond_stage_model.model.text_projection"], torch.eye(width))
+    assert not any(f"resblocks.{layers + 1}." in k for k in file)

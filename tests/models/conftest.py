@@ -22,12 +22,8 @@ def ldm_state_dict(family: str, components: dict[str, Any], *, sgm: bool = False
     fam = families.get(family)
     names = ("unet", "vae", *(slot.encoder for slot in fam.text_encoders))
     state = checkpoint_state_dict(family, {n: components[n].state_dict() for n in names}, components["unet"].config)
-    if family == "sd2":
-        # real SD 2.x files keep OpenCLIP's projection, which the writer has no weights for (diffusers drops it)
-        width = components["text_encoder"].config.hidden_size
-        state["cond_stage_model.model.text_projection"] = torch.eye(width)
-        if sgm:
-            state = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): v for k, v in state.items()}
+    if family == "sd2" and sgm:
+        state = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): v for k, v in state.items()}
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 

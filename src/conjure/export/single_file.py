@@ -18,8 +18,19 @@ convert_diffusers_to_original_stable_diffusion.py and convert_diffusers_to_origi
   attn.in_proj_weight/bias (q, k, v stacked), attn.out_proj, mlp.c_fc, mlp.c_proj}`, `ln_final`, and
   `text_projection` transposed (OpenCLIP multiplies `x @ text_projection`). diffusers splits `in_proj` at the
   text_projection's first dimension (or the hidden size without one), which is the hidden size in SD 2.x and SDXL.
-  SD 2.x's OpenCLIP-H has 24 layers and diffusers keeps the 23 that SD 2.x reads; the file holds those 23, as
-  diffusers' script writes it (apps never run the last one).
+  Every OpenCLIP tower also has a `logit_scale` (unused by image models; written as ln 100, the cap OpenCLIP
+  trains it to). SD 2.x's OpenCLIP-H has 24 layers and a projection; diffusers keeps only the 23 that SD 2.x
+  reads (`TextEncoderSlot.checkpoint_dropped_layers`), so those weights are gone from any diffusers model. Without
+  them ComfyUI warns "clip missing" for the whole 24th layer (its SD2 CLIP has 24: comfy/sd.py
+  load_state_dict_guess_config filters out only `logit_scale` and `text_projection`) and a user takes the file for
+  broken. The file gets them back as weights that change nothing SD 2.x computes: the 24th layer as an identity
+  block (layer norms of ones, every projection and bias zero, so `x + 0 + 0`), which gives an app set to read
+  the last layer (ComfyUI's CLIPSetLastLayer -1) exactly the penultimate state the UNet was trained on, and the
+  projection as the identity (ComfyUI's own initial value, comfy/clip_model.py CLIPTextModel). kohya sd-scripts
+  (library/model_util.py convert_text_encoder_state_dict_to_sd_v2, make_dummy_weights, read at commit 036907e)
+  instead copies layer 22 into 23, which runs layer 22 twice in that case, and writes `torch.ones((1024, 1024))`:
+  diffusers splits `in_proj` at `text_projection.shape[0]`, so a fixed 1024 misreads any narrower encoder (a
+  tiny test model's q took all of q, k and v); the identity of the encoder's own width keeps every size right.
 A v-prediction model gets ComfyUI's `v_pred` marker key (an empty tensor; comfy/model_detection.py reads it, and so
 does conjure's loader), since nothing else in a single file says what the model predicts.
 """
@@ -27,6 +38,7 @@ does conjure's loader), since nothing else in a single file says what the model 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,6 +120,22 @@ def canonical_text_key(key: str) -> str:
     return key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}"
 
 
+def _complete_open_clip(out: dict[str, torch.Tensor], prefix: str, dropped_layers: int) -> None:
+    """Add what the original OpenCLIP tower holds beyond the diffusers encoder (see the module docstring)."""
+    blocks = f"{prefix}transformer.resblocks."
+    last = max(int(k[len(blocks):].split(".", 1)[0]) for k in out if k.startswith(blocks))
+    template = {k[len(f"{blocks}{last}."):]: v for k, v in out.items() if k.startswith(f"{blocks}{last}.")}
+    for layer in range(last + 1, last + 1 + dropped_layers):
+        for name, tensor in template.items():
+            norm_weight = name.startswith("ln_") and name.endswith(".weight")
+            out[f"{blocks}{layer}.{name}"] = torch.ones_like(tensor) if norm_weight else torch.zeros_like(tensor)
+    embedding = out[prefix + "token_embedding.weight"]
+    like = {"dtype": embedding.dtype, "device": embedding.device}
+    if prefix + "text_projection" not in out:
+        out[prefix + "text_projection"] = torch.eye(embedding.shape[1], **like)
+    out[prefix + "logit_scale"] = torch.tensor(math.log(100.0), **like)
+
+
 def _open_clip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
@@ -151,7 +179,9 @@ def checkpoint_state_dict(
     for slot in fam.text_encoders:
         text = {canonical_text_key(k): v for k, v in states[slot.encoder].items() if not k.endswith("position_ids")}
         if slot.checkpoint_layout == "open_clip":
-            out.update(_open_clip(text, slot.checkpoint_prefix))
+            tower = _open_clip(text, slot.checkpoint_prefix)
+            _complete_open_clip(tower, slot.checkpoint_prefix, slot.checkpoint_dropped_layers)
+            out.update(tower)
         else:
             out.update({slot.checkpoint_prefix + k: v for k, v in text.items()})
     return out

@@ -40,6 +40,11 @@ class TextEncoderSlot:
     # transposed `text_projection`). "": the family has no such checkpoint (FLUX.1's files hold the transformer).
     checkpoint_prefix: str = ""
     checkpoint_layout: str = "hf"
+    # Layers at the end of the original tower that the diffusers encoder leaves out: SD 2.x's is OpenCLIP-H cut
+    # at the penultimate layer SD 2.x reads (diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE drops resblocks.23), and
+    # without the projection. Every published SD 2.x file has the 24th layer and ComfyUI's SD2 CLIP expects it
+    # (comfy/text_encoders/sd2_clip_config.json: 24 layers), so the writer puts it back (export/single_file.py).
+    checkpoint_dropped_layers: int = 0
 
     def read_layer(self, clip_skip: int = 1) -> int:
         """The hidden state read with `clip_skip` (1: none), counted from the end (`hidden_states[-n]`)."""

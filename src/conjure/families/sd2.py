@@ -9,7 +9,8 @@ SD2 = Family(
     name="sd2",
     title="Stable Diffusion 2.x",
     text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1024, "emb_params", "!",
-                                   checkpoint_prefix="cond_stage_model.model.", checkpoint_layout="open_clip"),),
+                                   checkpoint_prefix="cond_stage_model.model.", checkpoint_layout="open_clip",
+                                   checkpoint_dropped_layers=1),),
     reference=ReferenceArchitecture(
         resolution=768, down_blocks=DOWN_BLOCKS, up_blocks=UP_BLOCKS, block_out_channels=(320, 640, 1280, 1280),
         attention_head_dim=(5, 10, 20, 20), encoders=(OPENCLIP_H,), vae_scale=0.18215,
