@@ -99,3 +99,40 @@ def test_cli_prints_the_report_and_refuses_same_models(tuned, tmp_path, run_cli,
     assert_one_line_error(code, err, "the same weights: nothing to extract")
     code, _, err = run_cli("lora", "extract", base, folder, "--to", tmp_path / "y.safetensors")
     assert_one_line_error(code, err, "--rank R or --energy E")
+
+
+def test_streaming_reads_one_layer_at_a_time_and_writes_what_the_whole_models_give(tuned, tmp_path, monkeypatch):
+    """Each layer's two weights are read from the memory-mapped folders when needed and dropped after (never more
+    than two read tensors alive at an SVD); the file equals the one from both models loaded whole."""
+    import weakref
+
+    import conjure.merging.sources as sources
+    import conjure.tools.extract as extract_mod
+
+    base, folder, _ = tuned
+    alive, at_svd, reads = weakref.WeakSet(), [], []
+    real_tensor, real_module = sources.Source.tensor, extract_mod.extract_module
+
+    def tensor(self, component, key):
+        reads.append((self.name, component, key))
+        t = real_tensor(self, component, key)
+        alive.add(t)
+        return t
+
+    def module(diff, rank, energy):
+        at_svd.append(len(alive))
+        return real_module(diff, rank, energy)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sources.Source, "tensor", tensor)
+        patch.setattr(extract_mod, "extract_module", module)
+        extract(str(base), str(folder), tmp_path / "streamed.safetensors", rank=4, save_dtype="fp32")
+    assert len(at_svd) == len(CHANGED) and max(at_svd) == 2
+    assert len(reads) == len(set(reads)) and all(key.endswith(".weight") for _, _, key in reads)
+
+    with monkeypatch.context() as patch:  # the whole-model path: every model loaded whole, as single files are
+        patch.setattr(sources, "open_source", lambda name, config=None: sources._loaded_source(name, config))
+        extract(str(base), str(folder), tmp_path / "whole.safetensors", rank=4, save_dtype="fp32")
+    with safe_open(str(tmp_path / "streamed.safetensors"), "pt") as a, safe_open(str(tmp_path / "whole.safetensors"), "pt") as b:
+        assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())

@@ -1,7 +1,8 @@
 """The models a merge reads, tensor by tensor, under diffusers' names per component (`unet`, `vae`, `text_encoder`,
 `text_encoder_2`; text-encoder keys always under `text_model.`, as real folders have them).
 
-A diffusers folder is read lazily from its safetensors files (one tensor in memory at a time). Anything else that
+A diffusers folder (or a hub id's cached snapshot folder) is read lazily from its safetensors files (one tensor
+in memory at a time); `conjure lora extract` reads its models here too. Anything else that
 `conjure.models.loading.load_base_model` reads (a single-file checkpoint, a hub id) is loaded whole through it, since
 its tensors need converting first; it then stays in memory for the merge.
 """
@@ -78,7 +79,7 @@ def _loaded_source(name: str, config: str | None) -> Source:
     except ConjureError as exc:  # its hint names the training setting; here the same thing is --config
         raise ConjureError(str(exc).replace("basic.base_model_config", "--config")) from None
     if model.family.name not in families.unet_families():
-        raise ConjureError(f"{name}: {model.family.title} models cannot be merged here (SD 1.x, 2.x and SDXL can)")
+        raise ConjureError(f"{name}: {model.family.title} models cannot be read here (SD 1.x, 2.x and SDXL can)")
     source = Source(name, model.family, dict(model.unet.config), {}, model.facts["prediction_type"].value, loaded=model)
     for component in source.components():
         state = model.components[component].state_dict()
@@ -89,10 +90,25 @@ def _loaded_source(name: str, config: str | None) -> Source:
     return source
 
 
+def _cached_snapshot(name: str) -> Path | None:
+    """A hub id's snapshot folder in the local cache (huggingface_hub, nothing downloaded), if there is one."""
+    from huggingface_hub import snapshot_download
+
+    from conjure.models.loading import HUB_ID
+
+    if not HUB_ID.match(name) or Path(name).expanduser().exists():
+        return None
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid id
+        return None
+
+
 def open_source(name: str, config: str | None = None) -> Source:
-    """A model to merge: a diffusers folder (read lazily), or a single file or hub id (loaded whole; `config`: the
-    diffusers folder or hub id a single file's configs come from, as basic.base_model_config)."""
-    path = Path(name).expanduser()
+    """A model to read: a diffusers folder or a hub id's cached snapshot folder (read lazily), else a single file or
+    hub id loaded whole (`config`: the diffusers folder or hub id a single file's configs come from, as
+    basic.base_model_config)."""
+    path = _cached_snapshot(name) or Path(name).expanduser()
     if path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir():
         return _folder_source(name, path)
     return _loaded_source(name, config)

@@ -16,19 +16,27 @@ rank is at most min(out, in * kh * kw). Where conjure differs, and why:
 - one alpha per file (kohya: alpha = each module's rank): the most common rank, the other modules' scale folded
   into `lora_up` (tools/lora_inputs.py `one_alpha`), the same update, loaded exactly by diffusers too.
 The SVD is torch.linalg.svd of the whole difference (exact; on CPU an SDXL UNet's ~800 layers take minutes).
+
+Memory: the models are read layer by layer (merging/sources.py: a diffusers folder, or a hub id's cached snapshot,
+from its memory-mapped safetensors files, one tensor at a time); only one layer's two weights and their float32
+difference exist at once, plus the LoRA factors kept so far. Which tensors are Linear/Conv2d weights comes from
+the component built on the meta device (no weights). A single-file checkpoint is loaded whole (its tensors need
+converting from the LDM layout first), as models/loading.py loads it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
 from conjure.export.resize import Resized, rank_for
+from conjure.merging.sources import Source
 
 __all__ = ["Extracted", "extract", "extract_module"]
 
@@ -62,17 +70,35 @@ def extract_module(diff: torch.Tensor, rank: int | None, energy: float | None) -
     return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(keep)), min(float(cumulative[keep - 1]), 1.0)
 
 
-def _pairs(base: Any, tuned: Any, component: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(path, base weight, tuned weight) of every Linear/Conv2d of one component."""
-    tuned_modules = dict(tuned.named_modules())
-    for path, module in base.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        other = tuned_modules.get(path)
-        if other is None or other.weight.shape != module.weight.shape:
+def _skeleton(folder: Path, component: str) -> torch.nn.Module:
+    """The folder's component built from its config on the meta device: its module tree, without weights."""
+    import importlib
+
+    library, name = json.loads((folder / "model_index.json").read_text())[component]
+    cls = getattr(importlib.import_module(library), name)
+    with torch.device("meta"):
+        if hasattr(cls, "load_config"):  # a diffusers model
+            return cls.from_config(cls.load_config(folder / component))
+        return cls(cls.config_class.from_pretrained(folder / component))  # a transformers model
+
+
+def _layers(source: Source, component: str) -> list[str]:
+    """Paths of the component's Linear/Conv2d layers."""
+    module = source.loaded.components[component] if source.folder is None else _skeleton(source.folder, component)
+    return [path for path, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def _pairs(base: Source, tuned: Source, component: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(path, base weight, tuned weight) of every Linear/Conv2d of one component, read one layer at a time."""
+    from conjure.export.single_file import canonical_text_key
+
+    for path in _layers(base, component):
+        key = canonical_text_key(f"{path}.weight") if component.startswith("text_encoder") else f"{path}.weight"
+        shape = base.shapes[component][key]
+        if tuned.shapes[component].get(key) != shape:
             raise ConjureError(f"the tuned model's {component} has no module {path} of shape "
-                               f"{list(module.weight.shape)}: it is not a fine-tune of this base")
-        yield path, module.weight.detach(), other.weight.detach()
+                               f"{list(shape)}: it is not a fine-tune of this base")
+        yield path, base.tensor(component, key), tuned.tensor(component, key)
 
 
 def _metadata(rank: int | None, energy: float | None, conv_rank: int | None, alpha: float,
@@ -106,28 +132,28 @@ def extract(base: str, tuned: str, out: Path, *, rank: int | None = None, energy
     from conjure.export.convert import cast_weights
     from conjure.export.kohya import save_kohya
     from conjure.export.lora import file_dtype
-    from conjure.models.loading import load_base_model
+    from conjure.merging.sources import open_source
     from conjure.tools.lora_inputs import one_alpha
 
     _check(rank, energy, conv_rank)
-    base_model = load_base_model(base)
+    base_model = open_source(base)
     fam = base_model.family
     if fam.denoiser != "unet":
         raise ConjureError(f"extract reads UNet models (SD 1.x/2.x/SDXL), not {fam.title}")
-    tuned_model = load_base_model(tuned)
-    if tuned_model.family.name != fam.name:
+    tuned_model = open_source(tuned)
+    if tuned_model.family is not fam:
         raise ConjureError(f"{tuned} is a {tuned_model.family.title} model, but the base {base} is {fam.title}")
     result = Extracted(Path(out), fam.name)
     weights: LoraWeights = {}
     for component in (fam.denoiser, *(slot.encoder for slot in fam.text_encoders)):
-        for path, w_base, w_tuned in _pairs(base_model.components[component], tuned_model.components[component],
-                                            component):
-            if torch.equal(w_base, w_tuned):
+        for path, w_base, w_tuned in _pairs(base_model, tuned_model, component):
+            diff = w_tuned.float() - w_base.float()  # the files' own dtypes may differ (fp16 base, fp32 tune)
+            if not diff.any():
                 result.skipped += 1
                 continue
             conv3 = w_base.dim() == 4 and tuple(w_base.shape[2:]) != (1, 1)
             want = conv_rank if conv3 and conv_rank is not None else rank
-            module, kept = extract_module(w_tuned.float() - w_base.float(), want, energy)
+            module, kept = extract_module(diff, want, energy)
             weights[(component, path)] = module
             full = min(w_base.shape[0], w_base[0].numel())
             result.modules.append(Resized(f"{component}.{path}", full, module.rank, kept))
@@ -136,5 +162,5 @@ def extract(base: str, tuned: str, out: Path, *, rank: int | None = None, energy
     weights, alpha = one_alpha(weights)
     meta = _metadata(rank, energy, conv_rank, alpha, base, tuned)
     weights = cast_weights(weights, file_dtype(save_dtype))  # refuses values beyond float16's range
-    save_kohya(Path(out), weights, meta, fam, base_model.unet.config, dtype=None)
+    save_kohya(Path(out), weights, meta, fam, base_model.unet_config, dtype=None)
     return result
