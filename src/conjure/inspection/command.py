@@ -1,5 +1,5 @@
-"""`conjure inspect FILE [--json] [--allow-pickle]`: what a LoRA/DoRA/LyCORIS/embedding file holds and whether
-InvokeAI, ComfyUI, AUTOMATIC1111/Forge and diffusers apply every tensor of it."""
+"""`conjure inspect FILE [--json] [--allow-pickle]`: what a LoRA/DoRA/LyCORIS/embedding (or model) file holds and
+whether InvokeAI, ComfyUI, AUTOMATIC1111/Forge and diffusers apply every tensor of it."""
 
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "inspect", help="what a LoRA/DoRA/LyCORIS/embedding file holds, and what each app would drop",
+        "inspect", help="what a LoRA/DoRA/LyCORIS/embedding or model file holds, and what each app would drop",
         description="Read a .safetensors (or A1111 .pt) adapter or embedding file from its header and shapes, and "
         "report its kind, family, ranks and alphas, the modules it adapts, trigger words and training facts, and "
         "for InvokeAI, ComfyUI, AUTOMATIC1111/Forge and diffusers whether every tensor is applied (rules read from "
-        "each app's loader code: docs/app-loaders.md).",
+        "each app's loader code: docs/app-loaders.md). A whole model (single-file SD checkpoint, FLUX.1 "
+        "transformer, diffusers UNet file) is reported as a checkpoint: family, prediction type, parts, and where "
+        "each app loads it.",
     )
     p.add_argument("file", metavar="FILE", help="the .safetensors (or .pt) file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -118,10 +118,27 @@ class EmbeddingInfo:
 
 
 @dataclass
+class ModelFile:
+    """A whole model (inspection/checkpoint.py): its layout (`checkpoint.LAYOUTS`), which pipeline parts it holds,
+    what it predicts, its parameter count and size on disk."""
+
+    layout: str
+    description: str
+    parts: dict[str, bool]  # pipeline component -> present in the file
+    prediction: str  # what it predicts and how that is known
+    parameters: int
+    size: int  # bytes
+
+    @property
+    def missing(self) -> list[str]:
+        return [p for p, present in self.parts.items() if not present]
+
+
+@dataclass
 class Inspection:
     path: str
     format: str  # "safetensors" or "pickle"
-    kind: str  # "LoRA", "DoRA", "LoCon", "LoHa", "LoKr", "embedding", ... ("+ embedding" when bundled)
+    kind: str  # "LoRA", "DoRA", "LoCon", "LoHa", "LoKr", "embedding", ... ("+ embedding" when bundled), "checkpoint"
     family: str | None
     family_certain: bool
     modules: list[Module]
@@ -130,6 +147,7 @@ class Inspection:
     shapes: dict[str, Shape]
     dtypes: dict[str, str]
     unknown: list[str] = field(default_factory=list)  # keys that are neither module parts nor embeddings
+    model: ModelFile | None = None  # a whole model (kind "checkpoint"), not an adapter
 
     @property
     def is_embedding(self) -> bool:
@@ -152,6 +170,7 @@ class Verdict:
     version: str  # the app version whose loader the rules were read from
     findings: list[Finding]
     applied: int  # tensors the app applies as trained
+    summary: str = ""  # a whole model's one line instead of per-tensor findings
 
     @property
     def complete(self) -> bool:

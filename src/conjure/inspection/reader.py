@@ -19,6 +19,7 @@ from conjure.export.embeddings import BUNDLE_PREFIX, SD_BUNDLE_KEY
 from conjure.export.kohya import layout_from_metadata
 from conjure.export.lora import detect_family, read_shapes
 from conjure.export.peft import adapter_alpha, adapter_config
+from conjure.inspection.checkpoint import model_file
 from conjure.inspection.keys import family_keys, group_modules, resolve
 from conjure.inspection.model import EmbeddingInfo, Inspection, Module, Shape
 
@@ -182,8 +183,14 @@ def inspect_file(path: Path | str, *, allow_pickle: bool = False) -> Inspection:
     by_name, rest = group_modules(shapes)
     embeddings, unknown = _embeddings(rest, shapes)
     if not by_name and not embeddings:
-        sample = ", ".join(sorted(shapes)[:3]) or "(no tensors)"
-        raise ConjureError(f"{path} holds no LoRA/LyCORIS modules and no embedding; first keys: {sample}")
+        found = model_file(shapes, metadata, path.stat().st_size)
+        if found is None:
+            sample = ", ".join(sorted(shapes)[:3]) or "(no tensors)"
+            raise ConjureError(f"{path} holds no LoRA/LyCORIS modules and no embedding, and is no whole model "
+                               f"(checkpoint) either; first keys: {sample}")
+        model, family, certain = found
+        return Inspection(path=str(path), format=fmt, kind="checkpoint", family=family, family_certain=certain,
+                          modules=[], embeddings=[], metadata=metadata, shapes=shapes, dtypes=dtypes, model=model)
     family: str | None
     if by_name:
         family, certain = detect_family(dict(zip(family_keys(list(shapes)), shapes.values())), metadata)

@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 from conjure import families
-from conjure.inspection.model import FAILING, IGNORED, Inspection, Module, Verdict
+from conjure.inspection.model import FAILING, IGNORED, Inspection, ModelFile, Module, Verdict
 
 __all__ = ["as_json", "as_text", "trigger_words"]
 
@@ -92,7 +92,19 @@ def _family_line(insp: Inspection) -> str:
     return f"{title} ({insp.family})" + ("" if insp.family_certain else "? (not certain from names and shapes alone)")
 
 
+def _model_lines(model: ModelFile) -> list[str]:
+    present = [p for p, held in model.parts.items() if held]
+    return [
+        f"layout    {model.description}",
+        f"predicts  {model.prediction}",
+        f"size      {model.size / 2**20:,.1f} MiB, {model.parameters:,} parameters",
+        f"parts     {', '.join(present)}" + (f"; missing: {', '.join(model.missing)}" if model.missing else ""),
+    ]
+
+
 def _verdict_lines(v: Verdict, total: int) -> list[str]:
+    if v.summary:
+        return [f"  {v.app:<20} {v.summary}"]
     failing = [f for f in v.findings if f.outcome in FAILING]
     head = f"  {v.app:<20} " + (f"ok: {v.applied} of {total} tensors applied" if v.complete else
                                  f"NOT COMPLETE: {v.applied} of {total} tensors applied as trained")
@@ -112,6 +124,8 @@ def as_text(insp: Inspection, verdicts: list[Verdict]) -> str:
         f"kind      {insp.kind}",
         f"family    {_family_line(insp)}",
     ]
+    if insp.model:
+        lines += _model_lines(insp.model)
     if insp.modules:
         lines += [
             f"rank      {_range([m.rank for m in insp.modules if m.rank])}",
@@ -126,7 +140,8 @@ def as_text(insp: Inspection, verdicts: list[Verdict]) -> str:
     if insp.unknown:
         lines.append(f"unknown   {len(insp.unknown)} tensors: {', '.join(insp.unknown[:_EXAMPLES])}")
     words = trigger_words(insp)
-    lines.append(f"trigger   {', '.join(words) if words else '(none in the metadata)'}")
+    if not insp.model:  # a model has no trigger words
+        lines.append(f"trigger   {', '.join(words) if words else '(none in the metadata)'}")
     facts = [(k, insp.metadata[k]) for k in TRAINING_KEYS if k in insp.metadata]
     facts += [(k, v) for k, v in sorted(insp.metadata.items()) if k.startswith("conjure.") and len(v) < 200]
     if facts:
@@ -154,10 +169,13 @@ def as_json(insp: Inspection, verdicts: list[Verdict]) -> dict[str, Any]:
             for e in insp.embeddings
         ],
         "unknown": insp.unknown,
+        "model": None if insp.model is None else {
+            "layout": insp.model.layout, "parts": insp.model.parts, "prediction": insp.model.prediction,
+            "parameters": insp.model.parameters, "size": insp.model.size},
         "trigger_words": trigger_words(insp),
         "metadata": {k: v for k, v in insp.metadata.items() if k not in _SKIPPED_META},
         "apps": [
-            {"app": v.app, "version": v.version, "complete": v.complete, "applied": v.applied,
+            {"app": v.app, "version": v.version, "complete": v.complete, "applied": v.applied, "summary": v.summary,
              "findings": [{"outcome": f.outcome, "reason": f.reason, "keys": list(f.keys)} for f in v.findings]}
             for v in verdicts
         ],

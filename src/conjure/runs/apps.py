@@ -35,6 +35,7 @@ from conjure.errors import ConjureError
 LORA = "lora"
 EMBEDDING = "embedding"
 BUNDLE = "bundle"  # a LoRA with its embedding inside (pivotal tuning's `bundle: true`), which AUTOMATIC1111 reads
+MODEL = "main"  # a whole model (the fine-tune's single file); InvokeAI's ModelType for it is "main"
 
 
 @dataclass(frozen=True)
@@ -56,22 +57,23 @@ LEFT_OUT = {BUNDLE: "{app} does not read an embedding bundled in a LoRA (the LoR
 
 COMFYUI = App(
     "comfyui", "ComfyUI", ("comfy", "models/checkpoints"),
-    folders={LORA: "models/loras", EMBEDDING: "models/embeddings"},
+    folders={LORA: "models/loras", EMBEDDING: "models/embeddings", MODEL: "models/checkpoints"},
     usage={EMBEDDING: "type embedding:{name} in a prompt (CLIP Text Encode)",
-           LORA: "add a Load LoRA node (LoraLoader) and pick {file}"},
+           LORA: "add a Load LoRA node (LoraLoader) and pick {file}", MODEL: "pick {file} in a Load Checkpoint node"},
 )
 A1111 = App(
     "a1111", "AUTOMATIC1111/Forge", ("webui.py", "models/Stable-diffusion"),
-    folders={LORA: "models/Lora", EMBEDDING: "embeddings", BUNDLE: "models/Lora"},
+    folders={LORA: "models/Lora", EMBEDDING: "embeddings", BUNDLE: "models/Lora", MODEL: "models/Stable-diffusion"},
     usage={EMBEDDING: "type {name} in the prompt", LORA: "type <lora:{name}:1> in the prompt",
+           MODEL: "pick {name} in the Stable Diffusion checkpoint list (refresh it)",
            BUNDLE: "type <lora:{name}:1> in the prompt (AUTOMATIC1111 loads the embedding bundled in it too; "
            "Forge does not: there, type the embedding file's name)"},
 )
 INVOKEAI = App(
     "invokeai", "InvokeAI", ("invokeai.yaml",),
-    folders={LORA: "conjure", EMBEDDING: "conjure"},
+    folders={LORA: "conjure", EMBEDDING: "conjure", MODEL: "conjure"},
     usage={EMBEDDING: "type <{name}> in the prompt", LORA: "pick {name} under Concepts (Add LoRA) in the Generation "
-           "settings"},
+           "settings", MODEL: "pick {name} as the main model"},
     then="InvokeAI watches no folder: in its Model Manager, Add Models > Scan Folder, scan {folder} and press "
     "Install All (`conjure export --invokeai-url` installs without this step)",
 )
@@ -83,7 +85,7 @@ class AppFile:
     """A checkpoint's file as conjure put it in an app's folder (or left it out), and what it is."""
 
     path: Path  # where it went, or the checkpoint's file when left out
-    kind: str  # LORA, EMBEDDING or BUNDLE
+    kind: str  # LORA, EMBEDDING, BUNDLE or MODEL
     what: str  # e.g. "Stable Diffusion XL LoRA"
     left_out: bool = False
 
@@ -96,15 +98,15 @@ def app_named(name: str, field: str = "--to-app") -> App:
 
 
 def file_kind(path: Path) -> tuple[str, str]:
-    """(LORA, BUNDLE or EMBEDDING, what the file is for people, e.g. "Stable Diffusion 1.x DoRA"), as `conjure
-    inspect` reads the file."""
+    """(LORA, BUNDLE, EMBEDDING or MODEL, what the file is for people, e.g. "Stable Diffusion 1.x DoRA"), as
+    `conjure inspect` reads the file."""
     from conjure.export.lora import detect_family
     from conjure.inspection.reader import inspect_file
 
     found = inspect_file(path)
-    kind = EMBEDDING if found.is_embedding else BUNDLE if found.bundled() else LORA
+    kind = MODEL if found.model else EMBEDDING if found.is_embedding else BUNDLE if found.bundled() else LORA
     family, certain = found.family, found.family_certain
-    if not certain:  # an embedding's family is read from its widths; conjure's metadata names it too
+    if not certain and not found.model:  # an embedding's family is read from its widths; conjure's metadata names it too
         family, certain = detect_family(found.shapes, found.metadata)
     return kind, f"{families.get(family).title if certain and family else 'unknown family'} {found.kind}"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from conjure.inspection.apps import a1111, comfyui, diffusers, invokeai
+from conjure.inspection.checkpoint import model_verdict
 from conjure.inspection.model import FAILING, IGNORED, REFUSED, Inspection, Verdict
 
 APPS: tuple[ModuleType, ...] = (invokeai, comfyui, a1111, diffusers)
@@ -15,6 +16,8 @@ __all__ = ["APPS", "verdict", "verdicts"]
 
 
 def verdict(app: ModuleType, insp: Inspection) -> Verdict:
+    if insp.model is not None:
+        return model_verdict(app, insp)
     findings = [f for rule in app.RULES for f in rule(insp)]
     total = len(insp.shapes)
     if any(f.outcome == REFUSED for f in findings):
