@@ -38,7 +38,7 @@ def test_sdxl_lora_with_text_encoders_trains_in_two_processes(tmp_path):
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # (each rank opens its own run folder today, "ddp" and "ddp_2"; the main process writes the checkpoints)
+    # (one run folder: the main process names it for every rank and writes the checkpoints)
     (lora,) = (tmp_path / "runs").glob("*/checkpoints/step-000003/*.safetensors")
     with safe_open(str(lora), "pt") as f:
         keys = set(f.keys())

@@ -327,6 +327,12 @@ class AdvancedConfig(Section):
         "its first steps may skip a few times by design; 1: stop at the first.",
     )
     cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
+    distributed_timeout_s: int = Field(
+        1800, ge=10,
+        description="Several processes (train --num-processes, accelerate launch): how long a process waits for "
+        "the others at a gradient exchange before the run fails instead of hanging. It must outlast the main "
+        "process's longest checkpoint and validation, which the others wait through (torch's own default).",
+    )
     clip_skip: int = Field(
         1,
         ge=1,

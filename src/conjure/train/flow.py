@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from conjure.train.loss import weighted_mse
+from conjure.train.loss import draw_for_batch, weighted_mse
 
 SAMPLINGS = ("logit_normal", "sigmoid", "uniform", "shift")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -156,10 +156,10 @@ class FlowObjective:
     def sigmas(self, generator: torch.Generator, latents: torch.Tensor) -> torch.Tensor:
         """One noise level per sample; `shift` reads the packed sequence length (H/2)(W/2) of `latents`."""
         h, w = latents.shape[-2:]
-        return sample_sigmas(
-            generator, latents.shape[0], self.sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,
+        return draw_for_batch(generator, lambda n: sample_sigmas(
+            generator, n, self.sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,
             schedule=self.schedule, image_seq_len=(h // 2) * (w // 2),
-        )
+        ), latents.shape[0])
 
     def loss(
         self, predict: Predict, latents: torch.Tensor, generator: torch.Generator, *,
@@ -168,7 +168,9 @@ class FlowObjective:
         """MSE between `predict(x_t, s)` and e - x0; `mask` (per-pixel, [B, 1, H, W] at image or latent size)
         and `weights` ([B] per-sample) as `conjure.train.loss.denoising_loss` applies them. Plain MSE over the
         batch when neither is set and the weighting is `none`."""
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        noise = draw_for_batch(
+            generator, lambda n: torch.randn((n, *latents.shape[1:]), generator=generator), latents.shape[0]
+        ).to(latents.device, latents.dtype)
         sigmas = self.sigmas(generator, latents)
         prediction = predict(noisy_latents(latents, noise, sigmas), sigmas.to(latents.device))
         target = flow_target(latents, noise)

@@ -11,6 +11,7 @@ RNG states are checkpointed with the optimizer and LR scheduler.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,9 +29,10 @@ from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
 from conjure.train.objectives import build_conditioning, build_objective
 from conjure.train.setup import (
     WEIGHT_DTYPES, SessionParts, assemble, chosen_facts, completed_at, data_loader, describe, disk_full_as_one_line,
-    global_rng_state, load_model, machine_preset, make_accelerator, open_run_dir, place_model, resolved_config,
+    global_batch, global_rng_state, load_model, machine_preset, make_accelerator, open_run_dir, place_model, resolved_config,
     scan_data, set_global_rng, start_warnings, text_reading,
 )
+from conjure.train.loss import BatchGenerator
 from conjure.train.skips import SkippedSteps, TooManySkipped, read_step
 from conjure.train.text_ahead import EncodedAhead, captions_ahead, encode_ahead, offloads, prompt_inputs
 
@@ -66,7 +68,7 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
     place_model(model, accelerator.device, precision.value, config.advanced.base_weights_dtype,
                 on_cpu=ahead.on_cpu if ahead else ())
     recipe = spec.build(config, model)
-    checkpoint, run_dir = open_run_dir(config, resume or config.basic.resume)
+    checkpoint, run_dir = open_run_dir(config, resume or config.basic.resume, accelerator)
     # The main process holds the run (under DDP every rank resumes the same folder; only the main one writes it).
     with disk_full_as_one_line(run_dir), lock_run(run_dir) if accelerator.is_main_process else nullcontext():
         # A resume checks everything (settings, training state) before it writes: a refused one leaves the
@@ -83,8 +85,12 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
         for warning in start_warnings(config, skipped, changed, too_long, limit):
             say(f"warning: {warning}")
         say(describe(chosen))
-        atomic_write_text(run_dir / "config.yaml", dump_config(resolved))  # a resume rewrites the one it reads
-        session.start(checkpoint, skipped=[str(p) for p, _ in skipped], changed_settings=list(changed),
+        batch = global_batch(config.data.batch_size, accelerator.num_processes, config.advanced.gradient_accumulation_steps)
+        if accelerator.is_main_process:
+            say(f"batch: {batch['batch_size']} per process x {batch['processes']} process(es) x "
+                f"{batch['gradient_accumulation_steps']} accumulated = global batch {batch['global_batch_size']}")
+            atomic_write_text(run_dir / "config.yaml", dump_config(resolved))  # a resume rewrites the one it reads
+        session.start(checkpoint, **batch, skipped=[str(p) for p, _ in skipped], changed_settings=list(changed),
                       long_captions=too_long, migrated=config.migration_notes,
                       chosen={name: {"value": fact.value, "from": fact.source} for name, fact in chosen.items()})
         return session.run(control or TrainControl())
@@ -134,7 +140,9 @@ class TrainingSession:
         self.objective = build_objective(model, self.settings)
         self.text_device = torch.device("cpu") if ahead and ahead.on_cpu else accelerator.device
         seed = self.settings.seed
-        self.generator = torch.Generator("cpu").manual_seed(seed * 7919 + accelerator.process_index)
+        # One noise stream for the whole run, each process keeping its rows (conjure.train.loss.BatchGenerator)
+        self.generator = BatchGenerator("cpu").manual_seed(seed * 7919)
+        self.generator.rank, self.generator.world = accelerator.process_index, accelerator.num_processes
         # Dropout (PEFT's lora_dropout, InputColumnDora's) draws from the global CPU/CUDA RNG; seeding and
         # checkpointing it is what makes such runs repeat and resume exactly (accelerate's save_state does the same).
         torch.manual_seed(seed + accelerator.process_index)
@@ -147,7 +155,9 @@ class TrainingSession:
     def start(self, checkpoint: Path | None, **facts: Any) -> None:
         """Open the events log (TensorBoard on the main process only) with the run's "start" line."""
         main = self.accelerator.is_main_process
-        self.events = EventLog(self.run_dir / EVENTS_FILE, self.run_dir / "logs" if main else None)
+        # The other processes' events are the main one's (the same steps, losses averaged across processes)
+        self.events = EventLog(self.run_dir / EVENTS_FILE if main else Path(os.devnull),
+                               self.run_dir / "logs" if main else None)
         self.events.emit(
             Event.START, run_dir=str(self.run_dir), type=self.settings.config_type, family=self.model.family.name,
             device=str(self.accelerator.device), mixed_precision=self.settings.mixed_precision,

@@ -10,12 +10,33 @@ offset therefore draws exactly what it always did.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class BatchGenerator(torch.Generator):
+    """The run's noise generator: seeded alike in every process of a run, and knowing this process's place in the
+    global batch (`rank` of `world`). Per-sample draws (`draw_for_batch`) draw the numbers of the whole global
+    batch and keep this process's rows, so N processes of batch b draw exactly what one process of batch N x b
+    draws, and a run's result does not depend on how many processes ran it. A generator seeded per rank would
+    throw no numbers away (they are a few KiB per step) but would make every process count a different run."""
+
+    rank, world = 0, 1
+
+
+def draw_for_batch(generator: torch.Generator, draw: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
+    """`draw(n)` (n samples' random numbers, first dimension n) for this process's `batch` samples: the global
+    batch's draw, rows rank, rank + world, ... (data/dataset.MicroBatchSampler gives rank r those examples).
+    Exact while every rank has `batch` samples, i.e. each bucket's image count is a multiple of the global batch."""
+    world = getattr(generator, "world", 1)
+    if world == 1:
+        return draw(batch)
+    return draw(batch * world)[getattr(generator, "rank", 0) :: world]
 
 
 def encode_latents(vae: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -39,7 +60,9 @@ def vae_posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def sample_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A latent drawn from (mean, std) with `generator`, shifted and scaled by the VAE's own factors."""
-    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+    noise = draw_for_batch(
+        generator, lambda n: torch.randn((n, *mean.shape[1:]), generator=generator, dtype=torch.float32), mean.shape[0]
+    )
     latents = mean + std * noise.to(mean.device, mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
@@ -124,10 +147,15 @@ def denoising_loss(
     mean, so a weight of 2 counts a sample twice (kohya's convention); all ones is the same as None.
     With none of the options the result is exactly the plain MSE over the whole batch.
     """
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    batch, rest = latents.shape[0], latents.shape[1:]
+    noise = draw_for_batch(generator, lambda n: torch.randn((n, *rest), generator=generator), batch)
+    timesteps = draw_for_batch(
+        generator, lambda n: torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator), batch
+    )
     if noise_offset > 0:
-        offset = torch.randn((latents.shape[0], latents.shape[1], *([1] * (latents.ndim - 2))), generator=generator)
+        offset = draw_for_batch(
+            generator, lambda n: torch.randn((n, rest[0], *([1] * (latents.ndim - 2))), generator=generator), batch
+        )
         noise = noise + noise_offset * offset
     noise = noise.to(latents.device, latents.dtype)
     timesteps = timesteps.to(latents.device)

@@ -172,8 +172,11 @@ def describe(chosen: dict[str, Fact]) -> str:
 
 
 def make_accelerator(adv: AdvancedConfig) -> tuple[Accelerator, Fact]:
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     precision = resolve_precision(adv.mixed_precision, cpu=adv.cpu)
     # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
@@ -181,7 +184,8 @@ def make_accelerator(adv: AdvancedConfig) -> tuple[Accelerator, Fact]:
     # (The distributed PartialState is kept.)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=precision.value, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu
+        mixed_precision=precision.value, gradient_accumulation_steps=adv.gradient_accumulation_steps, cpu=adv.cpu,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=adv.distributed_timeout_s))],
     )
     if precision.value == "fp16" and accelerator.device.type == "cpu":
         # accelerate gives fp16 autocast and its gradient scaler to GPUs only; on the CPU the fp16 weights
@@ -213,8 +217,11 @@ def place_model(model: LoadedModel, device: torch.device, precision: str, base_w
                 part.to("cpu" if name in on_cpu else device, dtype)
 
 
-def open_run_dir(config: RunConfig, resume: str | None) -> tuple[Path | None, Path]:
-    """The checkpoint to resume from (None for a new run) and the run folder, created for a new run."""
+def open_run_dir(config: RunConfig, resume: str | None, accelerator: Accelerator) -> tuple[Path | None, Path]:
+    """The checkpoint to resume from (None for a new run) and the run folder, created for a new run by the main
+    process, whose choice of name (`create_run_dir` adds a suffix to a taken one) the other processes receive."""
+    from accelerate.utils import broadcast_object_list
+
     from conjure.runs.folder import create_run_dir, default_run_name, find_resume_checkpoint
 
     basic = config.basic
@@ -223,7 +230,11 @@ def open_run_dir(config: RunConfig, resume: str | None) -> tuple[Path | None, Pa
             resume, output_dir=basic.output_dir, run_name=basic.run_name, config_type=config.type
         )
         return checkpoint, checkpoint.parent.parent
-    return None, create_run_dir(basic.output_dir, basic.run_name or default_run_name(config.type))
+    folder = [create_run_dir(basic.output_dir, basic.run_name or default_run_name(config.type))
+              if accelerator.is_main_process else None]
+    broadcast_object_list(folder)
+    assert folder[0] is not None  # the main process's, received
+    return None, folder[0]
 
 
 def completed_at(run_dir: Path, step: int) -> bool:
@@ -314,6 +325,12 @@ def data_loader(dataset: TrainDataset, settings: LoopSettings, *, first: int, en
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=settings.dataloader_num_workers,
         generator=torch.Generator().manual_seed(settings.seed),  # its worker seed, not a global draw
     )
+
+
+def global_batch(batch_size: int, processes: int, accumulation: int) -> dict[str, int]:
+    """The batch an optimizer step averages over, and its factors (the start event's and line's fields)."""
+    return {"batch_size": batch_size, "processes": processes, "gradient_accumulation_steps": accumulation,
+            "global_batch_size": batch_size * processes * accumulation}
 
 
 def global_rng_state(device: torch.device) -> dict[str, Any]:

@@ -1,0 +1,56 @@
+"""`conjure train --num-processes N`: N training processes on this machine, started by accelerate's own launcher.
+
+Not a launcher of conjure's own: the command line is `accelerate launch`'s (accelerate.commands.launch,
+accelerate 1.16.0: `launch_command_parser`, `multi_gpu_launcher`), so what runs is what
+`accelerate launch --multi_gpu --num_processes N -m conjure train CONFIG` runs: torch.distributed.run's elastic
+agent with accelerate's environment, a free port for the rendezvous. `multi_gpu_launcher` is called directly
+rather than `launch_command`, whose choice for a CPU run (`simple_launcher`) starts several CPU processes only
+through MPI; accelerate's PartialState then picks the backend from the device in each process: gloo on the CPU
+(advanced.cpu, or no GPU), nccl on GPUs. Several machines use `accelerate launch` itself (README, "More than one
+GPU"): conjure adds nothing there.
+"""
+
+from __future__ import annotations
+
+import os
+
+from conjure.errors import ConjureError
+
+DISTRIBUTED_ENV = "LOCAL_RANK"  # set by torch.distributed.run in every process it starts
+
+
+def launched() -> bool:
+    """Whether this process is one of a distributed run's (started by torchrun or `accelerate launch`)."""
+    return DISTRIBUTED_ENV in os.environ
+
+
+def main_process() -> bool:
+    """Whether this process speaks for the run: the only one, or rank 0 of a distributed run (the others'
+    summaries would repeat its own)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def launch(processes: int, train_args: list[str]) -> None:
+    """Run `conjure train TRAIN_ARGS` in `processes` processes; a failed rank becomes one ConjureError naming it."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser, multi_gpu_launcher
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args([
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", "0",
+        "--mixed_precision", "no",  # the config's advanced.mixed_precision decides (train/setup.make_accelerator)
+        "--dynamo_backend", "no", "-m", "conjure", "train", *train_args,
+    ])
+    args, _, _ = _validate_launch_command(args)
+    try:
+        multi_gpu_launcher(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise ConjureError(f"rank {rank} of {processes} failed ({failed_how(failure)}); the other ranks were stopped"
+                           ) from None
+
+
+def failed_how(failure: object) -> str:
+    """A torchelastic ProcessFailure in words: its exit code or signal (the rank's own error line is above)."""
+    code = getattr(failure, "exitcode", None)
+    signal = failure.signal_name() if hasattr(failure, "signal_name") and code is not None and code < 0 else None
+    return f"killed by {signal}" if signal else f"exit code {code}"
