@@ -40,8 +40,14 @@ class RunResult:
 
 
 def say(message: str) -> None:
-    """One line for the person at the terminal, above the progress bar (not through it)."""
+    """One line for the person at the terminal, above the progress bar (not through it); in a run of several
+    processes the main one's only (the others would repeat it: every process sets up the same run)."""
     from tqdm import tqdm
+
+    from conjure.train.launch import main_process
+
+    if not main_process():
+        return
 
     tqdm.write(message, file=sys.stderr)
 

@@ -86,9 +86,9 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
             say(f"warning: {warning}")
         say(describe(chosen))
         batch = global_batch(config.data.batch_size, accelerator.num_processes, config.advanced.gradient_accumulation_steps)
+        say(f"batch: {batch['batch_size']} per process x {batch['processes']} process(es) x "
+            f"{batch['gradient_accumulation_steps']} accumulated = global batch {batch['global_batch_size']}")
         if accelerator.is_main_process:
-            say(f"batch: {batch['batch_size']} per process x {batch['processes']} process(es) x "
-                f"{batch['gradient_accumulation_steps']} accumulated = global batch {batch['global_batch_size']}")
             atomic_write_text(run_dir / "config.yaml", dump_config(resolved))  # a resume rewrites the one it reads
         session.start(checkpoint, **batch, skipped=[str(p) for p, _ in skipped], changed_settings=list(changed),
                       long_captions=too_long, migrated=config.migration_notes,
