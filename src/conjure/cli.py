@@ -50,7 +50,7 @@ def quiet_loading_bars(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from conjure.config import load_config
-    from conjure.train.launch import launch, launched, main_process
+    from conjure.train.launch import launch_train, launched, main_process
     from conjure.train.loop import train
     from conjure.runs.folder import run_config_path
 
@@ -60,9 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.config = str(run_config_path(args.resume))
     config = load_config(args.config, args.set)  # a bad config fails here, before any process starts
     if args.num_processes > 1 and not launched():
-        launch(args.num_processes, [args.config, *(["--resume", args.resume] if args.resume else []),
-                                    *(f"--set={item}" for item in args.set)])
-        return 0
+        return launch_train(args)
     quiet_loading_bars(args)
     result = train(config, resume=args.resume)
     if not main_process():  # rank 0 reports the run
@@ -235,8 +233,7 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("config", nargs="?", help="config YAML (optional with --resume: the run's own config)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run (a run or checkpoint folder, or 'latest')")
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="train in N processes on this machine, one per GPU (on the CPU: gloo), through accelerate's "
-                        "launcher; the global batch is data.batch_size x N x gradient accumulation")
+                   help="train in N processes on this machine, one per GPU, through accelerate's launcher")
     _add_overrides(p)
     p.set_defaults(func=cmd_train)
 

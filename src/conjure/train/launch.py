@@ -12,6 +12,7 @@ GPU"): conjure adds nothing there.
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from conjure.errors import ConjureError
@@ -28,6 +29,25 @@ def main_process() -> bool:
     """Whether this process speaks for the run: the only one, or rank 0 of a distributed run (the others'
     summaries would repeat its own)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def global_batch(batch_size: int, processes: int, accumulation: int) -> dict[str, int]:
+    """The batch an optimizer step averages over, and its factors (the start event's fields)."""
+    return {"batch_size": batch_size, "processes": processes, "gradient_accumulation_steps": accumulation,
+            "global_batch_size": batch_size * processes * accumulation}
+
+
+def batch_line(batch: dict[str, int]) -> str:
+    """`global_batch` in words, for the run's start."""
+    return (f"batch: {batch['batch_size']} per process x {batch['processes']} process(es) x "
+            f"{batch['gradient_accumulation_steps']} accumulated = global batch {batch['global_batch_size']}")
+
+
+def launch_train(args: argparse.Namespace) -> int:
+    """`conjure train` with the command line's config, resume and overrides, in args.num_processes processes."""
+    launch(args.num_processes, [args.config, *(["--resume", args.resume] if args.resume else []),
+                                *(f"--set={item}" for item in args.set)])
+    return 0
 
 
 def launch(processes: int, train_args: list[str]) -> None:

@@ -29,9 +29,10 @@ from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
 from conjure.train.objectives import build_conditioning, build_objective
 from conjure.train.setup import (
     WEIGHT_DTYPES, SessionParts, assemble, chosen_facts, completed_at, data_loader, describe, disk_full_as_one_line,
-    global_batch, global_rng_state, load_model, machine_preset, make_accelerator, open_run_dir, place_model, resolved_config,
+    global_rng_state, load_model, machine_preset, make_accelerator, open_run_dir, place_model, resolved_config,
     scan_data, set_global_rng, start_warnings, text_reading,
 )
+from conjure.train.launch import batch_line, global_batch
 from conjure.train.loss import BatchGenerator
 from conjure.train.skips import SkippedSteps, TooManySkipped, read_step
 from conjure.train.text_ahead import EncodedAhead, captions_ahead, encode_ahead, offloads, prompt_inputs
@@ -86,8 +87,7 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
             say(f"warning: {warning}")
         say(describe(chosen))
         batch = global_batch(config.data.batch_size, accelerator.num_processes, config.advanced.gradient_accumulation_steps)
-        say(f"batch: {batch['batch_size']} per process x {batch['processes']} process(es) x "
-            f"{batch['gradient_accumulation_steps']} accumulated = global batch {batch['global_batch_size']}")
+        say(batch_line(batch))
         if accelerator.is_main_process:
             atomic_write_text(run_dir / "config.yaml", dump_config(resolved))  # a resume rewrites the one it reads
         session.start(checkpoint, **batch, skipped=[str(p) for p, _ in skipped], changed_settings=list(changed),

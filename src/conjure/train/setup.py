@@ -327,12 +327,6 @@ def data_loader(dataset: TrainDataset, settings: LoopSettings, *, first: int, en
     )
 
 
-def global_batch(batch_size: int, processes: int, accumulation: int) -> dict[str, int]:
-    """The batch an optimizer step averages over, and its factors (the start event's and line's fields)."""
-    return {"batch_size": batch_size, "processes": processes, "gradient_accumulation_steps": accumulation,
-            "global_batch_size": batch_size * processes * accumulation}
-
-
 def global_rng_state(device: torch.device) -> dict[str, Any]:
     """The global RNG states a checkpoint keeps: dropout (PEFT's lora_dropout, InputColumnDora's) draws from them."""
     return {"cpu": torch.get_rng_state(),
