@@ -28,7 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import machine, publish  # noqa: E402
 
-METHODS = ("textual_inversion", "lora", "dora", "pivotal")
+METHODS = ("textual_inversion", "lora", "dora", "pivotal", "finetune", "finetune-ema")
 FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 # methods that train FLUX.1 (conjure.config.*.FAMILIES)
 FLUX_METHODS = ("lora", "dora")
@@ -48,7 +48,7 @@ def write_images(folder: Path) -> Path:
 
 def config_for(method: str, model: Path, images: Path, out: Path, *, resolution: int, batch: int,
                steps: int, gpu: bool = False, checkpointing: bool = False) -> dict:
-    kind = "lora" if method == "dora" else method
+    kind = {"dora": "lora", "finetune-ema": "finetune"}.get(method, method)
     config: dict = {
         "type": kind,
         "basic": {"base_model": str(model), "output_dir": str(out), "run_name": method, "max_train_steps": steps,
@@ -61,6 +61,8 @@ def config_for(method: str, model: Path, images: Path, out: Path, *, resolution:
         config["lora"] = {"rank": 4, "dora": method == "dora"}
     if kind == "lora":
         config["lora"]["trigger_word"] = "zwx"
+    if kind == "finetune":  # finetune-ema: with finetune.ema, its float32 copy of the trained weights
+        config["finetune"] = {"ema": {"enabled": method == "finetune-ema"}}
     if kind in ("textual_inversion", "pivotal"):
         config["textual_inversion"] = {"placeholder_token": "<zq-thing>", "initializer": "dog"}
         config["data"]["caption_prefix"] = "<zq-thing>"

@@ -188,3 +188,38 @@ def test_cpu_estimates_say_that_glibc_keeps_freed_tensors_resident(lora_config):
     assert any("MALLOC_MMAP_THRESHOLD_=131072" in a for a in cpu.assumptions)
     gpu = estimate(parse_config(lora_config("sd1")), assume_gpu=True)
     assert gpu.device == "cuda" and not any("MALLOC_MMAP_THRESHOLD_" in a for a in gpu.assumptions)
+
+
+def test_a_fine_tunes_ema_is_a_float32_copy_of_the_trained_weights_where_it_lives(lora_config):
+    """finetune.ema: one float32 copy of the trained weights, on the GPU with them, in RAM with `on_cpu` (where each
+    update copies the weights over too), in RAM on a CPU run."""
+    from conjure.estimate.model import ema_terms
+
+    def finetune(ema, gpu=False):
+        raw = lora_config("sd1")
+        raw["type"] = "finetune"
+        del raw["lora"]
+        raw["finetune"] = {"ema": ema}
+        return estimate(parse_config(raw), assume_gpu=gpu)
+
+    def ema(terms):
+        return [(t.name, t.bytes) for t in terms if "EMA" in t.name]
+
+    cpu = finetune({"enabled": True})
+    size = cpu.trainable * 4
+    assert ema(cpu.ram) == [("EMA of the trained weights (float32)", size)]
+    gpu = finetune({"enabled": True}, gpu=True)
+    assert ema(gpu.accelerator) == [("EMA of the trained weights (float32)", size)] and ema(gpu.ram) == []
+    on_cpu = finetune({"enabled": True, "on_cpu": True}, gpu=True)
+    assert ema(on_cpu.accelerator) == [] and on_cpu.peak_accelerator == gpu.peak_accelerator - size
+    # RAM holds the parts as loaded (before they move to the GPU) or, later, the EMA with its update's copy
+    assert ema(on_cpu.ram) in ([], [("EMA of the trained weights (float32, on_cpu)", size),
+                                    ("EMA update: the trained weights copied to RAM (float32)", size)])
+    loaded = sum(t.bytes for t in gpu.ram if t.name.endswith("as loaded (float32)"))
+    assert on_cpu.peak_ram == gpu.peak_ram - loaded + max(loaded, 2 * size)
+    assert ema_terms(type("NoEma", (), {"ema": None})(), cuda=True) == ([], [])
+    recipe = type("Recipe", (), {"ema": type("Ema", (), {"average": [torch.empty(10, device="meta")],
+                                                         "device": torch.device("cpu")})()})()
+    assert [(t.name, t.bytes) for t in ema_terms(recipe, cuda=True)[1]] == [
+        ("EMA of the trained weights (float32, on_cpu)", 40),
+        ("EMA update: the trained weights copied to RAM (float32)", 40)]

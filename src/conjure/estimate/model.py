@@ -213,7 +213,22 @@ def training_terms(trainable: int, optimizer: str, beta1: float, fused_largest: 
     return [Term(f"trained parameters ({kind})", trainable * size, "counted"), gradients,
             Term(f"optimizer state ({optimizer})", trainable * state, "counted")]
 
-
+def ema_terms(recipe: Recipe, cuda: bool) -> tuple[list[Term], list[Term]]:
+    """A full fine-tune's EMA (finetune.ema, train/ema.py: a float32 copy of every trained weight, with the weights
+    or in RAM where `on_cpu`) as ([accelerator terms], [RAM terms]); none without one. Kept in RAM beside weights
+    on the GPU, each update first copies the weights there too (float32), after the step has freed its gradients
+    and activations: that copy is the RAM's training peak, not the accelerator's."""
+    ema = getattr(recipe, "ema", None)  # only the finetune recipe keeps one
+    if ema is None:
+        return [], []
+    size = float(sum(a.numel() for a in ema.average) * 4)
+    in_ram = ema.device is not None and ema.device.type == "cpu"
+    term = Term(f"EMA of the trained weights (float32{', on_cpu' if in_ram and cuda else ''})", size, "counted")
+    if not cuda:
+        return [], [term]
+    if not in_ram:
+        return [term], []
+    return [], [term, Term("EMA update: the trained weights copied to RAM (float32)", size, "modelled")]
 
 
 def loaded_bytes(model: LoadedModel, frozen: torch.dtype) -> list[tuple[str, str, float]]:

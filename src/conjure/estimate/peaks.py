@@ -17,7 +17,7 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     from conjure.config.sections import OBJECTIVE_SETTINGS
     from conjure.estimate.activations import trace_activations, vae_encode_working_set
     from conjure.estimate.data import data_terms, native_resolution, where
-    from conjure.estimate.model import meta_model, trained_parameters, training_terms, weight_terms
+    from conjure.estimate.model import ema_terms, meta_model, trained_parameters, training_terms, weight_terms
     from conjure.methods import method_spec
     from conjure.train.objectives import build_conditioning
     from conjure.train.setup import WEIGHT_DTYPES, text_reading
@@ -44,6 +44,7 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     largest = max(p.numel() for p in trained) if config.optimizer.fused_backward_pass else None
     training = training_terms(trainable, config.optimizer.optimizer, config.optimizer.adam_beta1, largest,
                               trained[0].dtype)
+    ema_device, ema_ram = ema_terms(recipe, place.cuda)
     for part in recipe.trainable_modules().values():
         # The trace has no autocast; in the run, autocast computes the float32 trained parts (a full fine-tune's
         # UNet, a LoRA's adapters) in the run's precision, so they are traced in it.
@@ -69,12 +70,13 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     )
     baseline = Term("python, torch and libraries", PROCESS_BASELINE, "measured")
     if place.cuda:
-        result.accelerator = [*on_device, *training, *step]
+        result.accelerator = [*on_device, *training, *ema_device, *step]
         if ahead:
             result.encoding = [t for name, t in weights.items() if name in encoders]
-        result.ram = [baseline, *loaded, *cached]
+        # the parts as loaded leave RAM for the GPU before the recipe makes its EMA there
+        result.ram = [baseline, *_larger(loaded, ema_ram), *cached]
     else:
-        result.ram = [baseline, *_larger(loaded, list(weights.values())), *training, *step, *cached]
+        result.ram = [baseline, *_larger(loaded, list(weights.values())), *training, *ema_ram, *step, *cached]
     result.assumptions = (_assumptions(config, place.source, place.precision, resolution, ahead, place.cuda)
                           + [_encode_line(encode, len(step) > 1)] + notes + _preset_lines(config, preset_warning))
     return result

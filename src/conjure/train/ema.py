@@ -27,6 +27,7 @@ class Ema:
     def __init__(self, params: list[nn.Parameter], *, decay: float, update_every: int,
                  device: torch.device | None = None):
         self.params, self.decay, self.update_every = params, decay, update_every
+        self.device = device  # where it was asked to live (None: with the weights); `conjure estimate` reads it
         # On the meta device (`conjure estimate` builds the recipe there) a copy elsewhere has no values to copy.
         where = [device if device is not None and p.device.type != "meta" else p.device for p in params]
         self.average = [p.detach().to(d, torch.float32, copy=True) for p, d in zip(params, where)]
