@@ -50,7 +50,7 @@ def quiet_loading_bars(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from conjure.config import load_config
-    from conjure.train.launch import launch_train, launched, main_process
+    from conjure.train.launch import launch_train, launched, main_process, record_failure
     from conjure.train.loop import train
     from conjure.runs.folder import run_config_path
 
@@ -62,7 +62,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.num_processes > 1 and not launched():
         return launch_train(args)
     quiet_loading_bars(args)
-    result = train(config, resume=args.resume)
+    try:
+        result = train(config, resume=args.resume)
+    except Exception as exc:
+        record_failure(exc)  # for the launcher's line naming the rank (several processes only)
+        raise
     if not main_process():  # rank 0 reports the run
         return EXIT_INTERRUPTED if result.status == "interrupted" else 0
     last = result.checkpoints[-1] if result.checkpoints else None

@@ -80,3 +80,45 @@ def test_two_processes_train_what_one_process_with_the_same_global_batch_trains(
             torch.testing.assert_close(two[name], tensor, atol=ATOL, rtol=0, msg=name)
             moved |= bool(tensor.abs().max() > 0)
     assert moved
+
+
+# Imported at start-up by every Python process that has its folder on PYTHONPATH: rank 1 (and only it) fails at
+# its second step, with no hook in conjure itself.
+BREAK_RANK_1 = '''
+import os
+if os.environ.get("RANK") == "1":
+    import conjure.train.loop as loop
+    real = loop.TrainingSession.step
+    def step(self, batch):
+        if self.global_step == 1:
+            raise RuntimeError("rank 1 broke at step 2")
+        return real(self, batch)
+    loop.TrainingSession.step = step
+'''
+
+
+@pytest.mark.slow  # ~20 s: two processes each import torch, diffusers and transformers
+def test_a_failing_rank_ends_the_run_naming_it_and_its_error(tiny_models, tmp_path):
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (40 * i, 80, 120)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("zwx picture")
+    config = settings(tiny_models, data, tmp_path, "runs", batch=1)
+    config["advanced"]["distributed_timeout_s"] = 30  # had rank 0 waited for rank 1's gradients: not 30 min
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(BREAK_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "conjure", "train", str(path), "--num-processes", "2"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("error: rank 1 of 2 failed: RuntimeError: rank 1 broke at step 2; the other ranks were stopped")
+    assert time.monotonic() - started < 120

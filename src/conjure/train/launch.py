@@ -64,13 +64,18 @@ def launch(processes: int, train_args: list[str]) -> None:
     try:
         multi_gpu_launcher(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        raise ConjureError(f"rank {rank} of {processes} failed ({failed_how(failure)}); the other ranks were stopped"
-                           ) from None
+        rank, failure = exc.get_first_failure()  # the earliest: the others were stopped because of it
+        # the error file's {"message": "Type: text", "extraInfo": ...}, or torch's words for a signal or exit code
+        why = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+        raise ConjureError(f"rank {rank} of {processes} failed: {why}; the other ranks were stopped") from None
 
 
-def failed_how(failure: object) -> str:
-    """A torchelastic ProcessFailure in words: its exit code or signal (the rank's own error line is above)."""
-    code = getattr(failure, "exitcode", None)
-    signal = failure.signal_name() if hasattr(failure, "signal_name") and code is not None and code < 0 else None
-    return f"killed by {signal}" if signal else f"exit code {code}"
+def record_failure(exc: BaseException) -> None:
+    """In a launched process, leave `exc` where the launcher reads a failed rank's error: torchelastic's error
+    file (TORCHELASTIC_ERROR_FILE, which torch.distributed.run sets for each process; torch's own `@record` writes
+    it so: torch/distributed/elastic/multiprocessing/errors/error_handler.py, torch 2.13). Without it the launcher
+    knows only an exit code."""
+    if launched():
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
