@@ -136,3 +136,33 @@ def test_streaming_reads_one_layer_at_a_time_and_writes_what_the_whole_models_gi
     with safe_open(str(tmp_path / "streamed.safetensors"), "pt") as a, safe_open(str(tmp_path / "whole.safetensors"), "pt") as b:
         assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_a_fixed_rank_far_below_the_layer_uses_svd_lowrank_and_reports_the_energy_exactly(monkeypatch):
+    """--rank R alone, R + 10 <= a quarter of the layer: a difference of rank <= R still comes back exactly; of a full-
+    rank difference, the energy reported is exactly what the written factors keep (against the Frobenius norm), and
+    near the best rank-R energy; the same input gives the same factors."""
+    from conjure.tools.extract import extract_module
+
+    calls, real = [], torch.svd_lowrank
+    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    known = torch.randn(256, 5, generator=g) @ torch.randn(5, 320, generator=g)
+    module, kept = extract_module(known, 8, None)
+    assert module.rank == 8 and kept == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(module.up @ module.down, known, atol=1e-4, rtol=1e-4)
+
+    spectrum = torch.logspace(0, -2, 256)  # a decaying spectrum, as fine-tune differences have
+    q1, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(320, 256, generator=g))
+    full = (q1 * spectrum) @ q2.T
+    module, kept = extract_module(full, 16, None)
+    written = module.up @ module.down
+    assert kept == pytest.approx(float(written.square().sum() / full.square().sum()), rel=1e-4)
+    best = float((spectrum[:16] ** 2).sum() / (spectrum**2).sum())
+    assert best * 0.99 <= kept <= best + 1e-6
+    again, _ = extract_module(full, 16, None)
+    assert torch.equal(again.up, module.up) and torch.equal(again.down, module.down)
+    assert len(calls) == 3
+    extract_module(full[:96], 16, None)  # 16 + 10 > 96 / 4: the exact SVD
+    assert len(calls) == 3

@@ -15,7 +15,8 @@ rank is at most min(out, in * kh * kw). Where conjure differs, and why:
   values), capped by `--rank` when given, as `conjure convert --energy` does (export/resize.py `rank_for`);
 - one alpha per file (kohya: alpha = each module's rank): the most common rank, the other modules' scale folded
   into `lora_up` (tools/lora_inputs.py `one_alpha`), the same update, loaded exactly by diffusers too.
-The SVD is torch.linalg.svd of the whole difference (exact; on CPU an SDXL UNet's ~800 layers take minutes).
+The SVD is torch.linalg.svd of the whole difference, or with `--rank R` alone and R far below the layer's size
+torch.svd_lowrank (`_svd`).
 
 Memory: the models are read layer by layer (merging/sources.py: a diffusers folder, or a hub id's cached snapshot,
 from its memory-mapped safetensors files, one tensor at a time); only one layer's two weights and their float32
@@ -40,6 +41,10 @@ from conjure.merging.sources import Source
 
 __all__ = ["Extracted", "extract", "extract_module"]
 
+# svd_lowrank only where R + oversampling is at most a quarter of the layer's smaller side; 10 extra directions and
+# 4 power iterations (Halko et al. suggest p = 5-10 and q = 1-3 for slowly decaying spectra; one more for float32)
+_LOWRANK_FACTOR, _OVERSAMPLE, _POWER_ITERATIONS = 4, 10, 4
+
 
 @dataclass
 class Extracted:
@@ -57,12 +62,27 @@ class Extracted:
         return sum(r.energy for r in self.modules) / len(self.modules)
 
 
+def _svd(mat: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of `mat`; with a fixed rank R far below the layer's size only the top R + oversampling directions,
+    by torch.svd_lowrank (Halko, Martinsson, Tropp 2011: a randomized range finder with power iterations; the
+    random projection seeded, so a file is reproducible). Its factors are an orthogonal projection of `mat`, so the
+    energy they keep, against the Frobenius norm, is exact for what is written; a difference of rank <= R comes
+    back exactly. torch.linalg.svd otherwise (an SD 1.5 layer's full SVD: seconds on a CPU; measured in
+    docs/benchmarks.md)."""
+    if rank is None or _LOWRANK_FACTOR * (rank + _OVERSAMPLE) > min(mat.shape):
+        return torch.linalg.svd(mat, full_matrices=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(mat, q=rank + _OVERSAMPLE, niter=_POWER_ITERATIONS)
+    return u, s, v.T
+
+
 def extract_module(diff: torch.Tensor, rank: int | None, energy: float | None) -> tuple[LoraModule, float]:
     """The LoRA (alpha = its rank) of one weight difference [out, in] or [out, in, kh, kw], and the energy kept."""
     mat = diff.detach().to(torch.float32).flatten(1)
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    u, s, vh = _svd(mat, rank if energy is None else None)
     power = s * s
-    total = float(power.sum())
+    total = float(mat.square().sum())  # the Frobenius norm: the whole energy, also when only R values were computed
     cumulative = power.cumsum(0) / total if total > 0 else torch.ones_like(s)
     keep = max(1, min(rank_for(cumulative, rank, energy), s.numel()))
     up = (u[:, :keep] * s[:keep]).reshape(diff.shape[0], keep, *(1,) * (diff.dim() - 2))
