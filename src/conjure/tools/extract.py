@@ -94,12 +94,15 @@ def _skeleton(folder: Path, component: str) -> torch.nn.Module:
     """The folder's component built from its config on the meta device: its module tree, without weights."""
     import importlib
 
-    library, name = json.loads((folder / "model_index.json").read_text())[component]
-    cls = getattr(importlib.import_module(library), name)
-    with torch.device("meta"):
-        if hasattr(cls, "load_config"):  # a diffusers model
-            return cls.from_config(cls.load_config(folder / component))
-        return cls(cls.config_class.from_pretrained(folder / component))  # a transformers model
+    try:
+        library, name = json.loads((folder / "model_index.json").read_text())[component]
+        cls = getattr(importlib.import_module(library), name)
+        with torch.device("meta"):
+            if hasattr(cls, "load_config"):  # a diffusers model
+                return cls.from_config(cls.load_config(folder / component))
+            return cls(cls.config_class.from_pretrained(folder / component))  # a transformers model
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+        raise ConjureError(f"cannot build {folder}'s {component} from its config: {exc}") from None
 
 
 def _layers(source: Source, component: str) -> list[str]:
