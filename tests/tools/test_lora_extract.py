@@ -99,6 +99,14 @@ def test_cli_prints_the_report_and_refuses_same_models(tuned, tmp_path, run_cli,
     assert_one_line_error(code, err, "the same weights: nothing to extract")
     code, _, err = run_cli("lora", "extract", base, folder, "--to", tmp_path / "y.safetensors")
     assert_one_line_error(code, err, "--rank R or --energy E")
+    import json
+    import shutil
+
+    odd = shutil.copytree(base, tmp_path / "odd")  # a component class that cannot be built
+    index = json.loads((odd / "model_index.json").read_text())
+    (odd / "model_index.json").write_text(json.dumps({**index, "unet": ["diffusers", "NoSuchModel"]}))
+    code, _, err = run_cli("lora", "extract", odd, folder, "--rank", "2", "--to", tmp_path / "y.safetensors")
+    assert_one_line_error(code, err, "unet from its config")
 
 
 def test_streaming_reads_one_layer_at_a_time_and_writes_what_the_whole_models_give(tuned, tmp_path, monkeypatch):
