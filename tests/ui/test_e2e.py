@@ -311,7 +311,10 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_p
     page.click("#tab-training")
     assert page.locator("#panel-training").is_visible()
     methods = page.locator("#tr-method option").evaluate_all("(options) => options.map((o) => o.value)")
-    assert methods == ["textual_inversion", "lora", "pivotal"]
+    from conjure.config.loading import CONFIG_TYPES
+
+    assert methods == list(CONFIG_TYPES)  # every method, from the registry (nothing hand-written in the page)
+    assert {"textual_inversion", "lora", "pivotal", "finetune"} <= set(methods)
     page.select_option("#tr-method", "textual_inversion")
     page.click("#tr-new")
     field(page, "basic.base_model").wait_for()
