@@ -220,7 +220,7 @@ def test_a1111_refuses_an_embedding_with_a_step_tensor(tmp_path):
 
 @pytest.mark.parametrize("app", ["InvokeAI", "ComfyUI", "AUTOMATIC1111/Forge", "diffusers"])
 def test_an_embedding_of_no_family_width_is_dropped_everywhere(tmp_path, app):
-    assert only(findings(tmp_path, {"emb_params": (2, 640)}, app), DROPPED, "fit no model")
+    assert only(findings(tmp_path, {"emb_params": (2, 640)}, app), DROPPED, "(640) fit no real model")
 
 
 def test_the_diffusers_rules_agree_with_diffusers_own_reader():

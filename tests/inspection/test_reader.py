@@ -107,3 +107,13 @@ def test_simpletuner_lycoris_flux_and_sd_names_tell_their_family(tmp_path):
     sd = inspect_file(write(tmp_path, lora(f"lycoris_{Q.replace('.', '_')}".replace("attn1_to_q", "attn2_to_k"),
                                            320, 1024), name="s.safetensors"))
     assert (sd.family, sd.family_certain, sd.modules[0].naming) == ("sd2", True, "lycoris")
+
+
+def test_an_embedding_of_a_toy_width_takes_the_family_its_header_names(tmp_path):
+    """A toy or tiny model's embedding (width 64: no real encoder's) is no family's by its shapes; the header's
+    modelspec.architecture names one, which the report shows as not certain."""
+    named = inspect_file(write(tmp_path, {"emb_params": (1, 64)},
+                               {"modelspec.architecture": "stable-diffusion-v1/textual-inversion"}))
+    assert (named.family, named.family_certain) == ("sd1", False)
+    bare = inspect_file(write(tmp_path, {"emb_params": (1, 64)}, name="bare.safetensors"))
+    assert (bare.family, bare.family_certain) == (None, False)

@@ -173,7 +173,8 @@ _OWN_MARKS = {
 _LDM_NAMED = [name for name, f in families.FAMILIES.items() if f.unet_naming == "ldm"]
 
 
-def _family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The family a file's header names (conjure.family, modelspec.architecture, ss_base_model_version...)."""
     fam = metadata.get("conjure.family")
     if fam in families.FAMILIES:
         return fam
@@ -198,7 +199,7 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, 
     """(family, certain). From the metadata, then modules only one family has, then the real models'
     cross-attention widths (InvokeAI's rule), then LDM block names (kohya writes them for SDXL only); otherwise
     (SD 1.x, False): SD 1.x and 2.x have the same names, and SDXL cannot be ruled out."""
-    fam = _family_from_metadata(metadata)
+    fam = family_from_metadata(metadata)
     if fam:
         return fam, True
     for name, marks in _OWN_MARKS.items():

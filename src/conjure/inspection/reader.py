@@ -17,7 +17,7 @@ from conjure import families
 from conjure.errors import ConjureError
 from conjure.export.embeddings import BUNDLE_PREFIX, SD_BUNDLE_KEY
 from conjure.export.kohya import layout_from_metadata
-from conjure.export.lora import detect_family, read_shapes
+from conjure.export.lora import detect_family, family_from_metadata, read_shapes
 from conjure.export.peft import adapter_alpha, adapter_config
 from conjure.inspection.checkpoint import model_file
 from conjure.inspection.keys import family_keys, group_modules, resolve
@@ -196,6 +196,8 @@ def inspect_file(path: Path | str, *, allow_pickle: bool = False) -> Inspection:
         family, certain = detect_family(dict(zip(family_keys(list(shapes)), shapes.values())), metadata)
     else:
         family, certain = _embedding_family(embeddings[0].shapes)
+        # widths no real model has (a toy or tiny model's file): the family the header names, uncertain
+        family = family or family_from_metadata(metadata)
     layout = layout_from_metadata(metadata)
     config = adapter_config(metadata, str(path))
     modules = list(by_name.values())

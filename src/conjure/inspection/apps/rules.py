@@ -62,7 +62,9 @@ def embedding_widths(app: str) -> Rule:
         if not insp.is_embedding or insp.family_certain:
             return []
         keys = tuple(k for e in insp.embeddings for k in e.tensors.values())
-        return [Finding(DROPPED, f"tensor names/widths fit no model's text encoders ({app} skips it)", keys)]
+        widths = sorted({s[-1] for e in insp.embeddings for s in e.shapes.values()})
+        return [Finding(DROPPED, f"tensor names/widths ({', '.join(map(str, widths))}) fit no real model's text "
+                        f"encoders, as a toy or tiny model's would ({app} skips it)", keys)]
     return rule
 
 
