@@ -10,6 +10,7 @@ from conjure.errors import ConjureError
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from conjure.export.convert import ConvertOptions, convert
+    from conjure.export.resize import energy_summary
 
     src, out = Path(args.input), Path(args.output)
     if not src.is_file():
@@ -26,9 +27,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         change = f"rank {r.old_rank}, copied" if r.copied else f"rank {r.old_rank} -> {r.new_rank}"
         print(f"  {r.module}: {change}, energy kept {r.energy:.2%}")
     if done.resized:
-        lowest = min(done.resized, key=lambda r: r.energy)
+        mean, lowest = energy_summary(done.resized)
         copied = sum(r.copied for r in done.resized)
-        mean = sum(r.energy for r in done.resized) / len(done.resized)
         print(f"resized {len(done.resized) - copied} of {len(done.resized)} modules ({copied} copied as they were); "
               f"energy kept: mean {mean:.2%}, min {lowest.energy:.2%} ({lowest.module})")
     for name, path in done.embeddings.items():

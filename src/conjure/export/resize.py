@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
 
-__all__ = ["Resized", "pad_fused", "rank_for", "resize_weights"]
+__all__ = ["Resized", "energy_summary", "pad_fused", "rank_for", "resize_weights"]
 
 MIN_SV = 1e-6  # kohya resize_lora.py: an update whose largest singular value is below this is zero (rank 1)
 
@@ -44,6 +44,12 @@ class Resized:
     @property
     def copied(self) -> bool:
         return self.new_rank == self.old_rank
+
+
+def energy_summary(records: Sequence[Resized]) -> tuple[float, Resized]:
+    """The mean energy kept over `records` (not empty) and the module that kept the least: the summary line of
+    `conjure convert --resize-rank` and `conjure lora extract|combine`."""
+    return sum(r.energy for r in records) / len(records), min(records, key=lambda r: r.energy)
 
 
 def _core_svd(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,10 +19,11 @@ def _free(out: Path, force: bool) -> Path:
 
 def _energy_lines(records: list, what: str) -> list[str]:
     """One line per module (lowest energy first) and the summary: min and mean of the energy kept."""
+    from conjure.export.resize import energy_summary
+
     lines = [f"  {r.module}: rank {r.new_rank} of {r.old_rank}, energy kept {r.energy:.2%}"
              for r in sorted(records, key=lambda r: r.energy)]
-    lowest = min(records, key=lambda r: r.energy)
-    mean = sum(r.energy for r in records) / len(records)
+    mean, lowest = energy_summary(records)
     return lines + [f"{what} {len(records)} modules; energy kept: mean {mean:.2%}, min {lowest.energy:.2%} "
                     f"({lowest.module})"]
 

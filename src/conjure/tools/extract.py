@@ -36,7 +36,7 @@ import torch
 
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
-from conjure.export.resize import Resized, rank_for
+from conjure.export.resize import Resized, energy_summary, rank_for
 from conjure.merging.sources import Source
 
 __all__ = ["Extracted", "extract", "extract_module"]
@@ -55,11 +55,11 @@ class Extracted:
 
     @property
     def min_energy(self) -> Resized:
-        return min(self.modules, key=lambda r: r.energy)
+        return energy_summary(self.modules)[1]
 
     @property
     def mean_energy(self) -> float:
-        return sum(r.energy for r in self.modules) / len(self.modules)
+        return energy_summary(self.modules)[0]
 
 
 def _svd(mat: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
