@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from conjure.errors import EXIT_BUG, EXIT_DATASET_ERRORS, EXIT_INTERRUPTED, EXIT_USER_ERROR, ConjureError
+from conjure.errors import refuse_overwrite
 
 
 def _quiet_libraries() -> None:
@@ -92,9 +93,7 @@ def cmd_config_new(args: argparse.Namespace) -> int:
     if args.out in (None, "-"):
         sys.stdout.write(text)
         return 0
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ConjureError(f"{out} exists; use --force to overwrite")
+    out = refuse_overwrite(Path(args.out), args.force)
     out.write_text(text, encoding="utf-8")
     print(f"wrote {out}")
     return 0

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from conjure.data import hf
 from conjure.data.example import PROGRESS_MIN_IMAGES, Example, caption_of
 from conjure.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image, load_mask
-from conjure.errors import ConjureError
+from conjure.errors import ConjureError, refuse_overwrite
 from conjure.files import atomic_write_text
 
 MASK_SUFFIX = "-masklabel.png"
@@ -245,8 +245,7 @@ def write_jsonl(folder: Path, out: Path, *, force: bool = False, confine: Path |
         raise ConjureError(f"{out}: the file name must end in .jsonl (how training recognises the format)")
     if out.is_dir():
         raise ConjureError(f"{out} is a folder")
-    if out.exists() and not force:
-        raise ConjureError(f"{out} exists; use --force to overwrite")
+    refuse_overwrite(out, force)
     examples = scan_source(folder, check_images=False, confine=confine).examples
     base = out.parent.absolute()
     lines = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from conjure.errors import ConjureError
+from conjure.errors import ConjureError, refuse_overwrite
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -15,8 +15,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src, out = Path(args.input), Path(args.output)
     if not src.is_file():
         raise ConjureError(f"{src}: no such file")
-    if out.exists() and not args.force:
-        raise ConjureError(f"{out} exists; use --force to overwrite")
+    refuse_overwrite(out, args.force)
     options = ConvertOptions(
         to=args.to, family=args.family, dtype=args.dtype, resize_rank=args.resize_rank, energy=args.energy,
         merge_embedding=args.merge_embedding, split_bundle=args.split_bundle, force=args.force,

@@ -6,15 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from conjure.errors import ConjureError
+from conjure.errors import refuse_overwrite
 
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
-
-
-def _free(out: Path, force: bool) -> Path:
-    if out.exists() and not force:
-        raise ConjureError(f"{out} exists; use --force to overwrite")
-    return out
 
 
 def _energy_lines(records: list, what: str) -> list[str]:
@@ -37,7 +31,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
     from conjure.tools.bake import bake
     from conjure.tools.lora_inputs import parse_input
 
-    out = _free(Path(args.to), args.force)
+    out = refuse_overwrite(Path(args.to), args.force)
     done = bake(args.base, [parse_input(t) for t in args.loras], out, args.save_dtype)
     for path, count in done.modules.items():
         print(f"  {path}: {count} modules merged")
@@ -50,7 +44,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from conjure.tools.extract import extract
 
-    out = _free(Path(args.to), args.force)
+    out = refuse_overwrite(Path(args.to), args.force)
     done = extract(args.base, args.tuned, out, rank=args.rank, energy=args.energy, conv_rank=args.conv_rank,
                    save_dtype=args.save_dtype)
     print("\n".join(_energy_lines(done.modules, "extracted")))
@@ -62,7 +56,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     from conjure.tools.combine import combine
     from conjure.tools.lora_inputs import parse_input
 
-    out = _free(Path(args.to), args.force)
+    out = refuse_overwrite(Path(args.to), args.force)
     done = combine([parse_input(t) for t in args.loras], out, rank=args.rank, save_dtype=args.save_dtype)
     if done.resized:
         print("\n".join(_energy_lines(done.resized, "resized")))
