@@ -459,7 +459,9 @@ def test_cancel_and_resume_buttons(page, ui_server, image_folder, tiny_models):
     page.wait_for_function("() => /^step [1-9]\\d* \\/ 5000$/.test(document.querySelector('#job-steps').textContent)",
                            timeout=RUN_TIMEOUT_MS)
     assert page.locator("#job-status").text_content() == "running"
-    assert page.locator("#job-eta").inner_text().startswith("about")
+    # The estimate needs two steps' times (the first step seen says "starting..."), so wait for it to show.
+    page.wait_for_function("() => document.querySelector('#job-eta').textContent.startsWith('about ')",
+                           timeout=RUN_TIMEOUT_MS)
     page.click("#job-cancel")
     page.locator("#job-status", has_text="cancelled").wait_for(timeout=RUN_TIMEOUT_MS)
     stopped = int(steps.inner_text().split()[1])
