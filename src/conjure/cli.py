@@ -266,7 +266,8 @@ def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("export", help="copy a checkpoint's files out of a run (pick the best step), or install "
                        "them into your app")
     p.add_argument("run_dir")
-    p.add_argument("--step", required=True, help="step number, or 'latest'")
+    p.add_argument("--step", required=True, help="step number, 'latest', or 'best' (the step "
+                   "`conjure runs score` suggests)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="DIR", help="folder to copy to (e.g. your app's embeddings folder)")
     where.add_argument("--to-app", choices=list(APPS), help="install into this app's folders under --app-dir, "
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     from conjure.export.command import add_convert
     from conjure.inspection.command import add_inspect
     from conjure.merging.command import add_merge
+    from conjure.runs.score import add_runs
     from conjure.tools.cli import add_lora
 
     add_convert(sub)
@@ -368,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect(sub)
     add_lora(sub)
     add_merge(sub)
+    add_runs(sub)
     return parser
 
 

@@ -34,6 +34,8 @@ class Event(str, Enum):
     CHECKPOINT = "checkpoint"  # step, path, files
     CHECKPOINT_REMOVED = "checkpoint_removed"  # path (pruned by basic.keep_last_n_checkpoints)
     VALIDATION = "validation"  # step, prompts, seeds, images, grid
+    VALIDATION_LOSS = "validation_loss"  # step, loss, bands {"<lo>-<hi>": loss}, images (held out: train/heldout.py)
+    IMAGE_SCORES = "image_scores"  # step, fidelity, alignment, model (of the validation images: conjure.scoring)
     STOPPED = "stopped"  # step, reason (a stop asked for: signal, web app)
     END = "end"  # status (completed | interrupted | failed), step, skipped_steps, error
 

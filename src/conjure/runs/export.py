@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conjure.errors import ConjureError
 from conjure.files import copy_to_temporary, publish
+from conjure.runs.best import read_rows, suggest
 from conjure.runs.checkpoints import STATE_FILE, list_checkpoints
 
 
@@ -36,10 +37,15 @@ def _destination_folder(to: Path) -> Path:
 def _chosen_step(found: dict[int, Path], step: str | int, run_dir: Path) -> int:
     if str(step) == "latest":
         return max(found)
+    if str(step) == "best":
+        suggestion = suggest(read_rows(run_dir))
+        if suggestion.step is None:
+            raise ConjureError(f"--step best: {suggestion.reason}")
+        return suggestion.step
     try:
         chosen = int(step)
     except ValueError:
-        raise ConjureError(f"--step must be a number or 'latest', not {step!r}") from None
+        raise ConjureError(f"--step must be a number, 'latest' or 'best', not {step!r}") from None
     if chosen not in found:
         raise ConjureError(f"no checkpoint at step {chosen} in {run_dir}; available: {', '.join(map(str, sorted(found)))}")
     return chosen
@@ -81,7 +87,7 @@ def _publish_all(copies: list[Path], plan: list[tuple[Path, Path]]) -> None:
 
 
 def checkpoint_files(run_dir: Path, step: str | int, name: str | None = None) -> list[tuple[Path, str]]:
-    """The app files of the run's checkpoint at `step` (a number or 'latest'), each with the name it is exported
+    """The app files of the run's checkpoint at `step` (a number, 'latest' or 'best'), each with the name it is exported
     under: its own, or `name` + its suffix for a one-file checkpoint."""
     found = dict(list_checkpoints(run_dir))
     if not found:
