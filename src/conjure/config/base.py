@@ -68,6 +68,11 @@ class RunConfigBase(RunConfigHead):
         """Validation prompts when none are set."""
         raise NotImplementedError
 
+    def concept_word(self) -> tuple[str, str] | None:
+        """The word prompts call the trained concept by, and the word that replaces it in the prompts image
+        alignment is scored on (conjure.scoring); None: the prompts are scored as they are."""
+        return None
+
     @model_validator(mode="after")
     def _check_fused_backward(self) -> RunConfigBase:
         """optimizer.fused_backward_pass steps each weight inside the backward pass: what needs every gradient at

@@ -108,5 +108,9 @@ class LoraConfig(RunConfigBase, _LoraSections):
     def default_prompts(self) -> list[str]:
         return default_prompts(self.lora.trigger_word)
 
+    def concept_word(self) -> tuple[str, str] | None:
+        trigger = self.lora.trigger_word
+        return (trigger, self.validation.class_word or "") if trigger else None
+
     def trains_text_encoder(self) -> bool:
         return self.lora.train_text_encoder

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from conjure.config.base import RunConfigBase, RunConfigHead
 from conjure.config.lora import LoraAdapterSection, LoraOptimizerConfig
 from conjure.config.problems import FieldProblem
-from conjure.config.textual_inversion import TextualInversionSection
+from conjure.config.textual_inversion import TextualInversionSection, ti_concept_word
 
 
 class PivotalTextualInversionSection(TextualInversionSection):
@@ -53,6 +53,9 @@ class PivotalConfig(RunConfigBase, _PivotalSections):
 
     def default_prompts(self) -> list[str]:
         return default_pivotal_prompts(self.textual_inversion.placeholder_token)
+
+    def concept_word(self) -> tuple[str, str] | None:
+        return ti_concept_word(self.textual_inversion, self.validation.class_word)
 
     @model_validator(mode="after")
     def _bundle_needs_kohya(self) -> PivotalConfig:

@@ -264,6 +264,24 @@ class ValidationConfig(Section):
         "classifier-free guidance; FLUX.1-dev: 3.5, the distilled guidance it takes as an input; schnell ignores it).",
     )
     at_start: bool = Field(True, description="Also render before training (step 0), as the baseline.")
+    image_scores: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Score each validation's images with validation.score_model: fidelity (similarity to the "
+        "training images) and alignment (to the prompt with the token or trigger replaced by its class word), for "
+        "`conjure runs score`. 'auto': when the model is on this machine already (never downloads; else one line "
+        "says scoring is off); 'on': always (downloads the model if needed; a failure stops the run); 'off'.",
+    )
+    score_model: str = Field(
+        # torchmetrics' CLIPScore default, the CLIP of most papers' CLIP-I/CLIP-T scores
+        "openai/clip-vit-large-patch14",
+        description="The image-text model (a CLIP: Hugging Face id or folder) of validation.image_scores.",
+        json_schema_extra={"path": "model"},
+    )
+    class_word: str | None = Field(
+        None,
+        description="The word put in place of the placeholder token or trigger word in the prompts that "
+        "alignment scores; null: the textual-inversion initializer, or for a LoRA the trigger word left out.",
+    )
 
 
 class OptimizerConfig(Section):

@@ -57,6 +57,11 @@ class TextualInversionSection(Section):
         return value.strip() if value else value
 
 
+def ti_concept_word(ti: TextualInversionSection, class_word: str | None) -> tuple[str, str]:
+    """The placeholder token and the word alignment puts in its place: validation.class_word, else the initializer."""
+    return ti.placeholder_token, class_word or ti.initializer
+
+
 def default_ti_prompts(ti: TextualInversionSection) -> list[str]:
     templates = OBJECT_PROMPTS if ti.caption_preset == "object" else STYLE_PROMPTS
     return [t.format(ti.placeholder_token) for t in templates]
@@ -73,3 +78,6 @@ class TextualInversionConfig(RunConfigBase, _TextualInversionSections):
 
     def default_prompts(self) -> list[str]:
         return default_ti_prompts(self.textual_inversion)
+
+    def concept_word(self) -> tuple[str, str] | None:
+        return ti_concept_word(self.textual_inversion, self.validation.class_word)

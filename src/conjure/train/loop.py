@@ -25,6 +25,7 @@ from conjure.files import atomic_write_text
 from conjure.runs.checkpoints import STATE_FILE, load_state, prune_checkpoints, step_dir_name, write_checkpoint
 from conjure.runs.events import EVENTS_FILE, Event, EventLog
 from conjure.runs.folder import VALIDATION_DIR, lock_run, resume_changes
+from conjure.scoring.hook import image_scoring
 from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
 from conjure.train.objectives import build_conditioning, build_objective
 from conjure.train.setup import (
@@ -164,6 +165,8 @@ class TrainingSession:
             images=len(self.dataset), max_train_steps=self.max_steps, start_step=self.global_step,
             resumed_from=str(checkpoint) if checkpoint else None, **facts,
         )
+        # Loaded before the first step, so validation.image_scores: on fails before any training
+        self.image_scoring = image_scoring(self.settings.validation, self.dataset.examples, say) if main else None
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from `checkpoint`; refuses (ConjureError) a state that does not fit or a finished run."""
@@ -401,3 +404,5 @@ class TrainingSession:
         )
         self.events.image("validation/grid", at, as_array(grid_path))
         self.result.validations.append(grid_path)
+        if self.image_scoring:
+            self.image_scoring.log(at, images, self.events)

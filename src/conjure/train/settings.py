@@ -22,6 +22,11 @@ class ValidationSettings:
     guidance_scale: float
     at_start: bool
     every: int | None
+    # image scores (conjure.scoring): "auto" | "on" | "off", the model, the prompts alignment scores (the
+    # trained word replaced by its class word)
+    image_scores: str
+    score_model: str
+    alignment_prompts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,16 @@ class LoopSettings:
                 prompts=tuple(val.prompts), seeds=tuple(val.seeds), negative_prompt=val.negative_prompt,
                 num_inference_steps=val.num_inference_steps,
                 guidance_scale=guidance_scale if val.guidance_scale is None else val.guidance_scale,
-                at_start=val.at_start, every=basic.validate_every_n_steps,
+                at_start=val.at_start, every=basic.validate_every_n_steps, image_scores=val.image_scores,
+                score_model=val.score_model, alignment_prompts=alignment_prompts(val.prompts, config.concept_word()),
             ),
         )
+
+
+def alignment_prompts(prompts: list[str], concept: tuple[str, str] | None) -> tuple[str, ...]:
+    """The validation prompts as alignment scores them: the trained word replaced by its class word."""
+    if concept is None:
+        return tuple(prompts)
+    from conjure.scoring.scorer import with_class_word
+
+    return tuple(with_class_word(p, *concept) for p in prompts)
