@@ -16,6 +16,7 @@ ATTN = "down_blocks_0_attentions_0_transformer_blocks_0"
 SD1_K = f"lora_unet_{ATTN}_attn2_to_k"  # cross-attention to_k: InvokeAI's base probe reads its in-width
 SDXL_K = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
 TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+TE_OUT = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"
 
 
 def lora(name, n_out, n_in, rank=2, a="lora_down.weight", b="lora_up.weight", alpha=True):
@@ -37,13 +38,13 @@ def only(v, outcome, needle):
     return set(relevant[0].keys)
 
 
-GOOD_SD1 = {**lora(SD1_K, 320, 768), **lora(TE, 768, 768)}
+GOOD_SD1 = {**lora(SD1_K, 320, 768), **lora(TE, 768, 768), **lora(TE_OUT, 768, 768)}
 
 
 @pytest.mark.parametrize("app", ["InvokeAI", "ComfyUI", "AUTOMATIC1111/Forge", "diffusers"])
 def test_a_plain_kohya_sd1_file_is_complete_everywhere(tmp_path, app):
     v = findings(tmp_path, GOOD_SD1, app)
-    assert v.complete and v.findings == [] and v.applied == 6
+    assert v.complete and v.findings == [] and v.applied == 9
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,6 +123,20 @@ def test_diffusers_drops_components_the_pipeline_lacks_and_sdxl_add_embedding_na
     sdxl = {**lora(SDXL_K, 640, 2048), **lora("lora_unet_add_embedding_linear_1", 1280, 2816)}
     assert only(findings(tmp_path, sdxl, "diffusers"), DROPPED, "add.embedding.linear") == {
         k for k in sdxl if "add_embedding" in k}
+
+
+def test_diffusers_needs_an_out_proj_module_per_kohya_text_encoder(tmp_path):
+    qkv = {k: s for p in ("q", "k", "v") for k, s in lora(TE.replace("q_proj", f"{p}_proj"), 768, 768).items()}
+    v = findings(tmp_path, {**lora(SD1_K, 320, 768), **qkv}, "diffusers")
+    assert only(v, REFUSED, "Could not automatically infer state dict type") == set(qkv) and v.applied == 0
+    fc1 = lora("lora_te_text_model_encoder_layers_0_mlp_fc1", 3072, 768)
+    v = findings(tmp_path, {**lora(SD1_K, 320, 768), **qkv, **fc1}, "diffusers")
+    assert only(v, DROPPED, "no out_proj") == set(qkv) and v.applied == 6
+    # per encoder: text_encoder_2's out_proj does not help text_encoder
+    te2_out = lora("lora_te2_text_model_encoder_layers_0_self_attn_out_proj", 1280, 1280)
+    v = findings(tmp_path, {**lora(SDXL_K, 640, 2048), **lora(TE.replace("lora_te_", "lora_te1_"), 768, 768),
+                            **te2_out}, "diffusers")
+    assert only(v, REFUSED, "text_encoder has q/k/v but no out_proj")
 
 
 def test_diffusers_refuses_an_sd1_embedding_with_more_than_one_tensor(tmp_path):
@@ -233,3 +248,39 @@ def test_the_diffusers_rules_agree_with_diffusers_own_reader():
     tensors = {k: torch.ones(s) for k, s in {**GOOD_SD1, f"{SD1_K}.dora_scale": (1, 768)}.items()}
     state, _ = StableDiffusionPipeline.lora_state_dict(tensors)
     assert state and not any("dora" in k or "magnitude" in k for k in state)
+
+
+def test_diffusers_own_loader_refuses_a_text_encoder_without_out_proj_and_loads_its_peft_conversion(tmp_path):
+    """What _text_encoder_format_guess restates, with the installed pipeline's load_lora_weights on a tiny SD1 model;
+    `conjure convert --to peft` (the repair the finding names) loads with every module adapted."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from conjure.adapters import LoraModule
+    from conjure.export.convert import ConvertOptions, convert
+    from conjure.export.kohya import save_kohya
+    from conjure.models.tiny import build_tiny_components
+
+    components = build_tiny_components("sd1")
+    g = torch.Generator().manual_seed(0)
+    paths = [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")]
+    paths += [("text_encoder", f"text_model.encoder.layers.0.self_attn.{p}_proj") for p in "qkv"]
+    weights = {}
+    for component, path in paths:
+        w = components[component].get_submodule(path.removeprefix("text_model.")).weight
+        weights[(component, path)] = LoraModule(down=torch.randn(2, w.shape[1], generator=g),
+                                                up=torch.randn(w.shape[0], 2, generator=g), alpha=2.0)
+    kohya = save_kohya(tmp_path / "kohya.safetensors", weights, {}, "sd1")
+    (v,) = [v for v in verdicts(inspect_file(kohya)) if v.app == "diffusers"]
+    assert [f.outcome for f in v.findings] == [REFUSED]
+    with pytest.raises(ValueError, match="Could not automatically infer state dict type"):
+        StableDiffusionPipeline(**components, requires_safety_checker=False).load_lora_weights(str(kohya))
+
+    peft = convert(kohya, tmp_path / "peft.safetensors", ConvertOptions(to="peft")).path
+    (v,) = [v for v in verdicts(inspect_file(peft)) if v.app == "diffusers"]
+    assert v.complete
+    pipe = StableDiffusionPipeline(**build_tiny_components("sd1"), requires_safety_checker=False)
+    pipe.load_lora_weights(str(peft))
+    adapted = {(c, p) for c in ("unet", "text_encoder")
+               for p, m in getattr(pipe, c).named_modules() if isinstance(m, LoraLayer)}
+    assert {p.removeprefix("text_model.") for _, p in adapted} == {p.removeprefix("text_model.") for _, p in paths}

@@ -11,13 +11,26 @@
   `add.embedding.linear`), so an SDXL add-embedding LoRA under diffusers' names is lost.
 - FLUX.1: any `.lora_down.weight` key sends the file to `_convert_kohya_flux_lora_to_diffusers`, which raises on
   keys other than BFL block / embedder / `lora_te1_` names ("Incompatible keys detected").
+- Kohya text-encoder modules (SD/SDXL and FLUX.1's `lora_te1_`) become old diffusers names (`to_q_lora`, ...,
+  `to_out_lora`; mlp `lora_linear_layer`) in `_convert_text_encoder_lora_key`; `_load_lora_into_text_encoder`
+  (loaders/lora_base.py) then guesses each encoder's format in `convert_state_dict_to_diffusers` /
+  `convert_state_dict_to_peft` (utils/state_dict_utils.py) by `to_out_lora` alone. Without an `out_proj` module
+  an encoder with only q/k/v modules raises "Could not automatically infer state dict type"; with mlp modules as
+  well, its q/k/v are unexpected keys and left out. The PEFT layout carries no guess (`conjure convert --to peft`).
 - PEFT files load per pipeline component (`unet.` / `transformer.` / `text_encoder.` / `text_encoder_2.`); keys of
   a component the pipeline lacks are never read. LoHa / LoKr have no SD/SDXL/FLUX.1 reader.
 """
 
 from __future__ import annotations
 
-from conjure.inspection.apps.rules import embedding_widths, family_of, grouped, modules_where, one_tensor_embedding
+from conjure.inspection.apps.rules import (
+    embedding_widths,
+    family_of,
+    grouped,
+    modules_where,
+    one_tensor_embedding,
+    slot_kind,
+)
 from conjure.inspection.keys import KOHYA_PREFIXES
 from conjure.inspection.model import DROPPED, REFUSED, Finding, Inspection, Module
 
@@ -89,8 +102,40 @@ def _add_embedding(insp: Inspection) -> list[Finding]:
     ))
 
 
+_TE_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def _text_encoder_format_guess(insp: Inspection) -> list[Finding]:
+    """Per kohya CLIP encoder without an out_proj module: refused when it has only q/k/v modules, its q/k/v
+    dropped when it has mlp modules too (the module docstring; reproduced with the installed loader in
+    tests/inspection/test_app_rules.py)."""
+    if not _kohya_file(insp):
+        return []
+    encoders: dict[str, list[Module]] = {}
+    for m in insp.modules:
+        if m.naming == "kohya" and slot_kind(insp, m.component) == "clip":
+            encoders.setdefault(str(m.component), []).append(m)
+    findings = []
+    for component, modules in encoders.items():
+        if any(t.endswith("self_attn.out_proj") for m in modules for t in m.targets):
+            continue
+        attention = [k for m in modules if m.targets and m.targets[0].endswith(_TE_ATTENTION) for k in m.keys]
+        if not attention:
+            continue
+        fix = "; save the PEFT layout for diffusers: conjure convert --to peft"
+        if len(attention) == sum(len(m.keys) for m in modules):
+            findings.append(Finding(REFUSED, f"{component} has q/k/v but no out_proj LoRA: _load_lora_into_text_"
+                                    "encoder raises \"Could not automatically infer state dict type\"" + fix,
+                                    tuple(attention)))
+        else:
+            findings.append(Finding(DROPPED, f"{component} has no out_proj LoRA: the format guess takes its mlp "
+                                    "names, and q/k/v are unexpected keys" + fix, tuple(attention)))
+    return findings
+
+
 RULES = (
     _refusals,
+    _text_encoder_format_guess,
     _dora_scale,
     _components,
     _lycoris,
