@@ -1,5 +1,6 @@
 """`conjure runs score RUN_DIR`: the run's evidence per step (`conjure.runs.best.read_rows`) as a table, and the
-suggested step with the rule that chose it; `--json` for scripts and the web app."""
+suggested step with the rule that chose it; `--json` for scripts and the web app. Writes the curves as a plot into
+the run folder (conjure.runs.plot)."""
 
 from __future__ import annotations
 
@@ -40,14 +41,24 @@ def render(rows: list[StepRow], suggestion: Suggestion) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from conjure.runs.plot import PLOT_FILE, write_plot  # Pillow: not at the command line's parse
+
     run_dir = Path(args.run_dir)
     if not (run_dir / EVENTS_FILE).is_file():
         raise ConjureError(f"{run_dir} is not a conjure run folder (no {EVENTS_FILE})")
     rows = read_rows(run_dir)
     suggestion = suggest(rows)
+    try:
+        plot: str | None = str(write_plot(rows, suggestion, run_dir / PLOT_FILE))
+    except OSError as error:  # a read-only copy of a run: the table still says it all
+        plot = None
+        print(f"note: plot not written ({error.strerror or error}: {run_dir / PLOT_FILE})", file=sys.stderr)
     if args.json:
-        json.dump({"rows": [row.__dict__ for row in rows], "suggestion": suggestion.as_dict()}, sys.stdout, indent=1)
+        json.dump({"rows": [row.__dict__ for row in rows], "suggestion": suggestion.as_dict(), "plot": plot},
+                  sys.stdout, indent=1)
         print()
     else:
         print(render(rows, suggestion))
+    if plot:  # on stderr: stdout stays the table (or the JSON) alone
+        print(f"plot: {plot}", file=sys.stderr)
     return 0
