@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.config = str(run_config_path(args.resume))
     config = load_config(args.config, args.set)  # a bad config fails here, before any process starts
     if args.num_processes > 1 and not launched():
-        return launch_train(args)
+        return launch_train(args, config.advanced.distributed_timeout_s)
     quiet_loading_bars(args)
     try:
         result = train(config, resume=args.resume)
@@ -73,7 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = result.checkpoints[-1] if result.checkpoints else None
     if result.status == "interrupted":
         print(f"stopped at step {result.step}; checkpoint: {last}", file=sys.stderr)
-        print(f"continue with: conjure train --resume {result.run_dir}", file=sys.stderr)
+        several = f" --num-processes {os.environ['WORLD_SIZE']}" if launched() else ""
+        print(f"continue with: conjure train --resume {result.run_dir}{several}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"done: {result.step} steps in {result.run_dir}")
     if last:

@@ -125,3 +125,125 @@ def test_a_failing_rank_ends_the_run_naming_it_and_its_error(tiny_models, tmp_pa
     last = proc.stderr.strip().splitlines()[-1]
     assert last == ("error: rank 1 of 2 failed: RuntimeError: rank 1 broke at step 2; the other ranks were stopped")
     assert time.monotonic() - started < 120
+
+
+# Rank 0 waits at its third step (the checkpoint of step 2 is written) with a marker file for the test to see:
+# the test then SIGKILLs the launcher and every rank.
+PAUSE_RANK_0 = '''
+import os, pathlib, time
+if os.environ.get("RANK") == "0":
+    import conjure.train.loop as loop
+    real = loop.TrainingSession.step
+    def step(self, batch):
+        if self.global_step == 2:
+            pathlib.Path(os.environ["CONJURE_TEST_MARKER"]).write_text("at step 3")
+            time.sleep(600)
+        return real(self, batch)
+    loop.TrainingSession.step = step
+'''
+
+
+def two_processes(args, env, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "conjure", "train", *args, "--num-processes", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.slow  # ~60 s: three 2-process runs, each process importing torch, diffusers and transformers
+def test_a_two_process_run_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_models, tmp_path):
+    """Every process's dropout RNG is checkpointed and each resumes its own: with lora.dropout the ranks draw
+    different masks (their RNGs are seeded per rank), so resuming rank 1 with rank 0's state trains other weights."""
+    import time
+
+    import psutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (40 * i, 80, 120)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a picture {i}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    paths = {}
+    for name in ("whole", "killed"):
+        config = settings(tiny_models, data, tmp_path, name, batch=1)
+        config["type"] = "lora"
+        del config["textual_inversion"]
+        config["lora"]["dropout"] = 0.5
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    whole = two_processes([str(paths["whole"])], env)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_RANK_0)
+    marker = tmp_path / "marker"
+    killed = two_processes([str(paths["killed"])], {**env, "CONJURE_TEST_MARKER": str(marker), "PYTHONPATH": os.pathsep.join(
+        [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    deadline = time.monotonic() + 240
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), killed.communicate()[1][-3000:]
+    for proc in [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]:
+        proc.kill()
+    killed.communicate()
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002"]
+
+    resumed = two_processes(["--resume", str(run_dir)], env)
+    for proc in (whole, resumed):
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+    assert f"resuming {run_dir} from step 2" in err
+
+    def weights(run):
+        return torch.load(run / "checkpoints" / "step-000004" / "training_state.pt", weights_only=False)["method"]
+
+    (whole_dir,) = (tmp_path / "whole").iterdir()
+    ref, got = weights(whole_dir), weights(run_dir)
+    assert any(name.endswith("lora_B.default.weight") and tensor.abs().max() > 0 for name, tensor in ref.items())
+    for name, tensor in ref.items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(got[name], tensor), name
+
+
+def test_a_short_bucket_batch_trains_in_two_processes_what_it_trains_in_one():
+    """The rule for a bucket whose image count is not a multiple of the global batch: its last batch is short
+    (here 3 of 4, and 1 of 4); every process draws that batch's noise whole (the shared generator stays in step
+    with one process's) and weights its loss by its share (0 for a process holding only a stand-in), so the mean
+    of the processes' gradients (what DDP all-reduces) is one process's gradient over the same rows."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from conjure.data.dataset import MicroBatchSampler
+    from conjure.train.loss import BatchGenerator, denoising_loss
+
+    sizes = [(64, 64)] * 7 + [(64, 96)] * 5  # buckets of 7 and 5 at a global batch of 4: short batches 3 and 1
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.randn(len(sizes), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    weight = torch.nn.Parameter(torch.tensor(0.5))
+
+    def unet(noisy, timesteps):
+        return SimpleNamespace(sample=noisy * weight)
+
+    def grad(keys, generator):
+        weight.grad = None
+        loss = denoising_loss(unet, scheduler, latents[[i for _, i in keys]], {}, generator) * generator.share()
+        loss.backward()
+        return weight.grad.clone()
+
+    one = BatchGenerator("cpu").manual_seed(5)
+    ranks = [BatchGenerator("cpu").manual_seed(5) for _ in range(2)]
+    for rank, generator in enumerate(ranks):
+        generator.rank, generator.world = rank, 2
+    samplers = [MicroBatchSampler(sizes, 2, 1, 0, 4, rank, 2) for rank in range(2)]
+    whole = MicroBatchSampler(sizes, 4, 1, 0, 4, 0, 1)
+    seen = set()
+    for m, (batch, *shares) in enumerate(zip(whole, *samplers)):
+        one.rows = whole.rows(m)
+        seen.add(len(batch))
+        for generator, sampler in zip(ranks, samplers):
+            generator.rows = sampler.rows(m)
+        ddp = sum(grad(keys, generator) for keys, generator in zip(shares, ranks)) / 2
+        torch.testing.assert_close(ddp, grad(batch, one), rtol=1e-6, atol=0)
+        assert all(torch.equal(generator.get_state(), one.get_state()) for generator in ranks)
+    assert seen == {4, 3, 1}

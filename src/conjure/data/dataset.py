@@ -241,6 +241,15 @@ class MicroBatchSampler:
         self.sizes, self.batch, self.seed, self.start, self.end = sizes, batch, seed, start, end
         self.rank, self.world = rank, world
         self.per_epoch = batches_per_epoch(sizes, batch * world)
+        self._chunks: tuple[int, list[list[int]]] = (-1, [])  # one epoch's batches, for `rows`
+
+    def rows(self, m: int) -> int:
+        """How many examples micro-batch `m` holds across all processes (fewer than batch x world at the end of a
+        bucket whose count is not a multiple of it; train/loss.BatchGenerator weights the processes' shares)."""
+        epoch, b = divmod(m, self.per_epoch)
+        if self._chunks[0] != epoch:
+            self._chunks = epoch, epoch_batches(self.sizes, self.batch * self.world, self.seed, epoch)
+        return len(self._chunks[1][b])
 
     def __len__(self) -> int:
         return self.end - self.start

@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING, Any
 
 from conjure.errors import ConjureError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from conjure.train.control import TrainControl
 
 DISTRIBUTED_ENV = "LOCAL_RANK"  # set by torch.distributed.run in every process it starts
 
@@ -43,17 +49,28 @@ def batch_line(batch: dict[str, int]) -> str:
             f"{batch['gradient_accumulation_steps']} accumulated = global batch {batch['global_batch_size']}")
 
 
-def launch_train(args: argparse.Namespace) -> int:
+def launch_train(args: argparse.Namespace, stop_timeout_s: int) -> int:
     """`conjure train` with the command line's config, resume and overrides, in args.num_processes processes."""
-    launch(args.num_processes, [args.config, *(["--resume", args.resume] if args.resume else []),
-                                *(f"--set={item}" for item in args.set)])
-    return 0
+    return launch(args.num_processes, [args.config, *(["--resume", args.resume] if args.resume else []),
+                                       *(f"--set={item}" for item in args.set)], stop_timeout_s)
 
 
-def launch(processes: int, train_args: list[str]) -> None:
-    """Run `conjure train TRAIN_ARGS` in `processes` processes; a failed rank becomes one ConjureError naming it."""
+def launch(processes: int, train_args: list[str], stop_timeout_s: int) -> int:
+    """Run `conjure train TRAIN_ARGS` in `processes` processes: 0 when it completed, EXIT_INTERRUPTED when a
+    signal stopped it; a failed rank becomes one ConjureError naming it.
+
+    A stop: the launcher's Ctrl-C, SIGTERM or SIGHUP (the processes run in sessions of their own, so only the
+    launcher gets them) is forwarded by torch's elastic agent to every process (`_shutdown(death_sig)`,
+    torch/distributed/elastic/agent/server/api.py, torch 2.13), which then finish their step and save one
+    checkpoint together (`agree_stop`); the agent kills them only after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (torch's
+    default 30 s), set here to `stop_timeout_s` (advanced.distributed_timeout_s) so that a long step and checkpoint
+    of a large model still complete. accelerate's `_run_torchrun` (accelerate 1.16.0) then exits 128 + the signal."""
+    import signal
+
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser, multi_gpu_launcher
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from conjure.errors import EXIT_INTERRUPTED
 
     args = launch_command_parser().parse_args([
         "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", "0",
@@ -61,13 +78,20 @@ def launch(processes: int, train_args: list[str]) -> None:
         "--dynamo_backend", "no", "-m", "conjure", "train", *train_args,
     ])
     args, _, _ = _validate_launch_command(args)
+    os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(stop_timeout_s)
+    stops = {128 + sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
     try:
         multi_gpu_launcher(args)
+    except SystemExit as exc:
+        if exc.code in stops:  # the processes stopped as asked; the main one said where it saved
+            return EXIT_INTERRUPTED
+        raise
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()  # the earliest: the others were stopped because of it
         # the error file's {"message": "Type: text", "extraInfo": ...}, or torch's words for a signal or exit code
         why = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
         raise ConjureError(f"rank {rank} of {processes} failed: {why}; the other ranks were stopped") from None
+    return 0
 
 
 def record_failure(exc: BaseException) -> None:
@@ -79,3 +103,35 @@ def record_failure(exc: BaseException) -> None:
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
         ErrorHandler().record_exception(exc)
+
+
+def agree_stop(accelerator: Accelerator, control: TrainControl) -> None:
+    """A stop asked of any process (a signal, the web app's Cancel) is every process's after this step: they save
+    one checkpoint together (`every_rank` is a collective) and stop at the same step, where a process stopping on
+    its own would leave the others waiting for its gradients. One small all-reduce per step, with several only."""
+    if accelerator.num_processes == 1:
+        return
+    import torch
+
+    asked = torch.tensor([1.0 if control.stop_reason else 0.0], device=accelerator.device)
+    if accelerator.reduce(asked, "sum").item() and not control.stop_reason:
+        control.request_stop("another process was stopped")
+
+
+def every_rank(accelerator: Accelerator, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """`state` of every process, in rank order (a collective: every process calls it at the same step)."""
+    if accelerator.num_processes == 1:
+        return [state]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([state]))
+
+
+def own_rng(state: dict[str, Any], accelerator: Accelerator) -> dict[str, Any] | None:
+    """This process's global RNG state in a checkpoint: its own where every process's was saved by as many
+    processes as now run (dropout masks then continue exactly), else the main process's (one process; a
+    checkpoint from before, a rescue save, or another process count: those continue, not exactly)."""
+    rngs = state.get("rank_rngs")
+    if rngs and len(rngs) == accelerator.num_processes:
+        return dict(rngs[accelerator.process_index])
+    return state.get("rng")

@@ -5,7 +5,7 @@ what the run needs from the config, and a `TrainingSession` runs the steps, chec
 Methods plug in through the `conjure.methods.Recipe` interface; the loop never branches on a method or family.
 Exact resume: data order comes from (seed, epoch), augmentation from (seed, epoch, index), noise and
 timesteps from one CPU generator, dropout from torch's global CPU/CUDA RNG (seeded from basic.seed); both
-RNG states are checkpointed with the optimizer and LR scheduler.
+RNG states are checkpointed with the optimizer and LR scheduler (the global one of every process: train/launch.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from conjure.train.setup import (
     global_rng_state, load_model, machine_preset, make_accelerator, open_run_dir, place_model, resolved_config,
     scan_data, set_global_rng, start_warnings, text_reading,
 )
-from conjure.train.launch import batch_line, global_batch
+from conjure.train.launch import agree_stop, batch_line, every_rank, global_batch, own_rng
 from conjure.train.loss import BatchGenerator
 from conjure.train.skips import SkippedSteps, TooManySkipped, read_step
 from conjure.train.text_ahead import EncodedAhead, captions_ahead, encode_ahead, offloads, prompt_inputs
@@ -176,7 +176,7 @@ class TrainingSession:
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.generator.set_state(state["generator"])
-            set_global_rng(state.get("rng"), self.accelerator.device)
+            set_global_rng(own_rng(state, self.accelerator), self.accelerator.device)
             if self.accelerator.scaler is not None and state.get("scaler"):
                 self.accelerator.scaler.load_state_dict(state["scaler"])
             self.global_step = self.last_saved = self.result.step = int(state["step"])
@@ -229,9 +229,11 @@ class TrainingSession:
     def _steps(self, bar: tqdm, control: TrainControl) -> None:
         """Micro-batches until the last step or a requested stop; the loss of a step is its micro-batches' mean."""
         losses: list[float] = []
-        acc = self.accelerator
-        for batch in data_loader(self.dataset, self.settings, first=self.global_step * self.accum,
-                                 end=self.max_steps * self.accum, rank=acc.process_index, world=acc.num_processes):
+        acc, first = self.accelerator, self.global_step * self.accum
+        loader, sampler = data_loader(self.dataset, self.settings, first=first, end=self.max_steps * self.accum,
+                                      rank=acc.process_index, world=acc.num_processes)
+        for m, batch in enumerate(loader, start=first):
+            self.generator.rows = sampler.rows(m)
             losses.append(self.step(batch))
             if not self.accelerator.sync_gradients:
                 continue
@@ -276,7 +278,7 @@ class TrainingSession:
                 predict = self.conditioning.predictor(self.denoiser, self.text_encoders, texts, acc.device, batch, text)
                 loss = self.objective.loss(
                     predict, latents, self.generator, weights=batch.get("loss_weight"), mask=batch.get("mask")
-                )
+                ) * self.generator.share()
             acc.backward(loss)
             for param in self.recipe.frozen_parameters(self.global_step, self.max_steps):
                 param.grad = None  # the optimizers skip a parameter without a gradient: no update, no decay
@@ -334,17 +336,21 @@ class TrainingSession:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's own interval
         if control.on_step:
             control.on_step(self.global_step, loss)
+        agree_stop(self.accelerator, control)  # every process saves and stops at the same step
+        final = self.global_step == self.max_steps
+        due = self.global_step % self.settings.save_every_n_steps == 0 or final or control.stop_reason
+        rngs = every_rank(self.accelerator, global_rng_state(self.accelerator.device)) if due else None
         if not self.accelerator.is_main_process:
             return
-        final = self.global_step == self.max_steps
-        if self.global_step % self.settings.save_every_n_steps == 0 or final or control.stop_reason:
-            self.save()
+        if due:
+            self.save(rngs)
         every = self.settings.validation.every
         if (every and self.global_step % every == 0) or final:
             self.validate(self.global_step)
 
-    def save(self) -> None:
-        """A checkpoint of the current step: the training state for an exact resume and the recipe's files."""
+    def save(self, rngs: list[dict[str, Any]] | None = None) -> None:
+        """A checkpoint of the current step: the training state for an exact resume and the recipe's files.
+        `rngs`: every process's global RNG state (`launch.every_rank`); a rescue save has only its own."""
         at, settings = self.global_step, self.settings
         target = self.model.facts["prediction_type"].value  # what loading settled (a setting or the model's)
         state = {
@@ -354,6 +360,7 @@ class TrainingSession:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "rng": global_rng_state(self.accelerator.device),
+            **({"rank_rngs": rngs} if rngs and len(rngs) > 1 else {}),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             "skipped": self.skips.state(),
         }

@@ -27,16 +27,30 @@ class BatchGenerator(torch.Generator):
     throw no numbers away (they are a few KiB per step) but would make every process count a different run."""
 
     rank, world = 0, 1
+    rows: int | None = None  # the current global micro-batch's sample count (MicroBatchSampler.rows); None: full
+
+    def share(self) -> float:
+        """What this process's loss (a mean over its rows) is multiplied by so that DDP's mean over the processes
+        is the mean over the global batch's rows: its rows x world / rows. 1 for a full batch; for a bucket's
+        short last batch the processes hold unequal shares (0 for a process that only holds a stand-in)."""
+        if self.world == 1 or self.rows is None:
+            return 1.0
+        return len(range(self.rank, self.rows, self.world)) * self.world / self.rows
 
 
 def draw_for_batch(generator: torch.Generator, draw: Callable[[int], torch.Tensor], batch: int) -> torch.Tensor:
     """`draw(n)` (n samples' random numbers, first dimension n) for this process's `batch` samples: the global
     batch's draw, rows rank, rank + world, ... (data/dataset.MicroBatchSampler gives rank r those examples).
-    Exact while every rank has `batch` samples, i.e. each bucket's image count is a multiple of the global batch."""
+    Every process draws the whole global micro-batch (`rows`, or `batch` x world when it is full), so the shared
+    generator stays in step across processes and with one process, a bucket's short last batch included; a
+    process whose share of a short batch is empty trains a stand-in example at weight 0 (`BatchGenerator.share`)
+    and takes the first rows."""
     world = getattr(generator, "world", 1)
     if world == 1:
         return draw(batch)
-    return draw(batch * world)[getattr(generator, "rank", 0) :: world]
+    drawn = draw(getattr(generator, "rows", None) or batch * world)
+    kept = drawn[getattr(generator, "rank", 0) :: world]
+    return kept if len(kept) == batch else drawn[:batch]
 
 
 def encode_latents(vae: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

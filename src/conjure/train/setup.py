@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from conjure.config import RunConfig
     from conjure.config.sections import AdvancedConfig, DataConfig
-    from conjure.data.dataset import TrainDataset
+    from conjure.data.dataset import MicroBatchSampler, TrainDataset
     from conjure.data.example import Example
     from conjure.methods import MethodSpec, Recipe
     from conjure.families import Family
@@ -316,15 +316,16 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
 
 
 def data_loader(dataset: TrainDataset, settings: LoopSettings, *, first: int, end: int, rank: int,
-                world: int) -> torch.utils.data.DataLoader:
-    """The loader of micro-batches `first` to `end` (exclusive) of the run, this process's share."""
+                world: int) -> tuple[torch.utils.data.DataLoader, MicroBatchSampler]:
+    """The loader of micro-batches `first` to `end` (exclusive) of the run, this process's share, and its
+    sampler (which knows each micro-batch's size across the processes)."""
     from conjure.data.dataset import MicroBatchSampler, collate
 
     sampler = MicroBatchSampler(dataset.sizes, settings.batch_size, settings.seed, first, end, rank, world)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=settings.dataloader_num_workers,
         generator=torch.Generator().manual_seed(settings.seed),  # its worker seed, not a global draw
-    )
+    ), sampler
 
 
 def global_rng_state(device: torch.device) -> dict[str, Any]:
