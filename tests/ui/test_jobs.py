@@ -215,3 +215,48 @@ def test_server_restarts(workspace, make_config):
 
 def job_dir(queue, job):
     return queue.get(job.id).run_dir
+
+
+@pytest.mark.slow  # ~30 s: two training processes, each importing torch, diffusers and transformers
+def test_a_job_of_two_processes_is_followed_and_cancelled_with_a_checkpoint(workspace, make_config):
+    """A job of 2 processes runs `conjure train --num-processes 2`: the monitor follows the main process's events
+    (each step once), and Cancel (SIGTERM to the launcher) stops both after one step with one checkpoint, as a
+    cancel (not a failed rank)."""
+    raw = long_config(make_config)
+    raw["data"]["batch_size"], raw["advanced"] = 1, {"cpu": True}
+    with TestClient(create_app(workspace, start_runner=True), base_url=BASE) as client:
+        job = client.post("/api/jobs", json={"config": raw, "processes": 2}).json()["job"]
+        jid = job["id"]
+        assert job["processes"] == 2
+        until(lambda: job_of(client, jid)["step"] >= 2, timeout=180)
+        client.post(f"/api/jobs/{jid}/cancel")
+        until(lambda: job_of(client, jid)["status"] != "running", timeout=120)
+        job = job_of(client, jid)
+        assert job["status"] == "cancelled" and job["error"] is None, job
+        stopped_at = job["step"]
+        assert [c["step"] for c in client.get(f"/api/jobs/{jid}/checkpoints").json()["checkpoints"]] == [stopped_at]
+        events = client.get(f"/api/jobs/{jid}/events").json()["events"]
+        (start,) = [e for e in events if e["event"] == "start"]
+        assert (start["processes"], start["global_batch_size"]) == (2, 2)
+        assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, stopped_at + 1))
+        assert [e["status"] for e in events if e["event"] == "end"] == ["interrupted"]
+        log = client.get(f"/api/jobs/{jid}/log", params={"tail": 10_000}).json()["lines"]
+        assert f"continue with: conjure train --resume {job['run_dir']} --num-processes 2" in log
+
+
+def test_a_job_takes_its_number_of_processes(workspace, make_config):
+    """`processes` is the job's (default 1; 1 to 64), kept in a workspace whose jobs table predates it."""
+    import sqlite3
+
+    with sqlite3.connect(workspace.db_path) as db:  # a jobs table as workspaces made before the column
+        db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL, type TEXT NOT "
+                   "NULL, config TEXT NOT NULL, run_name TEXT NOT NULL, output_dir TEXT NOT NULL, run_dir TEXT, "
+                   "created TEXT NOT NULL, queued TEXT NOT NULL, started TEXT, ended TEXT, step INTEGER NOT NULL "
+                   "DEFAULT 0, max_steps INTEGER, loss REAL, eta_seconds REAL, error TEXT, resume INTEGER NOT NULL "
+                   "DEFAULT 0, pid INTEGER, stopping INTEGER NOT NULL DEFAULT 0, events_offset INTEGER NOT NULL "
+                   "DEFAULT 0)")
+    with TestClient(create_app(workspace, start_runner=False), base_url=BASE) as client:
+        assert client.post("/api/jobs", json={"config": make_config()}).json()["job"]["processes"] == 1
+        assert client.post("/api/jobs", json={"config": make_config(), "processes": 3}).json()["job"]["processes"] == 3
+        refused = client.post("/api/jobs", json={"config": make_config(), "processes": 0})
+        assert refused.status_code == 400 and "processes" in refused.json()["error"]

@@ -220,7 +220,7 @@ def test_submitted_jobs_are_queued(client, ws):
     assert [j["id"] for j in listed] == [second["id"], first["id"]]  # newest first
     assert client.get(f"/api/jobs/{first['id']}").json()["job"] == first
     assert set(first) == {"id", "status", "type", "run_name", "run_dir", "created", "started", "ended", "step",
-                          "max_steps", "loss", "eta_seconds", "error", "resumable", "stopping"}
+                          "max_steps", "loss", "eta_seconds", "error", "resumable", "stopping", "processes"}
 
 
 def test_invalid_jobs_are_refused_with_their_errors(client):

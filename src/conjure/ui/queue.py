@@ -44,9 +44,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     resume INTEGER NOT NULL DEFAULT 0,         -- the next launch continues run_dir
     pid INTEGER,
     stopping INTEGER NOT NULL DEFAULT 0,       -- the user cancelled while it ran: SIGTERM sent
-    events_offset INTEGER NOT NULL DEFAULT 0   -- where this launch's lines begin in events.jsonl (bytes)
+    events_offset INTEGER NOT NULL DEFAULT 0,  -- where this launch's lines begin in events.jsonl (bytes)
+    processes INTEGER NOT NULL DEFAULT 1       -- train --num-processes (a job's, not the config's)
 )
 """
+# Columns added since the first workspaces: (name, definition), added to an older jobs table when it opens.
+_ADDED = (("processes", "INTEGER NOT NULL DEFAULT 1"),)
 
 
 class NoSuchJob(NotFound):
@@ -83,6 +86,7 @@ class Job:
     pid: int | None
     stopping: bool
     events_offset: int
+    processes: int
     config: str = field(repr=False)
 
     @property
@@ -100,6 +104,7 @@ class Job:
             "run_dir": self.run_dir, "created": self.created, "started": self.started, "ended": self.ended,
             "step": self.step, "max_steps": self.max_steps, "loss": self.loss, "eta_seconds": self.eta_seconds,
             "error": self.error, "resumable": self.resumable, "stopping": self.stopping,
+            "processes": self.processes,
         }
 
 
@@ -115,6 +120,10 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def _row(self, job_id: int) -> Job:
         if not 0 < job_id < 2**63:  # SQLite's integers are 64-bit: a larger id is no job, not an OverflowError
@@ -139,18 +148,19 @@ class JobStore:
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*values.values(), job_id))
 
-    def submit(self, config: Any) -> Job:
-        """Queue a validated config (conjure.config model) whose basic.output_dir is absolute. Its run name
-        defaults to `<type>-<id>`, so the run folder is known before it starts."""
+    def submit(self, config: Any, processes: int = 1) -> Job:
+        """Queue a validated config (conjure.config model) whose basic.output_dir is absolute, to train in
+        `processes` processes. Its run name defaults to `<type>-<id>`, so the run folder is known before it
+        starts."""
         from conjure.config import dump_config
 
         config = config.model_copy(deep=True)
         stamp = now_iso()
         with self._lock:
             cur = self._db.execute(
-                "INSERT INTO jobs (status, type, config, run_name, output_dir, created, queued, max_steps) "
-                "VALUES ('queued', ?, '', '', ?, ?, ?, ?)",
-                (config.type, config.basic.output_dir, stamp, stamp, config.basic.max_train_steps),
+                "INSERT INTO jobs (status, type, config, run_name, output_dir, created, queued, max_steps, processes) "
+                "VALUES ('queued', ?, '', '', ?, ?, ?, ?, ?)",
+                (config.type, config.basic.output_dir, stamp, stamp, config.basic.max_train_steps, processes),
             )
             job_id = int(cur.lastrowid)
             config.basic.run_name = config.basic.run_name or f"{config.type}-{job_id}"

@@ -257,6 +257,8 @@ class JobQueue(JobStore):
         cmd = [sys.executable, "-m", "conjure", "train", str(config_path)]
         if job.resume:
             cmd += ["--resume", str(run_dir)]
+        if job.processes > 1:  # the launcher's SIGTERM (Cancel) reaches every process (train/launch.py)
+            cmd += ["--num-processes", str(job.processes)]
         with open(self.log_path(job), "ab") as log_file:
             note = "resuming" if job.resume else "starting"
             log_file.write(f"--- conjure ui: job {job.id} {note} at {now_iso()}\n".encode())

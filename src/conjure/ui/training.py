@@ -187,6 +187,8 @@ class YamlBody(BaseModel):
 class JobBody(BaseModel):
     yaml: str | None = Field(None, description="The config as YAML text ...")
     config: dict[str, Any] | None = Field(None, description="... or as a mapping (give one of the two).")
+    processes: int = Field(1, ge=1, le=64, description="Training processes on this machine, one per GPU "
+                           "(`conjure train --num-processes`): the global batch is data.batch_size x processes.")
 
 
 @router.get("/methods")
@@ -297,7 +299,7 @@ def job_create(body: JobBody, request: Request) -> Any:
     config, errors = check_config(ws, data) if data is not None else (None, errors)
     if errors:
         return JSONResponse({"error": "the config is not valid", "errors": errors}, status_code=400)
-    return {"job": _jobs(request).submit(config).public()}
+    return {"job": _jobs(request).submit(config, body.processes).public()}
 
 
 @router.get("/jobs")

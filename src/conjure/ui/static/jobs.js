@@ -52,7 +52,7 @@ export const jobs = {
       type: "button", class: "job-pick", "aria-current": job.id === this.selected ? "true" : null,
       onclick: () => { this.select(job.id); },
     },
-    el("span", { class: "job-name", text: `#${job.id} ${job.run_name || job.type}` }),
+    el("span", { class: "job-name", text: `#${job.id} ${job.run_name || job.type}${job.processes > 1 ? ` (${job.processes} processes)` : ""}` }),
     el("span", { class: `status ${job.status}`, text: job.status }),
     el("span", { class: "muted small", text: `${job.type} \u00b7 ${job.step}${job.max_steps ? ` / ${job.max_steps}` : ""} steps` })),
     el("span", { class: "job-actions" },

@@ -388,7 +388,8 @@ export const training = {
     else if (this.config) await this.syncSoon.flush();
     if (!$("tr-yaml").value.trim()) return say("tr-launch-msg", "make or load a config first", "error");
     try {
-      const data = await api("POST", "/api/jobs", { yaml: $("tr-yaml").value });
+      const processes = Number($("tr-processes").value) || 1;
+      const data = await api("POST", "/api/jobs", { yaml: $("tr-yaml").value, processes });
       say("tr-launch-msg", `job #${data.job.id} queued`, "ok");
       jobs.selected = data.job.id;
       showTab("jobs");
