@@ -247,3 +247,19 @@ def test_a_short_bucket_batch_trains_in_two_processes_what_it_trains_in_one():
         torch.testing.assert_close(ddp, grad(batch, one), rtol=1e-6, atol=0)
         assert all(torch.equal(generator.get_state(), one.get_state()) for generator in ranks)
     assert seen == {4, 3, 1}
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                            ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")])
+def test_a_run_accelerate_was_told_to_shard_is_refused_in_one_line(monkeypatch, variable, name):
+    """What `accelerate launch --use_fsdp` (or --use_deepspeed, or an accelerate config's distributed_type) sets in
+    every process: the run stops before it builds anything, instead of training on parameters that sharding
+    replaced."""
+    from conjure.config.sections import AdvancedConfig
+    from conjure.errors import ConjureError
+    from conjure.train.setup import make_accelerator
+
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConjureError, match=f"accelerate is set to shard the model with {name}, which conjure") as err:
+        make_accelerator(AdvancedConfig(cpu=True))
+    assert "\n" not in str(err.value) and "distributed_type: MULTI_GPU" in str(err.value)

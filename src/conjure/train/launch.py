@@ -26,6 +26,24 @@ if TYPE_CHECKING:
 DISTRIBUTED_ENV = "LOCAL_RANK"  # set by torch.distributed.run in every process it starts
 
 
+# What `accelerate launch --use_fsdp / --use_deepspeed / --use_megatron_lm` (or an accelerate config's
+# distributed_type: FSDP, DEEPSPEED, MEGATRON_LM) sets for each process, and what accelerate's state then reads
+# (accelerate/utils/launch.py, accelerate/state.py, accelerate 1.16.0).
+SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def refuse_sharding() -> None:
+    """A run that accelerate was told to shard is refused in one line: conjure trains with DDP (every process
+    holds the whole model). Sharding replaces the parameters the methods hold (their optimizer groups, EMA and
+    saved state) and would need every checkpoint gathered from all processes, none of which conjure does."""
+    asked = [name for var, name in SHARDING_ENV.items() if os.environ.get(var, "").lower() == "true"]
+    if asked:
+        raise ConjureError(f"accelerate is set to shard the model with {asked[0]}, which conjure does not "
+                           "support: it trains with DDP (every process holds the whole model); use "
+                           "distributed_type: MULTI_GPU in the accelerate config (README, 'More than one GPU')")
+
+
 def launched() -> bool:
     """Whether this process is one of a distributed run's (started by torchrun or `accelerate launch`)."""
     return DISTRIBUTED_ENV in os.environ

@@ -26,6 +26,7 @@ from conjure.models.loading import Fact, LoadedModel
 from conjure.runs.checkpoints import kept_checkpoint
 from conjure.runs.folder import with_absolute_paths
 from conjure.train.control import say
+from conjure.train.launch import refuse_sharding
 from conjure.train.optimizers import build_optimizer, optimizer_warnings
 from conjure.train.settings import LoopSettings
 
@@ -178,6 +179,7 @@ def make_accelerator(adv: AdvancedConfig) -> tuple[Accelerator, Fact]:
     from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
 
+    refuse_sharding()
     precision = resolve_precision(adv.mixed_precision, cpu=adv.cpu)
     # accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with another
     # precision; train() is called repeatedly in one process (tests, benchmarks), so start each run afresh.
