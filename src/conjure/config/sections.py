@@ -282,6 +282,18 @@ class ValidationConfig(Section):
         description="The word put in place of the placeholder token or trigger word in the prompts that "
         "alignment scores; null: the textual-inversion initializer, or for a LoRA the trigger word left out.",
     )
+    holdout: float = Field(
+        0.0, ge=0, lt=1,
+        description="Share of the training images kept out of training to measure a held-out loss at every "
+        "validation (spread evenly over the sources' order, the same images every run; at least one); 0: none. "
+        "`conjure runs score` suggests a step from it.",
+    )
+    loss_images: str | None = Field(
+        None,
+        description="A source of images (and captions) for the held-out loss, never trained on: a folder, a .jsonl "
+        "file or a Hugging Face data set, as data.source. Used with validation.holdout's images, if any.",
+        json_schema_extra={"example": "path/to/held-out", "path": "data"},
+    )
 
 
 class OptimizerConfig(Section):

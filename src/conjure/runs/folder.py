@@ -154,6 +154,7 @@ RESUME_MAY_CHANGE = (
 step on (learning rates included: the loop sets the optimizer's and the schedule's base rates). Every other
 setting is refused, since the checkpoint's shapes, data order or optimizer state depend on it or since it
 would be recorded without taking effect."""
+RESUME_KEEPS = ("validation.holdout",)  # in a section a resume may change, but it chooses the training images
 
 
 def with_absolute_paths(config: Any) -> Any:
@@ -172,6 +173,7 @@ def with_absolute_paths(config: Any) -> Any:
     basic.base_model_config = local(basic.base_model_config, must_exist=True)
     basic.vae = local(basic.vae, must_exist=True)
     data.source, data.cache_dir = local(data.source), local(data.cache_dir)
+    out.validation.loss_images = local(out.validation.loss_images)
     for source in data.sources:
         source.path = local(source.path)
     return out
@@ -193,8 +195,8 @@ def resume_changes(saved_config: Path, resolved: Any) -> dict[str, tuple[Any, An
         before = _flatten(raw)  # a config of an older conjure: compare what it says
     after = _flatten(resolved.model_dump(mode="json"))
     changed = {k: (before[k], after[k]) for k in sorted(after) if k in before and before[k] != after[k]}
-    refused = [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p))
-                                             for p in RESUME_MAY_CHANGE)]
+    refused = [k for k in changed if k in RESUME_KEEPS or not any(k == p or (p.endswith(".") and k.startswith(p))
+                                                                  for p in RESUME_MAY_CHANGE)]
     if refused:
         raise ConjureError(
             f"cannot resume {saved_config.parent} with other settings for what its checkpoint depends on: "

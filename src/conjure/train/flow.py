@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from conjure.train.loss import draw_for_batch, weighted_mse
+from conjure.train.loss import draw_for_batch, evenly_spread, weighted_mse
 
 SAMPLINGS = ("logit_normal", "sigmoid", "uniform", "shift")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -170,13 +170,26 @@ class FlowObjective:
         batch when neither is set and the weighting is `none`."""
         noise = draw_for_batch(
             generator, lambda n: torch.randn((n, *latents.shape[1:]), generator=generator), latents.shape[0]
-        ).to(latents.device, latents.dtype)
+        )
         sigmas = self.sigmas(generator, latents)
-        prediction = predict(noisy_latents(latents, noise, sigmas), sigmas.to(latents.device))
-        target = flow_target(latents, noise)
         sample_weights = None if self.weighting == "none" else loss_weighting(self.weighting, sigmas)
-        return weighted_mse(prediction, target, mask=mask, weights=weights, sample_weights=sample_weights)
+        return self.loss_at(predict, latents, noise, sigmas, mask=mask, weights=weights, sample_weights=sample_weights)
 
+    def spread(self, bands: int, per_band: int) -> list[tuple[str, torch.Tensor]]:
+        """Sigmas evenly over (0, 1) in `bands` bands named by their sigma range."""
+        return [(f"{b / bands:.2f}-{(b + 1) / bands:.2f}", levels.float())
+                for b, levels in enumerate(evenly_spread(bands, per_band))]
+
+    def loss_at(
+        self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, *,
+        mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+        sample_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss at given `noise` and sigmas (`levels`): drawn by `loss`, fixed by the held-out loss."""
+        noise = noise.to(latents.device, latents.dtype)
+        prediction = predict(noisy_latents(latents, noise, levels), levels.to(latents.device))
+        target = flow_target(latents, noise)
+        return weighted_mse(prediction, target, mask=mask, weights=weights, sample_weights=sample_weights)
 
     def sampler(self, scheduler: Any) -> Any:
         """Validation samples with the model's own flow-matching scheduler (FlowMatchEulerDiscreteScheduler, whose

@@ -27,6 +27,7 @@ from conjure.runs.events import EVENTS_FILE, Event, EventLog
 from conjure.runs.folder import VALIDATION_DIR, lock_run, resume_changes
 from conjure.scoring.hook import image_scoring
 from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
+from conjure.train.heldout import HeldOutLoss
 from conjure.train.objectives import build_conditioning, build_objective
 from conjure.train.setup import (
     WEIGHT_DTYPES, SessionParts, assemble, chosen_facts, completed_at, data_loader, describe, disk_full_as_one_line,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from conjure.config import RunConfig
     from conjure.methods import Recipe
     from conjure.models.loading import LoadedModel
-    from conjure.train.objectives import Conditioning
+    from conjure.train.objectives import Conditioning, Predict
 
 
 def train(config: RunConfig, *, resume: str | None = None, control: TrainControl | None = None) -> RunResult:
@@ -54,7 +55,7 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
     from conjure.methods import method_spec
 
     spec = method_spec(config.type)
-    examples, skipped, probe = scan_data(config, spec)  # first: a bad data folder fails before model loading
+    examples, skipped, probe, held = scan_data(config, spec)  # first: a bad data folder fails before model loading
     model = load_model(config, spec)
     reading = text_reading(config, model)
     accelerator, precision = make_accelerator(config.advanced)
@@ -78,7 +79,7 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
         resolved = resolved_config(config, run_dir, resolution)
         changed = resume_changes(run_dir / "config.yaml", resolved) if checkpoint else {}
         parts = assemble(config, spec, model, recipe, accelerator, examples, resolution=resolution,
-                         mixed_precision=precision.value, text_cache=ahead.cache if ahead else None)
+                         mixed_precision=precision.value, text_cache=ahead.cache if ahead else None, held=held)
         session = TrainingSession(parts, model, recipe, accelerator, run_dir, conditioning, ahead)
         too_long, limit = session.conditioning.long_captions(model.text_encoders(),
                                                              [recipe.expand_caption(c) for c in probe])
@@ -115,6 +116,7 @@ class TrainingSession:
                  run_dir: Path, conditioning: Conditioning, ahead: EncodedAhead | None = None):
         self.settings, self.dataset, self.params = parts.settings, parts.dataset, parts.params
         self.latent_cache, self.text_cache = parts.latent_cache, parts.text_cache
+        self.held_out = HeldOutLoss(parts.held_out) if parts.held_out is not None else None
         self.model, self.recipe, self.accelerator = model, recipe, accelerator
         self.run_dir = run_dir
         self.max_steps = self.settings.max_steps
@@ -266,16 +268,8 @@ class TrainingSession:
         with acc.accumulate(*self.trainable):
             with torch.no_grad():
                 latents = self._latents(batch).to(WEIGHT_DTYPES[settings.mixed_precision])
-            texts = [self.recipe.expand_caption(c) for c in batch["caption"]]
             with acc.autocast():
-                text = None
-                if self.text_cache is not None:
-                    with torch.no_grad():
-                        text = self.text_cache.get(
-                            texts, lambda new: self.conditioning.encode(self.text_encoders, new, self.text_device),
-                            acc.device,
-                        )
-                predict = self.conditioning.predictor(self.denoiser, self.text_encoders, texts, acc.device, batch, text)
+                predict = self._predictor(batch, self.denoiser, self.text_encoders)
                 loss = self.objective.loss(
                     predict, latents, self.generator, weights=batch.get("loss_weight"), mask=batch.get("mask")
                 ) * self.generator.share()
@@ -289,6 +283,27 @@ class TrainingSession:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss_value
+
+    def _predictor(self, batch: dict[str, Any], denoiser: Any, text_encoders: list[tuple[Any, Any]]) -> Predict:
+        """The denoiser's call for `batch`, its captions encoded now or taken from the text cache."""
+        texts, device = [self.recipe.expand_caption(c) for c in batch["caption"]], self.accelerator.device
+        text = None
+        if self.text_cache is not None:
+            with torch.no_grad():
+                text = self.text_cache.get(
+                    texts, lambda new: self.conditioning.encode(self.text_encoders, new, self.text_device), device)
+        return self.conditioning.predictor(denoiser, text_encoders, texts, device, batch, text)
+
+    def _held_out_loss(self, at: int) -> None:
+        """The held-out loss of step `at` (conjure.train.heldout), with the frozen modules rather than the
+        prepared ones: only the main process validates, and a DDP module's forward would wait for the others."""
+        if self.held_out is None:
+            return
+        loss, bands = self.held_out.measure(
+            self.objective, self.model.vae, WEIGHT_DTYPES[self.settings.mixed_precision],
+            lambda batch: self._predictor(batch, self.model.denoiser, self.model.text_encoders()))
+        self.events.emit(Event.VALIDATION_LOSS, step=at, loss=loss, bands=bands, images=len(self.held_out.dataset))
+        self.events.scalars(at, **{"validation/loss": loss}, **{f"validation/loss_{k}": v for k, v in bands.items()})
 
     def _prompt_inputs(self, prompt: str, negative: str) -> dict[str, Any]:
         """A validation prompt's pipeline inputs, encoded as training encodes captions (clip skip, long captions,
@@ -394,6 +409,7 @@ class TrainingSession:
         try:
             with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.accelerator.autocast(),
                   self.recipe.validation_weights()):
+                self._held_out_loss(at)
                 images, grid_path = render(
                     self._pipe, self.run_dir / VALIDATION_DIR / step_dir_name(at), prompts=list(val.prompts),
                     seeds=list(val.seeds), negative_prompt=val.negative_prompt,

@@ -53,6 +53,13 @@ def draw_for_batch(generator: torch.Generator, draw: Callable[[int], torch.Tenso
     return kept if len(kept) == batch else drawn[:batch]
 
 
+def evenly_spread(bands: int, per_band: int) -> list[torch.Tensor]:
+    """`bands` consecutive groups of `per_band` points spread evenly over [0, 1), each in the middle of its share:
+    the held-out loss's fixed noise levels, as fractions of the schedule."""
+    count = bands * per_band
+    return list(((torch.arange(count, dtype=torch.float64) + 0.5) / count).split(per_band))
+
+
 def encode_latents(vae: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Pixels in [-1, 1] -> latents with the scale the UNet was trained on."""
     return sample_latents(vae, *vae_posterior(vae, pixels), generator)
@@ -77,7 +84,11 @@ def sample_latents(vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: t
     noise = draw_for_batch(
         generator, lambda n: torch.randn((n, *mean.shape[1:]), generator=generator, dtype=torch.float32), mean.shape[0]
     )
-    latents = mean + std * noise.to(mean.device, mean.dtype)
+    return scaled_latents(vae, mean + std * noise.to(mean.device, mean.dtype))
+
+
+def scaled_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents shifted and scaled by the VAE's own factors, as the denoiser reads them."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
@@ -171,6 +182,17 @@ def denoising_loss(
             generator, lambda n: torch.randn((n, rest[0], *([1] * (latents.ndim - 2))), generator=generator), batch
         )
         noise = noise + noise_offset * offset
+    return noised_loss(unet, scheduler, latents, noise, timesteps, unet_kwargs, prediction_type=prediction_type,
+                       min_snr_gamma=min_snr_gamma, mask=mask, weights=weights)
+
+
+def noised_loss(
+    unet: Any, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+    unet_kwargs: dict[str, Any], *, prediction_type: str | None = None, min_snr_gamma: float | None = None,
+    mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`denoising_loss` at given `noise` and `timesteps` (drawn by it; fixed by the held-out loss,
+    conjure.train.heldout)."""
     noise = noise.to(latents.device, latents.dtype)
     timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)

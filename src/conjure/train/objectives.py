@@ -65,6 +65,17 @@ class Objective(Protocol):
         """The scheduler validation samples with, made from the model's own."""
         ...
 
+    def spread(self, bands: int, per_band: int) -> list[tuple[str, torch.Tensor]]:
+        """`bands` bands of `per_band` noise levels each, evenly over the schedule in the objective's units, each
+        band with its name "<lo>-<hi>" (the held-out loss's fixed levels, conjure.train.heldout)."""
+        ...
+
+    def loss_at(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, *,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`loss` at the given noise and noise levels, unweighted (no min-SNR or SD3 weighting, no offset noise):
+        the same figure whatever the run's weighting."""
+        ...
+
 
 class ClipConditioning:
     """SD 1.x, 2.x and SDXL: CLIP hidden states (and SDXL's pooled embedding and size/crop ids) into the UNet's
@@ -103,6 +114,12 @@ class ClipConditioning:
         return count_long_captions(pairs[0][0], captions, tokens), f"data.max_token_length: {tokens} tokens"
 
 
+def _as_unet(predict: Predict) -> Callable[[torch.Tensor, torch.Tensor], SimpleNamespace]:
+    """`predict` as diffusers' UNet call (an output with `.sample`), which conjure.train.loss keeps: its tests and
+    the toy pre-training call it with a UNet."""
+    return lambda noisy, t: SimpleNamespace(sample=predict(noisy, t))
+
+
 class DdpmObjective:
     """Epsilon or v-prediction on the model's DDPM forward process, with min-SNR weighting and offset noise
     (`conjure.train.loss.denoising_loss`, whose draws and result are the loop's from before this seam)."""
@@ -115,15 +132,24 @@ class DdpmObjective:
              mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
         from conjure.train import loss
 
-        # denoising_loss keeps diffusers' UNet call (an output with `.sample`): its tests and the toy
-        # pre-training call it with a UNet
-        def unet(noisy: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
-            return SimpleNamespace(sample=predict(noisy, t))
-
         return loss.denoising_loss(
-            unet, self.scheduler, latents, {}, generator, prediction_type=self.prediction_type,
+            _as_unet(predict), self.scheduler, latents, {}, generator, prediction_type=self.prediction_type,
             min_snr_gamma=self.min_snr_gamma, noise_offset=self.noise_offset, mask=mask, weights=weights,
         )
+
+    def spread(self, bands: int, per_band: int) -> list[tuple[str, torch.Tensor]]:
+        from conjure.train.loss import evenly_spread
+
+        steps = self.scheduler.config.num_train_timesteps
+        return [(f"{b * steps // bands}-{(b + 1) * steps // bands - 1}", (levels * steps).long())
+                for b, levels in enumerate(evenly_spread(bands, per_band))]
+
+    def loss_at(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, *,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        from conjure.train import loss
+
+        return loss.noised_loss(_as_unet(predict), self.scheduler, latents, noise, levels, {},
+                                prediction_type=self.prediction_type, mask=mask)
 
     def sampler(self, scheduler: Any) -> Any:
         from conjure.train.validation import dpm_solver

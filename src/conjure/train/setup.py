@@ -27,6 +27,7 @@ from conjure.runs.checkpoints import kept_checkpoint
 from conjure.runs.folder import with_absolute_paths
 from conjure.train.control import say
 from conjure.train.launch import refuse_sharding
+from conjure.train.heldout import SEED as HELD_OUT_SEED
 from conjure.train.optimizers import build_optimizer, optimizer_warnings
 from conjure.train.settings import LoopSettings
 
@@ -59,6 +60,7 @@ class SessionParts:
     lr_scheduler: LambdaLR
     latent_cache: LatentCache | None
     text_cache: TextCache | None
+    held_out: TrainDataset | None = None  # the held-out loss's images (conjure.train.heldout)
 
 
 @contextmanager
@@ -73,21 +75,25 @@ def disk_full_as_one_line(run_dir: Path) -> Iterator[None]:
         raise ConjureError(f"disk full while writing {exc.filename or run_dir}; {kept_checkpoint(run_dir)}") from exc
 
 
-def scan_data(config: RunConfig, spec: MethodSpec) -> tuple[list[Example], list[tuple[Path, str]], list[str]]:
-    """Examples, skipped files, and each example's caption as training would first see it."""
+def scan_data(config: RunConfig, spec: MethodSpec
+              ) -> tuple[list[Example], list[tuple[Path, str]], list[str], list[Example]]:
+    """Examples to train on, skipped files, each example's caption as training would first see it, and the
+    held-out examples (conjure.train.heldout.split)."""
     from conjure.data.captions import caption_transform
     from conjure.data.sources import scan_sources
+    from conjure.train.heldout import split
 
     scan = scan_sources(config.data.all_sources())
+    examples, held, unreadable = split(scan.examples, config.validation.holdout, config.validation.loss_images)
     captions = caption_transform(config.data, spec.token(config), dropout=False)  # what a caption is, undropped
-    probe = [captions(ex.caption, random.Random(0)) for ex in scan.examples if not ex.is_class]
+    probe = [captions(ex.caption, random.Random(0)) for ex in examples if not ex.is_class]
     trigger = spec.trigger(config)
     if not probe:
         raise ConjureError("every data source is marked class_images: add one with the images to learn from")
     if trigger and not any(trigger in c for c in probe):
         hint = spec.trigger_hint(config) or f"add it to the captions, or set data.caption_prefix: '{trigger}'"
         raise ConjureError(f"no training caption contains {trigger!r}: {hint}")
-    return scan.examples, scan.skipped, probe
+    return examples, scan.skipped + unreadable, probe, held
 
 
 def load_model(config: RunConfig, spec: MethodSpec) -> LoadedModel:
@@ -275,7 +281,7 @@ def start_warnings(config: RunConfig, skipped: list[tuple[Path, str]], changed: 
 
 def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Recipe, accelerator: Accelerator,
              examples: list[Example], *, resolution: int, mixed_precision: str,
-             text_cache: TextCache | None = None) -> SessionParts:
+             text_cache: TextCache | None = None, held: list[Example] | None = None) -> SessionParts:
     """The data set, the settings, the optimizer and its schedule, and the caches (none of it draws a random
     number: what a run trains does not depend on where they are built); `text_cache`: one filled ahead."""
     from diffusers.optimization import get_scheduler
@@ -313,8 +319,9 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
         SCHEDULES[opt.scheduler], optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=max_steps
     )
     latent_cache, fresh_text_cache = _caches(config, model, recipe.trainable_modules())
+    held_out = _dataset(config, spec, held, resolution, model.family, held_out=True) if held else None
     return SessionParts(settings, dataset, [p for g in groups for p in g["params"]], optimizer, lr_scheduler,
-                        latent_cache, text_cache or fresh_text_cache)
+                        latent_cache, text_cache or fresh_text_cache, held_out)
 
 
 def data_loader(dataset: TrainDataset, settings: LoopSettings, *, first: int, end: int, rank: int,
@@ -347,15 +354,19 @@ def set_global_rng(states: dict[str, Any] | None, device: torch.device) -> None:
 
 
 def _dataset(config: RunConfig, spec: MethodSpec, examples: list[Example], resolution: int,
-             family: Family) -> TrainDataset:
+             family: Family, *, held_out: bool = False) -> TrainDataset:
+    """The training data set, or (`held_out`) the held-out loss's: the same in every run (centred, unflipped,
+    captions undropped, any shuffle from a fixed seed)."""
     from conjure.data.captions import caption_transform
     from conjure.data.dataset import TrainDataset
 
     data = config.data
     dataset = TrainDataset(
-        examples, resolution=resolution, center_crop=data.center_crop, random_flip=data.random_flip,
-        keep_in_memory=data.keep_in_memory, caption_transform=caption_transform(data, spec.token(config)),
-        class_caption_transform=caption_transform(data, None, class_images=True), seed=config.basic.seed,
+        examples, resolution=resolution, center_crop=data.center_crop or held_out,
+        random_flip=data.random_flip and not held_out, keep_in_memory=data.keep_in_memory,
+        caption_transform=caption_transform(data, spec.token(config), dropout=not held_out),
+        class_caption_transform=caption_transform(data, None, class_images=True, dropout=not held_out),
+        seed=HELD_OUT_SEED if held_out else config.basic.seed,
         buckets=_buckets(data, resolution, family),
     )
     small = dataset.upscaled()
