@@ -241,7 +241,7 @@ def test_invalid_jobs_are_refused_with_their_errors(client):
 def test_unknown_jobs_are_404(client):
     for method, path in [("get", "/api/jobs/9"), ("post", "/api/jobs/9/cancel"), ("post", "/api/jobs/9/resume"),
                          ("get", "/api/jobs/9/events"), ("get", "/api/jobs/9/log"), ("get", "/api/jobs/9/validation"),
-                         ("get", "/api/jobs/9/checkpoints")]:
+                         ("get", "/api/jobs/9/checkpoints"), ("get", "/api/jobs/9/score")]:
         answer = getattr(client, method)(path)
         assert answer.status_code == 404 and answer.json() == {"error": "no job 9"}, path
     answer = client.post("/api/jobs/9/export", json={"step": 1, "to": "/tmp/x"})
@@ -266,6 +266,7 @@ def test_a_job_that_has_not_run_shows_nothing(client):
     assert client.get(f"/api/jobs/{jid}/log").json() == {"lines": []}
     assert client.get(f"/api/jobs/{jid}/validation").json() == {"prompts": [], "seeds": [], "steps": []}
     assert client.get(f"/api/jobs/{jid}/checkpoints").json() == {"checkpoints": []}
+    assert client.get(f"/api/jobs/{jid}/score").json() == {"rows": [], "suggestion": None}
     answer = client.post(f"/api/jobs/{jid}/export", json={"step": "latest", "to": "/tmp/x"})
     assert answer.status_code == 400 and "has not run" in answer.json()["error"]
     answer = client.post(f"/api/jobs/{jid}/resume")
@@ -345,6 +346,22 @@ def test_validation_gallery(client, stopped_job):
     assert answer.status_code == 200 and answer.content == b"png"
     assert images[1]["url"].endswith("/validation/step-000002/00-seed3.png")
     assert client.get(gallery["steps"][0]["grid"]).content == b"grid"
+
+
+def test_score_gives_the_rows_and_the_suggested_step(client, stopped_job):
+    jid, run = stopped_job
+    before = client.get(f"/api/jobs/{jid}/score").json()
+    assert [r["step"] for r in before["rows"]] == [2, 4]  # the checkpoints, no figures yet
+    assert before["suggestion"]["step"] is None and "validation.holdout" in before["suggestion"]["reason"]
+    figures = [{"event": "validation_loss", "step": s, "loss": v, "bands": {}, "images": 2}
+               for s, v in ((0, 1.0), (2, 0.5), (4, 0.9))]
+    figures.append({"event": "image_scores", "step": 2, "fidelity": 0.8, "alignment": 0.3, "model": "tiny"})
+    with (run / "events.jsonl").open("a") as events:  # after the line being written, now cut off for good
+        events.write("\n" + "".join(json.dumps(e) + "\n" for e in figures))
+    after = client.get(f"/api/jobs/{jid}/score").json()
+    assert after["suggestion"]["step"] == 2 and after["suggestion"]["rule"].startswith("the earliest")
+    assert after["rows"][1] == {"step": 2, "val_loss": 0.5, "bands": {}, "fidelity": 0.8, "alignment": 0.3,
+                                "checkpoint": str(run / "checkpoints" / "step-000002")}
 
 
 def test_checkpoints_and_export(client, stopped_job, tmp_path):

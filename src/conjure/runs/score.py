@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from conjure.errors import ConjureError
 from conjure.runs.best import StepRow, Suggestion, read_rows, suggest
@@ -40,6 +42,11 @@ def render(rows: list[StepRow], suggestion: Suggestion) -> str:
     return "\n".join([*table, "", f"suggested step: {chosen} ({suggestion.reason})", f"rule: {suggestion.rule}"])
 
 
+def answer(rows: list[StepRow], suggestion: Suggestion) -> dict[str, Any]:
+    """The rows and the suggestion as JSON data: `--json`'s answer and the web app's `/api/jobs/{id}/score`."""
+    return {"rows": [asdict(row) for row in rows], "suggestion": suggestion.as_dict()}
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from conjure.runs.plot import PLOT_FILE, write_plot  # Pillow: not at the command line's parse
 
@@ -54,8 +61,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         plot = None
         print(f"note: plot not written ({error.strerror or error}: {run_dir / PLOT_FILE})", file=sys.stderr)
     if args.json:
-        json.dump({"rows": [row.__dict__ for row in rows], "suggestion": suggestion.as_dict(), "plot": plot},
-                  sys.stdout, indent=1)
+        json.dump({**answer(rows, suggestion), "plot": plot}, sys.stdout, indent=1)
         print()
     else:
         print(render(rows, suggestion))

@@ -1,6 +1,6 @@
 """Monitor API (prefix `/api`; the table in docs/ui.md): what a job's run shows, read from its run folder
-(conjure.runs) and its log: events, log lines, validation images, checkpoints, export of a checkpoint, and
-`/api/files`, the images those answers link to (through the workspace's path gate).
+(conjure.runs) and its log: events, log lines, validation images, the suggested step, checkpoints, export of a
+checkpoint, and `/api/files`, the images those answers link to (through the workspace's path gate).
 """
 
 from __future__ import annotations
@@ -96,6 +96,20 @@ def job_validation(job_id: int, request: Request) -> dict[str, Any]:
         grid = folder / VALIDATION_GRID
         steps.append({"step": int(m.group(1)), "images": images, "grid": file_url(grid) if grid.is_file() else None})
     return {"prompts": prompts, "seeds": seeds, "steps": steps}
+
+
+@router.get("/jobs/{job_id}/score")
+def job_score(job_id: int, request: Request) -> dict[str, Any]:
+    """`conjure runs score --json` of the job's run (the plot aside): the evidence per step and the suggested step
+    (conjure.runs.best), which the page marks in its gallery."""
+    from conjure.runs.best import read_rows, suggest
+    from conjure.runs.score import answer
+
+    run_dir = _run_dir(_jobs(request).get(job_id))
+    if run_dir is None:
+        return {"rows": [], "suggestion": None}
+    rows = read_rows(run_dir)
+    return answer(rows, suggest(rows))
 
 
 @router.get("/jobs/{job_id}/checkpoints")

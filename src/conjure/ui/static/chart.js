@@ -1,4 +1,4 @@
-// The loss and learning-rate chart of the jobs tab: hand-written SVG, no library.
+// The loss, held-out loss and learning-rate chart of the jobs tab: hand-written SVG, no library.
 
 import { svg } from "./api.js";
 
@@ -21,9 +21,10 @@ export function formatNumber(value) {
   return Number(value.toPrecision(4)).toString();
 }
 
-// Loss (left axis: raw in light, smoothed in dark once there are many steps) and learning rate (right axis,
-// dashed) against the step. `points`: [[step, {loss, lr}], ...] sorted by step.
-export function drawLossChart(chart, points, maxSteps) {
+// Loss (left axis: raw in light, smoothed in dark once there are many steps), the held-out loss of each validation
+// (left axis too, its own colour: the `validation_loss` events) and learning rate (right axis, dashed) against the
+// step. `points`: [[step, {loss, lr}], ...] sorted by step; `heldOut`: [[step, loss], ...] sorted by step.
+export function drawLossChart(chart, points, maxSteps, heldOut = []) {
   const W = 640, H = 240, L = 52, R = 58, T = 26, B = 30;
   chart.replaceChildren();
   if (!points.length) {
@@ -31,10 +32,10 @@ export function drawLossChart(chart, points, maxSteps) {
     return;
   }
   const steps = points.map((p) => p[0]);
-  const losses = points.map((p) => p[1].loss).filter(Number.isFinite);
+  const losses = [...points.map((p) => p[1].loss), ...heldOut.map((p) => p[1])].filter(Number.isFinite);
   const lrs = points.map((p) => p[1].lr).filter(Number.isFinite);
   const xMax = Math.max(maxSteps || 0, steps[steps.length - 1], 1);
-  const xMin = Math.min(steps[0], 0);
+  const xMin = Math.min(steps[0], heldOut.length ? heldOut[0][0] : 0, 0);
   let lossMin = Math.min(...losses), lossMax = Math.max(...losses);
   if (lossMax - lossMin < 1e-12) { lossMin -= 0.5 * Math.abs(lossMin || 1); lossMax += 0.5 * Math.abs(lossMax || 1); }
   const pad = (lossMax - lossMin) * 0.05;
@@ -71,13 +72,19 @@ export function drawLossChart(chart, points, maxSteps) {
     const smooth = (v) => (Number.isFinite(v) ? (ema = ema === null ? v : 0.9 * ema + 0.1 * v) : ema);
     line(points.map(([s, p]) => [s, smooth(p.loss)]), yLoss, "loss-line");
   }
+  line(heldOut, yLoss, "heldout-line");
+  for (const [s, v] of heldOut) if (Number.isFinite(v)) chart.append(svg("circle", { cx: x(s), cy: yLoss(v), r: 3, class: "heldout-dot" }));
   if (points.length <= 60) {
     for (const [s, p] of points) if (Number.isFinite(p.loss)) chart.append(svg("circle", { cx: x(s), cy: yLoss(p.loss), r: 2.5, class: "loss-dot" }));
   }
   const legend = svg("g", { transform: `translate(${L},${T - 10})`, class: "legend" });
   legend.append(svg("line", { x1: 0, x2: 18, y1: -4, y2: -4, class: "loss-line" }), svg("text", { x: 24, y: 0 }, "loss"),
     svg("line", { x1: 70, x2: 88, y1: -4, y2: -4, class: "lr-line" }), svg("text", { x: 94, y: 0 }, "learning rate"));
+  if (heldOut.length) {
+    legend.append(svg("line", { x1: 190, x2: 208, y1: -4, y2: -4, class: "heldout-line" }), svg("text", { x: 214, y: 0 }, "held-out loss"));
+  }
   chart.append(legend);
+  const heldOutAt = new Map(heldOut);
 
   // hover read-out: the nearest logged step
   const marker = svg("line", { y1: T, y2: H - B, class: "hover-line", visibility: "hidden" });
@@ -92,7 +99,8 @@ export function drawLossChart(chart, points, maxSteps) {
     marker.setAttribute("x1", x(best[0]));
     marker.setAttribute("x2", x(best[0]));
     marker.setAttribute("visibility", "visible");
-    readout.textContent = `step ${best[0]}: loss ${formatNumber(best[1].loss)}, lr ${formatNumber(best[1].lr)}`;
+    const held = heldOutAt.has(best[0]) ? `, held-out ${formatNumber(heldOutAt.get(best[0]))}` : "";
+    readout.textContent = `step ${best[0]}: loss ${formatNumber(best[1].loss)}${held}, lr ${formatNumber(best[1].lr)}`;
   };
   chart.onmouseleave = () => { marker.setAttribute("visibility", "hidden"); readout.textContent = ""; };
 }

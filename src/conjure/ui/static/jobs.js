@@ -1,5 +1,5 @@
 // The jobs tab: the queue with cancel/resume, and for the selected job its progress, chart, log, validation
-// gallery and export. Polls the server (once a second while something runs and the tab is shown).
+// gallery (the suggested step marked: /api/jobs/{id}/score, conjure.runs.best) and export. Polls the server (once a second while something runs and the tab is shown).
 
 import { $, api, attempt, el, plural, say, toast, url } from "./api.js";
 import { drawLossChart, formatNumber } from "./chart.js";
@@ -20,7 +20,7 @@ function formatDuration(seconds) {
 export const jobs = {
   list: [],
   selected: null,
-  detail: null, // {id, next, points: Map(step -> {loss, lr}), validations, checkpoints, finalFetched}
+  detail: null, // {id, next, points: Map(step -> {loss, lr}), heldOut: Map(step -> loss), score, checkpoints, ...}
   timer: null,
   busy: false,
 
@@ -81,7 +81,7 @@ export const jobs = {
     const id = this.selected;
     if (id === null) return;
     if (!this.detail || this.detail.id !== id) {
-      this.detail = { id, next: 0, points: new Map(), validations: 0, gallery: null, checkpoints: [], finalFetched: false, logAt: 0 };
+      this.detail = { id, next: 0, points: new Map(), heldOut: new Map(), score: null, validations: 0, gallery: null, checkpoints: [], finalFetched: false, logAt: 0 };
       $("job-log").textContent = "";
       $("job-gallery").replaceChildren();
       $("exp-msg").textContent = "";
@@ -95,28 +95,32 @@ export const jobs = {
     const events = await api("GET", url(`/api/jobs/${id}/events`, { after: detail.next }));
     let newImages = !detail.gallery;
     let newCheckpoints = detail.checkpoints.length === 0;
+    let newScores = !detail.score;
     for (const event of events.events) {
       if (event.event === "step") detail.points.set(event.step, { loss: event.loss, lr: event.lr });
+      if (event.event === "validation_loss") detail.heldOut.set(event.step, event.loss);
+      if (event.event === "validation_loss" || event.event === "image_scores") newScores = true;
       if (event.event === "validation") newImages = true;
       if (event.event === "checkpoint" || event.event === "checkpoint_removed") newCheckpoints = true;
     }
     detail.next = events.next;
-    drawLossChart($("job-chart"), [...detail.points.entries()].sort((a, b) => a[0] - b[0]), job.max_steps);
-    const [log, gallery, checkpoints] = await Promise.all([
+    const byStep = (a, b) => a[0] - b[0];
+    drawLossChart($("job-chart"), [...detail.points.entries()].sort(byStep), job.max_steps, [...detail.heldOut.entries()].sort(byStep));
+    const [log, gallery, checkpoints, score] = await Promise.all([
       api("GET", url(`/api/jobs/${id}/log`, { tail: 200 })),
       newImages || !active ? api("GET", `/api/jobs/${id}/validation`) : null,
       newCheckpoints || !active ? api("GET", `/api/jobs/${id}/checkpoints`) : null,
+      newScores || newCheckpoints || !active ? api("GET", `/api/jobs/${id}/score`) : null,
     ]);
     if (this.detail !== detail) return;
     this.renderLog(log.lines);
+    if (score) detail.score = score;
     if (checkpoints) {
       detail.checkpoints = checkpoints.checkpoints;
       this.renderExportSteps();
     }
-    if (gallery) {
-      detail.gallery = gallery;
-      this.renderGallery();
-    }
+    if (gallery) detail.gallery = gallery;
+    if (gallery || score) this.renderGallery();
     if (!active) detail.finalFetched = true;
   },
 
@@ -165,8 +169,20 @@ export const jobs = {
       return;
     }
     const saved = this.checkpointSteps();
-    const head = el("tr", {}, el("th", { scope: "col", text: "prompt" }), gallery.steps.map((s) => el("th", { scope: "col" },
+    const suggestion = this.renderSuggestion();
+    const marked = (step) => (suggestion && suggestion.step === step ? "suggested" : null);
+    const figures = new Map((this.detail.score?.rows || []).map((r) => [r.step, r]));
+    const scores = (step) => {
+      const r = figures.get(step);
+      if (!r) return null;
+      const parts = [["held-out", r.val_loss], ["fidelity", r.fidelity], ["alignment", r.alignment]]
+        .filter(([, v]) => Number.isFinite(v)).map(([name, v]) => `${name} ${formatNumber(v)}`);
+      return parts.length ? el("span", { class: "step-scores", text: parts.join(" \u00b7 ") }) : null;
+    };
+    const head = el("tr", {}, el("th", { scope: "col", text: "prompt" }), gallery.steps.map((s) => el("th", { scope: "col", class: marked(s.step), "data-step": s.step },
+      marked(s.step) ? el("span", { class: "suggested-badge", text: "suggested", title: suggestion.reason }) : null,
       el("div", { text: `step ${s.step}` }),
+      scores(s.step),
       el("button", {
         type: "button", class: "small use-step", text: "Use this step", disabled: !saved.has(s.step),
         title: saved.has(s.step) ? "export this step's files" : "no checkpoint was saved at this step",
@@ -174,10 +190,22 @@ export const jobs = {
       }))));
     const rows = gallery.prompts.map((prompt, pi) => el("tr", {},
       el("th", { scope: "row", class: "prompt", text: prompt }),
-      gallery.steps.map((s) => el("td", {}, s.images.filter((img) => img.prompt_index === pi).map((img) =>
+      gallery.steps.map((s) => el("td", { class: marked(s.step) }, s.images.filter((img) => img.prompt_index === pi).map((img) =>
         el("a", { href: img.url, target: "_blank", rel: "noopener", title: `seed ${img.seed}` },
           el("img", { src: img.url, alt: `${prompt}, seed ${img.seed}, step ${s.step}`, loading: "lazy", class: "val-img" })))))));
     box.replaceChildren(el("table", { class: "gallery-table" }, el("thead", {}, head), el("tbody", {}, rows)));
+  },
+
+  // The suggested step and why, above the gallery (or why none); returns the suggestion (null before any answer).
+  renderSuggestion() {
+    const suggestion = this.detail.score?.suggestion || null;
+    const note = $("job-suggestion");
+    note.hidden = !suggestion;
+    if (suggestion) {
+      note.replaceChildren(el("strong", { text: suggestion.step === null ? "No step suggested: " : `Suggested step ${suggestion.step}: ` }),
+        el("span", { text: suggestion.reason }), el("span", { class: "muted", text: ` (rule: ${suggestion.rule})` }));
+    }
+    return suggestion;
   },
 
   renderExportSteps() {
