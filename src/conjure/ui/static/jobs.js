@@ -177,7 +177,7 @@ export const jobs = {
       if (!r) return null;
       const parts = [["held-out", r.val_loss], ["fidelity", r.fidelity], ["alignment", r.alignment]]
         .filter(([, v]) => Number.isFinite(v)).map(([name, v]) => `${name} ${formatNumber(v)}`);
-      return parts.length ? el("span", { class: "step-scores", text: parts.join(" \u00b7 ") }) : null;
+      return parts.length ? el("span", { class: "step-scores" }, parts.map((text) => el("span", { text }))) : null;
     };
     const head = el("tr", {}, el("th", { scope: "col", text: "prompt" }), gallery.steps.map((s) => el("th", { scope: "col", class: marked(s.step), "data-step": s.step },
       marked(s.step) ? el("span", { class: "suggested-badge", text: "suggested", title: suggestion.reason }) : null,
