@@ -263,3 +263,18 @@ def test_a_run_accelerate_was_told_to_shard_is_refused_in_one_line(monkeypatch, 
     with pytest.raises(ConjureError, match=f"accelerate is set to shard the model with {name}, which conjure") as err:
         make_accelerator(AdvancedConfig(cpu=True))
     assert "\n" not in str(err.value) and "distributed_type: MULTI_GPU" in str(err.value)
+
+
+def test_each_process_resumes_its_own_rng_and_another_process_count_is_warned_about(capsys):
+    from types import SimpleNamespace
+
+    from conjure.train.launch import own_rng
+
+    first, second = {"cpu": torch.tensor([1], dtype=torch.uint8)}, {"cpu": torch.tensor([2], dtype=torch.uint8)}
+    state = {"rng": first, "rank_rngs": [first, second], "processes": 2}
+    assert own_rng(state, SimpleNamespace(num_processes=2, process_index=1)) == second
+    assert capsys.readouterr().err == ""
+    assert own_rng(state, SimpleNamespace(num_processes=1, process_index=0)) == first
+    assert "saved by 2 process(es) and resumes in 1" in capsys.readouterr().err
+    assert own_rng({"rng": first}, SimpleNamespace(num_processes=1, process_index=0)) == first  # a 1-process run's
+    assert capsys.readouterr().err == ""

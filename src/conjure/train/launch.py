@@ -148,7 +148,15 @@ def every_rank(accelerator: Accelerator, state: dict[str, Any]) -> list[dict[str
 def own_rng(state: dict[str, Any], accelerator: Accelerator) -> dict[str, Any] | None:
     """This process's global RNG state in a checkpoint: its own where every process's was saved by as many
     processes as now run (dropout masks then continue exactly), else the main process's (one process; a
-    checkpoint from before, a rescue save, or another process count: those continue, not exactly)."""
+    checkpoint from before, a rescue save, or another process count: those continue, not exactly, and another
+    process count is warned about)."""
+    from conjure.train.control import say
+
+    saved, now = int(state.get("processes", 1)), accelerator.num_processes
+    if saved != now:
+        say(f"warning: this checkpoint was saved by {saved} process(es) and resumes in {now}: the run continues "
+            "with another global batch and other dropout draws, not as it would have; resume with "
+            f"--num-processes {saved} to continue it exactly")
     rngs = state.get("rank_rngs")
     if rngs and len(rngs) == accelerator.num_processes:
         return dict(rngs[accelerator.process_index])

@@ -375,7 +375,7 @@ class TrainingSession:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "rng": global_rng_state(self.accelerator.device),
-            **({"rank_rngs": rngs} if rngs and len(rngs) > 1 else {}),
+            **({"rank_rngs": rngs} if rngs and len(rngs) > 1 else {}), "processes": self.accelerator.num_processes,
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             "skipped": self.skips.state(),
         }
