@@ -70,14 +70,16 @@ def test_an_sd2_ckpt_or_sgm_file_is_sd2(write_single_file, layout):
 
 
 @pytest.fixture
-def diffusers_default_config(monkeypatch, single_file_model):
-    """Stand in for the hub config diffusers picks for an SD 2.x file without basic.base_model_config
-    (stabilityai/stable-diffusion-2-1, which is v-prediction at 768 px): the tiny SD2 folder, offline."""
-    import diffusers.loaders.single_file as single_file
+def diffusers_default_config(monkeypatch, single_file_model, tmp_path):
+    """Stand in for the config conjure ships for an SD 2.x file without basic.base_model_config
+    (stabilityai/stable-diffusion-2-1's, which is v-prediction at 768 px): the tiny SD2 folder's."""
+    import shutil
+
+    import conjure.models.single_file as single_file
 
     folder, _ = single_file_model("sd2")
-    monkeypatch.setattr(single_file, "fetch_diffusers_config", lambda checkpoint: {
-        "pretrained_model_name_or_path": str(folder)})
+    shutil.copytree(folder, tmp_path / "configs" / "sd2")
+    monkeypatch.setattr(single_file, "CONFIGS", tmp_path / "configs")
 
 
 @pytest.mark.parametrize(("spread", "expected"), [(0.2, ("v_prediction", 768)), (0.01, ("epsilon", 512))])
@@ -103,10 +105,10 @@ def test_sd2_marker_or_user_setting_decide_without_the_statistic(write_single_fi
 
 def test_sd2_file_that_nothing_decides_is_refused(write_single_file, diffusers_default_config, monkeypatch):
     """No marker, no config, no weight to test (read as absent here: a loadable SD 2.x file always has it)."""
-    import conjure.models.loading as loading
+    import conjure.models.single_file as single_file
 
-    read = loading._file_keys
-    monkeypatch.setattr(loading, "_file_keys", lambda path, probe_key: (read(path, probe_key)[0], None))
+    read = single_file.file_keys
+    monkeypatch.setattr(single_file, "file_keys", lambda path, probe_key: (read(path, probe_key)[0], None))
     path, folder = write_single_file("sd2")
     with pytest.raises(ConjureError, match="advanced.prediction_type, or basic.base_model_config"):
         load_base_model(str(path))

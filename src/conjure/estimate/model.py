@@ -136,24 +136,20 @@ def _from_configs(source: str, revision: str | None, wanted: Wanted) -> LoadedMo
 
 
 def _reference_for_file(path: Path, wanted: Wanted) -> LoadedModel:
-    """A single SD file without basic.base_model_config: its family's published configs (diffusers' own default
-    for a single file), the family told from the text encoders' key names as `_load_single_file` tells it."""
-    from conjure.models.loading import _file_keys
+    """A single SD file without basic.base_model_config: its family's published configs (what it loads with
+    offline: `models/single_file.py`), the family told from its key names as loading tells it."""
     from conjure.models.reference import build_reference_components
+    from conjure.models.single_file import file_family, file_keys
     from conjure.models.transformer_loading import is_flux_file
 
     try:
-        keys = _file_keys(path, None)[0]
+        keys = file_keys(path, None)[0]
     except Exception as exc:
         raise ConjureError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
     if is_flux_file(keys):
         raise ConjureError(f"{path.name} is a FLUX.1 transformer file, which holds the transformer alone; set "
                            "basic.base_model_config to the diffusers folder or hub id of the model it belongs to")
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        fam = families.SDXL
-    else:  # SD 2.x files hold OpenCLIP's text model (`cond_stage_model.model.`), SD 1.x files OpenAI's
-        fam = families.SD2 if any(k.startswith("cond_stage_model.model.") for k in keys) else families.SD1
-    fam = wanted.pick(fam)
+    fam = wanted.pick(file_family(keys))
     return LoadedModel(family=fam, source=str(path), components=build_reference_components(fam.name, device="meta"))
 
 
@@ -232,14 +228,12 @@ def ema_terms(recipe: Recipe, cuda: bool) -> tuple[list[Term], list[Term]]:
 
 
 def loaded_bytes(model: LoadedModel, frozen: torch.dtype) -> list[tuple[str, str, float]]:
-    """(part, dtype, bytes) as loading reads each part: float32 for a UNet family (`loading._load_diffusers`), the
-    run's frozen dtype for a transformer family's denoiser and text encoders (`transformer_loading.load_parts`,
-    `Wanted.frozen_dtype`), float32 for every VAE."""
-    transformer_family = model.family.denoiser != "unet"
+    """(part, dtype, bytes) as loading reads each part (`models/loading.py`, `single_file.py`,
+    `transformer_loading.py`): in the run's frozen dtype (`Wanted.frozen_dtype`), every VAE in float32."""
     rows = []
     for name, part in model.components.items():
         if isinstance(part, torch.nn.Module):
-            dtype = frozen if transformer_family and name != "vae" else torch.float32
+            dtype = torch.float32 if name == "vae" else frozen
             size = torch.empty((), dtype=dtype).element_size()
             rows.append((name, _dtype_name(dtype), float(sum(p.numel() for p in part.parameters()) * size)))
     return rows

@@ -83,8 +83,7 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
 
 
 def _loaded_terms(model: object, frozen: torch.dtype) -> list[Term]:
-    """The parts as loading reads them into RAM (`models/loading.py`: an SD family's in float32; a transformer
-    family's denoiser and text encoders in the run's frozen dtype, `transformer_loading.load_parts`, its VAE in
+    """The parts as loading reads them into RAM (`models/loading.py`: in the run's frozen dtype, the VAE in
     float32), before they move to the accelerator."""
     from conjure.estimate.model import loaded_bytes
 

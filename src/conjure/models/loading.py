@@ -5,11 +5,14 @@ checker, feature extractor) is loaded. The family is read from the model's own c
 
 Besides the parts, loading settles the facts training depends on and says where each came from
 (`LoadedModel.facts`): the prediction type and noise schedule (written into the DDPM scheduler every other
-part reads) and the native resolution. A diffusers model states them in its configs. A single file does not:
-its family comes from the loaded UNet's config, its target from marker keys as ComfyUI reads them
-(`comfy/supported_models.py`: `v_pred`, `ztsnr`, `edm_*`), an SD 2.x file's 768-v vs 2.x-base from
-`basic.base_model_config` or ComfyUI's weight-statistic rule (`SD20.model_type`), and conjure refuses to guess
-where none of these decides.
+part reads) and the native resolution. A diffusers model states them in its configs. A single file does not
+(`models/single_file.py`, which loads one lean and offline): its family comes from its key names and the UNet
+config it loads with, its target from marker keys as ComfyUI reads them (`comfy/supported_models.py`: `v_pred`,
+`ztsnr`, `edm_*`), an SD 2.x file's 768-v vs 2.x-base from `basic.base_model_config` or ComfyUI's
+weight-statistic rule (`SD20.model_type`), and conjure refuses to guess where none of these decides.
+
+Every part loads in the dtype the run keeps it in (`Wanted.frozen_dtype`; every VAE in float32), so a bf16 run
+never holds a float32 copy of its model.
 """
 
 from __future__ import annotations
@@ -93,8 +96,8 @@ class Wanted:
     allowed: tuple[str, ...] | None = None
     method: str = ""
     advanced: AdvancedConfig | None = None
-    # The dtype the run keeps frozen weights in (place_model casts them to it). A flow family's big parts load in
-    # it directly: FLUX.1-dev's transformer and T5 take 68 GB of RAM in float32, 34 GB in bf16, and end up the same.
+    # The dtype the run keeps frozen weights in (place_model casts them to it). Every part but the VAE loads in it
+    # directly: FLUX.1-dev's transformer and T5 take 68 GB of RAM in float32, 34 GB in bf16, and end up the same.
     frozen_dtype: Any = None
 
     def pick(self, detected: Family) -> Family:
@@ -137,8 +140,8 @@ def load_base_model(
     """`allowed_families`: refuse (from the configs, before weights load) a model of another family.
     `prediction_type`: "auto" (from the model) or the user's setting, which wins. `vae`: a VAE to use instead.
     `advanced`: the run's advanced settings, refused (before weights load) where the family cannot use them.
-    `frozen_dtype`: the torch dtype the run will cast frozen weights to (None: float32), which a flow family's
-    transformer and text encoders load in (the SD families' parts load in float32)."""
+    `frozen_dtype`: the torch dtype the run will cast frozen weights to (None: float32), which every part but
+    the VAE (float32) loads in."""
     wanted = Wanted(family, allowed_families, method, advanced, frozen_dtype)
     path = Path(base_model).expanduser()
     if path.is_file():
@@ -177,13 +180,15 @@ def _load_file(path: Path, wanted: Wanted, base_model_config: str | None, predic
     """A single file: a FLUX.1 transformer (its keys say so) or a whole SD model."""
     from conjure.models import transformer_loading as flow
 
+    from conjure.models.single_file import file_keys, load_single_file
+
     try:
-        keys = _file_keys(path, None)[0] if path.suffix.lower() == ".safetensors" else set()
+        keys = file_keys(path, None)[0] if path.suffix.lower() == ".safetensors" else set()
     except Exception as exc:
         raise ConjureError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
     if flow.is_flux_file(keys):
         return flow.load_flux_file(path, keys, base_model_config, wanted)
-    return _load_single_file(path, wanted, base_model_config, prediction_type)
+    return load_single_file(path, wanted, base_model_config, prediction_type)
 
 
 def _native_resolution(unet: Any, vae: Any) -> int:
@@ -217,9 +222,10 @@ def _load_diffusers(source: str, wanted: Wanted, *, revision: str | None, varian
         raise fail(source, exc) from None
     if "transformer" in index:  # a flow-matching transformer model (FLUX.1)
         return flow.load_flow_diffusers(source, wanted, revision=revision, variant=variant)
-    # Load in float32 whatever the files hold (fp16 files are common): training keeps fp32 masters and casts
-    # frozen parts to the run's precision itself. transformers 5 keeps a file's dtype unless told.
-    fp32 = {"torch_dtype": torch.float32}
+    # Load in the run's frozen dtype whatever the files hold (fp16 files are common), as place_model would cast
+    # them (the VAE in float32, which place_model keeps under fp16): no float32 copy of a bf16 run's model.
+    # transformers 5 keeps a file's dtype unless told.
+    dtype = wanted.frozen_dtype or torch.float32
     try:
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
     except Exception as exc:
@@ -231,8 +237,10 @@ def _load_diffusers(source: str, wanted: Wanted, *, revision: str | None, varian
         from diffusers import AutoencoderKL, DDPMScheduler
 
         components: dict[str, Any] = {
-            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **fp32, **common),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **fp32, **common),
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, torch_dtype=dtype,
+                                                         **common),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, torch_dtype=torch.float32,
+                                                 **common),
             # Training always uses the DDPM forward process of the model's own scheduler config
             # (betas, prediction type), whatever sampler the model ships for inference.
             "scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
@@ -244,121 +252,11 @@ def _load_diffusers(source: str, wanted: Wanted, *, revision: str | None, varian
             components[slot.tokenizer] = (clip_tokenizer_from(folder) if folder.is_dir() else
                                           CLIPTokenizer.from_pretrained(source, subfolder=slot.tokenizer, **common))
             components[slot.encoder] = cls.from_pretrained(
-                source, subfolder=slot.encoder, variant=variant, dtype=torch.float32, **common
+                source, subfolder=slot.encoder, variant=variant, dtype=dtype, **common
             )
     except Exception as exc:
         raise fail(source, exc) from None
     return LoadedModel(family=fam, source=source, components=components)
-
-
-LDM_UNET = "model.diffusion_model."
-# Playground v2.5 (edm_mean/edm_std) and EDM v-prediction files (edm_vpred.*) sample a continuous EDM
-# schedule (ComfyUI: ModelType.EDM / V_PREDICTION_EDM); the DDPM loss here would train them wrongly.
-EDM_MARKERS = ("edm_mean", "edm_std", "edm_vpred.sigma_max")
-
-
-def _file_keys(path: Path, probe_key: str | None) -> tuple[set[str], Any]:
-    """A checkpoint's key names and the one tensor `probe_key` (or None), without reading the other weights."""
-    import torch
-
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            return keys, f.get_tensor(probe_key) if probe_key in keys else None
-    try:
-        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # a pre-1.6 (not zip) file cannot be memory-mapped
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    while isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return set(state), state.get(probe_key) if probe_key else None
-
-
-def _single_file_facts(
-    path: Path, fam: Family, keys: set[str], probe: Any, *, requested: str, config_given: bool,
-    scheduler_config: Any, native: int,
-) -> tuple[Fact, Fact, Fact]:
-    """Prediction type, zero-terminal SNR and native resolution of a single file, each with its source."""
-    edm = [k for k in EDM_MARKERS if k in keys]
-    if edm:
-        raise ConjureError(
-            f"{path.name} is an EDM checkpoint (it has {edm[0]!r}, e.g. Playground v2.5 or an EDM v-prediction "
-            "model); conjure trains DDPM-schedule models (SD 1.x, 2.x, SDXL) only"
-        )
-    config = "basic.base_model_config"
-    if "ztsnr" in keys:
-        zero_snr = Fact(True, "file marker 'ztsnr'")
-    else:
-        zero_snr = Fact(bool(scheduler_config.get("rescale_betas_zero_snr", False)),
-                        config if config_given else "no 'ztsnr' marker in the file")
-    if requested != "auto":
-        prediction = Fact(requested, "advanced.prediction_type")
-    elif "v_pred" in keys:
-        prediction = Fact("v_prediction", "file marker 'v_pred'")
-    elif config_given:
-        prediction = Fact(scheduler_config.prediction_type, config)
-    elif fam.prediction_probe:
-        if probe is None:
-            raise ConjureError(
-                f"cannot tell whether {path.name} is a {fam.title} v-prediction (768 px) or epsilon (2.x-base, 512 px) "
-                f"model: it has no 'v_pred' marker and no {fam.prediction_probe!r}; set advanced.prediction_type, "
-                "or basic.base_model_config to the diffusers folder or hub id of the model it was made from"
-            )
-        spread = float(probe.float().std(unbiased=False))
-        kind = "v_prediction" if spread > fam.prediction_probe_threshold else "epsilon"
-        prediction = Fact(kind, f"heuristic: spread {spread:.3f} of {fam.prediction_probe} "
-                                f"{'>' if kind == 'v_prediction' else '<='} {fam.prediction_probe_threshold} "
-                                "(ComfyUI's rule)")
-    else:
-        prediction = Fact("epsilon", "no 'v_pred' marker in the file")
-    if config_given:
-        resolution = Fact(native, config)
-    elif fam.resolution_by_prediction:
-        resolution = Fact(dict(fam.resolution_by_prediction)[prediction.value],
-                          f"{fam.title} with {prediction.value} ({prediction.source})")
-    else:
-        resolution = Fact(native, f"diffusers' default {fam.title} config")
-    return prediction, zero_snr, resolution
-
-
-def _load_single_file(path: Path, wanted: Wanted, base_model_config: str | None, prediction_type: str = "auto"
-                      ) -> LoadedModel:
-    import diffusers
-
-    try:
-        keys, probe = _file_keys(path, LDM_UNET + families.SD2.prediction_probe)
-    except Exception as exc:
-        raise ConjureError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
-    # Only SDXL files hold a second text encoder; SD 1.x and 2.x share a pipeline class and are told apart
-    # from the UNet config diffusers loads them with.
-    two_encoders = any(k.startswith("conditioner.embedders.1.") for k in keys)
-    if two_encoders:
-        wanted.pick(families.SDXL)
-    try:
-        candidate = families.SDXL if two_encoders else families.SD1
-        pipeline_cls = getattr(diffusers, candidate.pipeline_class)
-        kwargs: dict[str, Any] = {"safety_checker": None} if candidate.safety_checker else {}
-        if base_model_config:
-            kwargs["config"] = base_model_config
-        pipe = pipeline_cls.from_single_file(str(path), **kwargs)
-    except Exception as exc:
-        hint = "" if base_model_config else (
-            " (offline, set basic.base_model_config to a diffusers folder of its family)")
-        raise ConjureError(f"cannot load checkpoint {str(path)!r}: {str(exc).splitlines()[0]}{hint}") from None
-    detected = families.detect(pipe.unet.config, has_text_encoder_2=getattr(pipe, "text_encoder_2", None) is not None)
-    fam = wanted.pick(detected)
-    components = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": pipe.scheduler}
-    for slot in fam.text_encoders:
-        components[slot.tokenizer] = getattr(pipe, slot.tokenizer)
-        components[slot.encoder] = getattr(pipe, slot.encoder)
-    model = LoadedModel(family=fam, source=str(path), components=components)
-    _settle(model, *_single_file_facts(
-        path, fam, keys, probe, requested=prediction_type, config_given=bool(base_model_config),
-        scheduler_config=pipe.scheduler.config, native=_native_resolution(pipe.unet, pipe.vae),
-    ))
-    return model
 
 
 def load_vae(source: str, like: Any) -> Any:

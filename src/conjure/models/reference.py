@@ -12,6 +12,7 @@ toy FLUX's (`conjure.toy.tokenizer`), with T5's special-token ids, at 512 tokens
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from conjure import families
@@ -173,3 +174,35 @@ def build_reference_components(
         parts["safety_checker"] = None
     parts.update(feature_extractor=None, image_encoder=None)
     return parts
+
+
+def save_configs(family: str, components: dict[str, Any], folder: Path) -> Path:
+    """Write the configs (no weights, no tokenizer files) of `components` as a diffusers model folder has them:
+    model_index.json, each model's config.json and the scheduler's config. The SD families' shipped configs
+    (`models/assets/configs/<family>`, what a single file loads offline with: `models/single_file.py`) are this
+    written for the full-size model on the meta device (`python -m conjure.models.reference`)."""
+    import json
+
+    import diffusers
+
+    fam = families.get(family)
+    index: dict[str, Any] = {"_class_name": fam.pipeline_class, "_diffusers_version": diffusers.__version__}
+    for name, part in components.items():
+        if part is None:
+            index[name] = [None, None]
+            continue
+        library = "transformers" if type(part).__module__.startswith("transformers") else "diffusers"
+        index[name] = [library, type(part).__name__]
+        if hasattr(part, "save_config"):  # a diffusers model or scheduler
+            part.save_config(folder / name)
+        elif library == "transformers" and hasattr(part, "config"):
+            part.config.save_pretrained(folder / name)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
+if __name__ == "__main__":  # regenerate the shipped configs of the SD families
+    for name in ("sd1", "sd2", "sdxl"):
+        save_configs(name, build_reference_components(name, device="meta"),
+                     Path(__file__).parent / "assets" / "configs" / name)

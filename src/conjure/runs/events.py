@@ -29,7 +29,7 @@ class Event(str, Enum):
     def __format__(self, format_spec: str) -> str:
         return str.__format__(self, format_spec)
 
-    START = "start"  # run folder, type, family, max_train_steps, start_step, ...
+    START = "start"  # run folder, type, family, max_train_steps, start_step, peak memory so far, ...
     STEP = "step"  # step, loss (null: not finite), lr, skipped_steps (so far), skipped (true on a skipped step)
     CHECKPOINT = "checkpoint"  # step, path, files
     CHECKPOINT_REMOVED = "checkpoint_removed"  # path (pruned by basic.keep_last_n_checkpoints)
@@ -37,7 +37,25 @@ class Event(str, Enum):
     VALIDATION_LOSS = "validation_loss"  # step, loss, bands {"<lo>-<hi>": loss}, images (held out: train/heldout.py)
     IMAGE_SCORES = "image_scores"  # step, fidelity, alignment, model (of the validation images: conjure.scoring)
     STOPPED = "stopped"  # step, reason (a stop asked for: signal, web app)
-    END = "end"  # status (completed | interrupted | failed), step, skipped_steps, error
+    END = "end"  # status (completed | interrupted | failed), step, skipped_steps, peak memory, error
+
+
+def memory_peaks(device: Any) -> dict[str, int | None]:
+    """The process's peak memory so far, in bytes (start and end events): resident RAM (`ru_maxrss`, KiB on Linux,
+    bytes on macOS; None where Python has no `resource` module: Windows), and on a CUDA `device` what torch
+    allocated there (`max_memory_allocated`; None elsewhere)."""
+    import sys
+
+    import torch
+
+    try:
+        import resource
+    except ImportError:
+        ram = None
+    else:
+        ram = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    cuda = getattr(device, "type", None) == "cuda"
+    return {"peak_ram_bytes": ram, "peak_accelerator_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
 
 
 def _named(exc: OSError, path: Path | None) -> OSError:

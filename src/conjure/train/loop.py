@@ -23,7 +23,7 @@ from conjure.config import dump_config
 from conjure.errors import ConjureError
 from conjure.files import atomic_write_text
 from conjure.runs.checkpoints import STATE_FILE, load_state, prune_checkpoints, step_dir_name, write_checkpoint
-from conjure.runs.events import EVENTS_FILE, Event, EventLog
+from conjure.runs.events import EVENTS_FILE, Event, EventLog, memory_peaks
 from conjure.runs.folder import VALIDATION_DIR, lock_run, resume_changes
 from conjure.scoring.hook import image_scoring
 from conjure.train.control import RunResult, TrainControl, say, stop_on_signals
@@ -165,7 +165,7 @@ class TrainingSession:
             Event.START, run_dir=str(self.run_dir), type=self.settings.config_type, family=self.model.family.name,
             device=str(self.accelerator.device), mixed_precision=self.settings.mixed_precision,
             images=len(self.dataset), max_train_steps=self.max_steps, start_step=self.global_step,
-            resumed_from=str(checkpoint) if checkpoint else None, **facts,
+            resumed_from=str(checkpoint) if checkpoint else None, **memory_peaks(self.accelerator.device), **facts,
         )
         # Loaded before the first step, so validation.image_scores: on fails before any training
         self.image_scoring = image_scoring(self.settings.validation, self.dataset.examples, say) if main else None
@@ -219,7 +219,7 @@ class TrainingSession:
                     self.validate(self.global_step)
                 self._steps(bar, control)
                 self.events.emit(Event.END, status=self.result.status, step=self.global_step,
-                                 skipped_steps=self.skips.total)
+                                 skipped_steps=self.skips.total, **memory_peaks(self.accelerator.device))
             except BaseException as exc:
                 self._fail(exc)
                 raise
@@ -257,7 +257,7 @@ class TrainingSession:
                 pass
         try:
             self.events.emit(Event.END, status="failed", step=self.global_step, skipped_steps=self.skips.total,
-                             error=str(exc) or type(exc).__name__)
+                             error=str(exc) or type(exc).__name__, **memory_peaks(self.accelerator.device))
         except OSError:  # the disk that failed the run may not take this line either
             pass
 

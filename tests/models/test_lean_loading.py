@@ -1,0 +1,135 @@
+"""Lean, offline loading (issue 23): every part loads straight in the run's frozen dtype, which changes nothing
+trained, and a single file of each SD family loads with conjure's own configs, with no hub access."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conjure.config import parse_config
+from conjure.models.loading import load_base_model
+from conjure.runs.events import read_events
+from conjure.train.loop import train
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _fp16_file(ldm, single_file_model, family, path):
+    from safetensors.torch import save_file
+
+    folder, parts = single_file_model(family)
+    save_file({k: v.to(torch.float16) for k, v in ldm.state_dict(family, parts).items()}, str(path))
+    return path, folder
+
+
+def _ti(base_model, image_folder, out, **basic):
+    return {
+        "type": "textual_inversion",
+        "basic": {"base_model": str(base_model), "output_dir": str(out), "max_train_steps": 2, "seed": 1,
+                  "validate_every_n_steps": None, **basic},
+        "data": {"source": str(image_folder), "resolution": 64, "batch_size": 2},
+        "textual_inversion": {"placeholder_token": "<zq-thing>", "initializer": "dog"},
+        "validation": {"at_start": False, "prompts": []},
+        "advanced": {"cpu": True, "mixed_precision": "bf16"},
+    }
+
+
+def _losses(run_dir):
+    return [e["loss"] for e in read_events(run_dir / "events.jsonl").events if e["event"] == "step"]
+
+
+def test_parts_load_in_the_frozen_dtype_as_a_cast_after_loading_would_leave_them(ldm, single_file_model, tmp_path):
+    """An fp16 file (and a diffusers folder) read straight into bf16 holds the very weights that float32 loading
+    then place_model's cast held; the VAE stays float32."""
+    path, folder = _fp16_file(ldm, single_file_model, "sd2", tmp_path / "model.safetensors")
+    for source in (path, folder):
+        lean = load_base_model(str(source), base_model_config=str(folder), frozen_dtype=torch.bfloat16)
+        full = load_base_model(str(source), base_model_config=str(folder))
+        for name in ("unet", "text_encoder"):
+            lean_state, full_state = lean.components[name].state_dict(), full.components[name].state_dict()
+            assert lean_state.keys() == full_state.keys()
+            for key, tensor in full_state.items():
+                expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+                assert lean_state[key].dtype == expected.dtype and torch.equal(lean_state[key], expected), key
+        assert all(p.dtype == torch.float32 for p in lean.vae.parameters())
+
+
+def test_a_lean_loaded_run_trains_the_same_losses(ldm, single_file_model, image_folder, tmp_path, monkeypatch):
+    """The same bf16 run from an fp16 file, loaded lean and loaded as before (float32, then cast by
+    place_model): the same losses, bit for bit."""
+    import conjure.models.loading as loading
+
+    path, folder = _fp16_file(ldm, single_file_model, "sd1", tmp_path / "model.safetensors")
+    config = _ti(path, image_folder, tmp_path / "runs", base_model_config=str(folder))
+    lean = _losses(train(parse_config({**config, "basic": {**config["basic"], "run_name": "lean"}})).run_dir)
+    load = loading.load_base_model
+    monkeypatch.setattr(loading, "load_base_model", lambda *a, **kw: load(*a, **{**kw, "frozen_dtype": None}))
+    before = _losses(train(parse_config({**config, "basic": {**config["basic"], "run_name": "before"}})).run_dir)
+    assert len(lean) == 2 and lean == before
+
+
+def test_the_shipped_configs_are_the_published_architectures(tmp_path):
+    """conjure's configs of the SD families (what a single file loads with offline) are those the full-size
+    reference builds from the published configs (`python -m conjure.models.reference` writes them)."""
+    from conjure.models.reference import build_reference_components, save_configs
+    from conjure.models.single_file import CONFIGS
+
+    versions = ("_diffusers_version", "transformers_version")
+    for family in FAMILIES:
+        fresh = save_configs(family, build_reference_components(family, device="meta"), tmp_path / family)
+        files = sorted(p.relative_to(fresh) for p in fresh.rglob("*.json"))
+        assert files == sorted(p.relative_to(CONFIGS / family) for p in (CONFIGS / family).rglob("*.json"))
+        for name in files:
+            shipped, expected = (json.loads((root / name).read_text()) for root in (CONFIGS / family, fresh))
+            assert {k: v for k, v in shipped.items() if k not in versions} == {
+                k: v for k, v in expected.items() if k not in versions}, f"{family}/{name}"
+
+
+# A fresh process: HF_HUB_OFFLINE and HF_HOME are read when huggingface_hub is imported. The configs conjure ships
+# are the full-size ones; the tiny files here need theirs, written the same way, in place of them.
+OFFLINE_RUNS = """
+import json, sys
+from pathlib import Path
+import conjure.models.single_file as single_file
+from conjure.config import parse_config
+from conjure.runs.events import read_events
+from conjure.train.loop import train
+single_file.CONFIGS = Path(sys.argv[1])
+for raw in json.loads(Path(sys.argv[2]).read_text()):
+    start = read_events(train(parse_config(raw)).run_dir / "events.jsonl").events[0]
+    print(json.dumps([start["family"], start["chosen"]["prediction_type"]["from"]]))
+"""
+
+
+def test_a_single_file_of_each_family_trains_offline_with_an_empty_hub_cache(
+        write_single_file, single_file_model, image_folder, tmp_path):
+    from conjure.models.reference import save_configs
+
+    configs, runs = tmp_path / "configs", []
+    for family in FAMILIES:
+        _, parts = single_file_model(family)
+        save_configs(family, {k: v for k, v in parts.items() if "tokenizer" not in k}, configs / family)
+        path, _ = write_single_file(family, name=family, markers=("v_pred",) if family == "sd2" else ())
+        runs.append(_ti(path, image_folder, tmp_path / "runs", run_name=family, max_train_steps=1))
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    hf_home = tmp_path / "hf-home"
+    hf_home.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    done = subprocess.run([sys.executable, "-c", OFFLINE_RUNS, str(configs), str(tmp_path / "runs.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [
+        ["sd1", "no 'v_pred' marker in the file"], ["sd2", "file marker 'v_pred'"],
+        ["sdxl", "no 'v_pred' marker in the file"]]
+    assert not any(hf_home.iterdir())  # nothing fetched or cached
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_family_comes_from_the_files_key_names(write_single_file, family):
+    from conjure.models.single_file import file_family, file_keys
+
+    path, _ = write_single_file(family, sgm=family == "sd2")
+    assert file_family(file_keys(path, None)[0]).name == family
