@@ -64,3 +64,18 @@ def test_startup_times_each_import_stage_in_a_fresh_process(benchmark):
     assert "| this version | 3.00 / 2.00 / 4.00 | 3.00 | 2.50 / 1.50 / 3.50 | 2.50 |" in text
     assert "| a second stage | " in text
     assert "| all of it | " in text
+
+
+def test_load_memory_streams_a_readable_checkpoint_of_the_given_shapes(benchmark, tmp_path, monkeypatch):
+    """benchmarks/load_memory.py writes its full-size file tensor by tensor in the safetensors layout (here with
+    two small shapes in place of a model's): safetensors reads it back, fp16, of those shapes."""
+    from safetensors.torch import load_file
+
+    script = benchmark("load_memory")
+    shapes = {"model.diffusion_model.out.2.weight": (4, 320, 3, 3), "first_stage_model.decoder.conv_out.bias": (3,)}
+    monkeypatch.setattr(script, "checkpoint_shapes", lambda family: shapes)
+    path = tmp_path / "model.safetensors"
+    assert script.write_checkpoint("sd1", path) == path.stat().st_size
+    state = load_file(str(path))
+    assert {k: tuple(v.shape) for k, v in state.items()} == shapes
+    assert all(v.dtype == torch.float16 and 0 < float(v.float().std()) < 0.1 for v in state.values() if v.numel() > 3)

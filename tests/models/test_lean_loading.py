@@ -71,6 +71,23 @@ def test_a_lean_loaded_run_trains_the_same_losses(ldm, single_file_model, image_
     assert len(lean) == 2 and lean == before
 
 
+def test_start_and_end_events_say_the_peak_memory(ti_config, tmp_path):
+    """Peak RAM (ru_maxrss) in the start and end events, and no accelerator figure off CUDA."""
+    events = read_events(train(parse_config(ti_config(basic={"max_train_steps": 1}))).run_dir / "events.jsonl").events
+    start, end = events[0], events[-1]
+    assert (start["event"], end["event"]) == ("start", "end")
+    assert 100 * 2**20 < start["peak_ram_bytes"] <= end["peak_ram_bytes"]
+    assert start["peak_accelerator_bytes"] is None and end["peak_accelerator_bytes"] is None
+
+
+def test_the_estimate_counts_each_part_in_the_dtype_it_loads_in(lora_config):
+    from conjure.estimate.peaks import estimate
+
+    ram = estimate(parse_config(lora_config("sd1", advanced={"cpu": True, "mixed_precision": "bf16"}))).ram
+    loaded = {t.name for t in ram if " as loaded (" in t.name}
+    assert {"unet as loaded (bfloat16)", "text_encoder as loaded (bfloat16)", "vae as loaded (float32)"} <= loaded
+
+
 def test_the_shipped_configs_are_the_published_architectures(tmp_path):
     """conjure's configs of the SD families (what a single file loads with offline) are those the full-size
     reference builds from the published configs (`python -m conjure.models.reference` writes them)."""
