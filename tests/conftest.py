@@ -199,3 +199,33 @@ def assert_one_line_error():
         return message
 
     return check
+
+
+@pytest.fixture(scope="session")
+def outputs():
+    """`outputs(components, family)`: the UNet's output for a fixed input and each text encoder's for a fixed
+    prompt (with the pooled `text_embeds` where the encoder has a projection): what a LoRA file must change the
+    same way however it is applied (loaded by diffusers, baked in, applied by conjure's reader)."""
+
+    def run(components: dict, family: str) -> dict:
+        g = torch.Generator().manual_seed(1)
+        unet = components["unet"]
+        sample = torch.randn(1, 4, 8, 8, generator=g)
+        context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+        added = None
+        if family == "sdxl":
+            pooled = components["text_encoder_2"].config.projection_dim
+            added = {"text_embeds": torch.randn(1, pooled, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
+        ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407]])  # "a photo of a cat"
+        out = {}
+        with torch.no_grad():
+            out["unet"] = unet(sample, 10, context, added_cond_kwargs=added).sample
+            for name in ("text_encoder", "text_encoder_2"):
+                if name in components:
+                    result = components[name](ids)
+                    out[name] = result.last_hidden_state
+                    if getattr(result, "text_embeds", None) is not None:
+                        out[name + ".text_embeds"] = result.text_embeds
+        return out
+
+    return run

@@ -75,29 +75,6 @@ def random_weights(components, *, seed=0, alphas="uniform", dora=None):
     return weights
 
 
-def outputs(components, family):
-    """UNet output for a fixed input, and each text encoder's outputs for a fixed prompt."""
-    g = torch.Generator().manual_seed(1)
-    unet = components["unet"]
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
-    added = None
-    if family == "sdxl":
-        pooled = components["text_encoder_2"].config.projection_dim
-        added = {"text_embeds": torch.randn(1, pooled, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
-    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407]])
-    out = {}
-    with torch.no_grad():
-        out["unet"] = unet(sample, 10, context, added_cond_kwargs=added).sample
-        for name in ENCODERS:
-            if name in components:
-                result = components[name](ids)
-                out[name] = result.last_hidden_state
-                if getattr(result, "text_embeds", None) is not None:
-                    out[name + ".text_embeds"] = result.text_embeds
-    return out
-
-
 def assert_outputs_close(got, expected, base_out=None):
     for key, value in expected.items():
         scale = value.abs().max().item()
@@ -149,25 +126,33 @@ def load_in_diffusers(family, components, path, weights):
     return pipe
 
 
-def applied(base, family, weights, multiplier=1.0):
-    fresh = base(family)
-    assert apply_lora(fresh, weights, multiplier) == len(weights)
-    return outputs(fresh, family)
+@pytest.fixture
+def applied(base, outputs):
+    """`applied(family, weights)`: the outputs of a fresh base model with `weights` applied by conjure's reader."""
+
+    def run(family, weights, multiplier=1.0):
+        fresh = base(family)
+        assert apply_lora(fresh, weights, multiplier) == len(weights)
+        return outputs(fresh, family)
+
+    return run
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kohya_file_loads_completely_in_diffusers_and_matches_conjures_reader(base, family, tmp_path):
+def test_kohya_file_loads_completely_in_diffusers_and_matches_conjures_reader(base, outputs, applied, family,
+                                                                              tmp_path):
     components = base(family)
     weights = random_weights(components, alphas="uniform")
     path = save_kohya(tmp_path / "lora.safetensors", weights, META, family, components["unet"].config)
     base_out = outputs(components, family)
     pipe = load_in_diffusers(family, components, path, weights)
-    assert_outputs_close(outputs(pipe.components, family), applied(base, family, weights), base_out)
+    assert_outputs_close(outputs(pipe.components, family), applied(family, weights), base_out)
 
 
 @pytest.mark.parametrize("dora", [None, "magnitude"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_peft_file_loads_completely_in_diffusers_and_matches_conjures_reader(base, family, dora, tmp_path):
+def test_peft_file_loads_completely_in_diffusers_and_matches_conjures_reader(base, outputs, applied, family, dora,
+                                                                            tmp_path):
     components = base(family)
     weights = random_weights(components, alphas="varied", dora=dora)  # per-module ranks and alphas
     path = save_peft(tmp_path / "lora.safetensors", weights, META, family)
@@ -178,7 +163,7 @@ def test_peft_file_loads_completely_in_diffusers_and_matches_conjures_reader(bas
     assert {k: header[k] for k in META} == META and "lora_adapter_metadata" in header
     base_out = outputs(components, family)
     pipe = load_in_diffusers(family, components, path, weights)
-    assert_outputs_close(outputs(pipe.components, family), applied(base, family, weights), base_out)
+    assert_outputs_close(outputs(pipe.components, family), applied(family, weights), base_out)
 
     loaded, meta = load_peft(path)
     assert set(loaded) == set(weights) and "lora_adapter_metadata" not in meta
@@ -190,7 +175,7 @@ def test_peft_file_loads_completely_in_diffusers_and_matches_conjures_reader(bas
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kohya_round_trip_keeps_every_tensor_and_alpha(base, family, tmp_path):
+def test_kohya_round_trip_keeps_every_tensor_and_alpha(base, family, applied, tmp_path):
     components = base(family)
     weights = random_weights(components, alphas="varied")
     path = save_kohya(tmp_path / "lora.safetensors", weights, META, family, components["unet"].config)
@@ -214,11 +199,11 @@ def test_kohya_round_trip_keeps_every_tensor_and_alpha(base, family, tmp_path):
         got = loaded[key]
         assert torch.equal(got.down, m.down) and torch.equal(got.up, m.up) and got.alpha == m.alpha
         assert got.dora_scale is None and got.magnitude is None
-    assert_outputs_close(applied(base, family, loaded), applied(base, family, weights))
+    assert_outputs_close(applied(family, loaded), applied(family, weights))
     assert detect_lora_format(path) == "kohya" and detect_lora_family(path) == family
 
 
-def test_kohya_alpha_is_the_configured_alpha_and_reload_reproduces_the_output(base, tmp_path):
+def test_kohya_alpha_is_the_configured_alpha_and_reload_reproduces_the_output(base, applied, tmp_path):
     components = base("sd1")
     path_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     w = components["unet"].get_submodule(path_q).weight
@@ -233,7 +218,7 @@ def test_kohya_alpha_is_the_configured_alpha_and_reload_reproduces_the_output(ba
     expected = w.detach() + (1.5 / 4) * weights[("unet", path_q)].up @ weights[("unet", path_q)].down
     apply_lora(components, loaded)
     torch.testing.assert_close(components["unet"].get_submodule(path_q).weight.detach(), expected)
-    assert_outputs_close(applied(base, "sd1", loaded), applied(base, "sd1", weights))
+    assert_outputs_close(applied("sd1", loaded), applied("sd1", weights))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -252,7 +237,7 @@ def test_half_precision_files(base, tmp_path, dtype):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kohya_dora_layout_orientation_and_round_trip(base, family, tmp_path):
+def test_kohya_dora_layout_orientation_and_round_trip(base, family, applied, tmp_path):
     components = base(family)
     weights = random_weights(components, dora="scale")
     path = save_kohya(tmp_path / "dora.safetensors", weights, META, family, components["unet"].config)
@@ -270,7 +255,7 @@ def test_kohya_dora_layout_orientation_and_round_trip(base, family, tmp_path):
     loaded, _ = load_kohya(path)
     for key, m in weights.items():
         assert torch.equal(loaded[key].dora_scale, m.dora_scale) and torch.equal(loaded[key].down, m.down)
-    assert_outputs_close(applied(base, family, loaded), applied(base, family, weights))
+    assert_outputs_close(applied(family, loaded), applied(family, weights))
 
 
 def test_untrained_dora_leaves_the_lora_weight_and_a_hand_example():
@@ -334,7 +319,7 @@ def test_writers_refuse_what_apps_would_misread(base, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_convert_kohya_to_peft_and_back_is_exact(base, family, tmp_path):
+def test_convert_kohya_to_peft_and_back_is_exact(base, family, outputs, applied, tmp_path):
     components = base(family)
     weights = random_weights(components, alphas="varied")
     kohya = save_kohya(tmp_path / "k.safetensors", weights, META, family, components["unet"].config, dtype=torch.float16)
@@ -347,7 +332,7 @@ def test_convert_kohya_to_peft_and_back_is_exact(base, family, tmp_path):
             x, y = a.get_tensor(key), b.get_tensor(key)
             assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)), key
     # the PEFT file is the same LoRA in diffusers (per-module alphas included)
-    expected = applied(base, family, load_kohya(kohya)[0])
+    expected = applied(family, load_kohya(kohya)[0])
     pipe = load_in_diffusers(family, base(family), peft, weights)
     assert_outputs_close(outputs(pipe.components, family), expected)
 
@@ -411,7 +396,7 @@ def test_converting_a_peft_file_of_unknown_family_needs_the_family(base, tmp_pat
 
 
 @pytest.mark.parametrize("to", ["kohya", "peft"])
-def test_resized_files_load_completely_in_diffusers(base, tmp_path, to):
+def test_resized_files_load_completely_in_diffusers(base, outputs, applied, tmp_path, to):
     """`conjure convert --resize-rank`: the file holds every module at rank <= R (the lower ones as they were) and
     loads completely in diffusers, as conjure's reader applies it."""
     components = base("sd1")
@@ -422,4 +407,4 @@ def test_resized_files_load_completely_in_diffusers(base, tmp_path, to):
     resized = (load_kohya if to == "kohya" else load_peft)(done.path)[0]
     assert set(resized) == set(weights) and max(m.rank for m in resized.values()) == 3
     pipe = load_in_diffusers("sd1", components, done.path, resized)
-    assert_outputs_close(outputs(pipe.components, "sd1"), applied(base, "sd1", resized))
+    assert_outputs_close(outputs(pipe.components, "sd1"), applied("sd1", resized))

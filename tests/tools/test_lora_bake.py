@@ -44,24 +44,6 @@ def lora_for(components, *, seed, dora=None, every=3):
     return weights
 
 
-def outputs(components, family):
-    g = torch.Generator().manual_seed(1)
-    unet = components["unet"]
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
-    added = None
-    if family == "sdxl":
-        added = {"text_embeds": torch.randn(1, components["text_encoder_2"].config.projection_dim, generator=g),
-                 "time_ids": torch.randn(1, 6, generator=g)}
-    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407]])
-    with torch.no_grad():
-        out = {"unet": unet(sample, 10, context, added_cond_kwargs=added).sample}
-        for name in ENCODERS:
-            if name in components:
-                out[name] = components[name](ids).last_hidden_state
-    return out
-
-
 def assert_same(got, expected, base):
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, atol=2e-5 * max(value.abs().max().item(), 1.0), rtol=1e-5,
@@ -75,7 +57,7 @@ def fresh(folder):
 
 @pytest.mark.parametrize("family,kind", [("sd1", "lora"), ("sd1", "peft-dora"), ("sdxl", "lora"),
                                          ("sdxl", "peft-dora")])
-def test_baked_model_equals_the_lora_loaded_at_run_time_in_diffusers(tiny_models, tmp_path, family, kind):
+def test_baked_model_equals_the_lora_loaded_at_run_time_in_diffusers(tiny_models, outputs, tmp_path, family, kind):
     folder = tiny_models(family, real_layout=True)
     pipe = (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline).from_pretrained(str(folder))
     base_out = outputs(pipe.components, family)
@@ -92,7 +74,7 @@ def test_baked_model_equals_the_lora_loaded_at_run_time_in_diffusers(tiny_models
     assert_same(outputs(fresh(tmp_path / "baked"), family), outputs(pipe.components, family), base_out)
 
 
-def test_files_apply_in_turn_at_their_weights_and_keep_the_models_sampler(tiny_models, tmp_path):
+def test_files_apply_in_turn_at_their_weights_and_keep_the_models_sampler(tiny_models, outputs, tmp_path):
     folder = tmp_path / "base"
     shutil.copytree(tiny_models("sd1", real_layout=True), folder)
     for name in ("model_index.json", "scheduler/scheduler_config.json"):
@@ -111,7 +93,7 @@ def test_files_apply_in_turn_at_their_weights_and_keep_the_models_sampler(tiny_m
     assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]  # training loads DDPM; the file keeps its own
 
 
-def test_single_file_checkpoint_loads_in_diffusers_with_the_lora_baked_in(tiny_models, tmp_path):
+def test_single_file_checkpoint_loads_in_diffusers_with_the_lora_baked_in(tiny_models, outputs, tmp_path):
     folder = tiny_models("sd1", real_layout=True)
     components = fresh(folder)
     base_out = outputs(components, "sd1")
