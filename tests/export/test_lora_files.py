@@ -108,13 +108,16 @@ def library_warnings():
 
 
 def load_in_diffusers(family, components, path, weights):
-    """Load `path` with the pipeline's load_lora_weights; assert no warning and an adapter on every file module."""
+    """Load `path` with the pipeline's load_lora_weights; assert no warning and an adapter on every file module
+    (a file without text-encoder modules gets diffusers' note that it has none, and only that)."""
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline(**components)
     else:
         pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
     with library_warnings() as messages:
         pipe.load_lora_weights(str(path))
+    if not any(c in ENCODERS for c, _ in weights):
+        messages = [m for m in messages if "No LoRA keys associated to CLIPTextModel" not in m]
     assert messages == []
     for component in ("unet",) + ENCODERS:
         if component not in components:
@@ -408,3 +411,98 @@ def test_resized_files_load_completely_in_diffusers(base, outputs, applied, tmp_
     assert set(resized) == set(weights) and max(m.rank for m in resized.values()) == 3
     pipe = load_in_diffusers("sd1", components, done.path, resized)
     assert_outputs_close(outputs(pipe.components, "sd1"), applied("sd1", resized))
+
+
+# --- Files conjure's tools write load back in diffusers as conjure's reader applies them: `conjure lora combine`,
+# `conjure convert` from other trainers' layouts and with --dtype, --split-bundle's LoRA and embeddings.
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_combined_file_loads_completely_in_diffusers(base, outputs, family, tmp_path):
+    from conjure.tools.combine import combine
+    from conjure.tools.lora_inputs import LoraInput
+
+    components = base(family)
+    a, b = random_weights(components, seed=0), random_weights(components, seed=1, alphas="varied")
+    for name, weights in (("a", a), ("b", b)):
+        save_kohya(tmp_path / f"{name}.safetensors", weights, META, family, components["unet"].config)
+    done = combine([LoraInput(tmp_path / "a.safetensors", 0.7), LoraInput(tmp_path / "b.safetensors", -1.5)],
+                   tmp_path / "ab.safetensors", save_dtype="fp32")
+    in_turn = base(family)
+    apply_lora(in_turn, a, 0.7)
+    apply_lora(in_turn, b, -1.5)
+    pipe = load_in_diffusers(family, components, done.path, load_kohya(done.path)[0])
+    assert_outputs_close(outputs(pipe.components, family), outputs(in_turn, family), outputs(base(family), family))
+
+
+def foreign_file(path, weights, spelling):
+    """`weights` (UNet modules) as SimpleTuner's LyCORIS names (`lycoris_` + the diffusers path, `.` -> `_`, with
+    alphas) or ai-toolkit's unprefixed PEFT names (no alphas: alpha = rank)."""
+    tensors = {}
+    for (_, module_path), m in weights.items():
+        if spelling == "lycoris":
+            name = "lycoris_" + module_path.replace(".", "_")
+            tensors.update({f"{name}.lora_down.weight": m.down, f"{name}.lora_up.weight": m.up,
+                            f"{name}.alpha": torch.tensor(m.alpha)})
+        else:
+            tensors.update({f"{module_path}.lora_A.weight": m.down, f"{module_path}.lora_B.weight": m.up})
+    save_file(tensors, str(path), {"ss_base_model_version": "sdxl_base_v1-0"})
+    return path
+
+
+@pytest.mark.parametrize("spelling", ["lycoris", "bare"])
+def test_another_trainers_file_converted_to_kohya_loads_completely_in_diffusers(base, outputs, applied, spelling,
+                                                                               tmp_path):
+    components = base("sdxl")
+    # unprefixed names need a dot to be told from other keys (inspection/keys.py resolve): conv_in/conv_out left out
+    weights = {k: m for k, m in random_weights(components).items() if k[0] == "unet" and "." in k[1]}
+    if spelling == "bare":
+        weights = {k: LoraModule(m.down, m.up, float(m.rank)) for k, m in weights.items()}
+    src = foreign_file(tmp_path / "foreign.safetensors", weights, spelling)
+    done = convert(src, tmp_path / "k.safetensors", ConvertOptions())
+    assert detect_lora_format(done.path) == "kohya"
+    pipe = load_in_diffusers("sdxl", components, done.path, weights)
+    assert_outputs_close(outputs(pipe.components, "sdxl"), applied("sdxl", weights))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_dtype_converted_file_loads_completely_in_diffusers(base, outputs, applied, dtype, tmp_path):
+    components = base("sdxl")
+    weights = random_weights(components)
+    src = save_kohya(tmp_path / "k.safetensors", weights, META, "sdxl", components["unet"].config)
+    done = convert(src, tmp_path / "h.safetensors", ConvertOptions(dtype=dtype))
+    cast = load_kohya(done.path)[0]
+    assert {m.down.dtype for m in cast.values()} == {torch.float16 if dtype == "fp16" else torch.bfloat16}
+    pipe = load_in_diffusers("sdxl", components, done.path, weights)
+    assert_outputs_close(outputs(pipe.components, "sdxl"), applied("sdxl", cast))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_bundle_files_load_in_diffusers(base, outputs, applied, family, tmp_path):
+    """A LoRA bundling an embedding (refused whole by diffusers: "Invalid LoRA checkpoint") splits into a LoRA and
+    an embedding file that diffusers loads: the LoRA completely, the embedding's vectors as the token's (SDXL's
+    file one encoder at a time, as diffusers takes it)."""
+    from conjure.export.embeddings import bundle_tensors, load_embedding
+
+    components = base(family)
+    weights = random_weights(components)
+    g = torch.Generator().manual_seed(3)
+    encoders = [e for e in ENCODERS if e in components]
+    keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"} if family == "sdxl" else {"text_encoder": "emb_params"}
+    vectors = {keys[e]: torch.randn(2, components[e].config.hidden_size, generator=g) for e in encoders}
+    bundled = save_kohya(tmp_path / "b.safetensors", weights, META, family, components["unet"].config,
+                         bundle=bundle_tensors("zq-style", vectors))
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
+        load_in_diffusers(family, base(family), bundled, weights)
+    (tmp_path / "out").mkdir()
+    done = convert(bundled, tmp_path / "out" / "l.safetensors", ConvertOptions(split_bundle=True))
+    pipe = load_in_diffusers(family, components, done.path, weights)
+    assert_outputs_close(outputs(pipe.components, family), applied(family, weights))
+    embedding, _ = load_embedding(tmp_path / "out" / "zq-style.safetensors")
+    for encoder in encoders:
+        tokenizer = pipe.tokenizer if encoder == "text_encoder" else pipe.tokenizer_2
+        source = str(tmp_path / "out" / "zq-style.safetensors") if family == "sd1" else embedding[keys[encoder]]
+        pipe.load_textual_inversion(source, token="zq-style", text_encoder=getattr(pipe, encoder), tokenizer=tokenizer)
+        ids = tokenizer.convert_tokens_to_ids(["zq-style", "zq-style_1"])
+        table = getattr(pipe, encoder).get_input_embeddings().weight
+        torch.testing.assert_close(table[ids], vectors[keys[encoder]], rtol=0, atol=0)

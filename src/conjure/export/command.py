@@ -43,7 +43,8 @@ def add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Write a LoRA file changed as the options say. IN: a kohya or diffusers/PEFT file, or another "
         "trainer's layout that `conjure inspect` reads (OneTrainer, SimpleTuner, ai-toolkit, diffusers' attention "
         "processors, LyCORIS LoCon). Without --resize-rank every value is kept (kohya -> peft -> kohya gives back "
-        "the same file contents); DoRA files cannot change between kohya and PEFT; LyCORIS LoHa/LoKr files "
+        "the same file contents; another trainer's file of several alphas written as kohya gets one, the "
+        "others folded into lora_up: the same updates, as diffusers needs); DoRA files cannot change between kohya and PEFT; LyCORIS LoHa/LoKr files "
         "convert only with --resize-rank or --energy (no LoRA of their rank is the same function).",
     )
     p.add_argument("input", metavar="IN", help="LoRA file (.safetensors)")

@@ -9,7 +9,8 @@ a layer another tool trained fused (dense `lora_up`) splits into parts that shar
 which fuses back at k times the rank (the same function, a bigger file). LyCORIS LoCon files are kohya files (conv
 layers included); LoHa and LoKr have no LoRA form of their rank and are refused, unless a resize approximates them
 (export/lycoris.py). Other trainers' layouts are read
-through `conjure inspect`'s reader (export/foreign.py) and written as kohya unless --to says otherwise.
+through `conjure inspect`'s reader (export/foreign.py) and written as kohya unless --to says otherwise; one with several
+alphas gets one (the rest folded into `lora_up`, the same updates: diffusers needs it, export/kohya.py `one_alpha`).
 
 Without a layout change or a resize, the file's tensors are rewritten key for key (`--dtype`, bundles); otherwise
 they go through `LoraWeights` (export/resize.py for `--resize-rank`, the only change that is not exact). `--dtype`
@@ -33,7 +34,8 @@ from conjure.adapters import LoraModule, LoraWeights
 from conjure.adapters.dora import group_column_norm
 from conjure.errors import ConjureError
 from conjure.export.embeddings import BUNDLE_PREFIX, bundle_from_file, save_embedding, split_targets
-from conjure.export.kohya import KOHYA_PARTS, kohya_fused_parts, layout_from_metadata, parse_kohya, write_kohya
+from conjure.export.kohya import (KOHYA_PARTS, kohya_fused_parts, layout_from_metadata, one_alpha, parse_kohya,
+                                  write_kohya)
 from conjure.export.kohya_names import resolve_module_path
 from conjure.export.lora import (
     FORMATS,
@@ -234,6 +236,10 @@ def _relayout(source: _Source, dst: Path, to: str, bundle: dict[str, torch.Tenso
             f"cannot tell which model family {source.path} is for (no metadata, no modules only one family has); "
             f"give the family (conjure convert ... --family {'|'.join(families.FAMILIES)})"
         )
+    if source.layout not in FORMATS and len({m.alpha for m in weights.values()}) > 1:
+        # another trainer's per-module alphas (or PEFT's alpha = rank) folded into lora_up under one alpha, the same
+        # updates: diffusers' kohya reader applies the most common alpha to every attention projection (one_alpha)
+        weights = one_alpha(weights)[0]
     meta.pop(ALPHA_DTYPE_KEY, None)
     write_kohya(dst, weights, meta, fam, layout_from_metadata(meta), None, alpha_dtype=alpha_dtype, bundle=bundle)
     return report

@@ -8,6 +8,7 @@ Per module `NAME.lora_down.weight` [r, in] (conv [r, in, kh, kw]), `NAME.lora_up
 from __future__ import annotations
 
 import collections
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,7 +32,7 @@ from conjure.export.lora import (
 
 __all__ = [
     "KOHYA_PARTS", "kohya_fused_parts", "kohya_state_dict", "layout_from_metadata", "layout_metadata", "load_kohya",
-    "parse_kohya", "save_kohya", "write_kohya",
+    "one_alpha", "parse_kohya", "save_kohya", "write_kohya",
 ]
 
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
@@ -232,3 +233,16 @@ def load_kohya(path: Path, family: Any = None, unet_config: Any = None) -> tuple
     tensors, header = read_lora_file(path)
     weights, _ = parse_kohya(tensors, header, family, unet_config, str(path))
     return weights, header
+
+
+def one_alpha(weights: LoraWeights) -> tuple[LoraWeights, float]:
+    """The same updates with one alpha for every module, the most common rank (scale 1 there), the rest folded into
+    `lora_up`. One alpha because diffusers 0.42's kohya reader applies the most common alpha to every attention
+    projection (save_kohya): per-module alphas would load wrongly there."""
+    ranks = collections.Counter(m.rank for m in weights.values())
+    alpha = float(ranks.most_common(1)[0][0])
+    out = {
+        key: m if m.alpha == alpha else dataclasses.replace(m, up=m.up * (m.alpha / alpha), alpha=alpha)
+        for key, m in weights.items()
+    }
+    return out, alpha

@@ -6,7 +6,7 @@ each file's weight and alpha / rank folded into its `lora_up` columns, so
     up @ down = sum_i w_i * (alpha_i / r_i) * up_i @ down_i
 
 the sum of the updates the files apply one after the other (plain LoRA updates add). A module in only some files
-is kept with the ranks of those. The file gets one alpha (tools/lora_inputs.py `one_alpha`). `--rank R` then lowers
+is kept with the ranks of those. The file gets one alpha (export/kohya.py `one_alpha`). `--rank R` then lowers
 every module above R by SVD of the combined update (export/resize.py, `conjure convert --resize-rank`'s code).
 DoRA files are refused: a DoRA layer renormalises W + update by its magnitude, a function of the whole update, so
 two DoRA files applied in turn are not one DoRA of their summed updates.
@@ -23,7 +23,8 @@ import torch
 from conjure.adapters import LoraModule, LoraWeights
 from conjure.errors import ConjureError
 from conjure.export.resize import Resized
-from conjure.tools.lora_inputs import LoraInput, bundle_note, one_alpha, read_input
+from conjure.export.kohya import one_alpha
+from conjure.tools.lora_inputs import LoraInput, bundle_note, read_input
 
 __all__ = ["Combined", "combine", "concatenated"]
 

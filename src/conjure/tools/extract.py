@@ -14,7 +14,7 @@ rank is at most min(out, in * kh * kw). Where conjure differs, and why:
 - `--energy E` picks per module the smallest rank keeping E of the difference's energy (sum of squared singular
   values), capped by `--rank` when given, as `conjure convert --energy` does (export/resize.py `rank_for`);
 - one alpha per file (kohya: alpha = each module's rank): the most common rank, the other modules' scale folded
-  into `lora_up` (tools/lora_inputs.py `one_alpha`), the same update, loaded exactly by diffusers too.
+  into `lora_up` (export/kohya.py `one_alpha`), the same update, loaded exactly by diffusers too.
 The SVD is torch.linalg.svd of the whole difference, or with `--rank R` alone and R far below the layer's size
 torch.svd_lowrank (`_svd`).
 
@@ -156,7 +156,7 @@ def extract(base: str, tuned: str, out: Path, *, rank: int | None = None, energy
     from conjure.export.kohya import save_kohya
     from conjure.export.lora import file_dtype
     from conjure.merging.sources import open_source
-    from conjure.tools.lora_inputs import one_alpha
+    from conjure.export.kohya import one_alpha
 
     _check(rank, energy, conv_rank)
     base_model = open_source(base)

@@ -1,4 +1,4 @@
-"""The LoRA files `conjure lora` reads (`FILE[:WEIGHT]`) and the one-alpha form it writes.
+"""The LoRA files `conjure lora` reads (`FILE[:WEIGHT]`).
 
 Any file `conjure inspect` reads (kohya, diffusers/PEFT, LyCORIS LoCon, attn-procs, ... layouts) comes in through
 `inspection.weights.lora_weights` as `adapters.LoraWeights`; LoHa/LoKr and full-difference modules are refused
@@ -6,15 +6,13 @@ there by name."""
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from conjure.adapters import LoraWeights
 from conjure.errors import ConjureError
 
-__all__ = ["LoraFile", "LoraInput", "bundle_note", "one_alpha", "parse_input", "read_input"]
+__all__ = ["LoraFile", "LoraInput", "bundle_note", "parse_input", "read_input"]
 
 
 @dataclass(frozen=True)
@@ -65,16 +63,3 @@ def bundle_note(path: Path, names: list[str]) -> str:
     """What the tools say of the embeddings bundled in a file they read."""
     return (f"note: {path} bundles the embedding(s) {', '.join(names)}, which this leaves out; "
             f"`conjure convert {path} OUT --split-bundle` writes them as embedding files")
-
-
-def one_alpha(weights: LoraWeights) -> tuple[LoraWeights, float]:
-    """The same updates with one alpha for every module, the most common rank (scale 1 there), the rest folded into
-    `lora_up`. One alpha because diffusers 0.42's kohya reader applies the most common alpha to every attention
-    projection (export/kohya.py save_kohya): per-module alphas would load wrongly there."""
-    ranks = collections.Counter(m.rank for m in weights.values())
-    alpha = float(ranks.most_common(1)[0][0])
-    out = {
-        key: m if m.alpha == alpha else dataclasses.replace(m, up=m.up * (m.alpha / alpha), alpha=alpha)
-        for key, m in weights.items()
-    }
-    return out, alpha
