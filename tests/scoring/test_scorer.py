@@ -63,7 +63,9 @@ def test_a_model_that_cannot_load_is_one_line_naming_the_setting(source, needle)
     assert "\n" not in str(error.value)
 
 
-def test_a_model_without_an_image_processor_is_refused(tiny_models):
-    # a Stable Diffusion folder is no CLIP: transformers finds no processor config in it
+def test_a_model_that_is_not_a_clip_is_refused(tiny_models, tmp_path):
+    # a Stable Diffusion folder has no config transformers reads at its top; a text encoder is a CLIP's half
     with pytest.raises(ConjureError, match="validation.score_model"):
         load_scorer(str(tiny_models("sd1")), local_only=True)
+    with pytest.raises(ConjureError, match="is a clip_text_model model; image scores need a CLIP"):
+        load_scorer(str(tiny_models("sd1") / "text_encoder"), local_only=True)

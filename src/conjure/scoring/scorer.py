@@ -57,7 +57,7 @@ def _unit(embeddings: torch.Tensor) -> torch.Tensor:
 def load_scorer(source: str, *, local_only: bool) -> Scorer:
     """The CLIP model of `source` (a hub id or a folder); `local_only`: from files on this machine only (the hub's
     cache or a folder), never downloading. ConjureError, one line, when it cannot be loaded."""
-    from transformers import AutoProcessor, CLIPModel
+    from transformers import AutoConfig, AutoProcessor, CLIPModel
 
     from conjure.models.loading import fail
 
@@ -66,13 +66,16 @@ def load_scorer(source: str, *, local_only: bool) -> Scorer:
         raise ConjureError(f"validation.score_model {source!r}: no such folder")
     where = str(folder) if folder.is_dir() else source
     try:
+        kind = AutoConfig.from_pretrained(where, local_files_only=local_only).model_type
+        # CLIPModel would load another model type's weights into a CLIP with a warning only (SigLIP's included)
+        if kind != "clip":
+            raise ConjureError(f"validation.score_model {source!r} is a {kind} model; image scores need a CLIP")
         processor = AutoProcessor.from_pretrained(where, local_files_only=local_only)
         model = CLIPModel.from_pretrained(where, local_files_only=local_only, dtype=torch.float32)
+    except ConjureError:
+        raise
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError or hub errors here
         raise fail(source, exc, what="image-scoring model (validation.score_model)") from None
-    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-        raise ConjureError(f"validation.score_model {source!r} is not an image-text model (CLIP): its processor "
-                           "has no tokenizer and image processor")
     return Scorer(model=model.eval(), processor=processor, name=source)
 
 
