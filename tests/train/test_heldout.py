@@ -103,6 +103,13 @@ def test_a_run_logs_the_held_out_loss_at_every_validation(ti_config, run_config,
     assert list(losses[0]["bands"]) == ["0-249", "250-499", "500-749", "750-999"]
     assert losses[0]["loss"] == pytest.approx(sum(losses[0]["bands"].values()) / 4)
     assert losses[2]["loss"] != losses[0]["loss"]  # the embedding moved
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(first.run_dir / "logs"))
+    board.Reload()
+    assert [(s.step, s.value) for s in board.Scalars("validation/loss")] == [
+        (step, pytest.approx(losses[step]["loss"], abs=1e-6)) for step in (0, 1, 2)]
+    assert board.Scalars("validation/loss_750-999")[0].value == pytest.approx(losses[0]["bands"]["750-999"], abs=1e-6)
     # Another seed trains on other noise, crops, flips and dropped captions, but the held-out loss draws the same:
     # step 0 is the same figure.
     raw["basic"].update(run_name="other-seed", seed=11, max_train_steps=1)
