@@ -9,11 +9,13 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conjure.errors import ConjureError
-from conjure.runs.best import StepRow, Suggestion, read_rows, suggest
 from conjure.runs.events import EVENTS_FILE
+
+if TYPE_CHECKING:  # runs.best reads checkpoints (conjure.files imports torch): not at the command line's parse
+    from conjure.runs.best import StepRow, Suggestion
 
 
 def add_runs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,7 +50,8 @@ def answer(rows: list[StepRow], suggestion: Suggestion) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from conjure.runs.plot import PLOT_FILE, write_plot  # Pillow: not at the command line's parse
+    from conjure.runs.best import read_rows, suggest
+    from conjure.runs.plot import PLOT_FILE, write_plot  # Pillow: not at the command line's parse either
 
     run_dir = Path(args.run_dir)
     if not (run_dir / EVENTS_FILE).is_file():
