@@ -12,8 +12,8 @@ and the checkpoints still in the folder. The rule, in order:
    (it has plateaued) and whose alignment has not fallen more than `ALIGNMENT_MARGIN` below the base's;
 5. the earliest such step (the least over-trained one), else the step of the best loss.
 
-kohya-ss/sd-scripts (train_network.py, `validation_split`) and SimpleTuner (helpers/training/validation.py,
-evaluation loss and CLIP scores) log such figures; neither suggests a step.
+kohya-ss/sd-scripts logs a held-out loss (docs/validation.md, `--validation_split`) and EveryDream2 one on a split
+or a folder of its own (its validation config's `val_split_mode`); neither suggests a step.
 """
 
 from __future__ import annotations

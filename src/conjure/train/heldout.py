@@ -7,8 +7,8 @@ flow sigmas) with fixed noise (drawn once from `SEED`), through the objective's 
 (`Objective.loss_at`: epsilon, v-prediction or flow velocity, unweighted), so the figure moves only with the
 weights: comparable across steps, and across runs on the same images. Each image's latent is its VAE posterior's
 mean, encoded once (the VAE never trains), its caption as training reads it before dropout. kohya-ss/sd-scripts
-(train_network.py, `validation_split` / `validation_seed`) and SimpleTuner (helpers/training/validation.py,
-`eval_steps_interval`) measure the same kind of figure; conjure's is per timestep band as well.
+measures the same kind of figure (docs/validation.md, main as read 2026-12-05: `--validation_split`, "the same random
+seed is used for noise generation and timestep selection" at every validation); conjure's is per noise band too.
 """
 
 from __future__ import annotations
