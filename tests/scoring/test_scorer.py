@@ -54,7 +54,8 @@ def test_tiny_clip_gives_unit_embeddings_that_tell_images_and_texts_apart(tiny_c
 
 @pytest.mark.parametrize("source, needle", [
     ("/no/such/clip", "no such folder"),
-    ("nobody-here/no-such-clip", "not in the local cache"),
+    ("nobody-here/no-such-clip", "is not on this machine (not a folder, not in the Hugging Face cache)"),
+    ("no/such/thing", "Repo id must be in the form"),
 ])
 def test_a_model_that_cannot_load_is_one_line_naming_the_setting(source, needle):
     with pytest.raises(ConjureError) as error:

@@ -88,6 +88,6 @@ def image_scoring(settings: ValidationSettings, examples: list[Example], say: An
     except ConjureError as error:
         if settings.image_scores == "on":
             raise
-        say(f"image scores off: {error} (validation.image_scores: on downloads a hub model; off silences this)")
+        say(f"image scores off: {error}; validation.image_scores: on downloads a hub model, off silences this line")
         return None
     return ImageScoring(scorer, reference_images(examples), settings.alignment_prompts)

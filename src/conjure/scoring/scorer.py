@@ -65,6 +65,9 @@ def load_scorer(source: str, *, local_only: bool) -> Scorer:
     if source.startswith((".", "/", "~")) and not folder.is_dir():
         raise ConjureError(f"validation.score_model {source!r}: no such folder")
     where = str(folder) if folder.is_dir() else source
+    if local_only and not folder.is_dir() and not _in_hub_cache(source):
+        raise ConjureError(f"validation.score_model {source!r} is not on this machine (not a folder, not in the "
+                           "Hugging Face cache)")
     try:
         kind = AutoConfig.from_pretrained(where, local_files_only=local_only).model_type
         # CLIPModel would load another model type's weights into a CLIP with a warning only (SigLIP's included)
@@ -77,6 +80,16 @@ def load_scorer(source: str, *, local_only: bool) -> Scorer:
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError or hub errors here
         raise fail(source, exc, what="image-scoring model (validation.score_model)") from None
     return Scorer(model=model.eval(), processor=processor, name=source)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError:  # not a hub id either: the load below says so
+        return True
 
 
 def fidelity(generated: torch.Tensor, reference: torch.Tensor) -> float:
