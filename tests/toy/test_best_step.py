@@ -67,7 +67,7 @@ def evidence(run: Path) -> tuple[dict[int, float], dict[int, float], int | None]
 @pytest.mark.slow
 def test_the_suggested_step_of_an_overtrained_lora_holds_the_concept(tmp_path):
     """LoRA at 1e-2 (the LoRA tests' 3e-3 takes 200 steps): the held-out loss falls for 5 steps, then rises."""
-    losses, _, _ = evidence(overtrain(tmp_path, LORA, variant="sd2", lr=1e-2, steps=20, every=5, seeds=8,
+    losses, _, _ = evidence(overtrain(tmp_path, LORA, variant="sd2", lr=1e-2, steps=15, every=5, seeds=8,
                                       render_steps=6))
     best = min(losses, key=lambda step: losses[step])
     assert 0 < best < max(losses) and losses[max(losses)] > losses[best] * 1.05  # falls, then rises
@@ -78,7 +78,7 @@ def test_the_suggested_step_of_an_overtrained_embedding_holds_the_concept(tmp_pa
     """Four vectors at 0.3: the concept is strongest after 5 steps and fades as the vectors keep growing, while
     the held-out loss falls and levels off (it does not rise: measured on sd1 and sd2 at 0.05-2.0 over 30-60 steps);
     the rule's earliest step near the best loss is the one with the concept."""
-    losses, shares, suggested = evidence(overtrain(tmp_path, TI, variant="sd1", lr=0.3, steps=20, every=5, seeds=8,
+    losses, shares, suggested = evidence(overtrain(tmp_path, TI, variant="sd1", lr=0.3, steps=15, every=5, seeds=8,
                                                    render_steps=6))
     assert min(losses.values()) < losses[0] * 0.95 and shares[max(shares)] < max(shares.values())  # fades
 
