@@ -267,3 +267,53 @@ def test_a_text_encoder_the_detected_family_lacks_is_refused(finetune_config, ru
 
     with pytest.raises(ConjureError, match="text_encoder_2_learning_rate: Stable Diffusion 1.x has no text_encoder_2"):
         run_config(finetune_config(finetune={"text_encoder_2_learning_rate": 1e-6}))
+
+
+def test_saving_in_another_dtype_keeps_the_trained_weights_and_their_gradient_hooks():
+    """DDP all-reduces a parameter's gradient from a hook on its gradient accumulator; the save's fp16 copies must
+    leave that accumulator (and the weights) as they were, or the saving process's next backward skips the
+    all-reduce the other processes wait in."""
+    from conjure.methods.finetune import cast_to_cpu
+
+    layer = torch.nn.Linear(3, 2)
+    layer.register_buffer("scale", torch.ones(2))
+    weight = layer.weight.detach().clone()
+    fired = []
+    accumulator = layer.weight.view_as(layer.weight).grad_fn.next_functions[0][0]  # where DDP hooks in
+    accumulator.register_hook(lambda *_: fired.append(True))
+    with cast_to_cpu([layer], torch.float16):
+        state = layer.state_dict()
+        assert {t.dtype for t in state.values()} == {torch.float16}
+        torch.testing.assert_close(state["weight"], weight.half())
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, weight) and layer.weight.requires_grad
+    assert layer.scale.dtype == torch.float32
+    layer(torch.ones(1, 3)).sum().backward()
+    assert fired and layer.weight.grad is not None
+
+
+def test_a_text_encoder_trains_only_what_the_unet_reads(finetune_config):
+    """Every trained weight gets a gradient from the caption (DDP stops at a parameter that gets none): SDXL's
+    CLIP-L is read at its penultimate layer without the final norm, so its last layer and that norm are frozen;
+    CLIP-G (its pooled embedding is read from the top) trains whole."""
+    from conjure.methods import method_spec
+    from conjure.train.objectives import build_conditioning
+    from conjure.train.setup import load_model, text_reading
+
+    config = parse_config(finetune_config("sdxl", finetune={"text_encoder_learning_rate": 1e-5,
+                                                            "text_encoder_2_learning_rate": 1e-5}))
+    spec = method_spec("finetune")
+    model = load_model(config, spec)
+    spec.build(config, model)
+    conditioning = build_conditioning(model, text_reading(config, model), resolution=64, guidance=None)
+    pairs = [(model.components[s.tokenizer], model.components[s.encoder]) for s in model.family.text_encoders]
+    out = conditioning.encode(pairs, ["a photo of a dog"], torch.device("cpu"))
+    sum(v.float().sum() for v in out.values() if isinstance(v, torch.Tensor) and v.requires_grad).backward()
+    frozen = set()
+    for slot in model.family.text_encoders:
+        for name, p in model.components[slot.encoder].named_parameters():
+            assert (p.grad is not None) == p.requires_grad, f"{slot.encoder}.{name}"
+            frozen |= set() if p.requires_grad else {f"{slot.encoder}.{name}"}
+    clip_l = model.components["text_encoder"]
+    last = f"encoder.layers.{clip_l.config.num_hidden_layers - 1}."
+    assert frozen == {f"text_encoder.{n}" for n, _ in clip_l.named_parameters()
+                      if n.startswith((last, "final_layer_norm."))}

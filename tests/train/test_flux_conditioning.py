@@ -98,6 +98,19 @@ def test_prediction_is_the_transformer_call_of_flux_pipeline(pipe):
 
 
 @torch.no_grad()
+def test_a_wrapped_transformer_predicts_what_it_does_unwrapped(pipe):
+    """Several processes call the transformer through its DDP wrapper, which has no `config`
+    (DataParallel here: a wrapper that runs without a process group)."""
+    conditioning = FluxConditioning(t5_tokens=T5_TOKENS, guidance=3.5)
+    text = conditioning.encode(_pairs(pipe), CAPTIONS, CPU)
+    latents, sigmas = torch.randn(2, 1, 4, 4), torch.tensor([0.3, 0.9])
+    wrapped = torch.nn.DataParallel(pipe.transformer)
+    assert not hasattr(wrapped, "config")
+    ours = conditioning.predictor(wrapped, [], [], CPU, {}, text=text)(latents, sigmas)
+    assert torch.equal(ours, conditioning.predictor(pipe.transformer, [], [], CPU, {}, text=text)(latents, sigmas))
+
+
+@torch.no_grad()
 def test_guidance_reaches_only_a_guidance_distilled_transformer(pipe):
     text = FluxConditioning(t5_tokens=T5_TOKENS).encode(_pairs(pipe), CAPTIONS, CPU)
     latents, sigmas = torch.randn(2, 1, 4, 4), torch.tensor([0.5, 0.5])

@@ -117,7 +117,7 @@ def _build_pivotal(config: Any, model: LoadedModel) -> Recipe:
 def _build_finetune(config: Any, model: LoadedModel) -> Recipe:
     from conjure.methods.finetune import FullFinetune
 
-    return FullFinetune(model, config.finetune)
+    return FullFinetune(model, config.finetune, clip_skip=config.advanced.clip_skip)
 
 
 def _no_token(config: Any) -> None:

@@ -29,18 +29,47 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 @contextmanager
 def cast_to_cpu(modules: list[nn.Module], dtype: torch.dtype) -> Iterator[None]:
     """Every floating-point tensor of `modules` as a CPU copy in `dtype` until exit: what is saved is written in
-    the save precision without touching the training weights or holding a second copy on the GPU."""
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    the save precision without touching the training weights or holding a second copy on the GPU.
+
+    The copies stand in the modules' parameter and buffer tables, and the trained tensors are put back as they
+    were. Assigning another dtype or device to a parameter's `.data` instead would drop its gradient accumulator
+    (torch's VariableHooks::set_data), and with it the hooks DDP registered there: the next backward of the
+    process that saved would then skip the all-reduce the other processes wait in."""
+    kept: list[tuple[dict[str, Any], str, Any]] = []
+    copies: dict[int, Any] = {}  # tied tensors stay tied
     try:
-        for module in modules:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                if tensor.is_floating_point():
-                    kept.append((tensor, tensor.data))
-                    tensor.data = tensor.data.to("cpu", dtype)
+        for sub in {id(m): m for module in modules for m in module.modules()}.values():
+            for table in (sub._parameters, sub._buffers):
+                for name, tensor in table.items():
+                    if tensor is None or not tensor.is_floating_point():
+                        continue
+                    if id(tensor) not in copies:
+                        copy = tensor.detach().to("cpu", dtype)
+                        copies[id(tensor)] = nn.Parameter(copy, requires_grad=False) if isinstance(
+                            tensor, nn.Parameter) else copy
+                    kept.append((table, name, tensor))
+                    table[name] = copies[id(tensor)]
         yield
     finally:
-        for tensor, data in kept:
-            tensor.data = data
+        for table, name, tensor in reversed(kept):
+            table[name] = tensor
+
+
+def unread_parameters(encoder: nn.Module, slot: Any, clip_skip: int) -> list[nn.Parameter]:
+    """The parameters of a text encoder whose output the denoiser never reads: its last `slot.unread_layers`
+    layers (SDXL's CLIP-L: the last one) and, where the read hidden state is taken before it and no pooled
+    embedding is read, its final layer norm. They get no gradient, which DDP (without find_unused_parameters)
+    stops at, as kohya-ss/sd-scripts#997 did for LoRA (conjure.methods.lora.text_encoder_targets)."""
+    # CLIPTextModel's modules sit at its root in transformers 5, CLIPTextModelWithProjection's under text_model.
+    named = {name.removeprefix("text_model."): m for name, m in encoder.named_modules()}
+    if slot.kind != "clip" or "encoder.layers" not in named:
+        return []
+    layers = list(named["encoder.layers"].children())
+    unread = slot.unread_layers(clip_skip)
+    modules = layers[len(layers) - unread:] if unread else []
+    if not slot.final_norm and not slot.pooled:
+        modules.append(named["final_layer_norm"])
+    return [p for m in modules for p in m.parameters()]
 
 
 class FullFinetune:
@@ -48,7 +77,7 @@ class FullFinetune:
 
     kind = "finetune"
 
-    def __init__(self, model: LoadedModel, section: Any):
+    def __init__(self, model: LoadedModel, section: Any, *, clip_skip: int = 1):
         self.model, self.section = model, section
         rates = section.learning_rates()
         present = {model.family.denoiser, *(slot.encoder for slot in model.family.text_encoders)}
@@ -60,9 +89,13 @@ class FullFinetune:
         # float32 masters (the loop cast every part to the run's precision), or bf16 weights that the fused
         # backward pass steps in float32 (conjure.train.optimizers.FusedBackward)
         dtype = torch.bfloat16 if section.weights_dtype == "bf16" else torch.float32
-        for module in self.modules.values():
+        slots = {slot.encoder: slot for slot in model.family.text_encoders}
+        for name, module in self.modules.items():
             module.to(dtype)
             module.requires_grad_(True)
+            if name in slots:  # what the denoiser never reads gets no gradient: under DDP that stops the run
+                for p in unread_parameters(module, slots[name], clip_skip):
+                    p.requires_grad_(False)
         self._params = [(f"{component}.{n}", p) for component, module in self.modules.items()
                         for n, p in module.named_parameters()]
         ema = section.ema

@@ -56,11 +56,15 @@ class FluxConditioning:
         if text is None:
             text = self.encode(pairs, captions, device)
         hidden, pooled = text["encoder_hidden_states"], text["pooled_projections"]
+        from accelerate.utils import extract_model_from_parallel
+
+        # the transformer's own config: under several processes `denoiser` is its DDP wrapper
+        guided = extract_model_from_parallel(denoiser).config.guidance_embeds
 
         def predict(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
             b, _, h, w = noisy.shape
             guidance = None
-            if denoiser.config.guidance_embeds:  # FluxPipeline: a float32 tensor of the value per sample
+            if guided:  # FluxPipeline: a float32 tensor of the value per sample
                 guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
             out = denoiser(
                 hidden_states=pack_latents(noisy), timestep=sigmas.to(noisy.device, noisy.dtype),
