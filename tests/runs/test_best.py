@@ -75,6 +75,9 @@ def test_nothing_to_compare_without_held_out_loss(tmp_path):
 def test_steps_without_a_checkpoint_are_not_suggested(tmp_path):
     run = _run(tmp_path, {0: 1.0, 5: 0.5, 10: 0.6}, checkpoints=(10,))
     assert suggest(read_rows(run)).step == 10
+    run = _run(tmp_path / "b", {0: 1.0, 5: 0.5}, checkpoints=(4,))
+    suggestion = suggest(read_rows(run))
+    assert suggestion.step is None and "validate at the steps that are saved" in suggestion.reason
 
 
 def test_runs_score_prints_the_table_and_the_suggestion(tmp_path, capsys):

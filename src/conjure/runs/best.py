@@ -86,8 +86,10 @@ def suggest(rows: list[StepRow]) -> Suggestion:
     base = next((r for r in rows if r.step == 0 and r.val_loss is not None), None)
     trained = [r for r in rows if r.step > 0 and r.val_loss is not None and r.checkpoint is not None]
     if base is None or base.val_loss is None or not trained:
-        why = "no held-out loss at step 0" if base is None else "no checkpointed step with a held-out loss"
-        return Suggestion(None, RULE, f"nothing to compare: {why} (set validation.holdout or validation.loss_images)")
+        why = ("no held-out loss at step 0 (set validation.holdout or validation.loss_images, and validation.at_start)"
+               if base is None else "no kept checkpoint of a step with a held-out loss (validate at the steps that "
+               "are saved: basic.validate_every_n_steps a multiple of save_every_n_steps)")
+        return Suggestion(None, RULE, f"nothing to compare: {why}")
     best = min(trained, key=lambda r: (r.val_loss, r.step))
     assert best.val_loss is not None  # every trained row has one
     if best.val_loss >= base.val_loss * (1 - IMPROVED):
