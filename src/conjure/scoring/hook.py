@@ -27,8 +27,10 @@ if TYPE_CHECKING:
     from conjure.data.example import Example
     from conjure.train.settings import ValidationSettings
 
-# A cap so that a large data set costs the first validation seconds on a CPU (embedded once per run), not minutes.
-MAX_REFERENCE_IMAGES = 64
+# A cap on what the first validation embeds (once per run): a CLIP of ViT-L/14's shape took 4-5 s per image on one
+# thread of a busy 2-core machine (random weights, 2026-12-05), so 32 images cost it ~2.5 min. Every validation
+# compares with the same images, so the cap leaves steps comparable.
+MAX_REFERENCE_IMAGES = 32
 
 
 def reference_images(examples: list[Example]) -> list[Path]:
