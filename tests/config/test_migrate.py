@@ -135,7 +135,7 @@ def test_cross_field_rules_name_their_field(data, field):
 
 def test_the_method_sections_come_after_data_as_before():
     """YAML, the schema and the web form list the method's sections where the version 1 types had them."""
-    common = ["type", "version", "basic", "data"], ["validation", "optimizer", "advanced"]
+    common = ["type", "version", "basic", "data"], ["validation", "optimizer", "advanced", "export"]
     for type_name, sections in [("textual_inversion", ["textual_inversion"]), ("lora", ["lora"]),
                                 ("pivotal", ["textual_inversion", "lora"])]:
         cls = CONFIG_TYPES[type_name]

@@ -325,7 +325,7 @@ def test_training_form_launch_and_monitor(page, ui_server, dataset, shots, tmp_p
 
     # sections are fieldsets of the schema; inputs by type, with help text and defaults
     assert page.locator("details.section").evaluate_all("(ds) => ds.map((d) => d.dataset.section)") == [
-        "basic", "data", "textual_inversion", "validation", "optimizer", "advanced"]
+        "basic", "data", "textual_inversion", "validation", "optimizer", "advanced", "export"]
     assert field(page, "basic.max_train_steps").get_attribute("type") == "number"
     assert field(page, "data.center_crop").get_attribute("type") == "checkbox"
     assert field(page, "advanced.mixed_precision").evaluate("(s) => s.tagName") == "SELECT"

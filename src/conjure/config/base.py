@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from conjure.config.presets import apply_to_config
 from conjure.config.problems import FieldProblem
-from conjure.config.sections import AdvancedConfig, BasicConfig, DataConfig, OptimizerConfig, ValidationConfig
+from conjure.config.sections import (
+    AdvancedConfig, BasicConfig, DataConfig, ExportConfig, OptimizerConfig, ValidationConfig,
+)
 
 CONFIG_VERSION: Final = 2
 """Version 1: the config types named the family too (sd_lora, sdxl_lora, ...); conjure.config.migrate reads them."""
@@ -42,6 +44,7 @@ class RunConfigBase(RunConfigHead):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     _migration_notes: list[str] = PrivateAttr(default_factory=list)
     _preset_choices: dict[str, tuple[Any, str]] = PrivateAttr(default_factory=dict)
 

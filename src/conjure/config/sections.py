@@ -244,6 +244,20 @@ class DataConfig(Section):
         return list(self.sources) if self.sources else [SourceConfig(path=self.source)]
 
 
+class ExportConfig(Section):
+    """What the files a run writes for sharing say in their headers (README "Files ready to share")."""
+
+    metadata: Literal["full", "minimal", "none"] = Field(
+        "full", description="'full': kohya's training record (settings, image counts, tags, data-set folder names, "
+        "base model name and hash) as model sites and app info panels show it; 'minimal': no training record, "
+        "only the file's kind, title, trigger, description and hashes; 'none': only what apps need to load it.",
+    )
+    description: str | None = Field(
+        None, description="modelspec.description of the files; null: one line of the method, family, images, "
+        "steps and trigger.",
+    )
+
+
 class ValidationConfig(Section):
     """Images made during training so you can pick the best step."""
 

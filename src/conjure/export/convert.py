@@ -36,6 +36,7 @@ from conjure.errors import ConjureError
 from conjure.export.embeddings import BUNDLE_PREFIX, bundle_from_file, save_embedding, split_targets
 from conjure.export.kohya import (KOHYA_PARTS, kohya_fused_parts, layout_from_metadata, one_alpha, parse_kohya,
                                   write_kohya)
+from conjure.export.sharing import HASH_KEYS, finish_shared_file, shareable
 from conjure.export.kohya_names import resolve_module_path
 from conjure.export.lora import (
     FORMATS,
@@ -288,6 +289,7 @@ def convert(src: Path, dst: Path, opts: ConvertOptions) -> Converted:
     layout, inspection = _layout(src, opts.resize_rank is not None or opts.energy is not None)
     to = _target_format(src, dst, layout, opts)
     tensors, header = read_lora_file(src)
+    header = shareable(header)  # a file of an older conjure names its base model by its path
     bundle = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
     source = _Source(src, layout, {k: v for k, v in tensors.items() if k not in bundle}, header, inspection)
     split = split_targets(bundle, dst, opts.force) if opts.split_bundle else {}
@@ -300,6 +302,8 @@ def convert(src: Path, dst: Path, opts: ConvertOptions) -> Converted:
         save_lora_file({**_recast(source.lora, opts.dtype), **bundle}, dst, header)
     else:
         report = _relayout(source, dst, to, bundle, opts)
+    if any(key in header for key in HASH_KEYS):
+        finish_shared_file(dst)  # the source's hashes were of other bytes
     for path, embedding in split.values():
         save_embedding(path, embedding, {})
     return Converted(dst, to, report, {name: path for name, (path, _) in split.items()})

@@ -8,16 +8,17 @@ from collections import Counter
 from typing import Any
 
 from conjure import families
+from conjure.inspection.sharing import sharing_lines
 from conjure.inspection.model import FAILING, IGNORED, Inspection, ModelFile, Module, Verdict
 
 __all__ = ["as_json", "as_text", "trigger_words"]
 
-# metadata keys worth a line of their own, in this order (kohya sd-scripts train_network.py, modelspec, conjure)
+# metadata keys worth a line of their own, in this order (kohya sd-scripts train_network.py, modelspec, conjure);
+# the training record's base model, times, data and settings are the `sharing` table's (inspection/sharing.py)
 TRAINING_KEYS = (
-    "ss_output_name", "ss_training_comment", "ss_sd_model_name", "ss_base_model_version", "ss_network_module",
-    "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_steps", "ss_epoch", "ss_num_epochs",
-    "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_resolution", "ss_num_train_images", "ss_clip_skip",
-    "ss_training_started_at", "modelspec.architecture", "modelspec.title", "modelspec.resolution",
+    "ss_output_name", "ss_training_comment", "ss_base_model_version", "ss_network_module",
+    "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_steps", "ss_resolution",
+    "modelspec.architecture", "modelspec.title", "modelspec.resolution",
     "modelspec.prediction_type", "modelspec.date", "modelspec.implementation", "name", "step",
 )
 _SKIPPED_META = {"lora_adapter_metadata", "ss_tag_frequency", "ss_dataset_dirs", "ss_datasets", "ss_bucket_info"}
@@ -147,6 +148,7 @@ def as_text(insp: Inspection, verdicts: list[Verdict]) -> str:
     if facts:
         lines.append("metadata")
         lines += [f"  {k}: {v}" for k, v in facts]
+    lines += sharing_lines(insp.metadata)
     lines.append("apps")
     for v in verdicts:
         lines += _verdict_lines(v, len(insp.shapes))

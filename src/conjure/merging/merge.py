@@ -19,6 +19,7 @@ import torch
 
 from conjure.errors import ConjureError
 from conjure.export.lora import file_dtype
+from conjure.export.sharing import finish_shared_file, model_name
 from conjure.export.single_file import save_single_file, weights_file
 from conjure.files import atomic_folder
 from conjure.merging import METHODS, formulas
@@ -173,9 +174,11 @@ def merge_models(models: list[str], out: Path, recipe: MergeRecipe, *, base: str
     if out.suffix.lower() == ".safetensors":
         states = {c: _merged(recipe, sources, base_source, c, dtype) for c in sources[0].components()}
         count = sum(len(s) for s in states.values())
-        meta = {"conjure.merge": json.dumps({"models": models, "base": base, **asdict(recipe)})}
+        names = {"models": [model_name(m) for m in models], "base": model_name(base) if base else None}
+        meta = {"conjure.merge": json.dumps({**names, **asdict(recipe)})}
         save_single_file(states, out, fam, dtype=dtype, metadata=meta, prediction_type=sources[0].prediction_type,
                          unet_config=sources[0].unet_config)
+        finish_shared_file(out)  # its own hash
     else:
         count = _write_folder(out, recipe, sources, base_source, dtype)
     return MergeResult(out, fam.name, recipe, count, time.perf_counter() - started)

@@ -236,8 +236,6 @@ class Lora:
             "ss_steps": str(step),
             **({"ss_clip_skip": str(self.clip_skip)} if family.clip_skip else {}),
         })
-        if trigger:
-            meta["ss_tag_frequency"] = '{"conjure": {"%s": 1}}' % trigger.replace('"', '\\"')
         meta.update(conjure_keys(
             method="dora" if s.dora else "lora", step=step, base_model=base_model, rank=s.rank, alpha=s.alpha,
             unet_targets=self.preset, text_encoder=s.train_text_encoder, trigger_words=trigger or "",

@@ -106,6 +106,7 @@ def _save(model: Any, out: Path, save_dtype: str, loras: list[LoraInput]) -> Non
     import torch
 
     from conjure.export.lora import file_dtype
+    from conjure.export.sharing import finish_shared_file
     from conjure.export.single_file import save_single_file
     from conjure.files import atomic_folder
     from conjure.models.tiny import save_model_folder
@@ -114,6 +115,7 @@ def _save(model: Any, out: Path, save_dtype: str, loras: list[LoraInput]) -> Non
     if Path(out).suffix == ".safetensors":
         baked = "; ".join(f"{lora.path.name}:{lora.weight:g}" for lora in loras)
         save_single_file(model.components, out, fam, dtype=save_dtype, metadata={"conjure.baked_loras": baked})
+        finish_shared_file(Path(out))  # its own hash
         return
     dtype = file_dtype(save_dtype)
     parts = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in model.components.items()}

@@ -91,6 +91,7 @@ def combine(loras: list[LoraInput], out: Path, *, rank: int | None = None, save_
     from conjure.export.kohya import layout_from_metadata, save_kohya
     from conjure.export.lora import file_dtype
     from conjure.export.resize import pad_fused, resize_weights
+    from conjure.export.sharing import finish_shared_file
 
     if len(loras) < 2:
         raise ConjureError("give at least two LoRA files to combine")
@@ -108,7 +109,9 @@ def combine(loras: list[LoraInput], out: Path, *, rank: int | None = None, save_
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max(result.ranks.values())),
         "ss_network_alpha": str(alpha),
-        "ss_training_comment": "combined by conjure lora combine: " + ", ".join(str(lora) for lora in loras),
+        "ss_training_comment": "combined by conjure lora combine: " + ", ".join(
+            f"{lora.path.name}:{lora.weight:g}" for lora in loras),  # names: a shared file tells no folders
     }
     save_kohya(Path(out), weights, meta, family, layout, dtype=None)
+    finish_shared_file(Path(out))  # its own hashes
     return result

@@ -155,6 +155,7 @@ def extract(base: str, tuned: str, out: Path, *, rank: int | None = None, energy
     from conjure.export.convert import cast_weights
     from conjure.export.kohya import save_kohya
     from conjure.export.lora import file_dtype
+    from conjure.export.sharing import finish_shared_file
     from conjure.merging.sources import open_source
     from conjure.export.kohya import one_alpha
 
@@ -186,4 +187,5 @@ def extract(base: str, tuned: str, out: Path, *, rank: int | None = None, energy
     meta = _metadata(rank, energy, conv_rank, alpha, base, tuned)
     weights = cast_weights(weights, file_dtype(save_dtype))  # refuses values beyond float16's range
     save_kohya(Path(out), weights, meta, fam, base_model.unet_config, dtype=None)
+    finish_shared_file(Path(out))  # its own hashes
     return result

@@ -117,6 +117,7 @@ class TrainingSession:
         self.settings, self.dataset, self.params = parts.settings, parts.dataset, parts.params
         self.latent_cache, self.text_cache = parts.latent_cache, parts.text_cache
         self.held_out = HeldOutLoss(parts.held_out) if parts.held_out is not None else None
+        self.record = parts.record
         self.model, self.recipe, self.accelerator = model, recipe, accelerator
         self.run_dir = run_dir
         self.max_steps = self.settings.max_steps
@@ -381,10 +382,10 @@ class TrainingSession:
         }
         folder = write_checkpoint(
             self.run_dir, at, state,
-            lambda tmp: self.recipe.save(
+            lambda tmp: self.record.finish(self.recipe.save(
                 tmp, step=at, resolution=settings.resolution, base_model=settings.base_model,
                 run_name=self.run_dir.name, prediction_type=target,
-            ),
+            ), at),
         )
         self.last_saved = at
         files = sorted(p.name for p in folder.iterdir() if p.name != "training_state.pt")

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from conjure.export.sharing import model_name
+
 if TYPE_CHECKING:
     from conjure.config import RunConfig
 
@@ -35,7 +37,7 @@ class LoopSettings:
     the figures setup settles: the training resolution, the precision and the number of steps."""
 
     config_type: str
-    base_model: str
+    base_model: str  # as the files written name it: a hub id or a file name, never a path (export/sharing.py)
     seed: int
     resolution: int
     mixed_precision: str  # "no", "fp16" or "bf16", as resolved (never "auto")
@@ -65,7 +67,7 @@ class LoopSettings:
         """`guidance_scale`: the family's, for a validation section that leaves it null."""
         basic, data, adv, val = config.basic, config.data, config.advanced, config.validation
         return cls(
-            config_type=config.type, base_model=basic.base_model, seed=basic.seed, resolution=resolution,
+            config_type=config.type, base_model=model_name(basic.base_model), seed=basic.seed, resolution=resolution,
             mixed_precision=mixed_precision, max_steps=max_steps, batch_size=data.batch_size,
             dataloader_num_workers=data.dataloader_num_workers,
             gradient_accumulation_steps=adv.gradient_accumulation_steps, max_grad_norm=adv.max_grad_norm,

@@ -29,6 +29,7 @@ from conjure.train.control import say
 from conjure.train.launch import refuse_sharding
 from conjure.train.heldout import SEED as HELD_OUT_SEED
 from conjure.train.optimizers import build_optimizer, optimizer_warnings
+from conjure.train.kohya_record import RunRecord, run_record
 from conjure.train.settings import LoopSettings
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class SessionParts:
     lr_scheduler: LambdaLR
     latent_cache: LatentCache | None
     text_cache: TextCache | None
+    record: RunRecord  # what the files it writes say of the run (train/kohya_record.py)
     held_out: TrainDataset | None = None  # the held-out loss's images (conjure.train.heldout)
 
 
@@ -320,8 +322,12 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
     )
     latent_cache, fresh_text_cache = _caches(config, model, recipe.trainable_modules())
     held_out = _dataset(config, spec, held, resolution, model.family, held_out=True) if held else None
+    record = run_record(config, spec, model.family, sizes=dataset.sizes, per_epoch=per_epoch, max_steps=max_steps,
+                        class_images=sum(e.is_class for e in examples), mixed_precision=mixed_precision,
+                        num_processes=accelerator.num_processes, validation_images=len(held or []),
+                        optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}")
     return SessionParts(settings, dataset, [p for g in groups for p in g["params"]], optimizer, lr_scheduler,
-                        latent_cache, text_cache or fresh_text_cache, held_out)
+                        latent_cache, text_cache or fresh_text_cache, record, held_out)
 
 
 def data_loader(dataset: TrainDataset, settings: LoopSettings, *, first: int, end: int, rank: int,
