@@ -68,6 +68,7 @@ def test_an_embedding_gets_the_model_spec_hash_and_no_ss_keys(tmp_path):
     meta = finish_shared_file(path, {"ss_seed": "3", "modelspec.trigger_phrase": "<e>"})
     assert meta["modelspec.trigger_phrase"] == "<e>" and not any(k.startswith(("ss_", "sshs_")) for k in meta)
     assert meta["modelspec.hash_sha256"] == "0x" + hashlib.sha256(_read(path)[1]).hexdigest()
+    assert finish_shared_file(path, level="none") == {"modelspec.title": "e"}  # none: apps hash it themselves
 
 
 def test_no_legacy_hash_where_its_range_reaches_into_the_header(tmp_path):

@@ -1,11 +1,13 @@
 """`conjure merge` end to end on tiny models: a diffusers folder and a single file that load back and hold the
 formula's values; mixed families and misfit options refused in one line."""
 
+import json
 import shutil
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conjure.cli import main
@@ -52,6 +54,10 @@ def test_ties_single_file_equals_the_folder_merge(models, tmp_path):
         assert torch.equal(mine, theirs), name
     merged, ta, tb, tc = (unet_tensor(p) for p in (folder.path, a, b, base))
     assert torch.equal(merged, formulas.ties(tc, [ta, tb], [1.0, 1.0], density=0.5))
+    with safe_open(str(single.path), "pt") as f:
+        meta = f.metadata()  # the models by name, not by folder (issue 24), and the file's own hash
+    assert json.loads(meta["conjure.merge"])["models"] == [a.name, b.name] and meta["modelspec.hash_sha256"][:2] == "0x"
+    assert not any(str(a.parent) in v or str(tmp_path) in v for v in meta.values())
 
 
 def test_refusals(models, tiny_models, tmp_path):

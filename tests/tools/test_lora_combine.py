@@ -70,6 +70,9 @@ def test_combined_file_equals_the_files_applied_in_turn(sdxl, tmp_path):
         alphas = {f.get_tensor(k).item() for k in f.keys() if k.endswith(".alpha")}
         meta = f.metadata()
     assert alphas == {6.0} and meta["conjure.unet_layers_per_block"] == "1"  # one alpha; the tiny layout kept
+    # shareable: the inputs by name, not by folder (issue 24), and the file's own hash
+    assert meta["ss_training_comment"].endswith(": a.safetensors:0.7, b.safetensors:-1.5")
+    assert not any(str(tmp_path) in v for v in meta.values()) and len(meta["sshs_model_hash"]) == 64
     combined, _ = load_kohya(out)
     in_turn, at_once = copy.deepcopy(sdxl), copy.deepcopy(sdxl)
     apply_lora(in_turn, a, 0.7)

@@ -76,6 +76,8 @@ def test_a_flux_lora_trains_saves_the_trained_adapters_and_validates(lora_config
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys  # kohya's fused FLUX layout
     assert "lora_unet_single_blocks_1_linear1.lora_down.weight" in keys
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+    # kohya flux_train_network.py's own keys (train/kohya_record.py), in its vocabulary
+    assert (meta["ss_model_type"], meta["ss_weighting_scheme"], meta["ss_model_prediction_type"]) == ("flux", "none", "raw")
     # the file holds exactly the trained adapters (fp32 file): read back and split, every tensor equal
     weights, _ = load_kohya(path, FLUX)
     for (component, module_path), m in weights.items():

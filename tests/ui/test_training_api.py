@@ -525,7 +525,7 @@ NOT_PATHS = {
     "basic.revision", "basic.variant", "basic.run_name", "data.caption_prefix", "data.shuffle_caption_delimiter",
     "data.sources.caption", "validation.prompts", "validation.negative_prompt", "textual_inversion.placeholder_token",
     "textual_inversion.initializer", "textual_inversion.replace_word", "lora.output_name", "lora.trigger_word",
-    "finetune.output_name", "validation.class_word",
+    "finetune.output_name", "validation.class_word", "export.description",
 }
 """String fields that name no file or folder (run_name and output_name are names, checked on their own)."""
 

@@ -86,9 +86,10 @@ def _sources(config: RunConfig, captions: Any) -> tuple[dict, dict, dict]:
 
 def run_record(config: RunConfig, spec: MethodSpec, family: Family, *, sizes: list[tuple[int, int]],
                class_images: int, per_epoch: int, max_steps: int, mixed_precision: str,
-               num_processes: int, optimizer: str, validation_images: int = 0) -> RunRecord:
+               num_processes: int, optimizer: str, validation_images: int = 0, main: bool = True) -> RunRecord:
     """The record of a run about to start; `sizes`: each training item's bucket (the data set's `sizes`);
-    `validation_images`: the held-out loss's images (validation.holdout), kohya's validation split."""
+    `validation_images`: the held-out loss's images (validation.holdout), kohya's validation split; `main`:
+    whether this is the process that writes the files (the others do not hash the base model)."""
     from conjure.data.captions import caption_transform
 
     basic, data, adv, opt = config.basic, config.data, config.advanced, config.optimizer
@@ -126,11 +127,13 @@ def run_record(config: RunConfig, spec: MethodSpec, family: Family, *, sizes: li
         "ss_bucket_info": json.dumps({"buckets": {i: {"resolution": list(size), "count": n}
                                                   for i, (size, n) in enumerate(sorted(buckets.items()))}}
                                      if data.aspect_ratio_buckets else None),
-        "ss_sd_model_name": model_name(basic.base_model), **base_file_hashes(basic.base_model),
+        "ss_sd_model_name": model_name(basic.base_model), **(base_file_hashes(basic.base_model) if main else {}),
     }
     if basic.vae:
         keys["ss_vae_name"] = model_name(basic.vae)
-        keys.update({k.replace("sd_model", "vae"): v for k, v in base_file_hashes(basic.vae).items()})
+        keys.update({k.replace("sd_model", "vae"): v for k, v in (base_file_hashes(basic.vae) if main else {}).items()})
+    if family.objective == "flow":
+        keys.update(_flow_keys(adv, family))
     trigger = spec.trigger(config)
     if trigger:
         keys["modelspec.trigger_phrase"] = trigger
@@ -138,6 +141,19 @@ def run_record(config: RunConfig, spec: MethodSpec, family: Family, *, sizes: li
         config, family, trigger, len(sizes) - class_images, max_steps)
     return RunRecord({k: str(v) for k, v in keys.items()}, config.export.metadata,
                      per_epoch / adv.gradient_accumulation_steps)
+
+
+def _flow_keys(adv: Any, family: Family) -> dict[str, Any]:
+    """kohya flux_train_network.py update_metadata's keys for a flow-matching model (48d368fa), in its vocabulary
+    (library/flux_train_utils.py): conjure's `shift` sampling is its `flux_shift`; the target is the velocity as
+    the model predicts it (`raw`); T5's padding is not masked (train/flux.py); no discrete shift or mode scale."""
+    return {
+        "ss_model_type": family.name, "ss_apply_t5_attn_mask": False, "ss_weighting_scheme": adv.loss_weighting,
+        "ss_logit_mean": adv.logit_mean, "ss_logit_std": adv.logit_std, "ss_mode_scale": None,
+        "ss_guidance_scale": adv.guidance, "ss_sigmoid_scale": 1.0, "ss_model_prediction_type": "raw",
+        "ss_timestep_sampling": {"shift": "flux_shift"}.get(adv.timestep_sampling, adv.timestep_sampling),
+        "ss_discrete_flow_shift": None,
+    }
 
 
 def _description(config: RunConfig, family: Family, trigger: str | None, images: int, steps: int) -> str:

@@ -325,7 +325,8 @@ def assemble(config: RunConfig, spec: MethodSpec, model: LoadedModel, recipe: Re
     record = run_record(config, spec, model.family, sizes=dataset.sizes, per_epoch=per_epoch, max_steps=max_steps,
                         class_images=sum(e.is_class for e in examples), mixed_precision=mixed_precision,
                         num_processes=accelerator.num_processes, validation_images=len(held or []),
-                        optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}")
+                        optimizer=f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+                        main=accelerator.is_main_process)
     return SessionParts(settings, dataset, [p for g in groups for p in g["params"]], optimizer, lr_scheduler,
                         latent_cache, text_cache or fresh_text_cache, record, held_out)
 
