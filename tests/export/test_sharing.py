@@ -107,13 +107,14 @@ def test_the_levels_keep_what_they_say():
     meta = {"ss_network_module": "networks.lora", "ss_network_args": "{}", "ss_seed": "3", "ss_output_name": "o",
             "ss_tag_frequency": "{}", "modelspec.architecture": "a", "modelspec.title": "t",
             "modelspec.description": "d", "modelspec.trigger_phrase": "zwx", "conjure.base_model": "b",
-            "conjure.rank": "4", "conjure.unet_layers_per_block": "1"}
+            "conjure.rank": "4", "conjure.unet_layers_per_block": "1", "lora_adapter_metadata": "{}"}
     assert shareable(meta, "full") == meta
     assert set(shareable(meta, "minimal")) == {"ss_network_module", "ss_network_args", "ss_output_name",
                                                "modelspec.architecture", "modelspec.title", "modelspec.description",
                                                "modelspec.trigger_phrase", "conjure.rank",
-                                               "conjure.unet_layers_per_block"}
+                                               "conjure.unet_layers_per_block", "lora_adapter_metadata"}
     assert set(shareable(meta, "none")) == {"ss_network_module", "ss_network_args", "modelspec.architecture",
-                                            "modelspec.title", "conjure.unet_layers_per_block"}
+                                            "modelspec.title", "conjure.unet_layers_per_block",
+                                            "lora_adapter_metadata"}
     with pytest.raises(ConjureError, match="export.metadata"):
         shareable(meta, "some")

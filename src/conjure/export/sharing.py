@@ -44,10 +44,11 @@ LEGACY_RANGE = (0x100000, 0x110000)
 # kohya library/train_util.py SS_METADATA_MINIMUM_KEYS (48d368fa): what its --no_metadata keeps, as loaders read it
 KOHYA_MINIMUM = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                  "ss_network_args")
-# What loading the file needs, whatever the level: kohya's minimum, the model spec's required keys and the
+# What loading the file needs, whatever the level: kohya's minimum, diffusers' PEFT adapter config
+# (`lora_adapter_metadata`, export/peft.py) and transformers' `format`, the model spec's required keys and the
 # `conjure.*` keys conjure's own readers use (the kohya layout, a pivotal pair's links, the file's family).
 LOAD_KEYS = frozenset(KOHYA_MINIMUM + (
-    "format", "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.title",
+    "format", "lora_adapter_metadata", "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.title",
     "modelspec.resolution", "modelspec.prediction_type", "conjure.version", "conjure.family", "conjure.method",
     "conjure.unet_layers_per_block", "conjure.unet_up_block_attention", "conjure.kohya_alpha_dtype",
     "conjure.pivotal_token", "conjure.pivotal_embedding", "conjure.pivotal_lora", "conjure.placeholder_token",
