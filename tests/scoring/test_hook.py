@@ -89,6 +89,15 @@ def test_on_without_the_model_stops_the_run_before_training(ti_config, run_confi
     assert not list((tmp_path / "runs").glob("*/checkpoints/*"))
 
 
+def test_on_says_what_scores(ti_config, tiny_clip, image_folder):
+    said: list[str] = []
+    settings = validation_settings(ti_config(validation={"image_scores": "on", "score_model": str(tiny_clip)}))
+    examples = [Example(p, None) for p in sorted(image_folder.glob("*.png"))]
+    assert image_scoring(settings, examples, said.append) is not None
+    assert said == [f"image scores: {tiny_clip} on the CPU; fidelity against 6 training images (embedded at the "
+                    "first validation)"]
+
+
 def test_off_loads_nothing(ti_config, tiny_clip):
     said: list[str] = []
     settings = validation_settings(ti_config(validation={"image_scores": "off", "score_model": str(tiny_clip)}))

@@ -82,7 +82,7 @@ class ImageScoring:
 
 
 def image_scoring(settings: ValidationSettings, examples: list[Example], say: Any) -> ImageScoring | None:
-    """The run's scorer, or None when scoring is off (`say` gets the one line of why, under "auto")."""
+    """The run's scorer, or None when scoring is off; `say` gets one line either way (under "auto": why off)."""
     if settings.image_scores == "off" or not settings.prompts:
         return None
     try:  # "auto" never downloads (HF_HUB_OFFLINE=1 keeps "on" from it too: transformers reads it)
@@ -92,4 +92,7 @@ def image_scoring(settings: ValidationSettings, examples: list[Example], say: An
             raise
         say(f"image scores off: {error}; validation.image_scores: on downloads a hub model, off silences this line")
         return None
-    return ImageScoring(scorer, reference_images(examples), settings.alignment_prompts)
+    references = reference_images(examples)
+    say(f"image scores: {settings.score_model} on the CPU; fidelity against {len(references)} training images "
+        "(embedded at the first validation)")
+    return ImageScoring(scorer, references, settings.alignment_prompts)
