@@ -81,8 +81,9 @@ def launch(processes: int, train_args: list[str], stop_timeout_s: int) -> int:
     launcher gets them) is forwarded by torch's elastic agent to every process (`_shutdown(death_sig)`,
     torch/distributed/elastic/agent/server/api.py, torch 2.13), which then finish their step and save one
     checkpoint together (`agree_stop`); the agent kills them only after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (torch's
-    default 30 s), set here to `stop_timeout_s` (advanced.distributed_timeout_s) so that a long step and checkpoint
-    of a large model still complete. accelerate's `_run_torchrun` (accelerate 1.16.0) then exits 128 + the signal."""
+    default 30 s), set here to `stop_timeout_s` (advanced.distributed_timeout_s) unless set already, so that a
+    long step and checkpoint of a large model still complete. accelerate's `_run_torchrun` (accelerate 1.16.0)
+    then exits 128 + the signal."""
     import signal
 
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser, multi_gpu_launcher
@@ -96,7 +97,7 @@ def launch(processes: int, train_args: list[str], stop_timeout_s: int) -> int:
         "--dynamo_backend", "no", "-m", "conjure", "train", *train_args,
     ])
     args, _, _ = _validate_launch_command(args)
-    os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(stop_timeout_s)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(stop_timeout_s))  # unless set by hand
     stops = {128 + sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))}
     try:
         multi_gpu_launcher(args)
