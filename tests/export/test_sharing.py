@@ -118,3 +118,21 @@ def test_the_levels_keep_what_they_say():
                                             "lora_adapter_metadata"}
     with pytest.raises(ConjureError, match="export.metadata"):
         shareable(meta, "some")
+
+
+def test_a_converted_file_names_no_folder_and_states_its_own_hashes(tmp_path):
+    from conjure.adapters import LoraModule
+    from conjure.export.convert import ConvertOptions, convert
+    from conjure.export.kohya import save_kohya
+
+    g = torch.Generator().manual_seed(0)
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    weights = {("unet", path): LoraModule(torch.randn(4, 768, generator=g), torch.randn(320, 4, generator=g), alpha=4.0)}
+    old = {"ss_network_module": "networks.lora", "conjure.base_model": "/home/someone/models/v1-5.safetensors"}
+    src = save_kohya(tmp_path / "old.safetensors", weights, old, "sd1")
+    finish_shared_file(src)  # hashes of the fp32 file
+    convert(src, tmp_path / "half.safetensors", ConvertOptions(dtype="fp16"))
+    header, data = _read(tmp_path / "half.safetensors")
+    meta = header["__metadata__"]
+    assert meta["conjure.base_model"] == "v1-5.safetensors"  # a file of an older conjure, named as it is shared
+    assert meta["sshs_model_hash"] == hashlib.sha256(data).hexdigest()  # its own bytes', not the source's
