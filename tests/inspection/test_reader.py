@@ -117,3 +117,17 @@ def test_an_embedding_of_a_toy_width_takes_the_family_its_header_names(tmp_path)
     assert (named.family, named.family_certain) == ("sd1", False)
     bare = inspect_file(write(tmp_path, {"emb_params": (1, 64)}, name="bare.safetensors"))
     assert (bare.family, bare.family_certain) == (None, False)
+
+
+def test_a_safetensors_header_whose_length_starts_with_a_pickle_opcode_reads_as_safetensors(tmp_path):
+    """The length's low byte 0x80 (one safetensors header in 32, conjure's shared files' among them) is no pickle."""
+    import json
+    import struct
+
+    path = write(tmp_path, {"emb_params": (2, 8)})
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(json.loads(raw[8:8 + n])).encode()
+    header += b" " * (0x180 - len(header))  # a length of 0x180: its first byte is 0x80
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n:])
+    assert path.read_bytes()[:1] == b"\x80" and inspect_file(path).format == "safetensors"

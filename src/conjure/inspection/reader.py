@@ -72,10 +72,15 @@ def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, Shape], dict
 
 
 def _is_pickle(path: Path) -> bool:
+    """By suffix, else by the first bytes. A safetensors file starts with its header's length (8 bytes, little
+    endian) and the header's "{": a length whose low byte is 0x80 (one in 32 of them, padded to 8) would look
+    like a pickle's PROTO opcode otherwise."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return True
     with open(path, "rb") as f:
-        return f.read(4).startswith(_ZIP_OR_PICKLE)
+        head = f.read(9)
+    safetensors_layout = len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    return head.startswith(_ZIP_OR_PICKLE) and not safetensors_layout
 
 
 def _read(path: Path, allow_pickle: bool):
