@@ -111,6 +111,8 @@ def assert_single_file_is_the_folder(checkpoint, name):
     folder, file = checkpoint / name, checkpoint / f"{name}.safetensors"
     with safe_open(file, "pt") as f:
         assert f.metadata()["conjure.method"] == "finetune" and f.metadata()["conjure.ema"] == "True"
+        meta = f.metadata()  # shareable (issue 24): the base model by name, no folder of the run's in the header
+    assert "/" not in meta["conjure.base_model"] and not any(str(checkpoint.parents[3]) in v for v in meta.values())
     one = StableDiffusionPipeline.from_single_file(str(file), config=str(folder), safety_checker=None)
     other = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     for part in ("unet", "vae", "text_encoder"):
