@@ -6,6 +6,8 @@ still "run"; these tests fail on them (the sabotage tests below check that the c
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -63,22 +65,44 @@ def load_embedding(pipe, variant, path):
     )
 
 
-def measure(variant, embedding):
-    """Yellow share and concept loss with the token, before (initializer) and after training."""
+def on_the_base_model(measure_base):
+    """`measure_base(variant, ...)` on the base model, taken once per arguments in a test process and copied out:
+    every run of one family is measured against the same "before"."""
+    cache = {}
+
+    def get(*args):
+        if args not in cache:
+            cache[args] = measure_base(*args)
+        return copy.deepcopy(cache[args])
+
+    return get
+
+
+CONTROL_TI = "a red circle on a white background"
+
+
+@on_the_base_model
+def before_ti(variant):
     pipe = load_pipeline(toy_model(variant))
     scenes = concept_scenes(8, seed=999)  # unseen images of the concept, with the training captions' form
-    concept = [render(s) for s in scenes]
-    control = np.asarray(generate(pipe, "a red circle on a white background", SEEDS[:4])[0])
     before = {
         "yellow": score(readings(pipe, PROBE[variant].format(INITIALIZER), SEEDS), colour="yellow"),
-        "loss": fixed_noise_loss(pipe, concept, [concept_caption(s, INITIALIZER) for s in scenes]),
+        "loss": fixed_noise_loss(pipe, [render(s) for s in scenes], [concept_caption(s, INITIALIZER) for s in scenes]),
     }
+    return before, np.asarray(generate(pipe, CONTROL_TI, SEEDS[:4])[0])
+
+
+def measure(variant, embedding):
+    """Yellow share and concept loss with the token, before (initializer) and after training."""
+    before, control = before_ti(variant)
+    pipe = load_pipeline(toy_model(variant))
+    scenes = concept_scenes(8, seed=999)
     load_embedding(pipe, variant, embedding)
     after = {
         "yellow": score(readings(pipe, PROBE[variant].format(TOKEN), SEEDS), colour="yellow"),
-        "loss": fixed_noise_loss(pipe, concept, [concept_caption(s, TOKEN) for s in scenes]),
+        "loss": fixed_noise_loss(pipe, [render(s) for s in scenes], [concept_caption(s, TOKEN) for s in scenes]),
     }
-    unchanged = np.array_equal(control, np.asarray(generate(pipe, "a red circle on a white background", SEEDS[:4])[0]))
+    unchanged = np.array_equal(control, np.asarray(generate(pipe, CONTROL_TI, SEEDS[:4])[0]))
     return before, after, unchanged
 
 
@@ -167,32 +191,37 @@ def train_lora(variant, tmp_path, *, dora=False, steps=LORA_STEPS):
     return result.checkpoints[-1] / "lora.safetensors"
 
 
+def state(pipe, variant, word):
+    """Concept share and loss with `word`, and the control prompt's colour and pixels."""
+    scenes = concept_scenes(8, seed=999)
+    return {
+        "yellow": score(readings(pipe, PROBE[variant].format(word), SEEDS), colour="yellow"),
+        "loss": fixed_noise_loss(pipe, [render(s) for s in scenes], [concept_caption(s, word) for s in scenes]),
+        "control": score(readings(pipe, CONTROL, SEEDS[:8]), colour="blue"),
+        "pixels": np.asarray(generate(pipe, CONTROL, SEEDS[:4])[0], dtype=np.float64),
+    }
+
+
+@on_the_base_model
+def base_state(variant, word):
+    return state(load_pipeline(toy_model(variant)), variant, word)
+
+
 def measure_lora(variant, path, *, dora):
-    """Concept share and loss with the trigger, and the control prompt's colour and pixels, before and after
-    loading the file the way apps do (diffusers' loader; conjure's reader for kohya DoRA, which diffusers drops)."""
+    """`state` with the trigger before and after loading the file the way apps do (diffusers' loader; conjure's
+    reader for kohya DoRA, which diffusers drops)."""
     from conjure.export.convert import apply_lora
     from conjure.export.kohya import load_kohya
 
+    before = base_state(variant, TRIGGER)
     pipe = load_pipeline(toy_model(variant))
-    scenes = concept_scenes(8, seed=999)
-    concept = [render(s) for s in scenes]
-
-    def state():
-        return {
-            "yellow": score(readings(pipe, PROBE[variant].format(TRIGGER), SEEDS), colour="yellow"),
-            "loss": fixed_noise_loss(pipe, concept, [concept_caption(s, TRIGGER) for s in scenes]),
-            "control": score(readings(pipe, CONTROL, SEEDS[:8]), colour="blue"),
-            "pixels": np.asarray(generate(pipe, CONTROL, SEEDS[:4])[0], dtype=np.float64),
-        }
-
-    before = state()
     if dora:
         components = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")
                       if getattr(pipe, name, None) is not None}
         apply_lora(components, load_kohya(path)[0])
     else:
         pipe.load_lora_weights(str(path))
-    after = state()
+    after = state(pipe, variant, TRIGGER)
     after["control_change"] = float(np.abs(after.pop("pixels") - before.pop("pixels")).mean())
     return before, after
 
@@ -257,26 +286,13 @@ def train_pivotal(variant, tmp_path, *, steps=PIVOTAL_STEPS):
 def measure_pivotal(variant, lora, embedding):
     """Before: the base model with the initializer word. After: the LoRA and the embedding loaded into the
     pipeline as apps do, with the token. Alone: the embedding without the LoRA (its concept loss only)."""
+    before = base_state(variant, INITIALIZER)
     pipe = load_pipeline(toy_model(variant))
     scenes = concept_scenes(8, seed=999)
-    concept = [render(s) for s in scenes]
-
-    def loss(word):
-        return fixed_noise_loss(pipe, concept, [concept_caption(s, word) for s in scenes])
-
-    def state(word):
-        return {
-            "yellow": score(readings(pipe, PROBE[variant].format(word), SEEDS), colour="yellow"),
-            "loss": loss(word),
-            "control": score(readings(pipe, CONTROL, SEEDS[:8]), colour="blue"),
-            "pixels": np.asarray(generate(pipe, CONTROL, SEEDS[:4])[0], dtype=np.float64),
-        }
-
-    before = state(INITIALIZER)
     load_embedding(pipe, variant, embedding)
-    alone = {"loss": loss(TOKEN)}
+    alone = {"loss": fixed_noise_loss(pipe, [render(s) for s in scenes], [concept_caption(s, TOKEN) for s in scenes])}
     pipe.load_lora_weights(str(lora))
-    after = state(TOKEN)
+    after = state(pipe, variant, TOKEN)
     after["control_change"] = float(np.abs(after.pop("pixels") - before.pop("pixels")).mean())
     return before, after, alone
 

@@ -1,14 +1,17 @@
 """Learning test of the full fine-tune: training every UNet weight on the yellow-star images (captioned with the
-word "zwx" in place of "yellow star") teaches the toy SD 1.x model the concept, measured on the diffusers folder
-the run saved, loaded as apps load a model; with latents left unscaled the same run does not pass the criterion.
+word "zwx" in place of "yellow star") teaches each toy model (SD 1.x, SD 2.x, SDXL) the concept, measured on the
+diffusers folder the run saved, loaded as apps load a model; a broken trainer (latents left unscaled, SD 2.x's
+v-prediction model trained against the epsilon target) does not pass the same criterion.
 
-Measured (80 steps at 2e-4, batch 8): yellow 0.125 -> 0.5 for "a zwx" over 16 seeds, concept loss 0.90x. A full
-fine-tune moves every weight with Adam's sign-like first steps, so its rate is far below a LoRA's (3e-3 there):
-1e-3 made the concept loss rise (1.30x at 30 steps), 3e-4 for 40 steps left it at 0.98x.
+Measured at 2e-4, batch 8, "a zwx" over 16 seeds (SDXL: the caption form, as in test_learning.py): SD 1.x 80
+steps: yellow 0.125 -> 0.5, concept loss 0.90x; SD 2.x 120 steps: 0.06 -> 0.5, 0.80x (80 steps: 0.06 -> 0.25, too
+little); SDXL 120 steps: 0.5 -> 1.0, 0.91x (80 steps: 0.94, 0.95x; 80 at 3e-4: 0.88, 0.97x). A full fine-tune moves
+every weight with Adam's sign-like first steps, so its rate is far below a LoRA's (3e-3 there): 1e-3 made SD 1.x's
+concept loss rise (1.30x at 30 steps), 3e-4 for 40 steps left it at 0.98x.
 
-The same fine-tune (trained once per module) extracted as a rank-16 LoRA (`conjure lora extract`'s code) and loaded
-by diffusers keeps its learning: yellow 0.4375, 103% of the loss gain; written without the alpha/rank scale it
-keeps 29% and fails (figures in the README, "LoRA tools").
+The SD 1.x fine-tune (trained once per module) extracted as a rank-16 LoRA (`conjure lora extract`'s code) and
+loaded by diffusers keeps its learning: yellow 0.4375, 103% of the loss gain; written without the alpha/rank scale
+it keeps 29% and fails (figures in the README, "LoRA tools").
 """
 
 from __future__ import annotations
@@ -22,16 +25,19 @@ from conjure.toy.models import concept_caption, concept_scenes, toy_model, write
 from conjure.toy.world import render
 from conjure.train.loop import train
 
-TRIGGER, STEPS, LR = "zwx", 80, 2e-4
+TRIGGER, LR = "zwx", 2e-4
+STEPS = {"sd1": 80, "sd2": 120, "sdxl": 120}
+PROBE = {"sd1": "a {}", "sd2": "a {}", "sdxl": "a large {} in the center on a white background"}
 EXTRACT_RANK = 16
 SEEDS = list(range(16))
 
 
-def train_finetune(tmp_path):
+def train_finetune(variant, tmp_path):
+    steps = STEPS[variant]
     raw = {
         "type": "finetune",
-        "basic": {"base_model": str(toy_model("sd1")), "output_dir": str(tmp_path / "runs"), "run_name": "finetune",
-                  "max_train_steps": STEPS, "save_every_n_steps": STEPS, "validate_every_n_steps": None, "seed": 0},
+        "basic": {"base_model": str(toy_model(variant)), "output_dir": str(tmp_path / "runs"), "run_name": "finetune",
+                  "max_train_steps": steps, "save_every_n_steps": steps, "validate_every_n_steps": None, "seed": 0},
         "data": {"source": str(write_concept_set(tmp_path / "concept", TRIGGER)), "batch_size": 8,
                  "random_flip": True},
         "finetune": {"save_dtype": "fp32", "output_name": "model"},
@@ -42,20 +48,33 @@ def train_finetune(tmp_path):
     return train(parse_config(raw)).checkpoints[-1] / "model"
 
 
-def measure(model_dir, lora=None):
+def measure(variant, model_dir, lora=None):
     pipe = load_pipeline(model_dir)
     if lora is not None:
         pipe.load_lora_weights(str(lora))  # diffusers' own reader, as apps load the file
     scenes = concept_scenes(8, seed=999)  # unseen images of the concept
     return {
-        "yellow": score(readings(pipe, f"a {TRIGGER}", SEEDS), colour="yellow"),
+        "yellow": score(readings(pipe, PROBE[variant].format(TRIGGER), SEEDS), colour="yellow"),
         "loss": fixed_noise_loss(pipe, [render(s) for s in scenes], [concept_caption(s, TRIGGER) for s in scenes]),
     }
 
 
 @pytest.fixture(scope="module")
-def before():
-    return measure(toy_model("sd1"))
+def base_scores():
+    """variant -> the base model's measure, taken once per module."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            cache[variant] = measure(variant, toy_model(variant))
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def before(base_scores):
+    return base_scores("sd1")
 
 
 def learned(before, after) -> bool:
@@ -64,18 +83,26 @@ def learned(before, after) -> bool:
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-    """The fine-tune, trained once for this module's tests."""
-    return train_finetune(tmp_path_factory.mktemp("finetune"))
+    """The SD 1.x fine-tune, trained once for this module's tests."""
+    return train_finetune("sd1", tmp_path_factory.mktemp("finetune"))
 
 
 @pytest.fixture(scope="module")
 def after(finetuned):
-    return measure(finetuned)
+    return measure("sd1", finetuned)
 
 
 @pytest.mark.slow
 def test_finetune_teaches_the_concept(before, after):
     print("finetune", before, after)
+    assert learned(before, after), (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sd2", "sdxl"])
+def test_finetune_teaches_the_concept_to_sd2_and_sdxl(base_scores, variant, tmp_path):
+    before, after = base_scores(variant), measure(variant, train_finetune(variant, tmp_path))
+    print("finetune", variant, before, after)
     assert learned(before, after), (before, after)
 
 
@@ -103,23 +130,34 @@ def test_the_extracted_lora_keeps_the_finetunes_learning(before, after, finetune
         monkeypatch.setattr(extract_mod, "extract_module", unscaled)
     path = tmp_path / "extracted.safetensors"
     extract_mod.extract(str(toy_model("sd1")), str(finetuned), path, rank=EXTRACT_RANK, save_dtype="fp32")
-    lora = measure(toy_model("sd1"), lora=path)
+    lora = measure("sd1", toy_model("sd1"), lora=path)
     print("extracted", sabotage, before, after, lora)
     assert kept(before, after, lora) != bool(sabotage), (before, after, lora)
 
 
-@pytest.mark.slow
-def test_the_finetune_criterion_fails_with_unscaled_latents(before, tmp_path, monkeypatch):
+def unscaled_latents(patch):
     import conjure.train.loss as loss
 
     real = loss.encode_latents
+    patch.setattr(loss, "encode_latents", lambda vae, pixels, generator: real(vae, pixels, generator)
+                  / vae.config.scaling_factor)
 
-    def unscaled(vae, pixels, generator):
-        return real(vae, pixels, generator) / vae.config.scaling_factor
 
-    with monkeypatch.context() as patch:
-        patch.setattr(loss, "encode_latents", unscaled)
-        folder = train_finetune(tmp_path)
-    after = measure(folder)
-    print("finetune, unscaled", before, after)
+def epsilon_target(patch):
+    """SD 2.x's v-prediction model trained against the epsilon target."""
+    import conjure.train.loss as loss
+
+    patch.setattr(loss, "diffusion_target", lambda scheduler, latents, noise, timesteps: noise)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, sabotage", [("sd1", unscaled_latents), ("sd2", epsilon_target),
+                                               ("sdxl", unscaled_latents)], ids=["sd1-unscaled", "sd2-epsilon",
+                                                                                  "sdxl-unscaled"])
+def test_the_finetune_criterion_fails_on_a_broken_trainer(base_scores, variant, sabotage, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:  # sabotage training only, not the measurement
+        sabotage(patch)
+        folder = train_finetune(variant, tmp_path)
+    before, after = base_scores(variant), measure(variant, folder)
+    print("finetune, broken", variant, sabotage.__name__, before, after)
     assert not learned(before, after)
