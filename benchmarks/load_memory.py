@@ -7,7 +7,8 @@ and `mixed_precision: bf16`, in a fresh `conjure train` process with HF_HUB_OFFL
 figure is the process's VmHWM (/proc/PID/status: the peak resident set, file-backed pages included) read when the
 run's events.jsonl gets its "start" line; the process is then ended. So this is loading only: activations come on
 top and depend on the resolution. `--with-config` also sets basic.base_model_config to a folder of the shipped
-configs with tokenizer files (what a version without shipped configs needs offline).
+configs with tokenizer files (what a version without shipped configs needs offline); `--folder` measures a
+diffusers folder of the same model (fp16 weights, one file per part) in place of the single file.
 
     python benchmarks/load_memory.py --families sd1 --write docs/benchmarks.md
     python benchmarks/load_memory.py --families sdxl --work /tmp/bench-23   # 6.5 GiB file: >= 14 GiB free RAM
@@ -51,9 +52,13 @@ def checkpoint_shapes(family: str) -> dict[str, tuple[int, ...]]:
 
 
 def write_checkpoint(family: str, path: Path, seed: int = 0) -> int:
-    """A random-weight fp16 .safetensors of the full-size `family`, one tensor at a time (the safetensors layout:
-    an 8-byte header length, the JSON header, then each tensor's bytes); returns its size in bytes."""
-    shapes = checkpoint_shapes(family)
+    """A random-weight fp16 .safetensors of the full-size `family` in the original layout; returns its size."""
+    return write_safetensors(checkpoint_shapes(family), path, seed)
+
+
+def write_safetensors(shapes: dict[str, tuple[int, ...]], path: Path, seed: int = 0) -> int:
+    """Random fp16 tensors of `shapes`, one at a time (the safetensors layout: an 8-byte header length, the JSON
+    header, then each tensor's bytes); returns the file's size in bytes."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes.items():
@@ -63,12 +68,29 @@ def write_checkpoint(family: str, path: Path, seed: int = 0) -> int:
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     generator = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
         f.write(len(encoded).to_bytes(8, "little") + encoded)
         for shape in shapes.values():
             tensor = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
             f.write(tensor.to(torch.float16).numpy().tobytes())
     return path.stat().st_size
+
+
+def write_folder(family: str, folder: Path) -> int:
+    """A random-weight fp16 diffusers folder of the full-size `family` (configs, tokenizers, one weights file per
+    part); returns the weights' size in bytes."""
+    from conjure.models.reference import build_reference_components
+
+    parts = build_reference_components(family, device="meta")
+    config_folder(family, folder)
+    size = 0
+    for name, part in parts.items():
+        if isinstance(part, torch.nn.Module):
+            file = "model.safetensors" if "text_encoder" in name else "diffusion_pytorch_model.safetensors"
+            shapes = {k: tuple(v.shape) for k, v in part.state_dict().items()}
+            size += write_safetensors(shapes, folder / name / file)
+    return size
 
 
 def config_folder(family: str, folder: Path) -> Path:
@@ -128,6 +150,7 @@ def main() -> None:
     parser.add_argument("--families", default="sd1", help="comma-separated: sd1, sdxl")
     parser.add_argument("--work", type=Path, default=None, help="folder for the files (default: a temporary one)")
     parser.add_argument("--with-config", action="store_true", help="set basic.base_model_config too")
+    parser.add_argument("--folder", action="store_true", help="a diffusers folder in place of a single file")
     parser.add_argument("--conjure-src", type=Path, default=None, help="the conjure src folder to measure")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint files")
     parser.add_argument("--timeout", type=float, default=900.0)
@@ -139,14 +162,19 @@ def main() -> None:
     images = make_images(work / "images", count=2)["ti"]
     rows = []
     for family in args.families.split(","):
-        checkpoint = work / f"{family}.safetensors"
+        checkpoint = work / (f"{family}-folder" if args.folder else f"{family}.safetensors")
         try:
-            # a file kept by an earlier --keep run is reused
-            size = checkpoint.stat().st_size if checkpoint.is_file() else write_checkpoint(family, checkpoint)
+            if args.folder:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+                size = write_folder(family, checkpoint)
+            else:  # a file kept by an earlier --keep run is reused
+                size = checkpoint.stat().st_size if checkpoint.is_file() else write_checkpoint(family, checkpoint)
             config = config_folder(family, work / f"{family}-config") if args.with_config else None
             peak = peak_to_start(checkpoint, work, images, config, args.timeout, args.conjure_src)
         finally:
-            if not args.keep:
+            if not args.keep and args.folder:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            elif not args.keep:
                 checkpoint.unlink(missing_ok=True)
         target = TARGETS.get(family)
         rows.append(f"| {family} | {size / GIB:.2f} | {peak / GIB:.2f} | {target if target else '-'} |")
@@ -156,7 +184,7 @@ def main() -> None:
     publish("\n".join([
         f"### Peak RAM to the start event, full-size single files ({dt.date.today()}, {machine()})", "",
         f"`python benchmarks/load_memory.py --families {args.families}"
-        f"{' --with-config' if args.with_config else ''}`: textual inversion, `advanced.cpu: true`, bf16, "
+        f"{' --with-config' if args.with_config else ''}{' --folder' if args.folder else ''}`: textual inversion, `advanced.cpu: true`, bf16, "
         "random fp16 weights in the original layout, HF_HUB_OFFLINE=1 with an empty HF_HOME; peak RSS = VmHWM "
         "when events.jsonl gets its start line.", "",
         "| family | file GiB | peak RSS GiB | target GiB |", "|---|---|---|---|", *rows,

@@ -57,6 +57,12 @@ def test_parts_load_in_the_frozen_dtype_as_a_cast_after_loading_would_leave_them
                 expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
                 assert lean_state[key].dtype == expected.dtype and torch.equal(lean_state[key], expected), key
         assert all(p.dtype == torch.float32 for p in lean.vae.parameters())
+    # the folder's UNet, read tensor by tensor into a meta-built model (loading._diffusers_part), is diffusers' own
+    from diffusers import UNet2DConditionModel
+
+    reference = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").state_dict()
+    assert reference.keys() == full.unet.state_dict().keys()
+    assert all(torch.equal(tensor, full.unet.state_dict()[key]) for key, tensor in reference.items())
 
 
 def test_a_lean_loaded_run_trains_the_same_losses(ldm, single_file_model, image_folder, tmp_path, monkeypatch):
