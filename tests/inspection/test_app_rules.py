@@ -284,3 +284,45 @@ def test_diffusers_own_loader_refuses_a_text_encoder_without_out_proj_and_loads_
     adapted = {(c, p) for c in ("unet", "text_encoder")
                for p, m in getattr(pipe, c).named_modules() if isinstance(m, LoraLayer)}
     assert {p.removeprefix("text_model.") for _, p in adapted} == {p.removeprefix("text_model.") for _, p in paths}
+
+
+def test_diffusers_gives_kohya_attention_projections_their_components_most_common_alpha(tmp_path):
+    """Read against the installed loader: after load_lora_weights each layer's scaling is alpha/rank for what the
+    rule passes and the component's most common alpha/rank for what it calls wrong."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from conjure.adapters import LoraModule
+    from conjure.export.kohya import save_kohya
+    from conjure.models.tiny import build_tiny_components
+
+    components = build_tiny_components("sd1")
+    block = "down_blocks.0.attentions.0.transformer_blocks.0."
+    alphas = {("unet", block + "attn2.to_q"): 2.0, ("unet", block + "attn2.to_v"): 1.0,
+              ("unet", block + "attn1.to_out.0"): 1.0, ("unet", block + "ff.net.2"): 4.0,
+              ("unet", "down_blocks.0.resnets.0.conv1"): 4.0,
+              ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj"): 2.0,
+              ("text_encoder", "text_model.encoder.layers.0.self_attn.k_proj"): 2.0,
+              ("text_encoder", "text_model.encoder.layers.0.self_attn.out_proj"): 1.0,
+              ("text_encoder", "text_model.encoder.layers.0.mlp.fc1"): 4.0}
+    weights = {}
+    for (component, path), alpha in alphas.items():
+        w = components[component].get_submodule(path.removeprefix("text_model.")).weight
+        kernel = (1, 1) if w.dim() == 4 else ()
+        weights[(component, path)] = LoraModule(torch.ones(2, *w.shape[1:]), torch.ones(w.shape[0], 2, *kernel), alpha)
+    path = save_kohya(tmp_path / "k.safetensors", weights, {}, "sd1")
+    (v,) = [v for v in verdicts(inspect_file(path)) if v.app == "diffusers"]
+    wrong = {k.split(".")[0] for f in v.findings if f.outcome == WRONG for k in f.keys}
+    assert wrong == {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q",
+                     "lora_te_text_model_encoder_layers_0_self_attn_out_proj",
+                     "lora_te_text_model_encoder_layers_0_mlp_fc1"}
+
+    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    pipe.load_lora_weights(str(path))
+    common = {"unet": 1.0, "text_encoder": 2.0}
+    for (component, module_path), alpha in alphas.items():
+        layer = getattr(pipe, component).get_submodule(module_path.removeprefix("text_model."))
+        assert isinstance(layer, LoraLayer)
+        name = ("lora_unet_" if component == "unet" else "lora_te_") + module_path.replace(".", "_")
+        expected = common[component] if name in wrong else alpha
+        assert layer.scaling["default_0"] == expected / 2, module_path

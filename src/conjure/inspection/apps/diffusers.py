@@ -17,13 +17,22 @@
   `convert_state_dict_to_peft` (utils/state_dict_utils.py) by `to_out_lora` alone. Without an `out_proj` module
   an encoder with only q/k/v modules raises "Could not automatically infer state dict type"; with mlp modules as
   well, its q/k/v are unexpected keys and left out. The PEFT layout carries no guess (`conjure convert --to peft`).
+- SD/SDXL kohya alphas go to PEFT as one `lora_alpha` per component (its modules' most common alpha) and an
+  `alpha_pattern` for the rest (utils/peft_utils.py `get_peft_kwargs`); the pattern's keys of attention projections
+  (`...attn1.processor.to_q_lora...`, text encoders' `self_attn` and mlp) match no module, and peft ignores them
+  with a warning: those layers apply the component's most common alpha (reproduced in
+  tests/inspection/test_app_rules.py; FLUX.1's converter folds each alpha into the weights instead).
 - PEFT files load per pipeline component (`unet.` / `transformer.` / `text_encoder.` / `text_encoder_2.`); keys of
   a component the pipeline lacks are never read. LoHa / LoKr have no SD/SDXL/FLUX.1 reader.
 """
 
 from __future__ import annotations
 
+import collections
+import re
+
 from conjure.inspection.apps.rules import (
+    CLIP_LAYER,
     embedding_widths,
     family_of,
     grouped,
@@ -32,7 +41,7 @@ from conjure.inspection.apps.rules import (
     slot_kind,
 )
 from conjure.inspection.keys import KOHYA_PREFIXES
-from conjure.inspection.model import DROPPED, REFUSED, Finding, Inspection, Module
+from conjure.inspection.model import DROPPED, REFUSED, WRONG, Finding, Inspection, Module
 
 NAME = "diffusers"
 VERSION = "diffusers 0.42.1"
@@ -133,9 +142,36 @@ def _text_encoder_format_guess(insp: Inspection) -> list[Finding]:
     return findings
 
 
+_UNET_ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+
+
+def _alpha_pattern(insp: Inspection) -> list[Finding]:
+    """Kohya attention projections (and CLIP mlp) whose alpha is not their component's most common one: diffusers
+    applies the most common one (the module docstring)."""
+    if not _kohya_file(insp) or family_of(insp).unet_naming == "bfl":
+        return []
+    by_component: dict[str, list[Module]] = {}
+    for m in sorted(insp.modules, key=lambda m: m.name):  # the file's key order, which the Counter's ties follow
+        if m.component is not None and m.alpha is not None:
+            by_component.setdefault(m.component, []).append(m)
+    findings = []
+    for component, modules in by_component.items():
+        common = collections.Counter(m.alpha for m in modules).most_common(1)[0][0]
+        clip = slot_kind(insp, component) == "clip"
+        layer = CLIP_LAYER if clip else _UNET_ATTENTION
+        wrong = [k for m in modules if m.alpha != common and m.targets and layer.search(m.targets[0]) for k in m.keys]
+        if wrong:
+            findings.append(Finding(WRONG, f"diffusers gives {component}'s attention projections"
+                                    f"{' and mlp' if clip else ''} one alpha, its most common ({common:g}): peft "
+                                    "ignores their alpha_pattern keys; one alpha per file loads right (or save the "
+                                    "PEFT layout: conjure convert --to peft)", tuple(wrong)))
+    return findings
+
+
 RULES = (
     _refusals,
     _text_encoder_format_guess,
+    _alpha_pattern,
     _dora_scale,
     _components,
     _lycoris,
