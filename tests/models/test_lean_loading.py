@@ -3,6 +3,7 @@ trained, and a single file of each SD family loads with conjure's own configs, w
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -158,3 +159,16 @@ def test_the_family_comes_from_the_files_key_names(write_single_file, family):
 
     path, _ = write_single_file(family, sgm=family == "sd2")
     assert file_family(file_keys(path, None)[0]).name == family
+
+
+@pytest.mark.parametrize("cut", ["header", "weights"])
+def test_a_truncated_single_file_is_one_line(write_single_file, cut):
+    """The tensor-by-tensor reader meets the end of a cut file: a ConjureError naming it, no traceback."""
+    from conjure.errors import ConjureError
+
+    path, _ = write_single_file("sd1")
+    data = path.read_bytes()
+    path.write_bytes(data[:100] if cut == "header" else data[: len(data) - 1000])
+    why = "header is cut short" if cut == "header" else "the file ends inside tensor"
+    with pytest.raises(ConjureError, match=f"checkpoint {re.escape(repr(str(path)))}: .*{why}"):
+        load_base_model(str(path))

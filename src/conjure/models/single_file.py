@@ -67,7 +67,10 @@ class CheckpointTensors:
                 length = int.from_bytes(f.read(8), "little")
                 if not 0 < length <= 100 * 2**20:  # the format's own limit on the header
                     raise ValueError("not a safetensors file (bad header length)")
-                header = json.loads(f.read(length))
+                try:
+                    header = json.loads(f.read(length))
+                except ValueError:  # json's errors and undecodable bytes
+                    raise ValueError("its safetensors header is cut short or corrupt") from None
             header.pop("__metadata__", None)
             self.start, self.header = 8 + length, header
             self.keys = set(header)
