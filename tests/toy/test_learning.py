@@ -167,7 +167,9 @@ def test_the_learning_criterion_fails_with_unscaled_latents(tmp_path, monkeypatc
 
 TRIGGER = "zwx"
 CONTROL = "a large blue square in the center on a grey background"
-LORA_STEPS, LORA_LR = 200, 3e-3
+# 150 steps (2026-12-05): yellow +0.31 (sd2 DoRA, the closest) to +0.5, loss 0.81-0.90x, control pixels moved 3-9;
+# 200 steps gained little more for a third more time (README, "The toy models: proof that training teaches")
+LORA_STEPS, LORA_LR = 150, 3e-3
 
 
 def lora_folder(tmp_path):
