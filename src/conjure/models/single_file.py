@@ -180,7 +180,7 @@ def single_file_facts(
     return prediction, zero_snr, resolution
 
 
-def _filled(part: Any, name: str, path: Path) -> Any:
+def filled(part: Any, name: str, path: Path) -> Any:
     """`part`, refused where the file left any of its weights unfilled (still on the meta device)."""
     missing = next((n for n, p in part.named_parameters() if p.is_meta), None)
     if missing is not None:
@@ -213,15 +213,15 @@ def _parts(tensors: CheckpointTensors, fam: Family, config: str, dtype: Any) -> 
 
     keys, path = tensors.keys, tensors.path
     unet_keys = sorted(k for k in keys if k.startswith(fam.checkpoint_unet_prefix))
-    parts: dict[str, Any] = {"unet": _filled(UNet2DConditionModel.from_single_file(
+    parts: dict[str, Any] = {"unet": filled(UNet2DConditionModel.from_single_file(
         tensors.read(unet_keys, dtype), config=config, subfolder="unet", torch_dtype=dtype), "UNet", path)}
     vae_keys = sorted(k for k in keys if k.startswith(fam.checkpoint_vae_prefix))
-    parts["vae"] = _filled(AutoencoderKL.from_single_file(
+    parts["vae"] = filled(AutoencoderKL.from_single_file(
         tensors.read(vae_keys, torch.float32), config=config, subfolder="vae", torch_dtype=torch.float32), "VAE", path)
     for slot in fam.text_encoders:
         cls = CLIPTextModelWithProjection if slot.pooled else CLIPTextModel
         state = tensors.read(_encoder_keys(fam, slot, keys), dtype)
-        parts[slot.encoder] = _filled(create_diffusers_clip_model_from_ldm(
+        parts[slot.encoder] = filled(create_diffusers_clip_model_from_ldm(
             cls, state, subfolder=slot.encoder, config=config, torch_dtype=dtype), slot.encoder, path)
         parts[slot.tokenizer] = _tokenizer(config, slot)
     # Training uses the DDPM forward process of the config's schedule, whatever sampler it names
