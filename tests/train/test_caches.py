@@ -11,6 +11,8 @@ from conjure.config import ConfigError, parse_config
 from conjure.errors import ConjureError
 from conjure.train.loop import train
 from conjure.train.text_ahead import encode_ahead as real_ahead
+from conjure.train.text_ahead import free_encoders as real_free
+from conjure.train.text_ahead import still_needed
 
 
 @pytest.fixture
@@ -76,7 +78,8 @@ def test_text_encoded_ahead_trains_what_the_step_by_step_cache_does(tiny_models,
                                                                      monkeypatch):
     """On a GPU the captions and validation prompts are encoded before the denoiser is placed and the encoders
     leave for the CPU (train/text_ahead.py); forced here on the CPU: every caption and prompt is encoded once, up
-    front, none during the steps or the validations, and the run trains what the step-by-step cache trains."""
+    front, none during the steps or the validations, the encoders are then freed (nothing needs them again), and
+    the run trains what the step-by-step cache trains."""
     import conjure.train.conditioning as conditioning
     import conjure.train.loop as loop
 
@@ -92,14 +95,54 @@ def test_text_encoded_ahead_trains_what_the_step_by_step_cache_does(tiny_models,
     prompts = counting(monkeypatch, conditioning, "prompt_embeds")
     monkeypatch.setattr(loop, "offloads", lambda device: True)
     monkeypatch.setattr(loop, "encode_ahead", lambda *a, **k: texts.append(("ahead",)) or real_ahead(*a, **k))
+    freed = []
+    monkeypatch.setattr(loop, "free_encoders", lambda model, ahead: freed.append(model) or real_free(model, ahead))
     ahead = run("ahead")
     assert texts[0] == ("ahead",)
+    (model,) = freed
+    assert all(model.components[slot.encoder] is None for slot in model.family.text_encoders)
     encoded = [c for args in texts[1:] for c in args[1]]
     assert sorted(encoded) == sorted(["zwx picture, item 0", "zwx picture, item 1", ""] + ["a zwx photo", "a painting"]
                                      + [""] * 2)  # two prompts, each with its empty negative
     assert len(prompts) == 2  # once each, though the run validated twice (steps 3 and 6)
     for key in step_by_step:
         torch.testing.assert_close(ahead[key], step_by_step[key], atol=1e-6, rtol=1e-5)
+
+
+def test_flux_text_encoded_ahead_frees_t5_and_clip_and_trains_the_same(tiny_models, folder, tmp_path, monkeypatch):
+    """FLUX.1's T5 and CLIP-L, encoded ahead (forced on the CPU) and then freed, give the steps the step-by-step
+    cache gives, validation included (its prompt read from what was encoded ahead)."""
+    import conjure.train.loop as loop
+
+    def run(name):
+        raw = config(tiny_models, folder, tmp_path, name, "flux", cache_text_encoder_outputs=True,
+                     caption_dropout=0.3)
+        raw.basic.validate_every_n_steps = 3
+        return final_state(train(raw))
+
+    step_by_step = run("lazy")
+    freed = []
+    monkeypatch.setattr(loop, "offloads", lambda device: True)
+    monkeypatch.setattr(loop, "free_encoders", lambda model, ahead: freed.append(model) or real_free(model, ahead))
+    ahead = run("ahead")
+    (model,) = freed
+    assert [model.components[slot.encoder] for slot in model.family.text_encoders] == [None, None]
+    for key in step_by_step:
+        torch.testing.assert_close(ahead[key], step_by_step[key], atol=1e-6, rtol=1e-5)
+
+
+def test_text_encoders_are_kept_for_the_held_out_loss(tiny_models, folder, tmp_path):
+    """The held-out loss encodes its captions as it measures, so it keeps the encoders; without it they go."""
+    import conjure.train.loop as loop
+
+    raw = config(tiny_models, folder, tmp_path, cache_text_encoder_outputs=True)
+    raw.validation.holdout = 0.25
+    freed = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "offloads", lambda device: True)
+        patch.setattr(loop, "free_encoders", lambda model, ahead: freed.append(model))
+        train(raw)
+    assert not freed and still_needed([]) is None
 
 
 def test_disk_cache_is_reused_and_recomputes_exactly_the_changed_image(tiny_models, folder, tmp_path, monkeypatch):

@@ -37,7 +37,9 @@ from conjure.train.setup import (
 from conjure.train.launch import agree_stop, batch_line, every_rank, global_batch, own_rng
 from conjure.train.loss import BatchGenerator
 from conjure.train.skips import SkippedSteps, TooManySkipped, read_step
-from conjure.train.text_ahead import EncodedAhead, captions_ahead, encode_ahead, offloads, prompt_inputs
+from conjure.train.text_ahead import (
+    EncodedAhead, captions_ahead, encode_ahead, free_encoders, offloads, prompt_inputs, still_needed,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -68,6 +70,8 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
         prompts = [(p, config.validation.negative_prompt) for p in config.validation.prompts]
         ahead = encode_ahead(model, conditioning, captions_ahead(config, spec, examples), prompts, accelerator,
                              WEIGHT_DTYPES[precision.value])
+        if still_needed(held) is None:
+            free_encoders(model, ahead)
     place_model(model, accelerator.device, precision.value, config.advanced.base_weights_dtype,
                 on_cpu=ahead.on_cpu if ahead else ())
     recipe = spec.build(config, model)

@@ -5,9 +5,17 @@ as its transforms make it, the empty caption where caption dropout is on) and ev
 once, before the denoiser is placed on the GPU; then the text encoders move to the CPU. FLUX.1's T5-XXL alone is
 9.5 GB in bf16: beside FLUX.1's 22 GiB of transformer weights a 24 GB card has no room for it (kohya's
 `--cache_text_encoder_outputs` with its encoders on the CPU, OneTrainer's and SimpleTuner's caches do the same).
-A caption met later that was not encoded ahead (a template chosen at random, an image read in place of a broken
-one) is encoded on the CPU where the encoders are: slower, never wrong. Validation reads the prompts' encodings
-kept here. On the CPU nothing moves, and the cache fills as the steps meet captions (`TextCache`).
+The held-out loss's captions, which are not cached, are encoded on the CPU where the encoders are: slower, never
+wrong. Validation reads the prompts' encodings kept here. On the CPU nothing moves, and the cache fills as the
+steps meet captions (`TextCache`).
+
+Freed, not only moved (`still_needed`): without a held-out loss nothing the run does calls the encoders again, so
+they are dropped from the model. Every caption a step can meet was encoded ahead (an unreadable image's stand-in
+is another example of the data; random prompt templates come only with a placeholder token, whose methods train
+the text encoder and so refuse the cache: train/setup.py), and so was every validation prompt. A FLUX.1 run so
+gives back T5-XXL's 9.5 GB of RAM before it trains (kohya's sd-scripts flux_train_network.py,
+cache_text_encoder_outputs_if_needed, only moves them to the CPU and keeps them). The VAE is kept: validation
+decodes with it and the latent cache encodes an image when its first epoch meets it.
 """
 
 from __future__ import annotations
@@ -58,6 +66,22 @@ def captions_ahead(config: RunConfig, spec: MethodSpec, examples: list[Example])
     if config.data.caption_dropout > 0:
         captions.append("")
     return list(dict.fromkeys(captions))
+
+
+def still_needed(held: list[Example]) -> str | None:
+    """Why the text encoders must stay once the captions were encoded ahead; None when they can be freed (module
+    doc). `held`: the held-out loss's examples."""
+    return "the held-out loss encodes its images' captions" if held else None
+
+
+def free_encoders(model: LoadedModel, ahead: EncodedAhead) -> None:
+    """Drop the text encoders encoded ahead with (`still_needed` said nothing needs them again); their tokenizers
+    stay (the start's long-caption count reads them)."""
+    import gc
+
+    for name in ahead.on_cpu:
+        model.components[name] = None
+    gc.collect()
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
