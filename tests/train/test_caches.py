@@ -9,6 +9,7 @@ from PIL import Image
 
 from conjure.config import ConfigError, parse_config
 from conjure.errors import ConjureError
+from conjure.models.loading import LoadedModel
 from conjure.train.loop import train
 from conjure.train.text_ahead import encode_ahead as real_ahead
 from conjure.train.text_ahead import free_encoders as real_free
@@ -110,8 +111,9 @@ def test_text_encoded_ahead_trains_what_the_step_by_step_cache_does(tiny_models,
 
 
 def test_flux_text_encoded_ahead_frees_t5_and_clip_and_trains_the_same(tiny_models, folder, tmp_path, monkeypatch):
-    """FLUX.1's T5 and CLIP-L, encoded ahead (forced on the CPU) and then freed, give the steps the step-by-step
-    cache gives, validation included (its prompt read from what was encoded ahead)."""
+    """FLUX.1's T5 and CLIP-L, encoded ahead (forced on the CPU) and then freed before the transformer's weights are
+    read, give the steps the step-by-step cache gives, validation included (its prompt read from what was encoded
+    ahead)."""
     import conjure.train.loop as loop
 
     def run(name):
@@ -121,12 +123,19 @@ def test_flux_text_encoded_ahead_frees_t5_and_clip_and_trains_the_same(tiny_mode
         return final_state(train(raw))
 
     step_by_step = run("lazy")
-    freed = []
+    freed, met = [], []
     monkeypatch.setattr(loop, "offloads", lambda device: True)
     monkeypatch.setattr(loop, "free_encoders", lambda model, ahead: freed.append(model) or real_free(model, ahead))
+    read = LoadedModel.load_pending
+    monkeypatch.setattr(LoadedModel, "load_pending", lambda model: met.append(
+        [(name, model.components[name]) for name in ("text_encoder", "text_encoder_2", "transformer")]) or read(model))
     ahead = run("ahead")
     (model,) = freed
     assert [model.components[slot.encoder] for slot in model.family.text_encoders] == [None, None]
+    # the transformer's weights were read after the encoders had gone: until then it was built on the meta device
+    ((clip, t5, transformer),) = met
+    assert clip == ("text_encoder", None) and t5 == ("text_encoder_2", None) and transformer[1].device.type == "meta"
+    assert model.denoiser.device.type == "cpu" and not model.pending
     for key in step_by_step:
         torch.testing.assert_close(ahead[key], step_by_step[key], atol=1e-6, rtol=1e-5)
 

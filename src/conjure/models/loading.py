@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from conjure import families
 from conjure.errors import ConjureError
@@ -51,6 +51,8 @@ class LoadedModel:
     source: str
     components: dict[str, Any] = field(default_factory=dict)
     facts: dict[str, Fact] = field(default_factory=dict)
+    # Parts built on the meta device (their configs only) whose weights `load_pending` reads (Wanted.defer_denoiser)
+    pending: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     @property
     def unet(self) -> Any:
@@ -72,6 +74,12 @@ class LoadedModel:
     def text_encoders(self) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) pairs in the family's order."""
         return [(self.components[s.tokenizer], self.components[s.encoder]) for s in self.family.text_encoders]
+
+    def load_pending(self) -> None:
+        """Read the weights of the parts built on the meta device (`pending`)."""
+        for name, load in self.pending.items():
+            self.components[name] = load()
+        self.pending.clear()
 
 
 def fail(source: str, exc: BaseException, what: str = "base model") -> ConjureError:
@@ -99,6 +107,10 @@ class Wanted:
     # The dtype the run keeps frozen weights in (place_model casts them to it). Every part but the VAE loads in it
     # directly: FLUX.1-dev's transformer and T5 take 68 GB of RAM in float32, 34 GB in bf16, and end up the same.
     frozen_dtype: Any = None
+    # Training: a transformer family's denoiser is built on the meta device and its weights read by
+    # LoadedModel.load_pending, after the text encoders encoded the captions ahead and were freed
+    # (train/text_ahead.py), so FLUX.1-dev's RAM never holds T5-XXL (9.5 GB) beside the transformer (23.8 GB in bf16)
+    defer_denoiser: bool = False
 
     def pick(self, detected: Family) -> Family:
         if self.family != "auto" and self.family != detected.name:
@@ -136,13 +148,14 @@ def load_base_model(
     vae: str | None = None,
     advanced: AdvancedConfig | None = None,
     frozen_dtype: Any = None,
+    defer_denoiser: bool = False,
 ) -> LoadedModel:
     """`allowed_families`: refuse (from the configs, before weights load) a model of another family.
     `prediction_type`: "auto" (from the model) or the user's setting, which wins. `vae`: a VAE to use instead.
     `advanced`: the run's advanced settings, refused (before weights load) where the family cannot use them.
     `frozen_dtype`: the torch dtype the run will cast frozen weights to (None: float32), which every part but
-    the VAE (float32) loads in."""
-    wanted = Wanted(family, allowed_families, method, advanced, frozen_dtype)
+    the VAE (float32) loads in. `defer_denoiser`: Wanted.defer_denoiser."""
+    wanted = Wanted(family, allowed_families, method, advanced, frozen_dtype, defer_denoiser)
     path = Path(base_model).expanduser()
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:

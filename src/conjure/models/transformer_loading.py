@@ -8,6 +8,9 @@ from the transformer's own config: FLUX.1-dev was guidance-distilled and takes t
 transformer) holds the transformer alone; its variant is read from its keys as diffusers reads it
 (`loaders/single_file_utils.py` infer_diffusers_model_type: a `guidance_in` embedder is dev) and must agree with
 the base_model_config's, and diffusers' own converter (`FluxTransformer2DModel.from_single_file`) renames it.
+For training (`Wanted.defer_denoiser`) the transformer is built on the meta device from its config, every check
+done, and its weights are read by `LoadedModel.load_pending` after the captions were encoded ahead and the text
+encoders freed (train/text_ahead.py).
 """
 
 from __future__ import annotations
@@ -61,10 +64,21 @@ def load_transformer_config(source: str, revision: str | None) -> tuple[Family, 
     return fam, dict(config)
 
 
+def read_transformer(source: str, fam: Family, *, revision: str | None, variant: str | None, dtype: Any) -> Any:
+    """A diffusers model's transformer in `dtype` (the run's frozen dtype: loading.Wanted.frozen_dtype)."""
+    import diffusers
+
+    try:
+        return diffusers.FluxTransformer2DModel.from_pretrained(source, subfolder=fam.denoiser, variant=variant,
+                                                                torch_dtype=dtype, revision=revision)
+    except Exception as exc:
+        raise fail(source, exc) from None
+
+
 def load_parts(source: str, fam: Family, *, revision: str | None, variant: str | None, dtype: Any,
-               transformer: Any = None) -> dict[str, Any]:
-    """The pipeline's parts (`transformer` if given): the transformer and text encoders in `dtype` (the run's
-    frozen dtype: loading.Wanted.frozen_dtype), the VAE in float32 (place_model keeps it so under fp16)."""
+               transformer: Any) -> dict[str, Any]:
+    """The pipeline's parts with `transformer`: the text encoders in `dtype` (the run's frozen dtype), the VAE
+    in float32 (place_model keeps it so under fp16)."""
     import diffusers
     import torch
     import transformers
@@ -72,8 +86,7 @@ def load_parts(source: str, fam: Family, *, revision: str | None, variant: str |
     common = {"revision": revision}
     try:
         components: dict[str, Any] = {
-            fam.denoiser: transformer if transformer is not None else diffusers.FluxTransformer2DModel.from_pretrained(
-                source, subfolder=fam.denoiser, variant=variant, torch_dtype=dtype, **common),
+            fam.denoiser: transformer,
             "vae": diffusers.AutoencoderKL.from_pretrained(
                 source, subfolder="vae", variant=variant, torch_dtype=torch.float32, **common),
             # FLUX.1's sampler: its config (base_shift, max_shift, use_dynamic_shifting) is what the flow
@@ -91,13 +104,11 @@ def load_parts(source: str, fam: Family, *, revision: str | None, variant: str |
     return components
 
 
-def load_single_transformer(path: Path, keys: set[str], base_model_config: str | None,
-                            pick: Callable[[Family], Family], dtype: Any) -> tuple[Family, Any, str]:
-    """A FLUX.1 transformer file: (family, the transformer, the variant's source); the other parts come from
-    `base_model_config`, whose transformer config must be of the file's variant. `pick` checks the family
-    (loading.Wanted.pick) before the weights load; `dtype`: the transformer's."""
-    from diffusers import FluxTransformer2DModel
-
+def check_single_transformer(path: Path, keys: set[str], base_model_config: str | None,
+                             pick: Callable[[Family], Family]) -> tuple[Family, str]:
+    """A FLUX.1 transformer file's family and the variant's source, before its weights load: the other parts come
+    from `base_model_config`, whose transformer config must be of the file's variant. `pick` checks the family
+    (loading.Wanted.pick)."""
     if not base_model_config:
         raise ConjureError(
             f"{path.name} is a FLUX.1 transformer file, which holds the transformer alone; set basic.base_model_config "
@@ -114,6 +125,14 @@ def load_single_transformer(path: Path, keys: set[str], base_model_config: str |
             f"basic.base_model_config {base_model_config!r} is a {families.detect_variant(fam, config).title} model; "
             f"point it at a {file_kind.title} model"
         )
+    found = next((k for k in keys if k.removeprefix(COMFY_PREFIX) in GUIDANCE_KEYS), None)
+    return fam, f"file key {found!r}" if found else "no guidance embedder in the file"
+
+
+def read_single_transformer(path: Path, base_model_config: str, fam: Family, dtype: Any) -> Any:
+    """The transformer of a FLUX.1 file (`check_single_transformer` passed) in `dtype`."""
+    from diffusers import FluxTransformer2DModel
+
     from conjure.models.single_file import CheckpointTensors
 
     try:
@@ -122,34 +141,54 @@ def load_single_transformer(path: Path, keys: set[str], base_model_config: str |
         # 12 GB as stored beside the 24 GB of bf16 weights it becomes)
         tensors = CheckpointTensors(path)
         names = sorted(k for k in tensors.keys if k.startswith(COMFY_PREFIX)) or sorted(tensors.keys)
-        transformer = FluxTransformer2DModel.from_single_file(
+        return FluxTransformer2DModel.from_single_file(
             tensors.read(names, dtype), config=base_model_config, subfolder=fam.denoiser, torch_dtype=dtype)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConjureError(f"cannot load checkpoint {str(path)!r}: {reason}") from None
-    found = next((k for k in keys if k.removeprefix(COMFY_PREFIX) in GUIDANCE_KEYS), None)
-    return fam, transformer, f"file key {found!r}" if found else "no guidance embedder in the file"
 
 
 def load_flow_diffusers(source: str, wanted: Wanted, *, revision: str | None, variant: str | None) -> LoadedModel:
     """A diffusers folder or hub id whose model_index.json names a transformer."""
-    fam = wanted.pick(load_transformer_config(source, revision)[0])
-    parts = load_parts(source, fam, revision=revision, variant=variant, dtype=_dtype(wanted))
-    model = LoadedModel(family=fam, source=source, components=parts)
-    _settle(model, wanted, "the transformer config (guidance_embeds)")
-    return model
+    fam, config = load_transformer_config(source, revision)
+    wanted.pick(fam)
+    dtype = _dtype(wanted)
+
+    return _assemble(fam, source, wanted, config,
+                     lambda: read_transformer(source, fam, revision=revision, variant=variant, dtype=dtype),
+                     source, revision, variant, "the transformer config (guidance_embeds)")
 
 
 def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wanted: Wanted) -> LoadedModel:
     """A FLUX.1 transformer file and the other parts from `base_model_config`."""
-    fam, transformer, variant_source = load_single_transformer(path, keys, base_model_config, wanted.pick,
-                                                               _dtype(wanted))
-    assert base_model_config is not None  # load_single_transformer refuses a file without it
-    components = load_parts(base_model_config, fam, revision=None, variant=None, dtype=_dtype(wanted),
-                            transformer=transformer)
-    model = LoadedModel(family=fam, source=str(path), components=components)
+    fam, variant_source = check_single_transformer(path, keys, base_model_config, wanted.pick)
+    assert base_model_config is not None  # check_single_transformer refuses a file without it
+    config = load_transformer_config(base_model_config, None)[1]
+    dtype = _dtype(wanted)
+    return _assemble(fam, str(path), wanted, config, lambda: read_single_transformer(path, base_model_config, fam, dtype),
+                     base_model_config, None, None, variant_source)
+
+
+def _assemble(fam: Family, source: str, wanted: Wanted, config: dict[str, Any], read: Callable[[], Any],
+              parts_from: str, revision: str | None, variant: str | None, variant_source: str) -> LoadedModel:
+    """The model: the transformer read now, or (Wanted.defer_denoiser) built from `config` on the meta device and
+    read by LoadedModel.load_pending; the other parts from `parts_from`."""
+    dtype = _dtype(wanted)
+    transformer = _on_meta(config, dtype) if wanted.defer_denoiser else read()
+    components = load_parts(parts_from, fam, revision=revision, variant=variant, dtype=dtype, transformer=transformer)
+    model = LoadedModel(family=fam, source=source, components=components)
+    if wanted.defer_denoiser:
+        model.pending[fam.denoiser] = read
     _settle(model, wanted, variant_source)
     return model
+
+
+def _on_meta(config: dict[str, Any], dtype: Any) -> Any:
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        return FluxTransformer2DModel.from_config(config).to(dtype)
 
 
 def _dtype(wanted: Wanted) -> Any:

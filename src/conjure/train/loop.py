@@ -72,6 +72,7 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
                              WEIGHT_DTYPES[precision.value])
         if still_needed(held) is None:
             free_encoders(model, ahead)
+    model.load_pending()  # a transformer family's weights, once the text encoders they would have met are gone
     place_model(model, accelerator.device, precision.value, config.advanced.base_weights_dtype,
                 on_cpu=ahead.on_cpu if ahead else ())
     recipe = spec.build(config, model)

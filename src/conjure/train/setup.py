@@ -108,7 +108,7 @@ def load_model(config: RunConfig, spec: MethodSpec) -> LoadedModel:
         basic.base_model, family=basic.family, revision=basic.revision, variant=basic.variant,
         base_model_config=basic.base_model_config, allowed_families=spec.families, method=config.type,
         prediction_type=adv.prediction_type, vae=basic.vae, advanced=adv,
-        frozen_dtype=WEIGHT_DTYPES[resolve_precision(adv.mixed_precision, cpu=adv.cpu).value],
+        frozen_dtype=WEIGHT_DTYPES[resolve_precision(adv.mixed_precision, cpu=adv.cpu).value], defer_denoiser=True,
     )
 
 
