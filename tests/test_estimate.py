@@ -223,3 +223,23 @@ def test_a_fine_tunes_ema_is_a_float32_copy_of_the_trained_weights_where_it_live
     assert [(t.name, t.bytes) for t in ema_terms(recipe, cuda=True)[1]] == [
         ("EMA of the trained weights (float32, on_cpu)", 40),
         ("EMA update: the trained weights copied to RAM (float32)", 40)]
+
+
+
+def test_flux_text_encoded_ahead_loads_in_two_phases_unless_a_held_out_loss_keeps_the_encoders(lora_config):
+    """On a GPU with text encoded ahead, FLUX.1's encoders are freed before its transformer's weights are read
+    (train/text_ahead.py, Wanted.defer_denoiser): RAM holds one phase's parts, not all; a held-out loss keeps them."""
+    from conjure.estimate.peaks import _as_loaded
+
+    raw = lora_config("flux", data={"cache_text_encoder_outputs": True})
+    model = meta_model(parse_config(raw), method_spec("lora"))
+    held = parse_config(dict(raw, validation=dict(raw["validation"], holdout=0.25)))
+
+    def loaded(config, ahead=True):
+        return {t.name.split(" ")[0] for t in _as_loaded(config, model, torch.bfloat16, ahead)}
+
+    everything = loaded(held)
+    assert {"transformer", "text_encoder", "text_encoder_2", "vae"} <= everything
+    assert loaded(parse_config(raw), ahead=False) == everything
+    phase = loaded(parse_config(raw))
+    assert phase < everything and ({"text_encoder", "text_encoder_2"} <= phase) != ("transformer" in phase)

@@ -10,6 +10,7 @@ from conjure.estimate.model import CUDA_CONTEXT, PROCESS_BASELINE, Estimate, Ter
 
 if TYPE_CHECKING:
     from conjure.config import RunConfig
+    from conjure.models.loading import LoadedModel
 
 def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     """The run's peaks and their breakdown; `assume_gpu`: as on a CUDA GPU, on a machine without one."""
@@ -32,7 +33,6 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     resolution = data.resolution or native_resolution(model)
     frozen = WEIGHT_DTYPES[place.precision]
     weights = weight_terms(model, place.precision, adv.base_weights_dtype)
-    loaded = _loaded_terms(model, frozen)
     for name, part in model.components.items():  # as place_model leaves them, for the trace
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False).to(torch.float32 if name == "vae" and place.precision == "fp16" else frozen)
@@ -60,6 +60,7 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     conditioning = build_conditioning(model, text_reading(config, model), resolution=resolution, guidance=adv.guidance)
     cached, notes = data_terms(config, model, conditioning, resolution, frozen)
     ahead = place.cuda and data.cache_text_encoder_outputs  # train/text_ahead.py: encoders leave the GPU first
+    loaded = _as_loaded(config, model, frozen, ahead)
     encoders = {s.encoder for s in model.family.text_encoders}
     on_device = [t for name, t in weights.items() if not (ahead and name in encoders)]
     result = Estimate(
@@ -82,12 +83,24 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     return result
 
 
-def _loaded_terms(model: object, frozen: torch.dtype) -> list[Term]:
-    """The parts as loading reads them into RAM (`models/loading.py`: in the run's frozen dtype, the VAE in
-    float32), before they move to the accelerator."""
+def _loaded_terms(model: object, frozen: torch.dtype, without: set[str] | None = None) -> list[Term]:
+    """The parts (but those `without`) as loading reads them into RAM (`models/loading.py`: in the run's frozen
+    dtype, the VAE in float32), before they move to the accelerator."""
     from conjure.estimate.model import loaded_bytes
 
-    return [Term(f"{name} as loaded ({dtype})", size, "counted") for name, dtype, size in loaded_bytes(model, frozen)]
+    return [Term(f"{name} as loaded ({dtype})", size, "counted") for name, dtype, size in loaded_bytes(model, frozen)
+            if name not in (without or set())]
+
+
+def _as_loaded(config: RunConfig, model: LoadedModel, frozen: torch.dtype, ahead: bool) -> list[Term]:
+    """The parts in RAM while the run loads: all at once, or the larger of two phases where a transformer family's
+    weights are read after text encoded ahead freed the encoders (Wanted.defer_denoiser; train/text_ahead.py
+    still_needed: no held-out loss)."""
+    held_out = config.validation.holdout > 0 or config.validation.loss_images is not None
+    if not ahead or held_out or model.family.denoiser != "transformer":
+        return _loaded_terms(model, frozen)
+    encoders = {slot.encoder for slot in model.family.text_encoders}
+    return _larger(_loaded_terms(model, frozen, {model.family.denoiser}), _loaded_terms(model, frozen, encoders))
 
 
 def _preset_lines(config: RunConfig, warning: str | None) -> list[str]:
@@ -128,7 +141,8 @@ def _assumptions(config: RunConfig, precision_source: str, precision: str, resol
                      "`conjure train` returns them, for 4-9% more CPU time")
     if ahead:
         lines.append("data.cache_text_encoder_outputs on a GPU: the text encoders are used and leave before the "
-                     "denoiser arrives (train/text_ahead.py); the peak is the larger of the two phases")
+                     "denoiser arrives (train/text_ahead.py); the peak is the larger of the two phases; without a "
+                     "held-out loss they are freed, and a FLUX.1 transformer's weights are read only then")
     return lines
 
 
