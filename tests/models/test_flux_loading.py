@@ -240,3 +240,31 @@ def test_basic_vae_takes_a_bfl_ae_file(flux_dirs, tmp_path, ldm):
     loaded, written = model.vae.state_dict(), other.state_dict()
     assert all(torch.equal(loaded[k], written[k]) for k in written)
     assert (model.vae.config.shift_factor, model.vae.config.use_quant_conv) == (0.1159, False)
+
+
+def test_a_lean_loaded_flux_run_trains_the_same_losses(flux_dirs, lora_config, tmp_path, monkeypatch):
+    """A bf16 FLUX.1 run from a transformer file, loaded lean (the transformer built on meta and read after, tensor
+    by tensor in bf16) and loaded as before (every part read at load in float32, then cast by place_model): the
+    same losses, bit for bit."""
+    import conjure.models.loading as loading
+    from conjure.config import parse_config
+    from conjure.runs.events import read_events
+    from conjure.train.loop import train
+
+    path = tmp_path / "flux1-dev.safetensors"
+    _transformer_file(flux_dirs["dev"], path)
+
+    def losses(name):
+        raw = lora_config("flux", basic={"base_model": str(path), "base_model_config": str(flux_dirs["dev"]),
+                                         "run_name": name, "max_train_steps": 3, "save_every_n_steps": 3,
+                                         "validate_every_n_steps": None},
+                          validation={"at_start": False}, advanced={"mixed_precision": "bf16"})
+        raw["validation"].pop("guidance_scale", None)
+        run_dir = train(parse_config(raw)).run_dir
+        return [e["loss"] for e in read_events(run_dir / "events.jsonl").events if e["event"] == "step"]
+
+    lean = losses("lean")
+    load = loading.load_base_model
+    monkeypatch.setattr(loading, "load_base_model",
+                        lambda *a, **kw: load(*a, **{**kw, "frozen_dtype": None, "defer_denoiser": False}))
+    assert len(lean) == 3 and lean == losses("before")
