@@ -140,9 +140,11 @@ def test_flux_text_encoded_ahead_frees_t5_and_clip_and_trains_the_same(tiny_mode
         torch.testing.assert_close(ahead[key], step_by_step[key], atol=1e-6, rtol=1e-5)
 
 
-def test_text_encoders_are_kept_for_the_held_out_loss(tiny_models, folder, tmp_path):
-    """The held-out loss encodes its captions as it measures, so it keeps the encoders; without it they go."""
+def test_text_encoders_are_kept_for_the_held_out_loss_and_a_whole_model_save(tiny_models, folder, tmp_path):
+    """The held-out loss encodes its captions as it measures, so it keeps the encoders; without it they go, unless
+    the method saves them (a fine-tune's whole model)."""
     import conjure.train.loop as loop
+    from conjure.methods import method_spec
 
     raw = config(tiny_models, folder, tmp_path, cache_text_encoder_outputs=True)
     raw.validation.holdout = 0.25
@@ -151,7 +153,8 @@ def test_text_encoders_are_kept_for_the_held_out_loss(tiny_models, folder, tmp_p
         patch.setattr(loop, "offloads", lambda device: True)
         patch.setattr(loop, "free_encoders", lambda model, ahead: freed.append(model))
         train(raw)
-    assert not freed and still_needed([]) is None
+    assert not freed and still_needed(method_spec("lora"), []) is None
+    assert "whole model" in still_needed(method_spec("finetune"), [])  # its saved files hold the text encoders
 
 
 def test_disk_cache_is_reused_and_recomputes_exactly_the_changed_image(tiny_models, folder, tmp_path, monkeypatch):

@@ -95,9 +95,12 @@ def _loaded_terms(model: object, frozen: torch.dtype, without: set[str] | None =
 def _as_loaded(config: RunConfig, model: LoadedModel, frozen: torch.dtype, ahead: bool) -> list[Term]:
     """The parts in RAM while the run loads: all at once, or the larger of two phases where a transformer family's
     weights are read after text encoded ahead freed the encoders (Wanted.defer_denoiser; train/text_ahead.py
-    still_needed: no held-out loss)."""
+    still_needed: no held-out loss, a method that does not save the whole model)."""
+    from conjure.methods import method_spec
+
     held_out = config.validation.holdout > 0 or config.validation.loss_images is not None
-    if not ahead or held_out or model.family.denoiser != "transformer":
+    kept = held_out or method_spec(config.type).saves_whole_model
+    if not ahead or kept or model.family.denoiser != "transformer":
         return _loaded_terms(model, frozen)
     encoders = {slot.encoder for slot in model.family.text_encoders}
     return _larger(_loaded_terms(model, frozen, {model.family.denoiser}), _loaded_terms(model, frozen, encoders))

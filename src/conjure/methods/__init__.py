@@ -83,6 +83,9 @@ class MethodSpec:
     token: Callable[[Any], TokenRule | None]  # how the method's token gets into captions (data.captions)
     trigger: Callable[[Any], str | None]  # the word captions must contain (None: no such word)
     trigger_hint: Callable[[Any], str] = lambda config: ""  # how to get it into captions, when none has it
+    # Whether its saved files are the whole model, frozen parts included (a fine-tune's folder and single file):
+    # then the text encoders are kept though their outputs were encoded ahead (train/text_ahead.py still_needed)
+    saves_whole_model: bool = False
 
 
 def _build_ti(config: Any, model: LoadedModel) -> Recipe:
@@ -142,9 +145,10 @@ def _replace_word_hint(config: Any) -> str:
 
 
 def _spec(config_class: type[RunConfigBase], build: Callable[[Any, LoadedModel], Recipe],
-          token: Callable[[Any], TokenRule | None], trigger: Callable[[Any], str | None]) -> MethodSpec:
+          token: Callable[[Any], TokenRule | None], trigger: Callable[[Any], str | None],
+          saves_whole_model: bool = False) -> MethodSpec:
     hint = _replace_word_hint if trigger is _placeholder else MethodSpec.trigger_hint
-    return MethodSpec(config_class.FAMILIES, build, token, trigger, hint)
+    return MethodSpec(config_class.FAMILIES, build, token, trigger, hint, saves_whole_model)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -152,7 +156,7 @@ METHODS: dict[str, MethodSpec] = {
     "lora": _spec(LoraConfig, _build_lora, _no_token, _trigger_word),
     # Pivotal tuning: the token goes into captions exactly as for textual inversion.
     "pivotal": _spec(PivotalConfig, _build_pivotal, _ti_token, _placeholder),
-    "finetune": _spec(FinetuneConfig, _build_finetune, _no_token, _no_trigger),
+    "finetune": _spec(FinetuneConfig, _build_finetune, _no_token, _no_trigger, saves_whole_model=True),
 }
 
 

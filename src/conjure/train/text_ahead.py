@@ -10,7 +10,7 @@ wrong. Validation reads the prompts' encodings kept here. On the CPU nothing mov
 steps meet captions (`TextCache`).
 
 Freed, not only moved (`still_needed`): without a held-out loss nothing the run does calls the encoders again, so
-they are dropped from the model. Every caption a step can meet was encoded ahead (an unreadable image's stand-in
+they are dropped from the model, unless the method saves them (a fine-tune's whole model). Every caption a step can meet was encoded ahead (an unreadable image's stand-in
 is another example of the data; random prompt templates come only with a placeholder token, whose methods train
 the text encoder and so refuse the cache: train/setup.py), and so was every validation prompt. A FLUX.1 run so
 gives back T5-XXL's 9.5 GB of RAM before it trains (kohya's sd-scripts flux_train_network.py,
@@ -68,9 +68,11 @@ def captions_ahead(config: RunConfig, spec: MethodSpec, examples: list[Example])
     return list(dict.fromkeys(captions))
 
 
-def still_needed(held: list[Example]) -> str | None:
+def still_needed(spec: MethodSpec, held: list[Example]) -> str | None:
     """Why the text encoders must stay once the captions were encoded ahead; None when they can be freed (module
     doc). `held`: the held-out loss's examples."""
+    if spec.saves_whole_model:
+        return "the method saves the whole model, text encoders included"
     return "the held-out loss encodes its images' captions" if held else None
 
 
