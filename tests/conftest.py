@@ -229,3 +229,11 @@ def outputs():
         return out
 
     return run
+
+
+def pytest_collection_modifyitems(items):
+    """The long tests (the toy learning runs and those marked slow) first, in their order, then the rest: with
+    `-n 2`, pytest-xdist hands out the first quarter of the tests round robin and the rest as workers free up, so
+    the many short tests fill in at the end and both workers finish together, where a long toy run collected
+    last kept one worker busy minutes after the other had finished (measured: 22.9 min with a long tail)."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") or "tests/toy/" in item.nodeid else 1)
