@@ -2,6 +2,7 @@
 trained, and a single file of each SD family loads with conjure's own configs, with no hub access."""
 
 import json
+from pathlib import Path
 import os
 import re
 import subprocess
@@ -172,3 +173,31 @@ def test_a_truncated_single_file_is_one_line(write_single_file, cut):
     why = "header is cut short" if cut == "header" else "the file ends inside tensor"
     with pytest.raises(ConjureError, match=f"checkpoint {re.escape(repr(str(path)))}: .*{why}"):
         load_base_model(str(path))
+
+
+def test_a_cached_hub_id_loads_lean_as_its_snapshot_folder(tiny_models, tmp_path, monkeypatch):
+    """A hub id in the Hugging Face cache (laid out as huggingface_hub lays it out) reads its UNet and VAE from
+    the snapshot folder tensor by tensor, as that folder would load, and holds the folder's weights."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from conjure.models.single_file import CheckpointTensors
+
+    folder, commit = tiny_models("sd1"), "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--conjure-test--tiny-sd1"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each call, not at import
+    read = []
+    original = CheckpointTensors.read
+    monkeypatch.setattr(CheckpointTensors, "read", lambda self, *a, **kw: read.append(self) or original(self, *a, **kw))
+    hub = load_base_model("conjure-test/tiny-sd1", frozen_dtype=torch.bfloat16)
+    assert [Path(t.path).parent.name for t in read] == ["unet", "vae"]
+    assert all(Path(t.path).is_relative_to(repo / "snapshots" / commit) for t in read)
+    local = load_base_model(str(folder), frozen_dtype=torch.bfloat16)
+    for name in ("unet", "vae", "text_encoder"):
+        hub_state, local_state = hub.components[name].state_dict(), local.components[name].state_dict()
+        assert hub_state.keys() == local_state.keys()
+        assert all(torch.equal(t, local_state[k]) and t.dtype == local_state[k].dtype for k, t in hub_state.items())

@@ -275,21 +275,39 @@ def _diffusers_part(cls: Any, source: str, subfolder: str, variant: str | None, 
     """A diffusers model of the folder `source`, read tensor by tensor in `dtype` into a model built on the meta
     device where its weights are one .safetensors file of exactly its state dict's keys: diffusers' own loader
     memory-maps the file, whose touched pages count as resident beside the loaded copy (SD 1.5's fp16 folder:
-    3.6 GiB peak to a bf16 run's start against 2.8 from a single file). Anything else (a hub id, shards, .bin,
-    older key names diffusers renames as it loads) goes through `from_pretrained`."""
+    3.6 GiB peak to a bf16 run's start against 2.8 from a single file). A hub id reads its snapshot folder in the
+    Hugging Face cache the same way (`_hub_part`). Anything else (shards, .bin, older key names diffusers renames
+    as it loads) goes through `from_pretrained`."""
     from accelerate import init_empty_weights
 
     from conjure.models.single_file import CheckpointTensors
 
-    file = Path(source, subfolder, f"diffusion_pytorch_model{f'.{variant}' if variant else ''}.safetensors")
-    if file.is_file():
+    name = f"diffusion_pytorch_model{f'.{variant}' if variant else ''}.safetensors"
+    folder = Path(source, subfolder) if Path(source).is_dir() else _hub_part(source, subfolder, name, common)
+    file = folder / name if folder else None
+    if file is not None and file.is_file():
         with init_empty_weights():  # parameters on meta, buffers real
-            model = cls.from_config(cls.load_config(source, subfolder=subfolder))
+            model = cls.from_config(cls.load_config(str(file.parent)))
         tensors = CheckpointTensors(file)
         if tensors.keys == set(model.state_dict()):
             model.load_state_dict(tensors.read(sorted(tensors.keys), dtype), assign=True)
             return model.eval()
     return cls.from_pretrained(source, subfolder=subfolder, variant=variant, torch_dtype=dtype, **common)
+
+
+def _hub_part(repo: str, subfolder: str, name: str, common: dict[str, Any]) -> Path | None:
+    """The folder of a hub model's part in the Hugging Face cache (snapshots/<commit>/<subfolder>), holding its
+    config and the weights file `name`: taken from the cache as `from_pretrained` would (offline: the cache only;
+    online: the revision's files, downloaded if missing), or None where it has no such file or cannot get it, for
+    `from_pretrained` to load (or fail) with its own messages, as before."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        for filename in ("config.json", name):
+            local = hf_hub_download(repo, filename, subfolder=subfolder, revision=common["revision"])
+    except Exception:  # not cached offline, not on the Hub (shards, .bin), unreachable: from_pretrained says
+        return None
+    return Path(local).parent
 
 
 def load_vae(source: str, like: Any) -> Any:
