@@ -8,7 +8,8 @@ figure is the process's VmHWM (/proc/PID/status: the peak resident set, file-bac
 run's events.jsonl gets its "start" line; the process is then ended. So this is loading only: activations come on
 top and depend on the resolution. `--with-config` also sets basic.base_model_config to a folder of the shipped
 configs with tokenizer files (what a version without shipped configs needs offline); `--folder` measures a
-diffusers folder of the same model (fp16 weights, one file per part) in place of the single file.
+diffusers folder of the same model (fp16 weights, one file per part) in place of the single file, `--hub` the
+same folder as the snapshot of a hub id (`conjure-bench/<family>`) in the run's Hugging Face cache.
 
     python benchmarks/load_memory.py --families sd1 --write docs/benchmarks.md
     python benchmarks/load_memory.py --families sdxl --work /tmp/bench-23   # 6.5 GiB file: >= 14 GiB free RAM
@@ -105,14 +106,23 @@ def config_folder(family: str, folder: Path) -> Path:
     return folder
 
 
-def peak_to_start(checkpoint: Path, work: Path, images: Path, config: Path | None, timeout: float,
+def hub_snapshot(family: str, work: Path) -> Path:
+    """The snapshot folder of the hub id `conjure-bench/<family>` in the run's Hugging Face cache (HF_HOME/hub),
+    laid out as huggingface_hub lays it out: models--<org>--<name>/refs/main names the snapshot's commit."""
+    repo, commit = work / "hf-home" / "hub" / f"models--conjure-bench--{family}", "0" * 40
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def peak_to_start(base_model: str, work: Path, images: Path, config: Path | None, timeout: float,
                   src: Path | None = None) -> float:
-    """Peak RSS (bytes) of `conjure train` on `checkpoint` when its start event is written (`src`: the conjure
+    """Peak RSS (bytes) of `conjure train` on `base_model` when its start event is written (`src`: the conjure
     source folder to run, e.g. an older version's from `git archive`)."""
     out = work / "runs"
     raw = {
         "type": "textual_inversion",
-        "basic": {"base_model": str(checkpoint), "output_dir": str(out), "run_name": "bench", "max_train_steps": 1,
+        "basic": {"base_model": base_model, "output_dir": str(out), "run_name": "bench", "max_train_steps": 1,
                   "seed": 0, "validate_every_n_steps": None,
                   **({"base_model_config": str(config)} if config else {})},
         "data": {"source": str(images), "resolution": 64, "batch_size": 1},
@@ -151,6 +161,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for the files (default: a temporary one)")
     parser.add_argument("--with-config", action="store_true", help="set basic.base_model_config too")
     parser.add_argument("--folder", action="store_true", help="a diffusers folder in place of a single file")
+    parser.add_argument("--hub", action="store_true", help="that folder as a hub id's snapshot in the HF cache")
     parser.add_argument("--conjure-src", type=Path, default=None, help="the conjure src folder to measure")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint files")
     parser.add_argument("--timeout", type=float, default=900.0)
@@ -162,17 +173,19 @@ def main() -> None:
     images = make_images(work / "images", count=2)["ti"]
     rows = []
     for family in args.families.split(","):
-        checkpoint = work / (f"{family}-folder" if args.folder else f"{family}.safetensors")
+        folder = args.folder or args.hub
+        checkpoint = hub_snapshot(family, work) if args.hub else work / (
+            f"{family}-folder" if args.folder else f"{family}.safetensors")
         try:
-            if args.folder:
+            if folder:
                 shutil.rmtree(checkpoint, ignore_errors=True)
                 size = write_folder(family, checkpoint)
             else:  # a file kept by an earlier --keep run is reused
                 size = checkpoint.stat().st_size if checkpoint.is_file() else write_checkpoint(family, checkpoint)
             config = config_folder(family, work / f"{family}-config") if args.with_config else None
-            peak = peak_to_start(checkpoint, work, images, config, args.timeout, args.conjure_src)
+            peak = peak_to_start(f"conjure-bench/{family}" if args.hub else str(checkpoint), work, images, config, args.timeout, args.conjure_src)
         finally:
-            if not args.keep and args.folder:
+            if not args.keep and folder:
                 shutil.rmtree(checkpoint, ignore_errors=True)
             elif not args.keep:
                 checkpoint.unlink(missing_ok=True)
@@ -184,7 +197,7 @@ def main() -> None:
     publish("\n".join([
         f"### Peak RAM to the start event, full-size single files ({dt.date.today()}, {machine()})", "",
         f"`python benchmarks/load_memory.py --families {args.families}"
-        f"{' --with-config' if args.with_config else ''}{' --folder' if args.folder else ''}`: textual inversion, `advanced.cpu: true`, bf16, "
+        f"{' --with-config' if args.with_config else ''}{' --folder' if args.folder else ''}{' --hub' if args.hub else ''}`: textual inversion, `advanced.cpu: true`, bf16, "
         "random fp16 weights in the original layout, HF_HUB_OFFLINE=1 with an empty HF_HOME; peak RSS = VmHWM "
         "when events.jsonl gets its start line.", "",
         "| family | file GiB | peak RSS GiB | target GiB |", "|---|---|---|---|", *rows,
