@@ -103,6 +103,23 @@ def save_safetensors_atomically(tensors: dict[str, torch.Tensor], path: Path, me
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """A .safetensors file's header length and JSON header (its "__metadata__" included), read with plain reads
+    as the format's spec lays it out: an 8-byte little-endian length, the header, then the data. ValueError
+    (OSError for the file itself) where the file is not one or is cut short."""
+    import json
+
+    with Path(path).open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= 100 * 2**20:  # the format's own limit on the header
+            raise ValueError("not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:  # json's errors and undecodable bytes
+            raise ValueError("its safetensors header is cut short or corrupt") from None
+    return length, header
+
+
 def cache_dir() -> Path:
     """conjure's cache folder: `$CONJURE_CACHE_DIR`, else `$XDG_CACHE_HOME/conjure`, else `~/.cache/conjure`."""
     if os.environ.get("CONJURE_CACHE_DIR"):

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from conjure.errors import ConjureError
-from conjure.files import atomic_write_text, cache_dir, replacing
+from conjure.files import atomic_write_text, cache_dir, read_safetensors_header, replacing
 
 LEVELS = ("full", "minimal", "none")
 HASH_KEYS = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
@@ -98,12 +98,9 @@ def shareable(metadata: Mapping[str, str], level: str = "full") -> dict[str, str
 # --- hashing ---------------------------------------------------------------------------------------
 def _read_header(path: Path) -> tuple[int, dict]:
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as exc:
+        return read_safetensors_header(path)
+    except (OSError, ValueError) as exc:
         raise ConjureError(f"cannot read {path} as a safetensors file: {exc}") from None
-    return n, header
 
 
 def _sha256(path: Path, start: int = 0, *, bar: bool = False) -> str:

@@ -56,21 +56,14 @@ class CheckpointTensors:
     one. A .ckpt is unpickled once, memory-mapped where its format allows."""
 
     def __init__(self, path: Path):
-        import json
-
         import torch
+
+        from conjure.files import read_safetensors_header
 
         self.path = path
         self.state: dict[str, Any] | None = None
         if path.suffix.lower() == ".safetensors":
-            with path.open("rb") as f:
-                length = int.from_bytes(f.read(8), "little")
-                if not 0 < length <= 100 * 2**20:  # the format's own limit on the header
-                    raise ValueError("not a safetensors file (bad header length)")
-                try:
-                    header = json.loads(f.read(length))
-                except ValueError:  # json's errors and undecodable bytes
-                    raise ValueError("its safetensors header is cut short or corrupt") from None
+            length, header = read_safetensors_header(path)
             header.pop("__metadata__", None)
             self.start, self.header = 8 + length, header
             self.keys = set(header)
