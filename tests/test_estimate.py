@@ -157,6 +157,20 @@ def test_float8_and_nf4_base_weights_shrink_the_transformer_as_stored(lora_confi
     assert weight_terms(model, "bf16", "float8")["vae"].bytes == weight_terms(model, "bf16", "auto")["vae"].bytes
 
 
+def test_a_float8_transformer_is_loaded_as_float8_and_one_block(lora_config):
+    """A float8 run's transformer streams in quantised (models/transformer_stream.py): RAM holds it in float8 and
+    one block in bf16 while it loads, never the bf16 transformer."""
+    from conjure.estimate.model import loaded_bytes, weight_terms
+
+    model = meta_model(parse_config(lora_config("flux")), method_spec("lora"))
+    bf16 = {name: size for name, _, size in loaded_bytes(model, torch.bfloat16)}
+    streamed = {name: (dtype, size) for name, dtype, size in loaded_bytes(model, torch.bfloat16, "float8")}
+    block = sum(p.numel() * 2 for p in model.denoiser.transformer_blocks[0].parameters())  # the tiny's largest
+    stored = weight_terms(model, "bf16", "float8")["transformer"].bytes
+    assert streamed["transformer"] == ("float8, a block in bfloat16", stored + block)
+    assert stored + block < bf16["transformer"] and streamed["text_encoder_2"][1] == bf16["text_encoder_2"]
+
+
 def test_the_vae_encode_is_its_own_term_and_the_peak_where_it_is_larger(lora_config):
     """Issue 16: the step encodes its batch before the denoiser's forward, so the peak holds the larger of the
     VAE's working set and the activations. At 512 px with gradient checkpointing the tiny VAE's full-size feature

@@ -29,7 +29,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     # The variables count when a library is imported; one imported already (main() run in-process, as the
     # tests do) gets the level here.
-    for library in ("transformers", "diffusers", "huggingface_hub", "datasets"):
+    # torchao (conjure[float8]; diffusers and transformers import it whenever it is installed) warns at import that
+    # its CUDA kernels (_C_mxfp8, _C_cutlass_90a: mxfp8 and sm90a matmuls, which weight-only float8 never runs)
+    # cannot load beside a CPU torch (no libtorch_cuda), and torch that torchao's enum constants use a deprecated
+    # registration (torch.utils._pytree, torch 2.13); diffusers 0.42 warns that torchao 0.18 has no NF4Tensor left
+    # to allow in torch.load (torchao checkpoints only, which conjure does not read)
+    for library in ("transformers", "diffusers", "huggingface_hub", "datasets", "torchao", "torch.utils._pytree"):
         logging.getLogger(library).setLevel(logging.ERROR)
     # Library warnings are for --debug, e.g. PIL's DecompressionBombWarning for an image over 89 Mpx, which
     # conjure loads shrunk on purpose (conjure.data.images), or deprecation notices between the libraries.

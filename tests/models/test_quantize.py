@@ -34,14 +34,25 @@ def test_auto_is_never_refused():
     check_base_weights_dtype("auto", cpu=True)
 
 
-@pytest.mark.parametrize("choice", ["float8", "nf4"])
-def test_refused_on_the_cpu(choice, monkeypatch):
-    with pytest.raises(ConjureError, match=rf"^advanced.base_weights_dtype: {choice} stores the frozen transformer to "
-                                           r"save a CUDA GPU's memory, and advanced.cpu is set; set it to auto$"):
-        check_base_weights_dtype(choice, cpu=True)
+def test_nf4_is_refused_without_a_cuda_gpu(monkeypatch):
+    with pytest.raises(ConjureError, match=r"^advanced.base_weights_dtype: nf4 stores the frozen transformer to save a "
+                                           r"CUDA GPU's memory, and advanced.cpu is set; set it to float8 \(which runs "
+                                           r"on the CPU too\) or auto$"):
+        check_base_weights_dtype("nf4", cpu=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConjureError, match="and there is no CUDA GPU; set it to auto"):
-        check_base_weights_dtype(choice, cpu=False)
+    with pytest.raises(ConjureError, match="and there is no CUDA GPU; set it to float8"):
+        check_base_weights_dtype("nf4", cpu=False)
+
+
+def test_float8_runs_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name, *a: object())
+    check_base_weights_dtype("float8", cpu=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_base_weights_dtype("float8", cpu=False)
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConjureError, match=r"^advanced.base_weights_dtype: float8 needs torchao; pip install "
+                                           r"'conjure\[float8\]'$"):
+        check_base_weights_dtype("float8", cpu=True)
 
 
 @pytest.mark.parametrize("choice, library, extra", [("float8", "torchao", "conjure[float8]"),

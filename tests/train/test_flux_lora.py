@@ -171,3 +171,32 @@ def test_a_bucket_step_flux_cannot_pack_is_refused_naming_the_field(lora_config,
     run_config(flux_config(lora_config, data={"aspect_ratio_buckets": True, "bucket_step": 16},
                            basic={"max_train_steps": 1, "validate_every_n_steps": None},
                            validation={"at_start": False}))
+
+
+def test_a_float8_base_trains_on_the_cpu(lora_config, run_config, monkeypatch):
+    """advanced.base_weights_dtype: float8 on the CPU: the transformer streams in quantised (placed as it is, not
+    converted twice), PEFT's adapters wrap its float8 layers and train, and the file reads back as any other."""
+    pytest.importorskip("torchao")
+    import conjure.train.loop as loop
+    from conjure.export.kohya import load_kohya
+    from conjure.families import FLUX
+
+    placed = []
+    place = loop.place_model
+    monkeypatch.setattr(loop, "place_model", lambda model, *a, **k: placed.append(
+        (model, model.denoiser.transformer_blocks[0].attn.to_q.weight)) or place(model, *a, **k))
+    raw = flux_config(lora_config, validation={"at_start": False}, advanced={"mixed_precision": "bf16",
+                      "base_weights_dtype": "float8", "cpu": True},
+                      basic={"validate_every_n_steps": None, "max_train_steps": 2, "save_every_n_steps": 2})
+    result = run_config(raw)
+    assert result.status == "completed" and result.step == 2
+    ((model, streamed),) = placed
+    base = model.denoiser.transformer_blocks[0].attn.to_q.base_layer
+    assert type(streamed).__name__ == "Float8Tensor" and base.weight is streamed  # placed as it streamed in
+    state = trained_state(result)
+    weights, _ = load_kohya(only_file(result), FLUX)
+    assert len(weights) == sum(k.endswith(ADAPTER) for k in state)
+    for (component, module_path), m in weights.items():
+        trained = state[f"{component}.{module_path}.lora_B.default.weight"]
+        assert torch.equal(m.up, trained.float())
+    assert any(m.up.abs().sum() > 0 for m in weights.values())  # the adapters (up: zeros at the start) learned

@@ -12,7 +12,8 @@ written in the YAML wins, even at its default value) and only where it can apply
   user's, as in a YAML);
 - when the run starts (`apply_to_machine`), the ones that depend on the machine and the model: 8-bit AdamW (an
   NVIDIA GPU with bitsandbytes) and the frozen transformer's float8/nf4 storage (a family whose objective takes
-  `base_weights_dtype`, a CUDA GPU, torchao/bitsandbytes). What cannot apply here keeps its default, said in one
+  `base_weights_dtype`, a CUDA GPU, torchao/bitsandbytes: float8 also runs on the CPU, upcast for every matmul,
+  which the preset leaves to the user to choose). What cannot apply here keeps its default, said in one
   start-line warning; the run's config.yaml records what ran, so a resume compares the effective values.
 
 Configs are often written whole (the starter of `conjure config new`, the web app's YAML, a dump), which would

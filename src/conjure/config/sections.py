@@ -436,11 +436,12 @@ class AdvancedConfig(Section):
     )
     base_weights_dtype: Literal["auto", "float8", "nf4"] = Field(
         "auto",
-        description="How the frozen FLUX.1 transformer is stored on the GPU: 'auto' in mixed_precision's dtype "
+        description="How the frozen FLUX.1 transformer is stored: 'auto' in mixed_precision's dtype "
         "(bf16: 2 bytes a weight, ~24 GB for FLUX.1-dev); 'float8' (1 byte: torchao's weight-only float8, "
-        "computed in bf16; needs a CUDA GPU and pip install 'conjure[float8]'); 'nf4' (about half a byte: "
-        "bitsandbytes' 4-bit NormalFloat, as QLoRA; needs a CUDA GPU and pip install 'conjure[bnb]'). Only "
-        "the base weights shrink: the LoRA trains in float32 either way, slightly less exact under nf4.",
+        "computed in bf16, quantised as it loads so RAM never holds it in bf16; a CUDA GPU or the CPU, slow "
+        "there; pip install 'conjure[float8]'); 'nf4' (about half a byte: bitsandbytes' 4-bit NormalFloat, as "
+        "QLoRA; needs a CUDA GPU and pip install 'conjure[bnb]'). Only the base weights shrink: the LoRA trains "
+        "in float32 either way, slightly less exact under nf4.",
     )
 
 

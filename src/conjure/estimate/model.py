@@ -227,13 +227,21 @@ def ema_terms(recipe: Recipe, cuda: bool) -> tuple[list[Term], list[Term]]:
     return [], [term, Term("EMA update: the trained weights copied to RAM (float32)", size, "modelled")]
 
 
-def loaded_bytes(model: LoadedModel, frozen: torch.dtype) -> list[tuple[str, str, float]]:
+def loaded_bytes(model: LoadedModel, frozen: torch.dtype, base_weights: str = "auto") -> list[tuple[str, str, float]]:
     """(part, dtype, bytes) as loading reads each part (`models/loading.py`, `single_file.py`,
-    `transformer_loading.py`): in the run's frozen dtype (`Wanted.frozen_dtype`), every VAE in float32."""
+    `transformer_loading.py`): in the run's frozen dtype (`Wanted.frozen_dtype`), every VAE in float32; a
+    transformer family's denoiser under `base_weights` float8 quantised as it streams in
+    (models/transformer_stream.py): in float8, and its largest block in the frozen dtype while it is converted."""
+    from conjure.models.transformer_stream import units
+
     rows = []
     for name, part in model.components.items():
-        if isinstance(part, torch.nn.Module):
-            dtype = torch.float32 if name == "vae" else frozen
-            size = torch.empty((), dtype=dtype).element_size()
-            rows.append((name, _dtype_name(dtype), float(sum(p.numel() for p in part.parameters()) * size)))
+        if not isinstance(part, torch.nn.Module):
+            continue
+        dtype = torch.float32 if name == "vae" else frozen
+        if part is model.denoiser and model.family.denoiser == "transformer" and base_weights == "float8":
+            block = max(_frozen_bytes(unit, dtype, "auto") for _, unit in units(part))
+            rows.append((name, f"float8, a block in {_dtype_name(dtype)}", _frozen_bytes(part, dtype, "float8") + block))
+        else:
+            rows.append((name, _dtype_name(dtype), _frozen_bytes(part, dtype, "auto")))
     return rows

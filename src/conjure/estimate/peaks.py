@@ -83,13 +83,14 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
     return result
 
 
-def _loaded_terms(model: object, frozen: torch.dtype, without: set[str] | None = None) -> list[Term]:
+def _loaded_terms(model: object, frozen: torch.dtype, base_weights: str, without: set[str] | None = None
+                  ) -> list[Term]:
     """The parts (but those `without`) as loading reads them into RAM (`models/loading.py`: in the run's frozen
-    dtype, the VAE in float32), before they move to the accelerator."""
+    dtype, the VAE in float32; a float8 transformer as it streams in), before they move to the accelerator."""
     from conjure.estimate.model import loaded_bytes
 
-    return [Term(f"{name} as loaded ({dtype})", size, "counted") for name, dtype, size in loaded_bytes(model, frozen)
-            if name not in (without or set())]
+    return [Term(f"{name} as loaded ({dtype})", size, "counted")
+            for name, dtype, size in loaded_bytes(model, frozen, base_weights) if name not in (without or set())]
 
 
 def _as_loaded(config: RunConfig, model: LoadedModel, frozen: torch.dtype, ahead: bool) -> list[Term]:
@@ -100,10 +101,12 @@ def _as_loaded(config: RunConfig, model: LoadedModel, frozen: torch.dtype, ahead
 
     held_out = config.validation.holdout > 0 or config.validation.loss_images is not None
     kept = held_out or method_spec(config.type).saves_whole_model
+    base = config.advanced.base_weights_dtype
     if not ahead or kept or model.family.denoiser != "transformer":
-        return _loaded_terms(model, frozen)
+        return _loaded_terms(model, frozen, base)
     encoders = {slot.encoder for slot in model.family.text_encoders}
-    return _larger(_loaded_terms(model, frozen, {model.family.denoiser}), _loaded_terms(model, frozen, encoders))
+    return _larger(_loaded_terms(model, frozen, base, {model.family.denoiser}),
+                   _loaded_terms(model, frozen, base, encoders))
 
 
 def _preset_lines(config: RunConfig, warning: str | None) -> list[str]:

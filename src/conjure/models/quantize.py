@@ -12,8 +12,12 @@ Every nn.Linear of the module is converted, as diffusers' quantizers do when the
 `_keep_in_fp32_modules` excepted: none for FluxTransformer2DModel); the blocks hold 99.9% of its 11.9B
 weights. Both run before the adapters are added, so only the base layers are converted; PEFT's LoRA layers
 call the converted layers, and conjure's own DoRA layer (kohya layout) reads their weights through
-`dequantized` for its column norms (QDoRA). Both are for a CUDA GPU's memory, so they are refused (one line,
-before the model loads) on the CPU or without the library.
+`dequantized` for its column norms (QDoRA).
+
+float8 runs on the CPU too (torchao 0.18's Float8Tensor upcasts on any device; slow, but it is what lets a 24 GB
+machine hold FLUX.1-dev's transformer: 11.9 GB against 23.8 in bf16). A training run's transformer is quantised
+on the CPU as it streams in (models/transformer_stream.py), then moved to its device. nf4 stays CUDA-only: bitsandbytes 0.50.2's CPU backend quantises and
+runs here, but it is not among conjure's tested setups (its CPU kernels are fetched from the Hub at first use).
 """
 
 from __future__ import annotations
@@ -29,30 +33,37 @@ LIBRARIES = {"float8": ("torchao", "conjure[float8]"), "nf4": ("bitsandbytes", "
 
 
 def check_base_weights_dtype(choice: str, *, cpu: bool) -> None:
-    """Refuse a `choice` this machine cannot run: any but "auto" on the CPU, or without its library."""
+    """Refuse a `choice` this machine cannot run: nf4 without a CUDA GPU, either without its library."""
     if choice == "auto":
         return
-    if cpu or not torch.cuda.is_available():
+    if choice == "nf4" and (cpu or not torch.cuda.is_available()):
         where = "advanced.cpu is set" if cpu else "there is no CUDA GPU"
-        raise ConjureError(f"advanced.base_weights_dtype: {choice} stores the frozen transformer to save a CUDA GPU's "
-                           f"memory, and {where}; set it to auto")
+        raise ConjureError(f"advanced.base_weights_dtype: nf4 stores the frozen transformer to save a CUDA GPU's "
+                           f"memory, and {where}; set it to float8 (which runs on the CPU too) or auto")
     library, extra = LIBRARIES[choice]
     if importlib.util.find_spec(library) is None:
         raise ConjureError(f"advanced.base_weights_dtype: {choice} needs {library}; pip install '{extra}'")
 
 
-def linear_layers(module: torch.nn.Module) -> list[str]:
-    """The paths of the nn.Linear layers to convert (module docstring)."""
-    keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+def linear_layers(module: torch.nn.Module, keep: tuple[str, ...] | None = None) -> list[str]:
+    """The paths of the nn.Linear layers to convert (module docstring): those with a plain weight (not converted
+    already), outside `keep` (default: the module's `_keep_in_fp32_modules`)."""
+    if keep is None:
+        keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
     return [name for name, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and not any(k in name.split(".") for k in keep)]
+            if isinstance(m, torch.nn.Linear) and type(m.weight) in (torch.Tensor, torch.nn.Parameter)
+            and not any(k in name.split(".") for k in keep)]
 
 
-def quantize_frozen(module: torch.nn.Module, choice: str, device: torch.device) -> int:
+def quantize_frozen(module: torch.nn.Module, choice: str, device: torch.device,
+                    keep: tuple[str, ...] | None = None) -> int:
     """Convert `module`'s Linear layers (frozen, in the run's dtype, on the CPU or already on `device`) to
-    `choice`, each moved to `device` as it is converted (the rest of `module` stays where it is); returns how many
-    were converted."""
-    names = linear_layers(module)
+    `choice`, each moved to `device` as it is converted (place_model moves the rest); returns how many were
+    converted. Layers converted already (a transformer quantised as it streamed in: models/transformer_stream.py)
+    are left as they are. `keep`: linear_layers'."""
+    names = linear_layers(module, keep)
+    if not names:
+        return 0
     if choice == "float8":
         from torchao.quantization import Float8WeightOnlyConfig, quantize_
 

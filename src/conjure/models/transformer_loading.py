@@ -15,12 +15,14 @@ encoders freed (train/text_ahead.py).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
 from conjure import families
 from conjure.errors import ConjureError
 from conjure.families import Family
+from conjure.models import transformer_stream as stream
 from conjure.models.loading import Fact, LoadedModel, Wanted, fail
 
 # Marker keys of a FLUX.1 transformer file: BFL's names (diffusers' CHECKPOINT_KEY_NAMES["flux"]) and diffusers'
@@ -154,9 +156,42 @@ def load_flow_diffusers(source: str, wanted: Wanted, *, revision: str | None, va
     wanted.pick(fam)
     dtype = _dtype(wanted)
 
-    return _assemble(fam, source, wanted, config,
-                     lambda: read_transformer(source, fam, revision=revision, variant=variant, dtype=dtype),
-                     source, revision, variant, "the transformer config (guidance_embeds)")
+    def read() -> Any:
+        choice = _streamed(wanted)
+        try:
+            folder = _transformer_folder(source, fam, revision, variant) if choice else None
+            found = stream.folder_reader(folder, variant, dtype) if folder else None
+            if found is not None and choice:
+                return stream.stream_into(_on_meta(config, dtype), *found, choice, source)
+        except ConjureError:
+            raise
+        except Exception as exc:
+            raise fail(source, exc) from None
+        # not .safetensors, or nothing to quantise: whole, and place_model converts it
+        return read_transformer(source, fam, revision=revision, variant=variant, dtype=dtype)
+
+    return _assemble(fam, source, wanted, config, read, source, revision, variant,
+                     "the transformer config (guidance_embeds)")
+
+
+def _transformer_folder(source: str, fam: Family, revision: str | None, variant: str | None) -> Path | None:
+    """The transformer's folder: in the model folder, or a hub id's snapshot in the Hugging Face cache (its weight
+    files fetched as from_pretrained would: offline, the cache only); None where it cannot be had so."""
+    from huggingface_hub import hf_hub_download
+
+    folder = Path(source, fam.denoiser)
+    if Path(source).is_dir():
+        return folder
+    for name in stream.weight_files(variant):
+        try:
+            local = Path(hf_hub_download(source, name, subfolder=fam.denoiser, revision=revision))
+        except Exception:  # not this layout, not cached offline, unreachable: the next, then from_pretrained
+            continue
+        if name.endswith(".json"):
+            for shard in sorted(set(json.loads(local.read_text())["weight_map"].values())):
+                hf_hub_download(source, shard, subfolder=fam.denoiser, revision=revision)
+        return local.parent
+    return None
 
 
 def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wanted: Wanted) -> LoadedModel:
@@ -165,8 +200,45 @@ def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wa
     assert base_model_config is not None  # check_single_transformer refuses a file without it
     config = load_transformer_config(base_model_config, None)[1]
     dtype = _dtype(wanted)
-    return _assemble(fam, str(path), wanted, config, lambda: read_single_transformer(path, base_model_config, fam, dtype),
-                     base_model_config, None, None, variant_source)
+
+    def read() -> Any:
+        choice = _streamed(wanted)
+        if not choice:
+            return read_single_transformer(path, base_model_config, fam, dtype)
+        return stream_single_transformer(path, _on_meta(config, dtype), choice, dtype)
+
+    return _assemble(fam, str(path), wanted, config, read, base_model_config, None, None, variant_source)
+
+
+def stream_single_transformer(path: Path, model: Any, choice: str, dtype: Any) -> Any:
+    """A FLUX.1 file's transformer streamed into `model` (built on the meta device), a block at a time, each
+    converted to `choice` (transformer_stream's module docstring): BFL's names through diffusers' converter, or
+    diffusers' own."""
+    from conjure.models.single_file import CheckpointTensors
+
+    try:
+        tensors = CheckpointTensors(path)
+        names = sorted(k for k in tensors.keys if k.startswith(COMFY_PREFIX)) or sorted(tensors.keys)
+        prefix = COMFY_PREFIX if names[0].startswith(COMFY_PREFIX) else ""
+
+        def diffusers_named(group: list[str]) -> dict[str, Any]:
+            return {k.removeprefix(prefix): v for k, v in tensors.read(group, dtype).items()}
+
+        bfl = prefix + FLUX_MARKERS[0] in tensors.keys
+        read = stream.bfl_reader(tensors, names, dtype) if bfl else diffusers_named
+        return stream.stream_into(model, names, read, choice, str(path), prefix)
+    except ConjureError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConjureError(f"cannot load checkpoint {str(path)!r}: {reason}") from None
+
+
+def _streamed(wanted: Wanted) -> str | None:
+    """The base_weights_dtype a training run's transformer is quantised to as it streams in: float8 (nf4 quantises
+    as it moves to the GPU, in place_model)."""
+    choice = wanted.advanced.base_weights_dtype if wanted.advanced and wanted.defer_denoiser else "auto"
+    return choice if choice == "float8" else None
 
 
 def _assemble(fam: Family, source: str, wanted: Wanted, config: dict[str, Any], read: Callable[[], Any],
