@@ -171,6 +171,20 @@ def test_a_float8_transformer_is_loaded_as_float8_and_one_block(lora_config):
     assert stored + block < bf16["transformer"] and streamed["text_encoder_2"][1] == bf16["text_encoder_2"]
 
 
+def test_a_cpu_float8_flux_run_counts_its_encoders_freed_before_the_transformer_streams_in(lora_config):
+    """On the CPU, text cached ahead frees the encoders before a float8 transformer is read (train/text_ahead.py
+    frees_for_a_quantised_read): RAM never holds T5 and the transformer together, nor T5 while it trains."""
+    raw = lora_config("flux", data={"cache_text_encoder_outputs": True},
+                      advanced={"cpu": True, "mixed_precision": "bf16", "base_weights_dtype": "float8"})
+    freed = estimate(parse_config(raw))
+    names = [t.name for t in freed.ram]
+    assert "text_encoder_2 weights (bfloat16)" not in names
+    assert not {"transformer as loaded (float8, a block in bfloat16)", "text_encoder_2 as loaded (bfloat16)"} <= set(
+        names)
+    raw["data"]["cache_text_encoder_outputs"] = False
+    assert freed.peak_ram < estimate(parse_config(raw)).peak_ram
+
+
 def test_the_vae_encode_is_its_own_term_and_the_peak_where_it_is_larger(lora_config):
     """Issue 16: the step encodes its batch before the denoiser's forward, so the peak holds the larger of the
     VAE's working set and the activations. At 512 px with gradient checkpointing the tiny VAE's full-size feature

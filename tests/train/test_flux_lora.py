@@ -174,22 +174,29 @@ def test_a_bucket_step_flux_cannot_pack_is_refused_naming_the_field(lora_config,
 
 
 def test_a_float8_base_trains_on_the_cpu(lora_config, run_config, monkeypatch):
-    """advanced.base_weights_dtype: float8 on the CPU: the transformer streams in quantised (placed as it is, not
-    converted twice), PEFT's adapters wrap its float8 layers and train, and the file reads back as any other."""
+    """advanced.base_weights_dtype: float8 on the CPU: the text is encoded ahead and the encoders freed, then the
+    transformer streams in quantised (placed as it is, not converted twice), PEFT's adapters wrap its float8 layers
+    and train, and the file reads back as any other."""
     pytest.importorskip("torchao")
     import conjure.train.loop as loop
     from conjure.export.kohya import load_kohya
     from conjure.families import FLUX
+    from conjure.models.loading import LoadedModel
 
     placed = []
     place = loop.place_model
     monkeypatch.setattr(loop, "place_model", lambda model, *a, **k: placed.append(
         (model, model.denoiser.transformer_blocks[0].attn.to_q.weight)) or place(model, *a, **k))
-    raw = flux_config(lora_config, validation={"at_start": False}, advanced={"mixed_precision": "bf16",
-                      "base_weights_dtype": "float8", "cpu": True},
+    read, met = LoadedModel.load_pending, []
+    monkeypatch.setattr(LoadedModel, "load_pending", lambda model: met.append(
+        [model.components[slot.encoder] for slot in model.family.text_encoders]) or read(model))
+    raw = flux_config(lora_config, validation={"at_start": False}, data={"cache_text_encoder_outputs": True},
+                      advanced={"mixed_precision": "bf16", "base_weights_dtype": "float8", "cpu": True},
                       basic={"validate_every_n_steps": None, "max_train_steps": 2, "save_every_n_steps": 2})
     result = run_config(raw)
     assert result.status == "completed" and result.step == 2
+    # captions encoded ahead on the CPU and the encoders freed before the transformer streamed in
+    assert met == [[None, None]]
     ((model, streamed),) = placed
     base = model.denoiser.transformer_blocks[0].attn.to_q.base_layer
     assert type(streamed).__name__ == "Float8Tensor" and base.weight is streamed  # placed as it streamed in

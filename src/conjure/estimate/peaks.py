@@ -59,7 +59,10 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
                                   encode - activations.bytes, "modelled")] if encode > activations.bytes else [])
     conditioning = build_conditioning(model, text_reading(config, model), resolution=resolution, guidance=adv.guidance)
     cached, notes = data_terms(config, model, conditioning, resolution, frozen)
-    ahead = place.cuda and data.cache_text_encoder_outputs  # train/text_ahead.py: encoders leave the GPU first
+    # train/text_ahead.py: the encoders leave the GPU first; on the CPU, text is encoded ahead and the encoders
+    # freed before a float8 transformer streams in (frees_for_a_quantised_read)
+    quantised_read = model.family.denoiser == "transformer" and adv.base_weights_dtype != "auto"
+    ahead = data.cache_text_encoder_outputs and (place.cuda or quantised_read)
     loaded = _as_loaded(config, model, frozen, ahead)
     encoders = {s.encoder for s in model.family.text_encoders}
     on_device = [t for name, t in weights.items() if not (ahead and name in encoders)]
@@ -77,7 +80,8 @@ def estimate(config: RunConfig, *, assume_gpu: bool = False) -> Estimate:
         # the parts as loaded leave RAM for the GPU before the recipe makes its EMA there
         result.ram = [baseline, *_larger(loaded, ema_ram), *cached]
     else:
-        result.ram = [baseline, *_larger(loaded, list(weights.values())), *training, *ema_ram, *step, *cached]
+        kept = [t for name, t in weights.items() if not (ahead and name in encoders and not _keeps_encoders(config))]
+        result.ram = [baseline, *_larger(loaded, kept), *training, *ema_ram, *step, *cached]
     result.assumptions = (_assumptions(config, place.source, place.precision, resolution, ahead, place.cuda)
                           + [_encode_line(encode, len(step) > 1)] + notes + _preset_lines(config, preset_warning))
     return result
@@ -97,16 +101,21 @@ def _as_loaded(config: RunConfig, model: LoadedModel, frozen: torch.dtype, ahead
     """The parts in RAM while the run loads: all at once, or the larger of two phases where a transformer family's
     weights are read after text encoded ahead freed the encoders (Wanted.defer_denoiser; train/text_ahead.py
     still_needed: no held-out loss, a method that does not save the whole model)."""
-    from conjure.methods import method_spec
-
-    held_out = config.validation.holdout > 0 or config.validation.loss_images is not None
-    kept = held_out or method_spec(config.type).saves_whole_model
     base = config.advanced.base_weights_dtype
-    if not ahead or kept or model.family.denoiser != "transformer":
+    if not ahead or _keeps_encoders(config) or model.family.denoiser != "transformer":
         return _loaded_terms(model, frozen, base)
     encoders = {slot.encoder for slot in model.family.text_encoders}
     return _larger(_loaded_terms(model, frozen, base, {model.family.denoiser}),
                    _loaded_terms(model, frozen, base, encoders))
+
+
+def _keeps_encoders(config: RunConfig) -> bool:
+    """Whether text encoded ahead still keeps the encoders (train/text_ahead.py still_needed: a held-out loss, a
+    method that saves the whole model)."""
+    from conjure.methods import method_spec
+
+    held_out = config.validation.holdout > 0 or config.validation.loss_images is not None
+    return held_out or method_spec(config.type).saves_whole_model
 
 
 def _preset_lines(config: RunConfig, warning: str | None) -> list[str]:
@@ -146,9 +155,10 @@ def _assumptions(config: RunConfig, precision_source: str, precision: str, resol
                      "which measured 15-50% more peak RSS at 256-512 px; MALLOC_MMAP_THRESHOLD_=131072 set before "
                      "`conjure train` returns them, for 4-9% more CPU time")
     if ahead:
-        lines.append("data.cache_text_encoder_outputs on a GPU: the text encoders are used and leave before the "
-                     "denoiser arrives (train/text_ahead.py); the peak is the larger of the two phases; without a "
-                     "held-out loss they are freed, and a FLUX.1 transformer's weights are read only then")
+        lines.append("data.cache_text_encoder_outputs on a GPU (on the CPU: before a float8 transformer streams "
+                     "in): the text encoders are used and leave before the denoiser arrives (train/text_ahead.py); "
+                     "the peak is the larger of the two phases; without a held-out loss they are freed, and a FLUX.1 "
+                     "transformer's weights are read only then")
     return lines
 
 

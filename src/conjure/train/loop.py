@@ -38,7 +38,8 @@ from conjure.train.launch import agree_stop, batch_line, every_rank, global_batc
 from conjure.train.loss import BatchGenerator
 from conjure.train.skips import SkippedSteps, TooManySkipped, read_step
 from conjure.train.text_ahead import (
-    EncodedAhead, captions_ahead, encode_ahead, free_encoders, offloads, prompt_inputs, still_needed,
+    EncodedAhead, captions_ahead, encode_ahead, free_encoders, frees_for_a_quantised_read, offloads, prompt_inputs,
+    still_needed,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
     resolution = chosen["resolution"].value
     conditioning = build_conditioning(model, reading, resolution=resolution, guidance=config.advanced.guidance)
     ahead = None
-    if config.data.cache_text_encoder_outputs and offloads(accelerator.device):
+    if config.data.cache_text_encoder_outputs and (offloads(accelerator.device) or frees_for_a_quantised_read(
+            model, config.advanced.base_weights_dtype)):
         prompts = [(p, config.validation.negative_prompt) for p in config.validation.prompts]
         ahead = encode_ahead(model, conditioning, captions_ahead(config, spec, examples), prompts, accelerator,
                              WEIGHT_DTYPES[precision.value])

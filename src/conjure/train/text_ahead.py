@@ -7,7 +7,8 @@ once, before the denoiser is placed on the GPU; then the text encoders move to t
 `--cache_text_encoder_outputs` with its encoders on the CPU, OneTrainer's and SimpleTuner's caches do the same).
 The held-out loss's captions, which are not cached, are encoded on the CPU where the encoders are: slower, never
 wrong. Validation reads the prompts' encodings kept here. On the CPU nothing moves, and the cache fills as the
-steps meet captions (`TextCache`).
+steps meet captions (`TextCache`), but for a transformer still to be read quantised
+(`frees_for_a_quantised_read`), which is read once the encoders are freed.
 
 Freed, not only moved (`still_needed`): without a held-out loss nothing the run does calls the encoders again, so
 they are dropped from the model, unless the method saves them (a fine-tune's whole model). Every caption a step can meet was encoded ahead (an unreadable image's stand-in
@@ -53,6 +54,13 @@ class EncodedAhead:
 def offloads(device: torch.device) -> bool:
     """Whether encoding ahead moves the text encoders off `device` (a CUDA GPU; on the CPU they are there)."""
     return device.type == "cuda"
+
+
+def frees_for_a_quantised_read(model: LoadedModel, base_weights: str) -> bool:
+    """Whether a run that caches text encodes it ahead on the CPU too: where the denoiser is still to be read
+    quantised (advanced.base_weights_dtype float8: models/transformer_stream.py), the case of FLUX.1-dev on a 24 GB
+    machine, whose RAM holds the float8 transformer (~12 GB) only once T5-XXL (9.5 GB) is freed."""
+    return bool(model.pending) and base_weights != "auto"
 
 
 def captions_ahead(config: RunConfig, spec: MethodSpec, examples: list[Example]) -> list[str]:
