@@ -254,7 +254,7 @@ def test_a_short_bucket_batch_trains_in_two_processes_what_it_trains_in_one():
 def test_a_run_accelerate_was_told_to_shard_is_refused_in_one_line(monkeypatch, variable, name):
     """What `accelerate launch --use_fsdp` (or --use_deepspeed, or an accelerate config's distributed_type) sets in
     every process: the run stops before it builds anything, instead of training on parameters that sharding
-    replaced."""
+    replaced, and names the config's own `advanced.distributed: fsdp`."""
     from conjure.config.sections import AdvancedConfig
     from conjure.errors import ConjureError
     from conjure.train.setup import make_accelerator
@@ -263,6 +263,7 @@ def test_a_run_accelerate_was_told_to_shard_is_refused_in_one_line(monkeypatch, 
     with pytest.raises(ConjureError, match=f"accelerate is set to shard the model with {name}, which conjure") as err:
         make_accelerator(AdvancedConfig(cpu=True))
     assert "\n" not in str(err.value) and "distributed_type: MULTI_GPU" in str(err.value)
+    assert "advanced.distributed: fsdp" in str(err.value)  # where conjure's own sharding is asked for
 
 
 def test_each_process_resumes_its_own_rng_and_another_process_count_is_warned_about(capsys):

@@ -23,6 +23,15 @@ CONFIG_VERSION: Final = 2
 """Version 1: the config types named the family too (sd_lora, sdxl_lora, ...); conjure.config.migrate reads them."""
 
 
+# DeepSpeed runs here: deepspeed 0.19.8 installs only from its sdist (pip download: no wheel), compiles its shm
+# comm op at first use, and then ZeRO-3 steps a toy model in 2 CPU processes over gloo (measured 2026-12-05, torch
+# 2.13). What keeps it out is its engine: `deepspeed.initialize` takes one model and owns the optimizer, gradient
+# accumulation, clipping and checkpoints, which conjure's loop holds for every method (its exact resume included).
+DEEPSPEED_REFUSED = ("deepspeed is not built in: its engine owns the optimizer, accumulation and checkpoints that "
+                     "conjure's loop holds; use fsdp, which shards what ZeRO-3 shards (parameters, gradients, "
+                     "optimizer state) with torch itself")
+
+
 class RunConfigHead(BaseModel):
     """The first keys of every config. A method declares its own sections on a subclass of this, which its config
     class then lists after RunConfigBase: pydantic orders fields along the MRO, so YAML, the schema and the web
@@ -41,6 +50,7 @@ class RunConfigHead(BaseModel):
 class RunConfigBase(RunConfigHead):
     FAMILIES: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")  # the families the method trains
     FUSED_BACKWARD: ClassVar[bool] = False  # whether the method can take optimizer.fused_backward_pass
+    SHARDS: ClassVar[bool] = False  # whether advanced.distributed: fsdp applies (the trained state is the model)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     advanced: AdvancedConfig = Field(default_factory=AdvancedConfig)
@@ -98,6 +108,17 @@ class RunConfigBase(RunConfigHead):
         if adv.mixed_precision == "fp16":
             raise FieldProblem(field, "fp16's gradient scaler checks every gradient before any step; use "
                                "advanced.mixed_precision: bf16 or no")
+        return self
+
+    @model_validator(mode="after")
+    def _check_distributed(self) -> RunConfigBase:
+        """advanced.distributed: what cannot shard is refused in one line (conjure.train.sharding)."""
+        field, chosen = "advanced.distributed", self.advanced.distributed
+        if chosen == "deepspeed":
+            raise FieldProblem(field, DEEPSPEED_REFUSED)
+        if chosen == "fsdp" and not self.SHARDS:
+            raise FieldProblem(field, f"fsdp shards a full fine-tune's weights; a {self.type} run trains a small "
+                               "state beside a frozen model, which sharding would not shrink: use ddp")
         return self
 
     @model_validator(mode="after")

@@ -102,6 +102,7 @@ class FinetuneConfig(RunConfigBase, _FinetuneSections):
     # FLUX.1 is not built yet: its 12B transformer needs the fused backward pass and block offloading first.
     FAMILIES: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")
     FUSED_BACKWARD: ClassVar[bool] = True
+    SHARDS: ClassVar[bool] = True
     optimizer: FinetuneOptimizerConfig = Field(default_factory=FinetuneOptimizerConfig)
 
     def default_prompts(self) -> list[str]:
@@ -118,6 +119,13 @@ class FinetuneConfig(RunConfigBase, _FinetuneSections):
         if self.finetune.weights_dtype == "bf16" and self.advanced.mixed_precision != "bf16":
             raise FieldProblem("finetune.weights_dtype", "bf16 weights compute in bf16: set "
                                "advanced.mixed_precision: bf16")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_unsharded(self) -> FinetuneConfig:
+        if self.finetune.ema.enabled and self.advanced.distributed == "fsdp":
+            raise FieldProblem("finetune.ema.enabled", "the EMA is a whole copy of the trained weights, which "
+                               "advanced.distributed: fsdp shards; set it to false or use ddp")
         return self
 
     @model_validator(mode="after")

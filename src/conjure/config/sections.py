@@ -377,6 +377,15 @@ class AdvancedConfig(Section):
         "the others at a gradient exchange before the run fails instead of hanging. It must outlast the main "
         "process's longest checkpoint and validation, which the others wait through (torch's own default).",
     )
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="Several processes: 'ddp': every process holds the whole model, its gradients and optimizer "
+        "state, and the gradients are averaged each step. 'fsdp' (torch's FSDP2, full fine-tunes only): "
+        "parameters, gradients and optimizer state are sharded, each process holding ~1/N of the trained state, "
+        "at the cost of gathering each block's weights in every forward and backward and the whole model at "
+        "checkpoints and validation; for a model whose training state does not fit one device (a LoRA's or an "
+        "embedding's trained state is small: ddp). 'deepspeed' is refused: use fsdp. One process: no difference.",
+    )
     clip_skip: int = Field(
         1,
         ge=1,

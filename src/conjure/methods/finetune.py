@@ -22,6 +22,7 @@ from torch import nn
 from conjure.errors import ConjureError
 from conjure.models.loading import LoadedModel
 from conjure.train.ema import Ema
+from conjure.train.sharding import copy_into
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -96,11 +97,15 @@ class FullFinetune:
             if name in slots:  # what the denoiser never reads gets no gradient: under DDP that stops the run
                 for p in unread_parameters(module, slots[name], clip_skip):
                     p.requires_grad_(False)
-        self._params = [(f"{component}.{n}", p) for component, module in self.modules.items()
-                        for n, p in module.named_parameters()]
         ema = section.ema
-        self.ema = Ema([p for _, p in self._params], decay=ema.decay, update_every=ema.update_every,
+        self.ema = Ema([p for _, p in self._params()], decay=ema.decay, update_every=ema.update_every,
                        device=torch.device("cpu") if ema.on_cpu else None) if ema.enabled else None
+
+    def _params(self) -> list[tuple[str, nn.Parameter]]:
+        """The trained parameters by name, as the modules hold them now: under advanced.distributed: fsdp the
+        sharded ones, or the whole ones while they are gathered (conjure.train.sharding)."""
+        return [(f"{component}.{n}", p) for component, module in self.modules.items()
+                for n, p in module.named_parameters()]
 
     # --- what trains -------------------------------------------------------------------------------
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -126,21 +131,20 @@ class FullFinetune:
 
     # --- state for resume and files for consumers --------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {name: p.detach().cpu() for name, p in self._params}
+        state = {name: p.detach().cpu() for name, p in self._params()}
         if self.ema is not None:
-            state.update({f"ema.{name}": a for (name, _), a in zip(self._params, self.ema.state_dict())})
+            state.update({f"ema.{name}": a for (name, _), a in zip(self._params(), self.ema.state_dict())})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        names = [name for name, _ in self._params]
+        names = [name for name, _ in self._params()]
         expected = set(names) | ({f"ema.{n}" for n in names} if self.ema is not None else set())
         if set(state) != expected:
             first = sorted(expected ^ set(state))[0]
             raise ConjureError("the checkpoint's weights do not match this config (other text encoders trained, or "
                                f"finetune.ema.enabled changed?); first difference: {first}")
-        with torch.no_grad():
-            for name, p in self._params:
-                p.copy_(state[name])
+        for name, p in self._params():
+            copy_into(p, state[name])
         if self.ema is not None:
             self.ema.load_state_dict([state[f"ema.{n}"] for n in names])
 

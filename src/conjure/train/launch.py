@@ -34,14 +34,14 @@ SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "Deep
 
 
 def refuse_sharding() -> None:
-    """A run that accelerate was told to shard is refused in one line: conjure trains with DDP (every process
-    holds the whole model). Sharding replaces the parameters the methods hold (their optimizer groups, EMA and
-    saved state) and would need every checkpoint gathered from all processes, none of which conjure does."""
+    """A run that accelerate was told to shard is refused in one line: accelerate's sharding prepares one model
+    with its optimizer (and on the CPU its FSDP plugin is ignored: conjure.train.sharding), where conjure prepares
+    each trained module and shards a full fine-tune itself when the config says `advanced.distributed: fsdp`."""
     asked = [name for var, name in SHARDING_ENV.items() if os.environ.get(var, "").lower() == "true"]
     if asked:
-        raise ConjureError(f"accelerate is set to shard the model with {asked[0]}, which conjure does not "
-                           "support: it trains with DDP (every process holds the whole model); use "
-                           "distributed_type: MULTI_GPU in the accelerate config (README, 'More than one GPU')")
+        raise ConjureError(f"accelerate is set to shard the model with {asked[0]}, which conjure does not take "
+                           "from accelerate: use distributed_type: MULTI_GPU in the accelerate config and set "
+                           "advanced.distributed: fsdp in the run's config (README, 'More than one GPU')")
 
 
 def launched() -> bool:

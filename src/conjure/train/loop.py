@@ -36,6 +36,9 @@ from conjure.train.setup import (
 )
 from conjure.train.launch import agree_stop, batch_line, every_rank, global_batch, own_rng
 from conjure.train.loss import BatchGenerator
+from conjure.train.sharding import (
+    full_optimizer_state, gathered, shard, shard_optimizer_state, sharded, sync_gradients, whole_weights,
+)
 from conjure.train.skips import SkippedSteps, TooManySkipped, read_step
 from conjure.train.text_ahead import (
     EncodedAhead, captions_ahead, encode_ahead, free_encoders, frees_for_a_quantised_read, offloads, prompt_inputs,
@@ -78,6 +81,8 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
     place_model(model, accelerator.device, precision.value, config.advanced.base_weights_dtype,
                 on_cpu=ahead.on_cpu if ahead else ())
     recipe = spec.build(config, model)
+    if config.advanced.distributed == "fsdp" and accelerator.num_processes > 1:
+        shard(recipe.trainable_modules().values(), accelerator.device)  # before the optimizer is built on them
     checkpoint, run_dir = open_run_dir(config, resume or config.basic.resume, accelerator)
     # The main process holds the run (under DDP every rank resumes the same folder; only the main one writes it).
     with disk_full_as_one_line(run_dir), lock_run(run_dir) if accelerator.is_main_process else nullcontext():
@@ -132,8 +137,8 @@ class TrainingSession:
         self.lr_scheduler = parts.lr_scheduler
         self.base_lrs = list(self.lr_scheduler.base_lrs)  # this config's rates: a resume keeps them
         trainable = recipe.trainable_modules()
-        prepared = accelerator.prepare(*trainable.values())
-        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        # (a sharded module is not wrapped in DDP: FSDP already reduces its gradients)
+        prepared = [module if sharded([module]) else accelerator.prepare(module) for module in trainable.values()]
         self.trainable: list[torch.nn.Module] = prepared
         self.optimizer = accelerator.prepare(parts.optimizer)
         for module in self.trainable:
@@ -184,6 +189,7 @@ class TrainingSession:
         try:
             self.recipe.load_state_dict(state["method"])
             self.optimizer.load_state_dict(state["optimizer"])
+            shard_optimizer_state(self.optimizer)
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.generator.set_state(state["generator"])
             set_global_rng(own_rng(state, self.accelerator), self.accelerator.device)
@@ -221,10 +227,11 @@ class TrainingSession:
             bar = tqdm(total=self.max_steps, initial=self.global_step, unit="step", disable=not main,
                        dynamic_ncols=True)
             try:
-                if self.global_step == 0 and self.settings.validation.at_start and main:
-                    self.validate(0)
-                if self.global_step == self.max_steps and main:  # a run killed after its last checkpoint: finish it
-                    self.validate(self.global_step)
+                # at the start, or a run killed after its last checkpoint: finish it
+                if (self.global_step == 0 and self.settings.validation.at_start) or self.global_step == self.max_steps:
+                    with gathered(self.trainable):
+                        if main:
+                            self.validate(self.global_step)
                 self._steps(bar, control)
                 self.events.emit(Event.END, status=self.result.status, step=self.global_step,
                                  skipped_steps=self.skips.total, **memory_peaks(self.accelerator.device))
@@ -257,7 +264,8 @@ class TrainingSession:
     def _fail(self, exc: BaseException) -> None:
         # Keep the work: a step that completed after the last checkpoint is saved before the error surfaces
         # (skips in a row moved nothing since the last good step: the kept checkpoint is already that state).
-        rescue = not isinstance(exc, TooManySkipped)
+        # A sharded model can be gathered only by every process together: its last checkpoint is what is kept.
+        rescue = not isinstance(exc, TooManySkipped) and not sharded(self.trainable)
         if rescue and self.global_step > self.last_saved and self.accelerator.is_main_process:
             try:
                 self.save()
@@ -274,6 +282,7 @@ class TrainingSession:
         completes (accelerate's `sync_gradients`)."""
         acc, settings = self.accelerator, self.settings
         with acc.accumulate(*self.trainable):
+            sync_gradients(self.trainable, acc.sync_gradients)  # accelerate's no_sync is DDP's only
             with torch.no_grad():
                 latents = self._latents(batch).to(WEIGHT_DTYPES[settings.mixed_precision])
             with acc.autocast():
@@ -363,23 +372,26 @@ class TrainingSession:
         final = self.global_step == self.max_steps
         due = self.global_step % self.settings.save_every_n_steps == 0 or final or control.stop_reason
         rngs = every_rank(self.accelerator, global_rng_state(self.accelerator.device)) if due else None
-        if not self.accelerator.is_main_process:
-            return
-        if due:
-            self.save(rngs)
-        every = self.settings.validation.every
-        if (every and self.global_step % every == 0) or final:
-            self.validate(self.global_step)
+        every, main = self.settings.validation.every, self.accelerator.is_main_process
+        validating = (every and self.global_step % every == 0) or final
+        with whole_weights(self.trainable, keep=main) if due else nullcontext():  # a sharded model's, on the main one
+            optimizer = full_optimizer_state(self.optimizer, keep=main) if due else None
+            if main and due:
+                self.save(rngs, optimizer)
+        with gathered(self.trainable) if validating else nullcontext():
+            if main and validating:
+                self.validate(self.global_step)
 
-    def save(self, rngs: list[dict[str, Any]] | None = None) -> None:
+    def save(self, rngs: list[dict[str, Any]] | None = None, optimizer: dict[str, Any] | None = None) -> None:
         """A checkpoint of the current step: the training state for an exact resume and the recipe's files.
-        `rngs`: every process's global RNG state (`launch.every_rank`); a rescue save has only its own."""
+        `rngs`: every process's global RNG state (`launch.every_rank`); a rescue save has only its own.
+        `optimizer`: the optimizer's state gathered whole (`sharding.full_optimizer_state`), else read here."""
         at, settings = self.global_step, self.settings
         target = self.model.facts["prediction_type"].value  # what loading settled (a setting or the model's)
         state = {
             "step": at,
             "method": self.recipe.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer if optimizer is not None else self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "rng": global_rng_state(self.accelerator.device),

@@ -19,6 +19,7 @@ import torch
 from conjure.errors import ConjureError
 from conjure.runs.checkpoints import kept_checkpoint
 from conjure.train.control import say
+from conjure.train.sharding import whole
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -36,10 +37,11 @@ def read_step(accelerator: Accelerator, loss: torch.Tensor, params: Sequence[tor
     already reduced). Read from the device in one transfer: on a GPU each read waits for the queued work, and a
     finite check before the optimizer step and the loss read after it were two."""
     checks = [accelerator.reduce(loss.detach(), "mean").float()]
+    # (sharded gradients have a DTensor norm, each process holding its part: `whole` sums them)
     if accelerator.sync_gradients and max_grad_norm:  # unscales fp16 gradients first, as the GradScaler's check does
-        checks.append(accelerator.clip_grad_norm_(params, max_grad_norm).float())
+        checks.append(whole(accelerator.clip_grad_norm_(params, max_grad_norm)).float())
     elif accelerator.sync_gradients and accelerator.scaler is None:
-        checks.append(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).float())
+        checks.append(whole(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])).float())
     values = torch.stack([c.to(checks[0].device) for c in checks]).tolist()
     return values[0], all(map(math.isfinite, values))
 
