@@ -101,10 +101,10 @@ def test_a_folder_streams_to_the_same_float8_a_block_at_a_time(dev, expected, mo
     assert len(watch.sizes) == 5 and max(watch.sizes) == double_block
 
 
-def test_sharded_folder_streams_from_its_index(dev, expected, tmp_path):
+def _sharded(dev, folder):
+    """A copy of the tiny model at `folder` whose transformer is two shards and their index, as FLUX.1-dev's."""
     import shutil
 
-    folder = tmp_path / "sharded"
     shutil.copytree(dev, folder)
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
     state = FluxTransformer2DModel.from_pretrained(dev, subfolder="transformer").state_dict()
@@ -116,7 +116,35 @@ def test_sharded_folder_streams_from_its_index(dev, expected, tmp_path):
         save_file({k: state[k].contiguous() for k in keys}, str(weights.parent / file))
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (weights.parent / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    _assert_same(_load(folder), expected)
+    return folder
+
+
+def test_sharded_folder_streams_from_its_index(dev, expected, tmp_path):
+    _assert_same(_load(_sharded(dev, tmp_path / "sharded")), expected)
+
+
+def test_a_cached_hub_id_streams_from_its_snapshot(dev, expected, tmp_path, monkeypatch):
+    """A hub id in the Hugging Face cache (laid out as huggingface_hub lays it out, offline): its transformer's
+    index and shards are found there and streamed as the folder's."""
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    from conjure.models.single_file import CheckpointTensors
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--conjure-test--tiny-flux"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    _sharded(dev, repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at each call, not at import
+    read = []
+    original = CheckpointTensors.read
+    monkeypatch.setattr(CheckpointTensors, "read", lambda self, *a, **kw: read.append(self) or original(self, *a, **kw))
+    _assert_same(_load("conjure-test/tiny-flux"), expected)
+    assert {Path(t.path).name for t in read} == {"diffusion_pytorch_model-00001-of-00002.safetensors",
+                                                 "diffusion_pytorch_model-00002-of-00002.safetensors"}
+    assert all(Path(t.path).is_relative_to(repo / "snapshots" / commit / "transformer") for t in read)
 
 
 def test_a_diffusers_named_file_under_comfy_prefix_streams(dev, expected, tmp_path):
@@ -220,3 +248,20 @@ def test_a_file_missing_a_block_is_one_line(dev, tmp_path):
               str(path))
     with pytest.raises(ConjureError, match=r"it has no weights for the transformer's 'single_transformer_blocks\.1\."):
         _load(path, base_model_config=str(dev))
+
+
+def test_a_folder_without_safetensors_loads_whole_and_place_model_converts_it(dev, expected, tmp_path):
+    import shutil
+
+    from conjure.train.setup import place_model
+
+    folder = tmp_path / "bin"
+    shutil.copytree(dev, folder)
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    transformer.save_pretrained(folder / "transformer", safe_serialization=False)
+    model = load_base_model(str(folder), advanced=FLOAT8, frozen_dtype=torch.bfloat16, defer_denoiser=True)
+    model.load_pending()
+    assert type(model.denoiser.transformer_blocks[0].attn.to_q.weight) is torch.nn.Parameter  # read whole, in bf16
+    place_model(model, torch.device("cpu"), "bf16", "float8")
+    _assert_same(model.denoiser, expected)
