@@ -31,8 +31,8 @@ def test_flux_memory_runs_on_the_tiny_flux(benchmark, tmp_path):
     assert rows["bf16"].endswith("| yes |"), rows["bf16"]  # trained, with a finite loss
     assert "in 34 layers" in rows["bf16"]  # attention_mlp on 2 double + 2 single blocks: 2 x 12 + 2 x 5
     if not torch.cuda.is_available():
-        for mode in ("float8", "nf4"):
-            assert f"| {mode} | not run: needs a CUDA GPU | <= 12 GiB (full size) |" in rows[mode]
+        assert rows["float8"].endswith("| yes |"), rows["float8"]  # float8 trains on the CPU too (upcast per matmul)
+        assert "| nf4 | not run: needs a CUDA GPU | <= 12 GiB (full size) |" in rows["nf4"]
 
 
 def test_versus_diffusers_times_a_conjure_run_through_the_optimizer_hook(benchmark, tiny_models, tmp_path):
