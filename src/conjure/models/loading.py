@@ -276,14 +276,14 @@ def _diffusers_part(cls: Any, source: str, subfolder: str, variant: str | None, 
     device where its weights are one .safetensors file of exactly its state dict's keys: diffusers' own loader
     memory-maps the file, whose touched pages count as resident beside the loaded copy (SD 1.5's fp16 folder:
     3.6 GiB peak to a bf16 run's start against 2.8 from a single file). A hub id reads its snapshot folder in the
-    Hugging Face cache the same way (`_hub_part`). Anything else (shards, .bin, older key names diffusers renames
+    Hugging Face cache the same way (`hub_part`). Anything else (shards, .bin, older key names diffusers renames
     as it loads) goes through `from_pretrained`."""
     from accelerate import init_empty_weights
 
     from conjure.models.single_file import CheckpointTensors
 
-    name = f"diffusion_pytorch_model{f'.{variant}' if variant else ''}.safetensors"
-    folder = Path(source, subfolder) if Path(source).is_dir() else _hub_part(source, subfolder, name, common)
+    name = weight_files(variant)[0]
+    folder = Path(source, subfolder) if Path(source).is_dir() else hub_part(source, subfolder, name, common)
     file = folder / name if folder else None
     if file is not None and file.is_file():
         with init_empty_weights():  # parameters on meta, buffers real
@@ -295,7 +295,16 @@ def _diffusers_part(cls: Any, source: str, subfolder: str, variant: str | None, 
     return cls.from_pretrained(source, subfolder=subfolder, variant=variant, torch_dtype=dtype, **common)
 
 
-def _hub_part(repo: str, subfolder: str, name: str, common: dict[str, Any]) -> Path | None:
+def weight_files(variant: str | None) -> tuple[str, str]:
+    """A diffusers model part's weights: one file, or the index of its shards (diffusers' SAFETENSORS_WEIGHTS_NAME
+    and SAFE_WEIGHTS_INDEX_NAME, `_add_variant` putting the variant before the last suffix)."""
+    stem = "diffusion_pytorch_model"
+    if variant:
+        return f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json"
+    return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+
+
+def hub_part(repo: str, subfolder: str, name: str, common: dict[str, Any]) -> Path | None:
     """The folder of a hub model's part in the Hugging Face cache (snapshots/<commit>/<subfolder>), holding its
     config and the weights file `name`: taken from the cache as `from_pretrained` would (offline: the cache only;
     online: the revision's files, downloaded if missing), or None where it has no such file or cannot get it, for

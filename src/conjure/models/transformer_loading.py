@@ -23,7 +23,7 @@ from conjure import families
 from conjure.errors import ConjureError
 from conjure.families import Family
 from conjure.models import transformer_stream as stream
-from conjure.models.loading import Fact, LoadedModel, Wanted, fail
+from conjure.models.loading import Fact, LoadedModel, Wanted, fail, hub_part, weight_files
 
 # Marker keys of a FLUX.1 transformer file: BFL's names (diffusers' CHECKPOINT_KEY_NAMES["flux"]) and diffusers'
 # own (the single-stream blocks' MLP input: SD3's diffusers transformer has double-stream blocks only); each
@@ -175,23 +175,19 @@ def load_flow_diffusers(source: str, wanted: Wanted, *, revision: str | None, va
 
 
 def _transformer_folder(source: str, fam: Family, revision: str | None, variant: str | None) -> Path | None:
-    """The transformer's folder: in the model folder, or a hub id's snapshot in the Hugging Face cache (its weight
-    files fetched as from_pretrained would: offline, the cache only); None where it cannot be had so."""
-    from huggingface_hub import hf_hub_download
-
-    folder = Path(source, fam.denoiser)
+    """The transformer's folder: in the model folder, or a hub id's snapshot in the Hugging Face cache with its one
+    weights file or its index and every shard (loading.hub_part: offline, the cache only); None where it cannot be
+    had so (from_pretrained then loads it, or fails, with its own messages)."""
     if Path(source).is_dir():
+        return Path(source, fam.denoiser)
+    common = {"revision": revision}
+    name, index = weight_files(variant)
+    folder = hub_part(source, fam.denoiser, name, common)
+    if folder is not None:
         return folder
-    for name in stream.weight_files(variant):
-        try:
-            local = Path(hf_hub_download(source, name, subfolder=fam.denoiser, revision=revision))
-        except Exception:  # not this layout, not cached offline, unreachable: the next, then from_pretrained
-            continue
-        if name.endswith(".json"):
-            for shard in sorted(set(json.loads(local.read_text())["weight_map"].values())):
-                hf_hub_download(source, shard, subfolder=fam.denoiser, revision=revision)
-        return local.parent
-    return None
+    folder = hub_part(source, fam.denoiser, index, common)
+    shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values())) if folder else []
+    return folder if all(hub_part(source, fam.denoiser, shard, common) for shard in shards) else None
 
 
 def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wanted: Wanted) -> LoadedModel:

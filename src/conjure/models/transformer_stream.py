@@ -86,20 +86,12 @@ def _unit_of(key: str, units: dict[str, Any]) -> str:
     return block if block in units else head
 
 
-def weight_files(variant: str | None) -> tuple[str, str]:
-    """A diffusers model folder's weights: one file, or the index of its shards (diffusers' SAFETENSORS_WEIGHTS_NAME
-    and SAFE_WEIGHTS_INDEX_NAME, `_add_variant` putting the variant before the last suffix)."""
-    stem = "diffusion_pytorch_model"
-    if variant:
-        return f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json"
-    return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
-
-
 def folder_reader(folder: Path, variant: str | None, dtype: Any) -> tuple[list[str], Reader] | None:
     """The transformer folder's weights (one .safetensors file, or the shards its index names): their keys and a
     reader in `dtype`; None where it has neither (for from_pretrained)."""
     import json
 
+    from conjure.models.loading import weight_files
     from conjure.models.single_file import CheckpointTensors
 
     name, index = weight_files(variant)
