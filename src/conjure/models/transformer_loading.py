@@ -10,7 +10,8 @@ transformer) holds the transformer alone; its variant is read from its keys as d
 the base_model_config's, and diffusers' own converter (`FluxTransformer2DModel.from_single_file`) renames it.
 For training (`Wanted.defer_denoiser`) the transformer is built on the meta device from its config, every check
 done, and its weights are read by `LoadedModel.load_pending` after the captions were encoded ahead and the text
-encoders freed (train/text_ahead.py).
+encoders freed (train/text_ahead.py); under `advanced.base_weights_dtype: float8` that read streams the weights in
+a block at a time, each block quantised at once (models/transformer_stream.py).
 """
 
 from __future__ import annotations
@@ -131,8 +132,11 @@ def check_single_transformer(path: Path, keys: set[str], base_model_config: str 
     return fam, f"file key {found!r}" if found else "no guidance embedder in the file"
 
 
-def read_single_transformer(path: Path, base_model_config: str, fam: Family, dtype: Any) -> Any:
-    """The transformer of a FLUX.1 file (`check_single_transformer` passed) in `dtype`."""
+def read_single_transformer(path: Path, base_model_config: str, fam: Family, dtype: Any,
+                            streamed: tuple[Any, str] | None = None) -> Any:
+    """The transformer of a FLUX.1 file (`check_single_transformer` passed) in `dtype`; `streamed` (the model built
+    on the meta device, the base_weights_dtype): streamed into it a block at a time, each block converted
+    (transformer_stream's module docstring), BFL's names through diffusers' converter, or diffusers' own."""
     from diffusers import FluxTransformer2DModel
 
     from conjure.models.single_file import CheckpointTensors
@@ -143,8 +147,19 @@ def read_single_transformer(path: Path, base_model_config: str, fam: Family, dty
         # 12 GB as stored beside the 24 GB of bf16 weights it becomes)
         tensors = CheckpointTensors(path)
         names = sorted(k for k in tensors.keys if k.startswith(COMFY_PREFIX)) or sorted(tensors.keys)
+        if streamed:
+            prefix = COMFY_PREFIX if names[0].startswith(COMFY_PREFIX) else ""
+
+            def diffusers_named(group: list[str]) -> dict[str, Any]:
+                return {k.removeprefix(prefix): v for k, v in tensors.read(group, dtype).items()}
+
+            bfl = prefix + FLUX_MARKERS[0] in tensors.keys
+            read = stream.bfl_reader(tensors, names, dtype) if bfl else diffusers_named
+            return stream.stream_into(streamed[0], names, read, streamed[1], str(path), prefix)
         return FluxTransformer2DModel.from_single_file(
             tensors.read(names, dtype), config=base_model_config, subfolder=fam.denoiser, torch_dtype=dtype)
+    except ConjureError:
+        raise
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConjureError(f"cannot load checkpoint {str(path)!r}: {reason}") from None
@@ -199,35 +214,10 @@ def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wa
 
     def read() -> Any:
         choice = _streamed(wanted)
-        if not choice:
-            return read_single_transformer(path, base_model_config, fam, dtype)
-        return stream_single_transformer(path, _on_meta(config, dtype), choice, dtype)
+        streamed = (_on_meta(config, dtype), choice) if choice else None
+        return read_single_transformer(path, base_model_config, fam, dtype, streamed)
 
     return _assemble(fam, str(path), wanted, config, read, base_model_config, None, None, variant_source)
-
-
-def stream_single_transformer(path: Path, model: Any, choice: str, dtype: Any) -> Any:
-    """A FLUX.1 file's transformer streamed into `model` (built on the meta device), a block at a time, each
-    converted to `choice` (transformer_stream's module docstring): BFL's names through diffusers' converter, or
-    diffusers' own."""
-    from conjure.models.single_file import CheckpointTensors
-
-    try:
-        tensors = CheckpointTensors(path)
-        names = sorted(k for k in tensors.keys if k.startswith(COMFY_PREFIX)) or sorted(tensors.keys)
-        prefix = COMFY_PREFIX if names[0].startswith(COMFY_PREFIX) else ""
-
-        def diffusers_named(group: list[str]) -> dict[str, Any]:
-            return {k.removeprefix(prefix): v for k, v in tensors.read(group, dtype).items()}
-
-        bfl = prefix + FLUX_MARKERS[0] in tensors.keys
-        read = stream.bfl_reader(tensors, names, dtype) if bfl else diffusers_named
-        return stream.stream_into(model, names, read, choice, str(path), prefix)
-    except ConjureError:
-        raise
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConjureError(f"cannot load checkpoint {str(path)!r}: {reason}") from None
 
 
 def _streamed(wanted: Wanted) -> str | None:
