@@ -122,10 +122,21 @@ class FinetuneConfig(RunConfigBase, _FinetuneSections):
         return self
 
     @model_validator(mode="after")
-    def _ema_unsharded(self) -> FinetuneConfig:
-        if self.finetune.ema.enabled and self.advanced.distributed == "fsdp":
+    def _what_fsdp_shards(self) -> FinetuneConfig:
+        """advanced.distributed: fsdp shards the UNet (conjure.train.sharding) and nothing that holds its weights
+        whole beside it."""
+        if self.advanced.distributed != "fsdp":
+            return self
+        if self.finetune.ema.enabled:
             raise FieldProblem("finetune.ema.enabled", "the EMA is a whole copy of the trained weights, which "
                                "advanced.distributed: fsdp shards; set it to false or use ddp")
+        # fully_shard makes a sharded model's class a subclass of its own, and transformers 5.25 finds a model's
+        # hidden-state recorders by its exact class (_CAN_RECORD_REGISTRY, utils/output_capturing.py): a sharded
+        # CLIP returns no hidden states, which SDXL and clip skip read.
+        encoders = [name for name, lr in self.finetune.learning_rates().items() if name != "unet" and lr is not None]
+        if encoders:
+            raise FieldProblem(f"finetune.{encoders[0]}_learning_rate", "advanced.distributed: fsdp shards the UNet "
+                               "only, not the text encoders; set it to null (the encoder stays frozen) or use ddp")
         return self
 
     @model_validator(mode="after")

@@ -380,7 +380,8 @@ class AdvancedConfig(Section):
     distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="Several processes: 'ddp': every process holds the whole model, its gradients and optimizer "
-        "state, and the gradients are averaged each step. 'fsdp' (torch's FSDP2, full fine-tunes only): "
+        "state, and the gradients are averaged each step. 'fsdp' (torch's FSDP2; a full fine-tune's UNet, without "
+        "EMA or text encoders): "
         "parameters, gradients and optimizer state are sharded, each process holding ~1/N of the trained state, "
         "at the cost of gathering each block's weights in every forward and backward and the whole model at "
         "checkpoints and validation; for a model whose training state does not fit one device (a LoRA's or an "

@@ -149,6 +149,7 @@ RESUME_MAY_CHANGE = (
     "advanced.max_consecutive_skipped_steps",
     "basic.memory_preset",  # a name: the config.yaml records the options it set, and those are compared one by one
     "advanced.min_snr_gamma", "advanced.noise_offset", "lora.dropout",
+    "advanced.distributed",  # ddp and fsdp checkpoints hold the same full tensors (conjure.train.sharding)
 )
 """Settings a resume may change (a prefix ending in '.' covers a section): each takes effect from the resumed
 step on (learning rates included: the loop sets the optimizer's and the schedule's base rates). Every other
