@@ -8,7 +8,12 @@ steps from the run's events (median after warm-up: start-up excluded) and the wh
 Prints a markdown table and, with --write, appends it to docs/benchmarks.md. Not a test: figures depend on the
 machine, and on a shared machine on its neighbours.
 
+`--distributed fsdp` (a full fine-tune: `--method finetune`, without its EMA, which fsdp refuses): one process,
+two under ddp and two under fsdp (advanced.distributed), with the main process's peak RAM (the end event's
+peak_ram_bytes), where fsdp's 1/N of the trained state shows against ddp's whole copy.
+
     python benchmarks/processes_speed.py --batch 8 --steps 40 --write docs/benchmarks.md
+    python benchmarks/processes_speed.py --method finetune --distributed fsdp --batch 8 --steps 20
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import json
+
 import yaml
 
 from bench_common import machine, median_step_seconds, publish  # benchmarks/bench_common.py (this script's folder)
@@ -29,9 +36,11 @@ from train_speed import make_images, method_sections
 
 
 def run_one(model: Path, images: Path, out: Path, *, method: str, batch: int, steps: int, processes: int,
-            threads: int) -> dict:
+            threads: int, distributed: str = "ddp") -> dict:
     """`conjure train` of `processes` processes of `threads` threads each, at global batch `batch`."""
     sections = method_sections(method)
+    if distributed == "fsdp":
+        sections.pop("finetune", None)  # its EMA: a whole copy of the weights fsdp shards (refused)
     raw = {
         "type": sections.pop("type"),
         "basic": {"base_model": str(model), "output_dir": str(out), "run_name": "run", "max_train_steps": steps,
@@ -41,7 +50,7 @@ def run_one(model: Path, images: Path, out: Path, *, method: str, batch: int, st
         **sections,
         "validation": {"at_start": False, "seeds": [0], "num_inference_steps": 1},
         "optimizer": {"learning_rate": 1e-4},
-        "advanced": {"cpu": True, "mixed_precision": "no"},
+        "advanced": {"cpu": True, "mixed_precision": "no", "distributed": distributed},
     }
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -50,7 +59,9 @@ def run_one(model: Path, images: Path, out: Path, *, method: str, batch: int, st
     subprocess.run([sys.executable, "-m", "conjure", "train", str(config), "--num-processes", str(processes)],
                    env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step_s = median_step_seconds(out / "run", warm_up=5)
-    return {"step_s": step_s, "wall_s": time.perf_counter() - started}
+    events = [json.loads(line) for line in (out / "run" / "events.jsonl").read_text().splitlines()]
+    peak = next(e for e in events if e["event"] == "end")["peak_ram_bytes"]
+    return {"step_s": step_s, "wall_s": time.perf_counter() - started, "peak_ram_gib": peak / 2**30}
 
 
 def main() -> int:
@@ -59,19 +70,25 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8, help="the global batch (even)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--write", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp",
+                        help="fsdp: 1 process, 2 under ddp, 2 under fsdp (a finetune without EMA)")
     args = parser.parse_args()
     from conjure.toy.models import toy_model
 
     model = toy_model("sd1")
     work = Path(tempfile.mkdtemp(prefix="conjure-processes-"))
     images = make_images(work / "images", 64, count=2 * args.batch)
-    ways = [(1, 1), (1, 2), (2, 1)]  # (processes, threads each)
+    # (processes, threads each, advanced.distributed)
+    ways = ([(1, 1, "ddp"), (1, 2, "ddp"), (2, 1, "ddp")] if args.distributed == "ddp"
+            else [(1, 1, "fsdp"), (2, 1, "ddp"), (2, 1, "fsdp")])
     rows = {}
-    for processes, threads in ways:
-        rows[processes, threads] = run_one(model, images, work / f"p{processes}-t{threads}", method=args.method,
-                                           batch=args.batch, steps=args.steps, processes=processes, threads=threads)
-        print(f"{processes} process(es) x {threads} thread(s): {rows[processes, threads]}", flush=True)
-    base = rows[1, 1]["step_s"]
+    for way in ways:
+        processes, threads, distributed = way
+        rows[way] = run_one(model, images, work / f"p{processes}-t{threads}-{distributed}", method=args.method,
+                            batch=args.batch, steps=args.steps, processes=processes, threads=threads,
+                            distributed=distributed)
+        print(f"{processes} process(es) x {threads} thread(s), {distributed}: {rows[way]}", flush=True)
+    base = rows[ways[0]]["step_s"]
     lines = [
         f"### 1 against 2 processes, toy SD 1.x {args.method}: {machine()} ({dt.date.today().isoformat()})",
         "",
@@ -79,12 +96,14 @@ def main() -> int:
         f"global batch {args.batch} at 64 px, {args.steps} steps; median step time after 5 warm-up steps; the "
         "command's wall time includes start-up (imports, model loading; two processes load the model twice).",
         "",
-        "| processes x threads | batch per process | ms/step | speed-up vs 1 x 1 | images/s | command wall time |",
-        "|---|---|---|---|---|---|",
+        "| processes x threads | distributed | batch per process | ms/step | speed-up vs 1 x 1 | images/s "
+        "| command wall time | peak RAM, main process |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (processes, threads), row in rows.items():
-        lines.append(f"| {processes} x {threads} | {args.batch // processes} | {row['step_s'] * 1000:.1f} | "
-                     f"{base / row['step_s']:.2f}x | {args.batch / row['step_s']:.1f} | {row['wall_s']:.1f} s |")
+    for (processes, threads, distributed), row in rows.items():
+        lines.append(f"| {processes} x {threads} | {distributed if processes > 1 else '-'} | {args.batch // processes} "
+                     f"| {row['step_s'] * 1000:.1f} | {base / row['step_s']:.2f}x | {args.batch / row['step_s']:.1f} "
+                     f"| {row['wall_s']:.1f} s | {row['peak_ram_gib']:.2f} GiB |")
     publish("\n".join(lines) + "\n", args.write)
     return 0
 
