@@ -57,14 +57,16 @@ def write_checkpoint(family: str, path: Path, seed: int = 0) -> int:
     return write_safetensors(checkpoint_shapes(family), path, seed)
 
 
-def write_safetensors(shapes: dict[str, tuple[int, ...]], path: Path, seed: int = 0) -> int:
-    """Random fp16 tensors of `shapes`, one at a time (the safetensors layout: an 8-byte header length, the JSON
-    header, then each tensor's bytes); returns the file's size in bytes."""
+def write_safetensors(shapes: dict[str, tuple[int, ...]], path: Path, seed: int = 0,
+                      dtype: torch.dtype = torch.float16) -> int:
+    """Random tensors of `shapes` in `dtype` (fp16 or bf16), one at a time (the safetensors layout: an 8-byte header
+    length, the JSON header, then each tensor's bytes); returns the file's size in bytes."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
+    name_of = {torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
     for name, shape in shapes.items():
         size = 2 * int(torch.Size(shape).numel())
-        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": name_of, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -74,7 +76,7 @@ def write_safetensors(shapes: dict[str, tuple[int, ...]], path: Path, seed: int 
         f.write(len(encoded).to_bytes(8, "little") + encoded)
         for shape in shapes.values():
             tensor = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
-            f.write(tensor.to(torch.float16).numpy().tobytes())
+            f.write(tensor.to(dtype).view(torch.int16).numpy().tobytes())
     return path.stat().st_size
 
 

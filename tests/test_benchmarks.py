@@ -79,3 +79,48 @@ def test_load_memory_streams_a_readable_checkpoint_of_the_given_shapes(benchmark
     state = load_file(str(path))
     assert {k: tuple(v.shape) for k, v in state.items()} == shapes
     assert all(v.dtype == torch.float16 and 0 < float(v.float().std()) < 0.1 for v in state.values() if v.numel() > 3)
+
+
+def test_flux_load_memory_writes_bfl_names_that_diffusers_converts(benchmark, monkeypatch):
+    """benchmarks/flux_load_memory.py --size full writes the transformer as BFL's flux1-dev.safetensors: FLUX.1-dev's
+    780 tensors and 11.9B weights, and diffusers' own converter (what from_single_file runs) turns those names and
+    shapes into exactly FluxTransformer2DModel's state dict (checked on the meta device, two blocks of each kind)."""
+    import math
+
+    from conjure import families
+    from conjure.models.reference import transformer_config
+
+    script = benchmark("flux_load_memory")
+    config = {**transformer_config(families.get("flux").reference, guidance=True), "patch_size": 1}
+    shapes = script.bfl_shapes(config)
+    assert len(shapes) == 780 and sum(math.prod(s) for s in shapes.values()) == 11_901_408_320
+    assert shapes["double_blocks.18.img_attn.qkv.weight"] == (9216, 3072)
+    assert shapes["single_blocks.37.linear1.weight"] == (21504, 3072)
+    two = {**config, "num_layers": 2, "num_single_layers": 2}
+    script.check_bfl_shapes(two)
+    right = script.bfl_shapes
+    monkeypatch.setattr(script, "bfl_shapes", lambda c: {**right(c), "single_blocks.1.linear2.weight": (3072, 12288)})
+    with pytest.raises(SystemExit, match="does not convert"):  # a wrong shape is caught
+        script.check_bfl_shapes(two)
+
+
+def test_flux_load_memory_writes_t5_once_and_kills_a_run_past_its_cap(benchmark):
+    """The T5 file holds `shared` once (transformers ties encoder.embed_tokens to it), CLIP-L's names carry the
+    `text_model.` prefix of real folders; and a run whose resident set passes the cap is killed, not left to
+    take the shared machine's memory."""
+    import subprocess
+    import sys
+
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    script = benchmark("flux_load_memory")
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4, vocab_size=10))
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, vocab_size=10))
+    t5_names = script.stored_shapes(t5)
+    assert t5_names["shared.weight"] == (10, 8) and "encoder.embed_tokens.weight" not in t5_names
+    assert all(k.startswith("text_model.") for k in script.stored_shapes(clip, "text_model."))
+    hog = subprocess.Popen([sys.executable, "-c", "import time; a = bytearray(300 * 2**20); time.sleep(60)"])
+    assert script.watch(hog, 100 * 2**20, 30).startswith("killed at 0.")
+    assert hog.returncode is not None
