@@ -11,9 +11,10 @@ model is supported when using FSDP2"), where conjure prepares each trained modul
 
 What FSDP2 changes for the rest of the run: each trained parameter becomes a DTensor holding this process's
 rows (dim 0), the optimizer is built on those, and a forward gathers each unit's parameters and frees them
-after it. The loop therefore gathers the modules on every process (`gathered`, a collective) before the main
-process saves or validates, and a checkpoint holds the full tensors: the same training state and model files
-as a DDP run's, resumable by either.
+after it. So every process takes part (collectives) when the main process saves (`whole_weights`,
+`full_optimizer_state`) or validates (`gathered`), and a checkpoint holds the full tensors: the same training
+state and model files as a DDP run's, resumable by either (`copy_into`, `shard_optimizer_state`). What is
+sharded: a full fine-tune's UNet (the finetune config refuses fsdp with an EMA or a trained text encoder).
 """
 
 from __future__ import annotations
