@@ -201,3 +201,36 @@ def test_a_cached_hub_id_loads_lean_as_its_snapshot_folder(tiny_models, tmp_path
         hub_state, local_state = hub.components[name].state_dict(), local.components[name].state_dict()
         assert hub_state.keys() == local_state.keys()
         assert all(torch.equal(t, local_state[k]) and t.dtype == local_state[k].dtype for k, t in hub_state.items())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_parts_read_later_give_the_memory_they_free_back(tmp_path):
+    """While LoadedModel.load_pending reads (a transformer streamed in and converted a block at a time), an
+    allocation of 128 KiB or more is its own mapping, unmapped when freed, even after glibc raised its mmap
+    threshold (here by freeing a 20 MiB block): the freed bf16 blocks no longer stay resident between the float8
+    ones (docs/benchmarks.md, FLUX.1-dev full size). Counted by mallinfo2's mapped blocks, in a fresh process."""
+    script = """
+import ctypes, torch
+from conjure import families
+from conjure.models.loading import LoadedModel
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+def mapped_by(size):
+    before = libc.mallinfo2().hblks
+    kept.append(torch.empty(size, dtype=torch.uint8))
+    return libc.mallinfo2().hblks - before
+kept = []
+big = torch.empty(20 * 2**20, dtype=torch.uint8)
+del big  # glibc's dynamic threshold rises past 4 MiB
+outside = mapped_by(4 * 2**20)
+during = []
+model = LoadedModel(families.get("flux"), "x", pending={"transformer": lambda: during.append(mapped_by(4 * 2**20))})
+model.load_pending()
+print(outside, during)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["0", "[1]"], out.stderr[-2000:]

@@ -18,9 +18,10 @@ never holds a float32 copy of its model.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from conjure import families
 from conjure.errors import ConjureError
@@ -76,10 +77,42 @@ class LoadedModel:
         return [(self.components[s.tokenizer], self.components[s.encoder]) for s in self.family.text_encoders]
 
     def load_pending(self) -> None:
-        """Read the weights of the parts built on the meta device (`pending`)."""
-        for name, load in self.pending.items():
-            self.components[name] = load()
+        """Read the weights of the parts built on the meta device (`pending`), memory freed meanwhile given back
+        (`_freed_memory_returned`); a run with none keeps glibc's settings."""
+        if not self.pending:
+            return
+        with _freed_memory_returned():
+            for name, load in self.pending.items():
+                self.components[name] = load()
         self.pending.clear()
+
+
+# glibc's mallopt(3) parameter and its ceiling on 64-bit systems (malloc/malloc.c: M_MMAP_THRESHOLD,
+# DEFAULT_MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * sizeof(long))
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX = -3, 32 * 2**20
+
+
+@contextmanager
+def _freed_memory_returned() -> Iterator[None]:
+    """Inside, each new allocation of 128 KiB or more is a mapping of its own, unmapped when freed. glibc keeps
+    freed allocations below its mmap threshold in its heap and raises that threshold (up to 32 MiB) whenever a
+    larger mapping is freed (mallopt(3), "dynamic mmap threshold"), so a transformer streamed in a block at a time
+    and converted (float8: each block's bf16 tensors freed between the float8 ones that stay) kept the freed
+    memory resident: FLUX.1-dev was at 16.4 GiB after its read, for 11.1 GiB of float8 tensors
+    (docs/benchmarks.md). Afterwards the threshold stays at glibc's ceiling, where the dynamic one ends up in a
+    run. Not glibc (macOS, musl): nothing changes."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
 
 
 def fail(source: str, exc: BaseException, what: str = "base model") -> ConjureError:
