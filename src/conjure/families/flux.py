@@ -22,14 +22,19 @@ FLUX = Family(
     title="FLUX.1",
     text_encoders=(
         TextEncoderSlot("text_encoder", "tokenizer", 768, "clip_l", "<|endoftext|>", output="pooled",
-                        kohya_prefix="lora_te1_"),
-        TextEncoderSlot("text_encoder_2", "tokenizer_2", 4096, "t5", "<pad>", kind="t5", kohya_prefix="lora_te2_"),
+                        kohya_prefix="lora_te1_", checkpoint_prefix="text_encoders.clip_l.transformer."),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", 4096, "t5", "<pad>", kind="t5", kohya_prefix="lora_te2_",
+                        checkpoint_prefix="text_encoders.t5xxl.transformer."),
     ),
     reference=TransformerArchitecture(
         resolution=1024, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
         joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56), latent_channels=16,
         vae_scale=0.3611, vae_shift=0.1159, encoders=(CLIP_L, T5_XXL),
     ),
+    # ComfyUI's all-in-one checkpoint (comfy/supported_models.py class Flux: vae_key_prefix ["vae."],
+    # text_encoder_key_prefix ["text_encoders."]; comfy/text_encoders/flux.py FluxClipModel's clip_l / t5xxl, each
+    # an SDClipModel holding the transformers model as `.transformer`): models/flux_single_file.py's docstring
+    checkpoint_vae_prefix="vae.",
     ss_base_model_version="flux1",  # sd-scripts flux_train_network.py
     ss_v2=False,
     modelspec_prefix="flux-1-dev",

@@ -1,5 +1,6 @@
-"""Load a flow-matching transformer family's model (FLUX.1): a diffusers folder or hub id, or a single-file
-transformer checkpoint with the rest of the model from `basic.base_model_config`.
+"""Load a flow-matching transformer family's model (FLUX.1): a diffusers folder or hub id, a single-file
+transformer checkpoint with the rest of the model from `basic.base_model_config`, or without it ComfyUI's
+all-in-one checkpoint (models/flux_single_file.py: offline, from the configs conjure ships).
 
 The family comes from the pipeline class in model_index.json (`_class_name`: FluxPipeline) and the variant
 from the transformer's own config: FLUX.1-dev was guidance-distilled and takes the guidance value as an input
@@ -107,17 +108,21 @@ def load_parts(source: str, fam: Family, *, revision: str | None, variant: str |
     return components
 
 
-def check_single_transformer(path: Path, keys: set[str], base_model_config: str | None,
+def transformer_only(path: Path) -> ConjureError:
+    """The refusal of a FLUX.1 transformer file given without `basic.base_model_config`."""
+    return ConjureError(
+        f"{path.name} is a FLUX.1 transformer file, which holds the transformer alone; set basic.base_model_config "
+        "to the diffusers folder or hub id of the model it belongs to (e.g. black-forest-labs/FLUX.1-dev), for "
+        "its VAE and text encoders (CLIP-L, T5-XXL), or train from an all-in-one checkpoint that holds them "
+        "(ComfyUI's, e.g. flux1-dev-fp8.safetensors)"
+    )
+
+
+def check_single_transformer(path: Path, keys: set[str], base_model_config: str,
                              pick: Callable[[Family], Family]) -> tuple[Family, str]:
     """A FLUX.1 transformer file's family and the variant's source, before its weights load: the other parts come
     from `base_model_config`, whose transformer config must be of the file's variant. `pick` checks the family
     (loading.Wanted.pick)."""
-    if not base_model_config:
-        raise ConjureError(
-            f"{path.name} is a FLUX.1 transformer file, which holds the transformer alone; set basic.base_model_config "
-            "to the diffusers folder or hub id of the model it belongs to (e.g. black-forest-labs/FLUX.1-dev), "
-            "for its config, VAE, text encoders and scheduler"
-        )
     fam, config = load_transformer_config(base_model_config, None)
     pick(fam)
     guidance = file_has_guidance(keys)
@@ -128,13 +133,18 @@ def check_single_transformer(path: Path, keys: set[str], base_model_config: str 
             f"basic.base_model_config {base_model_config!r} is a {families.detect_variant(fam, config).title} model; "
             f"point it at a {file_kind.title} model"
         )
+    return fam, _variant_source(keys)
+
+
+def _variant_source(keys: set[str]) -> str:
     found = next((k for k in keys if k.removeprefix(COMFY_PREFIX) in GUIDANCE_KEYS), None)
-    return fam, f"file key {found!r}" if found else "no guidance embedder in the file"
+    return f"file key {found!r}" if found else "no guidance embedder in the file"
 
 
-def read_single_transformer(path: Path, base_model_config: str, fam: Family, dtype: Any,
+def read_single_transformer(path: Path, config: str, fam: Family, dtype: Any,
                             streamed: tuple[Any, str] | None = None) -> Any:
-    """The transformer of a FLUX.1 file (`check_single_transformer` passed) in `dtype`; `streamed` (the model built
+    """The transformer of a FLUX.1 file in `dtype`, its config from `config` (a model with a transformer/ config:
+    basic.base_model_config, or conjure's shipped one of the file's variant); `streamed` (the model built
     on the meta device, the base_weights_dtype): streamed into it a block at a time, each block converted
     (transformer_stream's module docstring), BFL's names through diffusers' converter, or diffusers' own."""
     from diffusers import FluxTransformer2DModel
@@ -156,8 +166,9 @@ def read_single_transformer(path: Path, base_model_config: str, fam: Family, dty
             bfl = prefix + FLUX_MARKERS[0] in tensors.keys
             read = stream.bfl_reader(tensors, names, dtype) if bfl else diffusers_named
             return stream.stream_into(streamed[0], names, read, streamed[1], str(path), prefix)
-        return FluxTransformer2DModel.from_single_file(
-            tensors.read(names, dtype), config=base_model_config, subfolder=fam.denoiser, torch_dtype=dtype)
+        # diffusers' names under ComfyUI's prefix are diffusers' own once it is dropped (BFL's converter drops it too)
+        state = {k.removeprefix(COMFY_PREFIX): v for k, v in tensors.read(names, dtype).items()}
+        return FluxTransformer2DModel.from_single_file(state, config=config, subfolder=fam.denoiser, torch_dtype=dtype)
     except ConjureError:
         raise
     except Exception as exc:
@@ -185,8 +196,10 @@ def load_flow_diffusers(source: str, wanted: Wanted, *, revision: str | None, va
         # not .safetensors, or nothing to quantise: whole, and place_model converts it
         return read_transformer(source, fam, revision=revision, variant=variant, dtype=dtype)
 
-    return _assemble(fam, source, wanted, config, read, source, revision, variant,
-                     "the transformer config (guidance_embeds)")
+    def parts(transformer: Any) -> dict[str, Any]:
+        return load_parts(source, fam, revision=revision, variant=variant, dtype=dtype, transformer=transformer)
+
+    return _assemble(fam, source, wanted, config, read, parts, "the transformer config (guidance_embeds)")
 
 
 def _transformer_folder(source: str, fam: Family, revision: str | None, variant: str | None) -> Path | None:
@@ -206,18 +219,41 @@ def _transformer_folder(source: str, fam: Family, revision: str | None, variant:
 
 
 def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wanted: Wanted) -> LoadedModel:
-    """A FLUX.1 transformer file and the other parts from `base_model_config`."""
-    fam, variant_source = check_single_transformer(path, keys, base_model_config, wanted.pick)
-    assert base_model_config is not None  # check_single_transformer refuses a file without it
-    config = load_transformer_config(base_model_config, None)[1]
+    """A FLUX.1 transformer file and the other parts from `base_model_config`, or without it ComfyUI's all-in-one
+    checkpoint with the configs conjure ships (models/flux_single_file.py)."""
+    from conjure.models import flux_single_file as whole
+
     dtype = _dtype(wanted)
+    if base_model_config:
+        fam, variant_source = check_single_transformer(path, keys, base_model_config, wanted.pick)
+        config_from = base_model_config
+        config = load_transformer_config(base_model_config, None)[1]
+
+        def parts(transformer: Any) -> dict[str, Any]:
+            return load_parts(base_model_config, fam, revision=None, variant=None, dtype=dtype, transformer=transformer)
+    else:
+        fam = wanted.pick(next(f for f in families.FAMILIES.values() if f.denoiser == "transformer"))
+        if not whole.is_all_in_one(fam, keys):
+            raise transformer_only(path)
+        folder, variant_source = whole.variant_configs(fam, file_has_guidance(keys)), _variant_source(keys)
+        config_from = str(folder)
+        config = _config_of(config_from)
+
+        def parts(transformer: Any) -> dict[str, Any]:
+            return whole.load_parts(path, fam, folder, dtype, transformer)
 
     def read() -> Any:
         choice = _streamed(wanted)
         streamed = (_on_meta(config, dtype), choice) if choice else None
-        return read_single_transformer(path, base_model_config, fam, dtype, streamed)
+        return read_single_transformer(path, config_from, fam, dtype, streamed)
 
-    return _assemble(fam, str(path), wanted, config, read, base_model_config, None, None, variant_source)
+    return _assemble(fam, str(path), wanted, config, read, parts, variant_source)
+
+
+def _config_of(folder: str) -> dict[str, Any]:
+    from diffusers import FluxTransformer2DModel
+
+    return dict(FluxTransformer2DModel.load_config(folder, subfolder="transformer"))
 
 
 def _streamed(wanted: Wanted) -> str | None:
@@ -228,12 +264,11 @@ def _streamed(wanted: Wanted) -> str | None:
 
 
 def _assemble(fam: Family, source: str, wanted: Wanted, config: dict[str, Any], read: Callable[[], Any],
-              parts_from: str, revision: str | None, variant: str | None, variant_source: str) -> LoadedModel:
+              parts: Callable[[Any], dict[str, Any]], variant_source: str) -> LoadedModel:
     """The model: the transformer read now, or (Wanted.defer_denoiser) built from `config` on the meta device and
-    read by LoadedModel.load_pending; the other parts from `parts_from`."""
-    dtype = _dtype(wanted)
-    transformer = _on_meta(config, dtype) if wanted.defer_denoiser else read()
-    components = load_parts(parts_from, fam, revision=revision, variant=variant, dtype=dtype, transformer=transformer)
+    read by LoadedModel.load_pending; the other parts by `parts` (given the transformer)."""
+    transformer = _on_meta(config, _dtype(wanted)) if wanted.defer_denoiser else read()
+    components = parts(transformer)
     model = LoadedModel(family=fam, source=source, components=components)
     if wanted.defer_denoiser:
         model.pending[fam.denoiser] = read
