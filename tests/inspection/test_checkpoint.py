@@ -8,13 +8,14 @@ import json
 import math
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from conjure import families
 from conjure.cli import main
 from conjure.export.single_file import checkpoint_state_dict, save_single_file
 from conjure.inspection.apps import verdicts
-from conjure.inspection.checkpoint import DIFFUSERS_UNET, FLUX_FILE, SINGLE_FILE, model_file
+from conjure.inspection.checkpoint import DIFFUSERS_UNET, FLUX_ALL_IN_ONE, FLUX_FILE, SINGLE_FILE, model_file
 from conjure.inspection.reader import inspect_file
 from conjure.models.reference import build_reference_components
 from conjure.models.tiny import build_tiny_components
@@ -84,6 +85,21 @@ def test_flux_transformer_files():
            "model.diffusion_model.img_in.weight": (3072, 64)}
     info, family, _ = model_file(bfl, {}, 0)
     assert (info.layout, family) == (FLUX_FILE, "flux") and "schnell" in info.prediction
+
+
+def test_a_flux_all_in_one_file_says_it_holds_every_part(tmp_path):
+    """ComfyUI's checkpoint (models/flux_single_file.py's prefixes): conjure trains it with no base_model_config."""
+    bundle = {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(4),
+              "vae.decoder.conv_in.weight": torch.ones(4),
+              "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(4),
+              "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": torch.ones(4)}
+    save_file(bundle, tmp_path / "flux1-schnell-fp8.safetensors")
+    insp = inspect_file(tmp_path / "flux1-schnell-fp8.safetensors")
+    assert insp.model.layout == FLUX_ALL_IN_ONE and insp.model.missing == []
+    assert set(insp.model.parts) == {"transformer", "vae", "text_encoder", "text_encoder_2"}
+    summaries = {v.app: v.summary for v in verdicts(insp)}
+    assert "VAE and text encoders included" in summaries["ComfyUI"]
+    assert "its transformer only" in summaries["InvokeAI"]
 
 
 def test_diffusers_unet_file_is_refused_where_apps_want_a_checkpoint(tmp_path):

@@ -193,3 +193,21 @@ def test_an_all_in_one_file_trains_a_lora_offline_with_an_empty_hub_cache(tiny_a
     assert done.returncode == 0, done.stderr[-3000:]
     assert [json.loads(line) for line in done.stdout.splitlines()] == [["completed", 2, "flux", "dev"]]
     assert not any(hf_home.iterdir())  # nothing fetched or cached
+
+
+def test_the_estimate_of_an_all_in_one_file_is_the_full_size_variant(tiny_all_in_one, lora_config, tmp_path):
+    """`conjure estimate` counts what the file loads as (FLUX.1's published sizes, the file's variant) and refuses a
+    transformer-only file with loading's line."""
+    from conjure.config import parse_config
+    from conjure.estimate.model import meta_model
+    from conjure.methods import method_spec
+
+    path = tiny_all_in_one["schnell"][0]
+    meta = meta_model(parse_config(lora_config("flux", basic={"base_model": str(path)})), method_spec("lora"))
+    assert meta.family is FLUX and not meta.denoiser.config.guidance_embeds
+    assert sum(p.numel() for p in meta.denoiser.parameters()) > 11e9  # the full-size transformer, on meta
+    only = tmp_path / "flux1-schnell.safetensors"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(16)}, str(only))
+    with pytest.raises(ConjureError, match=r"^flux1-schnell.safetensors is a FLUX.1 transformer file, which holds "
+                                           r"the transformer alone; .* or train from an all-in-one checkpoint"):
+        meta_model(parse_config(lora_config("flux", basic={"base_model": str(only)})), method_spec("lora"))

@@ -35,7 +35,7 @@ class BasicConfig(Section):
     base_model: str = Field(
         description="Hub id (e.g. 'stable-diffusion-v1-5/stable-diffusion-v1-5' or "
         "'black-forest-labs/FLUX.1-dev'), a diffusers model folder, or a single-file .safetensors checkpoint "
-        "(for FLUX.1: a transformer file, with basic.base_model_config).",
+        "(for FLUX.1: ComfyUI's all-in-one checkpoint, or a transformer file with basic.base_model_config).",
         json_schema_extra={"example": "path/to/model", "path": "model"},
     )
     base_model_config: str | None = Field(
@@ -45,7 +45,8 @@ class BasicConfig(Section):
         "its resolution apply unless the file has a 'v_pred' marker (e.g. an SD 2.x file: point this at "
         "stable-diffusion-2-1 for 768-v or stable-diffusion-2-1-base for 512 epsilon). A FLUX.1 transformer "
         "file (e.g. flux1-dev.safetensors) holds the transformer alone: this model (e.g. "
-        "'black-forest-labs/FLUX.1-dev') gives its config and the VAE, text encoders and scheduler.",
+        "'black-forest-labs/FLUX.1-dev') gives its config and the VAE, text encoders and scheduler (ComfyUI's "
+        "all-in-one FLUX.1 checkpoint needs none).",
         json_schema_extra={"path": "model"},
     )
     vae: str | None = Field(

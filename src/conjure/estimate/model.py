@@ -136,21 +136,28 @@ def _from_configs(source: str, revision: str | None, wanted: Wanted) -> LoadedMo
 
 
 def _reference_for_file(path: Path, wanted: Wanted) -> LoadedModel:
-    """A single SD file without basic.base_model_config: its family's published configs (what it loads with
-    offline: `models/single_file.py`), the family told from its key names as loading tells it."""
+    """A single file without basic.base_model_config: its family's published configs (what it loads with
+    offline: `models/single_file.py`, `models/flux_single_file.py`), the family and a FLUX.1 file's variant told
+    from its key names as loading tells them."""
+    from conjure.models.flux_single_file import is_all_in_one
     from conjure.models.reference import build_reference_components
     from conjure.models.single_file import file_family, file_keys
-    from conjure.models.transformer_loading import is_flux_file
+    from conjure.models.transformer_loading import file_has_guidance, is_flux_file, transformer_only
 
     try:
         keys = file_keys(path, None)[0]
     except Exception as exc:
         raise ConjureError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    variant = None
     if is_flux_file(keys):
-        raise ConjureError(f"{path.name} is a FLUX.1 transformer file, which holds the transformer alone; set "
-                           "basic.base_model_config to the diffusers folder or hub id of the model it belongs to")
-    fam = wanted.pick(file_family(keys))
-    return LoadedModel(family=fam, source=str(path), components=build_reference_components(fam.name, device="meta"))
+        fam = wanted.pick(families.FLUX)  # the family whose files is_flux_file recognises
+        if not is_all_in_one(fam, keys):
+            raise transformer_only(path)
+        variant = next(v.name for v in fam.variants if v.guidance == file_has_guidance(keys))
+    else:
+        fam = wanted.pick(file_family(keys))
+    return LoadedModel(family=fam, source=str(path),
+                       components=build_reference_components(fam.name, device="meta", variant=variant))
 
 
 # --- what is where -------------------------------------------------------------------------------------------

@@ -18,21 +18,40 @@ from conjure import families
 from conjure.export.single_file import V_PRED_MARKER
 from conjure.families import Family
 from conjure.inspection.model import REFUSED, Finding, Inspection, ModelFile, Shape, Verdict
+from conjure.models.flux_single_file import is_all_in_one
 from conjure.models.transformer_loading import file_has_guidance, is_flux_file
 
 __all__ = ["model_file", "model_verdict"]
 
 SINGLE_FILE = "single-file"  # SD 1.x/2.x/SDXL in the original LDM/SGM layout
 FLUX_FILE = "flux-transformer"  # FLUX.1's transformer alone
+FLUX_ALL_IN_ONE = "flux-all-in-one"  # ComfyUI's FLUX.1 checkpoint: the transformer, VAE and text encoders
 DIFFUSERS_UNET = "diffusers-unet"  # a diffusers UNet2DConditionModel's weights
 LAYOUTS = {
     SINGLE_FILE: "single-file checkpoint (original LDM/SGM key names)",
     FLUX_FILE: "FLUX.1 transformer (the VAE and text encoders are separate files)",
+    FLUX_ALL_IN_ONE: "FLUX.1 all-in-one checkpoint (ComfyUI's: transformer, VAE, CLIP-L and T5-XXL in one file)",
     DIFFUSERS_UNET: "diffusers UNet weights (diffusion_pytorch_model.safetensors of a model folder's unet/)",
 }
 _DIFFUSERS_UNET_KEYS = ("conv_in.weight", "time_embedding.linear_1.weight", "conv_norm_out.weight")
 # the transformer family whose file `is_flux_file` recognises (FLUX.1)
 _FLOW = next(f for f in families.FAMILIES.values() if f.denoiser == "transformer")
+
+# Where each app loads a FLUX.1 all-in-one file: ComfyUI's Load Checkpoint splits it by class Flux's prefixes
+# (comfy/supported_models.py vae_key_prefix / text_encoder_key_prefix); Forge's backend/loader.py split_state_dict
+# by the same guess (commit dfdcbab685e5); InvokeAI's FLUX main-checkpoint loader keeps the transformer only
+# (invokeai/backend/model_manager/load/model_loaders/flux.py _load_from_singlefile:
+# convert_bundle_to_flux_transformer_checkpoint, commit 8e71a8a51939); diffusers' from_single_file reads the text
+# encoders through its SD 3 converters (loaders/single_file.py load_single_file_sub_model, is_t5_in_single_file).
+_FLUX_ALL_IN_ONE_LOADS = {
+    "InvokeAI": "loads as a FLUX main model (checkpoint), its transformer only: the T5, CLIP-L and VAE models "
+                "installed apart",
+    "ComfyUI": "loads as a main model: models/checkpoints, Load Checkpoint node (comfy/sd.py "
+               "load_checkpoint_guess_config), VAE and text encoders included",
+    "AUTOMATIC1111/Forge": "Forge loads it from models/Stable-diffusion, VAE and text encoders included; "
+                           "AUTOMATIC1111 has no FLUX.1",
+    "diffusers": "FluxPipeline.from_single_file(FILE) (loaders/single_file.py), its configs from the Hub",
+}
 
 
 def _single_file_families() -> list[Family]:
@@ -88,7 +107,9 @@ def model_file(keys: Mapping[str, Shape], metadata: Mapping[str, str], size: int
     """(facts, family, certain) of a whole-model file from its key names and shapes; None when it is not one."""
     keys = {k.removeprefix("state_dict."): s for k, s in keys.items()}  # a .ckpt nests its tensors there
     if is_flux_file(set(keys)):
-        layout, fam, certain, parts = FLUX_FILE, _FLOW, True, {"transformer": True}
+        whole = is_all_in_one(_FLOW, set(keys))
+        layout, fam, certain = FLUX_ALL_IN_ONE if whole else FLUX_FILE, _FLOW, True
+        parts = {"transformer": True} | ({"vae": True} | {s.encoder: True for s in _FLOW.text_encoders} if whole else {})
     elif found := _single_file(keys):
         layout, (fam, certain, parts) = SINGLE_FILE, found
     elif all(k in keys for k in _DIFFUSERS_UNET_KEYS):
@@ -127,6 +148,8 @@ def _loads(app: str, insp: Inspection, fam: Family) -> tuple[bool, str]:
             "diffusers": "FluxTransformer2DModel.from_single_file(FILE), the rest from the model's folder",
         }[app]
         return True, where
+    if model.layout == FLUX_ALL_IN_ONE:
+        return True, _FLUX_ALL_IN_ONE_LOADS[app]
     if app == "ComfyUI":
         return True, "loads in models/diffusion_models with Load Diffusion Model (comfy/sd.py load_diffusion_model: " \
                      "diffusers UNet names are converted), the VAE and text encoders loaded apart"

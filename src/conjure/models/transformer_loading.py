@@ -232,7 +232,7 @@ def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wa
         def parts(transformer: Any) -> dict[str, Any]:
             return load_parts(base_model_config, fam, revision=None, variant=None, dtype=dtype, transformer=transformer)
     else:
-        fam = wanted.pick(next(f for f in families.FAMILIES.values() if f.denoiser == "transformer"))
+        fam = wanted.pick(families.FLUX)  # the family whose files is_flux_file recognises
         if not whole.is_all_in_one(fam, keys):
             raise transformer_only(path)
         folder, variant_source = whole.variant_configs(fam, file_has_guidance(keys)), _variant_source(keys)
