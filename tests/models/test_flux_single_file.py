@@ -211,3 +211,18 @@ def test_the_estimate_of_an_all_in_one_file_is_the_full_size_variant(tiny_all_in
     with pytest.raises(ConjureError, match=r"^flux1-schnell.safetensors is a FLUX.1 transformer file, which holds "
                                            r"the transformer alone; .* or train from an all-in-one checkpoint"):
         meta_model(parse_config(lora_config("flux", basic={"base_model": str(only)})), method_spec("lora"))
+
+
+def test_a_scaled_float8_file_is_refused_in_one_line(tiny_all_in_one, shipped, tmp_path):
+    """ComfyUI's scaled float8 weights read as plain ones would be wrong by their `scale_weight` factors."""
+    from safetensors import safe_open
+
+    path, configs, _ = tiny_all_in_one["dev"]
+    shipped(configs)
+    with safe_open(str(path), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    scaled = tmp_path / "t5xxl-scaled.safetensors"
+    save_file(state | {"text_encoders.t5xxl.transformer.scaled_fp8": torch.zeros(0)}, str(scaled))
+    with pytest.raises(ConjureError, match=r"^t5xxl-scaled.safetensors is a ComfyUI scaled-float8 checkpoint "
+                                           r"\('text_encoders.t5xxl.transformer.scaled_fp8': .* conjure does not read"):
+        load_base_model(str(scaled))

@@ -33,6 +33,11 @@ from conjure.models.loading import Fact, LoadedModel, Wanted, fail, hub_part, we
 COMFY_PREFIX = "model.diffusion_model."
 FLUX_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight")
 GUIDANCE_KEYS = ("guidance_in.in_layer.bias", "time_text_embed.guidance_embedder.linear_1.bias")
+# ComfyUI's scaled float8 files: a `scaled_fp8` marker after a part's prefix and a per-layer `scale_weight` that its
+# float8 weights are multiplied by as they are used (comfy/model_detection.py model_config_from_unet,
+# comfy/text_encoders/sd3_clip.py t5_xxl_detect, comfy/ops.py scaled_fp8_ops): read as plain weights they would be
+# wrong by that factor
+SCALED_FP8 = ("scaled_fp8", ".scale_weight")
 FLOW_CLASSES = {"clip": ("CLIPTextModel", "CLIPTokenizer"), "t5": ("T5EncoderModel", "T5TokenizerFast")}
 
 
@@ -223,6 +228,13 @@ def load_flux_file(path: Path, keys: set[str], base_model_config: str | None, wa
     checkpoint with the configs conjure ships (models/flux_single_file.py)."""
     from conjure.models import flux_single_file as whole
 
+    scaled = next((k for k in sorted(keys) if k.endswith(SCALED_FP8)), None)
+    if scaled:
+        raise ConjureError(
+            f"{path.name} is a ComfyUI scaled-float8 checkpoint ({scaled!r}: its float8 weights carry scale factors), "
+            "which conjure does not read; use an unscaled file (e.g. Comfy-Org's flux1-dev-fp8.safetensors) or a "
+            "bf16/fp16 one"
+        )
     dtype = _dtype(wanted)
     if base_model_config:
         fam, variant_source = check_single_transformer(path, keys, base_model_config, wanted.pick)
