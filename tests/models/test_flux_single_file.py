@@ -226,3 +226,45 @@ def test_a_scaled_float8_file_is_refused_in_one_line(tiny_all_in_one, shipped, t
     with pytest.raises(ConjureError, match=r"^t5xxl-scaled.safetensors is a ComfyUI scaled-float8 checkpoint "
                                            r"\('text_encoders.t5xxl.transformer.scaled_fp8': .* conjure does not read"):
         load_base_model(str(scaled))
+
+
+def test_real_all_in_one_names_fill_the_models_the_shipped_configs_build():
+    """On the meta device, at FLUX.1's full size: the VAE's LDM names (BFL's ae, as ComfyUI saves it under `vae.`),
+    CLIP-L's and T5-XXL's transformers names under their ComfyUI prefixes, converted by the diffusers converters
+    load_parts uses, name every parameter of the models the shipped configs build, in its shape."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_sd3_t5_checkpoint_to_diffusers,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from conjure.export.single_file import ldm_vae_state_dict
+    from conjure.models.flux_single_file import FLUX_CONFIGS
+    from conjure.models.reference import build_reference_components
+
+    reference = build_reference_components("flux", device="meta")
+    clip_slot, t5_slot = FLUX.text_encoders
+    vae_config = AutoencoderKL.load_config(FLUX_CONFIGS, subfolder="vae")
+    with init_empty_weights():
+        built = {"vae": AutoencoderKL.from_config(vae_config),
+                 clip_slot.encoder: CLIPTextModel(CLIPTextConfig.from_pretrained(FLUX_CONFIGS / clip_slot.encoder)),
+                 t5_slot.encoder: T5EncoderModel(T5Config.from_pretrained(FLUX_CONFIGS / t5_slot.encoder))}
+    ldm_vae = {FLUX.checkpoint_vae_prefix + k: v for k, v in ldm_vae_state_dict(reference["vae"].state_dict()).items()}
+    clip = {f"{clip_slot.checkpoint_prefix}text_model.{k.removeprefix('text_model.')}": v
+            for k, v in reference[clip_slot.encoder].state_dict().items()}
+    t5 = {t5_slot.checkpoint_prefix + k: v for k, v in reference[t5_slot.encoder].state_dict().items()
+          if k != "encoder.embed_tokens.weight"}  # tied to `shared`, which ComfyUI saves alone
+    converted = {
+        "vae": convert_ldm_vae_checkpoint(ldm_vae, vae_config),
+        clip_slot.encoder: {k.removeprefix("text_model."): v
+                            for k, v in convert_ldm_clip_checkpoint(clip, clip_slot.checkpoint_prefix).items()},
+        t5_slot.encoder: convert_sd3_t5_checkpoint_to_diffusers(t5),
+    }
+    for name, model in built.items():
+        getattr(model, "tie_weights", lambda: None)()  # as load_parts ties T5's encoder.embed_tokens to `shared`
+        wanted = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        got = {k: tuple(v.shape) for k, v in converted[name].items() if k in wanted}
+        assert got == wanted, name
