@@ -171,3 +171,29 @@ def test_checkpointing_a_text_encoder_uses_transformers_current_call(ti_config, 
         warnings.filterwarnings("error", message=".*gradient_checkpointing_enable", category=FutureWarning)
         train(parse_config(raw))
     assert recomputed  # the text encoder (what textual inversion trains) was checkpointed
+
+
+def test_a_stop_asked_after_the_processes_agreed_waits_for_the_next_step(ti_config, monkeypatch):
+    """The loop saves and stops on what `agree_stop` answered, not on the stop flag read later: a signal landing
+    just after the agreement (here: on the step-2 agreement's way out) is acted on at step 3 by every process
+    alike. Acting on the flag at once made one process of a cancelled 2-process job save (a collective) and stop
+    while the other stepped on: both hung."""
+    import conjure.train.loop as loop
+    from conjure.train.control import TrainControl
+
+    def agree_then_signalled(accelerator, control):
+        agreed = real(accelerator, control)
+        if len(asked) == 1:
+            control.request_stop("SIGTERM")
+        asked.append(agreed)
+        return agreed
+
+    real, asked = loop.agree_stop, []
+    monkeypatch.setattr(loop, "agree_stop", agree_then_signalled)
+    control = TrainControl()
+    raw = ti_config(basic={"max_train_steps": 8, "save_every_n_steps": 100, "validate_every_n_steps": None},
+                    validation={"at_start": False})
+    result = train(parse_config(raw), control=control)
+    assert asked == [False, False, True]
+    assert result.status == "interrupted" and result.step == 3
+    assert sorted(p.name for p in tmp_checkpoints(raw).iterdir()) == ["step-000003"]

@@ -124,17 +124,24 @@ def record_failure(exc: BaseException) -> None:
         ErrorHandler().record_exception(exc)
 
 
-def agree_stop(accelerator: Accelerator, control: TrainControl) -> None:
-    """A stop asked of any process (a signal, the web app's Cancel) is every process's after this step: they save
-    one checkpoint together (`every_rank` is a collective) and stop at the same step, where a process stopping on
-    its own would leave the others waiting for its gradients. One small all-reduce per step, with several only."""
+def agree_stop(accelerator: Accelerator, control: TrainControl) -> bool:
+    """Whether every process stops after this step: a stop asked of any process (a signal, the web app's Cancel)
+    is every process's, so they save one checkpoint together (`every_rank` is a collective) and stop at the same
+    step, where a process stopping on its own would leave the others waiting for its gradients. The loop acts on
+    this answer, never on `control.stop_reason` read later: a signal landing after the all-reduce sets the flag on
+    one process only, which would then save (a collective) and stop while the others step on, all of them waiting
+    for ever (a cancelled 2-process job hung so under load); such a stop is agreed at the next step. One small
+    all-reduce per step, with several processes only."""
     if accelerator.num_processes == 1:
-        return
+        return control.stop_reason is not None
     import torch
 
     asked = torch.tensor([1.0 if control.stop_reason else 0.0], device=accelerator.device)
-    if accelerator.reduce(asked, "sum").item() and not control.stop_reason:
+    if not accelerator.reduce(asked, "sum").item():
+        return False
+    if not control.stop_reason:
         control.request_stop("another process was stopped")
+    return True
 
 
 def every_rank(accelerator: Accelerator, state: dict[str, Any]) -> list[dict[str, Any]]:

@@ -255,8 +255,7 @@ class TrainingSession:
             if not self.accelerator.sync_gradients:
                 continue
             loss, losses = sum(losses) / len(losses), []
-            self._after_step(loss, bar, control)
-            if control.stop_reason and self.global_step < self.max_steps:
+            if self._after_step(loss, bar, control) and self.global_step < self.max_steps:
                 self.result.status = "interrupted"
                 self.events.emit(Event.STOPPED, step=self.global_step, reason=control.stop_reason)
                 break
@@ -347,7 +346,8 @@ class TrainingSession:
         device = placed(vae).device
         return sample_latents(vae, mean.to(device), std.to(device), self.generator)
 
-    def _after_step(self, loss: float, bar: tqdm, control: TrainControl) -> None:
+    def _after_step(self, loss: float, bar: tqdm, control: TrainControl) -> bool:
+        """The step's bookkeeping, checkpoint and validation; whether the processes agreed to stop after it."""
         # A skipped step (non-finite loss or gradients; under fp16 the GradScaler's own skips) moved nothing; the
         # schedule waits for it, as accelerate's AcceleratedScheduler does (accelerate/scheduler.py), so warmup is
         # not cut short. It still counts as a step: its batch and noise were drawn, so the data order and a resume
@@ -368,9 +368,9 @@ class TrainingSession:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's own interval
         if control.on_step:
             control.on_step(self.global_step, loss)
-        agree_stop(self.accelerator, control)  # every process saves and stops at the same step
+        stopping = agree_stop(self.accelerator, control)  # every process saves and stops at the same step
         final = self.global_step == self.max_steps
-        due = self.global_step % self.settings.save_every_n_steps == 0 or final or control.stop_reason
+        due = self.global_step % self.settings.save_every_n_steps == 0 or final or stopping
         rngs = every_rank(self.accelerator, global_rng_state(self.accelerator.device)) if due else None
         every, main = self.settings.validation.every, self.accelerator.is_main_process
         validating = (every and self.global_step % every == 0) or final
@@ -381,6 +381,7 @@ class TrainingSession:
         with gathered(self.trainable) if validating else nullcontext():
             if main and validating:
                 self.validate(self.global_step)
+        return stopping
 
     def save(self, rngs: list[dict[str, Any]] | None = None, optimizer: dict[str, Any] | None = None) -> None:
         """A checkpoint of the current step: the training state for an exact resume and the recipe's files.
