@@ -153,8 +153,8 @@ def test_text_encoders_are_kept_for_the_held_out_loss_and_a_whole_model_save(tin
         patch.setattr(loop, "offloads", lambda device: True)
         patch.setattr(loop, "free_encoders", lambda model, ahead: freed.append(model))
         train(raw)
-    assert not freed and still_needed(method_spec("lora"), []) is None
-    assert "whole model" in still_needed(method_spec("finetune"), [])  # its saved files hold the text encoders
+    assert not freed and still_needed(method_spec("lora"), False) is None
+    assert "whole model" in still_needed(method_spec("finetune"), False)  # its saved files hold the text encoders
 
 
 def test_disk_cache_is_reused_and_recomputes_exactly_the_changed_image(tiny_models, folder, tmp_path, monkeypatch):

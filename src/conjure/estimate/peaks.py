@@ -110,12 +110,13 @@ def _as_loaded(config: RunConfig, model: LoadedModel, frozen: torch.dtype, ahead
 
 
 def _keeps_encoders(config: RunConfig) -> bool:
-    """Whether text encoded ahead still keeps the encoders (train/text_ahead.py still_needed: a held-out loss, a
-    method that saves the whole model)."""
+    """Whether text encoded ahead still keeps the encoders: train/text_ahead.py still_needed, asked of the config's
+    held-out loss."""
     from conjure.methods import method_spec
+    from conjure.train.text_ahead import still_needed
 
     held_out = config.validation.holdout > 0 or config.validation.loss_images is not None
-    return held_out or method_spec(config.type).saves_whole_model
+    return still_needed(method_spec(config.type), held_out) is not None
 
 
 def _preset_lines(config: RunConfig, warning: str | None) -> list[str]:

@@ -75,7 +75,7 @@ def train(config: RunConfig, *, resume: str | None = None, control: TrainControl
         prompts = [(p, config.validation.negative_prompt) for p in config.validation.prompts]
         ahead = encode_ahead(model, conditioning, captions_ahead(config, spec, examples), prompts, accelerator,
                              WEIGHT_DTYPES[precision.value])
-        if still_needed(spec, held) is None:
+        if still_needed(spec, bool(held)) is None:
             free_encoders(model, ahead)
     model.load_pending()  # a transformer family's weights, once the text encoders they would have met are gone
     place_model(model, accelerator.device, precision.value, config.advanced.base_weights_dtype,

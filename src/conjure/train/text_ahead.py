@@ -76,12 +76,12 @@ def captions_ahead(config: RunConfig, spec: MethodSpec, examples: list[Example])
     return list(dict.fromkeys(captions))
 
 
-def still_needed(spec: MethodSpec, held: list[Example]) -> str | None:
+def still_needed(spec: MethodSpec, held_out: bool) -> str | None:
     """Why the text encoders must stay once the captions were encoded ahead; None when they can be freed (module
-    doc). `held`: the held-out loss's examples."""
+    doc). `held_out`: whether the run has a held-out loss (examples to encode). The estimate asks the same."""
     if spec.saves_whole_model:
         return "the method saves the whole model, text encoders included"
-    return "the held-out loss encodes its images' captions" if held else None
+    return "the held-out loss encodes its images' captions" if held_out else None
 
 
 def free_encoders(model: LoadedModel, ahead: EncodedAhead) -> None:
