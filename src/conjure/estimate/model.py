@@ -153,7 +153,7 @@ def _reference_for_file(path: Path, wanted: Wanted) -> LoadedModel:
         fam = wanted.pick(families.FLUX)  # the family whose files is_flux_file recognises
         if not is_all_in_one(fam, keys):
             raise transformer_only(path)
-        variant = next(v.name for v in fam.variants if v.guidance == file_has_guidance(keys))
+        variant = families.variant_with_guidance(fam, file_has_guidance(keys)).name
     else:
         fam = wanted.pick(file_family(keys))
     return LoadedModel(family=fam, source=str(path),

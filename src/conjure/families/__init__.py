@@ -69,5 +69,10 @@ def detect(unet_config: Any, has_text_encoder_2: bool) -> Family:
 def detect_variant(family: Family, transformer_config: Any) -> Variant:
     """The variant of a transformer family from the transformer's config: FLUX.1-dev was guidance-distilled and
     takes the guidance value as an input (`guidance_embeds`), schnell does not."""
-    guidance = bool(dict(transformer_config).get("guidance_embeds", False))
+    return variant_with_guidance(family, bool(dict(transformer_config).get("guidance_embeds", False)))
+
+
+def variant_with_guidance(family: Family, guidance: bool) -> Variant:
+    """The variant of a transformer family that takes a guidance input (FLUX.1-dev) or not (schnell): from its
+    config (`detect_variant`) or from a file's keys (a guidance embedder)."""
     return next(v for v in family.variants if v.guidance == guidance)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from conjure import families
 from conjure.families import Family
 from conjure.models.single_file import CONFIGS, CheckpointTensors, filled
 
@@ -38,7 +39,7 @@ def is_all_in_one(fam: Family, keys: set[str]) -> bool:
 def variant_configs(fam: Family, guidance: bool) -> Path:
     """The folder of the shipped transformer and scheduler configs of the variant with (dev) or without a guidance
     input."""
-    return FLUX_CONFIGS / next(v.name for v in fam.variants if v.guidance == guidance)
+    return FLUX_CONFIGS / families.variant_with_guidance(fam, guidance).name
 
 
 def tokenizer(fam: Family, kind: str, pad_token: str) -> Any:

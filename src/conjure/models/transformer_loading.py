@@ -132,7 +132,7 @@ def check_single_transformer(path: Path, keys: set[str], base_model_config: str,
     pick(fam)
     guidance = file_has_guidance(keys)
     if guidance != bool(config.get("guidance_embeds")):
-        file_kind = fam.variant(None) if guidance else next(v for v in fam.variants if not v.guidance)
+        file_kind = families.variant_with_guidance(fam, guidance)
         raise ConjureError(
             f"{path.name} is a {file_kind.title} transformer ({'a' if guidance else 'no'} guidance input), but "
             f"basic.base_model_config {base_model_config!r} is a {families.detect_variant(fam, config).title} model; "
@@ -192,7 +192,7 @@ def load_flow_diffusers(source: str, wanted: Wanted, *, revision: str | None, va
         try:
             folder = _transformer_folder(source, fam, revision, variant) if choice else None
             found = stream.folder_reader(folder, variant, dtype) if folder else None
-            if found is not None and choice:
+            if found is not None:
                 return stream.stream_into(_on_meta(config, dtype), *found, choice, source)
         except ConjureError:
             raise
