@@ -51,7 +51,7 @@ def linear_layers(module: torch.nn.Module, keep: tuple[str, ...] | None = None) 
     if keep is None:
         keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
     return [name for name, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and type(m.weight) in (torch.Tensor, torch.nn.Parameter)
+            if isinstance(m, torch.nn.Linear) and not converted(m.weight)
             and not any(k in name.split(".") for k in keep)]
 
 
@@ -79,6 +79,12 @@ def quantize_frozen(module: torch.nn.Module, choice: str, device: torch.device,
     return len(names) if choice in LIBRARIES else 0
 
 
+def converted(weight: torch.Tensor) -> bool:
+    """Whether a weight is stored converted: a tensor subclass (torchao's Float8Tensor, bitsandbytes' Params4bit)
+    rather than a plain tensor or parameter."""
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
 def dequantized(weight: torch.Tensor) -> torch.Tensor:
     """A frozen weight as a plain tensor of its real shape, for code that reads the weight itself (DoRA's column
     norms) rather than calling its layer: bitsandbytes' Params4bit (packed bytes with a `quant_state`) and torchao's
@@ -88,7 +94,7 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
         import bitsandbytes.functional as bnb_functional
 
         return bnb_functional.dequantize_4bit(weight.data, state)
-    if type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "dequantize"):
+    if converted(weight) and hasattr(weight, "dequantize"):
         return weight.dequantize()
     return weight
 
