@@ -87,3 +87,22 @@ def ldm():
     from types import SimpleNamespace
 
     return SimpleNamespace(vae=vae_to_ldm, state_dict=ldm_state_dict)
+
+
+def train_offline(script: str, configs: Path, runs: list[dict[str, Any]], tmp_path: Path) -> tuple[list[Any], Path]:
+    """Run `script` (argv: `configs`, a JSON file of `runs`) in a fresh process, offline with an empty Hugging Face
+    cache (HF_HUB_OFFLINE and HF_HOME are read when huggingface_hub is imported): the JSON lines it printed, and
+    the cache folder, for the test to find still empty."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    hf_home = tmp_path / "hf-home"
+    hf_home.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    done = subprocess.run([sys.executable, "-c", script, str(configs), str(tmp_path / "runs.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines()], hf_home

@@ -177,6 +177,8 @@ for raw in json.loads(Path(sys.argv[2]).read_text()):
 def test_an_all_in_one_file_trains_a_lora_offline_with_an_empty_hub_cache(tiny_all_in_one, lora_config, tmp_path):
     """With no basic.base_model_config, the transformer float8-streamed after the captions were encoded ahead and the
     encoders freed (models/transformer_stream.py; the plain deferred read: the test above)."""
+    from tests.models.conftest import train_offline
+
     pytest.importorskip("torchao")
     path, configs, _ = tiny_all_in_one["dev"]
     raw = lora_config("flux", basic={"base_model": str(path), "max_train_steps": 2, "save_every_n_steps": 2,
@@ -184,14 +186,8 @@ def test_an_all_in_one_file_trains_a_lora_offline_with_an_empty_hub_cache(tiny_a
                       validation={"at_start": False}, data={"cache_text_encoder_outputs": True},
                       advanced={"mixed_precision": "bf16", "cpu": True, "base_weights_dtype": "float8"})
     raw["validation"].pop("guidance_scale", None)
-    (tmp_path / "runs.json").write_text(json.dumps([raw]))
-    hf_home = tmp_path / "hf-home"
-    hf_home.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
-    done = subprocess.run([sys.executable, "-c", OFFLINE_RUNS, str(configs), str(tmp_path / "runs.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [json.loads(line) for line in done.stdout.splitlines()] == [["completed", 2, "flux", "dev"]]
+    printed, hf_home = train_offline(OFFLINE_RUNS, configs, [raw], tmp_path)
+    assert printed == [["completed", 2, "flux", "dev"]]
     assert not any(hf_home.iterdir())  # nothing fetched or cached
 
 

@@ -134,6 +134,7 @@ for raw in json.loads(Path(sys.argv[2]).read_text()):
 def test_a_single_file_of_each_family_trains_offline_with_an_empty_hub_cache(
         write_single_file, single_file_model, image_folder, tmp_path):
     from conjure.models.reference import save_configs
+    from tests.models.conftest import train_offline
 
     configs, runs = tmp_path / "configs", []
     for family in FAMILIES:
@@ -141,14 +142,8 @@ def test_a_single_file_of_each_family_trains_offline_with_an_empty_hub_cache(
         save_configs(family, {k: v for k, v in parts.items() if "tokenizer" not in k}, configs / family)
         path, _ = write_single_file(family, name=family, markers=("v_pred",) if family == "sd2" else ())
         runs.append(_ti(path, image_folder, tmp_path / "runs", run_name=family, max_train_steps=1))
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    hf_home = tmp_path / "hf-home"
-    hf_home.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
-    done = subprocess.run([sys.executable, "-c", OFFLINE_RUNS, str(configs), str(tmp_path / "runs.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [json.loads(line) for line in done.stdout.splitlines()] == [
+    printed, hf_home = train_offline(OFFLINE_RUNS, configs, runs, tmp_path)
+    assert printed == [
         ["sd1", "no 'v_pred' marker in the file"], ["sd2", "file marker 'v_pred'"],
         ["sdxl", "no 'v_pred' marker in the file"]]
     assert not any(hf_home.iterdir())  # nothing fetched or cached
