@@ -191,6 +191,10 @@ for model, optimizer in ((net, opt), (again, opt2)):  # one more step each: the 
 for p, q in zip(net.parameters(), again.parameters()):
     assert torch.equal(p.to_local(), q.to_local())
 print("ok")
+# torch's documented shutdown: without it a process can exit while gloo's threads are still up ("terminate called
+# without an active exception", SIGABRT: seen once in CI)
+dist.barrier()
+dist.destroy_process_group()
 '''
 
 
